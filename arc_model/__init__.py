@@ -1,0 +1,1 @@
+"""The bundled ARC slot-attention autoencoder, a reproducible reference for deadneuron."""

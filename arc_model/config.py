@@ -1,0 +1,154 @@
+"""Training configuration of the bundled ARC slot model.
+
+The field names are the user's own (``LEARNING_RATE``, ``NUM_EPOCHS``, ...), so that a patch or a finding
+can say "LEARNING_RATE 1e-4 -> 5e-5" in the words of the code it talks about. Defaults are the user's
+config (BatchNorm, ReLU, lr 1e-4, dropout 0.1, 7 slots, 200 grids, an enormous epoch count); cap a run
+with ``MAX_STEPS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+Activation = Literal["relu", "leaky", "gelu", "elu", "silu", "prelu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run; a checkpoint stores ``to_dict()`` of it."""
+
+    LEARNING_RATE: float = 1e-4
+    NUM_EPOCHS: int = 100_000
+    ACTIVATION: Activation = "relu"
+    NEGATIVE_SLOPE: float = 0.01
+    DROPOUT: float = 0.1
+    DROPOUT_BETWEEN_CONVS: bool = False
+    BATCH_NORM: bool = True
+    NUM_SLOTS: int = 7
+    SLOT_DIM: int = 64
+    SLOT_ITERS: int = 3
+    CHANNELS: int = 64
+    NUM_CONV: int = 4
+    BATCH_SIZE: int = 32
+    NUM_GRIDS: int | None = 200
+    SEED: int = 0
+    MAX_STEPS: int | None = None
+    TIMELINE_EVERY: int = 10
+    TIMELINE_GRIDS: int = 256
+
+    def __post_init__(self) -> None:
+        if self.ACTIVATION not in ACTIVATIONS:
+            raise ValueError(f"ACTIVATION={self.ACTIVATION!r} is not one of {', '.join(ACTIVATIONS)}")
+        positive = ("NUM_EPOCHS", "NUM_SLOTS", "SLOT_DIM", "SLOT_ITERS", "CHANNELS", "NUM_CONV",
+                    "BATCH_SIZE", "TIMELINE_EVERY", "TIMELINE_GRIDS")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("NUM_GRIDS", "MAX_STEPS"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        if not 0.0 <= self.DROPOUT < 1.0:
+            raise ValueError(f"DROPOUT must be in [0, 1), got {self.DROPOUT}")
+        if self.LEARNING_RATE <= 0:
+            raise ValueError(f"LEARNING_RATE must be > 0, got {self.LEARNING_RATE}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (it goes into a ``weights_only`` checkpoint and into JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The config stored in a checkpoint; unknown keys are an error, missing ones take defaults."""
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}"
+            )
+        return cls(**{key: _coerce(key, value) for key, value in data.items()})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self, items: Iterable[str]) -> TrainConfig:
+        """Apply ``["KEY=VALUE", ...]`` (the CLI's ``--config``), each value parsed to the field's type."""
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"config override {item!r} is not KEY=VALUE (for example LEARNING_RATE=3e-3)")
+            if key not in self.field_names():
+                raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(self.field_names())}")
+            changes[key] = parse_value(key, text.strip())
+        return self.replace(**changes)
+
+
+def _field_type(key: str) -> Any:
+    return get_type_hints(TrainConfig)[key]
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Accept ints where a float is declared (JSON and torch.save may store 1e-3 as float, 0 as int)."""
+    if isinstance(value, int) and not isinstance(value, bool) and _base_type(_field_type(key)) is float:
+        return float(value)
+    return value
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int, ``Literal[...]`` -> str, ``float`` -> float."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) and len(args) == 1:
+        return _base_type(args[0])
+    if args and all(isinstance(a, str) for a in args):
+        return str
+    return tp
+
+
+def _optional(tp: Any) -> bool:
+    return isinstance(tp, types.UnionType) and type(None) in get_args(tp)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Parse ``text`` to the type of field ``key``; a ValueError names the field and the expected type."""
+    tp = _field_type(key)
+    if _optional(tp) and text.lower() in {"none", "null", ""}:
+        return None
+    base = _base_type(tp)
+    try:
+        if base is bool:
+            return _parse_bool(text)
+        if base is int:
+            return int(float(text)) if _is_integral(text) else int(text)
+        return base(text)
+    except ValueError as err:
+        raise ValueError(f"{key}={text!r}: expected {getattr(base, '__name__', base)} ({err})") from None
+
+
+def _is_integral(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return value.is_integer()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"not a boolean; use one of {', '.join(sorted(_TRUE | _FALSE))}")

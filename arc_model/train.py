@@ -1,0 +1,324 @@
+"""Training loop of the ARC slot model: Adam, deterministic for a seed, resumable, with a health timeline.
+
+``train(config, out=..., init=...)`` returns a deadneuron checkpoint: a dict of plain types only
+(``torch.load(path, weights_only=True)`` reads it) holding the config, weights, optimizer state, per-epoch
+history and the health timeline. A run is a function of its config: the data subset and the order of
+each epoch depend on (SEED, epoch) only, and the checkpoint carries the torch RNG state and the partial
+epoch's sums, so a run resumed from any checkpoint ends bit-identical to an uninterrupted one (same
+machine, same thread count).
+
+Command line (until ``deadneuron train`` exists; the same ``--config KEY=VALUE`` flags)::
+
+    python -m arc_model.train --config BATCH_NORM=false LEARNING_RATE=3e-3 MAX_STEPS=600 \
+        --out checkpoints/slot_attention.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arc_model import data
+from arc_model.config import TrainConfig
+from arc_model.loss import metric_sums, reconstruction_nll
+from arc_model.model import SlotAutoencoder, build_model
+from deadneuron.adapters import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from deadneuron.errors import ModelMismatchError, WriteError
+
+ADAPTER_NAME = "arc-slot"
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunState:
+    """Everything that changes while training; what a checkpoint stores besides the weights."""
+
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    partial: dict[str, float] = field(default_factory=dict)  # sums of the unfinished epoch
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    init: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    callbacks: Iterable[Callback] = (),
+    save_optimizer: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume from ``init``, a checkpoint dict) and return the checkpoint dict.
+
+    ``max_steps`` caps the total step count (it overrides ``MAX_STEPS``). With ``out``, the checkpoint is
+    written atomically at every timeline point and at the end; an existing ``out`` is refused unless
+    ``overwrite``. Ctrl-C leaves the last complete checkpoint and no partial file. Each callback gets the
+    history record of every finished epoch (with its timeline entry under "timeline" when one was taken).
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    out_path = _check_out(out, overwrite)
+    grids = data.training_grids(cfg.NUM_GRIDS, cfg.SEED)
+    probe = data.probe_grids(cfg.TIMELINE_GRIDS)
+    per_epoch = data.num_batches(len(grids), cfg.BATCH_SIZE)
+    cap = _step_cap(cfg, per_epoch, max_steps)
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LEARNING_RATE)
+    run = _restore(model, optimizer, init, cfg) if init is not None else RunState()
+    if not run.timeline:
+        run.timeline.append(_snapshot(model, probe, cfg, run))  # "dead at init" needs step 0
+
+    def save() -> dict[str, Any]:
+        ckpt = make_checkpoint(model, optimizer if save_optimizer else None, cfg, run)
+        if out_path is not None:
+            atomic_save(ckpt, out_path)
+        return ckpt
+
+    with _progress_bar(progress, cap, per_epoch, run.step) as advance:
+        for record in _epochs(model, optimizer, grids, probe, cfg, run, cap, advance):
+            if "timeline" in record:
+                save()
+            for callback in callbacks:
+                callback(record)
+    if run.timeline[-1]["step"] != run.step:
+        run.timeline.append(_snapshot(model, probe, cfg, run))
+    return save()
+
+
+def _step_cap(cfg: TrainConfig, per_epoch: int, max_steps: int | None) -> int:
+    cap = cfg.NUM_EPOCHS * per_epoch
+    limit = max_steps if max_steps is not None else cfg.MAX_STEPS
+    return cap if limit is None else min(cap, limit)
+
+
+def _epochs(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, grids: list[data.Grid],
+            probe: list[data.Grid], cfg: TrainConfig, run: RunState, cap: int,
+            advance: Callable[[dict[str, float]], None]) -> Iterator[dict[str, Any]]:
+    """Run epochs until ``cap`` steps or NUM_EPOCHS; yield the record of every finished epoch."""
+    per_epoch = data.num_batches(len(grids), cfg.BATCH_SIZE)
+    while run.step < cap and run.epoch < cfg.NUM_EPOCHS:
+        done_in_epoch = run.step - run.epoch * per_epoch
+        batches = data.epoch_batches(grids, cfg.BATCH_SIZE, seed=cfg.SEED, epoch=run.epoch)
+        for index, batch in enumerate(batches):
+            if index < done_in_epoch:
+                continue  # resuming mid-epoch: these were trained before the checkpoint
+            if run.step >= cap:
+                return
+            _accumulate(run.partial, train_step(model, optimizer, batch))
+            run.step += 1
+            advance(_running(run.partial))
+        yield _finish_epoch(model, probe, cfg, run)
+
+
+def train_step(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, batch: data.GridBatch) -> dict[str, float]:
+    model.train()
+    out = model(batch.x)
+    loss = reconstruction_nll(out.logits, batch.target, batch.valid)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    sums = metric_sums(out.logits.detach(), batch.target, batch.valid)
+    pixels = float(sums["valid_pixels"])
+    return {"loss": float(loss) * pixels, "correct": float(sums["correct_pixels"]), "pixels": pixels}
+
+
+def _accumulate(total: dict[str, float], part: Mapping[str, float]) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+def _running(partial: Mapping[str, float]) -> dict[str, float]:
+    pixels = max(partial.get("pixels", 0.0), 1.0)
+    return {"loss": partial.get("loss", 0.0) / pixels, "accuracy": partial.get("correct", 0.0) / pixels}
+
+
+def _finish_epoch(model: SlotAutoencoder, probe: list[data.Grid], cfg: TrainConfig,
+                  run: RunState) -> dict[str, Any]:
+    run.epoch += 1
+    means = _running(run.partial)
+    run.partial = {}
+    record: dict[str, Any] = {
+        "epoch": run.epoch, "step": run.step, "loss": means["loss"],
+        "train_accuracy": means["accuracy"], "heldout_accuracy": None,
+    }
+    if run.epoch % cfg.TIMELINE_EVERY == 0:
+        entry = _snapshot(model, probe, cfg, run)
+        run.timeline.append(entry)
+        record["heldout_accuracy"] = entry["metrics"]["valid_pixel_accuracy"]
+    run.history.append(record)
+    return {**record, "timeline": run.timeline[-1]} if record["heldout_accuracy"] is not None else record
+
+
+def _snapshot(model: SlotAutoencoder, probe: list[data.Grid], cfg: TrainConfig, run: RunState) -> dict[str, Any]:
+    from arc_model.adapter import health_snapshot  # the adapter imports this module
+
+    entry = health_snapshot(model, data.eval_batches(probe, cfg.BATCH_SIZE))
+    return {"epoch": run.epoch, "step": run.step, **entry}
+
+
+def make_checkpoint(model: SlotAutoencoder, optimizer: torch.optim.Optimizer | None, cfg: TrainConfig,
+                    run: RunState) -> dict[str, Any]:
+    """The deadneuron checkpoint dict (plain types only)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "adapter": ADAPTER_NAME,
+        "config": cfg.to_dict(),
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
+        "history": [dict(r) for r in run.history],
+        "health_timeline": [dict(e) for e in run.timeline],
+        "step": run.step,
+        "epoch": run.epoch,
+        "partial_epoch": dict(run.partial),
+        "rng_state": torch.get_rng_state(),
+    }
+
+
+def _restore(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, init: Mapping[str, Any],
+             cfg: TrainConfig) -> RunState:
+    """Load weights, optimizer state, counters and RNG state of ``init`` (a checkpoint dict)."""
+    try:
+        model.load_state_dict(init["state_dict"])
+    except (KeyError, RuntimeError) as err:
+        raise ModelMismatchError(f"cannot start from this checkpoint: {err}") from None
+    if init.get("optimizer_state") is not None:
+        optimizer.load_state_dict(init["optimizer_state"])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.LEARNING_RATE  # a patch may have changed the learning rate
+    if init.get("rng_state") is not None:
+        torch.set_rng_state(init["rng_state"])
+    return RunState(
+        step=int(init.get("step", 0)),
+        epoch=int(init.get("epoch", 0)),
+        history=[dict(r) for r in init.get("history", [])],
+        timeline=[dict(e) for e in init.get("health_timeline", [])],
+        partial=dict(init.get("partial_epoch", {})),
+    )
+
+
+def _check_out(out: str | os.PathLike[str] | None, overwrite: bool) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise WriteError(f"{path} exists; choose another --out or pass --force to replace it")
+    if not path.parent.is_dir():
+        raise WriteError(f"cannot write {path}: folder {path.parent} does not exist")
+    return path
+
+
+def atomic_save(obj: Mapping[str, Any], path: Path) -> None:
+    """deadneuron.checkpoint.atomic_save where it exists, else the private fallback."""
+    try:
+        from deadneuron.checkpoint import atomic_save as shared_save
+    except ImportError:
+        _atomic_save(obj, path)
+    else:
+        shared_save(obj, path, force=True)
+
+
+def _atomic_save(obj: Mapping[str, Any], path: Path) -> None:
+    """Temp file in the same folder, fsync, reload-and-verify, os.replace: never a partial ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(obj), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        torch.load(tmp, weights_only=True, map_location="cpu")  # verify before replacing
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: remove the temp file, keep the old checkpoint
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _NoBar:
+    def __enter__(self) -> Callable[[dict[str, float]], None]:
+        return lambda _: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _RichBar:
+    """A rich progress bar over steps showing epoch, running loss and valid-pixel accuracy."""
+
+    def __init__(self, total: int, per_epoch: int, start: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.per_epoch = per_epoch
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), transient=False)
+        self.task = self.progress.add_task("training", total=total, completed=start)
+        self.step = start
+
+    def __enter__(self) -> Callable[[dict[str, float]], None]:
+        self.progress.__enter__()
+        return self._advance
+
+    def _advance(self, running: dict[str, float]) -> None:
+        self.step += 1
+        text = (f"epoch {self.step // self.per_epoch + 1} loss {running['loss']:.3f} "
+                f"acc {running['accuracy']:.3f}")
+        self.progress.update(self.task, advance=1, description=text)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+
+def _progress_bar(enabled: bool, total: int, per_epoch: int, start: int) -> _NoBar | _RichBar:
+    return _RichBar(total, per_epoch, start) if enabled else _NoBar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arc_model.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides")
+    parser.add_argument("--out", required=True, help="checkpoint to write (atomically)")
+    parser.add_argument("--init", help="checkpoint to resume from")
+    parser.add_argument("--max-steps", type=int, help="cap on the total step count")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    parser.add_argument("--no-optimizer-state", action="store_true", help="smaller file, not resumable")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    init = torch.load(args.init, weights_only=True, map_location="cpu") if args.init else None
+    base = TrainConfig.from_dict(init["config"]) if init else TrainConfig()
+    config = base.with_overrides(args.config)
+    ckpt = train(config, out=args.out, init=init, max_steps=args.max_steps, progress=not args.quiet,
+                 save_optimizer=not args.no_optimizer_state, overwrite=args.force)
+    last = ckpt["health_timeline"][-1]
+    print(f"wrote {args.out}: step {ckpt['step']}, epoch {ckpt['epoch']}, "
+          f"held-out probe accuracy {last['metrics']['valid_pixel_accuracy']:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["ADAPTER_NAME", "RunState", "atomic_save", "make_checkpoint", "train", "train_step"]

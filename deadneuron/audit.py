@@ -1,0 +1,232 @@
+"""Run a model over data inside a Recorder and return a Report.
+
+The model is left exactly as it was found: eval mode and `torch.inference_mode` during the audit, then
+every hook removed and every module's train/eval flag restored, also when the forward pass raises.
+Parameters and buffers are never written (inference mode and eval-mode BatchNorm do not update them).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from deadneuron.adapters import Adapter
+from deadneuron.errors import AuditRuntimeError, UsageError
+from deadneuron.probe import Recorder
+from deadneuron.report import Report, SiteHealth
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device) for v in obj) if not hasattr(obj, "_fields") else type(obj)(
+            *(_to(v, device) for v in obj)
+        )
+    if hasattr(obj, "to") and callable(obj.to):
+        return obj.to(device)
+    return obj
+
+
+def _shape_of(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return str(tuple(batch.shape))
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {_shape_of(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_shape_of(v) for v in batch) + ")"
+    shapes = {k: tuple(v.shape) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)} if hasattr(
+        batch, "__dict__"
+    ) else {}
+    return str(shapes) if shapes else type(batch).__name__
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """A tensor is the input; a tuple/list's first element is; a dict is passed as keyword arguments."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise UsageError(
+        f"cannot feed a batch of type {type(batch).__name__} to the model: "
+        "yield tensors, (input, ...) tuples, or dicts of keyword arguments"
+    )
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = next(iter(batch.values()), None)
+        return _batch_size(batch) if batch is not None else 0
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_size(batch[0])
+    x = getattr(batch, "x", None)
+    return _batch_size(x) if isinstance(x, torch.Tensor) else 0
+
+
+def untracked_batchnorms(model: nn.Module) -> list[str]:
+    """BatchNorm layers whose running statistics were never updated (fresh init)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            nbt = m.num_batches_tracked
+            if nbt is not None and int(nbt) == 0:
+                out.append(name)
+    return out
+
+
+def _progress(enabled: bool | None, total: int | None) -> Any:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+        console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
+    )
+
+
+def _limited(data: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def audit(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    eps: float = 0.0,
+    delta: float = 0.05,
+    select: Sequence[str] | None = None,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    adapter: Adapter | None = None,
+    functional: bool = True,
+    meta: Mapping[str, Any] | None = None,
+) -> Report:
+    """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
+
+    ``data`` yields batches: a tensor, a tuple/list whose first element is the input, or a dict of
+    keyword arguments (with ``adapter``, whatever the adapter's ``forward`` takes). ``select`` limits
+    the sites (globs over names, or kinds such as ``gelu``).
+    """
+    if max_batches is not None and max_batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {max_batches}")
+    if eps < 0 or not 0 <= delta < 1:
+        raise UsageError(f"eps must be >= 0 and delta in [0, 1); got eps={eps}, delta={delta}")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    forward = adapter.forward if adapter is not None else default_forward
+    total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
+    warnings = [
+        f"BatchNorm {name!r} has never been updated (num_batches_tracked == 0): in eval mode it "
+        "normalises with its initial statistics, so channels can look dead that are not"
+        for name in untracked_batchnorms(model)
+    ]
+    from deadneuron.slots import SlotStats
+
+    slot_stats: SlotStats | None = None
+    metric_sums: dict[str, torch.Tensor] = {}
+    batches = samples = 0
+    moved = _move_model(model, dev)
+    try:
+        with Recorder(model, eps=eps, delta=delta, select=select, functional=functional) as rec:
+            model.eval()
+            with torch.inference_mode(), _progress(progress, total) as bar:
+                task = bar.add_task("audit", total=total) if bar is not None else None
+                for batch in _limited(data, max_batches):
+                    batch = _to(batch, dev)
+                    rec.start_batch()
+                    try:
+                        outputs = forward(model, batch)
+                    except (UsageError, KeyboardInterrupt):
+                        raise
+                    except Exception as exc:
+                        raise _forward_error(exc, rec, batches, batch) from exc
+                    if adapter is not None:
+                        slot_stats = _update_slots(adapter, outputs, batch, slot_stats)
+                        for k, v in adapter.metric_sums(outputs, batch).items():
+                            metric_sums[k] = metric_sums[k] + v if k in metric_sums else v.double().clone()
+                    batches += 1
+                    samples += _batch_size(batch)
+                    if bar is not None:
+                        bar.advance(task)
+            results = rec.results()
+    finally:
+        if moved is not None:
+            model.to(moved)
+    if batches == 0:
+        raise UsageError("the data yielded no batches: nothing to audit (check --data / --batches)")
+    metrics: dict[str, float] = {}
+    if adapter is not None and metric_sums:
+        metrics = dict(adapter.summarize_metrics({k: float(v.sum()) for k, v in metric_sums.items()}))
+    info = {
+        "model": type(model).__name__,
+        "batches": batches,
+        "samples": samples,
+        "eps": eps,
+        "delta": delta,
+        "device": str(dev),
+        "select": list(select) if select else None,
+        "warnings": warnings,
+        **(meta or {}),
+    }
+    return Report.build(
+        (SiteHealth.from_result(r) for r in results),
+        slots=slot_stats.compute() if slot_stats is not None else None,
+        metrics=metrics,
+        meta=info,
+    )
+
+
+def _update_slots(adapter: Adapter, outputs: Any, batch: Any, stats: Any) -> Any:
+    found = adapter.slot_masks(outputs, batch)
+    if found is None:
+        return stats
+    masks, valid = found
+    if stats is None:
+        from deadneuron.slots import SlotStats
+
+        stats = SlotStats(num_slots=masks.shape[1])
+    stats.update(masks, valid)
+    return stats
+
+
+def _move_model(model: nn.Module, dev: torch.device) -> torch.device | None:
+    current = _model_device(model)
+    if current == dev:
+        return None
+    model.to(dev)
+    return current
+
+
+def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> AuditRuntimeError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = f"after site {rec.last_site!r}" if rec.last_site else "before any activation site ran"
+    module = f", last module run {rec.last_module!r}" if rec.last_module else ""
+    return AuditRuntimeError(
+        f"forward pass failed on batch {index} (input {_shape_of(batch)}) {where}{module}: "
+        f"{type(exc).__name__}: {first_line}"
+    )

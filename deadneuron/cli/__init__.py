@@ -1,0 +1,63 @@
+"""deadneuron command-line interface: one small command per module, errors as one line + exit code."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from deadneuron.cli import audit as _audit
+from deadneuron.errors import DeadneuronError
+
+EXIT_CODES = (
+    "Exit codes: 0 ok, 1 a health gate failed, 2 usage, 3 refused as unsafe, 4 unreadable/corrupt/unsupported "
+    "input, 5 model/checkpoint mismatch, 6 runtime failure, 7 write failed."
+)
+
+app = typer.Typer(
+    name="deadneuron",
+    help="Activation-health auditor for PyTorch: dead and dormant channels, sparsity, slot occupancy. " + EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Activation-health auditor for PyTorch."""
+
+
+app.command("audit", help=_audit.__doc__)(_audit.audit_command)
+
+_OPTIONAL_COMMANDS = ("train", "patch", "rules", "compare", "report")
+
+
+def _register_optional() -> None:
+    """Commands whose modules may not be present in every build of the tree (added issue by issue)."""
+    import importlib
+
+    for name in _OPTIONAL_COMMANDS:
+        try:
+            module = importlib.import_module(f"deadneuron.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"deadneuron.cli.{name}":
+                continue
+            raise
+        app.command(name, help=module.__doc__)(getattr(module, f"{name}_command"))
+
+
+_register_optional()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a DeadneuronError becomes one line on stderr and its exit code."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except DeadneuronError as err:
+        print(f"deadneuron: error: {err}", file=sys.stderr)
+        sys.exit(int(err.exit_code))
+    except KeyboardInterrupt:
+        print("deadneuron: interrupted", file=sys.stderr)
+        sys.exit(130)

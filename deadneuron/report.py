@@ -1,0 +1,295 @@
+"""The Report: one immutable, schema-versioned value built once from an audit.
+
+Definitions (DESIGN section 3): per channel, ``sparsity`` is zero/n, a channel is **dead** when its
+pre-activation never left the flat region (flat == n) and **dormant** when it was flat at least 99% of
+the time but not always (so dead and dormant are disjoint). Site and summary figures are element-
+weighted over all channels: the summary's ``sparsity`` is the seed's "Activation Sparsity" figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from deadneuron.probe import SiteResult
+
+SCHEMA = "deadneuron.report"
+SCHEMA_VERSION = 1
+DORMANT_FRACTION = 0.99
+
+
+def _clean(x: float) -> float | None:
+    """JSON has no NaN/Inf: store them as None."""
+    return x if math.isfinite(x) else None
+
+
+def _restore(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+@dataclass(frozen=True)
+class SiteHealth:
+    """Health of one activation call site."""
+
+    name: str
+    module: str
+    producer: str | None
+    functional: bool
+    kind: str
+    label: str
+    channel_axis: int
+    flat_region: str
+    shape: tuple[int, ...]
+    calls: int
+    channels: int
+    n: int  # elements seen per channel
+    sparsity: float
+    flat_fraction: float
+    dead_channels: tuple[int, ...]
+    dormant_channels: tuple[int, ...]
+    nonfinite: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    # per channel
+    channel_zero: tuple[float, ...]  # zero fraction
+    channel_flat: tuple[float, ...]  # flat fraction (1 - firing rate)
+    channel_nonfinite: tuple[int, ...]
+    channel_mean: tuple[float, ...]
+    channel_std: tuple[float, ...]
+    channel_min: tuple[float, ...]
+    channel_max: tuple[float, ...]
+
+    @property
+    def dead_fraction(self) -> float:
+        return len(self.dead_channels) / self.channels if self.channels else 0.0
+
+    @property
+    def firing_rate(self) -> tuple[float, ...]:
+        return tuple(1.0 - f for f in self.channel_flat)
+
+    @classmethod
+    def from_result(cls, r: SiteResult) -> SiteHealth:
+        s = r.summary
+        c = len(s.zero)
+        n = s.n
+        total = n * c
+        finite = [n - k for k in s.nonfinite]
+        fin_total = sum(finite)
+        mean = sum(m * f for m, f in zip(s.mean, finite, strict=True) if f) / fin_total if fin_total else math.nan
+        ex2 = (
+            sum((sd**2 + m**2) * f for sd, m, f in zip(s.std, s.mean, finite, strict=True) if f) / fin_total
+            if fin_total
+            else math.nan
+        )
+        std = math.sqrt(max(ex2 - mean**2, 0.0)) if fin_total else math.nan
+        finite_min = [v for v in s.min if math.isfinite(v)]
+        finite_max = [v for v in s.max if math.isfinite(v)]
+        return cls(
+            name=r.name, module=r.module, producer=r.producer, functional=r.functional, kind=r.kind,
+            label=r.label, channel_axis=r.channel_axis, flat_region=r.flat_region, shape=r.example_shape,
+            calls=r.calls, channels=c, n=n,
+            sparsity=sum(s.zero) / total if total else 0.0,
+            flat_fraction=sum(s.flat) / total if total else 0.0,
+            dead_channels=tuple(i for i, f in enumerate(s.flat) if n and f == n),
+            dormant_channels=tuple(i for i, f in enumerate(s.flat) if n and f < n and f / n >= DORMANT_FRACTION),
+            nonfinite=sum(s.nonfinite),
+            mean=mean, std=std,
+            min=min(finite_min) if finite_min else math.nan,
+            max=max(finite_max) if finite_max else math.nan,
+            channel_zero=tuple(z / n if n else 0.0 for z in s.zero),
+            channel_flat=tuple(f / n if n else 0.0 for f in s.flat),
+            channel_nonfinite=tuple(s.nonfinite),
+            channel_mean=tuple(s.mean), channel_std=tuple(s.std),
+            channel_min=tuple(s.min), channel_max=tuple(s.max),
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = _clean(v)
+            elif isinstance(v, tuple) and v and isinstance(v[0], float):
+                d[k] = [_clean(x) for x in v]
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SiteHealth:
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            v = d[f.name]
+            if f.name in ("mean", "std", "min", "max"):
+                v = _restore(v)
+            elif f.name.startswith("channel_") and f.name not in ("channel_axis", "channel_nonfinite"):
+                v = tuple(_restore(x) for x in v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kw[f.name] = v
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Totals over every recorded site."""
+
+    sites: int
+    channels: int
+    elements: int
+    sparsity: float
+    flat_fraction: float
+    dead: int
+    dormant: int
+    nonfinite: int
+    dead_sites: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sites: Iterable[SiteHealth]) -> Summary:
+        sites = list(sites)
+        elements = sum(s.n * s.channels for s in sites)
+        zero = sum(s.sparsity * s.n * s.channels for s in sites)
+        flat = sum(s.flat_fraction * s.n * s.channels for s in sites)
+        return cls(
+            sites=len(sites),
+            channels=sum(s.channels for s in sites),
+            elements=elements,
+            sparsity=zero / elements if elements else 0.0,
+            flat_fraction=flat / elements if elements else 0.0,
+            dead=sum(len(s.dead_channels) for s in sites),
+            dormant=sum(len(s.dormant_channels) for s in sites),
+            nonfinite=sum(s.nonfinite for s in sites),
+            dead_sites=tuple(s.name for s in sites if s.dead_channels),
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an audit measured. Build once; derive new values with `with_findings` / `with_meta`."""
+
+    sites: Mapping[str, SiteHealth]
+    summary: Summary
+    slots: Any = None  # deadneuron.slots.SlotHealth for slot models
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    findings: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", MappingProxyType(dict(self.sites)))
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    @classmethod
+    def build(
+        cls,
+        sites: Iterable[SiteHealth],
+        *,
+        slots: Any = None,
+        metrics: Mapping[str, float] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Report:
+        sites = list(sites)
+        return cls({s.name: s for s in sites}, Summary.of(sites), slots, metrics or {}, meta or {})
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.meta.get("warnings", ()))
+
+    def with_findings(self, findings: Iterable[Mapping[str, Any]]) -> Report:
+        return replace(self, findings=tuple(findings))
+
+    def with_meta(self, **extra: Any) -> Report:
+        return replace(self, meta={**self.meta, **extra})
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "summary": {**asdict(self.summary), "dead_sites": list(self.summary.dead_sites)},
+            "sites": [s.to_dict() for s in self.sites.values()],
+            "slots": self.slots.to_dict() if self.slots is not None else None,
+            "metrics": {k: _clean(float(v)) for k, v in self.metrics.items()},
+            "meta": _jsonable(dict(self.meta)),
+            "findings": [_jsonable(dict(f)) for f in self.findings],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Report:
+        if d.get("schema") != SCHEMA:
+            raise ValueError("not a deadneuron report (missing schema tag)")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"report schema version {version} is not supported (this deadneuron reads {SCHEMA_VERSION})")
+        sites = [SiteHealth.from_dict(s) for s in d["sites"]]
+        slots = None
+        if d.get("slots") is not None:
+            from deadneuron.slots import SlotHealth
+
+            slots = SlotHealth.from_dict(d["slots"])
+        metrics = {k: _restore(v) for k, v in d.get("metrics", {}).items()}
+        report = cls.build(sites, slots=slots, metrics=metrics, meta=d.get("meta", {}))
+        return report.with_findings(d.get("findings", []))
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            from deadneuron.checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(text.encode(), Path(path), force=True)
+        return text
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls.from_dict(json.loads(text))
+
+    # -- tables -----------------------------------------------------------------------------------
+    def frame(self, which: Literal["sites", "channels"] = "sites") -> pd.DataFrame:
+        """A pandas DataFrame: one row per site, or one row per (site, channel)."""
+        import pandas as pd
+
+        if which == "sites":
+            cols = ("name", "kind", "channels", "sparsity", "flat_fraction", "nonfinite", "mean", "std", "min", "max")
+            rows = [
+                {**{c: getattr(s, c) for c in cols}, "dead": len(s.dead_channels), "dormant": len(s.dormant_channels)}
+                for s in self.sites.values()
+            ]
+            return pd.DataFrame(rows)
+        if which == "channels":
+            rows = []
+            for s in self.sites.values():
+                dead, dormant = set(s.dead_channels), set(s.dormant_channels)
+                for c in range(s.channels):
+                    rows.append(
+                        {
+                            "site": s.name, "channel": c, "sparsity": s.channel_zero[c],
+                            "flat_fraction": s.channel_flat[c], "dead": c in dead, "dormant": c in dormant,
+                            "nonfinite": s.channel_nonfinite[c], "mean": s.channel_mean[c],
+                            "std": s.channel_std[c], "min": s.channel_min[c], "max": s.channel_max[c],
+                        }
+                    )  # fmt: skip
+            return pd.DataFrame(rows)
+        raise ValueError(f"frame() takes 'sites' or 'channels', not {which!r}")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return _clean(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    return str(obj)

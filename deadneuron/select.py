@@ -1,0 +1,23 @@
+"""Selectors: shell-style globs over site names, module names and activation kinds.
+
+``encoder.*`` matches every site under ``encoder``; ``kind:gelu`` (or just ``gelu``) matches every GELU
+site. A site is selected when any of its names matches any pattern.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+
+
+def matches(candidates: Iterable[str], patterns: Sequence[str]) -> bool:
+    names = [c for c in candidates if c]
+    return any(fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def filter_names(names: Iterable[str], patterns: Sequence[str] | None) -> list[str]:
+    """The names matching any pattern (all of them when ``patterns`` is empty or None)."""
+    names = list(names)
+    if not patterns:
+        return names
+    return [n for n in names if matches((n,), patterns)]

@@ -1,0 +1,239 @@
+"""Slot-mask detection and occupancy statistics (DESIGN section 3). Pure torch: no I/O, no hooks.
+
+Per image, over valid (non-padding) pixels, slot k **owns** a pixel where it is the argmax and its mask
+value is >= ``confidence``; it is **active** if it owns at least ``min_pixels`` pixels. Bare-argmax counts
+and mass counts are reported beside it because each alone misleads on near-uniform masks: bare argmax
+says "1 slot" and mass >= 5% says "all of them" for the same masks.
+
+``SlotStats`` is a streaming accumulator (``update`` / ``merge`` / ``compute`` / ``reset``); every state is
+a tensor that adds across batches and processes (``all_reduce`` with SUM). ``slot_health`` is its one-shot
+functional twin, the test oracle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+_STATE_NAMES = (
+    "images", "pixels", "active_hist", "argmax_active", "mass_active", "largest_share", "entropy",
+    "slot_active", "iou_sum", "iou_count",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SlotParams:
+    """Thresholds of the occupancy definitions."""
+
+    confidence: float = 0.5
+    min_pixels: int = 1
+    mass_threshold: float = 0.05
+    duplicate_iou: float = 0.5
+
+
+@dataclass(frozen=True)
+class SlotHealth:
+    """Occupancy of a slot mask over an audit set; plain numbers and lists only (JSON-ready)."""
+
+    num_slots: int
+    images: int
+    pixels: int
+    mean_active: float
+    active_histogram: list[int]  # images with 0, 1, ..., K active slots
+    mean_argmax_active: float  # slots winning >= 1 pixel by bare argmax, per image
+    mean_mass_active: float  # slots holding >= mass_threshold of the image's mask mass, per image
+    largest_slot_share: float  # share of an image's valid pixels won (argmax) by its largest slot
+    mask_entropy: float  # mean over valid pixels of -sum m log m / log K; 1 = uniform
+    slot_usage: list[float]  # fraction of images where slot k is active
+    never_used: list[int]
+    duplicate_pairs: list[tuple[int, int, float]]  # (j, k, mean soft IoU) with IoU >= duplicate_iou
+    params: SlotParams = field(default_factory=SlotParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["duplicate_pairs"] = [list(pair) for pair in self.duplicate_pairs]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SlotHealth:
+        values = dict(data)
+        values["params"] = SlotParams(**values.get("params", {}))
+        values["duplicate_pairs"] = [(int(j), int(k), float(iou)) for j, k, iou in values["duplicate_pairs"]]
+        return cls(**values)
+
+
+def batch_state(masks: torch.Tensor, valid: torch.Tensor | None, params: SlotParams) -> dict[str, torch.Tensor]:
+    """Additive statistics of one batch: ``masks`` (N, K, ...) summing to 1 over K, ``valid`` (N, ...)."""
+    m = masks.detach().flatten(2).float()
+    num_slots = m.shape[1]
+    v = _valid_weights(valid, m)
+    pixels = v.sum(1)
+    ok = (pixels > 0).float()  # images without valid pixels are skipped
+    top, winner = m.max(dim=1)
+    wins = torch.nn.functional.one_hot(winner, num_slots).transpose(1, 2).float() * v.unsqueeze(1)
+    argmax_count = wins.sum(2)
+    owned = (wins * top.ge(params.confidence).float().unsqueeze(1)).sum(2)
+    active = owned.ge(params.min_pixels).float() * ok.unsqueeze(1)
+    mass = (m * v.unsqueeze(1)).sum(2) / pixels.clamp_min(1).unsqueeze(1)
+    heavy = mass.ge(params.mass_threshold).float() * ok.unsqueeze(1)
+    inter, union = _soft_overlap(m * v.unsqueeze(1))
+    both = heavy.unsqueeze(2) * heavy.unsqueeze(1)
+    entropy = -torch.xlogy(m, m).sum(1) / math.log(num_slots) if num_slots > 1 else torch.zeros_like(v)
+    return {
+        "images": ok.sum(),
+        "pixels": pixels.sum(),
+        "active_hist": _histogram(active.sum(1), ok, num_slots),
+        "argmax_active": (argmax_count.ge(1).float() * ok.unsqueeze(1)).sum(),
+        "mass_active": heavy.sum(),
+        "largest_share": (argmax_count.max(1).values / pixels.clamp_min(1) * ok).sum(),
+        "entropy": (entropy * v).sum(),
+        "slot_active": active.sum(0),
+        "iou_sum": (inter / union.clamp_min(1e-12) * both).sum(0),
+        "iou_count": both.sum(0),
+    }
+
+
+def _valid_weights(valid: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
+    if valid is None:
+        return torch.ones(m.shape[0], m.shape[2], device=m.device)
+    v = valid.detach().reshape(m.shape[0], -1)
+    if v.shape[1] != m.shape[2]:
+        raise ValueError(f"valid {tuple(valid.shape)} does not match the mask's spatial size {m.shape[2]}")
+    return v.float()
+
+
+def _histogram(counts: torch.Tensor, weights: torch.Tensor, num_slots: int) -> torch.Tensor:
+    bins = torch.zeros(num_slots + 1, device=counts.device)
+    return bins.index_add_(0, counts.long(), weights)
+
+
+def _soft_overlap(mv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, K) sums of min and max of every pair of masks; one slot at a time to bound memory."""
+    inter = torch.stack([torch.minimum(mv[:, j : j + 1], mv).sum(2) for j in range(mv.shape[1])], dim=1)
+    union = torch.stack([torch.maximum(mv[:, j : j + 1], mv).sum(2) for j in range(mv.shape[1])], dim=1)
+    return inter, union
+
+
+def finalize(state: Mapping[str, torch.Tensor], params: SlotParams) -> SlotHealth:
+    """SlotHealth from summed states (the only host sync)."""
+    s = {name: state[name].detach().double().cpu() for name in _STATE_NAMES}
+    num_slots = s["slot_active"].shape[0]
+    images = max(float(s["images"]), 1.0)
+    usage = (s["slot_active"] / images).tolist()
+    return SlotHealth(
+        num_slots=num_slots,
+        images=round(float(s["images"])),
+        pixels=round(float(s["pixels"])),
+        mean_active=float(s["active_hist"] @ torch.arange(num_slots + 1, dtype=torch.float64)) / images,
+        active_histogram=[round(x) for x in s["active_hist"].tolist()],
+        mean_argmax_active=float(s["argmax_active"]) / images,
+        mean_mass_active=float(s["mass_active"]) / images,
+        largest_slot_share=float(s["largest_share"]) / images,
+        mask_entropy=float(s["entropy"]) / max(float(s["pixels"]), 1.0),
+        slot_usage=usage,
+        never_used=[k for k, u in enumerate(usage) if u == 0.0],
+        duplicate_pairs=_duplicates(s["iou_sum"], s["iou_count"], params.duplicate_iou),
+        params=params,
+    )
+
+
+def _duplicates(iou_sum: torch.Tensor, iou_count: torch.Tensor, threshold: float) -> list[tuple[int, int, float]]:
+    mean = iou_sum / iou_count.clamp_min(1)
+    num_slots = mean.shape[0]
+    return [
+        (j, k, float(mean[j, k]))
+        for j in range(num_slots)
+        for k in range(j + 1, num_slots)
+        if iou_count[j, k] > 0 and mean[j, k] >= threshold
+    ]
+
+
+def slot_health(masks: torch.Tensor, valid: torch.Tensor | None = None, *,
+                params: SlotParams | None = None) -> SlotHealth:
+    """One-shot occupancy of ``masks`` (N, K, ...); the functional twin of ``SlotStats``."""
+    params = params or SlotParams()
+    return finalize(batch_state(masks, valid, params), params)
+
+
+class SlotStats:
+    """Streaming, mergeable slot-occupancy accumulator."""
+
+    def __init__(self, num_slots: int, *, params: SlotParams | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self.params = params or SlotParams()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.state: dict[str, torch.Tensor] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        k = self.num_slots
+        shapes: dict[str, tuple[int, ...]] = {name: () for name in _STATE_NAMES}
+        shapes.update(active_hist=(k + 1,), slot_active=(k,), iou_sum=(k, k), iou_count=(k, k))
+        self.state = {name: torch.zeros(shape, dtype=torch.float64, device=self.device)
+                      for name, shape in shapes.items()}
+
+    def update(self, masks: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        if masks.dim() < 3 or masks.shape[1] != self.num_slots:
+            raise ValueError(f"expected masks (N, {self.num_slots}, ...), got {tuple(masks.shape)}")
+        if masks.device != self.device:
+            self._move(masks.device)
+        for name, value in batch_state(masks, valid, self.params).items():
+            self.state[name] += value.double()
+
+    def _move(self, device: torch.device) -> None:
+        self.device = device
+        self.state = {name: value.to(device) for name, value in self.state.items()}
+
+    def merge(self, other: SlotStats) -> SlotStats:
+        """Add ``other``'s counts into this accumulator (same K and thresholds); returns self."""
+        if other.num_slots != self.num_slots or other.params != self.params:
+            raise ValueError("cannot merge SlotStats with different slot counts or thresholds")
+        for name, value in other.state.items():
+            self.state[name] += value.to(self.device)
+        return self
+
+    def compute(self) -> SlotHealth:
+        return finalize(self.state, self.params)
+
+
+def is_slot_mask(tensor: torch.Tensor, *, dim: int = 1, atol: float = 1e-3) -> bool:
+    """True for a float tensor (N, K, ...) with K >= 2, values in [0, 1], summing to 1 over ``dim``."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() < 3:
+        return False
+    if tensor.shape[dim] < 2 or tensor.numel() == 0:
+        return False
+    t = tensor.detach()
+    in_range = bool(t.min() >= -atol) and bool(t.max() <= 1 + atol)
+    return in_range and bool((t.sum(dim) - 1).abs().max() <= atol)
+
+
+def find_slot_mask(outputs: Any, *, atol: float = 1e-3, max_slots: int = 64) -> torch.Tensor | None:
+    """The first slot mask in a model's outputs (a tensor, or nested tuple / list / dict), as (N, K, ...).
+
+    Layout (N, K, ...) is tried first; (N, ..., K) only for K <= ``max_slots`` and a last dim different
+    from the one before it, so that (N, L, L) attention weights are not taken for slot masks.
+    """
+    for tensor in _tensors(outputs):
+        if is_slot_mask(tensor, dim=1, atol=atol):
+            return tensor
+        last, before = tensor.shape[-1], tensor.shape[-2] if tensor.dim() >= 3 else -1
+        if last <= max_slots and last != before and is_slot_mask(tensor, dim=-1, atol=atol):
+            return tensor.movedim(-1, 1)
+    return None
+
+
+def _tensors(outputs: Any) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        return [t for value in outputs.values() for t in _tensors(value)]
+    if isinstance(outputs, list | tuple):
+        return [t for value in outputs for t in _tensors(value)]
+    return []
