@@ -106,14 +106,14 @@ def num_batches(num_grids: int, batch_size: int) -> int:
 def size_grouped_order(grids: Sequence[Grid], batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
     """Index lists of batches of similar-sized grids.
 
-    With a generator: shuffle, stable-sort by size (ties stay shuffled), cut into batches, shuffle the
-    batches. Without: sorted by size, for evaluation.
+    With a generator: shuffle, stable-sort by (longer side, shape) (ties stay shuffled), cut into batches,
+    shuffle the batches. Without: sorted the same way, for evaluation.
     """
     if generator is None:
         indices = list(range(len(grids)))
     else:
         indices = torch.randperm(len(grids), generator=generator).tolist()
-    indices.sort(key=lambda i: grids[i].shape)
+    indices.sort(key=lambda i: (max(grids[i].shape), grids[i].shape))  # least padding of the keys tried
     chunks = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
     if generator is not None:
         chunks = [chunks[int(i)] for i in torch.randperm(len(chunks), generator=generator)]

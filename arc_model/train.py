@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from arc_model.config import TrainConfig
 from arc_model.loss import metric_sums, reconstruction_nll
 from arc_model.model import SlotAutoencoder, build_model
 from deadneuron.adapters import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from deadneuron.checkpoint import atomic_save
 from deadneuron.errors import ModelMismatchError, WriteError
 
 ADAPTER_NAME = "arc-slot"
@@ -82,7 +82,7 @@ def train(
     def save() -> dict[str, Any]:
         ckpt = make_checkpoint(model, optimizer if save_optimizer else None, cfg, run)
         if out_path is not None:
-            atomic_save(ckpt, out_path)
+            atomic_save(ckpt, out_path, force=True)  # out was checked at the start
         return ckpt
 
     with _progress_bar(progress, cap, per_epoch, run.step) as advance:
@@ -130,7 +130,7 @@ def train_step(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, batch: 
     optimizer.step()
     sums = metric_sums(out.logits.detach(), batch.target, batch.valid)
     pixels = float(sums["valid_pixels"])
-    return {"loss": float(loss) * pixels, "correct": float(sums["correct_pixels"]), "pixels": pixels}
+    return {"loss": float(loss.detach()) * pixels, "correct": float(sums["correct_pixels"]), "pixels": pixels}
 
 
 def _accumulate(total: dict[str, float], part: Mapping[str, float]) -> None:
@@ -219,43 +219,6 @@ def _check_out(out: str | os.PathLike[str] | None, overwrite: bool) -> Path | No
     return path
 
 
-def atomic_save(obj: Mapping[str, Any], path: Path) -> None:
-    """deadneuron.checkpoint.atomic_save where it exists, else the private fallback."""
-    try:
-        from deadneuron.checkpoint import atomic_save as shared_save
-    except ImportError:
-        _atomic_save(obj, path)
-    else:
-        shared_save(obj, path, force=True)
-
-
-def _atomic_save(obj: Mapping[str, Any], path: Path) -> None:
-    """Temp file in the same folder, fsync, reload-and-verify, os.replace: never a partial ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(obj), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        torch.load(tmp, weights_only=True, map_location="cpu")  # verify before replacing
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: remove the temp file, keep the old checkpoint
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _NoBar:
     def __enter__(self) -> Callable[[dict[str, float]], None]:
         return lambda _: None
@@ -321,4 +284,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ADAPTER_NAME", "RunState", "atomic_save", "make_checkpoint", "train", "train_step"]
+__all__ = ["ADAPTER_NAME", "RunState", "make_checkpoint", "train", "train_step"]

@@ -100,8 +100,8 @@ def batch_state(masks: torch.Tensor, valid: torch.Tensor | None, params: SlotPar
 def _valid_weights(valid: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
     if valid is None:
         return torch.ones(m.shape[0], m.shape[2], device=m.device)
-    v = valid.detach().reshape(m.shape[0], -1)
-    if v.shape[1] != m.shape[2]:
+    v = valid.detach().flatten(1) if valid.dim() > 1 else valid.detach().reshape(m.shape[0], -1)
+    if v.shape != (m.shape[0], m.shape[2]):
         raise ValueError(f"valid {tuple(valid.shape)} does not match the mask's spatial size {m.shape[2]}")
     return v.float()
 

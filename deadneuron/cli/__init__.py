@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -29,7 +32,21 @@ def _root() -> None:
     """Activation-health auditor for PyTorch."""
 
 
-app.command("audit", help=_audit.__doc__)(_audit.audit_command)
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A DeadneuronError becomes one line on stderr and its documented exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DeadneuronError as err:
+            typer.echo(f"deadneuron: error: {err}", err=True)
+            raise typer.Exit(int(err.exit_code)) from None
+
+    return run
+
+
+app.command("audit", help=_audit.__doc__)(handle_errors(_audit.audit_command))
 
 _OPTIONAL_COMMANDS = ("train", "patch", "rules", "compare", "report")
 
@@ -45,7 +62,7 @@ def _register_optional() -> None:
             if exc.name == f"deadneuron.cli.{name}":
                 continue
             raise
-        app.command(name, help=module.__doc__)(getattr(module, f"{name}_command"))
+        app.command(name, help=module.__doc__)(handle_errors(getattr(module, f"{name}_command")))
 
 
 _register_optional()

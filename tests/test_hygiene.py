@@ -1,0 +1,94 @@
+"""An audit leaves the model exactly as it found it, also when it fails half way."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+import deadneuron
+from deadneuron.errors import AuditRuntimeError
+from tests import zoo
+
+
+def _state_hash(model: nn.Module) -> str:
+    buf = io.BytesIO()
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, buf)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def _hook_count(model: nn.Module) -> int:
+    n = 0
+    for m in model.modules():
+        for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._forward_hooks_with_kwargs):
+            n += len(d)
+    return n
+
+
+def _global_hooks() -> int:
+    return len(module_globals._global_forward_hooks) + len(module_globals._global_forward_pre_hooks)
+
+
+def _modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+class Exploding(nn.Module):
+    """Fails in its third layer, after two activation sites have run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = zoo.SeedEncoder(zoo.Tap())
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))  # (N, 8, H, W) into Linear(5): shape error
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_audit_restores_everything(training: bool) -> None:
+    model = zoo.SeedEncoder(zoo.Tap())
+    zoo.warm_batchnorm(model, zoo.image_batches())
+    model.train(training)
+    model.bn_layers[2].eval()  # a mixed state must come back as it was
+    before = (_state_hash(model), _modes(model), _hook_count(model), _global_hooks())
+    deadneuron.audit(model, zoo.image_batches(), progress=False)
+    assert (_state_hash(model), _modes(model), _hook_count(model), _global_hooks()) == before
+
+
+def test_failed_audit_restores_everything_and_names_the_site() -> None:
+    model = Exploding()
+    model.train()
+    before = (_state_hash(model), _modes(model), _hook_count(model), _global_hooks())
+    with pytest.raises(AuditRuntimeError) as info:
+        deadneuron.audit(model, zoo.image_batches(), progress=False)
+    message = str(info.value)
+    assert "enc.bn_layers.3>relu" in message and "(4, 3, 6, 6)" in message and "\n" not in message
+    assert (_state_hash(model), _modes(model), _hook_count(model), _global_hooks()) == before
+    # BatchNorm buffers were not touched although the model was in train mode
+    assert int(model.enc.bn_layers[0].num_batches_tracked) == 0
+
+
+def test_keyboard_interrupt_mid_audit_restores_hooks() -> None:
+    model = zoo.SeedEncoder(zoo.Tap())
+
+    def data():
+        yield torch.randn(2, 3, 6, 6)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        deadneuron.audit(model, data(), progress=False)
+    assert _hook_count(model) == 0 and model.training
+
+
+def test_recorder_removes_hooks_on_error() -> None:
+    model = zoo.FunctionalCNN(zoo.Tap())
+    with pytest.raises(RuntimeError), deadneuron.Recorder(model):
+        model(torch.randn(1, 5, 4, 4))
+    assert _hook_count(model) == 0
+    # the functional probe is gone too: F.relu outside is not recorded anywhere
+    torch.relu(torch.randn(3))
