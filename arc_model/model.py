@@ -8,6 +8,7 @@ Slot attention follows Locatello et al. 2020; padding cells never attend. About 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -72,7 +73,7 @@ class ARCEncoder(nn.Module):
         channels = config.CHANNELS
         widths = [INPUT_CHANNELS] + [channels] * config.NUM_CONV
         self.conv_layers = nn.ModuleList(
-            nn.Conv2d(c_in, c_out, kernel_size=3, padding=1) for c_in, c_out in zip(widths, widths[1:])
+            nn.Conv2d(c_in, c_out, kernel_size=3, padding=1) for c_in, c_out in itertools.pairwise(widths)
         )
         # Identity keeps the user's encoder shape when BatchNorm is switched off (MEASURED.md).
         self.bn_layers = nn.ModuleList(
@@ -87,7 +88,8 @@ class ARCEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 11, H, W) -> features (N, H*W, C)."""
-        for conv, bn in zip(self.conv_layers, self.bn_layers):
+        # The user's loop, verbatim (the lists have equal length by construction).
+        for conv, bn in zip(self.conv_layers, self.bn_layers):  # noqa: B905
             x = self.relu(bn(conv(x)))
             if self.dropout_between_convs:
                 x = self.dropout(x)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from deadneuron.errors import UsageError, WriteError
+from deadneuron.errors import DeadneuronError, UsageError, WriteError
 
 PathLike = str | os.PathLike[str]
 
@@ -128,10 +128,17 @@ def _write_atomically(
                 verify(tmp)
             os.replace(tmp, target)
             replaced = True
+        except DeadneuronError:
+            raise
         except OSError as err:
             advice = _ERRNO_ADVICE.get(err.errno or 0, "check the folder and run again")
             raise WriteError(
                 f"{target}: write failed ({err.strerror or err}); nothing was changed; {advice}"
+            ) from None
+        except Exception as err:  # the object itself cannot be serialised
+            raise WriteError(
+                f"{target}: not written: cannot serialise it ({type(err).__name__}: {_one_line(err)}); "
+                "this is a bug in deadneuron, please report it"
             ) from None
         finally:
             if not replaced:
@@ -158,13 +165,17 @@ def _verify_saved(obj: object, tmp: Path, target: Path) -> None:
     except OSError:
         raise
     except Exception as err:
-        reason = " ".join(str(err).split())[:200]
+        reason = _one_line(err)
         raise WriteError(
             f"{target}: not written: the checkpoint would not load back with weights_only=True ({reason}); "
             "this is a bug in deadneuron, please report it"
         ) from None
     if _layout(loaded) != _layout(obj):
         raise WriteError(f"{target}: not written: the saved file did not read back the same; run again")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 def _layout(obj: object, depth: int = 0) -> object:

@@ -91,11 +91,11 @@ def _mismatches(expected: Mapping[str, Any], weights: Mapping[str, Any]) -> str:
         and weights[k].shape != v.shape
     ]
     parts = [
-        f"{len(items)} {label} ({_few(items)})"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", shapes),
+        f"{len(items)} {one if len(items) == 1 else many} ({_few(items)})"
+        for one, many, items in (
+            ("missing key", "missing keys", missing),
+            ("unexpected key", "unexpected keys", unexpected),
+            ("shape mismatch", "shape mismatches", shapes),
         )
         if items
     ]

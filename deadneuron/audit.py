@@ -125,13 +125,15 @@ def audit(
     progress: bool | None = None,
     adapter: Adapter | None = None,
     functional: bool = True,
+    compile: bool = True,
     meta: Mapping[str, Any] | None = None,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
 
     ``data`` yields batches: a tensor, a tuple/list whose first element is the input, or a dict of
     keyword arguments (with ``adapter``, whatever the adapter's ``forward`` takes). ``select`` limits
-    the sites (globs over names, or kinds such as ``gelu``).
+    the sites (globs over names, or kinds such as ``gelu``). ``compile`` fuses the statistics with
+    `torch.compile` (falls back to eager kernels, with a note in ``report.meta``, where it cannot).
     """
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
@@ -152,7 +154,7 @@ def audit(
     batches = samples = 0
     moved = _move_model(model, dev)
     try:
-        with Recorder(model, eps=eps, delta=delta, select=select, functional=functional) as rec:
+        with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile) as rec:
             model.eval()
             with torch.inference_mode(), _progress(progress, total) as bar:
                 task = bar.add_task("audit", total=total) if bar is not None else None
@@ -174,6 +176,9 @@ def audit(
                     if bar is not None:
                         bar.advance(task)
             results = rec.results()
+            kernels = "compiled" if rec.kernels.compiled else "eager"
+            if compile and rec.kernels.fallback_reason:
+                kernels = f"eager (torch.compile failed: {rec.kernels.fallback_reason})"
     finally:
         if moved is not None:
             model.to(moved)
@@ -190,6 +195,7 @@ def audit(
         "delta": delta,
         "device": str(dev),
         "select": list(select) if select else None,
+        "kernels": kernels,
         "warnings": warnings,
         **(meta or {}),
     }

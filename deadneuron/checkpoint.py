@@ -114,7 +114,14 @@ def load_checkpoint(
     trust_code: bool = False,
     warn: Warn = _warn_to_stderr,
 ) -> object:
-    """The object stored at ``path``: a dict (checkpoint or state_dict) or, trusted, a pickled nn.Module."""
+    """The object stored at ``path``, loaded without running its code unless ``trust_code``.
+
+    Returns a dict (a checkpoint or a state_dict; for trusted TorchScript / ``.pt2`` files, their weights)
+    or, with ``trust_code``, a whole pickled nn.Module. ``allow_globals`` names extra types
+    (``module.Name``) weights_only loading may build. Raises UsageError (a forbidden or unknown
+    ``allow_globals`` name), UnsafeCheckpointError (code or blocked types; the message lists them and the
+    flag that opens them) or UnreadableInputError (missing, damaged or not a checkpoint).
+    """
     source = Path(path)
     allowed = _resolve_allowed_globals(allow_globals)
     fmt = sniff(source)
@@ -161,10 +168,13 @@ def _resolve_allowed_globals(requested: Sequence[str]) -> _Allowed:
 def _import_global(name: str) -> Any:
     parts = name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
         try:
-            obj: Any = importlib.import_module(".".join(parts[:cut]))
+            obj: Any = importlib.import_module(module)
         except ImportError:
             continue
+        except Exception as err:  # the module itself failed while importing
+            raise UsageError(f"--allow-global {name}: importing {module} failed ({_one_line(err)})") from None
         try:
             for attr in parts[cut:]:
                 obj = getattr(obj, attr)
@@ -291,12 +301,12 @@ def _refused_by_torch(source: Path, err: Exception) -> DeadneuronError:
     reason = " ".join(text.split("Please use `torch")[0].split())[:200]
     if any(word in reason for word in ("global", "build", "reduce", "new object")):
         return UnsafeCheckpointError(
-            f"{source}: refused by weights_only loading ({reason}); pass --allow-global module.Name "
-            "for a plain data type you trust, or --trust-code if you trust the file's source"
+            f"{source}: refused by weights_only loading ({reason}); "
+            "if you trust the type it names, pass --allow-global module.Name"
         )
     return UnreadableInputError(
-        f"{source}: weights_only loading cannot read it ({reason}); it may be corrupt or use an unusual "
-        "pickle protocol: save it again with torch.save, or pass --trust-code if you trust its source"
+        f"{source}: weights_only loading cannot read it ({reason}); it is corrupt or was written with an "
+        "unusual pickle protocol: save it again with torch.save's defaults"
     )
 
 

@@ -59,7 +59,8 @@ class Violation:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.site or 'report'}: {self.detail}"
+        where = self.site or ("scope" if self.check == "sites" else "report")
+        return f"{where}: {self.detail}"
 
 
 def _pct(x: float) -> str:

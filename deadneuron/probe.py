@@ -38,7 +38,7 @@ from deadneuron.activations import (
     spec_for_module,
 )
 from deadneuron.select import matches
-from deadneuron.stats import ChannelStats, ChannelSummary, channel_view
+from deadneuron.stats import ChannelStats, ChannelSummary, Kernels, channel_view
 
 _CHANNEL_FIRST = (
     nn.modules.conv._ConvNd,
@@ -169,6 +169,7 @@ class Recorder:
         delta: float = 0.05,
         select: Sequence[str] | None = None,
         functional: bool = True,
+        compile: bool = False,
     ) -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
@@ -179,6 +180,7 @@ class Recorder:
         self.delta = delta
         self.select = tuple(select) if select else None
         self.functional = functional
+        self.kernels = Kernels(compile=compile)
         self._handles: list[RemovableHandle] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._names: dict[nn.Module, str] = {}
@@ -228,7 +230,7 @@ class Recorder:
             self._by_name[name] = m
             spec = spec_for_module(m)
             if spec is not None and self._module_selected(name, spec):
-                self._specs[m] = (spec, flat_region(spec, self.delta))
+                self._specs[m] = (spec, self._region(spec))
                 self._pending[m] = []
                 self._handles.append(m.register_forward_pre_hook(self._activation_pre_hook))
                 self._handles.append(m.register_forward_hook(self._activation_hook))
@@ -291,12 +293,16 @@ class Recorder:
         owner = self._stack[-1][0] if self._stack else ""
         if self.select is not None and not matches((owner, fname, f"kind:{spec.kind.value}"), self.select):
             return None
-        region = self._region_cache.get(spec) if spec.prelu_weight is None else None
+        return self._site(("F", fname, owner), owner, fname, True, spec, self._region(spec), z)
+
+    def _region(self, spec: ActivationSpec) -> FlatRegion:
+        """Flat regions are derived once per distinct activation (PReLU: per weight tensor)."""
+        if spec.prelu_weight is not None:
+            return flat_region(spec, self.delta)
+        region = self._region_cache.get(spec)
         if region is None:
-            region = flat_region(spec, self.delta)
-            if spec.prelu_weight is None:
-                self._region_cache[spec] = region
-        return self._site(("F", fname, owner), owner, fname, True, spec, region, z)
+            region = self._region_cache[spec] = flat_region(spec, self.delta)
+        return region
 
     def _site(
         self,
@@ -321,7 +327,7 @@ class Recorder:
             channels = z.shape[axis] if z.dim() else 1
             site = _Site(
                 owner, leaf, functional, producer, occurrence, spec, region, axis,
-                ChannelStats(channels, z.device), tuple(z.shape),
+                ChannelStats(channels, z.device, kernels=self.kernels), tuple(z.shape),
             )
             self._sites[key] = site
         site.calls += 1
@@ -334,10 +340,13 @@ class Recorder:
 
     def _after(self, site: _Site, a: torch.Tensor) -> None:
         a3 = channel_view(a.detach(), site.axis)
-        if site.region.on_output:
-            site.stats.update_flat(a3, site.region.out_lo, site.region.out_hi)
-        site.stats.update_output(a3, self.eps)
+        region = site.region
+        site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi) if region.on_output else None)
         site.shape = tuple(a.shape)
+
+    def state_bytes(self) -> int:
+        """Memory held by the statistics of every site (O(channels), independent of batches)."""
+        return sum(s.stats.state_bytes() for s in self._sites.values())
 
     # -- results -----------------------------------------------------------------------------------
     def site_names(self) -> list[str]:

@@ -68,18 +68,18 @@ class SlotHealth:
 
 def batch_state(masks: torch.Tensor, valid: torch.Tensor | None, params: SlotParams) -> dict[str, torch.Tensor]:
     """Additive statistics of one batch: ``masks`` (N, K, ...) summing to 1 over K, ``valid`` (N, ...)."""
-    m = masks.detach().flatten(2).float()
+    m = masks.detach().flatten(2).double()  # sums over many images: float32 would drift
     num_slots = m.shape[1]
     v = _valid_weights(valid, m)
     pixels = v.sum(1)
-    ok = (pixels > 0).float()  # images without valid pixels are skipped
+    ok = (pixels > 0).double()  # images without valid pixels are skipped
     top, winner = m.max(dim=1)
-    wins = torch.nn.functional.one_hot(winner, num_slots).transpose(1, 2).float() * v.unsqueeze(1)
+    wins = torch.nn.functional.one_hot(winner, num_slots).transpose(1, 2).double() * v.unsqueeze(1)
     argmax_count = wins.sum(2)
-    owned = (wins * top.ge(params.confidence).float().unsqueeze(1)).sum(2)
-    active = owned.ge(params.min_pixels).float() * ok.unsqueeze(1)
+    owned = (wins * top.ge(params.confidence).double().unsqueeze(1)).sum(2)
+    active = owned.ge(params.min_pixels).double() * ok.unsqueeze(1)
     mass = (m * v.unsqueeze(1)).sum(2) / pixels.clamp_min(1).unsqueeze(1)
-    heavy = mass.ge(params.mass_threshold).float() * ok.unsqueeze(1)
+    heavy = mass.ge(params.mass_threshold).double() * ok.unsqueeze(1)
     inter, union = _soft_overlap(m * v.unsqueeze(1))
     both = heavy.unsqueeze(2) * heavy.unsqueeze(1)
     entropy = -torch.xlogy(m, m).sum(1) / math.log(num_slots) if num_slots > 1 else torch.zeros_like(v)
@@ -87,7 +87,7 @@ def batch_state(masks: torch.Tensor, valid: torch.Tensor | None, params: SlotPar
         "images": ok.sum(),
         "pixels": pixels.sum(),
         "active_hist": _histogram(active.sum(1), ok, num_slots),
-        "argmax_active": (argmax_count.ge(1).float() * ok.unsqueeze(1)).sum(),
+        "argmax_active": (argmax_count.ge(1).double() * ok.unsqueeze(1)).sum(),
         "mass_active": heavy.sum(),
         "largest_share": (argmax_count.max(1).values / pixels.clamp_min(1) * ok).sum(),
         "entropy": (entropy * v).sum(),
@@ -99,15 +99,15 @@ def batch_state(masks: torch.Tensor, valid: torch.Tensor | None, params: SlotPar
 
 def _valid_weights(valid: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
     if valid is None:
-        return torch.ones(m.shape[0], m.shape[2], device=m.device)
+        return torch.ones(m.shape[0], m.shape[2], dtype=m.dtype, device=m.device)
     v = valid.detach().flatten(1) if valid.dim() > 1 else valid.detach().reshape(m.shape[0], -1)
     if v.shape != (m.shape[0], m.shape[2]):
         raise ValueError(f"valid {tuple(valid.shape)} does not match the mask's spatial size {m.shape[2]}")
-    return v.float()
+    return v.double()
 
 
 def _histogram(counts: torch.Tensor, weights: torch.Tensor, num_slots: int) -> torch.Tensor:
-    bins = torch.zeros(num_slots + 1, device=counts.device)
+    bins = torch.zeros(num_slots + 1, dtype=weights.dtype, device=counts.device)
     return bins.index_add_(0, counts.long(), weights)
 
 

@@ -70,7 +70,7 @@ def test_sites_match_oracle(case: str) -> None:
 
 
 def test_shared_relu_is_four_sites_with_different_neurons() -> None:
-    report, tap, _ = _run("seed-shared-relu")
+    report, _tap, _ = _run("seed-shared-relu")
     names = [f"bn_layers.{i}>relu" for i in range(4)]
     assert list(report.sites) == names
     assert all(report.sites[n].module == "relu" for n in names)
@@ -80,7 +80,7 @@ def test_shared_relu_is_four_sites_with_different_neurons() -> None:
 
 
 def test_nan_site_counts_nonfinite_and_is_not_dead() -> None:
-    report, tap, _ = _run("nan-layer")
+    report, _tap, _ = _run("nan-layer")
     site = report.sites["act"]
     assert site.channel_nonfinite[1] == site.n  # every element of channel 1 is NaN
     assert site.nonfinite == site.n

@@ -285,12 +285,8 @@ SNIFFED = [
 def test_sniff_reads_the_bytes_not_the_name(
     tmp_path: Path, build: Callable[[Path], Path], expected: CheckpointFormat
 ) -> None:
-    path = build(tmp_path)
-    renamed = path.rename(
-        tmp_path / "misleading.safetensors"
-        if expected is not CheckpointFormat.SAFETENSORS
-        else tmp_path / "x.pth"
-    )
+    misleading = "x.pth" if expected is CheckpointFormat.SAFETENSORS else "x.safetensors"
+    renamed = build(tmp_path).rename(tmp_path / misleading)
     assert sniff(renamed) is expected
 
 
@@ -457,7 +453,13 @@ def fuzz_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("seed_name", ["zip", "legacy"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,  # the same mutations on every run: a CI failure reproduces locally
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(mutations=st.lists(_mutation, min_size=1, max_size=3))
 def test_mutated_checkpoint_loads_or_fails_cleanly(
     fuzz_seeds: dict[str, bytes], tmp_path: Path, seed_name: str, mutations: list[tuple[str, int, int]]
@@ -539,10 +541,10 @@ def test_load_state_dict_strict_accepts_exact_and_prefixed() -> None:
     ("edit", "says"),
     [
         pytest.param(
-            lambda sd: {k: v for k, v in sd.items() if k != "2.bias"}, "1 missing keys (2.bias)", id="missing"
+            lambda sd: {k: v for k, v in sd.items() if k != "2.bias"}, "1 missing key (2.bias)", id="missing"
         ),
         pytest.param(
-            lambda sd: {**sd, "head.w": torch.ones(1)}, "1 unexpected keys (head.w)", id="unexpected"
+            lambda sd: {**sd, "head.w": torch.ones(1)}, "1 unexpected key (head.w)", id="unexpected"
         ),
         pytest.param(
             lambda sd: {**sd, "0.weight": torch.ones(5, 3)}, "0.weight (5, 3) vs model (4, 3)", id="shape"
@@ -683,10 +685,17 @@ def test_failed_save_leaves_the_old_file_and_no_temp(
     assert path.read_bytes() == original and files_in(tmp_path) == {"out.pth"}
 
 
-def test_atomic_save_refuses_what_would_not_load_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("obj", "says"),
+    [
+        pytest.param({"args": argparse.Namespace(a=1)}, "weights_only", id="not-weights-only"),
+        pytest.param({"fn": lambda: 0}, "cannot serialise", id="unpicklable"),
+    ],
+)
+def test_atomic_save_refuses_what_would_not_load_back(tmp_path: Path, obj: object, says: str) -> None:
     with pytest.raises(WriteError) as caught:
-        atomic_save({"args": argparse.Namespace(a=1)}, tmp_path / "out.pth")
-    assert_one_line(caught.value, "weights_only")
+        atomic_save(obj, tmp_path / "out.pth")
+    assert_one_line(caught.value, says)
     assert files_in(tmp_path) == set()
 
 
@@ -754,14 +763,15 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_checkpoint(tmp_path: P
             str(path),
         )
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        for _ in range(rng.randrange(0, 4)):  # let it finish a few saves, then kill it mid-way
-            child.stdout.readline()
-        time.sleep(rng.uniform(0, 0.03))  # a random moment inside the next save
+        finished = [int(child.stdout.readline()) for _ in range(rng.randrange(0, 4))]  # a few saves return...
+        time.sleep(rng.uniform(0, 0.03))  # ...then a kill at a random moment inside the next one
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=60)
         child.stdout.close()
+        assert path.exists() or not finished
         if path.exists():
             loaded = load_checkpoint(path, warn=quiet)
             assert isinstance(loaded, dict) and torch.equal(loaded["state_dict"]["w"], weights), round_
+            assert loaded["step"] >= max(finished, default=0)  # a save that returned is never lost
         leftovers = files_in(tmp_path) - {"ck.pth"}
         assert all(name.startswith(".ck.pth.") and name.endswith(".tmp") for name in leftovers)

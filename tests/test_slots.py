@@ -121,7 +121,7 @@ def assert_health_close(a: SlotHealth, b: SlotHealth) -> None:
 def test_streaming_equals_one_shot(batch: tuple[torch.Tensor, torch.Tensor, list[int]]) -> None:
     masks, valid, cuts = batch
     stats = SlotStats(masks.shape[1])
-    for lo, hi in zip([0, *cuts], [*cuts, masks.shape[0]]):
+    for lo, hi in zip([0, *cuts], [*cuts, masks.shape[0]], strict=True):
         if hi > lo:
             stats.update(masks[lo:hi], valid[lo:hi])
     assert_health_close(stats.compute(), slot_health(masks, valid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import hypothesis.strategies as st
@@ -39,7 +40,7 @@ def _same(a: object, b: object) -> None:
 def test_streaming_equals_one_shot(x: torch.Tensor, cuts: list[int]) -> None:
     edges = sorted({0, x.shape[0], *[min(c, x.shape[0]) for c in cuts]})
     s = ChannelStats(x.shape[1])
-    for lo, hi in zip(edges, edges[1:], strict=False):
+    for lo, hi in itertools.pairwise(edges):
         if hi > lo:
             s.update(x[lo:hi], x[lo:hi].relu(), lo=0.0, hi=math.inf, eps=0.0)
     _same(s.compute(), batch_stats(x, x.relu(), lo=0.0, hi=math.inf, eps=0.0))
@@ -70,7 +71,7 @@ def test_one_shot_matches_numpy() -> None:
     assert got.nonfinite == (~finite).sum(1).tolist()
     for c in range(3):
         vals = a[c][finite[c]]
-        assert math.isclose(got.mean[c], vals.mean(), rel_tol=1e-9)
+        assert math.isclose(got.mean[c], vals.mean(), rel_tol=1e-6)
         assert math.isclose(got.std[c], vals.std(), rel_tol=1e-6)
         assert got.min[c] == vals.min() and got.max[c] == vals.max()
 

@@ -32,9 +32,18 @@ def audit_command(
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Open code-carrying formats (TorchScript, .pt2, pickled modules). Runs their code.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="Run on this device (default: where the model is).")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
+    max_dead: Annotated[int | None, typer.Option("--max-dead", help="Gate: exit 1 if any site has more than N dead channels.")] = None,
+    max_dead_fraction: Annotated[float | None, typer.Option("--max-dead-fraction", help="Gate: exit 1 if any site has a larger share of dead channels.")] = None,
+    max_sparsity: Annotated[float | None, typer.Option("--max-sparsity", help="Gate: exit 1 if any site's sparsity (0-1) is higher.")] = None,
+    min_active_slots: Annotated[float | None, typer.Option("--min-active-slots", help="Gate: exit 1 if fewer slots are active per image on average.")] = None,
+    gate_sites: Annotated[list[str] | None, typer.Option("--sites", help="Gate only the sites matching this glob (name or module); repeatable.")] = None,
+    no_rules: Annotated[bool, typer.Option("--no-rules", help="Measure only: evaluate no rule, list no finding.")] = False,
+    disable: Annotated[list[str] | None, typer.Option("--disable", metavar="RULE_ID", help="Skip this rule (see `deadneuron rules`); repeatable.")] = None,
+    rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
 ) -> None:
     from deadneuron.audit import audit
     from deadneuron.cli._subject import build_subject, parse_key_values
+    from deadneuron.gate import GateLimits
 
     if fmt not in ("table", "json"):
         raise UsageError(f"--format takes table or json, not {fmt!r}")
@@ -44,6 +53,11 @@ def audit_command(
         raise UsageError(f"--eps must be >= 0, got {eps}")
     if not 0 <= delta < 1:
         raise UsageError(f"--delta must be in [0, 1), got {delta}")
+    limits = GateLimits(max_dead=max_dead, max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
+                        min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
+    if gate_sites and not limits.active:
+        raise UsageError("--sites scopes the gate options: add --max-dead, --max-sparsity or --min-active-slots")
+    rules = _rules_config(no_rules, disable or [], rules_config)  # a bad config fails before the audit runs
     subject = build_subject(
         checkpoint,
         model_spec=model,
@@ -64,33 +78,55 @@ def audit_command(
         meta={"source": str(checkpoint), "random_inputs": subject.random_inputs},
     )  # fmt: skip
     report = report.with_meta(warnings=[*report.warnings, *warnings])
-    report = _with_rules(report, subject)
+    report = _with_rules(report, subject, rules)
     if out is not None:
-        _write(report, out)
+        _write(report, out, subject)
     if fmt == "json":
         typer.echo(report.to_json(indent=1))
-        return
-    from deadneuron.render.terminal import render
+    else:
+        from deadneuron.render.terminal import render
 
-    render(report, Console())
+        render(report, Console())
+    _gate(report, limits)
 
 
-def _with_rules(report, subject):  # type: ignore[no-untyped-def]
-    """Attach findings when the rule engine is present (it arrives with its own issue)."""
-    try:
-        from deadneuron.rules import attach_findings
-    except ImportError:
+def _gate(report, limits) -> None:  # type: ignore[no-untyped-def]
+    """After the report is out: list every violated check on stderr and exit 1."""
+    from deadneuron.gate import check, failure_message
+
+    violations = check(report, limits)
+    if violations:
+        typer.echo("deadneuron: " + failure_message(violations, header="health gate failed"), err=True)
+        raise typer.Exit(int(ExitCode.GATE_FAILED))
+
+
+def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None):  # type: ignore[no-untyped-def]
+    """Rules and thresholds: defaults, pyproject.toml, --config, then --disable (None with --no-rules)."""
+    if no_rules:
+        return None
+    from deadneuron.rules import load_config, load_rules
+
+    rules = load_rules()
+    return rules, load_config(rules=rules, config_file=config_file, disable=disable)
+
+
+def _with_rules(report, subject, rules):  # type: ignore[no-untyped-def]
+    """Attach the findings, most severe first; the context reads the checkpoint and the BatchNorm weights."""
+    if rules is None:
         return report
-    return attach_findings(report, subject.checkpoint)
+    from deadneuron.rules import attach_findings
+
+    ruleset, config = rules
+    return attach_findings(report, subject.checkpoint, model=subject.model, rules=ruleset, config=config)
 
 
-def _write(report, out: Path) -> None:  # type: ignore[no-untyped-def]
+def _write(report, out: Path, subject) -> None:  # type: ignore[no-untyped-def]
     try:
         from deadneuron.render.files import write_report
     except ImportError:
         write_report = None
     if write_report is not None:
-        write_report(report, out)
+        write_report(report, out, model=subject.model, adapter=subject.adapter, checkpoint=subject.checkpoint)
         return
     try:
         out.mkdir(parents=True, exist_ok=True)

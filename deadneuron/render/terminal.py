@@ -1,6 +1,8 @@
-"""Rich terminal rendering of a Report: a summary panel, the site table, slots, metrics, findings.
+"""Rich terminal rendering of a Report: a summary panel above the site table, then slots and findings.
 
-Plain text when piped or under NO_COLOR (rich handles both); fits 80 columns by folding names.
+Colours mark severity (red: dead channels or errors, yellow: dormant channels or warnings, dim: zero
+counts). Rich drops colour under ``NO_COLOR`` and all escape codes when piped; everything here also
+reads in plain text (counts and words, never colour alone) and fits 80 columns by folding long names.
 """
 
 from __future__ import annotations
@@ -8,112 +10,151 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rich.console import Console, Group
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from deadneuron.render.markdown import (
+    SEVERITY_ORDER,
+    accuracy_text,
+    finding_lines,
+    ids_text,
+    pct,
+    slots_text,
+    source_of,
+    top_findings,
+)
 from deadneuron.report import Report, SiteHealth
 
-SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+SEVERITY_STYLE = {"error": "bold red", "critical": "bold red", "warning": "yellow", "info": "cyan"}
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _facts_grid(report: Report) -> Table:
+    """Label / value rows; long values wrap under their value column, not under the labels."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, value in _summary_rows(report):
+        grid.add_row(label, value)
+    return grid
+
+
+def _summary_rows(report: Report) -> list[tuple[str, Text]]:
+    sm = report.summary
+    where = f" in {len(sm.dead_sites)} of {sm.sites} sites" if sm.dead else f" (of {sm.sites} sites)"
+    rows = [
+        ("sparsity", Text.assemble(pct(sm.sparsity), ("  exact zeros over all activation elements", "dim"))),
+        ("flat", Text.assemble(pct(sm.flat_fraction), ("  pre-activations in the flat region", "dim"))),
+        ("dead", Text.assemble((str(sm.dead), "bold red" if sm.dead else "green"), f" of {sm.channels} channels{where}")),
+        ("dormant", Text.assemble((str(sm.dormant), "yellow" if sm.dormant else ""), ("  flat >= 99% of the time", "dim"))),
+    ]  # fmt: skip
+    if sm.nonfinite:
+        rows.append(("nonfinite", Text(f"{sm.nonfinite} NaN/Inf activation elements", style="bold red")))
+    slots = slots_text(report)
+    if slots is not None:
+        rows.append(("slots", Text(slots, style=_slot_style(report))))
+    acc = accuracy_text(report.metrics)
+    if acc is not None:
+        rows.append(("accuracy", Text(acc, style=_accuracy_style(report.metrics))))
+    meta = report.meta
+    data = (f"{meta.get('samples', '?')} samples in {meta.get('batches', '?')} batches; eps={meta.get('eps')}, "
+            f"delta={meta.get('delta')}")  # fmt: skip
+    rows.append(("data", Text(data, style="dim")))
+    return rows
+
+
+def _slot_style(report: Report) -> str:
+    sl = report.slots
+    return "yellow" if sl is not None and sl.num_slots > 1 and sl.mean_active < 2 else ""
+
+
+def _accuracy_style(metrics: Mapping[str, float]) -> str:
+    base = metrics.get("baseline_valid_pixel_accuracy")
+    return "" if base is None or metrics["valid_pixel_accuracy"] > base else "bold red"
+
+
+def _finding_text(f: Mapping[str, Any]) -> Text:
+    severity, title, _, _ = finding_lines(f)
+    return Text.assemble((f"[{severity}] ", SEVERITY_STYLE.get(severity, "")), title)
+
+
+def summary_panel(report: Report) -> Panel:
+    """Headline figures and the most severe findings."""
+    items: list[RenderableType] = [_facts_grid(report)]
+    top = top_findings(report)
+    if top:
+        more = len(report.findings) - len(top)
+        items.append(Text("top findings" + (f" ({more} more below)" if more else ""), style="bold"))
+        items += [Padding(_finding_text(f), (0, 0, 0, 2)) for f in top]
+    return Panel(Group(*items), title=f"deadneuron audit: {source_of(report)}", title_align="left")
 
 
 def _count_cell(k: int, style: str) -> Text:
     return Text(str(k), style=style if k else "dim")
 
 
+def _site_style(s: SiteHealth) -> str:
+    if s.dead_channels or s.nonfinite:
+        return "bold red"
+    return "yellow" if s.dormant_channels else ""
+
+
 def site_table(report: Report) -> Table:
-    table = Table(title="Activation sites", title_justify="left", expand=False, pad_edge=False)
-    table.add_column("site", overflow="fold", ratio=3)
-    table.add_column("kind", overflow="fold")
-    table.add_column("ch", justify="right")
-    table.add_column("sparsity", justify="right")
-    table.add_column("flat", justify="right")
-    table.add_column("dead", justify="right")
-    table.add_column("dormant", justify="right")
-    table.add_column("nonfinite", justify="right")
+    """One row per site; the nonfinite column only when some site has NaN/Inf."""
+    with_nonfinite = any(s.nonfinite for s in report.sites.values())
+    table = Table(title="Activation sites", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("site", overflow="fold", min_width=20)
+    table.add_column("kind", overflow="fold", max_width=16)
+    for name in ("ch", "sparsity", "flat", "dead", "dormant", *(("nonfinite",) if with_nonfinite else ())):
+        table.add_column(name, justify="right", no_wrap=True)
     for s in report.sites.values():
-        style = "bold red" if s.dead_channels else ("red" if s.nonfinite else "")
-        table.add_row(
-            Text(s.name, style=style),
-            s.label,
-            str(s.channels),
-            _pct(s.sparsity),
-            _pct(s.flat_fraction),
-            _count_cell(len(s.dead_channels), "bold red"),
-            _count_cell(len(s.dormant_channels), "yellow"),
-            _count_cell(s.nonfinite, "bold red"),
-        )
+        row: list[RenderableType] = [
+            Text(s.name, style=_site_style(s)), s.label, str(s.channels), pct(s.sparsity), pct(s.flat_fraction),
+            _count_cell(len(s.dead_channels), "bold red"), _count_cell(len(s.dormant_channels), "yellow"),
+        ]  # fmt: skip
+        if with_nonfinite:
+            row.append(_count_cell(s.nonfinite, "bold red"))
+        table.add_row(*row)
     return table
 
 
-def _summary_lines(report: Report) -> list[Text]:
-    sm = report.summary
-    lines = [
-        Text.assemble(
-            ("sparsity ", "bold"), _pct(sm.sparsity), "  (exact zeros over all activation elements)\n",
-            ("flat     ", "bold"), _pct(sm.flat_fraction), "  (pre-activations in the flat region)\n",
-            ("dead     ", "bold"), (f"{sm.dead}", "bold red" if sm.dead else ""), f" of {sm.channels} channels",
-            (f" in {len(sm.dead_sites)} of {sm.sites} sites" if sm.dead else f" in {sm.sites} sites"), "\n",
-            ("dormant  ", "bold"), f"{sm.dormant}", "  (flat >= 99% of the time, not always)",
-        )  # fmt: skip
-    ]
-    if report.slots is not None:
-        sl = report.slots
-        lines.append(
-            Text.assemble(
-                ("\nslots    ", "bold"),
-                f"{sl.mean_active:.2f} active per image of {sl.num_slots}",
-                f" (argmax-only {sl.mean_argmax_active:.2f}, mass>=5% {sl.mean_mass_active:.2f}; largest share "
-                f"{_pct(sl.largest_slot_share)}, mask entropy {sl.mask_entropy:.2f}",
-                f"; never used: {', '.join(map(str, sl.never_used)) or 'none'})",
-            )
-        )
-    m = report.metrics
-    if "valid_pixel_accuracy" in m:
-        base = m.get("baseline_valid_pixel_accuracy")
-        beside = f" vs {_pct(base)} for the most-common-colour baseline" if base is not None else ""
-        lines.append(Text.assemble(("\naccuracy ", "bold"), _pct(m["valid_pixel_accuracy"]), " of valid pixels", beside))
-    meta = report.meta
-    lines.append(
-        Text(f"\non {meta.get('samples', '?')} samples in {meta.get('batches', '?')} batches; eps={meta.get('eps')}, "
-             f"delta={meta.get('delta')}", style="dim")
-    )  # fmt: skip
+def channel_lines(report: Report) -> list[Text]:
+    """Which channels are dead or dormant, site by site."""
+    lines = []
+    for s in report.sites.values():
+        if s.dead_channels:
+            lines.append(Text.assemble(("dead    ", "bold red"), f"{s.name}: channels {ids_text(s.dead_channels)}"))
+        if s.dormant_channels:
+            lines.append(Text.assemble(("dormant ", "yellow"), f"{s.name}: channels {ids_text(s.dormant_channels)}"))
     return lines
 
 
-def summary_panel(report: Report) -> Panel:
-    source = report.meta.get("source") or report.meta.get("model", "model")
-    return Panel(Group(*_summary_lines(report)), title=f"deadneuron audit: {source}", title_align="left")
-
-
-def slot_table(report: Report) -> Table | None:
+def slot_usage_text(report: Report) -> Text | None:
+    """Share of images in which each slot is active, on one wrapped line (K can be large)."""
     sl = report.slots
     if sl is None:
         return None
-    t = Table(title="Slots", title_justify="left", pad_edge=False)
-    t.add_column("slot", justify="right")
-    t.add_column("used in images", justify="right")
+    text = Text.assemble(("slot usage", "bold"), " (share of images where the slot is active): ")
     for k, u in enumerate(sl.slot_usage):
-        t.add_row(str(k), Text(_pct(u), style="dim" if u == 0 else ""))
-    return t
+        text.append(f"{k}:")
+        text.append(pct(u), style="dim" if u == 0 else "")
+        text.append("  " if k + 1 < len(sl.slot_usage) else "")
+    return text
 
 
 def findings_block(findings: tuple[Mapping[str, Any], ...]) -> Group | None:
     if not findings:
         return None
-    items: list[Any] = [Text("Findings", style="bold underline")]
-    for f in findings:
-        sev = str(f.get("severity", "info"))
-        items.append(Text.assemble((f"[{sev}] ", SEVERITY_STYLE.get(sev, "")), (str(f.get("title", "")), "bold")))
-        if f.get("message"):
-            items.append(Text("  " + str(f["message"])))
-        for cmd in f.get("commands", ()):
-            items.append(Text("  try: " + str(cmd), style="green"))
+    items: list[RenderableType] = [Text("Findings", style="bold underline")]
+    for f in sorted(findings, key=lambda f: SEVERITY_ORDER.get(str(f.get("severity", "info")), 3)):
+        _, _, message, commands = finding_lines(f)
+        items.append(_finding_text(f))
+        if message:
+            items.append(Padding(Text(message), (0, 0, 0, 2)))
+        items += [Padding(Text("try: " + c, style="green"), (0, 0, 0, 2)) for c in commands]
     return Group(*items)
 
 
@@ -121,25 +162,20 @@ def render(report: Report, console: Console) -> None:
     """Print the whole report."""
     console.print(summary_panel(report))
     for w in report.warnings:
-        console.print(Text("warning: " + w, style="yellow"))
+        console.print(Text.assemble(("warning: ", "yellow"), w))
     console.print(site_table(report))
-    for s in report.sites.values():
-        if s.dead_channels:
-            console.print(Text.assemble(("dead ", "bold red"), f"{s.name}: channels {_ids(s.dead_channels)}"))
-        if s.dormant_channels:
-            console.print(Text.assemble(("dormant ", "yellow"), f"{s.name}: channels {_ids(s.dormant_channels)}"))
-    slots = slot_table(report)
-    if slots is not None:
-        console.print(slots)
+    for line in channel_lines(report):
+        console.print(line)
+    usage = slot_usage_text(report)
+    if usage is not None:
+        console.print(usage)
     block = findings_block(report.findings)
     if block is not None:
         console.print(block)
 
 
-def _ids(ids: tuple[int, ...], limit: int = 24) -> str:
-    shown = ", ".join(map(str, ids[:limit]))
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
 def site_line(s: SiteHealth) -> str:
-    return f"{s.name}: sparsity {_pct(s.sparsity)}, flat {_pct(s.flat_fraction)}, dead {len(s.dead_channels)}/{s.channels}"
+    return f"{s.name}: sparsity {pct(s.sparsity)}, flat {pct(s.flat_fraction)}, dead {len(s.dead_channels)}/{s.channels}"
+
+
+__all__ = ["render", "site_line", "site_table", "summary_panel"]

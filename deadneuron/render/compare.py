@@ -1,0 +1,203 @@
+"""The diff of two Reports (pure: ``diff_reports``) and its renderings (rich terminal and Markdown).
+
+Sites are matched by name. A channel is **newly dead** when it is dead in B and was not in A, **revived**
+when the reverse; where a site's channel count changed between the reports, its channel indices do not
+correspond, so every dead channel of B counts as new and none as revived (and the row says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from deadneuron.render.markdown import ids_text, pct, source_of
+from deadneuron.report import Report, SiteHealth
+
+Presence = Literal["both", "only_a", "only_b"]
+Pair = tuple[float | None, float | None]
+
+SLOT_FIELDS = (
+    ("mean_active", "active slots per image"),
+    ("mean_argmax_active", "argmax-only slots per image"),
+    ("mean_mass_active", "mass>=5% slots per image"),
+    ("largest_slot_share", "largest slot share"),
+    ("mask_entropy", "mask entropy"),
+)
+SHARES = frozenset({"largest_slot_share"})  # slot figures shown as percentages
+
+
+@dataclass(frozen=True)
+class SiteDiff:
+    """One site in A and/or B."""
+
+    name: str
+    presence: Presence
+    channels: Pair
+    sparsity: Pair
+    flat_fraction: Pair
+    dead: Pair
+    dormant: Pair
+    new_dead: tuple[int, ...]
+    revived: tuple[int, ...]
+    reshaped: bool  # channel count differs: indices do not correspond
+
+
+@dataclass(frozen=True)
+class ReportDiff:
+    """Everything that changed from report A to report B."""
+
+    a: str
+    b: str
+    overall: Mapping[str, Pair]  # sparsity, flat_fraction, dead, dormant, channels
+    sites: tuple[SiteDiff, ...]
+    slots: Mapping[str, Pair]
+    metrics: Mapping[str, Pair]
+
+    @property
+    def new_dead(self) -> int:
+        return sum(len(s.new_dead) for s in self.sites)
+
+    @property
+    def revived(self) -> int:
+        return sum(len(s.revived) for s in self.sites)
+
+
+def _pair(a: SiteHealth | None, b: SiteHealth | None, value: str) -> Pair:
+    def get(s: SiteHealth | None) -> float | None:
+        if s is None:
+            return None
+        v = getattr(s, value)
+        return float(len(v)) if isinstance(v, tuple) else float(v)
+
+    return get(a), get(b)
+
+
+def _site_diff(name: str, a: SiteHealth | None, b: SiteHealth | None) -> SiteDiff:
+    presence: Presence = "both" if a and b else ("only_a" if a else "only_b")
+    reshaped = bool(a and b and a.channels != b.channels)
+    dead_a = set(a.dead_channels) if a and not reshaped else set()
+    dead_b = set(b.dead_channels) if b else set()
+    return SiteDiff(
+        name=name, presence=presence, channels=_pair(a, b, "channels"), sparsity=_pair(a, b, "sparsity"),
+        flat_fraction=_pair(a, b, "flat_fraction"), dead=_pair(a, b, "dead_channels"),
+        dormant=_pair(a, b, "dormant_channels"),
+        new_dead=tuple(sorted(dead_b - dead_a)) if b and a else (),
+        revived=tuple(sorted(dead_a - dead_b)) if a and b else (),
+        reshaped=reshaped,
+    )  # fmt: skip
+
+
+def diff_reports(a: Report, b: Report) -> ReportDiff:
+    """Site-by-site and overall differences from ``a`` to ``b``."""
+    names = list(dict.fromkeys([*a.sites, *b.sites]))
+    sa, sb = a.summary, b.summary
+    overall = {k: (float(getattr(sa, k)), float(getattr(sb, k))) for k in ("sparsity", "flat_fraction", "dead", "dormant", "channels")}
+    slots: dict[str, Pair] = {}
+    if a.slots is not None or b.slots is not None:
+        for key, _ in SLOT_FIELDS:
+            slots[key] = tuple(float(getattr(r.slots, key)) if r.slots is not None else None for r in (a, b))  # type: ignore[assignment]
+    metrics = {k: (a.metrics.get(k), b.metrics.get(k)) for k in dict.fromkeys([*a.metrics, *b.metrics])}
+    return ReportDiff(
+        a=source_of(a), b=source_of(b), overall=overall,
+        sites=tuple(_site_diff(n, a.sites.get(n), b.sites.get(n)) for n in names),
+        slots=slots, metrics=metrics,
+    )  # fmt: skip
+
+
+# -- formatting --------------------------------------------------------------------------------------
+def _num(x: float | None, share: bool) -> str:
+    if x is None or x != x:
+        return "-"
+    return pct(x) if share else (f"{x:.0f}" if float(x).is_integer() else f"{x:.2f}")
+
+
+def change(p: Pair, *, share: bool) -> str:
+    """``"45.7% -> 0.0% (-45.7 pp)"``, ``"3 -> 1 (-2)"``; ``-`` for a missing side."""
+    a, b = p
+    text = f"{_num(a, share)} -> {_num(b, share)}"
+    if a is None or b is None or a != a or b != b or a == b:
+        return text
+    d = b - a
+    delta = f"{100 * d:+.1f} pp" if share else (f"{d:+.0f}" if float(d).is_integer() else f"{d:+.2f}")
+    return f"{text} ({delta})"
+
+
+def _channel_note(s: SiteDiff) -> str:
+    if s.presence != "both":
+        return "only in A" if s.presence == "only_a" else "only in B"
+    parts = []
+    if s.new_dead:
+        parts.append(f"new dead {ids_text(s.new_dead, 12)}")
+    if s.revived:
+        parts.append(f"revived {ids_text(s.revived, 12)}")
+    if s.reshaped:
+        parts.append("channel count changed")
+    return "; ".join(parts)
+
+
+def _headline_rows(diff: ReportDiff) -> list[tuple[str, str]]:
+    o = diff.overall
+    rows = [
+        ("sparsity", change(o["sparsity"], share=True)),
+        ("flat", change(o["flat_fraction"], share=True)),
+        ("dead channels", change(o["dead"], share=False) + f"; {diff.new_dead} newly dead, {diff.revived} revived"),
+        ("dormant", change(o["dormant"], share=False)),
+    ]
+    rows += [(label, change(diff.slots[k], share=k in SHARES)) for k, label in SLOT_FIELDS if k in diff.slots]
+    rows += [(k, change(p, share="accuracy" in k)) for k, p in diff.metrics.items()]
+    return rows
+
+
+# -- terminal ----------------------------------------------------------------------------------------
+def _site_style(s: SiteDiff) -> str:
+    if s.new_dead:
+        return "bold red"
+    return "green" if s.revived else ""
+
+
+def render_diff(diff: ReportDiff, console: Console) -> None:
+    """Print the diff: headline figures, then the site table."""
+    head = Table.grid(padding=(0, 1))
+    head.add_column(style="bold", no_wrap=True)
+    head.add_column(overflow="fold")
+    for label, text in _headline_rows(diff):
+        head.add_row(label, text)
+    items: list[RenderableType] = [Text.assemble(("A ", "bold"), diff.a), Text.assemble(("B ", "bold"), diff.b), head]
+    console.print(Group(*items))
+    table = Table(title="Sites (A -> B)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, collapse_padding=True)  # fmt: skip
+    table.add_column("site", overflow="fold", min_width=16)
+    table.add_column("sparsity", overflow="fold")
+    table.add_column("flat", overflow="fold")
+    table.add_column("dead", overflow="fold")
+    table.add_column("channels", overflow="fold")
+    for s in diff.sites:
+        table.add_row(
+            Text(s.name, style=_site_style(s)), change(s.sparsity, share=True), change(s.flat_fraction, share=True),
+            change(s.dead, share=False), Text(_channel_note(s), style=_site_style(s)),
+        )  # fmt: skip
+    console.print(table)
+
+
+# -- Markdown ----------------------------------------------------------------------------------------
+def _md(text: object) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def render_diff_markdown(diff: ReportDiff) -> str:
+    lines = ["# deadneuron compare", "", f"- A: `{diff.a}`", f"- B: `{diff.b}`", "", "| | A -> B |", "|---|---|"]
+    lines += [f"| {label} | {_md(text)} |" for label, text in _headline_rows(diff)]
+    lines += ["", "## Sites", "", "| site | sparsity | flat | dead | channels |", "|---|---|---|---|---|"]
+    for s in diff.sites:
+        cells = (change(s.sparsity, share=True), change(s.flat_fraction, share=True), change(s.dead, share=False))
+        lines.append(f"| `{_md(s.name)}` | " + " | ".join(_md(c) for c in cells) + f" | {_md(_channel_note(s))} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ReportDiff", "SiteDiff", "change", "diff_reports", "render_diff", "render_diff_markdown"]

@@ -1,0 +1,192 @@
+"""Markdown rendering of a Report, and the plain facts every renderer shows (terminal, Markdown, HTML).
+
+``summary_facts`` and ``top_findings`` are the single source of the headline figures, so that the three
+renderings of one report never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from deadneuron.report import Report, SiteHealth
+
+SEVERITY_ORDER = {"error": 0, "critical": 0, "warning": 1, "info": 2}
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def ids_text(ids: Sequence[int], limit: int = 24) -> str:
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def source_of(report: Report) -> str:
+    return str(report.meta.get("source") or report.meta.get("model") or "model")
+
+
+def top_findings(report: Report, limit: int = 3) -> list[Mapping[str, Any]]:
+    """The ``limit`` most severe findings, stable within a severity."""
+    order = sorted(report.findings, key=lambda f: SEVERITY_ORDER.get(str(f.get("severity", "info")), 3))
+    return order[:limit]
+
+
+def accuracy_text(metrics: Mapping[str, float]) -> str | None:
+    """Reconstruction accuracy beside the trivial baseline (None when the report has none)."""
+    if "valid_pixel_accuracy" not in metrics:
+        return None
+    text = f"{pct(metrics['valid_pixel_accuracy'])} of valid pixels"
+    base = metrics.get("baseline_valid_pixel_accuracy")
+    if base is not None:
+        text += f" (most-common-colour baseline {pct(base)})"
+    exact = metrics.get("exact_grid_accuracy")
+    if exact is not None:
+        text += f"; {pct(exact)} of grids exact"
+    return text
+
+
+def slots_text(report: Report) -> str | None:
+    sl = report.slots
+    if sl is None:
+        return None
+    never = ", ".join(map(str, sl.never_used)) or "none"
+    return (
+        f"{sl.mean_active:.2f} active per image of {sl.num_slots} (argmax-only {sl.mean_argmax_active:.2f}, "
+        f"mass>=5% {sl.mean_mass_active:.2f}); largest slot takes {pct(sl.largest_slot_share)}, "
+        f"mask entropy {sl.mask_entropy:.2f}; never used: {never}"
+    )
+
+
+def summary_facts(report: Report) -> list[tuple[str, str]]:
+    """(label, text) rows of the headline figures."""
+    sm = report.summary
+    where = f" in {len(sm.dead_sites)} of {sm.sites} sites" if sm.dead else f" (of {sm.sites} sites)"
+    rows = [
+        ("sparsity", f"{pct(sm.sparsity)} (exact zeros over all activation elements)"),
+        ("flat", f"{pct(sm.flat_fraction)} (pre-activations in the flat region)"),
+        ("dead", f"{sm.dead} of {sm.channels} channels{where}"),
+        ("dormant", f"{sm.dormant} (flat >= 99% of the time, not always)"),
+    ]
+    if sm.nonfinite:
+        rows.append(("nonfinite", f"{sm.nonfinite} NaN/Inf activation elements"))
+    slots = slots_text(report)
+    if slots is not None:
+        rows.append(("slots", slots))
+    acc = accuracy_text(report.metrics)
+    if acc is not None:
+        rows.append(("accuracy", acc))
+    meta = report.meta
+    rows.append(
+        ("data", f"{meta.get('samples', '?')} samples in {meta.get('batches', '?')} batches; "
+                 f"eps={meta.get('eps')}, delta={meta.get('delta')}")
+    )  # fmt: skip
+    return rows
+
+
+def finding_lines(f: Mapping[str, Any]) -> tuple[str, str, str, list[str]]:
+    """(severity, title, message, commands) of a finding, tolerant of missing keys."""
+    commands = f.get("commands") or ()
+    if isinstance(commands, str):
+        commands = [commands]
+    title = str(f.get("title") or f.get("rule") or f.get("id") or "finding")
+    return str(f.get("severity", "info")), title, str(f.get("message") or ""), [str(c) for c in commands]
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str) -> list[str]:
+    marks = {"l": "---", "r": "---:"}
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _site_row(s: SiteHealth, with_nonfinite: bool) -> list[object]:
+    row: list[object] = [
+        f"`{s.name}`", s.label, s.channels, pct(s.sparsity), pct(s.flat_fraction),
+        len(s.dead_channels), len(s.dormant_channels),
+    ]  # fmt: skip
+    if with_nonfinite:
+        row.append(s.nonfinite)
+    return row
+
+
+def _sites_section(report: Report) -> list[str]:
+    with_nonfinite = any(s.nonfinite for s in report.sites.values())
+    header = ["site", "kind", "channels", "sparsity", "flat", "dead", "dormant"]
+    header += ["nonfinite"] if with_nonfinite else []
+    align = "llrrrrr" + ("r" if with_nonfinite else "")
+    rows = [_site_row(s, with_nonfinite) for s in report.sites.values()]
+    lines = ["## Sites", "", *_table(header, rows, align), ""]
+    listed = [s for s in report.sites.values() if s.dead_channels or s.dormant_channels]
+    for s in listed:
+        parts = []
+        if s.dead_channels:
+            parts.append(f"dead channels {ids_text(s.dead_channels)}")
+        if s.dormant_channels:
+            parts.append(f"dormant channels {ids_text(s.dormant_channels)}")
+        lines.append(f"- `{s.name}`: " + "; ".join(parts))
+    return [*lines, ""] if listed else lines
+
+
+def _findings_section(report: Report) -> list[str]:
+    if not report.findings:
+        return []
+    lines = ["## Findings", ""]
+    for f in sorted(report.findings, key=lambda f: SEVERITY_ORDER.get(str(f.get("severity", "info")), 3)):
+        severity, title, message, commands = finding_lines(f)
+        lines.append(f"- **[{severity}] {title}**" + (f": {message}" if message else ""))
+        lines += [f"  - try: `{c}`" for c in commands]
+    return [*lines, ""]
+
+
+def _slots_section(report: Report) -> list[str]:
+    sl = report.slots
+    if sl is None:
+        return []
+    usage = [(k, pct(u)) for k, u in enumerate(sl.slot_usage)]
+    hist = [(k, n) for k, n in enumerate(sl.active_histogram)]
+    lines = ["## Slots", "", slots_text(report) or "", ""]
+    lines += [*_table(["slot", "active in images"], usage, "rr"), ""]
+    lines += [*_table(["active slots", "images"], hist, "rr"), ""]
+    if sl.duplicate_pairs:
+        pairs = ", ".join(f"{j} and {k} (IoU {iou:.2f})" for j, k, iou in sl.duplicate_pairs)
+        lines += [f"Duplicate slots: {pairs}", ""]
+    return lines
+
+
+def _metrics_section(report: Report) -> list[str]:
+    if not report.metrics:
+        return []
+    rows = [(k, f"{v:.4f}") for k, v in report.metrics.items()]
+    return ["## Metrics", "", *_table(["metric", "value"], rows, "lr"), ""]
+
+
+def _figures_section(figures: Mapping[str, str]) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for path, title in figures.items():
+        lines += [f"### {title}", "", f"![{title}]({path})", ""]
+    return lines
+
+
+def render_markdown(report: Report, *, figures: Mapping[str, str] | None = None) -> str:
+    """The report as Markdown; ``figures`` maps relative image paths to their titles."""
+    lines = [f"# deadneuron audit: `{source_of(report)}`", ""]
+    lines += [*_table(["", ""], summary_facts(report), "ll"), ""]
+    lines += [f"> **warning:** {w}" for w in report.warnings]
+    lines += [""] if report.warnings else []
+    lines += _findings_section(report)
+    lines += _sites_section(report)
+    lines += _slots_section(report)
+    lines += _metrics_section(report)
+    lines += _figures_section(figures or {})
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+__all__ = ["render_markdown", "summary_facts", "top_findings"]

@@ -1,0 +1,346 @@
+"""The rule engine's values (DESIGN section 5): Severity, Threshold, Evidence, PatchOp, Fix, Rule, Finding.
+
+A rule is data: an id, a title, a severity, the metrics it reads, its thresholds (with defaults), a
+predicate that turns a Report and a RuleContext into *hits* (each with structured evidence and the values
+its sentence needs), message and suggestion templates rendered from those values, and the fixes (patch
+ops, each with the exact ``deadneuron patch`` command) that would apply it. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+from deadneuron.errors import DeadneuronError, UsageError
+
+if TYPE_CHECKING:
+    from deadneuron.report import Report
+    from deadneuron.rules.context import RuleContext
+
+Comparison = Literal[">=", "<=", ">", "<"]
+
+
+class RuleError(DeadneuronError):
+    """A rule could not be loaded or raised while evaluating; the message names the rule."""
+
+
+class Severity(Enum):
+    """How bad a finding is. Ordered: ERROR > WARNING > INFO."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        return list(Severity).index(self)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Severity):
+            return NotImplemented
+        return self.rank < other.rank
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Severity):
+            return NotImplemented
+        return self.rank <= other.rank
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Severity):
+            return NotImplemented
+        return self.rank > other.rank
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Severity):
+            return NotImplemented
+        return self.rank >= other.rank
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One tunable number of a rule: its default, what it means, and the values it may take."""
+
+    name: str
+    default: float
+    help: str
+    integer: bool = False
+    lo: float | None = None
+    hi: float | None = None
+
+    def validate(self, value: object, *, where: str) -> float:
+        """``value`` checked for type and range; a UsageError naming ``where`` otherwise."""
+        kind = "an integer" if self.integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{where}: {self.name} must be {kind}, got {value!r}")
+        if self.integer and isinstance(value, float) and not value.is_integer():
+            raise UsageError(f"{where}: {self.name} must be an integer, got {value!r}")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise UsageError(f"{where}: {self.name} must be in {self.range_text()}, got {value!r}")
+        return int(value) if self.integer else float(value)
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"[{lo}, {hi}]"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One measured fact behind a finding: ``observed <comparison> threshold`` held for ``metric``."""
+
+    metric: str
+    observed: float
+    threshold: float
+    comparison: Comparison
+    site: str | None = None
+
+    def holds(self) -> bool:
+        o, t = self.observed, self.threshold
+        return {">=": o >= t, "<=": o <= t, ">": o > t, "<": o < t}[self.comparison]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "site": self.site,
+            "observed": self.observed,
+            "threshold": self.threshold,
+            "comparison": self.comparison,
+        }
+
+
+class PatchKind(Enum):
+    """What a patch op changes (DESIGN section 6); the patch planner consumes these."""
+
+    SWAP_ACTIVATION = "swap_activation"
+    SET_HPARAM = "set_hparam"
+    INSERT_DROPOUT = "insert_dropout"
+    REINIT_DEAD = "reinit_dead"
+
+
+def compact(x: float) -> str:
+    """Short number text: ``1e-4``, ``5e-5``, ``0.01``, ``3``."""
+    if x != 0 and abs(x) < 1e-2:
+        mantissa, exponent = f"{x:.3e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{x:g}"
+
+
+_num = compact
+
+
+@dataclass(frozen=True)
+class PatchOp:
+    """One frozen change; ``flags()`` are the ``deadneuron patch`` flags that request it."""
+
+    kind: PatchKind
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def param(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
+    @classmethod
+    def swap_activation(cls, activation: str, *, negative_slope: float | None = None,
+                        sites: Sequence[str] = ()) -> PatchOp:
+        params: list[tuple[str, Any]] = [("activation", activation)]
+        if negative_slope is not None:
+            params.append(("negative_slope", negative_slope))
+        return cls(PatchKind.SWAP_ACTIVATION, (*params, ("sites", tuple(sites))))
+
+    @classmethod
+    def learning_rate(cls, *, value: float | None = None, scale: float | None = None) -> PatchOp:
+        """An exact new learning rate where the old one is known, else a scale of it."""
+        if (value is None) == (scale is None):
+            raise ValueError("give exactly one of value and scale")
+        key, number = ("value", value) if value is not None else ("scale", scale)
+        return cls(PatchKind.SET_HPARAM, (("name", "learning_rate"), (key, number)))
+
+    @classmethod
+    def epochs(cls, value: int) -> PatchOp:
+        return cls(PatchKind.SET_HPARAM, (("name", "epochs"), ("value", int(value))))
+
+    @classmethod
+    def dropout_between_convs(cls, p: float) -> PatchOp:
+        return cls(PatchKind.INSERT_DROPOUT, (("where", "between_convs"), ("p", p)))
+
+    @classmethod
+    def reinit_dead(cls, channels: Mapping[str, Sequence[int]]) -> PatchOp:
+        chans = tuple((site, tuple(ids)) for site, ids in channels.items())
+        return cls(PatchKind.REINIT_DEAD, (("channels", chans), ("reset_optimizer_state", True)))
+
+    def flags(self) -> tuple[str, ...]:
+        p = dict(self.params)
+        if self.kind is PatchKind.SWAP_ACTIVATION:
+            slope = ("--negative-slope", _num(p["negative_slope"])) if "negative_slope" in p else ()
+            return ("--activation", _activation_flag(p["activation"]), *slope)
+        if self.kind is PatchKind.SET_HPARAM and p["name"] == "learning_rate":
+            return ("--lr", _num(p["value"])) if "value" in p else ("--lr-scale", _num(p["scale"]))
+        if self.kind is PatchKind.SET_HPARAM and p["name"] == "epochs":
+            return ("--epochs", str(p["value"]))
+        if self.kind is PatchKind.INSERT_DROPOUT:
+            return ("--dropout-between-convs", _num(p["p"]))
+        if self.kind is PatchKind.REINIT_DEAD:
+            return ("--reinit-dead",)
+        return ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.kind.value}
+        for key, value in self.params:
+            if key == "channels":
+                value = {site: list(ids) for site, ids in value}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[key] = value
+        return out
+
+
+def _activation_flag(name: str) -> str:
+    return {"leaky_relu": "leaky"}.get(name, name)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One thing to try: the ops that apply it, requested together by one ``deadneuron patch`` command."""
+
+    ops: tuple[PatchOp, ...]
+
+    def command(self, source: str | None) -> str:
+        words = ["deadneuron", "patch"]
+        if source:
+            words.append(_quote(source))
+        for op in self.ops:
+            words.extend(op.flags())
+        return " ".join(words)
+
+
+def _quote(path: str) -> str:
+    import shlex
+
+    return shlex.quote(path)
+
+
+def _freeze_channels(channels: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, ...]]:
+    return MappingProxyType({site: tuple(int(c) for c in ids) for site, ids in channels.items()})
+
+
+@dataclass(frozen=True)
+class Hit:
+    """What a predicate found once: where, the evidence, and the values the rule's templates use."""
+
+    evidence: tuple[Evidence, ...]
+    values: Mapping[str, Any] = field(default_factory=dict)
+    sites: tuple[str, ...] = ()
+    channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        object.__setattr__(self, "channels", _freeze_channels(self.channels))
+
+
+Predicate = Callable[["Report", "RuleContext", Mapping[str, float]], Sequence[Hit]]
+FixBuilder = Callable[[Hit, "RuleContext", Mapping[str, float]], Sequence[Fix]]
+
+
+def no_fixes(hit: Hit, context: RuleContext, thresholds: Mapping[str, float]) -> Sequence[Fix]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule as data. ``message`` and ``suggestion`` are ``str.format`` templates over a hit's values."""
+
+    id: str
+    title: str
+    severity: Severity
+    reads: tuple[str, ...]
+    thresholds: tuple[Threshold, ...]
+    predicate: Predicate
+    message: str
+    suggestion: str = ""
+    fixes: FixBuilder = no_fixes
+
+    def threshold(self, name: str) -> Threshold:
+        for t in self.thresholds:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        return {t.name: t.default for t in self.thresholds}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule's verdict on one report: what is wrong, where, the evidence, and what to try."""
+
+    rule: str
+    severity: Severity
+    title: str
+    message: str
+    sites: tuple[str, ...] = ()
+    channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    evidence: tuple[Evidence, ...] = ()
+    fixes: tuple[Fix, ...] = ()
+    commands: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", _freeze_channels(self.channels))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON. ``patch_ops[i]`` are the ops of ``commands[i]``; the first is the preferred fix."""
+        return {
+            "rule": self.rule,
+            "severity": self.severity.value,
+            "title": self.title,
+            "message": self.message,
+            "sites": list(self.sites),
+            "channels": {site: list(ids) for site, ids in self.channels.items()},
+            "evidence": [e.to_dict() for e in self.evidence],
+            "commands": list(self.commands),
+            "patch_ops": [[op.to_dict() for op in fix.ops] for fix in self.fixes],
+        }
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """An ordered collection of rules with unique ids (order breaks ties between equal severities)."""
+
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise RuleError(f"not a deadneuron Rule: {rule!r}")
+            if rule.id in seen:
+                raise RuleError(f"two rules share the id {rule.id!r}; rule ids must be unique")
+            seen.add(rule.id)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __contains__(self, rule_id: object) -> bool:
+        return rule_id in self.ids
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(r.id for r in self.rules)
+
+    def get(self, rule_id: str) -> Rule:
+        for rule in self.rules:
+            if rule.id == rule_id:
+                return rule
+        raise UsageError(f"unknown rule {rule_id!r}; valid rules: {', '.join(self.ids)}")
+
+    def plus(self, rules: Iterable[Rule]) -> RuleSet:
+        return RuleSet((*self.rules, *rules))
+
+    def without(self, rule_ids: Iterable[str]) -> RuleSet:
+        drop = set(rule_ids)
+        return RuleSet(tuple(r for r in self.rules if r.id not in drop))
