@@ -16,6 +16,7 @@ Command line (until ``deadneuron train`` exists; the same ``--config KEY=VALUE``
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from arc_model import data
 from arc_model.config import TrainConfig
@@ -76,8 +78,8 @@ def train(
     model = build_model(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LEARNING_RATE)
     run = _restore(model, optimizer, init, cfg) if init is not None else RunState()
-    if not run.timeline:
-        run.timeline.append(_snapshot(model, probe, cfg, run))  # "dead at init" needs step 0
+    if not run.timeline:  # "dead at init" needs step 0
+        run.timeline.append(_snapshot(model, grids, probe, cfg, run))
 
     def save() -> dict[str, Any]:
         ckpt = make_checkpoint(model, optimizer if save_optimizer else None, cfg, run)
@@ -92,7 +94,7 @@ def train(
             for callback in callbacks:
                 callback(record)
     if run.timeline[-1]["step"] != run.step:
-        run.timeline.append(_snapshot(model, probe, cfg, run))
+        run.timeline.append(_snapshot(model, grids, probe, cfg, run))
     return save()
 
 
@@ -118,7 +120,7 @@ def _epochs(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, grids: lis
             _accumulate(run.partial, train_step(model, optimizer, batch))
             run.step += 1
             advance(_running(run.partial))
-        yield _finish_epoch(model, probe, cfg, run)
+        yield _finish_epoch(model, grids, probe, cfg, run)
 
 
 def train_step(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, batch: data.GridBatch) -> dict[str, float]:
@@ -143,7 +145,7 @@ def _running(partial: Mapping[str, float]) -> dict[str, float]:
     return {"loss": partial.get("loss", 0.0) / pixels, "accuracy": partial.get("correct", 0.0) / pixels}
 
 
-def _finish_epoch(model: SlotAutoencoder, probe: list[data.Grid], cfg: TrainConfig,
+def _finish_epoch(model: SlotAutoencoder, grids: list[data.Grid], probe: list[data.Grid], cfg: TrainConfig,
                   run: RunState) -> dict[str, Any]:
     run.epoch += 1
     means = _running(run.partial)
@@ -153,18 +155,39 @@ def _finish_epoch(model: SlotAutoencoder, probe: list[data.Grid], cfg: TrainConf
         "train_accuracy": means["accuracy"], "heldout_accuracy": None,
     }
     if run.epoch % cfg.TIMELINE_EVERY == 0:
-        entry = _snapshot(model, probe, cfg, run)
+        entry = _snapshot(model, grids, probe, cfg, run)
         run.timeline.append(entry)
         record["heldout_accuracy"] = entry["metrics"]["valid_pixel_accuracy"]
     run.history.append(record)
     return {**record, "timeline": run.timeline[-1]} if record["heldout_accuracy"] is not None else record
 
 
-def _snapshot(model: SlotAutoencoder, probe: list[data.Grid], cfg: TrainConfig, run: RunState) -> dict[str, Any]:
+def _snapshot(model: SlotAutoencoder, grids: list[data.Grid], probe: list[data.Grid], cfg: TrainConfig,
+              run: RunState) -> dict[str, Any]:
+    """A timeline entry: the health of ``model`` on the probe set, BatchNorm statistics re-estimated."""
     from arc_model.adapter import health_snapshot  # the adapter imports this module
 
-    entry = health_snapshot(model, data.eval_batches(probe, cfg.BATCH_SIZE))
-    return {"epoch": run.epoch, "step": run.step, **entry}
+    view = _with_batchnorm_statistics(model, grids, cfg)
+    entry = health_snapshot(view, data.eval_batches(probe, cfg.BATCH_SIZE))
+    return {"epoch": run.epoch, "step": run.step, "batchnorm_reestimated": view is not model, **entry}
+
+
+def _with_batchnorm_statistics(model: SlotAutoencoder, grids: list[data.Grid], cfg: TrainConfig) -> SlotAutoencoder:
+    """``model`` itself without BatchNorm, else a copy whose BatchNorm statistics are re-estimated on the
+    training grids with the current weights (MEASURED.md's method). Running statistics lag the weights
+    early in training, and fresh ones fake up to 18 dead channels at init. The model and the RNG stream
+    of the run are left untouched."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    estimate = copy.deepcopy(model).train()
+    for m in estimate.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for batch in data.eval_batches(grids, cfg.BATCH_SIZE):
+            estimate(batch.x)
+    return estimate.eval()
 
 
 def make_checkpoint(model: SlotAutoencoder, optimizer: torch.optim.Optimizer | None, cfg: TrainConfig,

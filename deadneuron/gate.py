@@ -103,7 +103,8 @@ def _site_violations(site: SiteHealth, limits: GateLimits) -> list[Violation]:
         out.append(
             Violation(
                 "max_dead_fraction", site.name, site.dead_fraction, limits.max_dead_fraction,
-                f"{_pct(site.dead_fraction)} dead: {dead_text} > max_dead_fraction {_pct(limits.max_dead_fraction)}",
+                f"{dead} of {site.channels} channels dead ({_pct(site.dead_fraction)}: {_ids(site.dead_channels)}) "
+                f"> max_dead_fraction {_pct(limits.max_dead_fraction)}",
             )
         )  # fmt: skip
     if limits.max_sparsity is not None and site.sparsity > limits.max_sparsity:

@@ -35,6 +35,7 @@ from deadneuron.activations import (
     FlatRegion,
     FunctionalActivations,
     flat_region,
+    is_inplace,
     spec_for_module,
 )
 from deadneuron.select import matches
@@ -78,6 +79,11 @@ class _Site:
     stats: ChannelStats
     shape: tuple[int, ...] = ()
     calls: int = 0
+
+    def flat_from_z_first(self, inplace: bool) -> bool:
+        """The flat region must be tested on z before the call: it lives on z and the call
+        overwrites z, or it is per channel (PReLU) and needs its own kernel."""
+        return not self.region.on_output and (inplace or isinstance(self.region.lo, torch.Tensor))
 
     @property
     def base_name(self) -> str:
@@ -147,10 +153,11 @@ class _FunctionalProbe(TorchFunctionMode):
         site = rec._functional_site(spec, self._lookup.name(func), z)
         if site is None:
             return func(*args, **kwargs)
-        rec._before(site, z)
+        inplace = bool(kwargs.get("inplace", False)) or self._lookup.name(func) != getattr(func, "__name__", "")
+        rec._before(site, z, inplace)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            rec._after(site, out)
+            rec._after(site, out, None if inplace else z)
         return out
 
 
@@ -279,14 +286,14 @@ class Recorder:
             name = self._names[m]
             leaf = name.rsplit(".", 1)[-1] or type(m).__name__.lower()
             site = self._site((name,), name, leaf, False, spec, region, z)
-            self._before(site, z)
+            self._before(site, z, is_inplace(m))
         self._pending[m].append(site)
 
     def _activation_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         pending = self._pending[m]
         site = pending.pop() if pending else None
         if site is not None and isinstance(out, torch.Tensor):
-            self._after(site, out)
+            self._after(site, out, None if is_inplace(m) else _first_tensor(args, None))
 
     # -- sites ----------------------------------------------------------------------------------
     def _functional_site(self, spec: ActivationSpec, fname: str, z: torch.Tensor) -> _Site | None:
@@ -334,14 +341,25 @@ class Recorder:
         self.last_site = site.base_name
         return site
 
-    def _before(self, site: _Site, z: torch.Tensor) -> None:
-        if not site.region.on_output:
-            site.stats.update_flat(channel_view(z.detach(), site.axis), site.region.lo, site.region.hi)
+    # Statistics run with __torch_function__ handling off: our own ops must not pass through the
+    # functional probe (that would cost a Python call per op, and is never what it looks for).
+    def _before(self, site: _Site, z: torch.Tensor, inplace: bool) -> None:
+        if site.flat_from_z_first(inplace):
+            with torch._C.DisableTorchFunction():
+                site.stats.update_flat(channel_view(z.detach(), site.axis), site.region.lo, site.region.hi)
 
-    def _after(self, site: _Site, a: torch.Tensor) -> None:
-        a3 = channel_view(a.detach(), site.axis)
+    def _after(self, site: _Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
+        """Output statistics; the flat count too, in the same pass, unless `_before` took it."""
         region = site.region
-        site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi) if region.on_output else None)
+        with torch._C.DisableTorchFunction():
+            a3 = channel_view(a.detach(), site.axis)
+            if region.on_output:
+                site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi))
+            elif z is not None and not isinstance(region.lo, torch.Tensor):
+                z3 = channel_view(z.detach(), site.axis)
+                site.stats.update_output(a3, self.eps, flat=(region.lo, region.hi), z3=z3)
+            else:
+                site.stats.update_output(a3, self.eps)
         site.shape = tuple(a.shape)
 
     def state_bytes(self) -> int:

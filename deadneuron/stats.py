@@ -39,11 +39,12 @@ def channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def fused_moments(
-    a3: torch.Tensor, eps: float, lo: float, hi: float
+    a3: torch.Tensor, f3: torch.Tensor, eps: float, lo: float, hi: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel (zero, flat, nonfinite, sum, sumsq, min, max) of an (outer, C, inner) view.
 
-    ``flat`` counts elements of ``a3`` in (-inf, lo] or [hi, inf). Written as one expression graph
+    ``flat`` counts elements of ``f3`` (the pre-activation z, or ``a3`` itself where the flat region
+    can be read on the output) in (-inf, lo] or [hi, inf). Written as one expression graph
     so that `torch.compile` fuses it into a single pass; eager it is still correct. Reductions go
     over the innermost dimension first (several times faster on CPU than reducing (0, 2) at once);
     counts are summed as floats (exact below 2**24 per row) then in float64 across rows. Moments and
@@ -52,7 +53,7 @@ def fused_moments(
     finite = torch.isfinite(a3)
     clean = torch.where(finite, a3, 0.0)
     zero = (a3.abs() <= eps).to(a3.dtype).sum(2).double().sum(0)
-    flat = ((a3 <= lo) | (a3 >= hi)).to(a3.dtype).sum(2).double().sum(0)
+    flat = ((f3 <= lo) | (f3 >= hi)).to(f3.dtype).sum(2).double().sum(0)
     nonfinite = (~finite).to(a3.dtype).sum(2).double().sum(0)
     total = clean.sum(2).double().sum(0)
     sumsq = (clean * clean).sum(2).double().sum(0)
@@ -72,10 +73,16 @@ class Kernels:
     A compiled kernel does in one fused pass what eager PyTorch does in about eight; the first call
     compiles (seconds, cached by PyTorch across processes). Any failure to compile falls back to the
     eager kernels for the rest of the run, with ``fallback_reason`` saying why.
+
+    The compiled call has a fixed cost of about 0.5 ms on CPU (guards, wrappers), more than the eager
+    kernels spend on a small tensor, so tensors under ``min_compiled_numel`` elements take the eager
+    path. On CUDA the eager kernels are used: measured on an H100, the compiled call's fixed cost
+    exceeded the whole eager cost for every benchmark model (benchmarks/overhead.py).
     """
 
-    def __init__(self, compile: bool = True) -> None:
+    def __init__(self, compile: bool = True, *, min_compiled_numel: int = 1 << 15) -> None:
         self.compiled = compile
+        self.min_compiled_numel = min_compiled_numel
         self.fallback_reason: str | None = None
         self._moments: Callable[..., Any] = fused_moments
         self._flat: Callable[..., Any] = fused_flat
@@ -83,20 +90,23 @@ class Kernels:
             self._moments = torch.compile(fused_moments, dynamic=True)
             self._flat = torch.compile(fused_flat, dynamic=True)
 
-    def _call(self, fast: Callable[..., Any], eager: Callable[..., Any], *args: Any) -> Any:
-        if self.compiled:
+    def _call(self, fast: Callable[..., Any], eager: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
+        if self.compiled and x.device.type == "cpu" and x.numel() >= self.min_compiled_numel:
             try:
                 # the Recorder's TorchFunctionMode must not be traced into the compiled graph
                 with torch._C.DisableTorchFunction():
-                    return fast(*args)
+                    return fast(x, *args)
             except Exception as exc:  # no C++ compiler, unsupported device, dynamo limits...
                 self.compiled = False
                 first = (str(exc).strip().splitlines() or [""])[0]
                 self.fallback_reason = f"{type(exc).__name__}: {first}"
-        return eager(*args)
+        return eager(x, *args)
 
-    def moments(self, a3: torch.Tensor, eps: float, lo: float, hi: float) -> tuple[torch.Tensor, ...]:
-        return self._call(self._moments, fused_moments, _float(a3), eps, lo, hi)
+    def moments(
+        self, a3: torch.Tensor, eps: float, lo: float, hi: float, f3: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        a3 = _float(a3)
+        return self._call(self._moments, fused_moments, a3, a3 if f3 is None else _float(f3), eps, lo, hi)
 
     def flat(self, z3: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         return self._call(self._flat, fused_flat, _float(z3), lo, hi)
@@ -175,13 +185,23 @@ class ChannelStats:
                 f"{what} of shape {tuple(x3.shape)} is not an (outer, {self.channels}, inner) view for this accumulator"
             )
 
-    def update_output(self, a3: torch.Tensor, eps: float = 0.0, *, flat: tuple[float, float] | None = None) -> None:
-        """Add a batch of activations viewed as (outer, C, inner); ``flat=(lo, hi)`` also counts
-        the flat region on the output itself (for activations where that is exact)."""
+    def update_output(
+        self,
+        a3: torch.Tensor,
+        eps: float = 0.0,
+        *,
+        flat: tuple[float, float] | None = None,
+        z3: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch of activations viewed as (outer, C, inner). ``flat=(lo, hi)`` also counts the
+        flat region in the same pass: on ``z3`` when given, else on the output itself (for
+        activations where that is exact)."""
         self._check(a3, "activation")
         self._to(a3.device)
         lo, hi = flat if flat is not None else (-_INF, _INF)
-        zero, flat_count, nonfinite, total, sumsq, mn, mx = self.kernels.moments(a3, eps, lo, hi)
+        if z3 is not None and z3.shape != a3.shape:
+            raise ValueError(f"pre-activation {tuple(z3.shape)} and activation {tuple(a3.shape)} differ in shape")
+        zero, flat_count, nonfinite, total, sumsq, mn, mx = self.kernels.moments(a3, eps, lo, hi, z3)
         elements = a3.shape[0] * a3.shape[2]
         self.n.add_(elements)
         self.zero.add_(zero)
@@ -202,8 +222,11 @@ class ChannelStats:
         self.flat.add_(count_flat(z3, lo, hi, self.kernels))
 
     def update(self, z3: torch.Tensor, a3: torch.Tensor, *, lo: torch.Tensor | float, hi: float, eps: float) -> None:
-        self.update_flat(z3, lo, hi)
-        self.update_output(a3, eps)
+        if isinstance(lo, torch.Tensor):
+            self.update_flat(z3, lo, hi)
+            self.update_output(a3, eps)
+        else:
+            self.update_output(a3, eps, flat=(lo, hi), z3=z3)
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         """A new accumulator equal to one that had seen both streams."""

@@ -69,12 +69,15 @@ def assert_healthy(
 def assert_sparsity_below(
     model_or_report: nn.Module | Report,
     max_sparsity: float,
-    data: Iterable[Any] | None = None,
     *,
+    data: Iterable[Any] | None = None,
     sites: Sequence[str] | None = None,
     adapter: Any = None,
 ) -> Report:
-    """Fail unless each site in ``sites`` (default all) has sparsity <= ``max_sparsity``."""
+    """Fail unless each site in ``sites`` (default all) has sparsity <= ``max_sparsity``.
+
+    ``assert_sparsity_below(report, 0.4)`` or, auditing a model, ``assert_sparsity_below(model, 0.4, data=batches)``.
+    """
     report = _report_of(model_or_report, data, adapter)
     violations = check(report, GateLimits(max_sparsity=max_sparsity, sites=tuple(sites or ())))
     if violations:

@@ -76,4 +76,4 @@ def test_scoped_to_one_site(activation_audit, model: TinyNet, batches: list[torc
 def test_a_planted_dead_channel_fails(batches: list[torch.Tensor]) -> None:
     assert_healthy(make_model(dead=(3, 5)), batches)
     # AssertionError: TinyNet is not healthy: 1 violated check
-    #   act2: 25.0% dead: 2 of 8 channels dead (3, 5) > max_dead_fraction 0.0%
+    #   act2: 2 of 8 channels dead (25.0%: 3, 5) > max_dead_fraction 0.0%

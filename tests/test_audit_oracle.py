@@ -22,11 +22,12 @@ CASES = {
     "tuple-dict-outputs": (zoo.TupleDictOutputs, lambda: [torch.randn(7, 6) for _ in range(3)]),
     "called-three-times": (zoo.CalledThrice, lambda: [torch.randn(5, 8) for _ in range(3)]),
     "nan-layer": (zoo.NaNLayer, lambda: [torch.randn(6, 4) for _ in range(3)]),
+    "inplace-silu-relu_-prelu": (zoo.InplaceMix, lambda: [torch.randn(9, 6) for _ in range(3)]),
 }
 
 # Thresholds the product derives on a 1e-3 grid: elements within that distance of the closed-form
 # threshold may fall on either side, so smooth kinds compare flat counts with a small tolerance.
-EXACT_FLAT = {"relu", "leaky_relu"}
+EXACT_FLAT = {"relu", "leaky_relu", "prelu"}
 
 
 def _run(case: str) -> tuple[deadneuron.Report, zoo.Tap, nn.Module]:

@@ -57,7 +57,7 @@ def make_slots(
 ) -> SlotHealth:
     histogram = [0] * (num_slots + 1)
     histogram[0] = unowned
-    histogram[3] = images - unowned
+    histogram[min(3, num_slots)] = images - unowned
     return SlotHealth(
         num_slots=num_slots, images=images, pixels=images * 100, mean_active=mean_active,
         active_histogram=histogram, mean_argmax_active=3.2, mean_mass_active=5.0,

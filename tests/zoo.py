@@ -75,7 +75,12 @@ def _left_tail_threshold(kind: str, delta: float) -> float:
     return lo
 
 
+PRELU_SLOPES = np.array([0.01, 0.25, 0.0, -0.5])  # InplaceMix's PReLU: flat below 0 where |slope| <= delta
+
+
 def flat_mask(kind: str, z: np.ndarray, delta: float = 0.05) -> np.ndarray:
+    if kind == "prelu":
+        return (z <= 0) & (np.abs(PRELU_SLOPES) <= delta * np.maximum(1, np.abs(PRELU_SLOPES)))
     if kind in ("relu", "leaky_relu"):
         return z <= 0
     if kind == "tanh":
@@ -272,3 +277,28 @@ def warm_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
         for b in batches:
             model(b)
     model.eval()
+
+
+class InplaceMix(nn.Module):
+    """In-place SiLU module, in-place functional relu_, and a per-channel PReLU."""
+
+    def __init__(self, tap: Tap) -> None:
+        super().__init__()
+        self.tap = tap
+        self.fc1, self.act = nn.Linear(6, 8), nn.SiLU(inplace=True)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3, self.prelu = nn.Linear(8, 4), nn.PReLU(4)
+        with torch.no_grad():
+            self.prelu.weight.copy_(torch.tensor([0.01, 0.25, 0.0, -0.5]))
+        self.sites = {"act": "silu", "fc2>relu": "relu", "prelu": "prelu"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc1(x)
+        self.tap.pre("act", z, -1)
+        x = self.tap.post("act", self.act(z))
+        z = self.fc2(x)
+        self.tap.pre("fc2>relu", z, -1)
+        x = self.tap.post("fc2>relu", torch.relu_(z))
+        z = self.fc3(x)
+        self.tap.pre("prelu", z, -1)
+        return self.tap.post("prelu", self.prelu(z))

@@ -54,9 +54,9 @@ def _print_table(rows: list[dict[str, Any]], sources: tuple[str, ...]) -> None:
 
     from deadneuron.render.terminal import SEVERITY_STYLE
 
-    table = Table(title="deadneuron rules", title_justify="left", pad_edge=False, show_lines=True)
-    table.add_column("id", overflow="fold", no_wrap=True)
-    table.add_column("severity")
+    table = Table(title="deadneuron rules", title_justify="left", pad_edge=False, show_lines=True, expand=True)
+    table.add_column("id", overflow="fold", ratio=2)
+    table.add_column("severity", no_wrap=True, min_width=7)
     table.add_column("reads", overflow="fold", ratio=2)
     table.add_column("thresholds", overflow="fold", ratio=3)
     for row in rows:

@@ -117,11 +117,11 @@ def _num(x: float | None, share: bool) -> str:
     return pct(x) if share else (f"{x:.0f}" if float(x).is_integer() else f"{x:.2f}")
 
 
-def change(p: Pair, *, share: bool) -> str:
+def change(p: Pair, *, share: bool, delta: bool = True) -> str:
     """``"45.7% -> 0.0% (-45.7 pp)"``, ``"3 -> 1 (-2)"``; ``-`` for a missing side."""
     a, b = p
     text = f"{_num(a, share)} -> {_num(b, share)}"
-    if a is None or b is None or a != a or b != b or a == b:
+    if not delta or a is None or b is None or a != a or b != b or a == b:
         return text
     d = b - a
     delta = f"{100 * d:+.1f} pp" if share else (f"{d:+.0f}" if float(d).is_integer() else f"{d:+.2f}")
@@ -172,15 +172,15 @@ def render_diff(diff: ReportDiff, console: Console) -> None:
     console.print(Group(*items))
     table = Table(title="Sites (A -> B)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   pad_edge=False, collapse_padding=True)  # fmt: skip
-    table.add_column("site", overflow="fold", min_width=16)
-    table.add_column("sparsity", overflow="fold")
-    table.add_column("flat", overflow="fold")
-    table.add_column("dead", overflow="fold")
-    table.add_column("channels", overflow="fold")
+    table.add_column("site", overflow="fold", min_width=20, ratio=3)
+    for name in ("sparsity", "flat", "dead"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("dead channels", overflow="fold", ratio=1, min_width=10)
     for s in diff.sites:
         table.add_row(
-            Text(s.name, style=_site_style(s)), change(s.sparsity, share=True), change(s.flat_fraction, share=True),
-            change(s.dead, share=False), Text(_channel_note(s), style=_site_style(s)),
+            Text(s.name, style=_site_style(s)), change(s.sparsity, share=True, delta=False),
+            change(s.flat_fraction, share=True, delta=False), change(s.dead, share=False, delta=False),
+            Text(_channel_note(s), style=_site_style(s)),
         )  # fmt: skip
     console.print(table)
 
@@ -193,7 +193,7 @@ def _md(text: object) -> str:
 def render_diff_markdown(diff: ReportDiff) -> str:
     lines = ["# deadneuron compare", "", f"- A: `{diff.a}`", f"- B: `{diff.b}`", "", "| | A -> B |", "|---|---|"]
     lines += [f"| {label} | {_md(text)} |" for label, text in _headline_rows(diff)]
-    lines += ["", "## Sites", "", "| site | sparsity | flat | dead | channels |", "|---|---|---|---|---|"]
+    lines += ["", "## Sites", "", "| site | sparsity | flat | dead | dead channels |", "|---|---|---|---|---|"]
     for s in diff.sites:
         cells = (change(s.sparsity, share=True), change(s.flat_fraction, share=True), change(s.dead, share=False))
         lines.append(f"| `{_md(s.name)}` | " + " | ".join(_md(c) for c in cells) + f" | {_md(_channel_note(s))} |")

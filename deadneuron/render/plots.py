@@ -57,7 +57,7 @@ def plot_site_health(report: Report) -> Figure:
     right.barh(y - h / 2, dead, h, color=DEAD, label="dead (never left the flat region)")
     right.barh(y + h / 2, [len(s.dormant_channels) for s in sites], h, color=DORMANT, label="dormant (flat >= 99%)")
     right.set(xlabel="channels", title="Dead and dormant channels")
-    right.set_xlim(0, max(1, *(s.channels for s in sites)) * 1.15)
+    right.set_xlim(0, max(1, *dead, *(len(s.dormant_channels) for s in sites)) * 1.3)  # room for "k/C" labels
     for yi, s in zip(y, sites, strict=True):
         right.text(len(s.dead_channels), yi - h / 2, f" {len(s.dead_channels)}/{s.channels}", va="center", fontsize=7)
     for ax in (left, right):
@@ -94,8 +94,7 @@ def plot_channel_heatmap(report: Report) -> Figure:
         return empty_figure(fig, "no activation sites were recorded")
     ax = fig.add_subplot()
     # Blues from a light tint up: a firing rate of 0 must not look like the hatched "no such channel".
-    cmap = ListedColormap(colormaps["Blues"](np.linspace(0.12, 1.0, 256)))
-    cmap.set_bad((0, 0, 0, 0))
+    cmap = ListedColormap(colormaps["Blues"](np.linspace(0.12, 1.0, 256))).with_extremes(bad=(0, 0, 0, 0))
     ax.patch.set_facecolor("white")
     ax.patch.set_hatch("////")
     ax.patch.set_edgecolor("#BBBBBB")
@@ -162,7 +161,8 @@ def plot_active_slots(slots: SlotHealth) -> Figure:
     ax.bar(range(len(counts)), counts, color=SPARSITY, width=0.75)
     for k, c in enumerate(counts):
         if c:
-            ax.text(k, c, str(c), ha="center", va="bottom", fontsize=8)
+            ax.text(k, c, str(c), ha="center", va="bottom", fontsize=8, zorder=4,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
     ax.axvline(slots.mean_active, color=DEAD, ls="--", lw=1.2, label=f"mean {slots.mean_active:.2f} active")
     ax.axvline(slots.mean_argmax_active, color="#555555", ls=":", lw=1.2,
                label=f"mean {slots.mean_argmax_active:.2f} by bare argmax")  # fmt: skip
@@ -228,8 +228,7 @@ def draw_slot_samples(arrays: Mapping[str, Any]) -> Figure:
     fig = new_figure(cell * (k + 2) + 0.9, cell * n + 0.9)
     fig.suptitle("Sample grids (ARC palette), reconstructions and slot masks; % = pixels the slot owns")
     palette = ListedColormap([*ARC_PALETTE, PAD_COLOUR])
-    mask_cmap = colormaps["magma"].copy()
-    mask_cmap.set_bad(PAD_COLOUR)
+    mask_cmap = colormaps["magma"].with_extremes(bad=PAD_COLOUR)
     axes = np.asarray(fig.subplots(n, k + 2, squeeze=False))
     image = None
     for i in range(n):

@@ -76,9 +76,13 @@ def _accuracy_style(metrics: Mapping[str, float]) -> str:
     return "" if base is None or metrics["valid_pixel_accuracy"] > base else "bold red"
 
 
-def _finding_text(f: Mapping[str, Any]) -> Text:
+def _finding_text(f: Mapping[str, Any], *, with_sites: bool = False) -> Text:
     severity, title, _, _ = finding_lines(f)
-    return Text.assemble((f"[{severity}] ", SEVERITY_STYLE.get(severity, "")), title)
+    text = Text.assemble((f"[{severity}] ", SEVERITY_STYLE.get(severity, "")), title)
+    sites = [str(s) for s in f.get("sites") or ()] if with_sites else []
+    if sites:
+        text.append(" (" + ", ".join(sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "") + ")", "dim")
+    return text
 
 
 def summary_panel(report: Report) -> Panel:
@@ -88,7 +92,7 @@ def summary_panel(report: Report) -> Panel:
     if top:
         more = len(report.findings) - len(top)
         items.append(Text("top findings" + (f" ({more} more below)" if more else ""), style="bold"))
-        items += [Padding(_finding_text(f), (0, 0, 0, 2)) for f in top]
+        items += [Padding(_finding_text(f, with_sites=True), (0, 0, 0, 2)) for f in top]
     return Panel(Group(*items), title=f"deadneuron audit: {source_of(report)}", title_align="left")
 
 
@@ -121,15 +125,17 @@ def site_table(report: Report) -> Table:
     return table
 
 
-def channel_lines(report: Report) -> list[Text]:
-    """Which channels are dead or dormant, site by site."""
-    lines = []
+def channel_lines(report: Report) -> Table | None:
+    """Which channels are dead or dormant, site by site (long lists wrap under their text)."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
     for s in report.sites.values():
         if s.dead_channels:
-            lines.append(Text.assemble(("dead    ", "bold red"), f"{s.name}: channels {ids_text(s.dead_channels)}"))
+            grid.add_row(Text("dead", style="bold red"), f"{s.name}: channels {ids_text(s.dead_channels)}")
         if s.dormant_channels:
-            lines.append(Text.assemble(("dormant ", "yellow"), f"{s.name}: channels {ids_text(s.dormant_channels)}"))
-    return lines
+            grid.add_row(Text("dormant", style="yellow"), f"{s.name}: channels {ids_text(s.dormant_channels)}")
+    return grid if grid.row_count else None
 
 
 def slot_usage_text(report: Report) -> Text | None:
@@ -164,8 +170,9 @@ def render(report: Report, console: Console) -> None:
     for w in report.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     console.print(site_table(report))
-    for line in channel_lines(report):
-        console.print(line)
+    channels = channel_lines(report)
+    if channels is not None:
+        console.print(channels)
     usage = slot_usage_text(report)
     if usage is not None:
         console.print(usage)

@@ -68,13 +68,14 @@ def plot_health_timeline(timeline: Sequence[Mapping[str, Any]],
     x, xlabel = _timeline_x(timeline)
     (dead_ax, sparse_ax), (slot_ax, acc_ax) = fig.subplots(2, 2, sharex=True)
     sites = _timeline_sites(timeline)
-    colours = colormaps["tab10" if len(sites) <= 10 else "tab20"]
+    colours = colormaps["tab10"]  # past ten sites the line style changes, not the shade (tab20 pairs look alike)
     total = [0.0] * len(timeline)
     for i, site in enumerate(sites):
         dead = _site_series(timeline, site, "dead")
         total = [t + (0 if math.isnan(d) else d) for t, d in zip(total, dead, strict=True)]
-        dead_ax.plot(x, dead, color=colours(i % colours.N), lw=1.2, marker=".", label=short_name(site, 36))
-        sparse_ax.plot(x, _site_series(timeline, site, "sparsity", 100), color=colours(i % colours.N), lw=1.2, marker=".")
+        style = {"color": colours(i % 10), "ls": ("-", "--", ":")[i // 10 % 3], "lw": 1.2, "marker": "."}
+        dead_ax.plot(x, dead, label=short_name(site, 36), **style)
+        sparse_ax.plot(x, _site_series(timeline, site, "sparsity", 100), **style)
     dead_ax.plot(x, total, color="black", lw=2, label="all sites")
     dead_ax.set(title="Dead channels", ylabel="channels")
     sparse_ax.set(title="Sparsity per site", ylabel="% exact zeros", ylim=(0, 100))

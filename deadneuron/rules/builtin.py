@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from deadneuron.rules.batchnorm import BN_SCALE_COLLAPSE
 from deadneuron.rules.model import Rule, RuleSet
 from deadneuron.rules.sites import (
-    BN_SCALE_COLLAPSE,
     DEAD_RELU,
     DORMANT_LEAKY,
     NONFINITE,

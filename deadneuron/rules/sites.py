@@ -1,4 +1,4 @@
-"""Built-in rules about activation sites: dead, dormant, saturated, collapsed BatchNorm, non-finite, and
+"""Built-in rules about activation sites: dead, dormant, saturated, non-finite, and
 the sparse-but-healthy verdict that keeps BatchNorm+ReLU's 50% zeros from being "fixed".
 
 A rule fires per site and groups the firing sites by their activation module, since one swap of that
@@ -29,7 +29,7 @@ from deadneuron.rules.model import Evidence, Fix, Hit, PatchOp, Rule, Severity, 
 from deadneuron.rules.timeline import dead_history
 
 MIN_CHANNELS = Threshold("min_channels", 1, "fire at a site with at least this many such channels", integer=True, lo=1)
-MIN_FRACTION = Threshold("min_fraction", 0.0, "... and at least this fraction of its channels", lo=0.0, hi=1.0)
+MIN_FRACTION = Threshold("min_fraction", 0.0, "and at least this fraction of the site's channels", lo=0.0, hi=1.0)
 ChannelPick = Callable[[SiteHealth], tuple[int, ...]]
 
 
@@ -54,7 +54,8 @@ def _channel_hits(report: Report, t: Mapping[str, float], *, family: Callable[[S
             "count": count, "channels": total, "fraction": pct(count / total), "module": module,
             "where": where_text(module, [s.name for s in sites]), "label": sites[0].label,
             "flat_region": sites[0].flat_region, "samples": samples_text(report.meta),
-            "per_site": per_site_text(channels, {s.name: s.channels for s in sites}),
+            "per_site": (f"channels {ids_text(channels[sites[0].name])}" if len(sites) == 1
+                         else per_site_text(channels, {s.name: s.channels for s in sites})),
         }  # fmt: skip
         hits.append(Hit(tuple(evidence), values, tuple(s.name for s in sites), channels))
     return hits
@@ -132,7 +133,8 @@ def _dormant_leaky(report: Report, context: RuleContext, t: Mapping[str, float])
     for hit in hits:
         always = sum(len(report.sites[s].dead_channels) for s in hit.sites)
         extra = {
-            "always": f" {plural(always, 'channel')} of them are negative on every element." if always else "",
+            "always": (f" {always} of them {'is' if always == 1 else 'are'} negative on every element."
+                       if always else ""),
             "percent": f"{100 * DORMANT_FRACTION:g}%",
             "lr_change": lr_change_text(context, t["lr_scale"]),
         }
@@ -189,55 +191,6 @@ STUCK_SMOOTH = Rule(
              "of its maximum: they pass a near-constant and barely learn."),
     suggestion="Re-initialise them with their optimizer state reset, or lower the {lr_change}.",
     fixes=lambda hit, context, t: [Fix((PatchOp.reinit_dead(hit.channels),)), Fix((lr_op(context, t["lr_scale"]),))],
-)
-
-
-# -- collapsed BatchNorm scale ------------------------------------------------------------------------------
-
-
-def _bn_collapse(report: Report, context: RuleContext, t: Mapping[str, float]) -> list[Hit]:
-    # Only BatchNorm layers an activation consumes directly: a zero-initialised gamma before a residual
-    # add (torchvision's zero_init_residual) is a deliberate choice, not a dead channel.
-    hits = []
-    for site in report.sites.values():
-        scale = context.bn_scale_for(site)
-        if scale is None or site.producer is None:
-            continue
-        ids = tuple(c for c, g in enumerate(scale.abs_gamma) if g <= t["gamma_max"])
-        if not ids or len(ids) < t["min_channels"]:
-            continue
-        largest = max(scale.abs_gamma[c] for c in ids)
-        evidence = (Evidence("collapsed_bn_channels", len(ids), t["min_channels"], ">=", site.name),
-                    Evidence("bn_abs_gamma", largest, t["gamma_max"], "<=", site.name))
-        negative = sum(1 for c in ids if scale.beta[c] <= 0)
-        if is_relu(site):
-            effect = (f" Where beta <= 0 ({negative} of them) the ReLU after it is dead whatever the data; "
-                      f"the other {len(ids) - negative} pass a constant that carries no information.")
-        else:
-            effect = f" {site.name} passes a constant there that carries no information."
-        dead = len(set(ids) & set(site.dead_channels))
-        values = {
-            "bn": site.producer, "site": site.name, "count": len(ids), "channels": site.channels,
-            "ids": ids_text(ids), "gamma_max": compact(t["gamma_max"]), "largest": compact(largest),
-            "effect": effect, "audit": f" The audit found {dead} of them dead." if dead else "",
-        }  # fmt: skip
-        hits.append(Hit(evidence, values, (site.name,), {site.name: ids}))
-    return hits
-
-
-BN_SCALE_COLLAPSE = Rule(
-    id="bn-scale-collapse",
-    title="Collapsed BatchNorm scale",
-    severity=Severity.WARNING,
-    reads=("context.bn_scales (|gamma|, beta from the weights)", "site.producer", "site.dead_channels"),
-    thresholds=(MIN_CHANNELS, Threshold("gamma_max", 0.01, "|gamma| at or below this counts as collapsed", lo=0.0)),
-    predicate=_bn_collapse,
-    message=("BatchNorm {bn} has |gamma| <= {gamma_max} on {count} of {channels} channels (channels {ids}; "
-             "largest {largest}): it outputs its bias beta there whatever the input, so {site} sees a "
-             "constant.{effect}{audit}"),
-    suggestion=("Re-initialise these channels (gamma 1, beta 0, optimizer state reset); if training uses "
-                "weight decay, exclude BatchNorm parameters from it: decay pulls gamma towards 0."),
-    fixes=lambda hit, context, t: [Fix((PatchOp.reinit_dead(hit.channels),))],
 )
 
 

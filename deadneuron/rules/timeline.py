@@ -22,7 +22,7 @@ _HELDOUT_ACC = ("heldout_accuracy", "heldout_valid_pixel_accuracy", "val_accurac
 class DeadHistory:
     """Fate of one site's channels over the timeline: dead at init, died in training, revived."""
 
-    at_init: tuple[int, ...]
+    at_init: tuple[int, ...]  # dead at the first entry and still dead at the last
     died: tuple[int, ...]  # dead at the last entry, not at the first
     revived: tuple[int, ...]  # dead at some entry, alive at the last
     died_steps: tuple[int, ...]  # the step each channel of ``died`` was first seen dead
@@ -95,7 +95,7 @@ def dead_history(timeline: Sequence[Mapping[str, Any]], site: str) -> DeadHistor
             first_seen.setdefault(c, _step(e, i))
     died = tuple(sorted(last - first))
     return DeadHistory(
-        at_init=tuple(sorted(first)),
+        at_init=tuple(sorted(first & last)),
         died=died,
         revived=tuple(sorted(ever - last)),
         died_steps=tuple(first_seen[c] for c in died),

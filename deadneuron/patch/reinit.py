@@ -1,0 +1,285 @@
+"""Re-initialising dead channels, ReDo-style (Sokar et al. 2023), on a model that is already a copy.
+
+For each dead channel c of a site: the layer that produced it (the conv/linear feeding the activation,
+through BatchNorm, Identity or Dropout) gets fresh incoming weights for c (its own initialiser, seeded);
+the BatchNorm in between gets its statistics and affine parameters for c reset (mean 0, var 1, gamma 1,
+beta 0: a dead channel's beta is what keeps it negative); the layer that consumes the activation
+(through Dropout or Identity) gets zero outgoing weights for c, so the network's function is unchanged
+at the moment of surgery. The optimizer's moment estimates for every touched slice are zeroed.
+
+Which layer feeds and which consumes a site is measured, not guessed from names: one forward pass on an
+example batch records which module call produced each tensor. What cannot be found (a consumer behind a
+non-module operation such as ``x + pos``) is reported, not invented.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from deadneuron.activations import FunctionalActivations, spec_for_module
+
+_PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class _Call:
+    name: str  # module name, or the owner module's name for a functional call
+    leaf: str  # attribute name of the module, or the function name
+    module: nn.Module | None
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor | None
+    activation: bool = False
+    source: _Call | None = None  # the call that produced inputs[0], at the time of this call
+
+    @property
+    def producer(self) -> str | None:
+        return self.source.name if self.source is not None else None
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Entries of one parameter that were changed: ``index`` along ``dim``."""
+
+    param: str
+    dim: int
+    index: tuple[int, ...]
+
+
+@dataclass
+class ReinitResult:
+    changed: list[str] = field(default_factory=list)  # human lines
+    missing: list[str] = field(default_factory=list)  # what could not be done
+    slices: list[Slice] = field(default_factory=list)
+
+
+class _FunctionalCalls(TorchFunctionMode):
+    def __init__(self, flow: _Dataflow) -> None:
+        super().__init__()
+        self.flow, self.lookup = flow, FunctionalActivations()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        try:
+            spec = self.lookup.spec(func, args, kwargs)
+        except TypeError:
+            spec = None
+        if spec is not None and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            owner, inside_activation = self.flow.stack[-1] if self.flow.stack else ("", False)
+            if not inside_activation:  # nn.ReLU calls F.relu: that is the module's site, not another
+                self.flow.record(_Call(owner, FunctionalActivations.name(func), None, (args[0],), out, activation=True))
+        return out
+
+
+class _Dataflow:
+    """One forward pass: every module call and functional activation, with who produced its input."""
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.producer: dict[int, _Call] = {}
+        self.stack: list[tuple[str, bool]] = []  # (module name, is an activation module)
+
+    def record(self, call: _Call) -> None:
+        first = call.inputs[0] if call.inputs else None
+        call.source = self.producer.get(id(first)) if first is not None else None
+        self.calls.append(call)
+        if call.output is not None:
+            self.producer[id(call.output)] = call
+
+    def consumers(self, t: torch.Tensor) -> list[_Call]:
+        return [c for c in self.calls if c.inputs and c.inputs[0] is t]
+
+
+def dataflow(model: nn.Module, run: Callable[[nn.Module], Any]) -> _Dataflow:
+    """Record one forward pass (``run(model)``) of ``model`` in eval mode, without gradients."""
+    flow = _Dataflow()
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+
+    def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
+        flow.stack.append((names[m], spec_for_module(m) is not None))
+
+    def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        flow.stack.pop()
+        if next(m.children(), None) is None:  # leaves only: a container returns its child's tensor
+            tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+            leaf = names[m].rsplit(".", 1)[-1]
+            output = out if isinstance(out, torch.Tensor) else None
+            flow.record(_Call(names[m], leaf, m, tensors, output, activation=spec_for_module(m) is not None))
+
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m in model.modules():
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        model.eval()
+        with torch.no_grad(), _FunctionalCalls(flow):
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.train(training)
+    return flow
+
+
+def site_calls(flow: _Dataflow, site: str) -> list[_Call]:
+    """The activation calls that make up ``site`` (named as the Recorder names it)."""
+    base, _, index = site.partition("#")
+    hits = [c for c in flow.calls if c.activation and base in _names_of(c)]
+    if index.isdigit():
+        k = int(index)
+        return hits[k : k + 1]
+    return hits
+
+
+def _names_of(call: _Call) -> set[str]:
+    names = {call.name} if call.module is not None else {f"{call.name}.{call.leaf}" if call.name else call.leaf}
+    if call.producer is not None:
+        names.add(f"{call.producer}>{call.leaf}")
+    return names
+
+
+def reinit_dead(
+    model: nn.Module,
+    channels: Mapping[str, Sequence[int]],
+    flow: _Dataflow,
+    *,
+    seed: int = 0,
+) -> ReinitResult:
+    """Re-initialise ``channels`` (site -> dead channel ids) of ``model`` in place; what was done."""
+    result = ReinitResult()
+    params = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for site, ids in channels.items():
+            ids = sorted({int(c) for c in ids})
+            calls = site_calls(flow, site)
+            if not ids:
+                continue
+            if not calls:
+                result.missing.append(f"{site}: not seen in the forward pass; channels {ids} left as they are")
+                continue
+            for call in calls:
+                _reinit_call(call, ids, flow, params, result, site)
+    result.changed = list(dict.fromkeys(result.changed))
+    result.missing = list(dict.fromkeys(result.missing))
+    return result
+
+
+def _reinit_call(call: _Call, ids: list[int], flow: _Dataflow, params: dict[int, str],
+                 result: ReinitResult, site: str) -> None:  # fmt: skip
+    incoming, norms = _upstream(call.source, _channels(call))
+    if incoming is None:
+        result.missing.append(f"{site}: no conv/linear layer feeds it directly; incoming weights left as they are")
+    else:
+        _fresh_rows(incoming.module, ids, params, result)  # type: ignore[arg-type]
+        result.changed.append(f"{incoming.name}: fresh incoming weights for channels {_ids(ids)} ({site})")
+    for bn in norms:
+        _reset_bn(bn.module, ids, params, result)  # type: ignore[arg-type]
+        result.changed.append(f"{bn.name}: statistics and affine parameters reset for channels {_ids(ids)}")
+    outgoing = _downstream(flow, call.output, _channels(call)) if call.output is not None else []
+    if not outgoing:
+        result.missing.append(f"{site}: its output reaches no conv/linear layer directly (it goes through "
+                              "non-module operations); outgoing weights left as they are")  # fmt: skip
+    for layer in outgoing:
+        _zero_columns(layer.module, ids, params, result)  # type: ignore[arg-type]
+        result.changed.append(f"{layer.name}: outgoing weights of channels {_ids(ids)} set to 0")
+
+
+def _channels(call: _Call) -> int:
+    x = call.inputs[0]
+    source = call.source.module if call.source is not None else None
+    first = isinstance(source, (nn.modules.conv._ConvNd, _BATCHNORM)) or x.dim() >= 4
+    return int(x.shape[1] if first and x.dim() > 1 else x.shape[-1])
+
+
+def _upstream(call: _Call | None, len_channels: int) -> tuple[_Call | None, list[_Call]]:
+    norms: list[_Call] = []
+    while call is not None and call.module is not None:
+        m = call.module
+        if isinstance(m, _BATCHNORM) and m.num_features == len_channels:
+            norms.append(call)
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == len_channels and m.groups == 1:
+            return call, norms
+        elif isinstance(m, nn.Linear) and m.out_features == len_channels:
+            return call, norms
+        elif not isinstance(m, _PASS_THROUGH):
+            return None, norms
+        call = call.source
+    return None, norms
+
+
+def _downstream(flow: _Dataflow, t: torch.Tensor, channels: int) -> list[_Call]:
+    found: list[_Call] = []
+    for call in flow.consumers(t):
+        m = call.module
+        if isinstance(m, _PASS_THROUGH) and call.output is not None:
+            found += _downstream(flow, call.output, channels)
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == channels and m.groups == 1:
+            found.append(call)
+        elif isinstance(m, nn.Linear) and m.in_features == channels:
+            found.append(call)
+    return list({id(c.module): c for c in found}.values())
+
+
+def _fresh_rows(layer: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
+    fresh = copy.deepcopy(layer)
+    fresh.reset_parameters()  # type: ignore[operator]
+    index = torch.tensor(ids)
+    for name in ("weight", "bias"):
+        p, q = getattr(layer, name, None), getattr(fresh, name, None)
+        if isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor):
+            p[index] = q[index]
+            result.slices.append(Slice(params[id(p)], 0, tuple(ids)))
+
+
+def _reset_bn(bn: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
+    index = torch.tensor(ids)
+    for name, value in (("running_mean", 0.0), ("running_var", 1.0)):
+        buf = getattr(bn, name, None)
+        if isinstance(buf, torch.Tensor):
+            buf[index] = value
+    for name, value in (("weight", 1.0), ("bias", 0.0)):
+        p = getattr(bn, name, None)
+        if isinstance(p, torch.Tensor):
+            p[index] = value
+            result.slices.append(Slice(params[id(p)], 0, tuple(ids)))
+
+
+def _zero_columns(layer: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    weight[:, torch.tensor(ids)] = 0.0
+    result.slices.append(Slice(params[id(weight)], 1, tuple(ids)))
+
+
+def reset_optimizer_rows(state: Mapping[str, Any], model: nn.Module, slices: Sequence[Slice]) -> dict[str, Any]:
+    """A copy of an optimizer ``state_dict`` (one param group order = ``model.parameters()``) whose
+    per-parameter tensors (Adam's moments...) are zero on every changed slice."""
+    out = copy.deepcopy(dict(state))
+    order = [n for n, _ in model.named_parameters()]
+    ids = [i for group in out.get("param_groups", []) for i in group.get("params", [])]
+    by_name = dict(zip(order, ids, strict=False))
+    for s in slices:
+        entry = out.get("state", {}).get(by_name.get(s.param, -1))
+        if not entry:
+            continue
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > s.dim:
+                value.index_fill_(s.dim, torch.tensor(s.index), 0.0)
+    return out
+
+
+def _ids(ids: Sequence[int]) -> str:
+    shown = ", ".join(map(str, ids[:8]))
+    return f"{shown} and {len(ids) - 8} more" if len(ids) > 8 else shown
+
+
+__all__ = ["ReinitResult", "Slice", "dataflow", "reinit_dead", "reset_optimizer_rows", "site_calls"]

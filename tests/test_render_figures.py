@@ -1,0 +1,202 @@
+"""Figures: checked on the matplotlib objects (titles, axes, plotted data), Agg backend, no pyplot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deadneuron.render import plots
+from deadneuron.report import Report
+
+matplotlib.use("Agg")
+
+GOLDEN = Path(__file__).parent / "golden"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def report_a() -> Report:
+    return Report.from_json((GOLDEN / "report_a.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def report_b() -> Report:
+    return Report.from_json((GOLDEN / "report_b.json").read_text())
+
+
+def titles(fig: Any) -> list[str]:
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def test_site_health(report_a: Report) -> None:
+    fig = plots.plot_site_health(report_a)
+    left, right = fig.axes
+    assert "Per-site activation health" in fig.get_suptitle()
+    assert (left.get_title(), left.get_xlabel()) == ("Sparsity and flat fraction", "% of activation elements")
+    assert (right.get_title(), right.get_xlabel()) == ("Dead and dormant channels", "channels")
+    assert [t.get_text() for t in left.get_yticklabels()][:3] == [f"encoder.bn_layers.{i}>relu" for i in range(3)]
+    sparsity_bars = left.containers[0]
+    assert [round(b.get_width(), 1) for b in sparsity_bars] == [50.0, 74.3, 81.2, 0.0]
+    assert [b.get_width() for b in right.containers[0]] == [0, 2, 3, 0]  # dead
+    assert [b.get_width() for b in right.containers[1]] == [0, 1, 0, 0]  # dormant
+    assert plots.figure_png(fig).startswith(PNG_MAGIC)
+
+
+def test_channel_heatmap_marks_dead_channels(report_a: Report) -> None:
+    fig = plots.plot_channel_heatmap(report_a)
+    ax = fig.axes[0]
+    assert "firing rate" in fig.get_suptitle()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("channel", "site")
+    assert fig.axes[1].get_ylabel() == "firing rate"  # the colour bar
+    rates, overlay = (im.get_array() for im in ax.images)
+    assert rates.shape == (4, 12) and np.ma.is_masked(rates[0, 8])  # 8 channels in a 12-wide row
+    assert rates[2, 0] == 0.0 and rates[3, 0] == pytest.approx(0.7)
+    dead_red = overlay[2, [0, 1, 4], 0]
+    assert (dead_red > 0.7).all() and (overlay[2, [2, 3], 3] == 0).all()  # dead opaque red, others clear
+    assert overlay[1, 7, 3] == 1.0  # the dormant channel is marked too
+    assert "(3/8 dead)" in ax.get_yticklabels()[2].get_text()
+
+
+def test_activation_distributions_are_honestly_titled(report_a: Report) -> None:
+    fig = plots.plot_activation_distributions(report_a)
+    assert "not a histogram" in fig.get_suptitle()
+    assert titles(fig) == ["channel mean", "channel std", "channel min", "channel max"]
+    assert fig.axes[0].get_xlabel() == "mean of the activation output"
+    assert len(fig.axes[0].collections) == 1  # dead channels drawn over the boxes
+
+
+def test_active_slots_histogram(report_a: Report) -> None:
+    fig = plots.plot_active_slots(report_a.slots)
+    ax = fig.axes[0]
+    assert ax.get_title() == "Active slots per image (100 images, 7 slots)"
+    assert ax.get_ylabel() == "images" and ax.get_xlabel().startswith("active slots")
+    assert [b.get_height() for b in ax.containers[0]] == [0, 55, 34, 11, 0, 0, 0, 0]
+
+
+def test_empty_report_gives_a_figure_that_says_so() -> None:
+    empty = Report.build([])
+    for draw in (plots.plot_site_health, plots.plot_channel_heatmap, plots.plot_activation_distributions):
+        fig = draw(empty)
+        assert "no activation sites" in fig.axes[0].texts[0].get_text()
+
+
+def timeline() -> list[dict[str, Any]]:
+    return [
+        {
+            "epoch": e, "step": 7 * e,
+            "sites": {"enc.0>relu": {"sparsity": 0.5, "dead": 0}, "enc.1>relu": {"sparsity": 0.5 + e / 100, "dead": e // 10}},
+            "slots": {"num_slots": 7, "mean_active": 1 + e / 20, "mean_argmax_active": 2.0, "mean_mass_active": 6.5},
+            "metrics": {"valid_pixel_accuracy": 0.6 + e / 200, "baseline_valid_pixel_accuracy": 0.68},
+        }
+        for e in (0, 10, 20, 30)
+    ]  # fmt: skip
+
+
+def test_health_timeline() -> None:
+    history = [{"epoch": e, "train_accuracy": 0.6 + e / 150} for e in range(1, 31)]
+    fig = plots.plot_health_timeline(timeline(), history)
+    dead, sparsity, slots, accuracy = fig.axes
+    assert fig.get_suptitle() == "Health over training"
+    assert titles(fig) == ["Dead channels", "Sparsity per site", "Active slots per image",
+                           "Reconstruction accuracy (valid pixels)"]  # fmt: skip
+    assert (slots.get_xlabel(), accuracy.get_xlabel()) == ("epoch", "epoch")
+    assert list(dead.lines[-1].get_ydata()) == [0, 1, 2, 3]  # the total over sites
+    assert list(sparsity.lines[1].get_ydata()) == pytest.approx([50, 60, 70, 80])
+    assert [line.get_label() for line in accuracy.lines] == ["held-out probe", "most-common-colour baseline",
+                                                             "training (epoch mean)"]  # fmt: skip
+
+
+def test_timeline_without_slots_or_entries() -> None:
+    bare = [{k: v for k, v in e.items() if k != "slots"} for e in timeline()]
+    fig = plots.plot_health_timeline(bare)
+    assert fig.axes[2].texts[0].get_text() == "no slot masks in the timeline"
+    assert "no health timeline" in plots.plot_health_timeline([]).axes[0].texts[0].get_text()
+
+
+def test_before_after(report_a: Report, report_b: Report) -> None:
+    fig = plots.plot_before_after(report_a, report_b, labels=("relu", "leaky"))
+    assert fig.get_suptitle() == "relu vs leaky"
+    assert titles(fig) == ["Sparsity per site", "Flat fraction per site", "Dead channels per site", "Overall",
+                           "Active slots per image"]  # fmt: skip
+    sparsity = fig.axes[0]
+    assert [t.get_text() for t in sparsity.get_yticklabels()][-1] == "encoder.bn_layers.3>relu"  # only in B
+    assert any("absent leaky" in t.get_text() for t in sparsity.texts)
+    assert [round(b.get_height(), 2) for c in fig.axes[4].containers for b in c] == [1.6, 3.4]
+
+
+def test_before_after_per_seed(report_a: Report, report_b: Report) -> None:
+    fig = plots.plot_before_after([report_a, report_a], [report_b, report_b])
+    assert "2 vs 2 seeds" in fig.get_suptitle()
+    assert len(fig.axes[0].collections) == 2  # one dot per seed, per arm
+    with pytest.raises(ValueError, match="at least one report"):
+        plots.plot_before_after([], report_b)
+
+
+# -- slot samples ------------------------------------------------------------------------------------
+class Out(NamedTuple):
+    logits: torch.Tensor
+    masks: torch.Tensor
+    slots: torch.Tensor
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    target: torch.Tensor
+    valid: torch.Tensor
+
+
+class TinySlotModel(nn.Module):
+    def __init__(self, slots: int = 3) -> None:
+        super().__init__()
+        self.k = slots
+        self.conv = nn.Conv2d(11, slots + 10, 1)
+
+    def forward(self, x: torch.Tensor) -> Out:
+        h = self.conv(x)
+        return Out(h[:, self.k :].log_softmax(1), h[:, : self.k].softmax(1), h.mean((2, 3)))
+
+
+class TinyAdapter:
+    def forward(self, model: nn.Module, batch: Batch) -> Out:
+        return model(batch.x)
+
+    def slot_masks(self, outputs: Out, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return outputs.masks, batch.valid
+
+    def batches(self, split: str, config: Any) -> list[Batch]:
+        return [grid_batch()]
+
+
+def grid_batch() -> Batch:
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 10, (3, 6, 5), generator=gen)
+    target[1, 4:, :] = -1  # a 4x5 grid padded to 6x5
+    valid = target.ge(0)
+    x = torch.nn.functional.one_hot(torch.where(valid, target, 10), 11).permute(0, 3, 1, 2).float()
+    return Batch(x, target, valid)
+
+
+def test_slot_samples() -> None:
+    model, batch = TinySlotModel().train(), grid_batch()
+    fig = plots.plot_slot_samples(model, TinyAdapter(), batch, images=2)
+    assert model.training  # mode restored
+    assert "ARC palette" in fig.get_suptitle()
+    grid_axes = fig.axes[: 2 * 5]
+    assert [ax.get_title() for ax in grid_axes[:5]] == ["grid", "reconstruction", "slot 0", "slot 1", "slot 2"]
+    shown = grid_axes[5].images[0].get_array()  # grid 1, cropped to its valid 4x5 region
+    assert shown.shape == (4, 5) and (np.asarray(shown) == batch.target[1, :4].numpy()).all()
+    owned = [ax.get_xlabel() for ax in grid_axes[2:5]]
+    assert sum(int(s.rstrip("%")) for s in owned) <= 100
+    assert fig.axes[-1].get_ylabel() == "mask value"
+
+
+def test_slot_samples_need_grids() -> None:
+    batch = grid_batch()
+    with pytest.raises(ValueError, match=r"\.target grids"):
+        plots.plot_slot_samples(TinySlotModel(), TinyAdapter(), batch._replace(target=None))
