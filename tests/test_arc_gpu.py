@@ -52,9 +52,11 @@ def test_slot_stats_on_cuda_equal_cpu() -> None:
     on_gpu.update(masks.cuda(), valid.cuda())
     on_cpu = SlotStats(7)
     on_cpu.update(masks, valid)
-    assert on_gpu.compute().to_dict() == pytest.approx(on_cpu.compute().to_dict()) or (
-        on_gpu.compute().active_histogram == on_cpu.compute().active_histogram
-    )
+    gpu, cpu = on_gpu.compute(), on_cpu.compute()
+    assert gpu.active_histogram == cpu.active_histogram
+    assert gpu.slot_usage == cpu.slot_usage
+    for key in ("mean_active", "mean_mass_active", "largest_slot_share", "mask_entropy"):
+        assert getattr(gpu, key) == pytest.approx(getattr(cpu, key)), key
 
 
 def test_audit_through_the_adapter_on_cuda() -> None:

@@ -126,11 +126,16 @@ def _rewrite(graph: fx.Graph, owner: str, op: SwapActivation, selected: NodeFilt
                 new = graph.call_function(fn, (x,), kwargs)
         node.replace_all_uses_with(new)
         if inplace:  # later readers of x saw the activated values: give them the new result
-            x.replace_all_uses_with(new, delete_user_cb=lambda user, n=node: user is not new and order.get(user, -1) > order[n])
+            _redirect_later_uses(x, new, after=order[node], order=order)
         graph.erase_node(node)
         swapped.append(f"{fname} -> {op.to}")
     graph.lint()
     return swapped
+
+
+def _redirect_later_uses(x: fx.Node, new: fx.Node, *, after: int, order: dict[fx.Node, int]) -> None:
+    """Readers of ``x`` that run after an in-place activation read ``new`` instead."""
+    x.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and order.get(user, -1) > after)
 
 
 def _graph_module(module: nn.Module, graph: fx.Graph, new_children: dict[str, nn.Module]) -> fx.GraphModule:

@@ -206,9 +206,7 @@ def _upstream(call: _Call | None, len_channels: int) -> tuple[_Call | None, list
         m = call.module
         if isinstance(m, _BATCHNORM) and m.num_features == len_channels:
             norms.append(call)
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == len_channels and m.groups == 1:
-            return call, norms
-        elif isinstance(m, nn.Linear) and m.out_features == len_channels:
+        elif _writes(m, len_channels):
             return call, norms
         elif not isinstance(m, _PASS_THROUGH):
             return None, norms
@@ -222,11 +220,23 @@ def _downstream(flow: _Dataflow, t: torch.Tensor, channels: int) -> list[_Call]:
         m = call.module
         if isinstance(m, _PASS_THROUGH) and call.output is not None:
             found += _downstream(flow, call.output, channels)
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == channels and m.groups == 1:
-            found.append(call)
-        elif isinstance(m, nn.Linear) and m.in_features == channels:
+        elif _reads(m, channels):
             found.append(call)
     return list({id(c.module): c for c in found}.values())
+
+
+def _writes(m: nn.Module, channels: int) -> bool:
+    """``m`` is a conv/linear layer with ``channels`` outputs (one weight row per output)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels == channels and m.groups == 1
+    return isinstance(m, nn.Linear) and m.out_features == channels
+
+
+def _reads(m: nn.Module, channels: int) -> bool:
+    """``m`` is a conv/linear layer with ``channels`` inputs (one weight column per input)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.in_channels == channels and m.groups == 1
+    return isinstance(m, nn.Linear) and m.in_features == channels
 
 
 def _fresh_rows(layer: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
@@ -271,7 +281,7 @@ def reset_optimizer_rows(state: Mapping[str, Any], model: nn.Module, slices: Seq
         entry = out.get("state", {}).get(by_name.get(s.param, -1))
         if not entry:
             continue
-        for key, value in entry.items():
+        for value in entry.values():
             if isinstance(value, torch.Tensor) and value.dim() > s.dim:
                 value.index_fill_(s.dim, torch.tensor(s.index), 0.0)
     return out

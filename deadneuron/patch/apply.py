@@ -1,0 +1,422 @@
+"""Applying a plan: module surgery on a deep copy of a model, or a new config for an adapter model.
+
+:func:`apply_plan` never touches the model it is given. Activation modules are replaced wherever they
+are referenced (a module shared by four call sites changes at all four, and stays shared); functional
+activations are rewritten with torch.fx module by module (:mod:`deadneuron.patch._functional`); dropout
+is a forward hook on the selected activations; dead channels are re-initialised ReDo-style
+(:mod:`deadneuron.patch.reinit`). With an example batch the result is audited once more, and any
+selected site still running the old activation is listed with the reason (usually fx's) in a PatchError.
+
+:func:`apply_to_config` is the same plan for an adapter model: the ops become config changes
+(ACTIVATION, NEGATIVE_SLOPE, LEARNING_RATE, NUM_EPOCHS, DROPOUT_BETWEEN_CONVS and DROPOUT).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deadneuron.activations import spec_for_module
+from deadneuron.errors import DeadneuronError, ExitCode
+from deadneuron.patch._functional import FunctionalSwap, replace_module, swap_functional
+from deadneuron.patch.plan import (
+    InsertDropout,
+    Plan,
+    ReinitDead,
+    SetHyperParameter,
+    SwapActivation,
+    kind_of,
+)
+from deadneuron.select import matches
+
+Init = Literal["scratch", "checkpoint"]
+Forward = Callable[[nn.Module, Any], Any]
+
+
+class PatchError(DeadneuronError):
+    """Part of a plan could not be applied; the message lists every site or op and why."""
+
+    exit_code = ExitCode.USAGE
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing a patch changed: a module, a config key or a group of weights."""
+
+    target: str
+    before: Any
+    after: Any
+    note: str = ""
+
+    def line(self) -> str:
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.target}: {_show(self.before)} -> {_show(self.after)}{note}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "before": _plain(self.before), "after": _plain(self.after), "note": self.note}
+
+
+@dataclass(frozen=True)
+class ApplyRecord:
+    """What a plan changed, what it could not change, and remarks."""
+
+    changes: tuple[Change, ...] = ()
+    not_patched: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        out = [c.line() for c in self.changes]
+        out += [f"not patched: {n}" for n in self.not_patched]
+        return out + [f"note: {n}" for n in self.notes]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changes": [c.to_dict() for c in self.changes], "not_patched": list(self.not_patched),
+                "notes": list(self.notes)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    model: nn.Module
+    record: ApplyRecord
+    optimizer_slices: tuple[Any, ...] = ()  # reinit.Slice values, for resetting optimizer state
+
+
+@dataclass
+class _Acc:
+    changes: list[Change] = field(default_factory=list)
+    not_patched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> ApplyRecord:
+        return ApplyRecord(tuple(self.changes), tuple(dict.fromkeys(self.not_patched)), tuple(dict.fromkeys(self.notes)))
+
+
+# --- generic models ---------------------------------------------------------------------------------
+
+
+def make_activation(op: SwapActivation, *, inplace: bool = False) -> nn.Module:
+    """The module for ``op.to`` (keeping ``inplace`` where the new kind has it)."""
+    slope = op.negative_slope if op.negative_slope is not None else 0.01
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "relu": lambda: nn.ReLU(inplace=inplace),
+        "leaky": lambda: nn.LeakyReLU(slope, inplace=inplace),
+        "gelu": nn.GELU,
+        "elu": lambda: nn.ELU(inplace=inplace),
+        "silu": lambda: nn.SiLU(inplace=inplace),
+        "prelu": nn.PReLU,
+    }
+    return factories[op.to]()
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    report: Any = None,
+    example: Any = None,
+    forward: Forward | None = None,
+    seed: int = 0,
+    strict: bool = True,
+) -> PatchResult:
+    """Apply ``plan`` to a deep copy of ``model``; ``model`` itself is never modified.
+
+    ``report`` (a :class:`deadneuron.Report` of ``model``) maps site names to modules and supplies the dead
+    channels of a ``ReinitDead`` op without channel lists; ``example`` (one batch, fed by ``forward``)
+    lets dropout and re-initialisation find the layers around each site and lets the result be checked.
+    With ``strict`` (default) anything selected that could not be patched raises PatchError.
+    """
+    from deadneuron.audit import default_forward
+
+    run = forward or default_forward
+    patched = copy.deepcopy(model)
+    acc = _Acc()
+    sites = _site_modules(report)
+    trace_errors: dict[str, str] = {}
+    slices: tuple[Any, ...] = ()
+    for op in plan.ops:
+        if isinstance(op, SwapActivation):
+            patched = _swap(patched, op, sites, acc, trace_errors)
+        elif isinstance(op, InsertDropout):
+            _insert_dropout(patched, op, report, acc)
+        elif isinstance(op, ReinitDead):
+            slices = _reinit(patched, op, report, example, run, seed, acc)
+        elif isinstance(op, SetHyperParameter):
+            acc.notes.append(f"{op.describe()}: a model without an adapter has no training config; it is recorded in "
+                             "the plan for your training script")  # fmt: skip
+    swap = plan.get(SwapActivation)
+    if swap is not None and example is not None:
+        _check_swapped(patched, swap, example, run, trace_errors, acc)
+    result = PatchResult(patched, acc.record(), slices)
+    if strict and result.record.not_patched:
+        raise PatchError(_failure_message(result.record))
+    return result
+
+
+def _failure_message(record: ApplyRecord) -> str:
+    items = "; ".join(record.not_patched[:4])
+    more = f"; and {len(record.not_patched) - 4} more" if len(record.not_patched) > 4 else ""
+    return (f"could not apply the whole plan ({len(record.not_patched)} item(s)): {items}{more}. Replace functional "
+            "calls (F.relu) in untraceable code by activation modules (self.act = nn.ReLU()), or narrow the "
+            "selection with --select")  # fmt: skip
+
+
+def _site_modules(report: Any) -> dict[str, tuple[str, bool, str | None]]:
+    """site name -> (module or owner name, functional, producer), from a Report."""
+    if report is None:
+        return {}
+    return {name: (s.module, bool(s.functional), s.producer) for name, s in report.sites.items()}
+
+
+def _module_selected(name: str, kind: str, op: SwapActivation, sites: Mapping[str, tuple[str, bool, str | None]]) -> bool:
+    if not op.sites:
+        return kind == op.source
+    own_sites = [s for s, (module, functional, _) in sites.items() if module == name and not functional]
+    return matches((name, kind, f"kind:{kind}", *own_sites, *_guessed_site_names(name, op.sites)), op.sites)
+
+
+def _guessed_site_names(module: str, patterns: Sequence[str]) -> list[str]:
+    """Without a report: ``producer>leaf`` patterns whose leaf is this module's attribute name and whose
+    producer lives under this module's parent (``encoder.bn_layers.2>relu`` -> ``encoder.relu``)."""
+    parent, _, leaf = module.rpartition(".")
+    out = []
+    for p in patterns:
+        producer, sep, site_leaf = p.partition("#")[0].rpartition(">")
+        if sep and site_leaf == leaf and (not parent or producer.startswith(f"{parent}.")):
+            out.append(p)
+    return out
+
+
+def _swap(model: nn.Module, op: SwapActivation, sites: Mapping[str, tuple[str, bool, str | None]],
+          acc: _Acc, trace_errors: dict[str, str]) -> nn.Module:  # fmt: skip
+    target_kind = kind_of(op.to)
+    replaced: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules()):
+        spec = spec_for_module(m)
+        if spec is None or id(m) in replaced or not _module_selected(name, spec.kind.value, op, sites):
+            continue
+        new = make_activation(op, inplace=bool(getattr(m, "inplace", False)))
+        places = replace_module(model, m, new)
+        replaced[id(m)] = new
+        shared = sum(1 for module, functional, _ in sites.values() if module == name and not functional)
+        note = f"shared by {shared} call sites: changed at all of them" if shared > 1 else ""
+        if len(places) > 1:
+            note = f"registered as {', '.join(places)}; changed everywhere" + (f"; {note}" if note else "")
+        acc.changes.append(Change(name, spec.label, _label(new), note))
+    if not replaced and not op.sites and target_kind == op.source:
+        acc.notes.append(f"every {op.source} site already is {op.to}")
+
+    def selected(owner: str, fname: str, kind: str) -> bool:
+        if not op.sites:
+            return kind == op.source
+        named = [s for s, (module, functional, _) in sites.items() if functional and module == owner]
+        return matches((f"{owner}.{fname}" if owner else fname, kind, f"kind:{kind}", *named), op.sites)
+
+    model, swaps = swap_functional(model, op, selected)
+    _record_functional(swaps, acc, trace_errors)
+    return model
+
+
+def _record_functional(swaps: Sequence[FunctionalSwap], acc: _Acc, trace_errors: dict[str, str]) -> None:
+    for s in swaps:
+        if s.error is not None:
+            trace_errors[s.module] = s.error
+        for line in dict.fromkeys(s.swapped):
+            count = s.swapped.count(line)
+            before, _, after = line.partition(" -> ")
+            where = s.module or "<root>"
+            acc.changes.append(Change(f"{where}: functional {before}" + (f" (x{count})" if count > 1 else ""),
+                                      before, after, "rewritten with torch.fx"))  # fmt: skip
+
+
+def _label(m: nn.Module) -> str:
+    spec = spec_for_module(m)
+    return spec.label if spec is not None else type(m).__name__
+
+
+def _check_swapped(model: nn.Module, op: SwapActivation, example: Any, run: Forward,
+                   trace_errors: Mapping[str, str], acc: _Acc) -> None:  # fmt: skip
+    """Audit the patched model on ``example``: selected sites still of the old kind were not patched."""
+    report = _audit_one(model, example, run)
+    for name, site in report.sites.items():
+        if site.kind == kind_of(op.to):
+            continue
+        wanted = site.kind == op.source if not op.sites else matches((name, site.module, site.kind, f"kind:{site.kind}"), op.sites)
+        if not wanted:
+            continue
+        where = site.module or "<root>"
+        reason = trace_errors.get(site.module)
+        why = f"torch.fx cannot trace {where}.forward ({reason})" if reason else f"in {where}, not reachable by module surgery or fx"
+        acc.not_patched.append(f"{name} ({site.kind}{', functional' if site.functional else ''}): {why}")
+
+
+def _audit_one(model: nn.Module, example: Any, run: Forward) -> Any:
+    from deadneuron.adapters import Adapter
+    from deadneuron.audit import audit
+
+    class _Feed:  # audit takes an adapter for custom forwards; only .forward is used without slot/metric data
+        name = "patch-check"
+
+        def forward(self, m: nn.Module, batch: Any) -> Any:
+            return run(m, batch)
+
+        def slot_masks(self, outputs: Any, batch: Any) -> None:
+            return None
+
+        def metric_sums(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
+            return {}
+
+    feed: Adapter = _Feed()  # type: ignore[assignment]
+    return audit(model, [example], adapter=feed, progress=False, compile=False)
+
+
+class DropoutHook:
+    """A forward hook that applies dropout to a module's output in training mode (re-made by load_patched)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> Any:
+        return F.dropout(out, self.p, module.training) if isinstance(out, torch.Tensor) else out
+
+
+_CONV_OR_NORM = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Identity)
+
+
+def _insert_dropout(model: nn.Module, op: InsertDropout, report: Any, acc: _Acc) -> None:
+    names = dict(model.named_modules())
+    targets: list[str] = []
+    for name, m in names.items():
+        spec = spec_for_module(m)
+        if spec is None:
+            continue
+        if op.after:
+            chosen = matches((name, spec.kind.value, f"kind:{spec.kind.value}"), op.after)
+        else:
+            if report is None:
+                raise PatchError(f"{op.describe()}: finding the activations between conv layers needs an audit "
+                                 "report of the model (pass report=..., or data on the command line)")  # fmt: skip
+            producers = [s.producer for s in report.sites.values() if s.module == name and not s.functional]
+            chosen = any(p is not None and isinstance(names.get(p), _CONV_OR_NORM) for p in producers)
+        if chosen:
+            targets.append(name)
+    if not targets:
+        acc.not_patched.append(f"{op.describe()}: no activation module matches")
+    for name in targets:
+        names[name].register_forward_hook(DropoutHook(op.p))
+        acc.changes.append(Change(name, "no dropout", f"dropout p={op.p:g} after it",
+                                  "a forward hook, active in training mode only"))  # fmt: skip
+
+
+def _reinit(model: nn.Module, op: ReinitDead, report: Any, example: Any, run: Forward, seed: int,
+            acc: _Acc) -> tuple[Any, ...]:  # fmt: skip
+    from deadneuron.patch.reinit import dataflow, reinit_dead
+
+    if op.channels is not None:
+        channels = {site: ids for site, ids in op.channels}
+    elif report is not None:
+        channels = {name: s.dead_channels for name, s in report.sites.items() if s.dead_channels}
+    else:
+        raise PatchError("re-initialising dead channels needs to know which are dead: pass an audit report")
+    if not channels:
+        acc.notes.append("no dead channels to re-initialise")
+        return ()
+    if example is None:
+        raise PatchError("re-initialising dead channels needs an example batch to find the layers around them")
+    flow = dataflow(model, lambda m: run(m, example))
+    result = reinit_dead(model, channels, flow, seed=seed)
+    acc.changes += [Change(line.partition(":")[0], "dead", "re-initialised", line.partition(": ")[2]) for line in result.changed]
+    acc.notes += result.missing
+    return tuple(result.slices)
+
+
+# --- adapter models: the same ops as config changes ----------------------------------------------------
+
+CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
+    "activation": ("ACTIVATION", "activation"),
+    "negative_slope": ("NEGATIVE_SLOPE", "negative_slope"),
+    "learning_rate": ("LEARNING_RATE", "learning_rate", "lr"),
+    "epochs": ("NUM_EPOCHS", "num_epochs", "EPOCHS", "epochs"),
+    "dropout_between_convs": ("DROPOUT_BETWEEN_CONVS", "dropout_between_convs"),
+    "dropout": ("DROPOUT", "dropout"),
+}
+
+
+def config_key(config: Mapping[str, Any], what: str) -> str | None:
+    return next((k for k in CONFIG_KEYS[what] if k in config), None)
+
+
+def apply_to_config(config: Mapping[str, Any], plan: Plan, *, init: Init = "scratch") -> tuple[dict[str, Any], ApplyRecord]:
+    """The adapter config ``plan`` asks for, and the record of what changed (``config`` is not modified)."""
+    new = dict(config)
+    acc = _Acc()
+
+    def put(what: str, value: Any, op_text: str, note: str = "") -> None:
+        key = config_key(new, what)
+        if key is None:
+            acc.not_patched.append(f"{op_text}: the config has no {'/'.join(CONFIG_KEYS[what][:2])} key")
+            return
+        if new[key] != value:
+            acc.changes.append(Change(key, new[key], value, note))
+            new[key] = value
+        else:
+            acc.notes.append(f"{key} already is {_show(value)}")
+
+    for op in plan.ops:
+        if isinstance(op, SwapActivation):
+            put("activation", op.to, op.describe())
+            if op.to == "leaky" and op.negative_slope is not None:
+                put("negative_slope", op.negative_slope, op.describe())
+            if op.sites:
+                acc.notes.append(f"the config's activation is the encoder's shared one; requested at {', '.join(op.sites[:4])}")
+        elif isinstance(op, SetHyperParameter) and op.name == "learning_rate":
+            key = config_key(new, "learning_rate")
+            value = op.value if op.value is not None else _scaled(new.get(key) if key else None, op.scale)
+            put("learning_rate", value, op.describe(), f"x {op.scale:g}" if op.scale is not None else "")
+        elif isinstance(op, SetHyperParameter):
+            put("epochs", int(op.value or 0), op.describe())
+        elif isinstance(op, InsertDropout):
+            if op.after:
+                acc.not_patched.append(f"{op.describe()}: the config can only place dropout between conv layers")
+                continue
+            put("dropout_between_convs", True, op.describe())
+            put("dropout", op.p, op.describe())
+        elif isinstance(op, ReinitDead) and init == "scratch":
+            acc.notes.append("re-initialising dead channels does nothing with --init scratch: every weight is fresh")
+    return new, acc.record()
+
+
+def _scaled(value: Any, scale: float | None) -> float:
+    if not isinstance(value, (int, float)) or scale is None:
+        return float("nan")
+    return float(f"{float(value) * scale:.6g}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value != 0 and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+__all__ = [
+    "ApplyRecord",
+    "Change",
+    "DropoutHook",
+    "PatchError",
+    "PatchResult",
+    "apply_plan",
+    "apply_to_config",
+    "config_key",
+    "make_activation",
+]
