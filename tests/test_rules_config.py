@@ -25,7 +25,7 @@ def dead_relu(config: object) -> dict[str, float]:
 
 def test_defaults_without_any_pyproject(tmp_path: Path) -> None:
     config = load_config(rules=RULES, cwd=tmp_path)  # tmp_path has no pyproject.toml above it
-    assert dead_relu(config) == {"min_channels": 1, "min_fraction": 0.0, "negative_slope": 0.01}
+    assert dead_relu(config) == {"min_channels": 1, "min_fraction": 0.05, "negative_slope": 0.01}
     assert not config.disabled and config.enabled
 
 

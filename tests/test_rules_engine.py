@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -172,20 +173,23 @@ def test_entry_point_cannot_shadow_a_builtin(plugins: list[FakeEntryPoint]) -> N
 @pytest.mark.parametrize(("op", "flags"), [
     (PatchOp.swap_activation("leaky_relu", negative_slope=0.01), ("--activation", "leaky", "--negative-slope", "0.01")),
     (PatchOp.swap_activation("gelu"), ("--activation", "gelu")),
+    (PatchOp.swap_activation("gelu", sites=("a>relu", "b")), ("--activation", "gelu", "--select", "a>relu", "--select", "b")),
     (PatchOp.learning_rate(value=5e-5), ("--lr", "5e-5")),
     (PatchOp.learning_rate(scale=0.5), ("--lr-scale", "0.5")),
     (PatchOp.epochs(1000), ("--epochs", "1000")),
     (PatchOp.dropout_between_convs(0.1), ("--dropout-between-convs", "0.1")),
     (PatchOp.reinit_dead({"s": (1, 2)}), ("--reinit-dead",)),
-], ids=["leaky", "gelu", "lr", "lr-scale", "epochs", "dropout", "reinit"])
+], ids=["leaky", "gelu", "gelu-at-sites", "lr", "lr-scale", "epochs", "dropout", "reinit"])
 def test_patch_op_flags(op: PatchOp, flags: tuple[str, ...]) -> None:
     assert op.flags() == flags
     assert json.loads(json.dumps(op.to_dict()))["op"] == op.kind.value
 
 
 def test_command_quotes_the_source() -> None:
-    fix = Fix((PatchOp.swap_activation("gelu"), PatchOp.learning_rate(value=5e-5)))
-    assert fix.command("my runs/a.pth") == "deadneuron patch 'my runs/a.pth' --activation gelu --lr 5e-5"
+    fix = Fix((PatchOp.swap_activation("gelu", sites=("enc.bn.2>relu",)), PatchOp.learning_rate(value=5e-5)))
+    command = fix.command("my runs/a.pth")
+    assert command == "deadneuron patch 'my runs/a.pth' --activation gelu --select 'enc.bn.2>relu' --lr 5e-5"
+    assert shlex.split(command)[2:5] == ["my runs/a.pth", "--activation", "gelu"]
 
 
 # -- context ---------------------------------------------------------------------------------------------------
@@ -276,17 +280,35 @@ def synthetic_sites(draw: st.DrawFn) -> list[Any]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(sites=synthetic_sites(), min_channels=st.integers(1, 4), min_sparsity=st.floats(0, 1))
+@given(sites=synthetic_sites(), min_channels=st.integers(1, 4), min_fraction=st.sampled_from([0.0, 0.05, 0.2, 0.5]),
+       min_sparsity=st.floats(0, 1))
 def test_dead_and_sparse_rules_fire_exactly_when_their_predicates_hold(
-    sites: list[Any], min_channels: int, min_sparsity: float
+    sites: list[Any], min_channels: int, min_fraction: float, min_sparsity: float
 ) -> None:
-    config = RulesConfig({"dead-relu": {"min_channels": min_channels}, "sparse-healthy": {"min_sparsity": min_sparsity}})
+    config = RulesConfig({"dead-relu": {"min_channels": min_channels, "min_fraction": min_fraction},
+                          "sparse-healthy": {"min_sparsity": min_sparsity}})
     findings = evaluate(make_report(*sites), rules=builtin_rules(), config=config)
     assert [f.severity.rank for f in findings] == sorted((f.severity.rank for f in findings), reverse=True)
     for f in findings:
         assert all(e.holds() for e in f.evidence)
     dead = {s for f in findings if f.rule == "dead-relu" for s in f.sites}
-    assert dead == {s.name for s in sites if s.kind == "relu" and len(s.dead_channels) >= min_channels}
+    assert dead == {s.name for s in sites if s.kind == "relu" and len(s.dead_channels) >= min_channels
+                    and len(s.dead_channels) / s.channels >= min_fraction}
     sparse = {s for f in findings if f.rule == "sparse-healthy" for s in f.sites}
     assert sparse == {s.name for s in sites if s.kind == "relu" and s.sparsity >= min_sparsity
                       and not s.dead_channels and not s.dormant_channels}
+
+
+def test_patch_ops_are_what_the_patch_planner_reads() -> None:
+    plan = pytest.importorskip("deadneuron.patch.plan")
+    report = make_report(make_site("enc.bn.0>relu", dead=(1,)), make_site("l", kind="leaky_relu", dormant=(2,)),
+                         make_site("n", nonfinite=1))
+    history = tuple({"epoch": e, "train_accuracy": t, "heldout_accuracy": h}
+                    for e, t, h in [(10, 0.5, 0.5), (20, 0.5, 0.75), (30, 0.75, 0.5)])
+    context = RuleContext(learning_rate=3e-3, optimizer="adam", history=history)
+    findings = evaluate(report, context, rules=builtin_rules())
+    ops = [op for f in findings for fix in f.to_dict()["patch_ops"] for op in fix]
+    assert {op["op"] for op in ops} == {"swap_activation", "set_hparam", "insert_dropout", "reinit_dead"}
+    for op in ops:
+        assert plan.op_from_dict(op).to_dict() == op
+    assert plan.plan_from_findings(findings).ops

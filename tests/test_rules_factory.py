@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from deadneuron.report import Report, SiteHealth
-from deadneuron.rules import Finding, Severity
+from deadneuron.rules import Finding, RuleContext, RulesConfig, Severity, builtin_rules, evaluate
 from deadneuron.slots import SlotHealth, SlotParams
 
 _FLAT_REGION = {"relu": "z <= 0", "leaky_relu": "z <= 0", "gelu": "z <= -2.28", "prelu": "z <= 0",
@@ -82,3 +82,24 @@ def only(findings: Sequence[Finding], rule: str) -> list[Finding]:
 
 def warnings_or_worse(findings: Sequence[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity >= Severity.WARNING]
+
+
+RULES = builtin_rules()
+
+
+def run(report: Report, context: RuleContext | None = None, **thresholds: Mapping[str, float]) -> list[Finding]:
+    findings = evaluate(report, context, rules=RULES, config=RulesConfig(thresholds))
+    for f in findings:
+        assert f.evidence, f"{f.rule} fired without evidence"
+        assert all(e.holds() for e in f.evidence), f"{f.rule}: evidence that does not hold: {f.evidence}"
+    return findings
+
+
+def fired(report: Report, rule: str, context: RuleContext | None = None, **thresholds: Any) -> list[Finding]:
+    return only(run(report, context, **thresholds), rule)
+
+
+def metric(f: Finding, name: str, site: str | None = None) -> Any:
+    matches = [e for e in f.evidence if e.metric == name and (site is None or e.site == site)]
+    assert matches, f"no {name} evidence in {f.evidence}"
+    return matches[0]

@@ -8,6 +8,7 @@ ops, each with the exact ``deadneuron patch`` command) that would apply it. Pure
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -174,7 +175,8 @@ class PatchOp:
         p = dict(self.params)
         if self.kind is PatchKind.SWAP_ACTIVATION:
             slope = ("--negative-slope", _num(p["negative_slope"])) if "negative_slope" in p else ()
-            return ("--activation", _activation_flag(p["activation"]), *slope)
+            select = tuple(word for site in p.get("sites", ()) for word in ("--select", site))
+            return ("--activation", _activation_flag(p["activation"]), *slope, *select)
         if self.kind is PatchKind.SET_HPARAM and p["name"] == "learning_rate":
             return ("--lr", _num(p["value"])) if "value" in p else ("--lr-scale", _num(p["scale"]))
         if self.kind is PatchKind.SET_HPARAM and p["name"] == "epochs":
@@ -207,18 +209,11 @@ class Fix:
     ops: tuple[PatchOp, ...]
 
     def command(self, source: str | None) -> str:
-        words = ["deadneuron", "patch"]
-        if source:
-            words.append(_quote(source))
+        """The shell command, every word quoted where needed (site names hold ``>``)."""
+        words = [source] if source else []
         for op in self.ops:
             words.extend(op.flags())
-        return " ".join(words)
-
-
-def _quote(path: str) -> str:
-    import shlex
-
-    return shlex.quote(path)
+        return " ".join(["deadneuron", "patch", *(shlex.quote(w) for w in words)])
 
 
 def _freeze_channels(channels: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, ...]]:
