@@ -8,7 +8,8 @@ layers: that is four sites, because they are four different sets of neurons.
 Naming (stable across batches):
 
 * an activation module with a single call site keeps its qualified name (``mlp.act``);
-* a reused module is named after the module whose output it consumed: ``encoder.bn_layers.2>relu``;
+* a reused module is named after the module whose output it consumed: ``encoder.bn_layers.2>relu``
+  (after the ``>`` its attribute name, or its kind where that name is a Sequential index);
 * a functional activation is named the same way after its producer: ``conv1>relu``; if its input was
   not a module output, after the module inside whose forward it ran: ``block.relu``;
 * names still shared by several sites get ``#k`` in call order within the forward pass (0-based).
@@ -284,7 +285,9 @@ class Recorder:
         if z is not None and z.is_floating_point():
             spec, region = self._specs[m]
             name = self._names[m]
-            leaf = name.rsplit(".", 1)[-1] or type(m).__name__.lower()
+            leaf = name.rsplit(".", 1)[-1]
+            if not leaf or leaf.isdigit():  # an index in a Sequential says less than the kind
+                leaf = spec.kind.value
             site = self._site((name,), name, leaf, False, spec, region, z)
             self._before(site, z, is_inplace(m))
         self._pending[m].append(site)
