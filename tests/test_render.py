@@ -14,6 +14,7 @@ import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from rich.console import Console
@@ -137,12 +138,13 @@ def test_diff_does_not_match_channels_of_a_resized_site(report_a: Report) -> Non
 
 
 @pytest.mark.parametrize(
-    ("pair", "share", "text"),
-    [((0.457, 0.0), True, "45.7% -> 0.0% (-45.7 pp)"), ((3.0, 1.0), False, "3 -> 1 (-2)"),
-     ((1.6, 3.4), False, "1.60 -> 3.40 (+1.80)"), ((None, 0.2), True, "- -> 20.0%"), ((2.0, 2.0), False, "2 -> 2")],
+    ("pair", "kind", "text"),
+    [((0.457, 0.0), "share", "45.7% -> 0.0% (-45.7 pp)"), ((3.0, 1.0), "count", "3 -> 1 (-2)"),
+     ((1.6, 3.4), "value", "1.60 -> 3.40 (+1.80)"), ((None, 0.2), "share", "- -> 20.0%"),
+     ((2.0, 2.0), "value", "2.00 -> 2.00")],
 )  # fmt: skip
-def test_change_text(pair: tuple[float | None, float | None], share: bool, text: str) -> None:
-    assert change(pair, share=share) == text
+def test_change_text(pair: tuple[float | None, float | None], kind: Literal["share", "count", "value"], text: str) -> None:
+    assert change(pair, kind=kind) == text
 
 
 def test_compare_goldens(report_a: Report, report_b: Report) -> None:

@@ -67,7 +67,7 @@ def test_activation_distributions_are_honestly_titled(report_a: Report) -> None:
     fig = plots.plot_activation_distributions(report_a)
     assert "not a histogram" in fig.get_suptitle()
     assert titles(fig) == ["channel mean", "channel std", "channel min", "channel max"]
-    assert fig.axes[0].get_xlabel() == "mean of the activation output"
+    assert fig.axes[0].get_xlabel() == "activation value"
     assert len(fig.axes[0].collections) == 1  # dead channels drawn over the boxes
 
 

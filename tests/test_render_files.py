@@ -146,7 +146,8 @@ def test_compare_two_reports_that_differ(capsys: pytest.CaptureFixture[str], tmp
     code, out, _ = run(capsys, "compare", a, b)
     assert code == 0
     assert "dead channels                 5 -> 1 (-4); 1 newly dead, 2 revived" in out
-    assert "new dead 3" in out and "revived 2, 5" in out and "only in A" in out
+    assert "new dead encoder.bn_layers.0>relu: channels 3" in out and "only in A" in out
+    assert "revived  encoder.bn_layers.1>relu: channels 2, 5" in out
     code, out, _ = run(capsys, "compare", a, b, "--format", "md", "--out", str(tmp_path / "diff.md"))
     assert code == 0 and out == (GOLDEN / "compare_a_b.md").read_text() == (tmp_path / "diff.md").read_text()
 

@@ -22,14 +22,14 @@ from deadneuron.report import Report, SiteHealth
 Presence = Literal["both", "only_a", "only_b"]
 Pair = tuple[float | None, float | None]
 
-SLOT_FIELDS = (
-    ("mean_active", "active slots per image"),
-    ("mean_argmax_active", "argmax-only slots per image"),
-    ("mean_mass_active", "mass>=5% slots per image"),
-    ("largest_slot_share", "largest slot share"),
-    ("mask_entropy", "mask entropy"),
+SLOT_FIELDS: tuple[tuple[str, str, Kind], ...] = (
+    ("mean_active", "active slots per image", "value"),
+    ("mean_argmax_active", "argmax-only slots per image", "value"),
+    ("mean_mass_active", "mass>=5% slots per image", "value"),
+    ("largest_slot_share", "largest slot share", "share"),
+    ("mask_entropy", "mask entropy", "value"),
 )
-SHARES = frozenset({"largest_slot_share"})  # slot figures shown as percentages
+Kind = Literal["share", "count", "value"]  # shown as 45.7% / 3 / 1.60
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def diff_reports(a: Report, b: Report) -> ReportDiff:
     overall = {k: (float(getattr(sa, k)), float(getattr(sb, k))) for k in ("sparsity", "flat_fraction", "dead", "dormant", "channels")}
     slots: dict[str, Pair] = {}
     if a.slots is not None or b.slots is not None:
-        for key, _ in SLOT_FIELDS:
+        for key, _, _ in SLOT_FIELDS:
             slots[key] = tuple(float(getattr(r.slots, key)) if r.slots is not None else None for r in (a, b))  # type: ignore[assignment]
     metrics = {k: (a.metrics.get(k), b.metrics.get(k)) for k in dict.fromkeys([*a.metrics, *b.metrics])}
     return ReportDiff(
@@ -111,46 +111,47 @@ def diff_reports(a: Report, b: Report) -> ReportDiff:
 
 
 # -- formatting --------------------------------------------------------------------------------------
-def _num(x: float | None, share: bool) -> str:
+def _num(x: float | None, kind: Kind) -> str:
     if x is None or x != x:
         return "-"
-    return pct(x) if share else (f"{x:.0f}" if float(x).is_integer() else f"{x:.2f}")
+    return {"share": pct(x), "count": f"{x:.0f}", "value": f"{x:.2f}"}[kind]
 
 
-def change(p: Pair, *, share: bool, delta: bool = True) -> str:
-    """``"45.7% -> 0.0% (-45.7 pp)"``, ``"3 -> 1 (-2)"``; ``-`` for a missing side."""
+def change(p: Pair, *, kind: Kind, delta: bool = True) -> str:
+    """``"45.7% -> 0.0% (-45.7 pp)"``, ``"3 -> 1 (-2)"``, ``"1.60 -> 3.40 (+1.80)"``; ``-`` for a missing side."""
     a, b = p
-    text = f"{_num(a, share)} -> {_num(b, share)}"
+    text = f"{_num(a, kind)} -> {_num(b, kind)}"
     if not delta or a is None or b is None or a != a or b != b or a == b:
         return text
     d = b - a
-    delta = f"{100 * d:+.1f} pp" if share else (f"{d:+.0f}" if float(d).is_integer() else f"{d:+.2f}")
-    return f"{text} ({delta})"
+    step = {"share": f"{100 * d:+.1f} pp", "count": f"{d:+.0f}", "value": f"{d:+.2f}"}[kind]
+    return f"{text} ({step})"
 
 
-def _channel_note(s: SiteDiff) -> str:
+def _channel_note(s: SiteDiff, *, ids: bool = True) -> str:
+    """What happened to the site's dead channels; with ``ids``, which ones."""
     if s.presence != "both":
         return "only in A" if s.presence == "only_a" else "only in B"
     parts = []
     if s.new_dead:
-        parts.append(f"new dead {ids_text(s.new_dead, 12)}")
+        parts.append(f"new dead {ids_text(s.new_dead, 12)}" if ids else f"{len(s.new_dead)} new")
     if s.revived:
-        parts.append(f"revived {ids_text(s.revived, 12)}")
+        parts.append(f"revived {ids_text(s.revived, 12)}" if ids else f"{len(s.revived)} revived")
     if s.reshaped:
         parts.append("channel count changed")
-    return "; ".join(parts)
+    return "; ".join(parts) if ids else ", ".join(parts)
 
 
 def _headline_rows(diff: ReportDiff) -> list[tuple[str, str]]:
     o = diff.overall
     rows = [
-        ("sparsity", change(o["sparsity"], share=True)),
-        ("flat", change(o["flat_fraction"], share=True)),
-        ("dead channels", change(o["dead"], share=False) + f"; {diff.new_dead} newly dead, {diff.revived} revived"),
-        ("dormant", change(o["dormant"], share=False)),
+        ("sparsity", change(o["sparsity"], kind="share")),
+        ("flat", change(o["flat_fraction"], kind="share")),
+        ("dead channels", change(o["dead"], kind="count") + f"; {diff.new_dead} newly dead, {diff.revived} revived"),
+        ("dormant", change(o["dormant"], kind="count")),
     ]
-    rows += [(label, change(diff.slots[k], share=k in SHARES)) for k, label in SLOT_FIELDS if k in diff.slots]
-    rows += [(k, change(p, share="accuracy" in k)) for k, p in diff.metrics.items()]
+    rows += [(label, change(diff.slots[k], kind=kind)) for k, label, kind in SLOT_FIELDS if k in diff.slots]
+    rows += [(k, change(p, kind="share" if "accuracy" in k else "value")) for k, p in diff.metrics.items()]
     return rows
 
 
@@ -159,6 +160,12 @@ def _site_style(s: SiteDiff) -> str:
     if s.new_dead:
         return "bold red"
     return "green" if s.revived else ""
+
+
+def _arrow(p: Pair, scale: float) -> str:
+    """Compact ``"64.8 → 49.4"`` (percent columns) or ``"28 → 0"`` (counts) for the narrow site table."""
+    digits = 1 if scale == 100 else 0
+    return " → ".join("-" if v is None or v != v else f"{scale * v:.{digits}f}" for v in p)
 
 
 def render_diff(diff: ReportDiff, console: Console) -> None:
@@ -172,17 +179,26 @@ def render_diff(diff: ReportDiff, console: Console) -> None:
     console.print(Group(*items))
     table = Table(title="Sites (A -> B)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   pad_edge=False, collapse_padding=True)  # fmt: skip
-    table.add_column("site", overflow="fold", min_width=20, ratio=3)
-    for name in ("sparsity", "flat", "dead"):
+    table.add_column("site", overflow="fold", min_width=20)
+    for name in ("sparsity %", "flat %", "dead"):
         table.add_column(name, no_wrap=True)
-    table.add_column("dead channels", overflow="fold", ratio=1, min_width=10)
+    table.add_column("dead channels", no_wrap=True)
     for s in diff.sites:
         table.add_row(
-            Text(s.name, style=_site_style(s)), change(s.sparsity, share=True, delta=False),
-            change(s.flat_fraction, share=True, delta=False), change(s.dead, share=False, delta=False),
-            Text(_channel_note(s), style=_site_style(s)),
+            Text(s.name, style=_site_style(s)), _arrow(s.sparsity, 100), _arrow(s.flat_fraction, 100),
+            _arrow(s.dead, 1), Text(_channel_note(s, ids=False), style=_site_style(s)),
         )  # fmt: skip
     console.print(table)
+    listed = Table.grid(padding=(0, 1))
+    listed.add_column(no_wrap=True)
+    listed.add_column(overflow="fold")
+    for s in diff.sites:
+        if s.new_dead:
+            listed.add_row(Text("new dead", style="bold red"), f"{s.name}: channels {ids_text(s.new_dead)}")
+        if s.revived:
+            listed.add_row(Text("revived", style="green"), f"{s.name}: channels {ids_text(s.revived)}")
+    if listed.row_count:
+        console.print(listed)
 
 
 # -- Markdown ----------------------------------------------------------------------------------------
@@ -195,7 +211,7 @@ def render_diff_markdown(diff: ReportDiff) -> str:
     lines += [f"| {label} | {_md(text)} |" for label, text in _headline_rows(diff)]
     lines += ["", "## Sites", "", "| site | sparsity | flat | dead | dead channels |", "|---|---|---|---|---|"]
     for s in diff.sites:
-        cells = (change(s.sparsity, share=True), change(s.flat_fraction, share=True), change(s.dead, share=False))
+        cells = (change(s.sparsity, kind="share"), change(s.flat_fraction, kind="share"), change(s.dead, kind="count"))
         lines.append(f"| `{_md(s.name)}` | " + " | ".join(_md(c) for c in cells) + f" | {_md(_channel_note(s))} |")
     return "\n".join(lines) + "\n"
 

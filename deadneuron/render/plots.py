@@ -31,6 +31,7 @@ from deadneuron.render.training_plots import plot_before_after, plot_health_time
 from deadneuron.report import Report
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from deadneuron.slots import SlotHealth
@@ -125,8 +126,6 @@ def plot_activation_distributions(report: Report) -> Figure:
     """Box plots, per site, of each channel's mean, std, min and max of the activation output."""
     import math
 
-    from matplotlib.ticker import MaxNLocator
-
     sites = list(report.sites.values())
     fig = new_figure(12, max(3.0, 0.36 * len(sites) + 1.9))
     fig.suptitle("Per-channel activation statistics: spread over each site's channels "
@@ -141,15 +140,39 @@ def plot_activation_distributions(report: Report) -> Figure:
         dead = [(getattr(s, field)[c], i + 1) for i, s in enumerate(sites) for c in s.dead_channels]
         if dead:
             ax.scatter(*zip(*dead, strict=True), marker="x", s=22, color=DEAD, zorder=3, label="dead channel")
-        ax.set(title=f"channel {label}", xlabel=f"{label} of the activation output")
+        ax.set(title=f"channel {label}", xlabel="activation value")
         ax.grid(axis="x", alpha=0.3)
         ax.axvline(0, color="#999999", lw=0.8, ls=":")
-        ax.xaxis.set_major_locator(MaxNLocator(4))
+        _moment_scale(ax, [v for vs in values for v in vs if math.isfinite(v)])
     axes[0].set_yticks(range(1, len(sites) + 1), labels=[short_name(s.name, 36) for s in sites], fontsize=8)
     axes[0].set_ylim(len(sites) + 0.5, 0.5)
     if any(s.dead_channels for s in sites):
         fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8, frameon=False)
     return fig
+
+
+def _moment_scale(ax: Axes, values: list[float]) -> None:
+    """Linear, unless a few channels' outliers would squash every box into the first pixels: then symlog,
+    linear up to the 90th percentile of |value| (where most channels lie) and logarithmic beyond."""
+    import math
+
+    import numpy as np
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    spread = np.abs(np.asarray(values)) if values else np.zeros(1)
+    typical, top = float(np.percentile(spread, 90)), float(spread.max())
+    if typical > 0 and top > 5 * typical:
+        ax.set_xscale("symlog", linthresh=typical, linscale=2)
+        ax.set_xlabel(f"activation value (log past {typical:.2g})")
+        # decades only from the linear threshold up: the default also ticks inside it, on top of the 0
+        decades = [10.0**k for k in range(math.floor(math.log10(typical)), math.ceil(math.log10(top)) + 1)]
+        ticks = [d for d in decades if d >= 0.5 * typical]
+        ticks = [0.0, *ticks, *(-d for d in ticks if values and -d >= min(values) * 1.5)]
+        ax.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+    if values and min(values) >= 0:  # ReLU-like outputs: no room for negative values that do not occur
+        ax.set_xlim(left=-0.03 * (typical if typical > 0 else top or 1.0))
 
 
 # -- 4. slots ----------------------------------------------------------------------------------------
@@ -226,7 +249,8 @@ def draw_slot_samples(arrays: Mapping[str, Any]) -> Figure:
     n, k = masks.shape[:2]
     cell = min(1.25, 15.0 / (k + 2))
     fig = new_figure(cell * (k + 2) + 0.9, cell * n + 0.9)
-    fig.suptitle("Sample grids (ARC palette), reconstructions and slot masks; % = pixels the slot owns")
+    fig.suptitle("Sample grids (ARC palette), reconstructions and slot masks; % = share of pixels the slot owns "
+                 "(argmax with mask >= 0.5)")
     palette = ListedColormap([*ARC_PALETTE, PAD_COLOUR])
     mask_cmap = colormaps["magma"].with_extremes(bad=PAD_COLOUR)
     axes = np.asarray(fig.subplots(n, k + 2, squeeze=False))

@@ -187,7 +187,7 @@ def plot_before_after(before: Report | Sequence[Report], after: Report | Sequenc
         ax.set(title=title, xlabel=xlabel)
         site_axis(ax, names) if key == "sparsity" else ax.set_yticks(range(len(names)), labels=[])
         ax.set_ylim(len(names) - 0.5, -0.5)
-    mosaic["sparsity"].legend(fontsize=8, loc="lower right")
+    fig.legend(*mosaic["sparsity"].get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False)
     _summary_panels(mosaic["overall"], mosaic["slots"], arms, labels)
     return fig
 
@@ -203,7 +203,6 @@ def _summary_panels(overall: Axes, slot_ax: Axes, arms: Sequence[Sequence[Report
         overall.bar_label(bars, fmt="%.1f", fontsize=7)
     overall.set_xticks(range(len(keys)), labels=keys)
     overall.set(title="Overall", ylabel="%", ylim=(0, 110))
-    overall.legend(fontsize=8, loc="upper left", ncols=2)
     slot_ax.set(title="Active slots per image", ylabel="slots")
     if not all(s["active slots"] for s in summaries):
         slot_ax.text(0.5, 0.5, "no slot masks", ha="center", va="center", transform=slot_ax.transAxes)
@@ -216,7 +215,8 @@ def _summary_panels(overall: Axes, slot_ax: Axes, arms: Sequence[Sequence[Report
         if len(values) > 1:
             slot_ax.scatter([j] * len(values), values, s=9, color="black", zorder=3)
     slot_ax.set_xticks([0, 1], labels=list(labels))
-    slot_ax.set_ylim(0, max(v for s in summaries for v in s["active slots"]) * 1.2)
+    top = max(v for s in summaries for v in s["active slots"])
+    slot_ax.set_ylim(0, max(top * 1.2, 1.0))  # all-collapsed runs (0 active) still get an axis
 
 
 __all__ = ["plot_before_after", "plot_health_timeline"]
