@@ -19,6 +19,7 @@ from deadneuron.adapters import Adapter
 from deadneuron.errors import AuditRuntimeError, UsageError
 from deadneuron.probe import Recorder
 from deadneuron.report import Report, SiteHealth
+from deadneuron.stats import HISTOGRAM_EDGES
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -126,6 +127,7 @@ def audit(
     adapter: Adapter | None = None,
     functional: bool = True,
     compile: bool = True,
+    histograms: bool = False,
     meta: Mapping[str, Any] | None = None,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
@@ -134,6 +136,8 @@ def audit(
     keyword arguments (with ``adapter``, whatever the adapter's ``forward`` takes). ``select`` limits
     the sites (globs over names, or kinds such as ``gelu``). ``compile`` fuses the statistics with
     `torch.compile` (falls back to eager kernels, with a note in ``report.meta``, where it cannot).
+    ``histograms`` also counts every activation value into fixed signed-log bins per site (for plots;
+    it costs a few passes per batch).
     """
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
@@ -154,7 +158,8 @@ def audit(
     batches = samples = 0
     moved = _move_model(model, dev)
     try:
-        with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile) as rec:
+        with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
+                      histograms=histograms) as rec:
             model.eval()
             with torch.inference_mode(), _progress(progress, total) as bar:
                 task = bar.add_task("audit", total=total) if bar is not None else None
@@ -176,6 +181,7 @@ def audit(
                     if bar is not None:
                         bar.advance(task)
             results = rec.results()
+            rec_sampled = any(s.histogram is not None and s.histogram.sampled for s in rec._sites.values())
             kernels = "compiled" if rec.kernels.compiled else "eager"
             if compile and rec.kernels.fallback_reason:
                 kernels = f"eager (torch.compile failed: {rec.kernels.fallback_reason})"
@@ -196,6 +202,7 @@ def audit(
         "device": str(dev),
         "select": list(select) if select else None,
         "kernels": kernels,
+        **({"histogram_edges": list(HISTOGRAM_EDGES), "histogram_sampled": rec_sampled} if histograms else {}),
         "warnings": warnings,
         **(meta or {}),
     }

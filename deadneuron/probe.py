@@ -40,7 +40,7 @@ from deadneuron.activations import (
     spec_for_module,
 )
 from deadneuron.select import matches
-from deadneuron.stats import ChannelStats, ChannelSummary, Kernels, channel_view
+from deadneuron.stats import ChannelStats, ChannelSummary, Kernels, ValueHistogram, channel_view
 
 _CHANNEL_FIRST = (
     nn.modules.conv._ConvNd,
@@ -80,6 +80,7 @@ class _Site:
     stats: ChannelStats
     shape: tuple[int, ...] = ()
     calls: int = 0
+    histogram: ValueHistogram | None = None
 
     def flat_from_z_first(self, inplace: bool) -> bool:
         """The flat region must be tested on z before the call: it lives on z and the call
@@ -110,6 +111,7 @@ class SiteResult:
     example_shape: tuple[int, ...]
     calls: int
     summary: ChannelSummary
+    histogram: tuple[int, ...] | None = None
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -178,6 +180,7 @@ class Recorder:
         select: Sequence[str] | None = None,
         functional: bool = True,
         compile: bool = False,
+        histograms: bool = False,
     ) -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
@@ -189,6 +192,7 @@ class Recorder:
         self.select = tuple(select) if select else None
         self.functional = functional
         self.kernels = Kernels(compile=compile)
+        self.histograms = histograms
         self._handles: list[RemovableHandle] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._names: dict[nn.Module, str] = {}
@@ -338,6 +342,7 @@ class Recorder:
             site = _Site(
                 owner, leaf, functional, producer, occurrence, spec, region, axis,
                 ChannelStats(channels, z.device, kernels=self.kernels), tuple(z.shape),
+                histogram=ValueHistogram(z.device) if self.histograms else None,
             )
             self._sites[key] = site
         site.calls += 1
@@ -363,6 +368,8 @@ class Recorder:
                 site.stats.update_output(a3, self.eps, flat=(region.lo, region.hi), z3=z3)
             else:
                 site.stats.update_output(a3, self.eps)
+            if site.histogram is not None:
+                site.histogram.update(a.detach())
         site.shape = tuple(a.shape)
 
     def state_bytes(self) -> int:
@@ -406,6 +413,7 @@ class Recorder:
                     example_shape=s.shape,
                     calls=s.calls,
                     summary=s.stats.compute(),
+                    histogram=tuple(s.histogram.compute()) if s.histogram is not None else None,
                 )
             )
         return out

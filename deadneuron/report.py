@@ -68,6 +68,8 @@ class SiteHealth:
     channel_std: tuple[float, ...]
     channel_min: tuple[float, ...]
     channel_max: tuple[float, ...]
+    # counts of finite activation values over deadneuron.stats.HISTOGRAM_EDGES, when requested
+    histogram: tuple[int, ...] | None = None
 
     @property
     def dead_fraction(self) -> float:
@@ -111,6 +113,7 @@ class SiteHealth:
             channel_nonfinite=tuple(s.nonfinite),
             channel_mean=tuple(s.mean), channel_std=tuple(s.std),
             channel_min=tuple(s.min), channel_max=tuple(s.max),
+            histogram=r.histogram,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +131,9 @@ class SiteHealth:
     def from_dict(cls, d: Mapping[str, Any]) -> SiteHealth:
         kw: dict[str, Any] = {}
         for f in fields(cls):
+            if f.name == "histogram":
+                kw[f.name] = tuple(d["histogram"]) if d.get("histogram") is not None else None
+                continue
             v = d[f.name]
             if f.name in ("mean", "std", "min", "max"):
                 v = _restore(v)

@@ -268,3 +268,57 @@ def batch_stats(
     s = ChannelStats(a3.shape[1], a3.device)
     s.update(z3, a3, lo=lo, hi=hi, eps=eps)
     return s.compute()
+
+
+def _histogram_edges() -> tuple[float, ...]:
+    """Signed logarithmic bin edges, 4 bins per decade from 1e-4 to 1e4 on each side, plus a bin that
+    holds exact zeros: (-1e-30, 0]. Fixed and data-independent, so histograms of batches, processes
+    and runs add up."""
+    pos = tuple(10.0 ** (k / 4) for k in range(-16, 17))
+    return (*(-p for p in reversed(pos)), -1e-30, 0.0, *pos)
+
+
+HISTOGRAM_EDGES = _histogram_edges()
+
+
+class ValueHistogram:
+    """Streaming histogram of finite activation values over `HISTOGRAM_EDGES` (len(edges) + 1 bins:
+    bin 0 is (-inf, e0], bin i is (e[i-1], e[i]], the last is (e[-1], inf)). Stays on the device.
+
+    Binning every element of a large activation costs more than the rest of the audit, so each
+    update bins a deterministic strided sample of at most ``sample`` elements (every k-th element,
+    k odd so that it does not lock onto a power-of-two channel or spatial stride). The counts are of
+    that sample; ``sampled`` says whether any update was thinned.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, *, sample: int = 1 << 16) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.bins = len(HISTOGRAM_EDGES) + 1
+        self.sample = sample
+        self.sampled = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.edges = torch.tensor(HISTOGRAM_EDGES, dtype=torch.float32, device=self.device)
+        self.counts = torch.zeros(self.bins, dtype=torch.int64, device=self.device)
+
+    def update(self, a: torch.Tensor) -> None:
+        if a.device != self.device:
+            self.device = a.device
+            self.edges, self.counts = self.edges.to(a.device), self.counts.to(a.device)
+        flat = _float(a).reshape(-1)
+        if flat.numel() > self.sample:
+            step = -(-flat.numel() // self.sample) | 1
+            flat = flat[::step].contiguous()
+            self.sampled = True
+        index = torch.bucketize(flat, self.edges)
+        index = torch.where(torch.isfinite(flat), index, self.bins)  # non-finite: an extra, dropped bin
+        self.counts.add_(torch.bincount(index, minlength=self.bins + 1)[: self.bins])
+
+    def merge(self, other: ValueHistogram) -> ValueHistogram:
+        out = ValueHistogram(self.device)
+        out.counts = self.counts + other.counts.to(self.device)
+        return out
+
+    def compute(self) -> list[int]:
+        return [int(c) for c in self.counts.cpu().tolist()]

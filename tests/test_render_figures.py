@@ -200,3 +200,19 @@ def test_slot_samples_need_grids() -> None:
     batch = grid_batch()
     with pytest.raises(ValueError, match=r"\.target grids"):
         plots.plot_slot_samples(TinySlotModel(), TinyAdapter(), batch._replace(target=None))
+
+
+def test_activation_histogram_figure_titles_and_axes() -> None:
+    import torch
+
+    import deadneuron
+    from deadneuron.render.plots import plot_activation_histograms
+    from tests import zoo
+
+    model = zoo.GeluMLP(zoo.Tap())
+    report = deadneuron.audit(model, [torch.randn(16, 12) for _ in range(2)], histograms=True, progress=False)
+    fig = plot_activation_histograms(report)
+    assert "Activation histograms per site" in fig._suptitle.get_text()
+    ax = fig.axes[0]
+    assert ax.get_title() == "act" and ax.get_yscale() == "log" and ax.get_xlabel() == "activation value"
+    assert "0" in [t.get_text() for t in ax.get_xticklabels()]

@@ -166,7 +166,7 @@ def test_audit_writes_the_report_folder(tmp_path: Path, capsys: pytest.CaptureFi
                      "--data", f"{SMALL_CNN}:batches", "--batches", "2", "--no-progress", "--out", str(out))  # fmt: skip
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["channel_heatmap.png", "channel_moments.png", "report.html", "report.json", "report.md",
+    assert names == ["activation_histograms.png", "channel_heatmap.png", "channel_moments.png", "report.html", "report.json", "report.md",
                      "site_health.png"]  # fmt: skip
     saved = Report.from_json((out / "report.json").read_text())
     assert saved.sites["5"].dead_channels == (3, 7)

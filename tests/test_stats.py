@@ -90,3 +90,31 @@ def test_state_is_o_channels() -> None:
         s.update(x, x.relu(), lo=0.0, hi=math.inf, eps=0.0)
     sizes = [t.numel() for t in (s.zero, s.flat, s.nonfinite, s.sum, s.sumsq, s.min, s.max)]
     assert sizes == [64] * 7
+
+
+def test_histogram_matches_numpy_digitize() -> None:
+    from deadneuron.stats import HISTOGRAM_EDGES, ValueHistogram
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(500, generator=g) * 10.0 ** torch.randint(-5, 5, (500,), generator=g).double(), torch.zeros(40)])
+    x[3], x[4] = float("nan"), float("inf")
+    h = ValueHistogram()
+    h.update(x[:300])
+    h.update(x[300:])
+    finite = x[torch.isfinite(x)].double().numpy()
+    want = np.bincount(np.digitize(finite, np.array(HISTOGRAM_EDGES), right=True), minlength=len(HISTOGRAM_EDGES) + 1)
+    assert h.compute() == want.tolist()
+    zero_bin = int(np.searchsorted(np.array(HISTOGRAM_EDGES), 0.0))
+    assert h.compute()[zero_bin] == 40 and not h.sampled
+
+
+def test_audit_histograms_count_every_finite_value() -> None:
+    import deadneuron
+    from tests import zoo
+
+    model = zoo.NaNLayer(zoo.Tap())
+    report = deadneuron.audit(model, [torch.randn(6, 4) for _ in range(3)], histograms=True, progress=False)
+    site = report.sites["act"]
+    assert site.histogram is not None
+    assert sum(site.histogram) == site.n * site.channels - site.nonfinite
+    assert deadneuron.Report.from_json(report.to_json()).sites["act"].histogram == site.histogram

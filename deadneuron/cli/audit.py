@@ -75,6 +75,7 @@ def audit_command(
     report = audit(
         subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
         device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
+        histograms=out is not None,
         meta={"source": str(checkpoint), "random_inputs": subject.random_inputs},
     )  # fmt: skip
     report = report.with_meta(warnings=[*report.warnings, *warnings])

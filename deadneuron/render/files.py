@@ -44,6 +44,11 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
             plots.plot_activation_distributions(report),
         ),
     }
+    if any(s.histogram is not None for s in report.sites.values()):
+        figures["activation_histograms"] = (
+            "Activation histograms per site (log counts)",
+            plots.plot_activation_histograms(report),
+        )
     if report.slots is not None:
         figures["active_slots"] = ("Active slots per image", plots.plot_active_slots(report.slots))
     return figures

@@ -151,6 +151,46 @@ def plot_activation_distributions(report: Report) -> Figure:
     return fig
 
 
+def plot_activation_histograms(report: Report) -> Figure:
+    """Per site, counts of activation values (log scale) over fixed signed-log bins
+    (deadneuron.stats.HISTOGRAM_EDGES); exact zeros have a bin of their own."""
+    import numpy as np
+
+    from deadneuron.stats import HISTOGRAM_EDGES
+
+    sites = [s for s in report.sites.values() if s.histogram is not None]
+    cols = min(4, max(1, len(sites)))
+    rows = max(1, -(-len(sites) // cols))
+    fig = new_figure(3.2 * cols + 0.6, 2.2 * rows + 0.9)
+    sampled = " of a strided sample of each batch" if report.meta.get("histogram_sampled") else ""
+    fig.suptitle(f"Activation histograms per site (log counts{sampled}; signed log bins, exact zeros in red)")
+    if not sites:
+        return empty_figure(fig, "no histograms were recorded (audit with --out, or histograms=True)")
+    edges = np.asarray(HISTOGRAM_EDGES)
+    zero_bin = int(np.searchsorted(edges, 0.0)) # bucketize: bin i holds (e[i-1], e[i]]
+    decades = {-1e4: "-1e4", -1e2: "-100", -1.0: "-1", -1e-2: "-.01", 1e-2: ".01", 1.0: "1", 1e2: "100", 1e4: "1e4"}
+    ticks = {int(np.searchsorted(edges, v)): lab for v, lab in decades.items()}
+    ticks[zero_bin] = "0"
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, site in zip(axes, sites, strict=False):
+        counts = np.asarray(site.histogram, dtype=float)
+        colours = [DEAD if i == zero_bin else SPARSITY for i in range(len(counts))]
+        ax.bar(np.arange(len(counts)), np.where(counts > 0, counts, np.nan), width=1.0, color=colours)
+        ax.set_yscale("log")
+        ax.set_title(short_name(site.name, 34), fontsize=9)
+        used = np.flatnonzero(counts > 0)
+        lo, hi = (min(used.min(), zero_bin) - 1, max(used.max(), zero_bin) + 1) if used.size else (0, len(counts))
+        shown = {t: lab for t, lab in ticks.items() if lo <= t <= hi}
+        ax.set_xticks(list(shown), labels=list(shown.values()), fontsize=7)
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+        ax.set(xlabel="activation value", ylabel="count")
+        ax.xaxis.label.set_size(8)
+        ax.yaxis.label.set_size(8)
+    for ax in axes[len(sites) :]:
+        ax.set_axis_off()
+    return fig
+
+
 def _moment_scale(ax: Axes, values: list[float]) -> None:
     """Linear, unless a few channels' outliers would squash every box into the first pixels: then symlog,
     linear up to the 90th percentile of |value| (where most channels lie) and logarithmic beyond."""
