@@ -1,1 +1,56 @@
-"""deadneuron.patch"""
+"""deadneuron.patch: plan a fix, apply it, retrain, and prove by measurement whether it helped.
+
+    from deadneuron.patch import apply_plan, plan_from_findings, plan_from_flags
+    plan = plan_from_flags(activation="leaky")          # or plan_from_findings(report.findings)
+    result = apply_plan(model, plan, example=batch)     # a patched deep copy + what changed
+    result.model, result.record.lines()
+
+For adapter models (the bundled ARC model) the same plan becomes a config change
+(:func:`apply_to_config`), and :mod:`deadneuron.patch.retrain` trains the baseline and the patched
+config on the same budget and seeds; :func:`compare` gives a verdict per metric (rule in
+:mod:`deadneuron.patch.verify`). A patched generic model is saved as its state_dict with the plan
+recorded beside it; :func:`load_patched` rebuilds it from the factory.
+"""
+
+from deadneuron.patch.apply import PatchError, PatchResult, apply_plan, make_activation
+from deadneuron.patch.config import apply_to_config
+from deadneuron.patch.plan import (
+    InsertDropout,
+    Op,
+    Plan,
+    ReinitDead,
+    SetHyperParameter,
+    SwapActivation,
+    op_from_dict,
+    plan_from_findings,
+    plan_from_flags,
+)
+from deadneuron.patch.record import ApplyRecord, Change
+from deadneuron.patch.saved import load_patched, patched_state
+from deadneuron.patch.verify import Verdict, Verification, compare, sample_from, verdict
+
+__all__ = [
+    "ApplyRecord",
+    "Change",
+    "InsertDropout",
+    "Op",
+    "PatchError",
+    "PatchResult",
+    "Plan",
+    "ReinitDead",
+    "SetHyperParameter",
+    "SwapActivation",
+    "Verdict",
+    "Verification",
+    "apply_plan",
+    "apply_to_config",
+    "compare",
+    "load_patched",
+    "make_activation",
+    "op_from_dict",
+    "patched_state",
+    "plan_from_findings",
+    "plan_from_flags",
+    "sample_from",
+    "verdict",
+]

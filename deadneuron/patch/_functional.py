@@ -83,6 +83,7 @@ def swap_functional(model: nn.Module, op: SwapActivation, selected: NodeFilter) 
     lookup = FunctionalActivations()
     results: list[FunctionalSwap] = []
     root = model
+    device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     for name, module in list(own_code_modules(model)):
         try:
             graph = _OwnCodeTracer().trace(module)
@@ -90,7 +91,7 @@ def swap_functional(model: nn.Module, op: SwapActivation, selected: NodeFilter) 
             results.append(FunctionalSwap(name, error=_one_line(exc)))
             continue
         new_children: dict[str, nn.Module] = {}
-        swapped = _rewrite(graph, name, op, selected, lookup, new_children)
+        swapped = _rewrite(graph, name, op, selected, lookup, new_children, device)
         if not swapped:
             continue
         rewritten = _graph_module(module, graph, new_children)
@@ -103,7 +104,7 @@ def swap_functional(model: nn.Module, op: SwapActivation, selected: NodeFilter) 
 
 
 def _rewrite(graph: fx.Graph, owner: str, op: SwapActivation, selected: NodeFilter,
-             lookup: FunctionalActivations, new_children: dict[str, nn.Module]) -> list[str]:  # fmt: skip
+             lookup: FunctionalActivations, new_children: dict[str, nn.Module], device: torch.device) -> list[str]:  # fmt: skip
     swapped: list[str] = []
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
@@ -119,7 +120,7 @@ def _rewrite(graph: fx.Graph, owner: str, op: SwapActivation, selected: NodeFilt
         with graph.inserting_after(node):
             if op.to == "prelu":
                 child = f"patched_prelu_{len(new_children)}"
-                new_children[child] = nn.PReLU()
+                new_children[child] = nn.PReLU().to(device)
                 new = graph.call_module(child, (x,))
             else:
                 fn, kwargs = replacement(op, inplace=inplace and op.to != "gelu")

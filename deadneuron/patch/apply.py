@@ -14,10 +14,10 @@ selected site still running the old activation is listed with the reason (usuall
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,9 @@ from deadneuron.patch.plan import (
     SwapActivation,
     kind_of,
 )
+from deadneuron.patch.record import ApplyRecord, Change, RecordBuilder
 from deadneuron.select import matches
 
-Init = Literal["scratch", "checkpoint"]
 Forward = Callable[[nn.Module, Any], Any]
 
 
@@ -47,55 +47,11 @@ class PatchError(DeadneuronError):
 
 
 @dataclass(frozen=True)
-class Change:
-    """One thing a patch changed: a module, a config key or a group of weights."""
-
-    target: str
-    before: Any
-    after: Any
-    note: str = ""
-
-    def line(self) -> str:
-        note = f" ({self.note})" if self.note else ""
-        return f"{self.target}: {_show(self.before)} -> {_show(self.after)}{note}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "before": _plain(self.before), "after": _plain(self.after), "note": self.note}
-
-
-@dataclass(frozen=True)
-class ApplyRecord:
-    """What a plan changed, what it could not change, and remarks."""
-
-    changes: tuple[Change, ...] = ()
-    not_patched: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    def lines(self) -> list[str]:
-        out = [c.line() for c in self.changes]
-        out += [f"not patched: {n}" for n in self.not_patched]
-        return out + [f"note: {n}" for n in self.notes]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"changes": [c.to_dict() for c in self.changes], "not_patched": list(self.not_patched),
-                "notes": list(self.notes)}  # fmt: skip
-
-
-@dataclass(frozen=True)
 class PatchResult:
     model: nn.Module
     record: ApplyRecord
     optimizer_slices: tuple[Any, ...] = ()  # reinit.Slice values, for resetting optimizer state
-
-
-@dataclass
-class _Acc:
-    changes: list[Change] = field(default_factory=list)
-    not_patched: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def record(self) -> ApplyRecord:
-        return ApplyRecord(tuple(self.changes), tuple(dict.fromkeys(self.not_patched)), tuple(dict.fromkeys(self.notes)))
+    resolved: Plan = field(default_factory=Plan)  # the plan with selectors pinned to what was changed
 
 
 # --- generic models ---------------------------------------------------------------------------------
@@ -136,7 +92,7 @@ def apply_plan(
 
     run = forward or default_forward
     patched = copy.deepcopy(model)
-    acc = _Acc()
+    acc = RecordBuilder()
     sites = _site_modules(report)
     trace_errors: dict[str, str] = {}
     slices: tuple[Any, ...] = ()
@@ -153,10 +109,24 @@ def apply_plan(
     swap = plan.get(SwapActivation)
     if swap is not None and example is not None:
         _check_swapped(patched, swap, example, run, trace_errors, acc)
-    result = PatchResult(patched, acc.record(), slices)
+    result = PatchResult(patched, acc.record(), slices, _resolved(plan, acc))
     if strict and result.record.not_patched:
         raise PatchError(_failure_message(result.record))
     return result
+
+
+def _resolved(plan: Plan, acc: RecordBuilder) -> Plan:
+    """``plan`` with its selectors replaced by exactly what was changed; without re-initialisation (the
+    weights carry it). Applied to a freshly built model it reproduces the patched architecture."""
+    ops: list[Any] = []
+    for op in plan.ops:
+        if isinstance(op, SwapActivation) and acc.swapped:
+            ops.append(SwapActivation(op.to, op.negative_slope, tuple(dict.fromkeys(acc.swapped)), op.source))
+        elif isinstance(op, InsertDropout) and acc.dropped:
+            ops.append(InsertDropout(op.p, tuple(acc.dropped)))
+        elif isinstance(op, SetHyperParameter):
+            ops.append(op)
+    return Plan(tuple(ops))
 
 
 def _failure_message(record: ApplyRecord) -> str:
@@ -174,11 +144,26 @@ def _site_modules(report: Any) -> dict[str, tuple[str, bool, str | None]]:
     return {name: (s.module, bool(s.functional), s.producer) for name, s in report.sites.items()}
 
 
-def _module_selected(name: str, kind: str, op: SwapActivation, sites: Mapping[str, tuple[str, bool, str | None]]) -> bool:
-    if not op.sites:
-        return kind == op.source
+class _Selector:
+    """Shell globs over candidate names that remember which patterns matched something."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = tuple(patterns)
+        self.used: set[str] = set()
+
+    def __call__(self, candidates: Sequence[str]) -> bool:
+        hits = [p for p in self.patterns if any(fnmatchcase(c, p) for c in candidates if c)]
+        self.used.update(hits)
+        return bool(hits)
+
+    def unused(self) -> list[str]:
+        return [p for p in self.patterns if p not in self.used]
+
+
+def _module_candidates(name: str, kind: str, patterns: Sequence[str],
+                       sites: Mapping[str, tuple[str, bool, str | None]]) -> tuple[str, ...]:  # fmt: skip
     own_sites = [s for s, (module, functional, _) in sites.items() if module == name and not functional]
-    return matches((name, kind, f"kind:{kind}", *own_sites, *_guessed_site_names(name, op.sites)), op.sites)
+    return (name, f"module:{name}", kind, f"kind:{kind}", *own_sites, *_guessed_site_names(name, patterns))
 
 
 def _guessed_site_names(module: str, patterns: Sequence[str]) -> list[str]:
@@ -194,16 +179,21 @@ def _guessed_site_names(module: str, patterns: Sequence[str]) -> list[str]:
 
 
 def _swap(model: nn.Module, op: SwapActivation, sites: Mapping[str, tuple[str, bool, str | None]],
-          acc: _Acc, trace_errors: dict[str, str]) -> nn.Module:  # fmt: skip
+          acc: RecordBuilder, trace_errors: dict[str, str]) -> nn.Module:  # fmt: skip
     target_kind = kind_of(op.to)
     replaced: dict[int, nn.Module] = {}
+    pick = _Selector(op.sites)
     for name, m in list(model.named_modules()):
         spec = spec_for_module(m)
-        if spec is None or id(m) in replaced or not _module_selected(name, spec.kind.value, op, sites):
+        if spec is None or id(m) in replaced:
             continue
-        new = make_activation(op, inplace=bool(getattr(m, "inplace", False)))
+        kind = spec.kind.value
+        if not (kind == op.source if not op.sites else pick(_module_candidates(name, kind, op.sites, sites))):
+            continue
+        new = make_activation(op, inplace=bool(getattr(m, "inplace", False))).to(_device_of(model))
         places = replace_module(model, m, new)
         replaced[id(m)] = new
+        acc.swapped.append(f"module:{name}")
         shared = sum(1 for module, functional, _ in sites.values() if module == name and not functional)
         note = f"shared by {shared} call sites: changed at all of them" if shared > 1 else ""
         if len(places) > 1:
@@ -216,14 +206,17 @@ def _swap(model: nn.Module, op: SwapActivation, sites: Mapping[str, tuple[str, b
         if not op.sites:
             return kind == op.source
         named = [s for s, (module, functional, _) in sites.items() if functional and module == owner]
-        return matches((f"{owner}.{fname}" if owner else fname, kind, f"kind:{kind}", *named), op.sites)
+        return pick((f"{owner}.{fname}", f"function:{owner or '<root>'}.{fname}", kind, f"kind:{kind}", *named))
 
     model, swaps = swap_functional(model, op, selected)
+    acc.not_patched += [f"--select {p!r} matched no activation module or traceable functional call" for p in pick.unused()]
+    for s in swaps:
+        acc.swapped += [f"function:{s.module or '<root>'}.{line.partition(' -> ')[0]}" for line in s.swapped]
     _record_functional(swaps, acc, trace_errors)
     return model
 
 
-def _record_functional(swaps: Sequence[FunctionalSwap], acc: _Acc, trace_errors: dict[str, str]) -> None:
+def _record_functional(swaps: Sequence[FunctionalSwap], acc: RecordBuilder, trace_errors: dict[str, str]) -> None:
     for s in swaps:
         if s.error is not None:
             trace_errors[s.module] = s.error
@@ -235,13 +228,17 @@ def _record_functional(swaps: Sequence[FunctionalSwap], acc: _Acc, trace_errors:
                                       before, after, "rewritten with torch.fx"))  # fmt: skip
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+
+
 def _label(m: nn.Module) -> str:
     spec = spec_for_module(m)
     return spec.label if spec is not None else type(m).__name__
 
 
 def _check_swapped(model: nn.Module, op: SwapActivation, example: Any, run: Forward,
-                   trace_errors: Mapping[str, str], acc: _Acc) -> None:  # fmt: skip
+                   trace_errors: Mapping[str, str], acc: RecordBuilder) -> None:  # fmt: skip
     """Audit the patched model on ``example``: selected sites still of the old kind were not patched."""
     report = _audit_one(model, example, run)
     for name, site in report.sites.items():
@@ -289,7 +286,7 @@ class DropoutHook:
 _CONV_OR_NORM = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Identity)
 
 
-def _insert_dropout(model: nn.Module, op: InsertDropout, report: Any, acc: _Acc) -> None:
+def _insert_dropout(model: nn.Module, op: InsertDropout, report: Any, acc: RecordBuilder) -> None:
     names = dict(model.named_modules())
     targets: list[str] = []
     for name, m in names.items():
@@ -297,7 +294,7 @@ def _insert_dropout(model: nn.Module, op: InsertDropout, report: Any, acc: _Acc)
         if spec is None:
             continue
         if op.after:
-            chosen = matches((name, spec.kind.value, f"kind:{spec.kind.value}"), op.after)
+            chosen = matches((name, f"module:{name}", spec.kind.value, f"kind:{spec.kind.value}"), op.after)
         else:
             if report is None:
                 raise PatchError(f"{op.describe()}: finding the activations between conv layers needs an audit "
@@ -310,12 +307,13 @@ def _insert_dropout(model: nn.Module, op: InsertDropout, report: Any, acc: _Acc)
         acc.not_patched.append(f"{op.describe()}: no activation module matches")
     for name in targets:
         names[name].register_forward_hook(DropoutHook(op.p))
+        acc.dropped.append(f"module:{name}")
         acc.changes.append(Change(name, "no dropout", f"dropout p={op.p:g} after it",
                                   "a forward hook, active in training mode only"))  # fmt: skip
 
 
 def _reinit(model: nn.Module, op: ReinitDead, report: Any, example: Any, run: Forward, seed: int,
-            acc: _Acc) -> tuple[Any, ...]:  # fmt: skip
+            acc: RecordBuilder) -> tuple[Any, ...]:  # fmt: skip
     from deadneuron.patch.reinit import dataflow, reinit_dead
 
     if op.channels is not None:
@@ -331,82 +329,9 @@ def _reinit(model: nn.Module, op: ReinitDead, report: Any, example: Any, run: Fo
         raise PatchError("re-initialising dead channels needs an example batch to find the layers around them")
     flow = dataflow(model, lambda m: run(m, example))
     result = reinit_dead(model, channels, flow, seed=seed)
-    acc.changes += [Change(line.partition(":")[0], "dead", "re-initialised", line.partition(": ")[2]) for line in result.changed]
+    acc.changes += [Change(layer, "dead channels", what) for layer, what in result.changed]
     acc.notes += result.missing
     return tuple(result.slices)
-
-
-# --- adapter models: the same ops as config changes ----------------------------------------------------
-
-CONFIG_KEYS: Mapping[str, tuple[str, ...]] = {
-    "activation": ("ACTIVATION", "activation"),
-    "negative_slope": ("NEGATIVE_SLOPE", "negative_slope"),
-    "learning_rate": ("LEARNING_RATE", "learning_rate", "lr"),
-    "epochs": ("NUM_EPOCHS", "num_epochs", "EPOCHS", "epochs"),
-    "dropout_between_convs": ("DROPOUT_BETWEEN_CONVS", "dropout_between_convs"),
-    "dropout": ("DROPOUT", "dropout"),
-}
-
-
-def config_key(config: Mapping[str, Any], what: str) -> str | None:
-    return next((k for k in CONFIG_KEYS[what] if k in config), None)
-
-
-def apply_to_config(config: Mapping[str, Any], plan: Plan, *, init: Init = "scratch") -> tuple[dict[str, Any], ApplyRecord]:
-    """The adapter config ``plan`` asks for, and the record of what changed (``config`` is not modified)."""
-    new = dict(config)
-    acc = _Acc()
-
-    def put(what: str, value: Any, op_text: str, note: str = "") -> None:
-        key = config_key(new, what)
-        if key is None:
-            acc.not_patched.append(f"{op_text}: the config has no {'/'.join(CONFIG_KEYS[what][:2])} key")
-            return
-        if new[key] != value:
-            acc.changes.append(Change(key, new[key], value, note))
-            new[key] = value
-        else:
-            acc.notes.append(f"{key} already is {_show(value)}")
-
-    for op in plan.ops:
-        if isinstance(op, SwapActivation):
-            put("activation", op.to, op.describe())
-            if op.to == "leaky" and op.negative_slope is not None:
-                put("negative_slope", op.negative_slope, op.describe())
-            if op.sites:
-                acc.notes.append(f"the config's activation is the encoder's shared one; requested at {', '.join(op.sites[:4])}")
-        elif isinstance(op, SetHyperParameter) and op.name == "learning_rate":
-            key = config_key(new, "learning_rate")
-            value = op.value if op.value is not None else _scaled(new.get(key) if key else None, op.scale)
-            put("learning_rate", value, op.describe(), f"x {op.scale:g}" if op.scale is not None else "")
-        elif isinstance(op, SetHyperParameter):
-            put("epochs", int(op.value or 0), op.describe())
-        elif isinstance(op, InsertDropout):
-            if op.after:
-                acc.not_patched.append(f"{op.describe()}: the config can only place dropout between conv layers")
-                continue
-            put("dropout_between_convs", True, op.describe())
-            put("dropout", op.p, op.describe())
-        elif isinstance(op, ReinitDead) and init == "scratch":
-            acc.notes.append("re-initialising dead channels does nothing with --init scratch: every weight is fresh")
-    return new, acc.record()
-
-
-def _scaled(value: Any, scale: float | None) -> float:
-    if not isinstance(value, (int, float)) or scale is None:
-        return float("nan")
-    return float(f"{float(value) * scale:.6g}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, float) and math.isfinite(value) and value != 0 and abs(value) < 1e-2:
-        mantissa, exponent = f"{value:.3e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _plain(value: Any) -> Any:
-    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 __all__ = [
@@ -416,7 +341,5 @@ __all__ = [
     "PatchError",
     "PatchResult",
     "apply_plan",
-    "apply_to_config",
-    "config_key",
     "make_activation",
 ]

@@ -275,11 +275,15 @@ def _merge(ops: dict[str, Op], op: Op, notes: list[str]) -> None:
         ops[key] = op
     elif isinstance(old, SwapActivation) and isinstance(op, SwapActivation) and _same_swap(old, op):
         sites = () if not old.sites or not op.sites else tuple(dict.fromkeys((*old.sites, *op.sites)))
-        ops[key] = replace(old, sites=sites, reason=f"{old.reason}, {op.reason}")
+        ops[key] = replace(old, sites=sites, reason=_reasons(old.reason, op.reason))
     elif isinstance(old, ReinitDead) and isinstance(op, ReinitDead):
-        ops[key] = replace(old, channels=_union_channels(old.channels, op.channels), reason=f"{old.reason}, {op.reason}")
+        ops[key] = replace(old, channels=_union_channels(old.channels, op.channels), reason=_reasons(old.reason, op.reason))
     elif old != op:
         notes.append(f"kept '{old.describe()}' ({old.reason}); dropped '{op.describe()}' ({op.reason})")
+
+
+def _reasons(a: str, b: str) -> str:
+    return ", ".join(dict.fromkeys(r for r in (*a.split(", "), b) if r))
 
 
 def _same_swap(a: SwapActivation, b: SwapActivation) -> bool:

@@ -55,7 +55,7 @@ class Slice:
 
 @dataclass
 class ReinitResult:
-    changed: list[str] = field(default_factory=list)  # human lines
+    changed: list[tuple[str, str]] = field(default_factory=list)  # (layer, what was done to it)
     missing: list[str] = field(default_factory=list)  # what could not be done
     slices: list[Slice] = field(default_factory=list)
 
@@ -180,17 +180,17 @@ def _reinit_call(call: _Call, ids: list[int], flow: _Dataflow, params: dict[int,
         result.missing.append(f"{site}: no conv/linear layer feeds it directly; incoming weights left as they are")
     else:
         _fresh_rows(incoming.module, ids, params, result)  # type: ignore[arg-type]
-        result.changed.append(f"{incoming.name}: fresh incoming weights for channels {_ids(ids)} ({site})")
+        result.changed.append((incoming.name, f"fresh incoming weights for channels {_ids(ids)} of {site}"))
     for bn in norms:
         _reset_bn(bn.module, ids, params, result)  # type: ignore[arg-type]
-        result.changed.append(f"{bn.name}: statistics and affine parameters reset for channels {_ids(ids)}")
+        result.changed.append((bn.name, f"statistics, gamma and beta reset for channels {_ids(ids)} of {site}"))
     outgoing = _downstream(flow, call.output, _channels(call)) if call.output is not None else []
     if not outgoing:
         result.missing.append(f"{site}: its output reaches no conv/linear layer directly (it goes through "
                               "non-module operations); outgoing weights left as they are")  # fmt: skip
     for layer in outgoing:
         _zero_columns(layer.module, ids, params, result)  # type: ignore[arg-type]
-        result.changed.append(f"{layer.name}: outgoing weights of channels {_ids(ids)} set to 0")
+        result.changed.append((layer.name, f"outgoing weights of channels {_ids(ids)} of {site} set to 0"))
 
 
 def _channels(call: _Call) -> int:
@@ -215,13 +215,20 @@ def _upstream(call: _Call | None, len_channels: int) -> tuple[_Call | None, list
 
 
 def _downstream(flow: _Dataflow, t: torch.Tensor, channels: int) -> list[_Call]:
+    """Conv/linear layers reading ``t`` directly or through Dropout/Identity (which may return ``t`` itself)."""
     found: list[_Call] = []
-    for call in flow.consumers(t):
-        m = call.module
-        if isinstance(m, _PASS_THROUGH) and call.output is not None:
-            found += _downstream(flow, call.output, channels)
-        elif _reads(m, channels):
-            found.append(call)
+    seen: set[int] = set()
+    frontier = [t]
+    while frontier:
+        tensor = frontier.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        for call in flow.consumers(tensor):
+            if isinstance(call.module, _PASS_THROUGH) and call.output is not None:
+                frontier.append(call.output)
+            elif call.module is not None and _reads(call.module, channels):
+                found.append(call)
     return list({id(c.module): c for c in found}.values())
 
 
@@ -242,31 +249,29 @@ def _reads(m: nn.Module, channels: int) -> bool:
 def _fresh_rows(layer: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
     fresh = copy.deepcopy(layer)
     fresh.reset_parameters()  # type: ignore[operator]
-    index = torch.tensor(ids)
     for name in ("weight", "bias"):
         p, q = getattr(layer, name, None), getattr(fresh, name, None)
         if isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor):
+            index = torch.tensor(ids, device=p.device)
             p[index] = q[index]
             result.slices.append(Slice(params[id(p)], 0, tuple(ids)))
 
 
 def _reset_bn(bn: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
-    index = torch.tensor(ids)
-    for name, value in (("running_mean", 0.0), ("running_var", 1.0)):
-        buf = getattr(bn, name, None)
-        if isinstance(buf, torch.Tensor):
-            buf[index] = value
-    for name, value in (("weight", 1.0), ("bias", 0.0)):
+    for name, value in (("running_mean", 0.0), ("running_var", 1.0), ("weight", 1.0), ("bias", 0.0)):
+        t = getattr(bn, name, None)
+        if isinstance(t, torch.Tensor):
+            t[torch.tensor(ids, device=t.device)] = value
+    for name in ("weight", "bias"):
         p = getattr(bn, name, None)
         if isinstance(p, torch.Tensor):
-            p[index] = value
             result.slices.append(Slice(params[id(p)], 0, tuple(ids)))
 
 
 def _zero_columns(layer: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
-    weight[:, torch.tensor(ids)] = 0.0
+    weight[:, torch.tensor(ids, device=weight.device)] = 0.0
     result.slices.append(Slice(params[id(weight)], 1, tuple(ids)))
 
 
@@ -283,7 +288,7 @@ def reset_optimizer_rows(state: Mapping[str, Any], model: nn.Module, slices: Seq
             continue
         for value in entry.values():
             if isinstance(value, torch.Tensor) and value.dim() > s.dim:
-                value.index_fill_(s.dim, torch.tensor(s.index), 0.0)
+                value.index_fill_(s.dim, torch.tensor(s.index, device=value.device), 0.0)
     return out
 
 

@@ -1,0 +1,100 @@
+"""`deadneuron patch --model MODULE:FACTORY`: patch the model itself, audit it before and after, write
+its state_dict with the plan recorded beside it (rebuild it with ``deadneuron.patch.load_patched``).
+
+Without an adapter there is no training loop to run, so nothing is retrained: the comparison shows what
+the surgery itself changed on the same batches (a swapped activation's flat fraction stays where it was
+until the model is trained again; its exact zeros go by definition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from deadneuron.errors import UsageError
+
+if TYPE_CHECKING:
+    from deadneuron.cli.patch import Context
+    from deadneuron.patch import Plan
+
+DEFAULT_BATCHES = 8
+
+
+def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_spec: str, model_args: Mapping[str, Any],
+                  data: str | None, input_shape: str | None, batches: int | None,
+                  allow_globals: Sequence[str], trust_code: bool) -> None:  # fmt: skip
+    from deadneuron.audit import audit
+    from deadneuron.checkpoint import file_sha256
+    from deadneuron.cli._subject import build_subject
+    from deadneuron.patch import apply_plan
+
+    if batches is not None and batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {batches}")
+    source_hash = file_sha256(ctx.checkpoint)
+    subject = build_subject(ctx.checkpoint, model_spec=model_spec, model_args=model_args, input_shape=input_shape,
+                            data_spec=data, batches=batches, allow_globals=allow_globals, trust_code=trust_code)  # fmt: skip
+    assert subject.data is not None
+    sample = list(islice(subject.data, batches or DEFAULT_BATCHES))
+    if not sample:
+        raise UsageError("the data yielded no batches: nothing to check the patch on")
+    for warning in subject.warnings:
+        ctx.say(f"warning: {warning}")
+    # Eager statistics: a few batches do not repay torch.compile's start-up (tens of seconds cold).
+    before = audit(subject.model, sample, progress=False, compile=False, meta={"source": str(ctx.checkpoint)})
+    plan = _plan(flags, before, subject, apply_suggestions)
+    if not plan:
+        raise UsageError("nothing to patch: the audit found nothing to fix and no flag asked for a change")
+    result = apply_plan(subject.model, plan, report=before, example=sample[0])
+    _print(ctx, plan, result.record)
+    if ctx.dry_run:
+        ctx.say("dry run: nothing written")
+        return
+    after = audit(result.model, sample, progress=False, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
+    verification = _compare(before, after, len(sample))
+    _write(ctx, result, plan, source_hash, model_spec, model_args)
+    from deadneuron.cli.patch import write_extras
+    from deadneuron.patch.table import verification_table
+
+    ctx.console.print(verification_table(verification))
+    write_extras(ctx, verification, [before], [after], ("before", "after"))
+
+
+def _plan(flags: Plan, report: Any, subject: Any, suggestions: bool) -> Plan:
+    if not suggestions:
+        return flags
+    from deadneuron.patch import plan_from_findings
+    from deadneuron.rules import attach_findings
+
+    found = attach_findings(report, subject.checkpoint, model=subject.model)
+    return plan_from_findings(found.findings).overridden_by(flags)
+
+
+def _print(ctx: Context, plan: Plan, record: Any) -> None:
+    ctx.say("plan:")
+    for line in plan.describe():
+        ctx.say(f"  {line}")
+    ctx.say("changes:")
+    for line in record.lines() or ["(none)"]:
+        ctx.say(f"  {line}")
+
+
+def _compare(before: Any, after: Any, batches: int) -> Any:
+    from deadneuron.patch import compare, sample_from
+
+    budget = {"init": "the same weights, not retrained", "audit": f"{batches} batches"}
+    return compare([sample_from(before)], [sample_from(after)], seeds=(0,), budget=budget, labels=("before", "after"))
+
+
+def _write(ctx: Context, result: Any, plan: Plan, source_hash: str, model_spec: str, model_args: Mapping[str, Any]) -> None:
+    from deadneuron.checkpoint import atomic_save
+    from deadneuron.patch import patched_state
+
+    state = patched_state(result.model, resolved=result.resolved, requested=plan, record=result.record.to_dict(),
+                          source=str(ctx.checkpoint), source_sha256=source_hash, model_spec=model_spec,
+                          model_args=model_args)  # fmt: skip
+    atomic_save(state, ctx.out, force=ctx.force, protect=[ctx.checkpoint])
+    ctx.say(f"wrote {ctx.out}: rebuild it with deadneuron.patch.load_patched({str(ctx.out)!r}, <your factory>)")
+
+
+__all__ = ["patch_generic"]

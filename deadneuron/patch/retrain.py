@@ -1,0 +1,173 @@
+"""Retraining adapter models: one arm (the patched config), or both arms over several seeds, audited.
+
+``--init scratch`` (the default, and what the user was told to do: set the old checkpoint aside and train
+fresh) builds every run from the config; ``--init checkpoint`` fine-tunes the input checkpoint's weights
+for ``steps`` more steps (its optimizer state kept, except where dead channels were re-initialised).
+Both arms of a seed get the same budget: the same step cap, the same seed, the same data.
+
+Nothing is written here: the caller saves the checkpoint it keeps, so Ctrl-C leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deadneuron.adapters import Adapter
+from deadneuron.errors import UsageError
+from deadneuron.patch.config import Init
+from deadneuron.patch.verify import Sample, Verification, compare, sample_from
+
+Say = Callable[[str], None]
+SEED_KEYS = ("SEED", "seed")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What each run may spend: ``steps`` optimizer steps (None: the config's own epoch/step limits)."""
+
+    steps: int | None
+    init: Init = "scratch"
+    audit_grids: int | None = None  # held-out grids audited (None: all)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "init": self.init, "audit": self.audit_grids and f"{self.audit_grids} grids"}
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str
+    seed: int
+    checkpoint: Mapping[str, Any]
+    report: Any  # deadneuron.Report of the trained model on the held-out grids
+
+
+@dataclass
+class Options:
+    """How to run: progress bars, a line printer, the starting weights for ``--init checkpoint``."""
+
+    progress: bool = False
+    say: Say = field(default=lambda _: None)
+    init_checkpoint: Mapping[str, Any] | None = None
+    patched_init: Mapping[str, Any] | None = None  # init for the patched arm (re-initialised channels)
+
+
+def seeded(config: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    key = next((k for k in SEED_KEYS if k in config), None)
+    if key is None:
+        return dict(config)
+    return {**config, key: seed}
+
+
+def seeds_for(config: Mapping[str, Any], count: int) -> list[int]:
+    """``count`` seeds starting at the config's own (so seed 1 of the baseline arm is the input run)."""
+    if count < 1:
+        raise UsageError(f"--seeds must be at least 1, got {count}")
+    key = next((k for k in SEED_KEYS if k in config), None)
+    if key is None and count > 1:
+        raise UsageError("the config has no SEED key, so runs cannot differ by seed: use --seeds 1")
+    start = int(config[key]) if key is not None else 0
+    return [start + i for i in range(count)]
+
+
+def train_run(adapter: Adapter, config: Mapping[str, Any], budget: Budget, options: Options,
+              *, init: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """One training run through the adapter: fresh (``init`` None) or continued from ``init``."""
+    max_steps = budget.steps
+    if init is not None:
+        init = fit_init(adapter, config, init)
+        if max_steps is not None:
+            max_steps += int(init.get("step", 0))  # the trainer caps the *total* step count
+    kwargs: dict[str, Any] = {"init": init, "max_steps": max_steps}
+    if "progress" in inspect.signature(adapter.train).parameters:
+        kwargs["progress"] = options.progress
+    return adapter.train(config, **kwargs)
+
+
+def fit_init(adapter: Adapter, config: Mapping[str, Any], init: Mapping[str, Any]) -> dict[str, Any]:
+    """``init`` made to fit the model ``config`` builds: weights the new model lacks (a PReLU slope) come
+    from a fresh model, and the optimizer state is dropped when the parameter list changed. The seed
+    of the run, not the stored random state, decides the run's randomness."""
+    fresh = adapter.build(config).state_dict()
+    state = dict(init.get("state_dict", {}))
+    out = {k: v for k, v in init.items() if k != "rng_state"}
+    if set(fresh) != set(state):
+        out["state_dict"] = {k: state.get(k, v) for k, v in fresh.items()}
+        out["optimizer_state"] = None
+    return out
+
+
+def audit_run(adapter: Adapter, checkpoint: Mapping[str, Any], budget: Budget, *, progress: bool) -> Any:
+    from deadneuron.audit import audit
+
+    model = adapter.load(checkpoint)
+    config = checkpoint.get("config", {})
+    if budget.audit_grids is not None and "max_grids" in inspect.signature(adapter.batches).parameters:
+        batches = adapter.batches("heldout", config, max_grids=budget.audit_grids)  # type: ignore[call-arg]
+    else:
+        batches = adapter.batches("heldout", config)
+    return audit(model, batches, adapter=adapter, progress=progress)
+
+
+def final_loss(checkpoint: Mapping[str, Any]) -> float | None:
+    history = checkpoint.get("history") or []
+    for record in reversed(history):
+        if isinstance(record, Mapping) and isinstance(record.get("loss"), (int, float)):
+            return float(record["loss"])
+    return None
+
+
+def retrain(adapter: Adapter, config: Mapping[str, Any], budget: Budget, options: Options, *, seed: int) -> Run:
+    """The patched config, trained once (no verification) and audited."""
+    init = options.patched_init if budget.init == "checkpoint" else None
+    options.say(f"training the patched config, seed {seed}")
+    ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init)
+    return Run("patched", seed, ckpt, audit_run(adapter, ckpt, budget, progress=options.progress))
+
+
+def verify(
+    adapter: Adapter,
+    baseline_config: Mapping[str, Any],
+    patched_config: Mapping[str, Any],
+    budget: Budget,
+    options: Options,
+    *,
+    seeds: Sequence[int],
+    reference: Any = None,
+) -> tuple[Verification, list[Run]]:
+    """Train and audit both arms for every seed; the comparison and the runs (patched runs included)."""
+    started = time.monotonic()
+    runs: list[Run] = []
+    total = 2 * len(seeds)
+    for i, seed in enumerate(seeds):
+        for j, (arm, config) in enumerate((("baseline", baseline_config), ("patched", patched_config))):
+            init = None
+            if budget.init == "checkpoint":
+                init = options.patched_init if arm == "patched" else options.init_checkpoint
+            options.say(f"[{2 * i + j + 1}/{total}] training the {arm} config, seed {seed}")
+            with torch.random.fork_rng(devices=[]):
+                ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init)
+            report = audit_run(adapter, ckpt, budget, progress=options.progress)
+            runs.append(Run(arm, seed, ckpt, report))
+    samples = {arm: [_sample(r) for r in runs if r.arm == arm] for arm in ("baseline", "patched")}
+    spent = {**budget.to_dict(), "seconds": round(time.monotonic() - started, 1)}
+    ref = _sample_of(reference) if reference is not None else None
+    return compare(samples["baseline"], samples["patched"], seeds=seeds, budget=spent, reference=ref), runs
+
+
+def _sample(run: Run) -> Sample:
+    return sample_from(run.report, loss=final_loss(run.checkpoint))
+
+
+def _sample_of(reference: Any) -> Sample:
+    report, checkpoint = reference
+    return sample_from(report, loss=final_loss(checkpoint))
+
+
+__all__ = ["Budget", "Options", "Run", "audit_run", "final_loss", "fit_init", "retrain", "seeded", "seeds_for",
+           "train_run", "verify"]  # fmt: skip

@@ -1,0 +1,265 @@
+"""Did the fix help? Baseline and patched arms compared metric by metric, with a verdict per metric.
+
+Pure: Reports (and final training losses) in, a :class:`Verification` value out; renderers are in
+:mod:`deadneuron.patch.table`.
+
+**The verdict rule.** For each metric, d = mean(patched) - mean(baseline) over the seeds, and the
+threshold is ``max(tolerance, spread)``, where ``spread`` is the larger of the two arms' sample standard
+deviations (0 with a single seed) and ``tolerance`` is the metric's smallest meaningful change:
+1 channel for dead/dormant counts, 1 percentage point for shares (sparsity, flat fraction, accuracy,
+largest-slot share) and 0.01 for the mask entropy (0..1), 0.1 for active slots per image, 2% of the baseline for the loss.
+``|d| <= threshold`` is "no change" (within the spread / the tolerance); otherwise the metric is
+"improved" or "worse" according to its direction (fewer dead channels, higher accuracy...). Metrics with
+no better direction (sparsity, mask entropy) get "higher" or "lower". Sparsity where the baseline
+activation outputs exact zeros (ReLU) and the patched one cannot (LeakyReLU, GELU, ...) is "lower by
+definition": compare the flat fraction. This is a screening rule, not a significance test: with one
+seed a verdict is an anecdote, and three seeds are the least for a claim.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+Direction = Literal["lower", "higher", "neutral"]
+Unit = Literal["count", "share", "ratio", "slots", "loss"]
+ZERO_KINDS = frozenset({"relu", "relu6"})  # activations whose flat region outputs exact zeros
+
+
+class Verdict(StrEnum):
+    IMPROVED = "improved"
+    WORSE = "worse"
+    NO_CHANGE = "no change"
+    HIGHER = "higher"
+    LOWER = "lower"
+    BY_DEFINITION = "lower by definition"
+    NOT_AVAILABLE = "n/a"
+    REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    key: str
+    label: str
+    direction: Direction
+    unit: Unit
+
+
+TOLERANCE: Mapping[Unit, float] = {"count": 1.0, "share": 0.01, "ratio": 0.01, "slots": 0.1, "loss": 0.02}  # loss: relative
+
+SITE_METRICS = (
+    MetricSpec("dead", "dead channels", "lower", "count"),
+    MetricSpec("dormant", "dormant channels", "lower", "count"),
+    MetricSpec("sparsity", "sparsity (zeros)", "neutral", "share"),
+    MetricSpec("flat_fraction", "flat fraction", "lower", "share"),
+)
+SLOT_METRICS = (
+    MetricSpec("mean_active", "active slots/image", "higher", "slots"),
+    MetricSpec("largest_slot_share", "largest-slot share", "lower", "share"),
+    MetricSpec("mask_entropy", "mask entropy (1=uniform)", "neutral", "ratio"),
+)
+TASK_METRICS = (
+    MetricSpec("valid_pixel_accuracy", "valid-pixel accuracy", "higher", "share"),
+    MetricSpec("baseline_valid_pixel_accuracy", "(most-common colour)", "neutral", "share"),
+    MetricSpec("exact_grid_accuracy", "exact grids", "higher", "share"),
+    MetricSpec("loss", "train loss, last epoch", "lower", "loss"),
+)
+REFERENCE_KEYS = frozenset({"baseline_valid_pixel_accuracy"})  # the same data for both arms: no verdict
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One trained and audited run: figures keyed by (group, metric key), and each site's activation kind."""
+
+    values: Mapping[tuple[str, str], float]
+    kinds: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Row:
+    group: str  # "overall", "slots", "task", or a site name
+    spec: MetricSpec
+    baseline: tuple[float, ...]
+    patched: tuple[float, ...]
+    reference: float | None  # the input checkpoint, as it was trained
+    verdict: Verdict
+    note: str = ""
+
+    @property
+    def difference(self) -> float:
+        return _mean(self.patched) - _mean(self.baseline)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group": self.group, "metric": self.spec.key, "label": self.spec.label.strip(),
+            "baseline": [_plain(v) for v in self.baseline], "patched": [_plain(v) for v in self.patched],
+            "reference": _plain(self.reference), "verdict": self.verdict.value, "note": self.note,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Verification:
+    seeds: tuple[int, ...]
+    rows: tuple[Row, ...]
+    budget: Mapping[str, Any]
+    labels: tuple[str, str] = ("baseline", "patched")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seeds": list(self.seeds), "budget": dict(self.budget), "labels": list(self.labels),
+                "rule": RULE_TEXT, "rows": [r.to_dict() for r in self.rows]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Verification:
+        """The value ``to_dict`` wrote (for example into a patched checkpoint's ``patch`` entry)."""
+        def spec(group: str, key: str) -> MetricSpec:
+            family = {"slots": SLOT_METRICS, "task": TASK_METRICS}.get(group, SITE_METRICS)
+            return next(s for s in family if s.key == key)
+
+        rows = tuple(
+            Row(r["group"], spec(r["group"], r["metric"]), _floats(r["baseline"]), _floats(r["patched"]),
+                r["reference"], Verdict(r["verdict"]), r.get("note", ""))
+            for r in data["rows"]
+        )  # fmt: skip
+        return cls(tuple(data["seeds"]), rows, dict(data["budget"]), tuple(data.get("labels", ("baseline", "patched"))))
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.verdict.value] = out.get(r.verdict.value, 0) + 1
+        return out
+
+
+RULE_TEXT = (
+    "verdict: d = mean(patched) - mean(baseline); a change counts when |d| > max(tolerance, larger per-arm "
+    "sample std); tolerances: 1 channel, 1 point for shares, 0.1 slots, 2% of the loss; 1 seed is not a claim"
+)
+
+
+def sample_from(report: Any, *, loss: float | None = None) -> Sample:
+    """The figures of one audited run (a :class:`deadneuron.Report`) and its final training loss."""
+    values: dict[tuple[str, str], float] = {}
+    summary = report.summary
+    values.update({("overall", "dead"): summary.dead, ("overall", "dormant"): summary.dormant,
+                   ("overall", "sparsity"): summary.sparsity, ("overall", "flat_fraction"): summary.flat_fraction})  # fmt: skip
+    for name, s in report.sites.items():
+        values.update({(name, "dead"): len(s.dead_channels), (name, "dormant"): len(s.dormant_channels),
+                       (name, "sparsity"): s.sparsity, (name, "flat_fraction"): s.flat_fraction})  # fmt: skip
+    if report.slots is not None:
+        for spec in SLOT_METRICS:
+            values[("slots", spec.key)] = float(getattr(report.slots, spec.key))
+    for spec in TASK_METRICS:
+        if spec.key in report.metrics:
+            values[("task", spec.key)] = float(report.metrics[spec.key])
+    if loss is not None:
+        values[("task", "loss")] = float(loss)
+    kinds = {name: s.kind for name, s in report.sites.items()}
+    return Sample(values, kinds)
+
+
+def verdict(baseline: Sequence[float], patched: Sequence[float], spec: MetricSpec) -> Verdict:
+    """The rule in the module docstring, for one metric."""
+    b = [v for v in baseline if math.isfinite(v)]
+    p = [v for v in patched if math.isfinite(v)]
+    if not b or not p:
+        return Verdict.NOT_AVAILABLE
+    d = _mean(p) - _mean(b)
+    tolerance = TOLERANCE[spec.unit] * (abs(_mean(b)) if spec.unit == "loss" else 1.0)
+    if abs(d) <= max(tolerance, spread(b), spread(p)):
+        return Verdict.NO_CHANGE
+    if spec.direction == "neutral":
+        return Verdict.HIGHER if d > 0 else Verdict.LOWER
+    return Verdict.IMPROVED if (d < 0) == (spec.direction == "lower") else Verdict.WORSE
+
+
+def spread(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
+
+
+def compare(
+    baseline: Sequence[Sample],
+    patched: Sequence[Sample],
+    *,
+    seeds: Sequence[int],
+    budget: Mapping[str, Any],
+    reference: Sample | None = None,
+    labels: tuple[str, str] = ("baseline", "patched"),
+) -> Verification:
+    """Rows for the overall, slot and task figures, then per site, each with its verdict."""
+    if not baseline or len(baseline) != len(patched):
+        raise ValueError("compare needs the same number (>= 1) of baseline and patched runs")
+    groups: list[tuple[str, tuple[MetricSpec, ...]]] = [
+        ("overall", SITE_METRICS), ("slots", SLOT_METRICS), ("task", TASK_METRICS)]  # fmt: skip
+    sites = list(dict.fromkeys(n for s in (*baseline, *patched) for n in s.kinds))
+    groups += [(name, SITE_METRICS) for name in sites]
+    rows: list[Row] = []
+    for group, specs in groups:
+        for spec in specs:
+            key = (group, spec.key)
+            if not any(key in s.values for s in (*baseline, *patched)):
+                continue
+            rows.append(_row(group, spec, baseline, patched, reference))
+    return Verification(tuple(seeds), tuple(rows), dict(budget), labels)
+
+
+def _row(group: str, spec: MetricSpec, baseline: Sequence[Sample], patched: Sequence[Sample],
+         reference: Sample | None) -> Row:  # fmt: skip
+    key = (group, spec.key)
+    b = tuple(float(s.values.get(key, math.nan)) for s in baseline)
+    p = tuple(float(s.values.get(key, math.nan)) for s in patched)
+    ref = reference.values.get(key) if reference is not None else None
+    if spec.key in REFERENCE_KEYS:
+        return Row(group, spec, b, p, ref, Verdict.REFERENCE, "painting each grid its most common colour, on the same grids")
+    result = verdict(b, p, spec)
+    note = ""
+    if spec.key == "sparsity" and result is Verdict.LOWER:
+        switched, total, kinds = _switched_sites(baseline, patched, group)
+        if switched and switched == total:
+            result, note = Verdict.BY_DEFINITION, f"{kinds} has no exact zeros; see flat"
+        elif switched:
+            note = f"partly by definition: {switched} of {total} sites now {kinds}, which has no exact zeros; see flat"
+    return Row(group, spec, b, p, None if ref is None else float(ref), result, note)
+
+
+def _switched_sites(baseline: Sequence[Sample], patched: Sequence[Sample], group: str) -> tuple[int, int, str]:
+    """(sites that went from an activation with exact zeros to one without, sites, their new kinds), over
+    ``group`` (a site name, or every site for "overall")."""
+    names = {n for s in baseline for n in s.kinds} if group == "overall" else {group}
+    switched, new = 0, set()
+    for name in names:
+        before = {s.kinds[name] for s in baseline if name in s.kinds}
+        after = {s.kinds[name] for s in patched if name in s.kinds}
+        if before and after and before <= ZERO_KINDS and not after & ZERO_KINDS:
+            switched += 1
+            new |= after
+    return switched, len(names), "/".join(sorted(new))
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _floats(values: Sequence[float | None]) -> tuple[float, ...]:
+    return tuple(math.nan if v is None else float(v) for v in values)
+
+
+def _plain(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+__all__ = [
+    "RULE_TEXT",
+    "MetricSpec",
+    "Row",
+    "Sample",
+    "Verdict",
+    "Verification",
+    "compare",
+    "sample_from",
+    "spread",
+    "verdict",
+]

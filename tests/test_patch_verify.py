@@ -1,0 +1,74 @@
+"""The verdict rule and the comparison table (pure: synthetic samples, no training)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deadneuron.patch.table import verification_markdown
+from deadneuron.patch.verify import (
+    SITE_METRICS,
+    SLOT_METRICS,
+    TASK_METRICS,
+    Sample,
+    Verdict,
+    compare,
+    verdict,
+)
+
+DEAD, _, SPARSITY, FLAT = SITE_METRICS
+ACTIVE, _, ENTROPY = SLOT_METRICS
+ACCURACY, _, _, LOSS = TASK_METRICS
+
+
+@pytest.mark.parametrize(
+    ("baseline", "patched", "spec", "expected"),
+    [
+        ([10], [8], DEAD, Verdict.IMPROVED),  # 1 seed: beyond the 1-channel tolerance
+        ([10], [9], DEAD, Verdict.NO_CHANGE),  # 1 seed: within it
+        ([10], [12], DEAD, Verdict.WORSE),
+        ([0.60], [0.605], ACCURACY, Verdict.NO_CHANGE),  # half a point
+        ([0.60], [0.62], ACCURACY, Verdict.IMPROVED),
+        ([0.60], [0.58], ACCURACY, Verdict.WORSE),
+        ([10, 20, 30], [5, 15, 25], DEAD, Verdict.NO_CHANGE),  # d = 5 < std 10
+        ([10, 11, 12], [2, 3, 4], DEAD, Verdict.IMPROVED),  # d = 8 > std 1
+        ([2, 3, 4], [2, 30, 4], DEAD, Verdict.NO_CHANGE),  # the larger std (patched) decides
+        ([1.0, 1.0], [1.0, 1.0], DEAD, Verdict.NO_CHANGE),
+        ([1.30], [1.31], LOSS, Verdict.NO_CHANGE),  # within 2% of the baseline
+        ([1.30], [1.20], LOSS, Verdict.IMPROVED),
+        ([1.0], [1.2], ACTIVE, Verdict.IMPROVED),
+        ([0.9], [0.5], ENTROPY, Verdict.LOWER),  # no better direction
+        ([0.5], [0.9], SPARSITY, Verdict.HIGHER),
+        ([float("nan")], [1.0], DEAD, Verdict.NOT_AVAILABLE),
+    ],
+)
+def test_verdict_rule(baseline: list[float], patched: list[float], spec: object, expected: Verdict) -> None:
+    assert verdict(baseline, patched, spec) is expected  # type: ignore[arg-type]
+
+
+def sample(dead: float, sparsity: float, flat: float, kind: str, accuracy: float) -> Sample:
+    values = {("overall", "dead"): dead, ("overall", "sparsity"): sparsity, ("overall", "flat_fraction"): flat,
+              ("enc>relu", "dead"): dead, ("enc>relu", "sparsity"): sparsity, ("enc>relu", "flat_fraction"): flat,
+              ("task", "valid_pixel_accuracy"): accuracy, ("task", "baseline_valid_pixel_accuracy"): 0.7}  # fmt: skip
+    return Sample(values, {"enc>relu": kind})
+
+
+def test_leaky_zeros_are_lower_by_definition_and_flat_tells_the_truth() -> None:
+    base = [sample(80, 0.6, 0.6, "relu", 0.58), sample(70, 0.62, 0.62, "relu", 0.57), sample(75, 0.61, 0.61, "relu", 0.58)]
+    patched = [sample(79, 0.0, 0.6, "leaky_relu", 0.58), sample(72, 0.0, 0.61, "leaky_relu", 0.57),
+               sample(74, 0.0, 0.62, "leaky_relu", 0.59)]  # fmt: skip
+    v = compare(base, patched, seeds=(0, 1, 2), budget={"steps": 600, "init": "scratch"})
+    by = {(r.group, r.spec.key): r for r in v.rows}
+    assert by[("enc>relu", "sparsity")].verdict is Verdict.BY_DEFINITION
+    assert "no exact zeros" in by[("enc>relu", "sparsity")].note
+    assert by[("enc>relu", "flat_fraction")].verdict is Verdict.NO_CHANGE
+    assert by[("overall", "dead")].verdict is Verdict.NO_CHANGE
+    assert by[("task", "baseline_valid_pixel_accuracy")].verdict is Verdict.REFERENCE
+    text = verification_markdown(v)
+    assert "| enc>relu | dead channels |" in text
+    assert "lower by definition" in text and "75.0 ± 5.0" in text
+    assert "Budget: seeds 0, 1, 2; init scratch; steps 600." in text
+
+
+def test_compare_needs_matching_arms() -> None:
+    with pytest.raises(ValueError, match="same number"):
+        compare([sample(1, 0, 0, "relu", 0)], [], seeds=(0,), budget={})
