@@ -4,7 +4,8 @@ and the health snapshot that the training loop stores in its timeline."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,13 @@ from deadneuron.slots import SlotStats
 
 
 def _config(config: Mapping[str, Any] | TrainConfig) -> TrainConfig:
-    return config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    """A TrainConfig; a bad key or value is a UsageError (exit code 2) naming the valid keys."""
+    if isinstance(config, TrainConfig):
+        return config
+    try:
+        return TrainConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"arc-slot config: {err}") from None
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -67,6 +74,16 @@ class ArcSlotAdapter:
     def summarize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         return loss.summarize(dict(sums))
 
+    def default_config(self) -> dict[str, Any]:
+        return TrainConfig().to_dict()
+
+    def parse_config(self, items: Sequence[str], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``base`` (default: the defaults) with ``["KEY=VALUE", ...]`` applied, each parsed to its type."""
+        try:
+            return _config(base or {}).with_overrides(items).to_dict()
+        except ValueError as err:
+            raise UsageError(f"--config: {err}") from None
+
     def train(
         self,
         config: Mapping[str, Any],
@@ -75,10 +92,15 @@ class ArcSlotAdapter:
         max_steps: int | None = None,
         callbacks: Iterable[Callable[..., None]] = (),
         progress: bool = False,
+        out: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        save_optimizer: bool = True,
     ) -> dict[str, Any]:
+        """``arc_model.train.train``: a checkpoint dict, also written atomically to ``out`` if given."""
         from arc_model.train import train
 
-        return train(_config(config), init=init, max_steps=max_steps, callbacks=callbacks, progress=progress)
+        return train(_config(config), init=init, max_steps=max_steps, callbacks=callbacks, progress=progress,
+                     out=out, overwrite=overwrite, save_optimizer=save_optimizer)
 
 
 def health_snapshot(model: SlotAutoencoder, batches: Iterable[data.GridBatch]) -> dict[str, Any]:

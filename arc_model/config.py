@@ -101,9 +101,20 @@ def _field_type(key: str) -> Any:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    """Accept ints where a float is declared (JSON and torch.save may store 1e-3 as float, 0 as int)."""
-    if isinstance(value, int) and not isinstance(value, bool) and _base_type(_field_type(key)) is float:
+    """``value`` as field ``key``'s type: text is parsed (``"3e-3"``), an int is taken where a float is
+    declared and an integral float where an int is; anything else of the wrong type is a ValueError."""
+    tp = _field_type(key)
+    base = _base_type(tp)
+    if value is None and _optional(tp):
+        return None
+    if isinstance(value, str) and base is not str:
+        return parse_value(key, value)
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if (base is int and isinstance(value, bool)) or not isinstance(value, base):
+        raise ValueError(f"{key}={value!r}: expected {base.__name__}")
     return value
 
 

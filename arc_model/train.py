@@ -7,6 +7,13 @@ each epoch depend on (SEED, epoch) only, and the checkpoint carries the torch RN
 epoch's sums, so a run resumed from any checkpoint ends bit-identical to an uninterrupted one (same
 machine, same thread count).
 
+``history``: one record per epoch: loss (mean NLL per valid cell), train_accuracy (valid cells, train
+mode, during the epoch), heldout_accuracy (valid cells of the timeline's probe set, at timeline epochs
+only, else None). ``health_timeline``: at step 0, every TIMELINE_EVERY epochs and at the end, the health
+of the model on a fixed probe set of TIMELINE_GRIDS held-out grids (BatchNorm statistics re-estimated):
+per site sparsity, flat fraction and dead channel indices, slot occupancy (``SlotHealth.to_dict()``) and
+task metrics.
+
 Command line (until ``deadneuron train`` exists; the same ``--config KEY=VALUE`` flags)::
 
     python -m arc_model.train --config BATCH_NORM=false LEARNING_RATE=3e-3 MAX_STEPS=600 \
@@ -95,6 +102,8 @@ def train(
                 callback(record)
     if run.timeline[-1]["step"] != run.step:
         run.timeline.append(_snapshot(model, grids, probe, cfg, run))
+        if run.history and run.history[-1]["step"] == run.step:  # the run ended on an epoch boundary
+            run.history[-1]["heldout_accuracy"] = run.timeline[-1]["metrics"]["valid_pixel_accuracy"]
     return save()
 
 

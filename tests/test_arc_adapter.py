@@ -68,3 +68,14 @@ def test_masks_and_metrics_from_outputs() -> None:
 )
 def test_flat_threshold_of_the_timeline_fallback(module: torch.nn.Module, threshold: object) -> None:
     assert flat_threshold(module) == threshold
+
+
+def test_config_parsing_for_the_cli() -> None:
+    adapter = ArcSlotAdapter()
+    assert adapter.default_config() == TrainConfig().to_dict()
+    parsed = adapter.parse_config(["BATCH_NORM=false", "LEARNING_RATE=3e-3"], base={"SEED": 2})
+    assert (parsed["BATCH_NORM"], parsed["LEARNING_RATE"], parsed["SEED"]) == (False, 3e-3, 2)
+    with pytest.raises(UsageError, match="valid keys"):
+        adapter.parse_config(["LR=1"])
+    with pytest.raises(UsageError, match="unknown config key"):
+        adapter.build({"LR": 1})

@@ -67,3 +67,22 @@ def test_overrides_parse_to_the_fields_type(item: str, key: str, expected: objec
 def test_bad_overrides_say_what_is_wrong(item: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         TrainConfig().with_overrides([item])
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [({"LEARNING_RATE": "3e-3"}, 3e-3), ({"NUM_EPOCHS": 1000.0}, 1000), ({"BATCH_NORM": "false"}, False),
+     ({"NUM_GRIDS": None}, None), ({"LEARNING_RATE": 1}, 1.0)],
+    ids=["text", "integral-float", "text-bool", "none", "int-for-float"],
+)
+def test_from_dict_coerces_plain_values(data: dict[str, object], expected: object) -> None:
+    ((key, _),) = data.items()
+    value = getattr(TrainConfig.from_dict(data), key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("data", [{"NUM_EPOCHS": 2.5}, {"BATCH_NORM": 1}, {"SEED": True}, {"ACTIVATION": 3}],
+                         ids=str)
+def test_from_dict_rejects_values_of_the_wrong_type(data: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="expected"):
+        TrainConfig.from_dict(data)
