@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.deadneuron-installed
 
-.PHONY: demo test venv lint bench clean
+.PHONY: demo test venv lint bench checkpoints clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+checkpoints: $(STAMP)
+	PYTHON=$(BIN)/python bash examples/make_checkpoints.sh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
