@@ -3,12 +3,30 @@
     import deadneuron
     report = deadneuron.audit(model, batches)
     report.summary.sparsity, report.sites["encoder.bn_layers.2>relu"].dead_channels
+    findings = deadneuron.evaluate(report)                # the rule engine
+    deadneuron.assert_healthy(report, max_dead_fraction=0.0)
+
+Subpackages: ``deadneuron.rules`` (findings), ``deadneuron.patch`` (plans, surgery, retraining),
+``deadneuron.testing`` (assertions; a pytest plugin registers the ``activation_audit`` fixture).
 """
 
 from deadneuron.audit import audit
 from deadneuron.errors import DeadneuronError, ExitCode
 from deadneuron.probe import Recorder
 from deadneuron.report import Report, SiteHealth, Summary
+from deadneuron.rules import evaluate
+from deadneuron.testing import assert_healthy, assert_sparsity_below
 
-__all__ = ["DeadneuronError", "ExitCode", "Recorder", "Report", "SiteHealth", "Summary", "audit"]
+__all__ = [
+    "DeadneuronError",
+    "ExitCode",
+    "Recorder",
+    "Report",
+    "SiteHealth",
+    "Summary",
+    "assert_healthy",
+    "assert_sparsity_below",
+    "audit",
+    "evaluate",
+]
 __version__ = "0.1.0"
