@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deadneuron._parse import parse_scalar
 from deadneuron.adapters import Adapter, get_adapter, is_deadneuron_checkpoint
 from deadneuron.errors import AuditRuntimeError, UnreadableInputError, UnsafeCheckpointError, UsageError
 
@@ -39,20 +40,6 @@ def parse_key_values(items: Sequence[str], *, option: str) -> dict[str, Any]:
             raise UsageError(f"{option} takes KEY=VALUE, got {item!r}")
         out[key.strip()] = parse_scalar(raw.strip())
     return out
-
-
-def parse_scalar(raw: str) -> Any:
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from deadneuron._parse import parse_scalar
 from deadneuron.errors import UsageError
 from deadneuron.rules.model import Rule, RuleSet
 
@@ -124,17 +125,8 @@ def parse_overrides(items: Sequence[str], *, rules: RuleSet, source: str = "flag
             raise UsageError(f"{source}: {item!r} is not RULE.THRESHOLD=VALUE (e.g. dead-relu.min_channels=2)")
         check_rule_ids([rule_id], rules=rules, where=source)
         rule = rules.get(rule_id)
-        settings.setdefault(rule_id, {}).update(_thresholds(rule, {name: _scalar(raw.strip())}, source))
+        settings.setdefault(rule_id, {}).update(_thresholds(rule, {name: parse_scalar(raw.strip())}, source))
     return RulesConfig(settings, sources=(source,) if items else ())
-
-
-def _scalar(raw: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 # -- files -----------------------------------------------------------------------------------------------
