@@ -312,3 +312,16 @@ def test_patch_ops_are_what_the_patch_planner_reads() -> None:
     for op in ops:
         assert plan.op_from_dict(op).to_dict() == op
     assert plan.plan_from_findings(findings).ops
+
+
+def test_adapter_model_commands_leave_placement_to_the_config() -> None:
+    """For a checkpoint with an adapter the config places the swap (no --select), and re-initialising
+    dead channels needs the trained weights (--init checkpoint)."""
+    from deadneuron.rules.model import Fix, PatchOp
+
+    swap = PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=("encoder.bn_layers.1>relu",))
+    reinit = PatchOp.reinit_dead({"encoder.bn_layers.1>relu": [0, 2]})
+    assert "--select" in Fix((swap,)).command("a.pth")
+    assert "--select" not in Fix((swap,)).command("a.pth", adapter_model=True)
+    assert Fix((reinit,)).command("a.pth") == "deadneuron patch a.pth --reinit-dead"
+    assert Fix((reinit,)).command("a.pth", adapter_model=True) == "deadneuron patch a.pth --reinit-dead --init checkpoint"

@@ -53,6 +53,7 @@ class RuleContext:
     timeline: tuple[Mapping[str, Any], ...] = ()
     bn_scales: Mapping[str, BatchNormScale] = field(default_factory=dict)  # BatchNorm module name -> scale
     config: Mapping[str, Any] = field(default_factory=dict)
+    adapter: str | None = None  # the checkpoint's adapter: its config, not --select, places a swap
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bn_scales", MappingProxyType(dict(self.bn_scales)))
@@ -93,6 +94,7 @@ def context_from(checkpoint: Mapping[str, Any] | None, model: nn.Module | None =
         timeline=_records(ckpt.get("health_timeline")),
         bn_scales=bn_scales(model) if model is not None else _bn_scales_from_state(ckpt.get("state_dict")),
         config=config,
+        adapter=_text(ckpt.get("adapter")),
     )
 
 

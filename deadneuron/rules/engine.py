@@ -81,7 +81,7 @@ def make_finding(rule: Rule, hit: Hit, context: RuleContext, thresholds: Mapping
         channels=hit.channels,
         evidence=hit.evidence,
         fixes=fixes,
-        commands=tuple(fix.command(source) for fix in fixes),
+        commands=tuple(fix.command(source, adapter_model=context.adapter is not None) for fix in fixes),
     )
 
 

@@ -171,11 +171,15 @@ class PatchOp:
         chans = tuple((site, tuple(ids)) for site, ids in channels.items())
         return cls(PatchKind.REINIT_DEAD, (("channels", chans), ("reset_optimizer_state", True)))
 
-    def flags(self) -> tuple[str, ...]:
+    def flags(self, *, adapter_model: bool = False) -> tuple[str, ...]:
+        """CLI flags of ``deadneuron patch`` that request this op. For an adapter model the config
+        decides where an activation swap lands (no ``--select``), and re-initialising dead channels
+        needs the trained weights (``--init checkpoint``; from scratch every weight is fresh anyway)."""
         p = dict(self.params)
         if self.kind is PatchKind.SWAP_ACTIVATION:
             slope = ("--negative-slope", _num(p["negative_slope"])) if "negative_slope" in p else ()
-            select = tuple(word for site in p.get("sites", ()) for word in ("--select", site))
+            sites = () if adapter_model else p.get("sites", ())
+            select = tuple(word for site in sites for word in ("--select", site))
             return ("--activation", _activation_flag(p["activation"]), *slope, *select)
         if self.kind is PatchKind.SET_HPARAM and p["name"] == "learning_rate":
             return ("--lr", _num(p["value"])) if "value" in p else ("--lr-scale", _num(p["scale"]))
@@ -184,7 +188,7 @@ class PatchOp:
         if self.kind is PatchKind.INSERT_DROPOUT:
             return ("--dropout-between-convs", _num(p["p"]))
         if self.kind is PatchKind.REINIT_DEAD:
-            return ("--reinit-dead",)
+            return ("--reinit-dead", "--init", "checkpoint") if adapter_model else ("--reinit-dead",)
         return ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,11 +212,11 @@ class Fix:
 
     ops: tuple[PatchOp, ...]
 
-    def command(self, source: str | None) -> str:
+    def command(self, source: str | None, *, adapter_model: bool = False) -> str:
         """The shell command, every word quoted where needed (site names hold ``>``)."""
         words = [source] if source else []
         for op in self.ops:
-            words.extend(op.flags())
+            words.extend(op.flags(adapter_model=adapter_model))
         return " ".join(["deadneuron", "patch", *(shlex.quote(w) for w in words)])
 
 
