@@ -4,9 +4,9 @@ The config starts from the adapter's defaults (or the --resume checkpoint's conf
 KEY=VALUE overrides one field (for the ARC model: LEARNING_RATE, NUM_EPOCHS, ACTIVATION, NEGATIVE_SLOPE,
 DROPOUT_BETWEEN_CONVS, BATCH_NORM, MAX_STEPS, SEED, ...). The checkpoint is written atomically at every
 health-timeline point (TIMELINE_EVERY epochs) and at the end, so --out always holds the last complete
-checkpoint: Ctrl-C or SIGTERM stops the run with one line and exit code 130 (143 for SIGTERM), SIGKILL
-loses at most the steps since the last timeline point, and no partial file ever has --out's name. An
-existing --out is refused without --force.
+checkpoint: Ctrl-C or SIGTERM stops the run (a save in progress is let finish) with one line and exit
+code 130 (143 for SIGTERM), SIGKILL loses at most the steps since the last timeline point, and no partial
+file ever has --out's name. An existing --out is refused without --force.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -91,6 +92,8 @@ def _train(config: list[str], *, out: Path, force: bool, resume: Path | None, ma
         if not save_optimizer:
             checkpoint = {**checkpoint, "optimizer_state": None}
         atomic_save(checkpoint, out, force=True, protect=[resume] if resume is not None else [])
+    if requested:  # it came during the last save, which was let finish
+        raise _Interrupted(requested[0])
     typer.echo(_summary(out, checkpoint), err=True)
 
 
@@ -98,9 +101,9 @@ def _train_kwargs(adapter: Any, *, out: Path, progress: bool, save_optimizer: bo
     """The keywords this adapter's ``train`` takes besides ``init`` and ``max_steps``.
 
     With ``out`` the adapter saves at every timeline point; ``out`` was checked (and --force given where
-    it exists), hence ``overwrite``. The callback, run after every epoch, stops a run whose signal was
-    received but whose exception got lost: C code that calls back into Python (a file's read or write
-    inside torch.save or torch.load, say) can drop an exception raised there by the signal handler."""
+    it exists), hence ``overwrite``. The callback, run after every epoch (and right after the save of a
+    timeline point), stops a run whose signal came during a save (see _signals_interrupt), or whose
+    exception got lost in C code that had called back into Python."""
 
     def stop_if_requested(_record: Mapping[str, Any]) -> None:
         if requested:
@@ -121,19 +124,22 @@ def _train_kwargs(adapter: Any, *, out: Path, progress: bool, save_optimizer: bo
 
 @contextmanager
 def _signals_interrupt(requested: list[int]) -> Iterator[None]:
-    """For the length of the run, Ctrl-C and SIGTERM append to ``requested`` and raise _Interrupted; then
-    the previous handlers are back.
+    """For the length of the run, Ctrl-C and SIGTERM append to ``requested`` and raise _Interrupted, except
+    inside an atomic save; then the previous handlers are back.
 
-    Only from the main thread (the only one that may set a handler) and only over the default handlers:
-    an ignored SIGINT (a background job) stays ignored, and an application that embeds the CLI and
-    handles the signals itself keeps its handlers."""
+    A save is let finish (milliseconds) and the run stops right after it, unless a second signal comes:
+    an exception raised in the middle of torch.save, within torch's C++ zip writer, can come out as a
+    bogus "cannot serialise" error or not at all. Only from the main thread (the only one that may set a handler) and only over the
+    default handlers: an ignored SIGINT (a background job) stays ignored, and an application that embeds
+    the CLI and handles the signals itself keeps its handlers."""
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     if threading.current_thread() is not threading.main_thread():
         defaults = {}
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         requested.append(signum)
-        raise _Interrupted(signum)
+        if len(requested) > 1 or not _inside_atomic_save(frame):  # a second one aborts even a save
+            raise _Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s, default in defaults.items() if signal.getsignal(s) is default}
     try:
@@ -141,6 +147,14 @@ def _signals_interrupt(requested: list[int]) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _inside_atomic_save(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "deadneuron._atomic":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
