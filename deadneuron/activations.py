@@ -13,6 +13,7 @@ in-place call). The others (GELU, SiLU, Mish, Hardswish, PReLU) are read from z 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -170,6 +171,12 @@ def flat_region(spec: ActivationSpec, delta: float) -> FlatRegion:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
     if spec.kind is ActivationKind.PRELU:
         return _prelu_region(spec, delta)
+    return _derived_region(spec, delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _derived_region(spec: ActivationSpec, delta: float) -> FlatRegion:
+    """`flat_region` of a parameter-only activation: derived once per process (FlatRegion is frozen)."""
     fn = spec.function()
     with torch.inference_mode(False), torch.enable_grad():
         grid = torch.arange(-_GRID_STEPS, _GRID_STEPS + 1, dtype=torch.float64) / _GRID_SCALE

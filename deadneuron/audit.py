@@ -160,7 +160,8 @@ def audit(
     try:
         with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
                       histograms=histograms) as rec:
-            model.eval()
+            if any(m.training for m in model.modules()):
+                model.eval()
             with torch.inference_mode(), _progress(progress, total) as bar:
                 task = bar.add_task("audit", total=total) if bar is not None else None
                 for batch in _limited(data, max_batches):
@@ -182,9 +183,9 @@ def audit(
                         bar.advance(task)
             results = rec.results()
             rec_sampled = any(s.histogram is not None and s.histogram.sampled for s in rec._sites.values())
-            kernels = "compiled" if rec.kernels.compiled else "eager"
+            kernels = rec.kernels.name
             if compile and rec.kernels.fallback_reason:
-                kernels = f"eager (torch.compile failed: {rec.kernels.fallback_reason})"
+                kernels = f"{kernels} ({rec.kernels.fallback_reason})"
     finally:
         if moved is not None:
             model.to(moved)

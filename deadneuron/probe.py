@@ -157,10 +157,12 @@ class _FunctionalProbe(TorchFunctionMode):
         if site is None:
             return func(*args, **kwargs)
         inplace = bool(kwargs.get("inplace", False)) or self._lookup.name(func) != getattr(func, "__name__", "")
-        rec._before(site, z, inplace)
+        with torch._C.DisableTorchFunction():
+            rec._before(site, z, inplace)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            rec._after(site, out, None if inplace else z)
+            with torch._C.DisableTorchFunction():
+                rec._after(site, out, None if inplace else z)
         return out
 
 
@@ -168,7 +170,9 @@ class Recorder:
     """Hooks ``model``, records per-site activation statistics, and removes every hook on exit.
 
     Use as ``with Recorder(model) as rec: model(x)`` then ``rec.results()``. On exit (also after an
-    exception) every hook is removed and each module's train/eval flag is restored.
+    exception) every hook is removed and each module's train/eval flag is restored. ``compile=True``
+    uses the fast statistics kernels (`deadneuron.stats.Kernels`: the C kernel on CPU, else
+    `torch.compile`); ``False`` the eager torch reference.
     """
 
     def __init__(
@@ -179,7 +183,7 @@ class Recorder:
         delta: float = 0.05,
         select: Sequence[str] | None = None,
         functional: bool = True,
-        compile: bool = False,
+        compile: bool = True,
         histograms: bool = False,
     ) -> None:
         if eps < 0:
@@ -233,8 +237,11 @@ class Recorder:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
+            # Pre-order: a parent's train() also sets its children, which their own entries then
+            # correct. Only modules whose flag changed are touched (train() is slow on big models).
             for m, training in self._modes:
-                m.train(training)
+                if m.training != training:
+                    m.train(training)
 
     def _register(self) -> None:
         for name, m in self.model.named_modules():
@@ -283,7 +290,13 @@ class Recorder:
         return entry[1]
 
     # -- activation module hooks --------------------------------------------------------------------
+    # The hooks run with __torch_function__ handling off: otherwise every tensor method they call
+    # (z.dim(), z.dtype...) would pass through the functional probe, a Python call each.
     def _activation_pre_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        with torch._C.DisableTorchFunction():
+            self._activation_pre(m, args)
+
+    def _activation_pre(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         z = _first_tensor(args, None)
         site = None
         if z is not None and z.is_floating_point():
@@ -300,7 +313,8 @@ class Recorder:
         pending = self._pending[m]
         site = pending.pop() if pending else None
         if site is not None and isinstance(out, torch.Tensor):
-            self._after(site, out, None if is_inplace(m) else _first_tensor(args, None))
+            with torch._C.DisableTorchFunction():
+                self._after(site, out, None if is_inplace(m) else _first_tensor(args, None))
 
     # -- sites ----------------------------------------------------------------------------------
     def _functional_site(self, spec: ActivationSpec, fname: str, z: torch.Tensor) -> _Site | None:
@@ -353,23 +367,22 @@ class Recorder:
     # functional probe (that would cost a Python call per op, and is never what it looks for).
     def _before(self, site: _Site, z: torch.Tensor, inplace: bool) -> None:
         if site.flat_from_z_first(inplace):
-            with torch._C.DisableTorchFunction():
-                site.stats.update_flat(channel_view(z.detach(), site.axis), site.region.lo, site.region.hi)
+            site.stats.update_flat(channel_view(z.detach(), site.axis), site.region.lo, site.region.hi)
 
     def _after(self, site: _Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
-        """Output statistics; the flat count too, in the same pass, unless `_before` took it."""
+        """Output statistics; the flat count too, in the same pass, unless `_before` took it.
+        Called with __torch_function__ handling off (see the hooks)."""
         region = site.region
-        with torch._C.DisableTorchFunction():
-            a3 = channel_view(a.detach(), site.axis)
-            if region.on_output:
-                site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi))
-            elif z is not None and not isinstance(region.lo, torch.Tensor):
-                z3 = channel_view(z.detach(), site.axis)
-                site.stats.update_output(a3, self.eps, flat=(region.lo, region.hi), z3=z3)
-            else:
-                site.stats.update_output(a3, self.eps)
-            if site.histogram is not None:
-                site.histogram.update(a.detach())
+        a3 = channel_view(a.detach(), site.axis)
+        if region.on_output:
+            site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi))
+        elif z is not None and not isinstance(region.lo, torch.Tensor):
+            z3 = channel_view(z.detach(), site.axis)
+            site.stats.update_output(a3, self.eps, flat=(region.lo, region.hi), z3=z3)
+        else:
+            site.stats.update_output(a3, self.eps)
+        if site.histogram is not None:
+            site.histogram.update(a.detach())
         site.shape = tuple(a.shape)
 
     def state_bytes(self) -> int:
@@ -398,6 +411,10 @@ class Recorder:
         return names
 
     def results(self) -> list[SiteResult]:
+        with torch._C.DisableTorchFunction():
+            return self._results()
+
+    def _results(self) -> list[SiteResult]:
         out = []
         for name, s in zip(self.site_names(), self._sites.values(), strict=True):
             out.append(

@@ -81,35 +81,40 @@ class SiteHealth:
 
     @classmethod
     def from_result(cls, r: SiteResult) -> SiteHealth:
+        import numpy as np
+
         s = r.summary
         c = len(s.zero)
         n = s.n
         total = n * c
-        finite = [n - k for k in s.nonfinite]
-        fin_total = sum(finite)
-        mean = sum(m * f for m, f in zip(s.mean, finite, strict=True) if f) / fin_total if fin_total else math.nan
-        ex2 = (
-            sum((sd**2 + m**2) * f for sd, m, f in zip(s.std, s.mean, finite, strict=True) if f) / fin_total
-            if fin_total
-            else math.nan
-        )
-        std = math.sqrt(max(ex2 - mean**2, 0.0)) if fin_total else math.nan
-        finite_min = [v for v in s.min if math.isfinite(v)]
-        finite_max = [v for v in s.max if math.isfinite(v)]
+        zero, flat = np.asarray(s.zero, dtype=np.float64), np.asarray(s.flat, dtype=np.float64)
+        finite = n - np.asarray(s.nonfinite, dtype=np.float64)
+        seen = finite > 0
+        fin_total = float(finite.sum())
+        ch_mean, ch_std = np.asarray(s.mean, dtype=np.float64), np.asarray(s.std, dtype=np.float64)
+        if fin_total:
+            mean = float((ch_mean[seen] * finite[seen]).sum() / fin_total)
+            ex2 = float(((ch_std[seen] ** 2 + ch_mean[seen] ** 2) * finite[seen]).sum() / fin_total)
+            std = math.sqrt(max(ex2 - mean**2, 0.0))
+        else:
+            mean = std = math.nan
+        ch_min, ch_max = np.asarray(s.min, dtype=np.float64), np.asarray(s.max, dtype=np.float64)
+        finite_min, finite_max = ch_min[np.isfinite(ch_min)], ch_max[np.isfinite(ch_max)]
+        rate = flat / n if n else np.zeros(c)
         return cls(
             name=r.name, module=r.module, producer=r.producer, functional=r.functional, kind=r.kind,
             label=r.label, channel_axis=r.channel_axis, flat_region=r.flat_region, shape=r.example_shape,
             calls=r.calls, channels=c, n=n,
-            sparsity=sum(s.zero) / total if total else 0.0,
-            flat_fraction=sum(s.flat) / total if total else 0.0,
-            dead_channels=tuple(i for i, f in enumerate(s.flat) if n and f == n),
-            dormant_channels=tuple(i for i, f in enumerate(s.flat) if n and f < n and f / n >= DORMANT_FRACTION),
+            sparsity=float(zero.sum()) / total if total else 0.0,
+            flat_fraction=float(flat.sum()) / total if total else 0.0,
+            dead_channels=tuple(np.flatnonzero(flat == n).tolist()) if n else (),
+            dormant_channels=tuple(np.flatnonzero((flat < n) & (rate >= DORMANT_FRACTION)).tolist()) if n else (),
             nonfinite=sum(s.nonfinite),
             mean=mean, std=std,
-            min=min(finite_min) if finite_min else math.nan,
-            max=max(finite_max) if finite_max else math.nan,
-            channel_zero=tuple(z / n if n else 0.0 for z in s.zero),
-            channel_flat=tuple(f / n if n else 0.0 for f in s.flat),
+            min=float(finite_min.min()) if finite_min.size else math.nan,
+            max=float(finite_max.max()) if finite_max.size else math.nan,
+            channel_zero=tuple((zero / n).tolist()) if n else (0.0,) * c,
+            channel_flat=tuple(rate.tolist()),
             channel_nonfinite=tuple(s.nonfinite),
             channel_mean=tuple(s.mean), channel_std=tuple(s.std),
             channel_min=tuple(s.min), channel_max=tuple(s.max),

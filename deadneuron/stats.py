@@ -18,6 +18,7 @@ combines ranges, so accumulators from several processes or data shards reduce ex
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 _INF = float("inf")
+_NAN = float("nan")  # as a flat threshold: every comparison false, nothing counted
 
 
 def channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -50,6 +52,9 @@ def fused_moments(
     counts are summed as floats (exact below 2**24 per row) then in float64 across rows. Moments and
     the range cover finite elements only.
     """
+    if a3.shape[0] == 0 or a3.shape[2] == 0:  # an empty batch: nothing seen (amin/amax would raise)
+        z = torch.zeros(a3.shape[1], dtype=torch.float64, device=a3.device)
+        return z, z.clone(), z.clone(), z.clone(), z.clone(), z + _INF, z - _INF
     finite = torch.isfinite(a3)
     clean = torch.where(finite, a3, 0.0)
     zero = (a3.abs() <= eps).to(a3.dtype).sum(2).double().sum(0)
@@ -68,39 +73,78 @@ def fused_flat(z3: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 class Kernels:
-    """The statistics kernels, compiled with `torch.compile` where that works, eager otherwise.
+    """The statistics kernels: the C kernel on CPU, else `torch.compile`, else eager torch.
 
-    A compiled kernel does in one fused pass what eager PyTorch does in about eight; the first call
-    compiles (seconds, cached by PyTorch across processes). Any failure to compile falls back to the
-    eager kernels for the rest of the run, with ``fallback_reason`` saying why.
+    All three compute `fused_moments`. On CPU the C kernel (`deadneuron._native`, built once with the
+    system compiler) does the whole update in one pass and one ctypes call; where it cannot be built
+    or loaded, a `torch.compile`d `fused_moments` fuses the pass (its call costs about 0.5 ms of
+    guards on CPU, so tensors under ``min_compiled_numel`` elements stay eager); any failure to compile
+    falls back to eager for the rest of the run. ``name`` and ``fallback_reason`` say which ran and why.
+    On CUDA the eager kernels are used: measured on an H100, the compiled call's fixed cost exceeded
+    the whole eager cost for every benchmark model (benchmarks/overhead.py).
 
-    The compiled call has a fixed cost of about 0.5 ms on CPU (guards, wrappers), more than the eager
-    kernels spend on a small tensor, so tensors under ``min_compiled_numel`` elements take the eager
-    path. On CUDA the eager kernels are used: measured on an H100, the compiled call's fixed cost
-    exceeded the whole eager cost for every benchmark model (benchmarks/overhead.py).
+    ``compile=False`` forces the eager torch kernels (the reference).
     """
 
     def __init__(self, compile: bool = True, *, min_compiled_numel: int = 1 << 15) -> None:
         self.compiled = compile
         self.min_compiled_numel = min_compiled_numel
         self.fallback_reason: str | None = None
+        self.native: Any = None
         self._moments: Callable[..., Any] = fused_moments
         self._flat: Callable[..., Any] = fused_flat
+        self._used: set[str] = set()
         if compile:
-            self._moments = torch.compile(fused_moments, dynamic=True)
-            self._flat = torch.compile(fused_flat, dynamic=True)
+            from deadneuron import _native
+
+            self.native = _native.load()
+            if self.native is None:
+                self.fallback_reason = _native.load_error()
+                self._moments, self._flat = _compiled_kernels()
+
+    @property
+    def name(self) -> str:
+        """Which kernels ran ("native", "compiled", "eager", or several joined by "+")."""
+        order = ("native", "compiled", "eager")
+        used = [k for k in order if k in self._used]
+        return "+".join(used) if used else ("native" if self.native is not None else "compiled" if self.compiled else "eager")
 
     def _call(self, fast: Callable[..., Any], eager: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
         if self.compiled and x.device.type == "cpu" and x.numel() >= self.min_compiled_numel:
             try:
                 # the Recorder's TorchFunctionMode must not be traced into the compiled graph
                 with torch._C.DisableTorchFunction():
-                    return fast(x, *args)
+                    out = fast(x, *args)
+                self._used.add("compiled")
+                return out
             except Exception as exc:  # no C++ compiler, unsupported device, dynamo limits...
                 self.compiled = False
                 first = (str(exc).strip().splitlines() or [""])[0]
                 self.fallback_reason = f"{type(exc).__name__}: {first}"
+        self._used.add("eager")
         return eager(x, *args)
+
+    def accumulate(
+        self,
+        a3: torch.Tensor,
+        f3: torch.Tensor | None,
+        eps: float,
+        lo: float,
+        hi: float,
+        count_flat: bool,
+        acc: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> bool:
+        """Add the batch into ``acc``/``counts`` with the C kernel where it applies; False if it does not."""
+        native = self.native
+        if native is None:
+            return False
+        a3, f3 = _float(a3), None if f3 is None else _float(f3)
+        if not native.supports(a3, f3):
+            return False
+        native.update(a3, f3, eps, lo, hi, count_flat, acc, counts)
+        self._used.add("native")
+        return True
 
     def moments(
         self, a3: torch.Tensor, eps: float, lo: float, hi: float, f3: torch.Tensor | None = None
@@ -109,7 +153,20 @@ class Kernels:
         return self._call(self._moments, fused_moments, a3, a3 if f3 is None else _float(f3), eps, lo, hi)
 
     def flat(self, z3: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        return self._call(self._flat, fused_flat, _float(z3), lo, hi)
+        z3 = _float(z3)
+        native = self.native
+        if native is not None and native.supports(z3, None):
+            acc = torch.zeros(7, z3.shape[1], dtype=torch.float64)
+            native.update(z3, None, 0.0, lo, hi, True, acc, torch.zeros(2, dtype=torch.float64))
+            self._used.add("native")
+            return acc[1]
+        return self._call(self._flat, fused_flat, z3, lo, hi)
+
+
+@functools.cache
+def _compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """`torch.compile` wrappers, made once per process (making one costs milliseconds)."""
+    return torch.compile(fused_moments, dynamic=True), torch.compile(fused_flat, dynamic=True)
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +207,7 @@ class ChannelStats:
     without integer casts; `compute` returns ints.
     """
 
-    _STATE = ("n", "flat_n", "zero", "flat", "nonfinite", "sum", "sumsq", "min", "max")
+    _ROWS = ("zero", "flat", "nonfinite", "sum", "sumsq", "min", "max")
 
     def __init__(self, channels: int, device: torch.device | str | None = None, *, kernels: Kernels | None = None) -> None:
         self.channels = channels
@@ -158,25 +215,30 @@ class ChannelStats:
         self.kernels = kernels or _EAGER
         self.reset()
 
+    # State: one (7, C) float64 tensor (rows as in _ROWS; the C kernel adds into it in place) and
+    # `counts` = (n, flat_n): the elements seen, and those whose flat region was tested.
     def reset(self) -> None:
-        c, dev, f64 = self.channels, self.device, torch.float64
-        self.n = torch.zeros((), dtype=f64, device=dev)
-        self.flat_n = torch.zeros((), dtype=f64, device=dev)
-        self.zero = torch.zeros(c, dtype=f64, device=dev)
-        self.flat = torch.zeros(c, dtype=f64, device=dev)
-        self.nonfinite = torch.zeros(c, dtype=f64, device=dev)
-        self.sum = torch.zeros(c, dtype=f64, device=dev)
-        self.sumsq = torch.zeros(c, dtype=f64, device=dev)
-        self.min = torch.full((c,), _INF, dtype=f64, device=dev)
-        self.max = torch.full((c,), -_INF, dtype=f64, device=dev)
+        self.acc = torch.zeros(7, self.channels, dtype=torch.float64, device=self.device)
+        self.acc[5] = _INF
+        self.acc[6] = -_INF
+        self.counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    n = property(lambda self: self.counts[0], doc="elements seen per channel (0-d float64 tensor)")
+    flat_n = property(lambda self: self.counts[1], doc="elements whose flat region was tested")
+    zero = property(lambda self: self.acc[0])
+    flat = property(lambda self: self.acc[1])
+    nonfinite = property(lambda self: self.acc[2])
+    sum = property(lambda self: self.acc[3])
+    sumsq = property(lambda self: self.acc[4])
+    min = property(lambda self: self.acc[5])
+    max = property(lambda self: self.acc[6])
 
     def state_bytes(self) -> int:
-        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in self._STATE)
+        return sum(t.numel() * t.element_size() for t in (self.acc, self.counts))
 
     def _to(self, device: torch.device) -> None:
         if device != self.device:
-            for name in self._STATE:
-                setattr(self, name, getattr(self, name).to(device))
+            self.acc, self.counts = self.acc.to(device), self.counts.to(device)
             self.device = device
 
     def _check(self, x3: torch.Tensor, what: str) -> None:
@@ -201,6 +263,11 @@ class ChannelStats:
         lo, hi = flat if flat is not None else (-_INF, _INF)
         if z3 is not None and z3.shape != a3.shape:
             raise ValueError(f"pre-activation {tuple(z3.shape)} and activation {tuple(a3.shape)} differ in shape")
+        if self.kernels.accumulate(
+            a3, z3, eps, lo if flat is not None else _NAN, hi if flat is not None else _NAN, flat is not None,
+            self.acc, self.counts,
+        ):
+            return
         zero, flat_count, nonfinite, total, sumsq, mn, mx = self.kernels.moments(a3, eps, lo, hi, z3)
         elements = a3.shape[0] * a3.shape[2]
         self.n.add_(elements)
@@ -233,11 +300,10 @@ class ChannelStats:
         if other.channels != self.channels:
             raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
         out = ChannelStats(self.channels, self.device, kernels=self.kernels)
-        dev = self.device
-        for name in ("n", "flat_n", "zero", "flat", "nonfinite", "sum", "sumsq"):
-            setattr(out, name, getattr(self, name) + getattr(other, name).to(dev))
-        out.min = torch.minimum(self.min, other.min.to(dev))
-        out.max = torch.maximum(self.max, other.max.to(dev))
+        other_acc, other_counts = other.acc.to(self.device), other.counts.to(self.device)
+        out.counts = self.counts + other_counts
+        out.acc = torch.cat([self.acc[:5] + other_acc[:5], torch.minimum(self.min, other_acc[5])[None],
+                             torch.maximum(self.max, other_acc[6])[None]])
         return out
 
     def compute(self) -> ChannelSummary:
@@ -248,7 +314,7 @@ class ChannelStats:
         var = (self.sumsq / finite - mean.square()).clamp_min(0)
         seen = (self.n - self.nonfinite) > 0
         nan = torch.full_like(mean, float("nan"))
-        ints = lambda t: [int(v) for v in t.round().cpu().tolist()]  # noqa: E731
+        ints = lambda t: t.round().to(torch.int64).cpu().tolist()  # noqa: E731
         return ChannelSummary(
             n=n,
             zero=ints(self.zero),

@@ -1,0 +1,207 @@
+"""The C statistics kernel equals the torch reference (`fused_moments`) on every layout it reads, and the
+audit falls back to torch cleanly where the kernel cannot be built."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import deadneuron
+from deadneuron import _native
+from deadneuron.stats import ChannelStats, Kernels, channel_view, fused_moments
+
+native = _native.load()
+needs_native = pytest.mark.skipif(native is None, reason=f"C kernel unavailable: {_native.load_error()}")
+
+SPECIAL = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e-30]
+
+
+def _reference(a3: torch.Tensor, f3: torch.Tensor | None, eps: float, lo: float, hi: float) -> torch.Tensor:
+    """The eager torch statistics, in the input's own precision as the audit computes them."""
+    return torch.stack(fused_moments(a3, a3 if f3 is None else f3, eps, lo, hi))
+
+
+def _run(a3: torch.Tensor, f3: torch.Tensor | None, eps: float, lo: float, hi: float) -> tuple[torch.Tensor, list[float]]:
+    assert native is not None
+    acc = _native._fresh(a3.shape[1])
+    counts = torch.zeros(2, dtype=torch.float64)
+    native.update(a3, f3, eps, lo, hi, True, acc, counts)
+    return acc, counts.tolist()
+
+
+def _check(a3: torch.Tensor, f3: torch.Tensor | None, eps: float, lo: float, hi: float) -> None:
+    got, counts = _run(a3, f3, eps, lo, hi)
+    want = _reference(a3, f3, eps, lo, hi)
+    assert counts == [a3.shape[0] * a3.shape[2]] * 2
+    for row, name in enumerate(("zero", "flat", "nonfinite")):
+        assert torch.equal(got[row], want[row]), name
+    # sums are accumulated in the input's precision over stretches, then in float64
+    tol = 1e-5 if a3.dtype == torch.float32 else 1e-12
+    scale = a3.double().nan_to_num(0.0, 0.0, 0.0).abs().square().sum((0, 2)) + 1
+    for row, name in ((3, "sum"), (4, "sumsq")):
+        close = (got[row] - want[row]).abs() <= tol * scale
+        both_inf = torch.isinf(got[row]) & (got[row] == want[row])
+        assert bool((close | both_inf).all()), (name, got[row], want[row])
+    # min/max in float32 of float32 data: compare in the input's precision
+    assert torch.equal(got[5].to(a3.dtype), want[5].to(a3.dtype)), "min"
+    assert torch.equal(got[6].to(a3.dtype), want[6].to(a3.dtype)), "max"
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor | None, float, float, float]:
+    """An (outer, C, inner) view in one of the memory layouts the kernel reads."""
+    outer = draw(st.integers(1, 9))
+    c = draw(st.integers(1, 70))
+    inner = draw(st.sampled_from([1, 2, 3, 5, 16, 63, 64, 65, 130]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "sliced", "transposed"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = torch.randn(outer, c, inner, generator=g, dtype=dtype) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    flat = x.view(-1)
+    for _ in range(draw(st.integers(0, 4))):
+        flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(SPECIAL))
+    x = x.masked_fill(torch.rand(x.shape, generator=g) < 0.3, 0.0)
+    if layout == "channels_last":  # channels contiguous: strides (inner*C, 1, C)
+        x = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    elif layout == "sliced":  # a channel slice of a wider tensor
+        x = torch.cat([x, x[:, :1]], 1)[:, : x.shape[1]]
+    elif layout == "transposed":  # neither channels nor inner contiguous: the kernel asks for a copy
+        x = x.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    with_f = draw(st.booleans())
+    f3 = (x * 2 - 1).contiguous() if with_f else None
+    eps = draw(st.sampled_from([0.0, 1e-3, 0.5]))
+    lo, hi = draw(st.sampled_from([(0.0, math.inf), (-1.0, 1.0), (-math.inf, 2.5), (math.nan, math.nan)]))
+    return x, f3, eps, lo, hi
+
+
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(case=layouts())
+def test_kernel_equals_torch_reference(case: tuple[torch.Tensor, torch.Tensor | None, float, float, float]) -> None:
+    x, f3, eps, lo, hi = case
+    _check(x, f3, eps, lo, hi)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 9000), (5000, 3, 1), (3, 2, 4100), (1, 1, 1), (4, 0, 5), (0, 3, 2)], ids=str
+)
+def test_kernel_long_rows_columns_and_empty(shape: tuple[int, int, int]) -> None:
+    """Rows and columns longer than one partial-sum stretch (4096), and empty tensors."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    if x.numel():
+        x.view(-1)[x.numel() // 2] = float("nan")
+        x.view(-1)[-1] = -float("inf")
+    _check(x, None, 0.0, 0.0, math.inf)
+
+
+@needs_native
+def test_nan_threshold_counts_no_flat_and_empty_region() -> None:
+    x = torch.tensor([[[-math.inf, -1.0, 0.0, 1.0, math.inf]]])
+    got, _ = _run(x, None, 0.0, math.nan, math.nan)
+    assert got[1].tolist() == [0.0]
+    got, _ = _run(x, None, 0.0, 0.0, math.inf)
+    assert got[1].tolist() == [4.0]  # -inf, -1, 0 are <= 0; +inf >= inf
+
+
+@needs_native
+def test_channel_stats_native_equals_eager_over_a_stream() -> None:
+    g = torch.Generator().manual_seed(2)
+    fast, slow = ChannelStats(8, kernels=Kernels(compile=True)), ChannelStats(8)
+    assert fast.kernels.native is not None
+    for k in range(5):
+        x = torch.randn(3 + k, 8, 7, generator=g)
+        x[0, k, 0] = float("nan")
+        for s in (fast, slow):
+            s.update_output(x.relu(), 0.0, flat=(0.0, math.inf))
+            s.update_output(x, 0.1)  # no flat region: counts nothing, tests nothing
+            s.update_flat(x, -1.0, 1.0)
+    a, b = fast.compute(), slow.compute()
+    assert (a.n, a.zero, a.flat, a.nonfinite) == (b.n, b.zero, b.flat, b.nonfinite)
+    assert torch.allclose(torch.tensor(a.mean), torch.tensor(b.mean), equal_nan=True)
+    assert a.min == b.min and a.max == b.max
+    assert torch.equal(fast.counts, slow.counts)
+    assert fast.kernels.name == "native"
+
+
+def _bn_relu_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(inplace=True),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 30 * 30, 32), torch.nn.GELU(),
+    )
+    with torch.no_grad():
+        model[1].bias[:5] = -50.0  # planted: 5 dead channels
+        model[1].num_batches_tracked += 1
+    return model.eval()
+
+
+def test_audit_falls_back_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = _bn_relu_model()
+    reference = deadneuron.audit(model, data, progress=False, compile=False)
+    assert reference.meta["kernels"] == "eager"
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_loaded", None)
+    monkeypatch.setenv("DEADNEURON_NATIVE", "0")
+    # the second fallback: torch.compile (a cold compile takes seconds), used for the conv output
+    # (57,600 elements); the GELU's 128 stay eager (a compiled call costs more than that)
+    fallback = deadneuron.audit(model, data, progress=False)
+    assert fallback.meta["kernels"].startswith("compiled+eager (turned off by DEADNEURON_NATIVE=0)"), fallback.meta
+    assert fallback.sites["2"].dead_channels == reference.sites["2"].dead_channels == (0, 1, 2, 3, 4)
+    for name, site in reference.sites.items():
+        other = fallback.sites[name]
+        assert (site.channel_zero, site.channel_flat, site.channel_nonfinite) == (
+            other.channel_zero, other.channel_flat, other.channel_nonfinite
+        )
+        assert other.channel_mean == pytest.approx(site.channel_mean, rel=1e-5, abs=1e-6)
+
+
+@needs_native
+def test_audit_with_kernel_equals_eager_audit() -> None:
+    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model = _bn_relu_model()
+    fast = deadneuron.audit(model, data, progress=False)
+    slow = deadneuron.audit(model, data, progress=False, compile=False)
+    assert fast.meta["kernels"] == "native"
+    for name, site in slow.sites.items():
+        other = fast.sites[name]
+        assert (site.dead_channels, site.dormant_channels, site.channel_zero, site.channel_flat) == (
+            other.dead_channels, other.dormant_channels, other.channel_zero, other.channel_flat
+        )
+        assert other.channel_mean == pytest.approx(site.channel_mean, rel=1e-5, abs=1e-6)
+
+
+def test_build_failure_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_loaded", None)
+    monkeypatch.setenv("DEADNEURON_NATIVE", "1")
+    monkeypatch.setenv("DEADNEURON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(_native, "_compiler", lambda: str(tmp_path / "no-such-compiler"))
+    assert _native.load() is None
+    assert "could not build" in (_native.load_error() or "")
+    assert not any(p.suffix == ".so" for p in (tmp_path / "cache").glob("*"))  # nothing half-written left
+
+
+@needs_native
+def test_build_is_cached_and_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setenv("DEADNEURON_CACHE_DIR", str(tmp_path))
+    for _ in range(2):
+        monkeypatch.setattr(_native, "_tried", False)
+        monkeypatch.setattr(_native, "_loaded", None)
+        assert _native.load() is not None
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].startswith("stats-") and built[0].endswith(".so"), built
+
+
+def test_channels_last_conv_output_is_read_in_place() -> None:
+    """A channels_last activation gives a (N, C, HW) view with channel stride 1: no copy needed."""
+    x = torch.randn(2, 5, 4, 4).contiguous(memory_format=torch.channels_last)
+    v = channel_view(x, 1)
+    assert v.stride()[1] == 1 and v.data_ptr() == x.data_ptr()
