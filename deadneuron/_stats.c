@@ -13,7 +13,9 @@
  * (pass lo = hi = NaN to count none: every comparison with NaN is false).
  *
  * Partial sums are kept in the input's precision over at most FLUSH elements, then added to the
- * double accumulators, so float32 counts stay exact (FLUSH < 2**24) and sums lose little.
+ * double accumulators, so float32 counts stay exact (FLUSH < 2**24) and sums lose little. A stretch
+ * is summed finite-only first; if its sum or sum of squares comes out non-finite (a NaN or Inf in
+ * it, or an overflow) it is summed again with the checks, in double.
  * Compiled with -fno-trapping-math so that the selects below vectorise; nothing here relies on
  * floating-point exceptions. Never compile this with -ffast-math: the finiteness tests would go.
  */
@@ -23,7 +25,7 @@
 
 #define FLUSH 4096 /* elements per partial sum in the row kernel, rows per flush in the column kernel */
 #define BLOCK 64   /* columns per block in the column kernel: 7 partial arrays stay in L1 */
-#define SMALL_INNER 64 /* below this, (outer, C, inner) with inner contiguous is read as columns */
+#define LONG_ROW 256 /* rows at least this long (inner contiguous) are reduced one by one */
 
 /* One element: v from a, w from f; updates the seven partial accumulators named in the macro. */
 #define ELEMENT(T, TMAX, v, w, z, fl, nf, s, q, l, h)          \
@@ -33,8 +35,8 @@
         z += av_ <= eps ? (T)1 : (T)0;                       \
         fl += ((w <= lo) | (w >= hi)) ? (T)1 : (T)0;         \
         nf += av_ <= TMAX ? (T)0 : (T)1;                     \
-        s += cv_;                                            \
-        q += cv_ * cv_;                                      \
+        s += (double)cv_;                                    \
+        q += (double)cv_ * (double)cv_;                      \
         T m1_ = av_ <= TMAX ? v : (T)INFINITY;               \
         T m2_ = av_ <= TMAX ? v : -(T)INFINITY;              \
         l = m1_ < l ? m1_ : l;                               \
@@ -55,8 +57,8 @@
         h = v > h ? v : h;                                 \
     } while (0)
 
-#define DEFINE_KERNELS(T, TMAX, SUFFIX)                                                              \
-    /* Rows: each (o, c) row of `inner` contiguous elements is reduced on its own. */                \
+#define DEFINE_KERNELS(T, TMAX, SUFFIX)                                                               \
+    /* Rows: each (o, c) row of `inner` contiguous elements is reduced on its own. */                 \
     static void rows_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t C,     \
                               int64_t inner, int64_t so, int64_t sc, T eps, T lo, T hi,               \
                               double *restrict acc) {                                                 \
@@ -76,19 +78,21 @@
                         T v = xa[i], w = xf[i];                                                       \
                         ELEMENT_FINITE(T, v, w, z, fl, s, q, cl, ch);                                 \
                     }                                                                                 \
-                    if (!(s - s == 0 && q - q == 0)) {                                                \
-                        z = fl = s = q = 0;                                                           \
+                    double ds = s, dq = q;                                                            \
+                    if (!(s - s == 0 && q - q == 0)) { /* again, with the checks, summing in double */ \
+                        z = fl = 0;                                                                   \
+                        ds = dq = 0;                                                                  \
                         cl = l;                                                                       \
                         ch = h;                                                                       \
-                        _Pragma("omp simd reduction(+ : z, fl, nf, s, q) reduction(min : cl) reduction(max : ch)") \
+                        _Pragma("omp simd reduction(+ : z, fl, nf, ds, dq) reduction(min : cl) reduction(max : ch)") \
                         for (int64_t i = 0; i < n; ++i) {                                             \
                             T v = xa[i], w = xf[i];                                                   \
-                            ELEMENT(T, TMAX, v, w, z, fl, nf, s, q, cl, ch);                          \
+                            ELEMENT(T, TMAX, v, w, z, fl, nf, ds, dq, cl, ch);                        \
                         }                                                                             \
                     }                                                                                 \
                     l = cl;                                                                           \
                     h = ch;                                                                           \
-                    zero[c] += z; flat[c] += fl; nonf[c] += nf; sum[c] += s; sq[c] += q;              \
+                    zero[c] += z; flat[c] += fl; nonf[c] += nf; sum[c] += ds; sq[c] += dq;            \
                 }                                                                                     \
                 mn[c] = l < mn[c] ? l : mn[c];                                                        \
                 mx[c] = h > mx[c] ? h : mx[c];                                                        \
@@ -97,17 +101,19 @@
     }                                                                                                 \
                                                                                                       \
     /* Columns: rows (o, i) at a + o*so + i*si, each holding `width` contiguous values; value k of a  \
-     * row belongs to channel k / group. Blocks of BLOCK columns keep their partials in L1, over     \
-     * stretches of FLUSH rows (run finite-only first, again with the checks if that overflowed). */ \
+     * row belongs to channel k / group. Blocks of BLOCK columns keep their partials in L1, over      \
+     * stretches of FLUSH rows (run finite-only first, again with the checks if that overflowed). */  \
     static void cols_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner, \
-                              int64_t so, int64_t si, int64_t width, int64_t group, T eps, T lo, T hi,\
+                              int64_t so, int64_t si, int64_t width, int64_t group, T eps, T lo, T hi, \
                               int64_t C, double *restrict acc) {                                      \
         double *zero = acc, *flat = acc + C, *nonf = acc + 2 * C, *sum = acc + 3 * C;                 \
         double *sq = acc + 4 * C, *mn = acc + 5 * C, *mx = acc + 6 * C;                               \
         const int64_t total = outer * inner;                                                          \
         for (int64_t k0 = 0; k0 < width; k0 += BLOCK) {                                               \
             const int64_t nk = width - k0 < BLOCK ? width - k0 : BLOCK;                               \
+            const int single = k0 / group == (k0 + nk - 1) / group;                                   \
             T z[BLOCK], fl[BLOCK], nf[BLOCK], s[BLOCK], q[BLOCK], l[BLOCK], h[BLOCK];                 \
+            double ds[BLOCK], dq[BLOCK]; /* the sums as flushed (the careful pass sums in double) */  \
             T bl[BLOCK], bh[BLOCK];                                                                   \
             for (int64_t k = 0; k < BLOCK; ++k) {                                                     \
                 bl[k] = (T)INFINITY;                                                                  \
@@ -118,6 +124,7 @@
                 for (int pass = 0; pass < 2; ++pass) {                                                \
                     for (int64_t k = 0; k < BLOCK; ++k) {                                             \
                         z[k] = fl[k] = nf[k] = s[k] = q[k] = 0;                                       \
+                        ds[k] = dq[k] = 0;                                                            \
                         l[k] = bl[k];                                                                 \
                         h[k] = bh[k];                                                                 \
                     }                                                                                 \
@@ -135,7 +142,7 @@
                             _Pragma("omp simd")                                                       \
                             for (int64_t k = 0; k < nk; ++k) {                                        \
                                 T v = pa[k], w = pf[k];                                               \
-                                ELEMENT(T, TMAX, v, w, z[k], fl[k], nf[k], s[k], q[k], l[k], h[k]);   \
+                                ELEMENT(T, TMAX, v, w, z[k], fl[k], nf[k], ds[k], dq[k], l[k], h[k]); \
                             }                                                                         \
                         }                                                                             \
                         if (++i == inner) {                                                           \
@@ -145,19 +152,51 @@
                     }                                                                                 \
                     int finite = 1;                                                                   \
                     for (int64_t k = 0; k < nk; ++k) finite &= (s[k] - s[k] == 0) & (q[k] - q[k] == 0); \
-                    if (pass == 1 || finite) break;                                                   \
+                    if (pass == 1) break;                                                             \
+                    if (finite) {                                                                     \
+                        for (int64_t k = 0; k < nk; ++k) {                                            \
+                            ds[k] = s[k];                                                             \
+                            dq[k] = q[k];                                                             \
+                        }                                                                             \
+                        break;                                                                        \
+                    }                                                                                 \
                 }                                                                                     \
-                for (int64_t k = 0, j = k0 % group, c = k0 / group; k < nk; ++k) {                    \
-                    if (k > 0 && ++j == group) { j = 0; ++c; }                                        \
-                    zero[c] += z[k]; flat[c] += fl[k]; nonf[c] += nf[k]; sum[c] += s[k]; sq[c] += q[k]; \
+                if (single) { /* the whole block is one channel: reduce it with vector sums */        \
+                    T tz = 0, tfl = 0, tnf = 0;                                                       \
+                    double ts = 0, tq = 0;                                                            \
+                    _Pragma("omp simd reduction(+ : tz, tfl, tnf, ts, tq)")                           \
+                    for (int64_t k = 0; k < nk; ++k) {                                                \
+                        tz += z[k]; tfl += fl[k]; tnf += nf[k]; ts += ds[k]; tq += dq[k];             \
+                    }                                                                                 \
+                    const int64_t c = k0 / group;                                                     \
+                    zero[c] += tz; flat[c] += tfl; nonf[c] += tnf; sum[c] += ts; sq[c] += tq;         \
+                } else {                                                                              \
+                    for (int64_t k = 0, j = k0 % group, c = k0 / group; k < nk; ++k) {                \
+                        if (k > 0 && ++j == group) { j = 0; ++c; }                                    \
+                        zero[c] += z[k]; flat[c] += fl[k]; nonf[c] += nf[k]; sum[c] += ds[k]; sq[c] += dq[k]; \
+                    }                                                                                 \
+                }                                                                                     \
+                for (int64_t k = 0; k < nk; ++k) {                                                    \
                     bl[k] = l[k];                                                                     \
                     bh[k] = h[k];                                                                     \
                 }                                                                                     \
             }                                                                                         \
-            for (int64_t k = 0, j = k0 % group, c = k0 / group; k < nk; ++k) {                        \
-                if (k > 0 && ++j == group) { j = 0; ++c; }                                            \
-                mn[c] = bl[k] < mn[c] ? bl[k] : mn[c];                                                \
-                mx[c] = bh[k] > mx[c] ? bh[k] : mx[c];                                                \
+            if (single) {                                                                             \
+                T tl = (T)INFINITY, th = -(T)INFINITY;                                                \
+                _Pragma("omp simd reduction(min : tl) reduction(max : th)")                           \
+                for (int64_t k = 0; k < nk; ++k) {                                                    \
+                    tl = bl[k] < tl ? bl[k] : tl;                                                     \
+                    th = bh[k] > th ? bh[k] : th;                                                     \
+                }                                                                                     \
+                const int64_t c = k0 / group;                                                         \
+                mn[c] = tl < mn[c] ? tl : mn[c];                                                      \
+                mx[c] = th > mx[c] ? th : mx[c];                                                      \
+            } else {                                                                                  \
+                for (int64_t k = 0, j = k0 % group, c = k0 / group; k < nk; ++k) {                    \
+                    if (k > 0 && ++j == group) { j = 0; ++c; }                                        \
+                    mn[c] = bl[k] < mn[c] ? bl[k] : mn[c];                                            \
+                    mx[c] = bh[k] > mx[c] ? bh[k] : mx[c];                                            \
+                }                                                                                     \
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
@@ -168,7 +207,7 @@
                                   double hi, int count_flat, double *acc, double *counts) {           \
         if (!f) f = a;                                                                                \
         if (outer > 0 && C > 0 && inner > 0) {                                                        \
-            if (si == 1 && inner >= SMALL_INNER)                                                      \
+            if (si == 1 && (inner >= LONG_ROW || (outer < 8 && inner >= 32)))                         \
                 rows_##SUFFIX(a, f, outer, C, inner, so, sc, (T)eps, (T)lo, (T)hi, acc);              \
             else if (sc == 1)                                                                         \
                 cols_##SUFFIX(a, f, outer, inner, so, si, C, 1, (T)eps, (T)lo, (T)hi, C, acc);        \

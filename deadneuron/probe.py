@@ -56,6 +56,52 @@ _CHANNEL_FIRST = (
 _CHANNEL_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
 
 
+# torch.nn leaves that never call an activation: no functional activation can run inside them, so
+# they need no place on the module stack (one hook per call instead of two). Only with torch's own
+# forward: a subclass that overrides it may call anything.
+_QUIET = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.dropout._DropoutNd,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Embedding,
+    nn.Upsample,
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+)
+
+
+def _remove_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off the torch-function mode stack wherever it is (modes above it stay)."""
+    above = []
+    while torch._C._len_torch_function_stack():
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
+
+
+def _quiet_leaf(m: nn.Module) -> bool:
+    return (
+        isinstance(m, _QUIET)
+        and not m._modules
+        and getattr(type(m).forward, "__module__", "").startswith("torch.nn.modules.")
+    )
+
+
 def channel_axis(x: torch.Tensor, producer: nn.Module | None) -> int:
     """Channel dimension: 1 for conv-like (N, C, ...), the last for (N, ..., C) tensors."""
     if x.dim() <= 2:
@@ -208,6 +254,7 @@ class Recorder:
         self._stack: list[tuple[str, bool]] = []
         self._pending: dict[nn.Module, list[_Site | None]] = {}
         self._mode: _FunctionalProbe | None = None
+        self._suspended: list[bool] = []
         self._region_cache: dict[ActivationSpec, FlatRegion] = {}
         self.last_site: str | None = None
         self.last_module: str | None = None
@@ -232,7 +279,7 @@ class Recorder:
         try:
             if self._mode is not None:
                 mode, self._mode = self._mode, None
-                mode.__exit__(None, None, None)
+                _remove_mode(mode)
         finally:
             for h in self._handles:
                 h.remove()
@@ -248,13 +295,22 @@ class Recorder:
             self._names[m] = name
             self._by_name[name] = m
             spec = spec_for_module(m)
-            if spec is not None and self._module_selected(name, spec):
+            if m is not self.model and spec is not None and self._module_selected(name, spec):
                 self._specs[m] = (spec, self._region(spec))
                 self._pending[m] = []
                 self._handles.append(m.register_forward_pre_hook(self._activation_pre_hook))
                 self._handles.append(m.register_forward_hook(self._activation_hook))
-            self._handles.append(m.register_forward_pre_hook(self._enter_hook))
-            self._handles.append(m.register_forward_hook(self._exit_hook))
+            elif m is not self.model and spec is None and _quiet_leaf(m):
+                self._handles.append(m.register_forward_pre_hook(self._leaf_enter_hook))
+                self._handles.append(m.register_forward_hook(self._leaf_exit_hook))
+            else:
+                if spec is not None and self._module_selected(name, spec):  # the model is an activation
+                    self._specs[m] = (spec, self._region(spec))
+                    self._pending[m] = []
+                    self._handles.append(m.register_forward_pre_hook(self._activation_pre_hook))
+                    self._handles.append(m.register_forward_hook(self._activation_hook))
+                self._handles.append(m.register_forward_pre_hook(self._enter_hook))
+                self._handles.append(m.register_forward_hook(self._exit_hook))
 
     def _module_selected(self, name: str, spec: ActivationSpec) -> bool:
         return self.select is None or matches((name, spec.kind.value, f"kind:{spec.kind.value}"), self.select)
@@ -264,8 +320,35 @@ class Recorder:
         self._counts.clear()
         self._producers.clear()
         self._stack.clear()
+        self._suspended.clear()
+        self._ensure_mode()
         self.last_site = None
         self.last_module = None
+
+    # -- the functional probe is suspended inside modules where it has nothing to find ------------
+    # (activation modules and torch's own leaves): every torch call made there would otherwise pass
+    # through its Python __torch_function__ for nothing. A module that raises leaves it suspended;
+    # the next forward pass (or start_batch) puts it back, and teardown removes it wherever it is.
+    def _suspend(self) -> bool:
+        mode = self._mode
+        if mode is None:
+            return False
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is mode:
+            torch._C._pop_torch_function_stack()
+            return True
+        return False
+
+    def _resume(self, suspended: bool) -> None:
+        if suspended and self._mode is not None:
+            torch._C._push_on_torch_function_stack(self._mode)
+
+    def _ensure_mode(self) -> None:
+        mode = self._mode
+        if mode is not None and not any(
+            torch._C._get_function_stack_at(i) is mode for i in range(torch._C._len_torch_function_stack())
+        ):
+            torch._C._push_on_torch_function_stack(mode)
 
     # -- generic hooks: the module stack and who produced which tensor ----------------------------
     def _enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -273,15 +356,33 @@ class Recorder:
             self._counts.clear()
             self._producers.clear()
             self._stack.clear()
+            self._suspended.clear()
+            self._ensure_mode()
         self._stack.append((self._names[m], m in self._specs))
 
     def _exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        name = self._names[m]
+        name = self.last_module = self._names[m]
         if self._stack:
             self._stack.pop()
-        self.last_module = name
-        for t in _tensors(out):
-            self._producers[id(t)] = (weakref.ref(t), name)
+        if type(out) is torch.Tensor:
+            self._producers[id(out)] = (weakref.ref(out), name)
+        else:
+            for t in _tensors(out):
+                self._producers[id(t)] = (weakref.ref(t), name)
+
+    def _leaf_enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        self._suspended.append(self._suspend())
+
+    def _leaf_exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        """A quiet leaf (see `_quiet_leaf`) is never on the stack: only what it produced is noted."""
+        if self._suspended:
+            self._resume(self._suspended.pop())
+        name = self.last_module = self._names[m]
+        if type(out) is torch.Tensor:
+            self._producers[id(out)] = (weakref.ref(out), name)
+        else:
+            for t in _tensors(out):
+                self._producers[id(t)] = (weakref.ref(t), name)
 
     def _producer_of(self, z: torch.Tensor) -> str | None:
         entry = self._producers.get(id(z))
@@ -292,9 +393,12 @@ class Recorder:
     # -- activation module hooks --------------------------------------------------------------------
     # The hooks run with __torch_function__ handling off: otherwise every tensor method they call
     # (z.dim(), z.dtype...) would pass through the functional probe, a Python call each.
+    # An activation module's two hooks also do what _enter_hook/_exit_hook do for other modules.
     def _activation_pre_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         with torch._C.DisableTorchFunction():
             self._activation_pre(m, args)
+        self._stack.append((self._names[m], True))
+        self._suspended.append(self._suspend())
 
     def _activation_pre(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         z = _first_tensor(args, None)
@@ -310,11 +414,15 @@ class Recorder:
         self._pending[m].append(site)
 
     def _activation_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if self._suspended:
+            self._resume(self._suspended.pop())
         pending = self._pending[m]
         site = pending.pop() if pending else None
         if site is not None and isinstance(out, torch.Tensor):
             with torch._C.DisableTorchFunction():
                 self._after(site, out, None if is_inplace(m) else _first_tensor(args, None))
+        if m is not self.model:
+            self._exit_hook(m, args, out)
 
     # -- sites ----------------------------------------------------------------------------------
     def _functional_site(self, spec: ActivationSpec, fname: str, z: torch.Tensor) -> _Site | None:

@@ -101,13 +101,17 @@ class Kernels:
             if self.native is None:
                 self.fallback_reason = _native.load_error()
                 self._moments, self._flat = _compiled_kernels()
+            else:
+                self.compiled = False  # what the C kernel does not take (CUDA tensors) runs eager
 
     @property
     def name(self) -> str:
         """Which kernels ran ("native", "compiled", "eager", or several joined by "+")."""
         order = ("native", "compiled", "eager")
         used = [k for k in order if k in self._used]
-        return "+".join(used) if used else ("native" if self.native is not None else "compiled" if self.compiled else "eager")
+        if used:
+            return "+".join(used)
+        return "native" if self.native is not None else "compiled" if self.compiled else "eager"
 
     def _call(self, fast: Callable[..., Any], eager: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
         if self.compiled and x.device.type == "cpu" and x.numel() >= self.min_compiled_numel:
@@ -307,23 +311,28 @@ class ChannelStats:
         return out
 
     def compute(self) -> ChannelSummary:
-        """Synchronise once and return host values. Moments are over finite elements only."""
-        n = int(self.n.item())
-        finite = (self.n - self.nonfinite).clamp_min(1)
-        mean = self.sum / finite
-        var = (self.sumsq / finite - mean.square()).clamp_min(0)
-        seen = (self.n - self.nonfinite) > 0
-        nan = torch.full_like(mean, float("nan"))
-        ints = lambda t: t.round().to(torch.int64).cpu().tolist()  # noqa: E731
+        """Synchronise once (one copy of the state to the host) and return host values. Moments are
+        over finite elements only; a channel with no finite element has NaN moments and range."""
+        import numpy as np
+
+        acc = self.acc.detach().cpu().numpy()
+        n = int(self.counts[0].item())
+        zero, flat, nonfinite, total, sumsq, mn, mx = acc
+        finite = n - nonfinite
+        seen = finite > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(seen, total / np.maximum(finite, 1), np.nan)
+            var = np.maximum(sumsq / np.maximum(finite, 1) - mean * mean, 0.0)
+        ints = lambda v: np.rint(v).astype(np.int64).tolist()  # noqa: E731
         return ChannelSummary(
             n=n,
-            zero=ints(self.zero),
-            flat=ints(self.flat),
-            nonfinite=ints(self.nonfinite),
-            mean=torch.where(seen, mean, nan).cpu().tolist(),
-            std=torch.where(seen, var.sqrt(), nan).cpu().tolist(),
-            min=torch.where(seen, self.min, nan).cpu().tolist(),
-            max=torch.where(seen, self.max, nan).cpu().tolist(),
+            zero=ints(zero),
+            flat=ints(flat),
+            nonfinite=ints(nonfinite),
+            mean=mean.tolist(),
+            std=np.where(seen, np.sqrt(var), np.nan).tolist(),
+            min=np.where(seen, mn, np.nan).tolist(),
+            max=np.where(seen, mx, np.nan).tolist(),
         )
 
 

@@ -36,6 +36,9 @@ def _run(a3: torch.Tensor, f3: torch.Tensor | None, eps: float, lo: float, hi: f
 def _check(a3: torch.Tensor, f3: torch.Tensor | None, eps: float, lo: float, hi: float) -> None:
     got, counts = _run(a3, f3, eps, lo, hi)
     want = _reference(a3, f3, eps, lo, hi)
+    # sums: the kernel adds in the input's precision, and in float64 wherever that overflowed, so
+    # it is held to the float64 sums (the float32 reference overflows where the kernel need not)
+    want[3:5] = _reference(a3.double(), None if f3 is None else f3.double(), eps, lo, hi)[3:5]
     assert counts == [a3.shape[0] * a3.shape[2]] * 2
     for row, name in enumerate(("zero", "flat", "nonfinite")):
         assert torch.equal(got[row], want[row]), name
@@ -54,9 +57,9 @@ def _check(a3: torch.Tensor, f3: torch.Tensor | None, eps: float, lo: float, hi:
 @st.composite
 def layouts(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor | None, float, float, float]:
     """An (outer, C, inner) view in one of the memory layouts the kernel reads."""
-    outer = draw(st.integers(1, 9))
+    outer = draw(st.integers(1, 12))
     c = draw(st.integers(1, 70))
-    inner = draw(st.sampled_from([1, 2, 3, 5, 16, 63, 64, 65, 130]))
+    inner = draw(st.sampled_from([1, 2, 3, 5, 16, 31, 32, 63, 64, 65, 130, 256, 300]))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     layout = draw(st.sampled_from(["contiguous", "channels_last", "sliced", "transposed"]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
