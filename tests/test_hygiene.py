@@ -92,3 +92,76 @@ def test_recorder_removes_hooks_on_error() -> None:
     assert _hook_count(model) == 0
     # the functional probe is gone too: F.relu outside is not recorded anywhere
     torch.relu(torch.randn(3))
+
+
+# --- the functional probe (a TorchFunctionMode) is suspended inside activation modules and torch's
+# own leaves; none of that may leak out of the Recorder or lose a functional activation --------------
+
+
+def _mode_stack() -> list[object]:
+    return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+
+
+class FunctionalAfterLeaf(nn.Module):
+    """F.relu on a conv output, then a BatchNorm, then F.gelu: functional sites after quiet leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(self.bn(nn.functional.relu(self.conv(x))))
+
+
+def test_functional_sites_after_leaves_are_found() -> None:
+    report = deadneuron.audit(FunctionalAfterLeaf().eval(), [torch.randn(2, 3, 8, 8)], progress=False)
+    assert list(report.sites) == ["conv>relu", "bn>gelu"]
+    assert _mode_stack() == []
+
+
+def test_a_leaf_that_raises_does_not_lose_the_probe() -> None:
+    """The conv raises on a wrong input while the probe is suspended inside it; the next forward pass
+    in the same Recorder still finds both functional activations, and the exit removes the probe."""
+    model = FunctionalAfterLeaf().eval()
+    with torch.inference_mode(), deadneuron.Recorder(model) as rec:
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 5, 8, 8))
+        rec.start_batch()
+        model(torch.randn(2, 3, 8, 8))
+        names = [r.name for r in rec.results()]
+    assert names == ["conv>relu", "bn>gelu"]
+    assert _mode_stack() == []
+
+
+def test_audit_failing_inside_a_leaf_leaves_no_mode() -> None:
+    model = Exploding()
+    with pytest.raises(AuditRuntimeError):
+        deadneuron.audit(model, zoo.image_batches(), progress=False)
+    assert _mode_stack() == []
+
+
+class _UserMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_users_mode_outside_the_audit_stays() -> None:
+    with _UserMode() as user:
+        report = deadneuron.audit(FunctionalAfterLeaf().eval(), [torch.randn(2, 3, 8, 8)], progress=False)
+        assert _mode_stack() == [user]
+    assert list(report.sites) == ["conv>relu", "bn>gelu"]
+    assert _mode_stack() == []
+
+
+class ReluInsideConv(nn.Conv2d):
+    """A subclass of a quiet leaf that overrides forward: it may call activations, so it is watched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_a_leaf_subclass_with_its_own_forward_is_watched() -> None:
+    model = nn.Sequential(ReluInsideConv(3, 4, 3)).eval()
+    report = deadneuron.audit(model, [torch.randn(2, 3, 8, 8)], progress=False)
+    assert list(report.sites) == ["0.relu"]
