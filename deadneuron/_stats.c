@@ -60,12 +60,12 @@
 #define DEFINE_KERNELS(T, TMAX, SUFFIX)                                                               \
     /* Rows: each (o, c) row of `inner` contiguous elements is reduced on its own. */                 \
     static void rows_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t C,     \
-                              int64_t inner, int64_t so, int64_t sc, T eps, T lo, T hi,               \
-                              double *restrict acc) {                                                 \
+                              int64_t inner, int64_t so, int64_t sc, int64_t c0, int64_t c1,          \
+                              T eps, T lo, T hi, double *restrict acc) {                              \
         double *zero = acc, *flat = acc + C, *nonf = acc + 2 * C, *sum = acc + 3 * C;                 \
         double *sq = acc + 4 * C, *mn = acc + 5 * C, *mx = acc + 6 * C;                               \
         for (int64_t o = 0; o < outer; ++o) {                                                         \
-            for (int64_t c = 0; c < C; ++c) {                                                         \
+            for (int64_t c = c0; c < c1; ++c) {                                                       \
                 const T *restrict pa = a + o * so + c * sc;                                           \
                 const T *restrict pf = f + o * so + c * sc;                                           \
                 T l = (T)INFINITY, h = -(T)INFINITY;                                                  \
@@ -100,17 +100,17 @@
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
-    /* Columns: rows (o, i) at a + o*so + i*si, each holding `width` contiguous values; value k of a  \
-     * row belongs to channel k / group. Blocks of BLOCK columns keep their partials in L1, over      \
+    /* Columns: rows (o, i) at a + o*so + i*si, of which columns [k_begin, k_end) are read; column k  \
+     * belongs to channel k / group. Blocks of BLOCK columns keep their partials in L1, over          \
      * stretches of FLUSH rows (run finite-only first, again with the checks if that overflowed). */  \
     static void cols_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner, \
-                              int64_t so, int64_t si, int64_t width, int64_t group, T eps, T lo, T hi, \
-                              int64_t C, double *restrict acc) {                                      \
+                              int64_t so, int64_t si, int64_t k_begin, int64_t k_end, int64_t group,  \
+                              T eps, T lo, T hi, int64_t C, double *restrict acc) {                   \
         double *zero = acc, *flat = acc + C, *nonf = acc + 2 * C, *sum = acc + 3 * C;                 \
         double *sq = acc + 4 * C, *mn = acc + 5 * C, *mx = acc + 6 * C;                               \
         const int64_t total = outer * inner;                                                          \
-        for (int64_t k0 = 0; k0 < width; k0 += BLOCK) {                                               \
-            const int64_t nk = width - k0 < BLOCK ? width - k0 : BLOCK;                               \
+        for (int64_t k0 = k_begin; k0 < k_end; k0 += BLOCK) {                                         \
+            const int64_t nk = k_end - k0 < BLOCK ? k_end - k0 : BLOCK;                               \
             const int single = k0 / group == (k0 + nk - 1) / group;                                   \
             T z[BLOCK], fl[BLOCK], nf[BLOCK], s[BLOCK], q[BLOCK], l[BLOCK], h[BLOCK];                 \
             double ds[BLOCK], dq[BLOCK]; /* the sums as flushed (the careful pass sums in double) */  \
@@ -201,25 +201,32 @@
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
-    /* Returns 0, or 1 when the strides fit no kernel (the caller then passes contiguous copies). */  \
+    /* Adds channels [c0, c1) of the batch (all of them: 0, C); the element counts are added by the   \
+     * call that has c0 == 0, so that a batch split over threads by channel ranges counts once.       \
+     * Returns 0, or 1 when the strides fit no kernel (the caller then passes contiguous copies). */  \
     int deadneuron_stats_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,    \
                                   int64_t so, int64_t sc, int64_t si, double eps, double lo,          \
-                                  double hi, int count_flat, double *acc, double *counts) {           \
+                                  double hi, int count_flat, double *acc, double *counts,             \
+                                  int64_t c0, int64_t c1) {                                           \
         if (!f) f = a;                                                                                \
-        if (outer > 0 && C > 0 && inner > 0) {                                                        \
+        if (c0 < 0 || c1 > C || c0 > c1) return 2;                                                    \
+        if (outer > 0 && c1 > c0 && inner > 0) {                                                      \
             if (si == 1 && (inner >= LONG_ROW || (outer < 8 && inner >= 32)))                         \
-                rows_##SUFFIX(a, f, outer, C, inner, so, sc, (T)eps, (T)lo, (T)hi, acc);              \
+                rows_##SUFFIX(a, f, outer, C, inner, so, sc, c0, c1, (T)eps, (T)lo, (T)hi, acc);      \
             else if (sc == 1)                                                                         \
-                cols_##SUFFIX(a, f, outer, inner, so, si, C, 1, (T)eps, (T)lo, (T)hi, C, acc);        \
+                cols_##SUFFIX(a, f, outer, inner, so, si, c0, c1, 1, (T)eps, (T)lo, (T)hi, C, acc);   \
             else if ((si == 1 || inner == 1) && sc == inner)                                          \
-                cols_##SUFFIX(a, f, outer, 1, so, 0, C * inner, inner, (T)eps, (T)lo, (T)hi, C, acc); \
+                cols_##SUFFIX(a, f, outer, 1, so, 0, c0 * inner, c1 * inner, inner, (T)eps, (T)lo, (T)hi, \
+                              C, acc);                                                                \
             else if (si == 1)                                                                         \
-                rows_##SUFFIX(a, f, outer, C, inner, so, sc, (T)eps, (T)lo, (T)hi, acc);              \
+                rows_##SUFFIX(a, f, outer, C, inner, so, sc, c0, c1, (T)eps, (T)lo, (T)hi, acc);      \
             else                                                                                      \
                 return 1;                                                                             \
         }                                                                                             \
-        counts[0] += (double)(outer * inner);                                                         \
-        if (count_flat) counts[1] += (double)(outer * inner);                                         \
+        if (c0 == 0) {                                                                                \
+            counts[0] += (double)(outer * inner);                                                     \
+            if (count_flat) counts[1] += (double)(outer * inner);                                     \
+        }                                                                                             \
         return 0;                                                                                     \
     }
 

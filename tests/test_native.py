@@ -3,6 +3,7 @@ audit falls back to torch cleanly where the kernel cannot be built."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import hypothesis.strategies as st
@@ -208,3 +209,22 @@ def test_channels_last_conv_output_is_read_in_place() -> None:
     x = torch.randn(2, 5, 4, 4).contiguous(memory_format=torch.channels_last)
     v = channel_view(x, 1)
     assert v.stride()[1] == 1 and v.data_ptr() == x.data_ptr()
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(9, 70, 1), (9, 7, 300), (12, 20, 16)], ids=str)
+def test_channel_ranges_add_up_to_the_whole(shape: tuple[int, int, int]) -> None:
+    """The C entry point takes a channel range [c0, c1): ranges that tile the channels give exactly
+    the whole-batch result, elements counted once."""
+    assert native is not None
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    fn = native._fns[torch.float32]
+    whole, parts = _native._fresh(shape[1]), _native._fresh(shape[1])
+    cw, cp = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    args = (x.data_ptr(), None, *x.shape, *x.stride(), 0.0, 0.0, math.inf, 1)
+    assert fn(*args, whole.data_ptr(), cw.data_ptr(), 0, shape[1]) == 0
+    edges = [0, 3, shape[1] // 2, shape[1]]
+    for c0, c1 in itertools.pairwise(edges):
+        assert fn(*args, parts.data_ptr(), cp.data_ptr(), c0, c1) == 0
+    assert torch.equal(whole, parts) and torch.equal(cw, cp)
+    assert fn(*args, parts.data_ptr(), cp.data_ptr(), 2, shape[1] + 1) == 2  # out of range: refused
