@@ -116,36 +116,45 @@ def _write_atomically(
     target: Path, write: Callable[[Any], object], *, verify: Callable[[Path], None] | None = None
 ) -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    replaced = False
-    with _sigterm_raises():
+    with _sigterm_raises(), _sigint_deferred() as interrupted:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            with os.fdopen(fd, "wb") as f:
-                _write_recording(f, write)
-                f.flush()
-                os.fsync(f.fileno())
-            if verify is not None:
-                verify(tmp)
-            os.replace(tmp, target)
-            replaced = True
-        except DeadneuronError:
+            _write_file(tmp, target, write, verify)
+        except WriteError:
+            if interrupted:  # a second Ctrl-C, raised inside the write: an interrupt, not a failure
+                raise KeyboardInterrupt from None
             raise
-        except OSError as err:
-            advice = _ERRNO_ADVICE.get(err.errno or 0, "check the folder and run again")
-            raise WriteError(
-                f"{target}: write failed ({err.strerror or err}); nothing was changed; {advice}"
-            ) from None
-        except Exception as err:  # the object itself cannot be serialised
-            raise WriteError(
-                f"{target}: not written: cannot serialise it ({type(err).__name__}: {_one_line(err)}); "
-                "this is a bug in deadneuron, please report it"
-            ) from None
-        finally:
-            if not replaced:
-                with suppress(OSError):
-                    tmp.unlink()
-    _fsync_folder(target.parent)
+        _fsync_folder(target.parent)
     return target
+
+
+def _write_file(tmp: Path, target: Path, write: Callable[[Any], object], verify: Callable[[Path], None] | None) -> None:
+    """Write ``tmp``, sync it, check it and rename it to ``target``; any failure is a one-line
+    WriteError and leaves no temp file."""
+    replaced = False
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            _write_recording(f, write)
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, target)
+        replaced = True
+    except DeadneuronError:
+        raise
+    except OSError as err:
+        advice = _ERRNO_ADVICE.get(err.errno or 0, "check the folder and run again")
+        raise WriteError(f"{target}: write failed ({err.strerror or err}); nothing was changed; {advice}") from None
+    except Exception as err:  # the object itself cannot be serialised
+        raise WriteError(
+            f"{target}: not written: cannot serialise it ({type(err).__name__}: {_one_line(err)}); "
+            "this is a bug in deadneuron, please report it"
+        ) from None
+    finally:
+        if not replaced:
+            with suppress(OSError):
+                tmp.unlink()
 
 
 def _write_recording(f: Any, write: Callable[[Any], object]) -> None:
@@ -199,6 +208,35 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[list[int]]:
+    """While writing, a first Ctrl-C is held until the file is complete and in place, then raised as
+    KeyboardInterrupt; a second one raises at once (the temp file is removed). Python's default SIGINT
+    handler raises wherever the signal lands, and inside torch.save's writer that turns into a
+    RuntimeError, i.e. a write "failure". Only in the main thread with Python's default handler: an
+    application's own handler (`deadneuron train` has one) is left alone. Yields the signals seen."""
+    received: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield received
+        return
+
+    def on_sigint(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 class _Terminated(BaseException):

@@ -291,3 +291,36 @@ def test_ctrl_c_before_the_first_save_says_nothing_was_written(tmp_path: Path, m
     assert result.exit_code == 130
     assert result.stderr.strip() == "deadneuron: interrupted by Ctrl-C before the first checkpoint was written: nothing was written"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Ctrl-C inside an atomic write, in-process (Python's default SIGINT handler) ---------------------
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_ctrl_c_inside_a_save_is_an_interrupt_not_a_write_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int
+) -> None:
+    """Ctrl-C lands at the first line of the file writer's write(), where Python's default handler
+    raised inside torch.save and the save was reported as a failed write (exit 7). Now one Ctrl-C lets
+    the save complete (a loadable file), then raises KeyboardInterrupt; two raise it at once, leaving
+    nothing at the path and no temp file."""
+    from deadneuron import _atomic
+
+    original = _atomic._RecordingWriter.write
+    pressed: list[int] = []
+
+    def write(self: object, data: bytes) -> int:
+        if len(pressed) < times:
+            pressed.append(1)
+            signal.raise_signal(signal.SIGINT)
+        return original(self, data)
+
+    monkeypatch.setattr(_atomic._RecordingWriter, "write", write)
+    target = tmp_path / "ckpt.pth"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        _atomic.atomic_save({"w": torch.ones(3)}, target)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if times == 1:
+        assert torch.load(target, weights_only=True)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert [p.name for p in tmp_path.iterdir()] == (["ckpt.pth"] if times == 1 else [])
