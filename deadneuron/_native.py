@@ -127,9 +127,15 @@ def _load() -> NativeStats:
         flags = (*_FLAGS, *extra)
         path = _cache_dir() / f"stats-{_key(source, cc, flags)}.so"
         try:
-            if not path.exists():
-                _build(cc, flags, source, path)
-            native = NativeStats(ctypes.CDLL(str(path)), path)
+            native = None
+            if path.exists():
+                try:
+                    native = NativeStats(ctypes.CDLL(str(path)), path)
+                except (OSError, AttributeError):  # a damaged cache entry: build it again
+                    path.unlink(missing_ok=True)
+            if native is None:
+                path = _build(cc, flags, source, path)
+                native = NativeStats(ctypes.CDLL(str(path)), path)
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             errors.append(f"{' '.join(extra) or 'portable'}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
             continue
@@ -171,9 +177,13 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(cc: str, flags: tuple[str, ...], source: bytes, path: Path) -> None:
+def _build(cc: str, flags: tuple[str, ...], source: bytes, path: Path) -> Path:
+    """Compile to a temporary file beside ``path`` and rename it into place; returns where it is (a
+    fresh temporary folder when the cache folder cannot be created or written)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"{path.parent} is not writable")
         workdir = path.parent
     except OSError:
         workdir = Path(tempfile.mkdtemp(prefix="deadneuron-"))
@@ -192,6 +202,7 @@ def _build(cc: str, flags: tuple[str, ...], source: bytes, path: Path) -> None:
     finally:
         for leftover in (src, Path(tmp)):
             leftover.unlink(missing_ok=True)
+    return path
 
 
 def _self_check(native: NativeStats) -> None:

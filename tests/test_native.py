@@ -228,3 +228,38 @@ def test_channel_ranges_add_up_to_the_whole(shape: tuple[int, int, int]) -> None
         assert fn(*args, parts.data_ptr(), cp.data_ptr(), c0, c1) == 0
     assert torch.equal(whole, parts) and torch.equal(cw, cp)
     assert fn(*args, parts.data_ptr(), cp.data_ptr(), 2, shape[1] + 1) == 2  # out of range: refused
+
+
+def _reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_loaded", None)
+    monkeypatch.setattr(_native, "_error", None)
+
+
+@needs_native
+def test_a_damaged_cache_entry_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setenv("DEADNEURON_CACHE_DIR", str(tmp_path / "first"))
+    _reload(monkeypatch)
+    built = _native.load()
+    assert built is not None
+    # the same entry in another cache, damaged (e.g. copied half-way by a backup tool); a loaded
+    # library is never written over: that would crash this process
+    damaged = tmp_path / "second" / built.path.name
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"not a shared object")
+    monkeypatch.setenv("DEADNEURON_CACHE_DIR", str(damaged.parent))
+    _reload(monkeypatch)
+    again = _native.load()
+    assert again is not None and again.path == damaged and damaged.read_bytes() != b"not a shared object"
+
+
+@needs_native
+def test_an_unusable_cache_folder_builds_in_a_temporary_one(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DEADNEURON_CACHE_DIR", str(blocker / "cache"))  # cannot be created: a file is in the way
+    _reload(monkeypatch)
+    native_ = _native.load()
+    assert native_ is not None, _native.load_error()
+    assert not str(native_.path).startswith(str(tmp_path))
+    native_.path.unlink()
