@@ -134,8 +134,10 @@ def _load() -> NativeStats:
                 except (OSError, AttributeError):  # a damaged cache entry: build it again
                     path.unlink(missing_ok=True)
             if native is None:
-                path = _build(cc, flags, source, path)
-                native = NativeStats(ctypes.CDLL(str(path)), path)
+                built = _build(cc, flags, source, path)
+                native = NativeStats(ctypes.CDLL(str(built)), built)
+                if built.parent != path.parent:  # a temporary folder: the loaded library outlives its file
+                    shutil.rmtree(built.parent, ignore_errors=True)
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             errors.append(f"{' '.join(extra) or 'portable'}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
             continue

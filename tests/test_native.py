@@ -262,4 +262,7 @@ def test_an_unusable_cache_folder_builds_in_a_temporary_one(monkeypatch: pytest.
     native_ = _native.load()
     assert native_ is not None, _native.load_error()
     assert not str(native_.path).startswith(str(tmp_path))
-    native_.path.unlink()
+    assert not native_.path.parent.exists()  # the temporary folder is gone; the library stays loaded
+    acc, counts = _native._fresh(1), torch.zeros(2, dtype=torch.float64)
+    native_.update(torch.full((1, 1, 3), 2.0), None, 0.0, 0.0, math.inf, True, acc, counts)
+    assert acc[3].item() == 6.0 and counts.tolist() == [3.0, 3.0]
