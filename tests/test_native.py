@@ -266,3 +266,32 @@ def test_an_unusable_cache_folder_builds_in_a_temporary_one(monkeypatch: pytest.
     acc, counts = _native._fresh(1), torch.zeros(2, dtype=torch.float64)
     native_.update(torch.full((1, 1, 3), 2.0), None, 0.0, 0.0, math.inf, True, acc, counts)
     assert acc[3].item() == 6.0 and counts.tolist() == [3.0, 3.0]
+
+
+@needs_native
+def test_bundled_arc_checkpoint_same_report_with_kernel_and_eager() -> None:
+    """End to end on the sick demo checkpoint (11 sites: the shared encoder ReLU at 4 places, the
+    slot MLP called 3 times, decoder 1x1 convs; grids of many sizes): identical counts per channel."""
+    from pathlib import Path
+
+    from arc_model.adapter import ArcSlotAdapter
+
+    adapter = ArcSlotAdapter()
+    ckpt = torch.load(Path(__file__).resolve().parents[1] / "checkpoints" / "slot_attention.pth", weights_only=True)
+    model = adapter.load(ckpt)
+    batches = list(adapter.batches("heldout", ckpt["config"], max_grids=96))
+    fast = deadneuron.audit(model, batches, adapter=adapter, progress=False)
+    slow = deadneuron.audit(model, batches, adapter=adapter, progress=False, compile=False)
+    assert fast.meta["kernels"] == "native" and slow.meta["kernels"] == "eager"
+    assert list(fast.sites) == list(slow.sites) and len(fast.sites) == 11
+    for name, s in slow.sites.items():
+        f = fast.sites[name]
+        assert (f.n, f.dead_channels, f.dormant_channels, f.channel_zero, f.channel_flat) == (
+            s.n, s.dead_channels, s.dormant_channels, s.channel_zero, s.channel_flat
+        ), name
+        assert f.channel_mean == pytest.approx(s.channel_mean, rel=1e-5, abs=1e-6), name
+        # both sum float32 partials into float64; std = sqrt(E[x^2] - mean^2) magnifies their different
+        # rounding by (mean/std)^2 (about 50 on some of these channels)
+        assert f.channel_std == pytest.approx(s.channel_std, rel=1e-3, abs=1e-5), name
+        assert (f.channel_min, f.channel_max) == (s.channel_min, s.channel_max), name
+    assert fast.summary.dead == slow.summary.dead > 0
