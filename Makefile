@@ -30,7 +30,8 @@ checkpoints: $(STAMP)
 	PYTHON=$(BIN)/python bash examples/make_checkpoints.sh
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/overhead.py --threads 1
+	$(BIN)/python benchmarks/overhead.py --threads 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
