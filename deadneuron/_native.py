@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-_FLAGS = ("-O3", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c99")
+_FLAGS = ("-fPIC", "-shared", "-std=c99")
+# tried in order: tuned for this CPU, portable, and plain (for a compiler that knows no OpenMP simd)
+_ATTEMPTS = (
+    ("native", ("-O3", "-fno-trapping-math", "-fopenmp-simd", "-march=native")),
+    ("portable", ("-O3", "-fno-trapping-math", "-fopenmp-simd")),
+    ("plain", ("-O2",)),
+)
 _ARGTYPES = [
     ctypes.c_void_p, ctypes.c_void_p,  # a, f
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # outer, C, inner
@@ -123,7 +129,7 @@ def _load() -> NativeStats:
     source = resources.files("deadneuron").joinpath("_stats.c").read_bytes()
     cc = _compiler()
     errors = []
-    for extra in (("-march=native",), ()):
+    for attempt, extra in _ATTEMPTS:
         flags = (*_FLAGS, *extra)
         path = _cache_dir() / f"stats-{_key(source, cc, flags)}.so"
         try:
@@ -139,11 +145,18 @@ def _load() -> NativeStats:
                 if built.parent != path.parent:  # a temporary folder: the loaded library outlives its file
                     shutil.rmtree(built.parent, ignore_errors=True)
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-            errors.append(f"{' '.join(extra) or 'portable'}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
+            errors.append(f"{attempt}: {_last_line(exc)}")
+            if isinstance(exc, subprocess.TimeoutExpired):
+                break  # a compiler that hangs will hang again
             continue
         _self_check(native)
         return native
     raise _Unavailable("could not build the C statistics kernel (" + "; ".join(errors) + ")")
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def _compiler() -> str:
@@ -196,7 +209,7 @@ def _build(cc: str, flags: tuple[str, ...], source: bytes, path: Path) -> Path:
     try:
         src.write_bytes(source)
         done = subprocess.run(
-            [cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120, check=False
+            [cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=60, check=False
         )
         if done.returncode != 0:
             raise OSError(f"{cc} failed: {(done.stderr.strip().splitlines() or ['(no output)'])[-1]}")
