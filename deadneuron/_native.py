@@ -226,7 +226,9 @@ def _self_check(native: NativeStats) -> None:
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
-        for shape, perm in (((3, 5, 37), None), ((4, 6, 3), None), ((7, 9, 1), None), ((2, 3, 4), (0, 2, 1))):
+        layouts = (((3, 5, 37), None), ((9, 2, 300), None), ((9, 3, 70), None), ((4, 6, 3), None), ((7, 9, 1), None),
+                   ((2, 3, 4), (0, 2, 1)))
+        for shape, perm in layouts:
             x = torch.randn(shape, generator=g, dtype=dtype)
             x.view(-1)[::7] = 0.0
             x.view(-1)[3], x.view(-1)[5] = float("nan"), float("inf")

@@ -295,3 +295,19 @@ def test_bundled_arc_checkpoint_same_report_with_kernel_and_eager() -> None:
         assert f.channel_std == pytest.approx(s.channel_std, rel=1e-3, abs=1e-5), name
         assert (f.channel_min, f.channel_max) == (s.channel_min, s.channel_max), name
     assert fast.summary.dead == slow.summary.dead > 0
+
+
+@needs_native
+def test_a_kernel_that_disagrees_with_torch_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load-time self-check: a miscompiled kernel (simulated: it drops the NaN count) is refused
+    with the reason, and the audit runs on torch."""
+    real = _native.NativeStats.update
+
+    def miscompiled(self, a3, f3, eps, lo, hi, count_flat, acc, counts):  # noqa: ANN001, ANN202
+        real(self, a3, f3, eps, lo, hi, count_flat, acc, counts)
+        acc[2].zero_()
+
+    monkeypatch.setattr(_native.NativeStats, "update", miscompiled)
+    _reload(monkeypatch)
+    assert _native.load() is None
+    assert "disagreed with the torch reference" in (_native.load_error() or "")
