@@ -57,8 +57,9 @@ _CHANNEL_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.Multihea
 
 
 # torch.nn leaves that never call an activation: no functional activation can run inside them, so
-# they need no place on the module stack (one hook per call instead of two). Only with torch's own
-# forward: a subclass that overrides it may call anything.
+# they stay off the module stack and the functional probe is suspended while they run (their hooks
+# only note what they produced). Only with torch's own forward: a subclass that overrides it may
+# call anything.
 _QUIET = (
     nn.modules.conv._ConvNd,
     nn.modules.batchnorm._NormBase,
