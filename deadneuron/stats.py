@@ -1,4 +1,4 @@
-"""Mergeable streaming per-channel activation statistics (pure torch: no hooks, no I/O).
+"""Mergeable streaming per-channel activation statistics (no hooks, no I/O).
 
 `ChannelStats` holds, per channel, the counts and moments of DESIGN section 3:
 
@@ -9,9 +9,11 @@
     sum, sumsq moments of the finite elements of a
     min, max   range of the finite elements of a
 
-State lives on the device of the first tensor it sees and is only ever updated with in-place tensor
-ops, so an update never synchronises with the host. Memory is O(channels). `merge` adds counts and
-combines ranges, so accumulators from several processes or data shards reduce exactly.
+State lives on the device of the first tensor it sees and is only ever updated in place (by torch
+ops, or on CPU by the C kernel of `deadneuron._native` writing into the same tensor), so an update
+never synchronises with the host. Memory is O(channels). `merge` adds counts and combines ranges, so
+accumulators from several processes or data shards reduce exactly. `fused_moments` is the torch
+reference every kernel is tested against.
 
 `batch_stats` is the one-shot functional twin used by tests as the oracle's building block.
 """
