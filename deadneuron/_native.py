@@ -30,8 +30,9 @@ import torch
 _FLAGS = ("-fPIC", "-shared", "-std=c99")
 # tried in order: tuned for this CPU, portable, and plain (for a compiler that knows no OpenMP simd)
 _ATTEMPTS = (
-    ("native", ("-O3", "-fno-trapping-math", "-fopenmp-simd", "-march=native")),
-    ("portable", ("-O3", "-fno-trapping-math", "-fopenmp-simd")),
+    ("native", ("-O3", "-fno-trapping-math", "-fopenmp", "-march=native")),
+    ("portable", ("-O3", "-fno-trapping-math", "-fopenmp")),
+    ("one thread", ("-O3", "-fno-trapping-math", "-fopenmp-simd")),
     ("plain", ("-O2",)),
 )
 _ARGTYPES = [
@@ -40,8 +41,12 @@ _ARGTYPES = [
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # strides
     ctypes.c_double, ctypes.c_double, ctypes.c_double,  # eps, lo, hi
     ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # count_flat, acc, counts
-    ctypes.c_int64, ctypes.c_int64,  # channels [c0, c1)
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_int,  # channels [c0, c1), threads
 ]
+
+# A batch at least this large is split by channels over torch's intra-op threads (OpenMP: the kernel
+# links the libgomp torch already loaded, so it shares torch's thread pool); below it one thread.
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 class NativeStats:
@@ -81,11 +86,10 @@ class NativeStats:
         fn = self._fns[a3.dtype]
         args = (eps, lo, hi, int(count_flat), acc.data_ptr(), counts.data_ptr())
         channels = a3.shape[1]
+        threads = torch.get_num_threads() if a3.numel() >= PARALLEL_MIN_ELEMENTS else 1
         for attempt in range(2):
             f_ptr = f3.data_ptr() if f3 is not None else None
-            # One thread: splitting channels over torch's idle intra-op threads was measured slower
-            # on 2 cores (OpenMP workers spin after each parallel op and compete for the core).
-            status = fn(a3.data_ptr(), f_ptr, *a3.shape, *a3.stride(), *args, 0, channels)
+            status = fn(a3.data_ptr(), f_ptr, *a3.shape, *a3.stride(), *args, 0, channels, threads)
             if status != 1 or attempt:
                 break
             # strides no kernel reads (nothing was written): again on contiguous copies

@@ -201,27 +201,47 @@
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
-    /* Adds channels [c0, c1) of the batch (all of them: 0, C); the element counts are added by the   \
-     * call that has c0 == 0, so that a batch split over threads by channel ranges counts once.       \
-     * Returns 0, or 1 when the strides fit no kernel (the caller then passes contiguous copies). */  \
+    /* Which kernel reads this layout: 0 rows, 1 columns, 2 columns grouped per channel, -1 none. */  \
+    static int layout_##SUFFIX(int64_t outer, int64_t inner, int64_t sc, int64_t si) {                \
+        if (si == 1 && (inner >= LONG_ROW || (outer < 8 && inner >= 32))) return 0;                   \
+        if (sc == 1) return 1;                                                                        \
+        if ((si == 1 || inner == 1) && sc == inner) return 2;                                         \
+        if (si == 1) return 0;                                                                        \
+        return -1;                                                                                    \
+    }                                                                                                 \
+                                                                                                      \
+    static void channels_##SUFFIX(int kind, const T *a, const T *f, int64_t outer, int64_t C,         \
+                                  int64_t inner, int64_t so, int64_t sc, int64_t si, T eps, T lo,     \
+                                  T hi, double *acc, int64_t c0, int64_t c1) {                        \
+        if (c1 <= c0) return;                                                                         \
+        if (kind == 0)                                                                                \
+            rows_##SUFFIX(a, f, outer, C, inner, so, sc, c0, c1, eps, lo, hi, acc);                   \
+        else if (kind == 1)                                                                           \
+            cols_##SUFFIX(a, f, outer, inner, so, si, c0, c1, 1, eps, lo, hi, C, acc);                \
+        else                                                                                          \
+            cols_##SUFFIX(a, f, outer, 1, so, 0, c0 * inner, c1 * inner, inner, eps, lo, hi, C, acc); \
+    }                                                                                                 \
+                                                                                                      \
+    /* Adds channels [c0, c1) of the batch (all of them: 0, C), split over `threads` OpenMP threads   \
+     * by channel ranges (each thread writes only its own channels); the element counts are added     \
+     * by the call that has c0 == 0, so that ranges added by separate calls count once. Built         \
+     * without OpenMP the ranges simply run one after the other. Returns 0; 1 when the strides fit    \
+     * no kernel (nothing written: the caller passes contiguous copies); 2 for a bad range. */        \
     int deadneuron_stats_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,    \
                                   int64_t so, int64_t sc, int64_t si, double eps, double lo,          \
                                   double hi, int count_flat, double *acc, double *counts,             \
-                                  int64_t c0, int64_t c1) {                                           \
+                                  int64_t c0, int64_t c1, int threads) {                              \
         if (!f) f = a;                                                                                \
         if (c0 < 0 || c1 > C || c0 > c1) return 2;                                                    \
         if (outer > 0 && c1 > c0 && inner > 0) {                                                      \
-            if (si == 1 && (inner >= LONG_ROW || (outer < 8 && inner >= 32)))                         \
-                rows_##SUFFIX(a, f, outer, C, inner, so, sc, c0, c1, (T)eps, (T)lo, (T)hi, acc);      \
-            else if (sc == 1)                                                                         \
-                cols_##SUFFIX(a, f, outer, inner, so, si, c0, c1, 1, (T)eps, (T)lo, (T)hi, C, acc);   \
-            else if ((si == 1 || inner == 1) && sc == inner)                                          \
-                cols_##SUFFIX(a, f, outer, 1, so, 0, c0 * inner, c1 * inner, inner, (T)eps, (T)lo, (T)hi, \
-                              C, acc);                                                                \
-            else if (si == 1)                                                                         \
-                rows_##SUFFIX(a, f, outer, C, inner, so, sc, c0, c1, (T)eps, (T)lo, (T)hi, acc);      \
-            else                                                                                      \
-                return 1;                                                                             \
+            const int kind = layout_##SUFFIX(outer, inner, sc, si);                                   \
+            if (kind < 0) return 1;                                                                   \
+            const int64_t n = c1 - c0;                                                                \
+            const int parts = threads < 1 ? 1 : (n < threads ? (int)n : threads);                     \
+            _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
+            for (int t = 0; t < parts; ++t)                                                           \
+                channels_##SUFFIX(kind, a, f, outer, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
+                                  c0 + n * t / parts, c0 + n * (t + 1) / parts);                      \
         }                                                                                             \
         if (c0 == 0) {                                                                                \
             counts[0] += (double)(outer * inner);                                                     \

@@ -222,12 +222,15 @@ def test_channel_ranges_add_up_to_the_whole(shape: tuple[int, int, int]) -> None
     whole, parts = _native._fresh(shape[1]), _native._fresh(shape[1])
     cw, cp = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     args = (x.data_ptr(), None, *x.shape, *x.stride(), 0.0, 0.0, math.inf, 1)
-    assert fn(*args, whole.data_ptr(), cw.data_ptr(), 0, shape[1]) == 0
+    assert fn(*args, whole.data_ptr(), cw.data_ptr(), 0, shape[1], 1) == 0
     edges = [0, 3, shape[1] // 2, shape[1]]
     for c0, c1 in itertools.pairwise(edges):
-        assert fn(*args, parts.data_ptr(), cp.data_ptr(), c0, c1) == 0
+        assert fn(*args, parts.data_ptr(), cp.data_ptr(), c0, c1, 1) == 0
     assert torch.equal(whole, parts) and torch.equal(cw, cp)
-    assert fn(*args, parts.data_ptr(), cp.data_ptr(), 2, shape[1] + 1) == 2  # out of range: refused
+    threaded, ct = _native._fresh(shape[1]), torch.zeros(2, dtype=torch.float64)
+    assert fn(*args, threaded.data_ptr(), ct.data_ptr(), 0, shape[1], 3) == 0  # three ranges at once
+    assert torch.equal(whole, threaded) and torch.equal(cw, ct)
+    assert fn(*args, parts.data_ptr(), cp.data_ptr(), 2, shape[1] + 1, 1) == 2  # out of range: refused
 
 
 def _reload(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -311,3 +314,24 @@ def test_a_kernel_that_disagrees_with_torch_is_not_used(monkeypatch: pytest.Monk
     _reload(monkeypatch)
     assert _native.load() is None
     assert "disagreed with the torch reference" in (_native.load_error() or "")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(16, 64, 1024), (16, 256, 16), (512, 300, 1)], ids=str)
+def test_threads_split_channels_exactly(shape: tuple[int, int, int]) -> None:
+    """A batch above PARALLEL_MIN_ELEMENTS is split by channels over torch's threads: the result is
+    the one-thread result, bit for bit (each channel is still reduced in the same order)."""
+    assert native is not None
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    x[1, 2, 0] = float("nan")
+    assert x.numel() >= _native.PARALLEL_MIN_ELEMENTS
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_run(x, None, 0.0, 0.0, math.inf))
+    finally:
+        torch.set_num_threads(before)
+    for acc, counts in results[1:]:
+        assert torch.equal(acc, results[0][0]) and counts == results[0][1]
