@@ -54,6 +54,9 @@ class NativeStats:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
+        # threads only where the kernel shares torch's OpenMP runtime: a second runtime in the process
+        # would bring a second thread pool competing with torch's for the same cores
+        self.threaded = _openmp_runtimes() <= 1
         self._fns = {}
         for dtype, name in ((torch.float32, "deadneuron_stats_f32"), (torch.float64, "deadneuron_stats_f64")):
             fn = getattr(lib, name)
@@ -86,7 +89,7 @@ class NativeStats:
         fn = self._fns[a3.dtype]
         args = (eps, lo, hi, int(count_flat), acc.data_ptr(), counts.data_ptr())
         channels = a3.shape[1]
-        threads = torch.get_num_threads() if a3.numel() >= PARALLEL_MIN_ELEMENTS else 1
+        threads = torch.get_num_threads() if self.threaded and a3.numel() >= PARALLEL_MIN_ELEMENTS else 1
         for attempt in range(2):
             f_ptr = f3.data_ptr() if f3 is not None else None
             status = fn(a3.data_ptr(), f_ptr, *a3.shape, *a3.stride(), *args, 0, channels, threads)
@@ -97,6 +100,16 @@ class NativeStats:
             f3 = f3.contiguous() if f3 is not None else None
         if status:
             raise RuntimeError(f"deadneuron C kernel refused a {tuple(a3.shape)} batch (status {status})")
+
+
+def _openmp_runtimes() -> int:
+    """How many OpenMP runtime libraries this process has loaded (Linux; 0 where it cannot tell)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "/lib" in line}
+    except OSError:
+        return 0
+    return len({p for p in paths if Path(p).name.startswith(("libgomp", "libiomp", "libomp"))})
 
 
 _loaded: NativeStats | None = None

@@ -335,3 +335,13 @@ def test_threads_split_channels_exactly(shape: tuple[int, int, int]) -> None:
         torch.set_num_threads(before)
     for acc, counts in results[1:]:
         assert torch.equal(acc, results[0][0]) and counts == results[0][1]
+
+
+@needs_native
+def test_no_threads_beside_a_second_openmp_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """Where the kernel would not share torch's OpenMP runtime, it runs on one thread."""
+    monkeypatch.setattr(_native, "_openmp_runtimes", lambda: 2)
+    monkeypatch.setenv("DEADNEURON_CACHE_DIR", str(tmp_path))
+    _reload(monkeypatch)
+    loaded = _native.load()
+    assert loaded is not None and not loaded.threaded
