@@ -87,18 +87,22 @@ class SiteHealth:
         c = len(s.zero)
         n = s.n
         total = n * c
-        zero, flat = np.asarray(s.zero, dtype=np.float64), np.asarray(s.flat, dtype=np.float64)
-        finite = n - np.asarray(s.nonfinite, dtype=np.float64)
+        arr = s.arrays if s.arrays is not None else {
+            k: np.asarray(getattr(s, k), dtype=np.float64)
+            for k in ("zero", "flat", "nonfinite", "mean", "std", "min", "max")
+        }
+        zero, flat = arr["zero"], arr["flat"]
+        finite = n - arr["nonfinite"]
         seen = finite > 0
         fin_total = float(finite.sum())
-        ch_mean, ch_std = np.asarray(s.mean, dtype=np.float64), np.asarray(s.std, dtype=np.float64)
+        ch_mean, ch_std = arr["mean"], arr["std"]
         if fin_total:
             mean = float((ch_mean[seen] * finite[seen]).sum() / fin_total)
             ex2 = float(((ch_std[seen] ** 2 + ch_mean[seen] ** 2) * finite[seen]).sum() / fin_total)
             std = math.sqrt(max(ex2 - mean**2, 0.0))
         else:
             mean = std = math.nan
-        ch_min, ch_max = np.asarray(s.min, dtype=np.float64), np.asarray(s.max, dtype=np.float64)
+        ch_min, ch_max = arr["min"], arr["max"]
         finite_min, finite_max = ch_min[np.isfinite(ch_min)], ch_max[np.isfinite(ch_max)]
         rate = flat / n if n else np.zeros(c)
         return cls(

@@ -21,8 +21,8 @@ reference every kernel is tested against.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -194,7 +194,8 @@ _EAGER = Kernels(compile=False)  # stateless: the eager kernels need no compilat
 
 @dataclass(frozen=True)
 class ChannelSummary:
-    """Host-side result of `ChannelStats.compute` (numpy-free lists keep the core dependency-light)."""
+    """Host-side result of `ChannelStats.compute`: plain lists, and the same values as float64 numpy
+    arrays in ``arrays`` (keys as the fields) for code that computes with them."""
 
     n: int
     zero: list[int]
@@ -204,6 +205,7 @@ class ChannelSummary:
     std: list[float]
     min: list[float]
     max: list[float]
+    arrays: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 class ChannelStats:
@@ -325,16 +327,22 @@ class ChannelStats:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(seen, total / np.maximum(finite, 1), np.nan)
             var = np.maximum(sumsq / np.maximum(finite, 1) - mean * mean, 0.0)
-        ints = lambda v: np.rint(v).astype(np.int64).tolist()  # noqa: E731
+        arrays = {
+            "zero": np.rint(zero), "flat": np.rint(flat), "nonfinite": np.rint(nonfinite), "mean": mean,
+            "std": np.where(seen, np.sqrt(var), np.nan), "min": np.where(seen, mn, np.nan),
+            "max": np.where(seen, mx, np.nan),
+        }
+        ints = lambda v: v.astype(np.int64).tolist()  # noqa: E731
         return ChannelSummary(
             n=n,
-            zero=ints(zero),
-            flat=ints(flat),
-            nonfinite=ints(nonfinite),
-            mean=mean.tolist(),
-            std=np.where(seen, np.sqrt(var), np.nan).tolist(),
-            min=np.where(seen, mn, np.nan).tolist(),
-            max=np.where(seen, mx, np.nan).tolist(),
+            zero=ints(arrays["zero"]),
+            flat=ints(arrays["flat"]),
+            nonfinite=ints(arrays["nonfinite"]),
+            mean=arrays["mean"].tolist(),
+            std=arrays["std"].tolist(),
+            min=arrays["min"].tolist(),
+            max=arrays["max"].tolist(),
+            arrays=arrays,
         )
 
 
