@@ -18,6 +18,9 @@
  * it, or an overflow) it is summed again with the checks, in double.
  * Compiled with -fno-trapping-math so that the selects below vectorise; nothing here relies on
  * floating-point exceptions. Never compile this with -ffast-math: the finiteness tests would go.
+ * Compiled with -fopenmp, a batch is split by channel ranges over `threads` threads of the OpenMP
+ * runtime torch has loaded (deadneuron/_native.py checks that there is only that one); each thread
+ * reduces whole channels, in the same order as one thread would, so the result does not change.
  */
 #include <float.h>
 #include <math.h>
