@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from deadneuron.probe import SiteResult
 
 SCHEMA = "deadneuron.report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DORMANT_FRACTION = 0.99
 
 
@@ -46,11 +46,14 @@ class SiteHealth:
     kind: str
     label: str
     channel_axis: int
+    axis_source: str  # how the channel axis was decided: producer, traced, guessed or user
     flat_region: str
     shape: tuple[int, ...]
     calls: int
     channels: int
-    n: int  # elements seen per channel
+    n: int  # elements seen per channel (valid positions only, where a mask applied)
+    masked: bool  # a padding mask applied at this site
+    excluded: int  # elements per channel the mask excluded
     sparsity: float
     flat_fraction: float
     dead_channels: tuple[int, ...]
@@ -107,8 +110,8 @@ class SiteHealth:
         rate = flat / n if n else np.zeros(c)
         return cls(
             name=r.name, module=r.module, producer=r.producer, functional=r.functional, kind=r.kind,
-            label=r.label, channel_axis=r.channel_axis, flat_region=r.flat_region, shape=r.example_shape,
-            calls=r.calls, channels=c, n=n,
+            label=r.label, channel_axis=r.channel_axis, axis_source=r.axis_source, flat_region=r.flat_region,
+            shape=r.example_shape, calls=r.calls, channels=c, n=n, masked=r.masked, excluded=r.excluded,
             sparsity=float(zero.sum()) / total if total else 0.0,
             flat_fraction=float(flat.sum()) / total if total else 0.0,
             dead_channels=tuple(np.flatnonzero(flat == n).tolist()) if n else (),

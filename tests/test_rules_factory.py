@@ -29,6 +29,7 @@ def make_site(
     producer: str | None = "auto",
     module: str | None = None,
     n: int = 10_000,
+    axis_source: str = "producer",
 ) -> SiteHealth:
     if producer == "auto":
         producer = name.split(">")[0] if ">" in name else None
@@ -36,8 +37,8 @@ def make_site(
     per_channel_nonfinite = tuple(nonfinite if c == 0 else 0 for c in range(channels))
     return SiteHealth(
         name=name, module=module or (name.split(">")[1] if ">" in name else name), producer=producer,
-        functional=False, kind=kind, label=kind, channel_axis=1, flat_region=_FLAT_REGION.get(kind, "z <= 0"),
-        shape=(4, channels, 5, 5), calls=3, channels=channels, n=n, sparsity=sparsity,
+        functional=False, kind=kind, label=kind, channel_axis=1, axis_source=axis_source, flat_region=_FLAT_REGION.get(kind, "z <= 0"),
+        shape=(4, channels, 5, 5), calls=3, channels=channels, n=n, masked=False, excluded=0, sparsity=sparsity,
         flat_fraction=sum(flat) / channels, dead_channels=tuple(dead), dormant_channels=tuple(dormant),
         nonfinite=nonfinite, mean=0.4, std=0.6, min=0.0, max=3.0,
         channel_zero=tuple(sparsity for _ in range(channels)), channel_flat=flat,

@@ -1,0 +1,67 @@
+"""The functional probe: a `TorchFunctionMode` that finds activation calls (``F.relu``, ``x.relu()``...)
+made inside the model's forward, and hands them to the Recorder as sites."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from deadneuron.activations import FunctionalActivations
+
+if TYPE_CHECKING:
+    from deadneuron.probe.recorder import Recorder
+
+
+def tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from tensors(o)
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if kwargs and isinstance(kwargs.get("input"), torch.Tensor):
+        return kwargs["input"]
+    return None
+
+
+class FunctionalProbe(TorchFunctionMode):
+    """Finds functional activation calls made inside the model's forward."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self._recorder = recorder
+        self._lookup = FunctionalActivations()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        rec = self._recorder
+        if not rec._stack or rec._stack[-1][1]:
+            return func(*args, **kwargs)
+        try:
+            spec = self._lookup.spec(func, args, kwargs)
+        except TypeError:  # an unhashable callable: not one of ours
+            spec = None
+        z = first_tensor(args, kwargs)
+        if spec is None or z is None or not z.is_floating_point():
+            return func(*args, **kwargs)
+        site = rec._functional_site(spec, self._lookup.name(func), z)
+        if site is None:
+            return func(*args, **kwargs)
+        inplace = bool(kwargs.get("inplace", False)) or self._lookup.name(func) != getattr(func, "__name__", "")
+        with torch._C.DisableTorchFunction():
+            rec._before(site, z, inplace)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            with torch._C.DisableTorchFunction():
+                rec._after(site, out, None if inplace else z)
+        return out

@@ -1,0 +1,84 @@
+"""A call site's running state (`Site`), its host-side result (`SiteResult`), and final site names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from deadneuron.activations import ActivationSpec, FlatRegion
+from deadneuron.probe.layout import AxisSource
+from deadneuron.stats import ChannelStats, ChannelSummary, ValueHistogram
+
+
+@dataclass
+class Site:
+    owner: str  # activation module's qualified name, or the enclosing module for a functional call
+    leaf: str  # "relu" (module attribute name) or the function name
+    functional: bool
+    producer: str | None
+    occurrence: int
+    spec: ActivationSpec
+    region: FlatRegion
+    axis: int
+    axis_source: AxisSource
+    stats: ChannelStats
+    shape: tuple[int, ...] = ()
+    calls: int = 0
+    histogram: ValueHistogram | None = None
+
+    def flat_from_z_first(self, inplace: bool) -> bool:
+        """The flat region must be tested on z before the call: it lives on z and the call
+        overwrites z, or it is per channel (PReLU) and needs its own kernel."""
+        return not self.region.on_output and (inplace or isinstance(self.region.lo, torch.Tensor))
+
+    @property
+    def base_name(self) -> str:
+        if self.producer is not None:
+            return f"{self.producer}>{self.leaf}"
+        if self.functional:
+            return f"{self.owner}.{self.leaf}" if self.owner else self.leaf
+        return self.owner
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """What the Recorder measured at one site (host values)."""
+
+    name: str
+    module: str
+    producer: str | None
+    functional: bool
+    kind: str
+    label: str
+    channel_axis: int
+    axis_source: str
+    flat_region: str
+    example_shape: tuple[int, ...]
+    calls: int
+    summary: ChannelSummary
+    histogram: tuple[int, ...] | None = None
+    masked: bool = False  # a padding mask applied at this site
+    excluded: int = 0  # elements per channel the mask excluded, over all calls
+
+
+def site_names(sites: Sequence[Site]) -> list[str]:
+    """Final names of ``sites`` (in order of first call): an activation module with one call site keeps
+    its qualified name; otherwise producer-based names, with ``#k`` where still shared."""
+    per_owner: dict[tuple[str, bool, str], int] = {}
+    for s in sites:
+        k = (s.owner, s.functional, s.leaf)
+        per_owner[k] = per_owner.get(k, 0) + 1
+    bases = []
+    for s in sites:
+        single_module = not s.functional and per_owner[(s.owner, False, s.leaf)] == 1
+        bases.append(s.owner if single_module else s.base_name)
+    seen: dict[str, int] = {}
+    totals = {b: bases.count(b) for b in bases}
+    names = []
+    for b in bases:
+        k = seen.get(b, 0)
+        seen[b] = k + 1
+        names.append(b if totals[b] == 1 else f"{b}#{k}")
+    return names
