@@ -13,6 +13,8 @@ Subpackages: ``deadneuron.rules`` (findings), ``deadneuron.patch`` (plans, surge
 from deadneuron.audit import audit
 from deadneuron.errors import DeadneuronError, ExitCode
 from deadneuron.probe import Recorder
+from deadneuron.render.files import save_report
+from deadneuron.render.frames import channels_frame, sites_frame
 from deadneuron.report import Report, SiteHealth, Summary
 from deadneuron.rules import evaluate
 from deadneuron.testing import assert_healthy, assert_sparsity_below
@@ -27,6 +29,9 @@ __all__ = [
     "assert_healthy",
     "assert_sparsity_below",
     "audit",
+    "channels_frame",
     "evaluate",
+    "save_report",
+    "sites_frame",
 ]
 __version__ = "0.1.0"

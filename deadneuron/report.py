@@ -12,13 +12,10 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from deadneuron.probe import SiteResult
 
 SCHEMA = "deadneuron.report"
@@ -258,45 +255,13 @@ class Report:
         report = cls.build(sites, slots=slots, metrics=metrics, meta=d.get("meta", {}))
         return report.with_findings(d.get("findings", []))
 
-    def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            from deadneuron.checkpoint import atomic_write_bytes
-
-            atomic_write_bytes(text.encode(), Path(path), force=True)
-        return text
+    def to_json(self, *, indent: int | None = 1) -> str:
+        """The report as JSON text (`deadneuron.save_report` writes it to a file)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> Report:
         return cls.from_dict(json.loads(text))
-
-    # -- tables -----------------------------------------------------------------------------------
-    def frame(self, which: Literal["sites", "channels"] = "sites") -> pd.DataFrame:
-        """A pandas DataFrame: one row per site, or one row per (site, channel)."""
-        import pandas as pd
-
-        if which == "sites":
-            cols = ("name", "kind", "channels", "sparsity", "flat_fraction", "nonfinite", "mean", "std", "min", "max")
-            rows = [
-                {**{c: getattr(s, c) for c in cols}, "dead": len(s.dead_channels), "dormant": len(s.dormant_channels)}
-                for s in self.sites.values()
-            ]
-            return pd.DataFrame(rows)
-        if which == "channels":
-            rows = []
-            for s in self.sites.values():
-                dead, dormant = set(s.dead_channels), set(s.dormant_channels)
-                for c in range(s.channels):
-                    rows.append(
-                        {
-                            "site": s.name, "channel": c, "sparsity": s.channel_zero[c],
-                            "flat_fraction": s.channel_flat[c], "dead": c in dead, "dormant": c in dormant,
-                            "nonfinite": s.channel_nonfinite[c], "mean": s.channel_mean[c],
-                            "std": s.channel_std[c], "min": s.channel_min[c], "max": s.channel_max[c],
-                        }
-                    )  # fmt: skip
-            return pd.DataFrame(rows)
-        raise ValueError(f"frame() takes 'sites' or 'channels', not {which!r}")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -143,7 +143,7 @@ class AuditCache:
         folder = Path(self.report_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_id).strip("_") or "report"
-        report.to_json(folder / f"{stem}.json")
+        atomic_write_text(report.to_json(indent=1), folder / f"{stem}.json", force=True)
         atomic_write_text(render_markdown(report), folder / f"{stem}.md", force=True)
 
 

@@ -122,20 +122,9 @@ def _with_rules(report, subject, rules):  # type: ignore[no-untyped-def]
 
 
 def _write(report, out: Path, subject) -> None:  # type: ignore[no-untyped-def]
-    try:
-        from deadneuron.render.files import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        write_report(report, out, model=subject.model, adapter=subject.adapter, checkpoint=subject.checkpoint)
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        from deadneuron.errors import WriteError
+    from deadneuron.render.files import write_report
 
-        raise WriteError(f"cannot create report folder {out}: {exc.strerror}") from exc
-    report.to_json(out / "report.json")
+    write_report(report, out, model=subject.model, adapter=subject.adapter, checkpoint=subject.checkpoint)
 
 
 __all__ = ["DeadneuronError", "ExitCode", "audit_command"]

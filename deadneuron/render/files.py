@@ -112,6 +112,11 @@ def _pngs(figures: Mapping[str, tuple[str, Figure]]) -> dict[str, tuple[str, byt
     return {stem: (title, figure_png(fig)) for stem, (title, fig) in figures.items()}
 
 
+def save_report(report: Report, path: str | Path) -> Path:
+    """Write ``report`` as JSON to ``path`` atomically (`Report.from_json` reads it back)."""
+    return write_text_file(report.to_json(indent=1), Path(path))
+
+
 def write_text_file(text: str, path: Path) -> Path:
     from deadneuron.checkpoint import atomic_write_text
 
@@ -156,7 +161,7 @@ def write_report(
     _mkdir(folder)
     written: list[Path] = []
     if "json" in formats:
-        written.append(write_text_file(report.to_json(indent=1), folder / "report.json"))
+        written.append(save_report(report, folder / "report.json"))
     timeline = list((checkpoint or {}).get("health_timeline") or [])
     if timeline:
         keep = {"health_timeline": timeline, "history": list((checkpoint or {}).get("history") or [])}
