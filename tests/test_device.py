@@ -64,3 +64,58 @@ def test_hooks_never_synchronise(compile: bool) -> None:
         assert all(t.is_cuda for st in states for t in (st.zero, st.flat, st.sum, st.min))
         results = rec.results()
     assert [r.name for r in results] == [f"bn_layers.{i}>relu" for i in range(4)]
+
+
+class _FunctionalPReLU(nn.Module):
+    """Functional activations only, a functional per-channel PReLU among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+        self.slopes = nn.Parameter(torch.tensor([0.01, 0.25, 0.0, 0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.conv(x)).mean((2, 3))
+        return torch.nn.functional.prelu(self.fc(h), self.slopes).tanh()
+
+
+def _sync_free_passes(model: nn.Module, batches: list[torch.Tensor], **recorder: bool) -> list[str]:
+    model = model.cuda().eval()
+    data = [b.cuda() for b in batches]
+    with torch.inference_mode(), Recorder(model, **recorder) as rec:
+        rec.start_batch()
+        model(data[0])  # the first call creates state (and may compile)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for b in data[1:]:
+                rec.start_batch()
+                model(b)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [r.name for r in rec.results()]
+
+
+@cuda
+@pytest.mark.parametrize("histograms", [False, True], ids=["plain", "histograms"])
+def test_functional_sites_and_histograms_never_synchronise(histograms: bool) -> None:
+    torch.manual_seed(0)
+    names = _sync_free_passes(
+        _FunctionalPReLU(), [torch.randn(8, 3, 10, 10) for _ in range(3)], histograms=histograms, compile=False
+    )
+    assert names == ["conv>gelu", "fc>prelu", "tanh"]
+    names = _sync_free_passes(zoo.FunctionalCNN(zoo.Tap()), zoo.image_batches(3), histograms=histograms, compile=False)
+    assert names == ["conv1>relu", "conv2>relu", "conv3>relu"]
+
+
+@cuda
+def test_functional_prelu_on_cuda_equals_cpu() -> None:
+    torch.manual_seed(0)
+    model = _FunctionalPReLU()
+    data = [torch.randn(8, 3, 10, 10) for _ in range(3)]
+    cpu = deadneuron.audit(model, data, progress=False, compile=False)
+    gpu = deadneuron.audit(model.cuda(), data, progress=False, compile=False)
+    for name, site in cpu.sites.items():
+        assert gpu.sites[name].channel_flat == site.channel_flat
+        assert gpu.sites[name].dead_channels == site.dead_channels
