@@ -5,6 +5,7 @@
     report.summary.sparsity, report.sites["encoder.bn_layers.2>relu"].dead_channels
     findings = deadneuron.evaluate(report)                # the rule engine
     deadneuron.assert_healthy(report, max_dead_fraction=0.0)
+    model = deadneuron.load_patched("model_patched.pth", build)   # a `deadneuron patch --model` output
 
 Subpackages: ``deadneuron.rules`` (findings), ``deadneuron.patch`` (plans, surgery, retraining),
 ``deadneuron.testing`` (assertions; a pytest plugin registers the ``activation_audit`` fixture).
@@ -12,6 +13,7 @@ Subpackages: ``deadneuron.rules`` (findings), ``deadneuron.patch`` (plans, surge
 
 from deadneuron.audit import audit
 from deadneuron.errors import DeadneuronError, ExitCode
+from deadneuron.patch.saved import load_patched
 from deadneuron.probe import Recorder
 from deadneuron.render.files import save_report
 from deadneuron.render.frames import channels_frame, sites_frame
@@ -31,6 +33,7 @@ __all__ = [
     "audit",
     "channels_frame",
     "evaluate",
+    "load_patched",
     "save_report",
     "sites_frame",
 ]

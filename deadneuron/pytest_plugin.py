@@ -1,7 +1,8 @@
 """pytest plugin (entry point ``pytest11: deadneuron``): hooks and fixtures only; logic in deadneuron.testing.
 
-Fixture ``activation_audit(model, data, **options) -> Report`` audits a model, once per model (and
-weights and options) per test session. ``--deadneuron-report-dir DIR`` keeps each audited model's report
+Fixture ``activation_audit(model, data, **options) -> Report`` audits a model once per model (its
+weights), data (the content of its batches) and options per test session; data that cannot be identified
+without consuming it (an iterator, a generator, a DataLoader) is audited on every call. ``--deadneuron-report-dir DIR`` keeps each audited model's report
 as ``DIR/<test id>.json`` and ``.md``.
 
 Imports of deadneuron (and torch) happen inside the fixtures: this module is loaded by every pytest run
@@ -30,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def deadneuron_audit_cache(pytestconfig: pytest.Config) -> Any:
-    """The session's AuditCache (one audit per model, weights and options)."""
+    """The session's AuditCache (one audit per model, weights, data and options)."""
     from deadneuron.testing import AuditCache
 
     folder = pytestconfig.getoption("--deadneuron-report-dir")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,77 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def data_fingerprint(data: Iterable[Any], *, max_batches: int | None = None) -> str | None:
+    """SHA-256 of the batches' content (every tensor's bytes, shape and dtype, and the structure around
+    them), or None when the data cannot be identified without consuming it.
+
+    Only a sequence (a list or tuple of batches) is read: its batches may be tensors, numpy arrays,
+    plain scalars or strings, and tuples, lists or dicts of these. An iterator, a generator, a DataLoader
+    (which may shuffle or augment on every pass) or a batch of any other type gives None. With
+    ``max_batches`` only the batches an audit would read count.
+    """
+    if not isinstance(data, Sequence) or isinstance(data, str | bytes):
+        return None
+    digest = hashlib.sha256()
+    try:
+        for count, batch in enumerate(islice(data, max_batches)):
+            digest.update(f"batch {count}:".encode())
+            _digest_value(digest, batch)
+    except _Unidentifiable:
+        return None
+    return digest.hexdigest()
+
+
+class _Unidentifiable(Exception):
+    """A batch holds a value whose content cannot be read into a digest."""
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _digest_value(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        _digest_tensor(digest, value)
+    elif isinstance(value, Mapping):
+        digest.update(f"dict:{len(value)}{{".encode())
+        for key, item in value.items():
+            if not isinstance(key, _SCALARS):
+                raise _Unidentifiable(type(key).__name__)
+            digest.update(f"{type(key).__name__}:{key!r}=".encode())
+            _digest_value(digest, item)
+        digest.update(b"}")
+    elif isinstance(value, tuple | list):
+        digest.update(f"{type(value).__name__}:{len(value)}(".encode())
+        for item in value:
+            _digest_value(digest, item)
+        digest.update(b")")
+    elif isinstance(value, _SCALARS):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+    elif type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
+        digest.update(f"ndarray:{value.dtype}:{tuple(value.shape)}:".encode())
+        digest.update(value.tobytes(order="C"))
+    else:
+        raise _Unidentifiable(type(value).__name__)
+
+
+def _digest_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    if tensor.layout is not torch.strided or tensor.is_nested:
+        raise _Unidentifiable(f"a {tensor.layout} tensor")
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"tensor:{flat.dtype}:{tuple(tensor.shape)}:".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
+
+
 @dataclass
 class AuditCache:
-    """Audits models, each once per (model object, weights, options); optionally keeps each report.
+    """Audits models, each once per (model object, weights, data, options); optionally keeps each report.
 
     Used by the pytest plugin's ``activation_audit`` fixture (one cache per test session). A model is
-    keyed by identity *and* weight fingerprint, so a test that trains the model gets a fresh audit. The
-    cache holds a reference to every model it audited so that an id is never reused within a session.
+    keyed by identity *and* weight fingerprint, so a test that trains the model gets a fresh audit; the
+    data by the content of its batches (:func:`data_fingerprint`), so the same model audited on another
+    dataset gets its own report. Data that cannot be identified without consuming it (an iterator, a
+    generator, a DataLoader) is audited on every call, never cached. The cache holds a reference to
+    every model it audited so that an id is never reused within a session.
     """
 
     report_dir: Path | None = None
@@ -123,15 +188,17 @@ class AuditCache:
         adapter: Any = None,
         test_id: str = "",
     ) -> Report:
-        key = (id(model), model_fingerprint(model), tuple(select or ()), eps, delta, max_batches, id(adapter))
-        if key in self._entries:
+        data_key = data_fingerprint(data, max_batches=max_batches)
+        key = (id(model), model_fingerprint(model), data_key, tuple(select or ()), eps, delta, max_batches, id(adapter))
+        if data_key is not None and key in self._entries:
             return self._entries[key][1]
         from deadneuron.audit import audit
 
         report = audit(model, data, select=select, eps=eps, delta=delta, max_batches=max_batches,
                        adapter=adapter, progress=False, meta={"source": type(model).__name__})  # fmt: skip
         self.audits += 1
-        self._entries[key] = (model, report)
+        if data_key is not None:
+            self._entries[key] = (model, report)
         if self.report_dir is not None:
             self._keep(report, test_id or type(model).__name__)
         return report
@@ -147,4 +214,4 @@ class AuditCache:
         atomic_write_text(render_markdown(report), folder / f"{stem}.md", force=True)
 
 
-__all__ = ["AuditCache", "assert_healthy", "assert_sparsity_below", "model_fingerprint"]
+__all__ = ["AuditCache", "assert_healthy", "assert_sparsity_below", "data_fingerprint", "model_fingerprint"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from deadneuron.report import Report
-from deadneuron.testing import AuditCache, assert_healthy, assert_sparsity_below
+from deadneuron.testing import AuditCache, assert_healthy, assert_sparsity_below, data_fingerprint
 
 pytest_plugins = ["pytester"]
 
@@ -128,3 +129,129 @@ def test_the_example_runs(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_model_health=EXAMPLE.read_text())
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, xfailed=1)
+
+
+# -- the cache is keyed on the data ------------------------------------------------------------------
+class _Counted(nn.Module):
+    """Linear(6, 6) as the identity, then ReLU: channel c is dead exactly where column c is never > 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+        self.act = nn.ReLU()
+        self.forwards = 0
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(6))
+            self.linear.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        return self.act(self.linear(x))
+
+
+def _dataset(dead: tuple[int, ...], *, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(16, 6, generator=gen).abs() + 0.1 for _ in range(3)]
+    for x in batches:
+        x[:, list(dead)] *= -1.0  # planted: these columns are negative in every row of every batch
+    return batches
+
+
+def _dead_oracle(batches: list[torch.Tensor]) -> tuple[int, ...]:
+    import numpy as np
+
+    x = np.concatenate([b.numpy() for b in batches])
+    return tuple(int(c) for c in np.flatnonzero((x <= 0).all(axis=0)))
+
+
+def test_audit_cache_gives_each_dataset_its_own_report() -> None:
+    model, cache = _Counted(), AuditCache()
+    data_a, data_b = _dataset((1, 4), seed=0), _dataset((0, 2, 5), seed=1)
+    assert _dead_oracle(data_a) == (1, 4) and _dead_oracle(data_b) == (0, 2, 5)
+    report_a = cache.audit(model, data_a)
+    report_b = cache.audit(model, data_b)
+    assert report_a.sites["act"].dead_channels == _dead_oracle(data_a)
+    assert report_b.sites["act"].dead_channels == _dead_oracle(data_b)
+    assert cache.audits == 2
+
+
+def test_audit_cache_reuses_the_report_for_the_same_data() -> None:
+    model, cache = _Counted(), AuditCache()
+    data = _dataset((3,), seed=2)
+    first = cache.audit(model, data)
+    forwards = model.forwards
+    assert forwards >= len(data)
+    same_content = [x.clone() for x in data]  # another list, equal tensors: the same data
+    assert cache.audit(model, data) is first and cache.audit(model, same_content) is first
+    assert model.forwards == forwards and cache.audits == 1
+    data[1][0, 0] += 1.0  # one value changed in place: other data
+    assert cache.audit(model, data) is not first and cache.audits == 2
+
+
+def test_audit_cache_never_caches_data_it_cannot_identify() -> None:
+    model, cache = _Counted(), AuditCache()
+    data = _dataset((2,), seed=3)
+    reports = [cache.audit(model, (x for x in data)) for _ in range(2)]  # a generator: read once, then gone
+    assert cache.audits == 2 and reports[0] is not reports[1]
+    assert model.forwards >= 2 * len(data)
+    assert all(r.sites["act"].dead_channels == (2,) for r in reports)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda b: [{"x": b[0]["x"].clone(), "y": b[0]["y"] + 1}],  # one value in a dict batch
+        lambda b: [{"x": b[0]["x"].reshape(2, 6, 4), "y": b[0]["y"]}],  # same bytes, another shape
+        lambda b: [{"x": b[0]["x"].double(), "y": b[0]["y"]}],  # same values, another dtype
+        lambda b: [{"y": b[0]["y"], "z": b[0]["x"]}],  # another key
+        lambda b: [(b[0]["x"], b[0]["y"])],  # a tuple, not a dict
+        lambda b: [*b, *b],  # one more batch
+    ],
+    ids=["value", "shape", "dtype", "key", "structure", "length"],
+)
+def test_data_fingerprint_tells_datasets_apart(other: Any) -> None:
+    batches = [{"x": torch.arange(48.0).reshape(4, 6, 2), "y": torch.tensor([1, 2, 3, 4])}]
+    copy = [{"x": batches[0]["x"].clone(), "y": batches[0]["y"].clone()}]
+    assert data_fingerprint(batches) == data_fingerprint(copy) is not None
+    assert data_fingerprint(other(batches)) != data_fingerprint(batches)
+
+
+def test_data_fingerprint_reads_only_the_audited_batches_and_refuses_what_it_cannot_read() -> None:
+    data = _dataset((), seed=4)
+    assert data_fingerprint(data, max_batches=2) == data_fingerprint(data[:2]) != data_fingerprint(data)
+    assert data_fingerprint(iter(data)) is None
+    assert data_fingerprint([object()]) is None
+    assert data_fingerprint([torch.eye(3).to_sparse()]) is None
+
+
+CACHE_TESTS = '''
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+MODEL = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+with torch.no_grad():
+    MODEL[0].weight.copy_(torch.eye(6))
+    MODEL[0].bias.zero_()
+
+def dataset(dead):
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(5)).abs() + 0.1
+    x[:, list(dead)] *= -1.0
+    return [x]
+
+def test_first_dataset(activation_audit):
+    assert activation_audit(MODEL, dataset((1, 4))).sites["1"].dead_channels == (1, 4)
+
+def test_second_dataset(activation_audit):
+    assert activation_audit(MODEL, dataset((0, 3))).sites["1"].dead_channels == (0, 3)
+
+def test_first_again_is_cached(activation_audit, deadneuron_audit_cache):
+    assert activation_audit(MODEL, dataset((1, 4))).sites["1"].dead_channels == (1, 4)
+    assert deadneuron_audit_cache.audits == 2
+'''
+
+
+def test_plugin_fixture_audits_one_model_on_two_datasets(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_cache=CACHE_TESTS)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)

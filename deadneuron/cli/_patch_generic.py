@@ -38,6 +38,8 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
     sample = list(islice(subject.data, batches or DEFAULT_BATCHES))
     if not sample:
         raise UsageError("the data yielded no batches: nothing to check the patch on")
+    for note in subject.notes:
+        ctx.say(f"note: {note}")
     for warning in subject.warnings:
         ctx.say(f"warning: {warning}")
     # Eager statistics: a few batches do not repay torch.compile's start-up (tens of seconds cold).
@@ -52,7 +54,7 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
         return
     after = audit(result.model, sample, progress=False, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
     verification = _compare(before, after, len(sample))
-    _write(ctx, result, plan, source_hash, model_spec, model_args)
+    _write(ctx, result, plan, source_hash, model_spec, subject.model_args, subject.patched_plans)
     from deadneuron.cli.patch import write_extras
     from deadneuron.patch.table import verification_table
 
@@ -86,15 +88,17 @@ def _compare(before: Any, after: Any, batches: int) -> Any:
     return compare([sample_from(before)], [sample_from(after)], seeds=(0,), budget=budget, labels=("before", "after"))
 
 
-def _write(ctx: Context, result: Any, plan: Plan, source_hash: str, model_spec: str, model_args: Mapping[str, Any]) -> None:
+def _write(ctx: Context, result: Any, plan: Plan, source_hash: str, model_spec: str, model_args: Mapping[str, Any],
+           earlier_plans: Sequence[Mapping[str, Any]]) -> None:  # fmt: skip
     from deadneuron.checkpoint import atomic_save
     from deadneuron.patch import patched_state
 
     state = patched_state(result.model, resolved=result.resolved, requested=plan, record=result.record.to_dict(),
                           source=str(ctx.checkpoint), source_sha256=source_hash, model_spec=model_spec,
-                          model_args=model_args)  # fmt: skip
+                          model_args=model_args, earlier_plans=earlier_plans)  # fmt: skip
     atomic_save(state, ctx.out, force=ctx.force, protect=[ctx.checkpoint])
-    ctx.say(f"wrote {ctx.out}: rebuild it with deadneuron.patch.load_patched({str(ctx.out)!r}, <your factory>)")
+    ctx.say(f"wrote {ctx.out}: rebuild it with deadneuron.load_patched({str(ctx.out)!r}, <your factory>), "
+            f"audit it with `deadneuron audit {ctx.out} --model {model_spec} ...`")
 
 
 __all__ = ["patch_generic"]

@@ -16,6 +16,8 @@ from torch import nn
 from deadneuron._parse import parse_scalar
 from deadneuron.adapters import Adapter, get_adapter, is_deadneuron_checkpoint
 from deadneuron.errors import AuditRuntimeError, UnreadableInputError, UnsafeCheckpointError, UsageError
+from deadneuron.patch.plan import Plan
+from deadneuron.patch.saved import is_patched_state, rebuild_patched, recorded_args, recorded_plan_dicts
 
 
 @dataclass
@@ -29,6 +31,9 @@ class Subject:
     source: str = ""
     random_inputs: bool = False
     warnings: list[str] = field(default_factory=list)
+    patched_plans: list[dict[str, Any]] = field(default_factory=list)  # re-applied plans of a patched state
+    notes: list[str] = field(default_factory=list)  # for the user, on stderr
+    model_args: dict[str, Any] = field(default_factory=dict)  # what the factory was called with
 
 
 def parse_key_values(items: Sequence[str], *, option: str) -> dict[str, Any]:
@@ -145,6 +150,8 @@ def _model_from(obj: Any, path: Path, model_spec: str | None, model_args: Mappin
         )
     if isinstance(obj, nn.Module) and model_spec is None:
         return Subject(model=obj, data=None, source=str(path))
+    if is_patched_state(obj):
+        return _patched_subject(obj, path, model_spec, model_args)
     if model_spec is None:
         if is_deadneuron_checkpoint(obj):
             adapter = get_adapter(str(obj.get("adapter")))
@@ -159,7 +166,33 @@ def _model_from(obj: Any, path: Path, model_spec: str | None, model_args: Mappin
     state = ckpt.extract_state_dict(obj, source=str(path))
     ckpt.load_state_dict_strict(model, state, source=str(path))
     meta = obj if isinstance(obj, Mapping) and is_deadneuron_checkpoint(obj) else {}
-    return Subject(model=model, data=None, checkpoint=meta, source=str(path))
+    return Subject(model=model, data=None, checkpoint=meta, source=str(path), model_args=dict(model_args))
+
+
+def _patched_subject(obj: Any, path: Path, model_spec: str | None, model_args: Mapping[str, Any]) -> Subject:
+    """A file from `deadneuron patch --model`: the factory's model with every recorded plan re-applied,
+    then the weights; a plan that cannot be re-applied is an error, never the unpatched model."""
+    if model_spec is None:
+        spec = obj.get("model")
+        recorded = f" (it was patched with --model {spec})" if spec else ""
+        raise UsageError(
+            f"{path} is a patched checkpoint of a model of your own{recorded}: pass --model MODULE:FACTORY; "
+            "its recorded plan is re-applied to the factory's model before the weights are loaded"
+        )
+    factory = import_object(model_spec, option="--model")
+
+    def build(**kwargs: Any) -> nn.Module:
+        model = call_factory(factory, kwargs, option="--model", spec=model_spec)
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"--model {model_spec!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    args = {**recorded_args(obj), **model_args}
+    model = rebuild_patched(obj, build, model_args=args, where=str(path))
+    plans = recorded_plan_dicts(obj)
+    done = "; ".join(line for p in plans for line in Plan.from_dict(p).describe()) or "no architecture change"
+    note = f"{path} is a patched checkpoint: its recorded plan was re-applied before the weights were loaded ({done})"
+    return Subject(model=model, data=None, source=str(path), patched_plans=plans, notes=[note], model_args=args)
 
 
 def _nonfinite_warnings(model: nn.Module) -> list[str]:

@@ -68,6 +68,8 @@ def audit_command(
         allow_globals=allow_global or (),
         trust_code=trust_code,
     )
+    for note in subject.notes:
+        typer.echo(f"note: {note}", err=True)
     warnings = list(subject.warnings)
     if subject.random_inputs:
         warnings.append(f"made on random inputs of shape {input_shape}: real data can give different figures")
@@ -76,7 +78,8 @@ def audit_command(
         subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
         device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
         histograms=out is not None,
-        meta={"source": str(checkpoint), "random_inputs": subject.random_inputs},
+        meta={"source": str(checkpoint), "random_inputs": subject.random_inputs,
+              **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
     )  # fmt: skip
     report = report.with_meta(warnings=[*report.warnings, *warnings])
     report = _with_rules(report, subject, rules)

@@ -26,7 +26,7 @@ from deadneuron.patch.plan import (
     plan_from_flags,
 )
 from deadneuron.patch.record import ApplyRecord, Change
-from deadneuron.patch.saved import load_patched, patched_state
+from deadneuron.patch.saved import is_patched_state, load_patched, patched_state
 from deadneuron.patch.verify import Verdict, Verification, compare, sample_from, verdict
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "apply_plan",
     "apply_to_config",
     "compare",
+    "is_patched_state",
     "load_patched",
     "make_activation",
     "op_from_dict",
