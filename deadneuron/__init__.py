@@ -5,6 +5,7 @@
     report.summary.sparsity, report.sites["encoder.bn_layers.2>relu"].dead_channels
     findings = deadneuron.evaluate(report)                # the rule engine
     deadneuron.assert_healthy(report, max_dead_fraction=0.0)
+    deadneuron.register_activation(MyAct, fn)             # a kind of your own (see deadneuron.registry)
 
 Subpackages: ``deadneuron.rules`` (findings), ``deadneuron.patch`` (plans, surgery, retraining),
 ``deadneuron.testing`` (assertions; a pytest plugin registers the ``activation_audit`` fixture).
@@ -13,11 +14,13 @@ Subpackages: ``deadneuron.rules`` (findings), ``deadneuron.patch`` (plans, surge
 from deadneuron.audit import audit
 from deadneuron.errors import DeadneuronError, ExitCode
 from deadneuron.probe import Recorder
+from deadneuron.registry import ActivationRegistry, register_activation
 from deadneuron.report import Report, SiteHealth, Summary
 from deadneuron.rules import evaluate
 from deadneuron.testing import assert_healthy, assert_sparsity_below
 
 __all__ = [
+    "ActivationRegistry",
     "DeadneuronError",
     "ExitCode",
     "Recorder",
@@ -28,5 +31,6 @@ __all__ = [
     "assert_sparsity_below",
     "audit",
     "evaluate",
+    "register_activation",
 ]
 __version__ = "0.1.0"
