@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import deadneuron
 from deadneuron.cli import app
 from deadneuron.errors import UsageError
+from deadneuron.probe.coverage import looks_like_activation
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report
 from deadneuron.testing import assert_healthy
@@ -257,6 +258,16 @@ def test_no_warning_for_containers_and_leaves_made_of_recognised_activations() -
 def test_a_functional_leaf_is_unknown_when_functional_probing_is_off() -> None:
     report = deadneuron.audit(NoFalseAlarms().eval(), _batches(1), progress=False, functional=False)
     assert [w for w in report.meta["warnings"] if "'hf'" in w and "(GELUActivation)" in w]
+
+
+@pytest.mark.parametrize(
+    ("name", "looks"),
+    [*[(n, True) for n in ("MyAct", "act_fn", "QuickGELU", "SwiGLU", "StarReLU", "Sine", "ScaledTanh", "MySELU", "Snake")],
+     *[(n, False) for n in ("SinusoidalPosEmb", "ActNorm", "SigmoidFocalLoss", "Softmax", "PixelUnshuffle",
+                            "Interaction", "TransformerEncoderLayer", "Upsampling", "Impact")]],
+)  # fmt: skip
+def test_which_class_names_look_like_activations(name: str, looks: bool) -> None:
+    assert looks_like_activation(name) is looks
 
 
 # --- register_activation --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from deadneuron.functional_kinds import GLU_REASON
 
 # Parts of a class name that say "activation": anywhere in the lowercased name, or as a whole word.
 _ANYWHERE = ("relu", "gelu", "swish", "silu", "mish", "sigmoid", "tanh", "softplus", "glu", "activation")
-_WORDS = frozenset({"act", "sin", "sine", "elu"})
+_WORDS = frozenset({"act", "sin", "sine", "elu", "snake"})
 _NOT = ("norm", "loss", "softmax", "softmin", "attention")  # ActNorm, SigmoidFocalLoss...
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 
