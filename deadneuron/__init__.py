@@ -6,6 +6,7 @@
     findings = deadneuron.evaluate(report)                # the rule engine
     deadneuron.assert_healthy(report, max_dead_fraction=0.0)
     model = deadneuron.load_patched("model_patched.pth", build)   # a `deadneuron patch --model` output
+    deadneuron.register_activation(MyAct, fn)             # a kind of your own (see deadneuron.registry)
 
 Subpackages: ``deadneuron.rules`` (findings), ``deadneuron.patch`` (plans, surgery, retraining),
 ``deadneuron.testing`` (assertions; a pytest plugin registers the ``activation_audit`` fixture).
@@ -15,6 +16,7 @@ from deadneuron.audit import audit
 from deadneuron.errors import DeadneuronError, ExitCode
 from deadneuron.patch.saved import load_patched
 from deadneuron.probe import Recorder
+from deadneuron.registry import ActivationRegistry, register_activation
 from deadneuron.render.files import save_report
 from deadneuron.render.frames import channels_frame, sites_frame
 from deadneuron.report import Report, SiteHealth, Summary
@@ -22,6 +24,7 @@ from deadneuron.rules import evaluate
 from deadneuron.testing import assert_healthy, assert_sparsity_below
 
 __all__ = [
+    "ActivationRegistry",
     "DeadneuronError",
     "ExitCode",
     "Recorder",
@@ -34,6 +37,7 @@ __all__ = [
     "channels_frame",
     "evaluate",
     "load_patched",
+    "register_activation",
     "save_report",
     "sites_frame",
 ]

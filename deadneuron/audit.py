@@ -18,6 +18,7 @@ from torch import nn
 from deadneuron.adapters import Adapter
 from deadneuron.errors import AuditRuntimeError, UsageError
 from deadneuron.probe import Recorder
+from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.stats import HISTOGRAM_EDGES
 
@@ -129,6 +130,7 @@ def audit(
     compile: bool = True,
     histograms: bool = False,
     meta: Mapping[str, Any] | None = None,
+    activations: ActivationRegistry | None = None,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
 
@@ -137,7 +139,12 @@ def audit(
     the sites (globs over names, or kinds such as ``gelu``). ``compile`` fuses the statistics with
     `torch.compile` (falls back to eager kernels, with a note in ``report.meta``, where it cannot).
     ``histograms`` also counts every activation value into fixed signed-log bins per site (for plots;
-    it costs a few passes per batch).
+    it costs a few passes per batch). ``activations``: the registry of the user's own kinds
+    (default: the one `deadneuron.register_activation` writes).
+
+    Unknown activations (modules or functions that look like one but are no recognised kind) are
+    named in ``report.meta["warnings"]``. An audit that measured no site, or whose ``select`` matched
+    none, raises UsageError: no gate or assertion can pass on nothing.
     """
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
@@ -159,7 +166,7 @@ def audit(
     moved = _move_model(model, dev)
     try:
         with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
-                      histograms=histograms) as rec:
+                      histograms=histograms, activations=activations) as rec:
             if any(m.training for m in model.modules()):
                 model.eval()
             with torch.inference_mode(), _progress(progress, total) as bar:
@@ -191,6 +198,9 @@ def audit(
             model.to(moved)
     if batches == 0:
         raise UsageError("the data yielded no batches: nothing to audit (check --data / --batches)")
+    if not results:
+        raise UsageError(_nothing_measured(rec, select, functional))
+    warnings += [*rec.warnings(), *_unmatched_select(results, select)]
     metrics: dict[str, float] = {}
     if adapter is not None and metric_sums:
         metrics = dict(adapter.summarize_metrics({k: float(v.sum()) for k, v in metric_sums.items()}))
@@ -213,6 +223,37 @@ def audit(
         metrics=metrics,
         meta=info,
     )
+
+
+def _nothing_measured(rec: Recorder, select: Sequence[str] | None, functional: bool) -> str:
+    """The one-line error of an audit without a site: what was found, and what to do."""
+    globs = ", ".join(repr(g) for g in select or ())
+    left_out = list(rec.coverage.unselected)
+    if select and left_out:
+        shown = ", ".join(left_out[:6]) + (f" and {len(left_out) - 6} more" if len(left_out) > 6 else "")
+        return f"select {globs} matched no activation site (sites: {shown}); check the globs against these names"
+    found = f"{rec.coverage.modules} modules, no recognised activation module"
+    found += ", no functional activation called" if functional else " (functional activations not probed)"
+    unknown = rec.warnings()
+    tail = f"; {'; '.join(unknown)}" if unknown else "; declare your own with deadneuron.register_activation"
+    scope = f" (select {globs})" if select else ""
+    return f"no activation site was measured{scope}: the model has {found}{tail}"
+
+
+def _unmatched_select(results: Sequence[Any], select: Sequence[str] | None) -> list[str]:
+    """A warning per select glob that matched none of the measured sites (some others did)."""
+    from deadneuron.select import matches
+
+    out = []
+    for glob in select or ():
+        if not any(matches((r.name, r.module, _leaf(r.name), r.kind, f"kind:{r.kind}"), (glob,)) for r in results):
+            out.append(f"select {glob!r} matched no activation site")
+    return out
+
+
+def _leaf(site_name: str) -> str:
+    """``relu`` of ``conv1>relu#2`` or ``block.relu``: the function or attribute a select may name."""
+    return site_name.rsplit(">", 1)[-1].rsplit(".", 1)[-1].split("#", 1)[0]
 
 
 def _update_slots(adapter: Adapter, outputs: Any, batch: Any, stats: Any) -> Any:

@@ -4,7 +4,7 @@ A gate lists *every* violated check, one Violation per offending site, so that a
 message names all the layers to look at, not only the first. Scoping globs (``sites``) match a site's
 name or its module's qualified name; a glob that matches no site is itself a violation, so that a typo
 in a CI configuration cannot make a gate pass silently. Asking for a slot limit on a report without slot
-measurements is a violation for the same reason.
+measurements is a violation for the same reason, and so is a per-site limit on a report without sites.
 """
 
 from __future__ import annotations
@@ -131,6 +131,10 @@ def check(report: Report, limits: GateLimits) -> tuple[Violation, ...]:
     """Every violated check of ``report`` under ``limits``, in site order (empty: the gate passes)."""
     if not limits.active:
         return ()
+    per_site = (limits.max_dead, limits.max_dead_fraction, limits.max_sparsity)
+    if not report.sites and any(v is not None for v in per_site):
+        return (Violation("sites", None, 0.0, 1.0, "the report has no activation site: nothing was measured, "
+                          "so no per-site limit can pass"),)  # fmt: skip
     out = _unmatched_globs(report, limits.sites)
     for site in scoped_sites(report, limits.sites):
         out.extend(_site_violations(site, limits))

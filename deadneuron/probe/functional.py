@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from deadneuron.activations import FunctionalActivations
+from deadneuron.functional_kinds import FunctionalActivations, Unmeasured
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
@@ -40,7 +40,7 @@ class FunctionalProbe(TorchFunctionMode):
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self._recorder = recorder
-        self._lookup = FunctionalActivations()
+        self._lookup = FunctionalActivations(recorder.activations)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -48,16 +48,19 @@ class FunctionalProbe(TorchFunctionMode):
         if not rec._stack or rec._stack[-1][1]:
             return func(*args, **kwargs)
         try:
-            spec = self._lookup.spec(func, args, kwargs)
+            spec = self._lookup.lookup(func, args, kwargs)
         except TypeError:  # an unhashable callable: not one of ours
             spec = None
         z = first_tensor(args, kwargs)
         if spec is None or z is None or not z.is_floating_point():
             return func(*args, **kwargs)
-        site = rec._functional_site(spec, self._lookup.name(func), z)
+        if isinstance(spec, Unmeasured):
+            rec.coverage.unmeasured_call(rec._stack[-1][0], self._lookup.site_name(func), spec.reason)
+            return func(*args, **kwargs)
+        site = rec._functional_site(spec, self._lookup.site_name(func), z)
         if site is None:
             return func(*args, **kwargs)
-        inplace = bool(kwargs.get("inplace", False)) or self._lookup.name(func) != getattr(func, "__name__", "")
+        inplace = self._lookup.inplace(func, kwargs)
         with torch._C.DisableTorchFunction():
             rec._before(site, z, inplace)
         out = func(*args, **kwargs)

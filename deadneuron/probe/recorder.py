@@ -22,25 +22,21 @@ device. The pre-activation z is read in a forward *pre*-hook where the flat regi
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from deadneuron.activations import (
-    ActivationSpec,
-    FlatRegion,
-    flat_region,
-    is_inplace,
-    spec_for_module,
-)
+from deadneuron.activations import ActivationSpec, FlatRegion, flat_region, is_inplace
+from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker
 from deadneuron.probe.leaves import quiet_leaf
 from deadneuron.probe.modestack import on_stack, on_top, remove_mode
 from deadneuron.probe.site import Site, SiteResult, site_names
+from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram, channel_view
 
@@ -51,7 +47,8 @@ class Recorder:
     Use as ``with Recorder(model) as rec: model(x)`` then ``rec.results()``. On exit (also after an
     exception) every hook is removed and each module's train/eval flag is restored. ``compile=True``
     uses the fast statistics kernels (`deadneuron.stats.Kernels`: the C kernel on CPU, else
-    `torch.compile`); ``False`` the eager torch reference.
+    `torch.compile`); ``False`` the eager torch reference. ``activations`` adds the user's kinds
+    (default: `deadneuron.registry.default_registry`); ``coverage`` says what was not measured.
     """
 
     def __init__(
@@ -65,6 +62,7 @@ class Recorder:
         compile: bool = True,
         histograms: bool = False,
         channel_axis: Mapping[str, int] | None = None,
+        activations: ActivationRegistry | None = None,
     ) -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
@@ -78,6 +76,8 @@ class Recorder:
         self.kernels = Kernels(compile=compile)
         self.histograms = histograms
         self.axes = AxisTracker(channel_axis)
+        self.activations = activations if activations is not None else default_registry
+        self.coverage = Coverage()
         self._handles: list[RemovableHandle] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._names: dict[nn.Module, str] = {}
@@ -126,29 +126,31 @@ class Recorder:
                     m.train(training)
 
     def _register(self) -> None:
-        for name, m in self.model.named_modules():
+        named = [(name, m, self.activations.spec_for_module(m)) for name, m in self.model.named_modules()]
+        self.coverage.scan(named)
+        for name, m, spec in named:
             self._names[m] = name
             self._by_name[name] = m
-            spec = spec_for_module(m)
-            if m is not self.model and spec is not None and self._module_selected(name, spec):
+            if spec is not None and self._module_selected(name, spec):
                 self._specs[m] = (spec, self._region(spec))
                 self._pending[m] = []
-                self._handles.append(m.register_forward_pre_hook(self._activation_pre_hook))
-                self._handles.append(m.register_forward_hook(self._activation_hook))
-            elif m is not self.model and spec is None and quiet_leaf(m):
-                self._handles.append(m.register_forward_pre_hook(self._leaf_enter_hook))
-                self._handles.append(m.register_forward_hook(self._leaf_exit_hook))
-            else:
-                if spec is not None and self._module_selected(name, spec):  # the model is an activation
-                    self._specs[m] = (spec, self._region(spec))
-                    self._pending[m] = []
-                    self._handles.append(m.register_forward_pre_hook(self._activation_pre_hook))
-                    self._handles.append(m.register_forward_hook(self._activation_hook))
-                self._handles.append(m.register_forward_pre_hook(self._enter_hook))
-                self._handles.append(m.register_forward_hook(self._exit_hook))
+                self._hook(m, self._activation_pre_hook, self._activation_hook)
+                if m is not self.model:
+                    continue
+            elif m is not self.model and (spec is not None or quiet_leaf(m)):  # incl. a select's left-outs
+                self._hook(m, self._leaf_enter_hook, self._leaf_exit_hook)
+                continue
+            self._hook(m, self._enter_hook, self._exit_hook)  # the model, and every other module
+
+    def _hook(self, m: nn.Module, pre: Callable[..., None], post: Callable[..., None]) -> None:
+        self._handles.append(m.register_forward_pre_hook(pre))
+        self._handles.append(m.register_forward_hook(post))
 
     def _module_selected(self, name: str, spec: ActivationSpec) -> bool:
-        return self.select is None or matches((name, spec.kind.value, f"kind:{spec.kind.value}"), self.select)
+        if self.select is None or matches((name, spec.kind_name, f"kind:{spec.kind_name}"), self.select):
+            return True
+        self.coverage.left_out(name)
+        return False
 
     def start_batch(self) -> None:
         """Forget per-forward bookkeeping (occurrence counters, producers, the module stack)."""
@@ -239,7 +241,7 @@ class Recorder:
             name = self._names[m]
             leaf = name.rsplit(".", 1)[-1]
             if not leaf or leaf.isdigit():  # an index in a Sequential says less than the kind
-                leaf = spec.kind.value
+                leaf = spec.kind_name
             site = self._site((name,), name, leaf, False, spec, region, z)
             self._before(site, z, is_inplace(m))
         self._pending[m].append(site)
@@ -260,14 +262,16 @@ class Recorder:
     # -- sites ----------------------------------------------------------------------------------
     def _functional_site(self, spec: ActivationSpec, fname: str, z: torch.Tensor) -> Site | None:
         owner = self._stack[-1][0] if self._stack else ""
-        if self.select is not None and not matches((owner, fname, f"kind:{spec.kind.value}"), self.select):
+        if self.select is not None and not matches((owner, fname, f"kind:{spec.kind_name}"), self.select):
+            producer = self._producer_of(z)
+            self.coverage.left_out(f"{producer}>{fname}" if producer else f"{owner}.{fname}".lstrip("."))
             return None
-        return self._site(("F", fname, owner), owner, fname, True, spec, self._region(spec), z)
+        return self._site(("F", fname, owner), owner, fname, True, spec, self._region(spec, in_hook=True), z)
 
-    def _region(self, spec: ActivationSpec) -> FlatRegion:
+    def _region(self, spec: ActivationSpec, *, in_hook: bool = False) -> FlatRegion:
         """Flat regions are derived once per distinct activation (PReLU: per weight tensor)."""
         if spec.prelu_weight is not None:
-            return flat_region(spec, self.delta)
+            return flat_region(spec, self.delta, in_hook=in_hook)
         region = self._region_cache.get(spec)
         if region is None:
             region = self._region_cache[spec] = flat_region(spec, self.delta)
@@ -315,7 +319,7 @@ class Recorder:
     # functional probe (that would cost a Python call per op, and is never what it looks for).
     def _before(self, site: Site, z: torch.Tensor, inplace: bool) -> None:
         if site.flat_from_z_first(inplace):
-            site.stats.update_flat(self._view(site, z), site.region.lo, site.region.hi)
+            site.stats.update_flat(self._view(site, site.region.tested(z)), site.region.lo, site.region.hi)
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
         """Output statistics; the flat count too, in the same pass, unless `_before` took it.
@@ -325,7 +329,7 @@ class Recorder:
         if region.on_output:
             site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi))
         elif z is not None and not isinstance(region.lo, torch.Tensor):
-            z3 = self._view(site, z)
+            z3 = self._view(site, region.tested(z))
             site.stats.update_output(a3, self.eps, flat=(region.lo, region.hi), z3=z3)
         else:
             site.stats.update_output(a3, self.eps)
@@ -346,6 +350,10 @@ class Recorder:
         """Final names of the sites, in order of first call."""
         return site_names(list(self._sites.values()))
 
+    def warnings(self) -> list[str]:
+        """Unknown activations no site measured (see `deadneuron.probe.coverage`)."""
+        return self.coverage.warnings((s.owner for s in self._sites.values()), self.select)
+
     def results(self) -> list[SiteResult]:
         with torch._C.DisableTorchFunction():
             return self._results()
@@ -359,7 +367,7 @@ class Recorder:
                     module=s.owner,
                     producer=s.producer,
                     functional=s.functional,
-                    kind=s.spec.kind.value,
+                    kind=s.spec.kind_name,
                     label=s.spec.label,
                     channel_axis=s.axis,
                     axis_source=s.axis_source.value,

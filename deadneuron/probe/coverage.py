@@ -1,0 +1,108 @@
+"""What the probe did not measure (DESIGN section 3: "unknown activations are never skipped silently").
+
+`Coverage` is filled by the Recorder: at registration, every module that looks like an activation but
+is no recognised kind (`unknown_reason`); during the forward passes, functional calls that look like
+an activation but are not measured (``F.glu``) and the activations a ``select`` left out. After the
+audit, `warnings` names each unknown module that no measured site covers (a module whose forward calls
+a recognised functional activation is measured through it), and `left_out` says what a ``select``
+could have matched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from deadneuron.activations import ActivationSpec
+from deadneuron.functional_kinds import GLU_REASON
+
+# Parts of a class name that say "activation": anywhere in the lowercased name, or as a whole word.
+_ANYWHERE = ("relu", "gelu", "swish", "silu", "mish", "sigmoid", "tanh", "softplus", "glu", "activation")
+_WORDS = frozenset({"act", "sin", "sine", "elu", "snake"})
+_NOT = ("norm", "loss", "softmax", "softmin", "attention")  # ActNorm, SigmoidFocalLoss...
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+
+
+def looks_like_activation(class_name: str) -> bool:
+    """Whether a class name says it is an activation (``MyAct``, ``SwiGLU``, ``Sine``, ``StarReLU``...)."""
+    lower = class_name.lower()
+    if any(word in lower for word in _NOT):
+        return False
+    if any(part in lower for part in _ANYWHERE):
+        return True
+    words = [w.lower() for w in _WORD.findall(class_name)]
+    return any(w in _WORDS or w.endswith("elu") for w in words)
+
+
+def unknown_reason(m: nn.Module) -> str | None:
+    """Why module ``m`` (not a recognised kind) is named in a warning, or None if it is not."""
+    if isinstance(m, nn.GLU):
+        return GLU_REASON
+    if looks_like_activation(type(m).__name__):
+        return "looks like an activation but is not a recognised kind, so it is not measured"
+    return None
+
+
+@dataclass
+class Coverage:
+    """Unknown activations and left-out sites of one Recorder (see the module doc)."""
+
+    modules: int = 0
+    unknown: dict[str, tuple[str, str]] = field(default_factory=dict)  # module name -> (class, reason)
+    calls: dict[tuple[str, str], str] = field(default_factory=dict)  # (owner, function) -> reason
+    unselected: dict[str, None] = field(default_factory=dict)  # activations select left out (ordered)
+
+    def scan(self, named: Sequence[tuple[str, nn.Module, ActivationSpec | None]]) -> None:
+        """Note the unknown activation modules among ``named`` (name, module, recognised spec): a module
+        holding a recognised activation module is made of it, so it is not one."""
+        self.modules = len(named)
+        recognised = {m for _, m, spec in named if spec is not None}
+        inside = tuple(f"{name}." for name, _, spec in named if spec is not None and name)
+        for name, m, spec in named:
+            if spec is not None or (name == "" and m._modules) or name.startswith(inside):
+                continue  # a model is no activation unless a leaf; nor is what a measured one holds
+            reason = unknown_reason(m)
+            if reason is not None and (isinstance(m, nn.GLU) or not any(s in recognised for s in m.modules())):
+                self.unknown[name] = (type(m).__name__, reason)
+
+    def unmeasured_call(self, owner: str, function: str, reason: str) -> None:
+        self.calls.setdefault((owner, function), reason)
+
+    def left_out(self, name: str) -> None:
+        self.unselected.setdefault(name, None)
+
+    def warnings(self, site_owners: Iterable[str], select: Sequence[str] | None = None) -> list[str]:
+        """One line per unknown module no measured site covers (and, with ``select``, that it matches),
+        then one per unmeasured functional call outside those modules."""
+        owners = list(site_owners)
+        out = []
+        for name, (cls, reason) in self.unknown.items():
+            if _covered(name, owners) or (select and not _matches(name, cls, select)):
+                continue
+            out.append(f"module {name or '(the model)'!r} ({cls}) {reason}{_advice(cls, reason)}")
+        for (owner, function), reason in self.calls.items():
+            if owner in self.unknown or (select and not _matches(owner, function, select)):
+                continue
+            out.append(f"{function}() called in {owner or 'the model'!r} {reason}")
+        return out
+
+
+def _covered(name: str, owners: list[str]) -> bool:
+    if name == "":
+        return bool(owners)
+    return any(o == name or o.startswith(name + ".") for o in owners)
+
+
+def _matches(name: str, other: str, select: Sequence[str]) -> bool:
+    from deadneuron.select import matches
+
+    return matches((name, other), select)
+
+
+def _advice(cls: str, reason: str) -> str:
+    if reason == GLU_REASON:
+        return ""
+    return f": register it with deadneuron.register_activation({cls}, fn) (fn: its elementwise function)"
