@@ -64,6 +64,11 @@ class ArcSlotAdapter:
     def forward(self, model: nn.Module, batch: data.GridBatch) -> SlotOutput:
         return model(batch.x.to(_device_of(model)))
 
+    def position_mask(self, batch: data.GridBatch) -> torch.Tensor:
+        """(N, H, W) bool, True on the grid's own cells: the audit leaves padding cells out of every
+        statistic at the sites of that shape (the encoder's conv maps)."""
+        return batch.valid
+
     def slot_masks(self, outputs: SlotOutput, batch: data.GridBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return outputs.masks, batch.valid.to(outputs.masks.device)
 
@@ -147,12 +152,13 @@ def _fallback_snapshot(model: SlotAutoencoder, batches: list[data.GridBatch]) ->
     lo = flat_threshold(encoder.relu)
     sums: dict[int, dict[str, torch.Tensor]] = {}
     calls = [0]
+    valid: list[torch.Tensor] = []  # the current batch's grid cells: padding is left out, as in the audit
 
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         site = calls[0] % len(encoder.conv_layers)
         calls[0] += 1
-        z = args[0].detach().transpose(0, 1).flatten(1)
-        a = out.detach().transpose(0, 1).flatten(1)
+        z = args[0].detach().transpose(0, 1)[:, valid[-1]]  # (C, valid cells)
+        a = out.detach().transpose(0, 1)[:, valid[-1]]
         part = {"n": torch.full((z.shape[0],), z.shape[1]), "zero": a.eq(0).sum(1), "flat": z.le(lo).sum(1)}
         previous = sums.setdefault(site, {k: torch.zeros_like(v) for k, v in part.items()})
         for key, value in part.items():
@@ -166,6 +172,7 @@ def _fallback_snapshot(model: SlotAutoencoder, batches: list[data.GridBatch]) ->
         model.eval()
         with torch.no_grad():
             for batch in batches:
+                valid[:] = [batch.valid.to(_device_of(model))]
                 out = adapter.forward(model, batch)
                 slot_stats.update(*adapter.slot_masks(out, batch))
                 for key, value in adapter.metric_sums(out, batch).items():

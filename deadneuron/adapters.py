@@ -3,6 +3,11 @@
 An adapter knows one model family: how to build it from a config dict, load it from a deadneuron
 checkpoint, feed it data, read its slot masks and score its outputs. deadneuron never imports a model
 package by name; adapters come in through the ``deadneuron.adapters`` entry-point group.
+
+An adapter may also define ``position_mask(batch) -> Tensor | None``: bool of shape (N, positions...),
+True where the batch holds data (the ARC adapter: the valid grid cells). `deadneuron.audit` then leaves
+the padding out of every statistic at the sites it fits (``mask="auto"``, see `deadneuron.probe.masks`).
+It is optional, so it is not part of the runtime-checked protocol below.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from torch import nn
 from deadneuron.adapters import Adapter
 from deadneuron.errors import AuditRuntimeError, UsageError
 from deadneuron.probe import Recorder
+from deadneuron.probe.masks import AUTO, MaskSpec, batch_shapes, choose_mask, unmatched_error
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.stats import HISTOGRAM_EDGES
@@ -43,19 +44,6 @@ def _to(obj: Any, device: torch.device) -> Any:
     if hasattr(obj, "to") and callable(obj.to):
         return obj.to(device)
     return obj
-
-
-def _shape_of(batch: Any) -> str:
-    if isinstance(batch, torch.Tensor):
-        return str(tuple(batch.shape))
-    if isinstance(batch, Mapping):
-        return "{" + ", ".join(f"{k}: {_shape_of(v)}" for k, v in batch.items()) + "}"
-    if isinstance(batch, (tuple, list)):
-        return "(" + ", ".join(_shape_of(v) for v in batch) + ")"
-    shapes = {k: tuple(v.shape) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)} if hasattr(
-        batch, "__dict__"
-    ) else {}
-    return str(shapes) if shapes else type(batch).__name__
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -131,6 +119,7 @@ def audit(
     histograms: bool = False,
     meta: Mapping[str, Any] | None = None,
     activations: ActivationRegistry | None = None,
+    mask: MaskSpec = AUTO,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
 
@@ -145,6 +134,19 @@ def audit(
     Unknown activations (modules or functions that look like one but are no recognised kind) are
     named in ``report.meta["warnings"]``. An audit that measured no site, or whose ``select`` matched
     none, raises UsageError: no gate or assertion can pass on nothing.
+
+    ``mask`` says which positions of a batch are padding, to leave out of every statistic (DESIGN
+    section 3, "Masks: padding is not data"). ``"auto"`` (the default): the adapter's position mask
+    where it has one (the ARC adapter: the valid grid cells); else, for dict batches, the
+    ``"attention_mask"`` when its shape (N, L) is the leading shape of ``"input_ids"`` (else of
+    ``"inputs_embeds"``, else of the batch's first other tensor) and it holds only 0/1; else none.
+    A ``str``: that key of dict batches. A callable: ``batch -> tensor``, bool or 0/1 of shape
+    (N, positions...), True where the batch holds data. ``None``: no mask, padding counts as data.
+    A mask applies at every site whose dims other than the channel begin with the mask's shape
+    (tokens (N, L, C) under (N, L); conv maps (N, C, H, W) under (N, H, W)); statistics there cover
+    the valid positions only and equal those of the same data unpadded. Each site says whether it
+    was masked and how many elements per channel were excluded; ``report.meta["mask"]`` names the mask.
+    A mask that does not fit the batch, or that was asked for and fits no site, is a UsageError.
     """
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
@@ -161,6 +163,8 @@ def audit(
     from deadneuron.slots import SlotStats
 
     slot_stats: SlotStats | None = None
+    mask_source: str | None = None
+    mask_shape: tuple[int, ...] = ()
     metric_sums: dict[str, torch.Tensor] = {}
     batches = samples = 0
     moved = _move_model(model, dev)
@@ -173,7 +177,13 @@ def audit(
                 task = bar.add_task("audit", total=total) if bar is not None else None
                 for batch in _limited(data, max_batches):
                     batch = _to(batch, dev)
-                    rec.start_batch()
+                    size = _batch_size(batch)
+                    choice = choose_mask(mask, batch, batch_size=size, device=dev, adapter=adapter)
+                    if choice.warning is not None and choice.warning not in warnings:
+                        warnings.append(choice.warning)
+                    if choice.mask is not None:
+                        mask_source, mask_shape = choice.source, tuple(choice.mask.shape)
+                    rec.start_batch(mask=choice.mask)
                     try:
                         outputs = forward(model, batch)
                     except (UsageError, KeyboardInterrupt):
@@ -185,7 +195,7 @@ def audit(
                         for k, v in adapter.metric_sums(outputs, batch).items():
                             metric_sums[k] = metric_sums[k] + v if k in metric_sums else v.double().clone()
                     batches += 1
-                    samples += _batch_size(batch)
+                    samples += size
                     if bar is not None:
                         bar.advance(task)
             results = rec.results()
@@ -201,6 +211,16 @@ def audit(
     if not results:
         raise UsageError(_nothing_measured(rec, select, functional))
     warnings += [*rec.warnings(), *_unmatched_select(results, select)]
+    if mask_source is not None and not any(r.masked for r in results):
+        if mask != AUTO or mask_source.startswith("adapter:"):
+            raise unmatched_error(mask_source, mask_shape, {r.name: r.example_shape for r in results})
+        warnings.append(f"{mask_source} of shape {mask_shape} applied at no activation site: padding is counted")
+    mixed = [r.name for r in results if r.masked and r.unfitted]
+    if mixed:
+        warnings.append(
+            f"the padding mask fitted {', '.join(mixed[:3])}{' and more' if len(mixed) > 3 else ''} on some batches "
+            "only (their shape did not fit it on the others): their figures count padding on those batches"
+        )
     metrics: dict[str, float] = {}
     if adapter is not None and metric_sums:
         metrics = dict(adapter.summarize_metrics({k: float(v.sum()) for k, v in metric_sums.items()}))
@@ -213,6 +233,7 @@ def audit(
         "device": str(dev),
         "select": list(select) if select else None,
         "kernels": kernels,
+        "mask": mask_source,
         **({"histogram_edges": list(HISTOGRAM_EDGES), "histogram_sampled": rec_sampled} if histograms else {}),
         "warnings": warnings,
         **(meta or {}),
@@ -282,6 +303,6 @@ def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> Aud
     where = f"after site {rec.last_site!r}" if rec.last_site else "before any activation site ran"
     module = f", last module run {rec.last_module!r}" if rec.last_module else ""
     return AuditRuntimeError(
-        f"forward pass failed on batch {index} (input {_shape_of(batch)}) {where}{module}: "
+        f"forward pass failed on batch {index} (input {batch_shapes(batch)}) {where}{module}: "
         f"{type(exc).__name__}: {first_line}"
     )

@@ -3,6 +3,8 @@
 A deadneuron checkpoint (from `deadneuron train`) needs no other flag: its adapter rebuilds the model
 and feeds it its held-out data. A plain state_dict needs --model MODULE:FACTORY and data: --data
 MODULE:FACTORY (an iterable of batches) or --input-shape N,C,H,W (random inputs, flagged as such).
+Padding is left out of every statistic where a mask fits the site: by default the attention_mask of
+dict batches, or the adapter's valid grid cells; --mask KEY names another key, --no-mask counts padding.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def audit_command(
     eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = 0.0,
     delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = 0.05,
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
+    mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
+    no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Also write the report files into this folder.")] = None,
     allow_global: Annotated[list[str] | None, typer.Option("--allow-global", help="Allow one more type (module.Name) when unpickling.")] = None,
@@ -53,6 +57,10 @@ def audit_command(
         raise UsageError(f"--eps must be >= 0, got {eps}")
     if not 0 <= delta < 1:
         raise UsageError(f"--delta must be in [0, 1), got {delta}")
+    if mask is not None and no_mask:
+        raise UsageError("pass either --mask KEY or --no-mask, not both")
+    if mask is not None and not mask.strip():
+        raise UsageError("--mask takes the key of the mask in dict batches (e.g. attention_mask), got an empty string")
     limits = GateLimits(max_dead=max_dead, max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
                         min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
     if gate_sites and not limits.active:
@@ -77,7 +85,7 @@ def audit_command(
     report = audit(
         subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
         device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
-        histograms=out is not None,
+        histograms=out is not None, mask=None if no_mask else (mask or "auto"),
         meta={"source": str(checkpoint), "random_inputs": subject.random_inputs,
               **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
     )  # fmt: skip

@@ -34,11 +34,12 @@ from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker
 from deadneuron.probe.leaves import quiet_leaf
+from deadneuron.probe.masks import BatchMask, masked_channel_view
 from deadneuron.probe.modestack import on_stack, on_top, remove_mode
 from deadneuron.probe.site import Site, SiteResult, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
-from deadneuron.stats import ChannelStats, Kernels, ValueHistogram, channel_view
+from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
 
 
 class Recorder:
@@ -93,6 +94,7 @@ class Recorder:
         self._region_cache: dict[ActivationSpec, FlatRegion] = {}
         self.last_site: str | None = None
         self.last_module: str | None = None
+        self._mask: BatchMask | None = None
 
     # -- context management -----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -152,8 +154,12 @@ class Recorder:
         self.coverage.left_out(name)
         return False
 
-    def start_batch(self) -> None:
-        """Forget per-forward bookkeeping (occurrence counters, producers, the module stack)."""
+    def start_batch(self, mask: torch.Tensor | None = None) -> None:
+        """Forget per-forward bookkeeping (occurrence counters, producers, the module stack) and take the
+        batch's padding mask: bool (or 0/1) of shape (N, positions...), True where the batch holds data,
+        on the model's device, or None. Statistics then cover valid positions only, at every site whose
+        dims other than the channel begin with the mask's shape (`deadneuron.probe.masks`)."""
+        self._mask = BatchMask.of(mask) if mask is not None else None
         self._forget_forward()
         self.last_site = None
         self.last_module = None
@@ -325,7 +331,12 @@ class Recorder:
         """Output statistics; the flat count too, in the same pass, unless `_before` took it.
         Called with __torch_function__ handling off (see the hooks)."""
         region = site.region
-        a3 = self._view(site, a)
+        a3, excluded = masked_channel_view(a.detach(), site.axis, self._mask)
+        if excluded is not None:
+            site.masked = True
+            site.excluded += excluded
+        elif self._mask is not None:
+            site.unfitted += 1
         if region.on_output:
             site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi))
         elif z is not None and not isinstance(region.lo, torch.Tensor):
@@ -334,12 +345,13 @@ class Recorder:
         else:
             site.stats.update_output(a3, self.eps)
         if site.histogram is not None:
-            site.histogram.update(a.detach())
+            site.histogram.update(a3 if excluded else a.detach())
         site.shape = tuple(a.shape)
 
     def _view(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        """``x`` at ``site`` as the (outer, C, inner) view the statistics take."""
-        return channel_view(x.detach(), site.axis)
+        """``x`` at ``site`` as the (outer, C, inner) view the statistics take (valid positions only
+        where the batch's mask applies)."""
+        return masked_channel_view(x.detach(), site.axis, self._mask)[0]
 
     def state_bytes(self) -> int:
         """Memory held by the statistics of every site (O(channels), independent of batches)."""
@@ -376,6 +388,9 @@ class Recorder:
                     calls=s.calls,
                     summary=s.stats.compute(),
                     histogram=tuple(s.histogram.compute()) if s.histogram is not None else None,
+                    masked=s.masked,
+                    excluded=s.excluded,
+                    unfitted=s.unfitted,
                 )
             )
         return out

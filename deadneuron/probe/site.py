@@ -27,6 +27,9 @@ class Site:
     shape: tuple[int, ...] = ()
     calls: int = 0
     histogram: ValueHistogram | None = None
+    masked: bool = False  # the batch's padding mask applied here (on some call)
+    excluded: int = 0  # elements per channel the mask excluded, over all calls
+    unfitted: int = 0  # calls where the batch had a mask that did not fit this site
 
     def flat_from_z_first(self, inplace: bool) -> bool:
         """The flat region must be tested on z before the call: it lives on z and the call
@@ -61,6 +64,7 @@ class SiteResult:
     histogram: tuple[int, ...] | None = None
     masked: bool = False  # a padding mask applied at this site
     excluded: int = 0  # elements per channel the mask excluded, over all calls
+    unfitted: int = 0  # calls where the batch had a mask that did not fit the site's shape
 
 
 def site_names(sites: Sequence[Site]) -> list[str]:

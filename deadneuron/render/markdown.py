@@ -59,6 +59,26 @@ def slots_text(report: Report) -> str | None:
     )
 
 
+def mask_text(report: Report) -> str | None:
+    """Which padding mask the audit used, at how many sites it applied and how much it left out, and the
+    sites it did not fit (any padding in them is counted; each site's ``masked`` says which); None when no
+    mask was used."""
+    source = report.meta.get("mask")
+    if not source:
+        return None
+    sites = list(report.sites.values())
+    masked = [s for s in sites if s.masked]
+    text = f"{source}: padding left out at {len(masked)} of {len(sites)} sites"
+    if masked:
+        text += f" (up to {max(s.excluded for s in masked)} elements per channel)"
+    others = [s.name for s in sites if not s.masked]
+    if len(others) == 1:
+        text += f"; {others[0]} not masked (its shape does not fit)"
+    elif others:
+        text += f"; {len(others)} sites of other shapes not masked"
+    return text
+
+
 def summary_facts(report: Report) -> list[tuple[str, str]]:
     """(label, text) rows of the headline figures."""
     sm = report.summary
@@ -77,6 +97,9 @@ def summary_facts(report: Report) -> list[tuple[str, str]]:
     acc = accuracy_text(report.metrics)
     if acc is not None:
         rows.append(("accuracy", acc))
+    mask = mask_text(report)
+    if mask is not None:
+        rows.append(("mask", mask))
     meta = report.meta
     rows.append(
         ("data", f"{meta.get('samples', '?')} samples in {meta.get('batches', '?')} batches; "
@@ -189,4 +212,4 @@ def render_markdown(report: Report, *, figures: Mapping[str, str] | None = None)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-__all__ = ["render_markdown", "summary_facts", "top_findings"]
+__all__ = ["mask_text", "render_markdown", "summary_facts", "top_findings"]

@@ -22,6 +22,7 @@ from deadneuron.render.markdown import (
     accuracy_text,
     finding_lines,
     ids_text,
+    mask_text,
     pct,
     slots_text,
     source_of,
@@ -59,6 +60,9 @@ def _summary_rows(report: Report) -> list[tuple[str, Text]]:
     acc = accuracy_text(report.metrics)
     if acc is not None:
         rows.append(("accuracy", Text(acc, style=_accuracy_style(report.metrics))))
+    mask = mask_text(report)
+    if mask is not None:
+        rows.append(("mask", Text(mask)))
     meta = report.meta
     data = (f"{meta.get('samples', '?')} samples in {meta.get('batches', '?')} batches; eps={meta.get('eps')}, "
             f"delta={meta.get('delta')}")  # fmt: skip

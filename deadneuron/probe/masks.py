@@ -1,0 +1,256 @@
+"""Padding masks: which positions of a batch hold data (DESIGN section 3, "Masks: padding is not data").
+
+A mask is a bool (or 0/1) tensor of shape (N, positions...) over one batch, True where the batch holds
+data. It applies at a site whose tensor, once the channel dim (the site's axis) is removed, has dims
+that begin with exactly the mask's shape (and unambiguously, see `mask_applies`): token activations
+(N, L, C) under an (N, L) attention mask, conv maps (N, C, H, W) under an (N, H, W) validity mask.
+Elsewhere (attention scores (N, heads, L, L), pooled (N, C) features) the site is not masked. At a
+masked site the statistics see only the valid positions, so they equal those of the same data unpadded.
+
+Where the mask comes from, per batch (`choose_mask`):
+
+* ``"auto"`` (the default): an adapter's ``position_mask(batch)`` where the adapter has one; else the
+  ``attention_mask`` of a dict batch when its shape is the leading shape of the token tensor
+  (``input_ids``, else ``inputs_embeds``, else the batch's first other tensor) and it holds 0/1 only;
+  else no mask (an ``attention_mask`` that does not fit is named in a warning);
+* a ``str``: that key of dict batches (or that attribute of batch objects);
+* a callable ``batch -> tensor``;
+* ``None``: no mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deadneuron.errors import UsageError
+from deadneuron.stats import channel_view
+
+MaskSpec = str | Callable[[Any], Any] | None
+AUTO = "auto"
+ATTENTION_MASK = "attention_mask"
+TOKEN_KEYS = ("input_ids", "inputs_embeds")
+
+
+@dataclass(frozen=True)
+class BatchMask:
+    """One batch's mask, prepared once per batch (in `Recorder.start_batch`, outside the hooks).
+
+    ``index`` holds the flat indices of the valid positions, or is None where every position is valid
+    (the sites then read the tensor as it is, with no copy); ``valid`` is their number.
+    """
+
+    shape: tuple[int, ...]
+    index: torch.Tensor | None
+    valid: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> BatchMask:
+        flat = mask.detach().reshape(-1).bool()
+        # One host synchronisation per batch, here and never in a hook: `nonzero` must learn how many
+        # positions are valid to size its output. The hooks then gather rows with `index_select`,
+        # whose output shape the host already knows, so they run without synchronising (boolean
+        # indexing inside each hook would synchronise once per site on CUDA).
+        index = flat.nonzero().squeeze(1)
+        valid = int(index.shape[0])
+        return cls(tuple(mask.shape), None if valid == flat.shape[0] else index, valid)
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.shape)
+
+
+def mask_applies(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> bool:
+    """Whether a mask of ``mask_shape`` applies to a tensor of ``shape`` with channel dim ``axis``: the
+    other dims, in order, begin with exactly the mask's shape, and its position dims (after N) do not
+    fit one or more dims further on as well. Where they do, which dims are the positions cannot be told
+    from the shape (attention scores (N, heads, L, L) read on heads; a decoder's (N, K, H, W, C) whose
+    K slots happen to equal H = W): such a site is not masked, rather than masked on the wrong dims."""
+    if not shape or not mask_shape:
+        return False
+    axis %= len(shape)
+    rest = (*shape[:axis], *shape[axis + 1 :])
+    k = len(mask_shape)
+    if len(rest) < k or rest[:k] != tuple(mask_shape):
+        return False
+    positions = tuple(mask_shape[1:])
+    return not positions or all(
+        rest[1 + s : 1 + s + len(positions)] != positions for s in range(1, len(rest) - len(positions))
+    )
+
+
+def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None) -> tuple[torch.Tensor, int | None]:
+    """``x`` as the (outer, C, inner) view the statistics take, over the valid positions only where
+    ``mask`` applies, and the number of elements per channel the mask excluded (None: not masked).
+
+    The valid positions are gathered (no host synchronisation, see `BatchMask.of`) into the layout the
+    unmasked view has: channels last (tokens (N, L, C)) -> (valid positions, C, inner); the channel
+    before the positions (conv maps (N, C, H, W)) -> (1, C, valid positions x inner), so that each
+    channel's values stay one run, as the statistics kernels sum them unmasked.
+    """
+    if mask is None or not mask_applies(x.shape, axis, mask.shape):
+        return channel_view(x, axis), None
+    if mask.index is None:
+        return channel_view(x, axis), 0
+    axis %= x.dim()
+    k = len(mask.shape)
+    channels = x.shape[axis]
+    inner = x.numel() // max(channels * mask.positions, 1)
+    excluded = (mask.positions - mask.valid) * inner
+    index = mask.index if mask.index.device == x.device else mask.index.to(x.device)
+    if axis >= k:  # the channel comes after every position dim
+        rows = x.movedim(axis, k).reshape(mask.positions, channels, inner)
+        return rows.index_select(0, index), excluded
+    runs = x.movedim(axis, 0).reshape(channels, mask.positions, inner).index_select(1, index)
+    return runs.reshape(1, channels, mask.valid * inner), excluded
+
+
+# -- where a batch's mask comes from ------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskChoice:
+    """The mask of one batch (bool, on the batch's device) or None, what it is called in the report's
+    meta (``"attention_mask"``, the key, ``"callable"``, ``"adapter:NAME"``), and a warning, if any."""
+
+    mask: torch.Tensor | None
+    source: str | None
+    warning: str | None = None
+
+
+def describe_spec(spec: MaskSpec) -> str:
+    """How a mask setting is named in messages and in the report's meta."""
+    if spec is None:
+        return "none"
+    return spec if isinstance(spec, str) else "callable"
+
+
+def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.device, adapter: Any = None) -> MaskChoice:
+    """The mask of ``batch`` under ``spec`` (see the module docstring); a UsageError, with the shapes,
+    for a mask that was asked for and does not fit the batch."""
+    if spec is None:
+        return MaskChoice(None, None)
+    if callable(spec):
+        return MaskChoice(_checked(spec(batch), "the mask callable's result", batch, batch_size, device), "callable")
+    if not isinstance(spec, str):
+        raise UsageError(f"mask must be 'auto', a batch key, a callable or None, not {type(spec).__name__}")
+    if spec == AUTO:
+        return _auto(batch, batch_size=batch_size, device=device, adapter=adapter)
+    return MaskChoice(_keyed(spec, batch, batch_size, device), spec)
+
+
+def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) -> MaskChoice:
+    position_mask = getattr(adapter, "position_mask", None)
+    if callable(position_mask):
+        found = position_mask(batch)
+        source = f"adapter:{getattr(adapter, 'name', type(adapter).__name__)}"
+        what = f"the {source} position mask"
+        return MaskChoice(None, None) if found is None else MaskChoice(
+            _checked(found, what, batch, batch_size, device), source
+        )
+    if not isinstance(batch, Mapping) or ATTENTION_MASK not in batch:
+        return MaskChoice(None, None)
+    mask, tokens = batch[ATTENTION_MASK], _token_tensor(batch)
+    problem = _auto_problem(mask, tokens)
+    if problem is not None:
+        return MaskChoice(None, None, f"attention_mask {problem}: padding positions are counted as data "
+                                      "(pass mask=KEY / --mask KEY, or a callable)")
+    return MaskChoice(mask.to(device=device, dtype=torch.bool), ATTENTION_MASK)
+
+
+def _auto_problem(mask: Any, tokens: tuple[str, torch.Tensor] | None) -> str | None:
+    """Why a dict batch's ``attention_mask`` is not used by default, or None where it is."""
+    if not isinstance(mask, torch.Tensor):
+        return f"is a {type(mask).__name__}, not a tensor"
+    if tokens is None:
+        return "has no token tensor beside it to match"
+    name, t = tokens
+    if mask.dim() == 0 or tuple(t.shape[: mask.dim()]) != tuple(mask.shape):
+        return f"of shape {tuple(mask.shape)} does not match {name} of shape {tuple(t.shape)}"
+    if not _zero_one(mask):
+        return f"of dtype {mask.dtype} holds values other than 0 and 1"
+    return None
+
+
+def _token_tensor(batch: Mapping[Any, Any]) -> tuple[str, torch.Tensor] | None:
+    for key in TOKEN_KEYS:
+        if isinstance(batch.get(key), torch.Tensor):
+            return key, batch[key]
+    for key, value in batch.items():
+        if key != ATTENTION_MASK and isinstance(value, torch.Tensor):
+            return str(key), value
+    return None
+
+
+def _keyed(key: str, batch: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            keys = ", ".join(repr(k) for k in batch) or "none"
+            raise UsageError(f"mask key {key!r} is not in the batch (its keys: {keys}); pass one of them, or no mask")
+        mask = batch[key]
+        for name in TOKEN_KEYS:
+            tokens = batch.get(name)
+            if isinstance(tokens, torch.Tensor) and isinstance(mask, torch.Tensor) and (
+                mask.dim() == 0 or tuple(tokens.shape[: mask.dim()]) != tuple(mask.shape)
+            ):
+                raise UsageError(
+                    f"mask {key!r} of shape {tuple(mask.shape)} does not match {name} of shape {tuple(tokens.shape)}: "
+                    "a mask is (N, positions...) over the token positions"
+                )
+        return _checked(mask, f"mask {key!r}", batch, batch_size, device)
+    value = getattr(batch, key, None)
+    if isinstance(value, torch.Tensor):
+        return _checked(value, f"mask {key!r}", batch, batch_size, device)
+    fields = [k for k, v in vars(batch).items() if isinstance(v, torch.Tensor)] if hasattr(batch, "__dict__") else []
+    has = f" (its tensors: {', '.join(fields)})" if fields else ""
+    raise UsageError(f"mask key {key!r} needs dict batches, got a {type(batch).__name__}{has}")
+
+
+def _checked(mask: Any, what: str, batch: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``mask`` as a bool tensor on ``device``; a UsageError naming the shapes where it cannot be one."""
+    if not isinstance(mask, torch.Tensor):
+        raise UsageError(f"{what} is a {type(mask).__name__}: a mask is a bool or 0/1 tensor of shape (N, positions...)")
+    if mask.dim() == 0 or (batch_size and mask.shape[0] != batch_size):
+        raise UsageError(
+            f"{what} has shape {tuple(mask.shape)}, which does not fit a batch of {batch_size} samples "
+            f"(input {batch_shapes(batch)}): a mask is (N, positions...)"
+        )
+    if mask.dtype != torch.bool and not _zero_one(mask):
+        raise UsageError(f"{what} (dtype {mask.dtype}) holds values other than 0 and 1: pass a bool mask, True where "
+                         "the batch holds data")
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def _zero_one(mask: torch.Tensor) -> bool:
+    """Whether every value is 0 or 1 (synchronises once per batch, outside the hooks)."""
+    if mask.dtype == torch.bool:
+        return True
+    if mask.is_complex():
+        return False
+    return bool(((mask == 0) | (mask == 1)).all())
+
+
+def batch_shapes(batch: Any) -> str:
+    """The shapes of a batch's tensors, for messages."""
+    if isinstance(batch, torch.Tensor):
+        return str(tuple(batch.shape))
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {batch_shapes(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(batch_shapes(v) for v in batch) + ")"
+    fields = {k: tuple(v.shape) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)} if hasattr(
+        batch, "__dict__"
+    ) else {}
+    return str(fields) if fields else type(batch).__name__
+
+
+def unmatched_error(source: str, shape: tuple[int, ...], site_shapes: Mapping[str, tuple[int, ...]]) -> UsageError:
+    """The error for a mask that was asked for and applied at no site: the user's figures would silently
+    count the padding."""
+    examples = "; ".join(f"{name} {shape_}" for name, shape_ in list(site_shapes.items())[:4])
+    return UsageError(
+        f"mask {source!r} of shape {shape} applied at no activation site (their shapes: {examples}): a site is "
+        "masked where its dims other than the channel begin with the mask's shape; pass a mask that fits, or none"
+    )
