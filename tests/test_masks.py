@@ -24,6 +24,7 @@ LAYOUTS = {  # tensor shape, channel axis, mask shape
     "channels-first tokens (N, C, L)": ((3, 4, 5), 1, (3, 5)),
     "inner dims (N, L, C, D)": ((2, 5, 3, 4), 2, (2, 5)),
     "channel first (C, N, L)": ((4, 3, 5), 0, (3, 5)),
+    "flattened grid (N, H*W, C)": ((2, 12, 5), 2, (2, 3, 4)),
 }
 
 
@@ -36,8 +37,13 @@ def test_masked_view_holds_exactly_the_valid_positions(layout: str) -> None:
     view, excluded = masked_channel_view(x, axis, BatchMask.of(mask))
     # oracle: channel last, then numpy boolean indexing over the leading (mask) dims
     k, c = len(mask_shape), shape[axis % len(shape)]
+    rest = [d for i, d in enumerate(shape) if i != axis % len(shape)]
+    if tuple(rest[:k]) != mask_shape:  # positions flattened into one dim
+        x_mask, k = mask.reshape(mask_shape[0], -1), 2
+    else:
+        x_mask = mask
     moved = np.moveaxis(x.numpy(), axis % x.dim(), k)  # (mask dims..., C, inner...)
-    want = moved[mask.numpy()].reshape(int(mask.sum()), c, -1)  # (valid positions, C, inner)
+    want = moved[x_mask.numpy()].reshape(int(mask.sum()), c, -1)  # (valid positions, C, inner)
     # any layout will do as long as each channel holds exactly its values at the valid positions
     got = view.numpy()
     assert got.shape[1] == c and got.size == want.size
@@ -56,6 +62,8 @@ def test_a_mask_fits_only_the_leading_non_channel_dims() -> None:
     assert mask_applies((2, 8, 7, 7), 1, (2, 7, 7))  # a square conv map is not ambiguous
     assert not mask_applies((2, 8), -1, (2, 7))  # pooled features
     assert not mask_applies((2, 6, 7), -1, (2, 7))  # a length that differs
+    assert mask_applies((2, 42, 8), -1, (2, 6, 7))  # an (N, H, W) grid flattened to (N, H*W, C) tokens
+    assert not mask_applies((2, 41, 8), -1, (2, 6, 7))
     x = torch.randn(2, 4, 7, 7)
     view, excluded = masked_channel_view(x, -1, BatchMask.of(torch.ones(2, 7, dtype=torch.bool)))
     assert excluded is None and view.shape == (2 * 4 * 7, 7, 1)
@@ -173,7 +181,7 @@ def _bad(batch: dict[str, torch.Tensor], **change: Any) -> list[dict[str, Any]]:
         ("other batch size", r"has shape \(3, 10\), which does not fit a batch of 4 samples"),
         ("not a tensor", r"the mask callable's result is a list"),
         ("not 0/1", r"holds values other than 0 and 1"),
-        ("fits no site", r"mask 'callable' of shape \(4, 2, 5\) applied at no activation site"),
+        ("fits no site", r"mask 'callable' of shape \(4, 3, 5\) applied at no activation site"),
         ("key on tensors", r"mask key 'valid' needs dict batches, got a Tensor"),
     ],
 )
@@ -185,7 +193,7 @@ def test_masks_that_do_not_fit_are_usage_errors(case: str, match: str) -> None:
         "other batch size": (_bad(batch), lambda b: b["attention_mask"][:3]),
         "not a tensor": (_bad(batch), lambda b: [1, 0]),
         "not 0/1": (_bad(batch), lambda b: b["attention_mask"] * 2),
-        "fits no site": (_bad(batch), lambda b: torch.ones(4, 2, 5)),
+        "fits no site": (_bad(batch), lambda b: torch.ones(4, 3, 5)),
         "key on tensors": ([torch.randint(1, VOCAB, (4, 10))], "valid"),
     }
     data, mask = cases[case]

@@ -30,21 +30,26 @@ def test_arc_adapter_masks_the_encoder_maps_and_keeps_the_slot_figures() -> None
     model = adapter.load(ckpt)
     batches = list(adapter.batches("heldout", {**ckpt["config"], "BATCH_SIZE": 8}, max_grids=24))
     stored: list[tuple[np.ndarray, np.ndarray]] = []
-    handle = model.encoder.relu.register_forward_hook(
-        lambda m, args, out: stored.append((args[0].detach().clone().numpy(), out.detach().clone().numpy()))
-    )
+    tokens: list[np.ndarray] = []  # the encoder MLP's pre-activation, (N, H*W, C) tokens of the grid
+    handles = [
+        model.encoder.relu.register_forward_hook(
+            lambda m, args, out: stored.append((args[0].detach().clone().numpy(), out.detach().clone().numpy()))
+        ),
+        model.encoder.mlp[1].register_forward_pre_hook(lambda m, args: tokens.append(args[0].detach().clone().numpy())),
+    ]
     with torch.no_grad():
         for b in batches:
             adapter.forward(model, b)
-    handle.remove()
+    for h in handles:
+        h.remove()
     masked = deadneuron.audit(model, batches, adapter=adapter, progress=False)
     plain = deadneuron.audit(model, batches, adapter=adapter, progress=False, mask=None)
     assert masked.meta["mask"] == "adapter:arc-slot" and plain.meta["mask"] is None
     assert masked.slots == plain.slots and masked.metrics == plain.metrics
     encoder = [f"encoder.bn_layers.{i}>relu" for i in range(4)]
-    assert [n for n, s in masked.sites.items() if s.masked] == encoder
+    assert [n for n, s in masked.sites.items() if s.masked] == [*encoder, "encoder.mlp.1"]
     for name, site in masked.sites.items():
-        if name not in encoder:
+        if name not in (*encoder, "encoder.mlp.1"):
             assert site == plain.sites[name], name  # sites the mask does not fit are as before
     valid = [b.valid.numpy() for b in batches]
     for i, name in enumerate(encoder):
@@ -57,6 +62,12 @@ def test_arc_adapter_masks_the_encoder_maps_and_keeps_the_slot_figures() -> None
         np.testing.assert_array_equal(np.rint(np.array(got.channel_flat) * got.n), (z <= 0).sum(0), err_msg=name)
         np.testing.assert_array_equal(np.rint(np.array(got.channel_zero) * got.n), (a == 0).sum(0), err_msg=name)
         assert list(got.dead_channels) == np.flatnonzero((z <= 0).all(0)).tolist()
+    # the encoder MLP sees the grid flattened to tokens: the same mask, flattened
+    z = np.concatenate([t[v.reshape(v.shape[0], -1)] for t, v in zip(tokens, valid, strict=True)])
+    got = masked.sites["encoder.mlp.1"]
+    assert got.n == z.shape[0] and got.excluded == sum(v.size for v in valid) - got.n
+    np.testing.assert_array_equal(np.rint(np.array(got.channel_flat) * got.n), (z <= 0).sum(0))
+    assert list(got.dead_channels) == np.flatnonzero((z <= 0).all(0)).tolist()
 
 
 # -- a real BERT, where the transformers package is installed ---------------------------------------------

@@ -64,23 +64,33 @@ class BatchMask:
         return math.prod(self.shape)
 
 
-def mask_applies(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> bool:
-    """Whether a mask of ``mask_shape`` applies to a tensor of ``shape`` with channel dim ``axis``: the
-    other dims, in order, begin with exactly the mask's shape, and its position dims (after N) do not
-    fit one or more dims further on as well. Where they do, which dims are the positions cannot be told
-    from the shape (attention scores (N, heads, L, L) read on heads; a decoder's (N, K, H, W, C) whose
-    K slots happen to equal H = W): such a site is not masked, rather than masked on the wrong dims."""
+def covered_dims(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> int | None:
+    """How many dims of a tensor of ``shape`` (channel dim ``axis``) a mask of ``mask_shape`` covers, or
+    None where it does not apply. The other dims, in order, must begin with exactly the mask's shape
+    (covering ``len(mask_shape)`` dims), or with (N, product of the position dims) where the positions
+    were flattened into one dim (a (N, H*W, C) token view of an (N, H, W) grid: 2 dims). The position
+    dims (after N) must not fit one or more dims further on as well: where they do, which dims are the
+    positions cannot be told from the shape (attention scores (N, heads, L, L) read on heads; a decoder's
+    (N, K, H, W, C) whose K slots happen to equal H = W), and such a site is not masked rather than
+    masked on the wrong dims."""
     if not shape or not mask_shape:
-        return False
+        return None
     axis %= len(shape)
-    rest = (*shape[:axis], *shape[axis + 1 :])
+    rest = tuple(shape[:axis]) + tuple(shape[axis + 1 :])
     k = len(mask_shape)
-    if len(rest) < k or rest[:k] != tuple(mask_shape):
-        return False
     positions = tuple(mask_shape[1:])
-    return not positions or all(
-        rest[1 + s : 1 + s + len(positions)] != positions for s in range(1, len(rest) - len(positions))
-    )
+    if len(rest) >= k and rest[:k] == tuple(mask_shape):
+        ambiguous = any(rest[1 + s : 1 + s + len(positions)] == positions for s in range(1, len(rest) - len(positions)))
+        return None if positions and ambiguous else k
+    if len(positions) > 1 and len(rest) >= 2 and rest[:2] == (mask_shape[0], math.prod(positions)):
+        return 2
+    return None
+
+
+def mask_applies(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> bool:
+    """Whether a mask of ``mask_shape`` applies to a tensor of ``shape`` with channel dim ``axis``
+    (see `covered_dims`)."""
+    return covered_dims(shape, axis, mask_shape) is not None
 
 
 def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None) -> tuple[torch.Tensor, int | None]:
@@ -92,12 +102,12 @@ def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None) -> t
     before the positions (conv maps (N, C, H, W)) -> (1, C, valid positions x inner), so that each
     channel's values stay one run, as the statistics kernels sum them unmasked.
     """
-    if mask is None or not mask_applies(x.shape, axis, mask.shape):
+    k = None if mask is None else covered_dims(x.shape, axis, mask.shape)
+    if mask is None or k is None:
         return channel_view(x, axis), None
     if mask.index is None:
         return channel_view(x, axis), 0
     axis %= x.dim()
-    k = len(mask.shape)
     channels = x.shape[axis]
     inner = x.numel() // max(channels * mask.positions, 1)
     excluded = (mask.positions - mask.valid) * inner
