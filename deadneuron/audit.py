@@ -129,6 +129,7 @@ def audit(
     compile: bool = True,
     histograms: bool = False,
     meta: Mapping[str, Any] | None = None,
+    channel_axis: Mapping[str, int] | None = None,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
 
@@ -137,8 +138,10 @@ def audit(
     the sites (globs over names, or kinds such as ``gelu``). ``compile`` fuses the statistics with
     `torch.compile` (falls back to eager kernels, with a note in ``report.meta``, where it cannot).
     ``histograms`` also counts every activation value into fixed signed-log bins per site (for plots;
-    it costs a few passes per batch).
+    it costs a few passes per batch). ``channel_axis`` sets the channel dim of the sites matching each glob
+    (``{"block.relu": 1}``; negative dims count from the end) where it cannot be derived from a layer.
     """
+    overrides = _channel_axes(channel_axis)
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
     if eps < 0 or not 0 <= delta < 1:
@@ -159,7 +162,7 @@ def audit(
     moved = _move_model(model, dev)
     try:
         with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
-                      histograms=histograms) as rec:
+                      histograms=histograms, channel_axis=overrides) as rec:
             if any(m.training for m in model.modules()):
                 model.eval()
             with torch.inference_mode(), _progress(progress, total) as bar:
@@ -184,6 +187,8 @@ def audit(
             results = rec.results()
             rec_sampled = any(s.histogram is not None and s.histogram.sampled for s in rec._sites.values())
             kernels = rec.kernels.name
+            warnings += [f"channel axis set for {glob!r} matched no site: check the name against the site table"
+                         for glob in rec.axes.unmatched()]
             if compile and rec.kernels.fallback_reason:
                 kernels = f"{kernels} ({rec.kernels.fallback_reason})"
     finally:
@@ -213,6 +218,18 @@ def audit(
         metrics=metrics,
         meta=info,
     )
+
+
+def _channel_axes(channel_axis: Mapping[str, int] | None) -> dict[str, int]:
+    """``channel_axis`` checked: site globs to integer dims."""
+    if channel_axis is None:
+        return {}
+    if not isinstance(channel_axis, Mapping):
+        raise UsageError(f"channel_axis takes a dict of site glob -> dim, got {type(channel_axis).__name__}")
+    for glob, axis in channel_axis.items():
+        if not isinstance(glob, str) or not glob or isinstance(axis, bool) or not isinstance(axis, int):
+            raise UsageError(f"channel_axis takes site glob -> integer dim (e.g. {{'block.relu': 1}}), got {glob!r}: {axis!r}")
+    return dict(channel_axis)
 
 
 def _update_slots(adapter: Adapter, outputs: Any, batch: Any, stats: Any) -> Any:

@@ -26,6 +26,7 @@ def audit_command(
     eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = 0.0,
     delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = 0.05,
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
+    channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Also write the report files into this folder.")] = None,
     allow_global: Annotated[list[str] | None, typer.Option("--allow-global", help="Allow one more type (module.Name) when unpickling.")] = None,
@@ -42,7 +43,7 @@ def audit_command(
     rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
 ) -> None:
     from deadneuron.audit import audit
-    from deadneuron.cli._subject import build_subject, parse_key_values
+    from deadneuron.cli._subject import build_subject, parse_channel_axes, parse_key_values
     from deadneuron.gate import GateLimits
 
     if fmt not in ("table", "json"):
@@ -57,6 +58,7 @@ def audit_command(
                         min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
     if gate_sites and not limits.active:
         raise UsageError("--sites scopes the gate options: add --max-dead, --max-sparsity or --min-active-slots")
+    axes = parse_channel_axes(channel_axis or [])
     rules = _rules_config(no_rules, disable or [], rules_config)  # a bad config fails before the audit runs
     subject = build_subject(
         checkpoint,
@@ -75,7 +77,7 @@ def audit_command(
     report = audit(
         subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
         device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
-        histograms=out is not None,
+        histograms=out is not None, channel_axis=axes,
         meta={"source": str(checkpoint), "random_inputs": subject.random_inputs},
     )  # fmt: skip
     report = report.with_meta(warnings=[*report.warnings, *warnings])
