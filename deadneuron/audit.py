@@ -120,6 +120,7 @@ def audit(
     meta: Mapping[str, Any] | None = None,
     activations: ActivationRegistry | None = None,
     mask: MaskSpec = AUTO,
+    channel_axis: Mapping[str, int] | None = None,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
 
@@ -147,7 +148,11 @@ def audit(
     the valid positions only and equal those of the same data unpadded. Each site says whether it
     was masked and how many elements per channel were excluded; ``report.meta["mask"]`` names the mask.
     A mask that does not fit the batch, or that was asked for and fits no site, is a UsageError.
+
+    ``channel_axis`` sets the channel dim of the sites matching each glob
+    (``{"block.relu": 1}``; negative dims count from the end) where it cannot be derived from a layer.
     """
+    overrides = _channel_axes(channel_axis)
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
     if eps < 0 or not 0 <= delta < 1:
@@ -170,7 +175,7 @@ def audit(
     moved = _move_model(model, dev)
     try:
         with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
-                      histograms=histograms, activations=activations) as rec:
+                      histograms=histograms, activations=activations, channel_axis=overrides) as rec:
             if any(m.training for m in model.modules()):
                 model.eval()
             with torch.inference_mode(), _progress(progress, total) as bar:
@@ -201,6 +206,8 @@ def audit(
             results = rec.results()
             rec_sampled = any(s.histogram is not None and s.histogram.sampled for s in rec._sites.values())
             kernels = rec.kernels.name
+            warnings += [f"channel axis set for {glob!r} matched no site: check the name against the site table"
+                         for glob in rec.axes.unmatched()]
             if compile and rec.kernels.fallback_reason:
                 kernels = f"{kernels} ({rec.kernels.fallback_reason})"
     finally:
@@ -275,6 +282,18 @@ def _unmatched_select(results: Sequence[Any], select: Sequence[str] | None) -> l
 def _leaf(site_name: str) -> str:
     """``relu`` of ``conv1>relu#2`` or ``block.relu``: the function or attribute a select may name."""
     return site_name.rsplit(">", 1)[-1].rsplit(".", 1)[-1].split("#", 1)[0]
+
+
+def _channel_axes(channel_axis: Mapping[str, int] | None) -> dict[str, int]:
+    """``channel_axis`` checked: site globs to integer dims."""
+    if channel_axis is None:
+        return {}
+    if not isinstance(channel_axis, Mapping):
+        raise UsageError(f"channel_axis takes a dict of site glob -> dim, got {type(channel_axis).__name__}")
+    for glob, axis in channel_axis.items():
+        if not isinstance(glob, str) or not glob or isinstance(axis, bool) or not isinstance(axis, int):
+            raise UsageError(f"channel_axis takes site glob -> integer dim (e.g. {{'block.relu': 1}}), got {glob!r}: {axis!r}")
+    return dict(channel_axis)
 
 
 def _update_slots(adapter: Adapter, outputs: Any, batch: Any, stats: Any) -> Any:

@@ -47,6 +47,21 @@ def parse_key_values(items: Sequence[str], *, option: str) -> dict[str, Any]:
     return out
 
 
+def parse_channel_axes(items: Sequence[str]) -> dict[str, int]:
+    """``["block.relu=1", "head.*=-1"]`` -> ``{"block.relu": 1, "head.*": -1}`` (--channel-axis GLOB=AXIS)."""
+    out: dict[str, int] = {}
+    for item in items:
+        glob, sep, raw = item.rpartition("=")
+        try:
+            axis = int(raw.strip())
+        except ValueError:
+            axis = None
+        if not sep or not glob.strip() or axis is None:
+            raise UsageError(f"--channel-axis takes GLOB=AXIS with an integer dim (e.g. 'block.relu=1'), got {item!r}")
+        out[glob.strip()] = axis
+    return out
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"8,3,32,32"`` -> (8, 3, 32, 32); a clear error for anything else."""
     parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
@@ -206,4 +221,6 @@ def _nonfinite_warnings(model: nn.Module) -> list[str]:
     return [f"non-finite weights in {names}{more}: activations downstream will be NaN/Inf"]
 
 
-__all__ = ["Subject", "UnsafeCheckpointError", "build_subject", "import_object", "parse_key_values"]
+__all__ = [
+    "Subject", "UnsafeCheckpointError", "build_subject", "import_object", "parse_channel_axes", "parse_key_values",
+]

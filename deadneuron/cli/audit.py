@@ -30,6 +30,7 @@ def audit_command(
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
     mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
+    channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Also write the report files into this folder.")] = None,
     allow_global: Annotated[list[str] | None, typer.Option("--allow-global", help="Allow one more type (module.Name) when unpickling.")] = None,
@@ -46,7 +47,7 @@ def audit_command(
     rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
 ) -> None:
     from deadneuron.audit import audit
-    from deadneuron.cli._subject import build_subject, parse_key_values
+    from deadneuron.cli._subject import build_subject, parse_channel_axes, parse_key_values
     from deadneuron.gate import GateLimits
 
     if fmt not in ("table", "json"):
@@ -65,6 +66,7 @@ def audit_command(
                         min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
     if gate_sites and not limits.active:
         raise UsageError("--sites scopes the gate options: add --max-dead, --max-sparsity or --min-active-slots")
+    axes = parse_channel_axes(channel_axis or [])
     rules = _rules_config(no_rules, disable or [], rules_config)  # a bad config fails before the audit runs
     subject = build_subject(
         checkpoint,
@@ -85,7 +87,7 @@ def audit_command(
     report = audit(
         subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
         device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
-        histograms=out is not None, mask=None if no_mask else (mask or "auto"),
+        histograms=out is not None, mask=None if no_mask else (mask or "auto"), channel_axis=axes,
         meta={"source": str(checkpoint), "random_inputs": subject.random_inputs,
               **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
     )  # fmt: skip

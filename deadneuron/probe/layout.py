@@ -1,9 +1,12 @@
 """Where a tensor's channel dimension is (DESIGN section 3: "derived, never guessed silently").
 
 A channel axis is known where a tensor is produced by a layer whose layout is fixed (conv, norm and
-pooling layers: dim 1; linear, embedding, attention, layer norm: the last dim). `AxisTracker` keeps,
-for the tensors of the current forward pass, the axis and how it was decided, and the Recorder asks it
-for the axis of each activation's input. Where nothing is known the axis is guessed and the site says
+pooling layers: dim 1; linear, embedding, attention, layer norm: the last dim), as a module or as its
+functional form called in a forward. `AxisTracker` keeps, for the tensors of the current forward pass,
+the axis and how it was decided, carries it through the ops that keep or move the channel dim (module
+outputs here, torch ops seen by the functional probe through `propagate` and the rules of `axisrules`),
+and the Recorder asks it for the axis of each activation's input. A tensor of rank 2 or less has one
+candidate, its last dim (`AxisSource.RANK`). Where nothing is known the axis is guessed and the site says
 so (`AxisSource.GUESSED`); the user can set it per site glob (`AxisSource.USER`).
 """
 
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import Any
 
 import torch
 from torch import nn
 
+from deadneuron.errors import UsageError
+from deadneuron.probe.axisrules import AxisRule, AxisSource, Producer, reshaped_axis
 from deadneuron.select import matches
 
 CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
@@ -29,17 +33,31 @@ CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
 )
-CHANNEL_LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
-
-
-class AxisSource(StrEnum):
-    """How a site's channel axis was decided."""
-
-    PRODUCER = "producer"  # the tensor came straight from a layer whose layout is known
-    TRACED = "traced"  # carried from such a layer through ops that keep or move the channel dim
-    GUESSED = "guessed"  # nothing known: dim 1 for 4-D and more, else the last dim
-    USER = "user"  # set by the user (channel_axis={glob: axis})
+CHANNEL_LAST: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)  # fmt: skip
+# Leaves whose output has the input's layout where it keeps the rank and the channel dim's size (GLU
+# halves a dim: then nothing is noted). Activations the Recorder registered beyond torch's own are
+# passed as `module_output(..., keeps_layout=True)`.
+_TORCH_ACTIVATIONS = tuple(
+    c for c in vars(nn.modules.activation).values()
+    if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == nn.modules.activation.__name__
+    and c is not nn.MultiheadAttention
+)  # fmt: skip
+LAYOUT_KEEPING: tuple[type[nn.Module], ...] = (
+    *_TORCH_ACTIVATIONS,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+    *((nn.modules.padding._CircularPadNd,) if hasattr(nn.modules.padding, "_CircularPadNd") else ()),
+)
+RESHAPING: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
 
 
 def guess_axis(x: torch.Tensor) -> int:
@@ -51,13 +69,17 @@ def guess_axis(x: torch.Tensor) -> int:
 
 def producer_axis(x: torch.Tensor, producer: nn.Module | None) -> int | None:
     """The channel dim of ``x`` if ``producer`` (the module that returned it) fixes it, else None."""
+    if not isinstance(producer, (*CHANNEL_FIRST, *CHANNEL_LAST)):
+        return None
     if x.dim() <= 1:
-        return x.dim() - 1 if x.dim() else 0
-    if isinstance(producer, CHANNEL_FIRST):
-        return 1
-    if isinstance(producer, CHANNEL_LAST):
-        return x.dim() - 1
-    return None
+        return 0
+    if isinstance(producer, nn.modules.conv._ConvNd):  # unbatched inputs have no batch dim in front
+        return max(x.dim() - len(producer.kernel_size) - 1, 0)
+    return 1 if isinstance(producer, CHANNEL_FIRST) else x.dim() - 1
+
+
+def _first_tensor(args: tuple[Any, ...]) -> torch.Tensor | None:
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
 
 class AxisTracker:
@@ -68,35 +90,98 @@ class AxisTracker:
 
     def __init__(self, overrides: Mapping[str, int] | None = None) -> None:
         self.overrides = dict(overrides or {})
-        self._axes: dict[int, tuple[weakref.ref[torch.Tensor], int, AxisSource]] = {}
+        self.matched: set[str] = set()  # override globs that matched a site
+        self._axes: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, AxisSource]]] = {}
 
     def reset(self) -> None:
         """Forget the tensors of the previous forward pass."""
         self._axes.clear()
 
     def _note(self, t: torch.Tensor, axis: int, source: AxisSource) -> None:
-        self._axes[id(t)] = (weakref.ref(t), axis, source)
+        self._axes[id(t)] = (weakref.ref(t), (axis, source))
 
     def known(self, t: torch.Tensor) -> tuple[int, AxisSource] | None:
         entry = self._axes.get(id(t))
-        if entry is None or entry[0]() is not t:
-            return None
-        return entry[1], entry[2]
+        return entry[1] if entry is not None and entry[0]() is t else None
 
-    def module_output(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        """A module returned ``out``: note its axis where the module's type fixes it."""
-        if isinstance(out, torch.Tensor) and self.known(out) is None:
-            axis = producer_axis(out, m)
-            if axis is not None:
-                self._note(out, axis, AxisSource.PRODUCER)
+    def _note_pieces(self, out: Any, axis: int, source: AxisSource) -> None:
+        """The tensors of a tuple/list ``out`` (split pieces, pooling values and indices)."""
+        for t in out if isinstance(out, (tuple, list)) else ():
+            if isinstance(t, torch.Tensor) and t.dim() > axis and self.known(t) is None:
+                self._note(t, axis, source)
+
+    def propagate(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
+        """A torch op with axis rule ``rule`` returned ``out``: note the axis the rule derives.
+        An output whose axis is already known (an in-place op, a no-op cast) keeps it."""
+        if not self._axes and not isinstance(rule, Producer):
+            return  # nothing known yet: nothing to carry
+        found = rule(args, kwargs, out, self.known)
+        if found is None:
+            return
+        if not isinstance(out, torch.Tensor):
+            self._note_pieces(out, *found)
+        elif self.known(out) is None:
+            self._axes[id(out)] = (weakref.ref(out), found)
+
+    def module_output(self, m: nn.Module, args: tuple[Any, ...], out: Any, *, keeps_layout: bool = False) -> None:
+        """A module returned ``out``: note its axis where the module's type fixes it, or where the module
+        keeps its input's layout (``keeps_layout``: the Recorder's activation modules). An axis already
+        known (a wrapper returning its inner conv's tensor) is kept."""
+        t = out if isinstance(out, torch.Tensor) else None
+        if t is None and isinstance(out, (tuple, list)) and out and isinstance(m, CHANNEL_LAST):
+            t = out[0] if isinstance(out[0], torch.Tensor) else None  # attention, RNNs: (output, state)
+        if t is None or self.known(t) is not None:
+            return
+        axis = producer_axis(t, m)
+        if axis is not None:
+            self._note(t, axis, AxisSource.PRODUCER)
+            return
+        x = _first_tensor(args)
+        found = self.known(x) if x is not None else None
+        if found is None:
+            return
+        a = found[0]
+        if keeps_layout or isinstance(m, LAYOUT_KEEPING):
+            if t.dim() == x.dim() and t.shape[a] == x.shape[a]:  # type: ignore[union-attr]
+                self._note(t, a, AxisSource.TRACED)
+        elif isinstance(m, RESHAPING):
+            j = reshaped_axis(tuple(x.shape), tuple(t.shape), a)  # type: ignore[union-attr]
+            if j is not None:
+                self._note(t, j, AxisSource.TRACED)
 
     def axis_of(self, z: torch.Tensor, names: tuple[str, ...]) -> tuple[int, AxisSource]:
         """The channel axis of an activation's input ``z`` at the site called ``names`` (globs of
         the user's overrides are matched against each of them)."""
         for glob, axis in self.overrides.items():
             if matches(names, (glob,)):
+                self.matched.add(glob)
+                if not -max(z.dim(), 1) <= axis < max(z.dim(), 1):
+                    raise UsageError(
+                        f"channel axis {axis} set for {glob!r} does not fit site {names[0]!r}, whose input has "
+                        f"shape {tuple(z.shape)}: give a dim in [-{max(z.dim(), 1)}, {max(z.dim(), 1) - 1}]"
+                    )
                 return axis % max(z.dim(), 1), AxisSource.USER
         found = self.known(z)
         if found is not None:
             return found
+        if z.dim() <= 2:
+            return guess_axis(z), AxisSource.RANK
         return guess_axis(z), AxisSource.GUESSED
+
+    def unmatched(self) -> list[str]:
+        """Override globs that matched no site (so far)."""
+        return [glob for glob in self.overrides if glob not in self.matched]
+
+
+def axis_mismatch(name: str, z: torch.Tensor, axis: int, source: AxisSource, channels: int) -> str | None:
+    """Why ``z`` cannot be read at a site whose axis ``axis`` held ``channels`` channels before, or None."""
+    if z.dim() == 0 and channels == 1:
+        return None
+    if z.dim() > axis and z.shape[axis] == channels:
+        return None
+    got = f"has {z.shape[axis]} entries" if z.dim() > axis else "does not exist"
+    why = "the axis is not the channel dim" if source in (AxisSource.GUESSED, AxisSource.RANK) else \
+        "a channel count must not change between batches"
+    return (f"site {name!r}: its channel axis {axis} ({source.value}) {got} in input {tuple(z.shape)} but held "
+            f"{channels} channels before, so {why}; set it with --channel-axis '{name}=AXIS' "
+            f"(channel_axis={{{name!r}: AXIS}} in deadneuron.audit)")

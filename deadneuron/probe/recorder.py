@@ -30,9 +30,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deadneuron.activations import ActivationSpec, FlatRegion, flat_region, is_inplace
+from deadneuron.errors import UsageError
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
-from deadneuron.probe.layout import AxisTracker
+from deadneuron.probe.layout import AxisTracker, axis_mismatch
 from deadneuron.probe.leaves import quiet_leaf
 from deadneuron.probe.masks import BatchMask, masked_channel_view
 from deadneuron.probe.modestack import on_stack, on_top, remove_mode
@@ -221,7 +222,7 @@ class Recorder:
             for t in tensors(out):
                 self._producers[id(t)] = (weakref.ref(t), name)
         with torch._C.DisableTorchFunction():
-            self.axes.module_output(m, args, out)
+            self.axes.module_output(m, args, out, keeps_layout=m in self._specs)
 
     def _producer_of(self, z: torch.Tensor) -> str | None:
         entry = self._producers.get(id(z))
@@ -310,15 +311,24 @@ class Recorder:
                 histogram=ValueHistogram(z.device) if self.histograms else None,
             )
             self._sites[key] = site
+        elif problem := axis_mismatch(self._shown_name(site), z, site.axis, site.axis_source, site.stats.channels):
+            raise UsageError(problem)
         site.calls += 1
         self.last_site = site.base_name
         return site
 
-    @staticmethod
-    def _site_globs(owner: str, leaf: str, producer: str | None, functional: bool) -> tuple[str, ...]:
-        """Names a user's per-site setting (a glob) may match: the module, and the producer-based name."""
+    def _shown_name(self, site: Site) -> str:
+        """A site's name as the tables will show it, while the forward pass runs (without ``#k``)."""
+        shared = sum(s.owner == site.owner and not s.functional for s in self._sites.values()) > 1
+        return site.base_name if site.functional or shared else site.owner
+
+    def _site_globs(self, owner: str, leaf: str, producer: str | None, functional: bool) -> tuple[str, ...]:
+        """Names a user's per-site setting (a glob) may match: the module, the producer-based name, and
+        the site's base name with the ``#k`` that final names add where several sites share it."""
         names = [owner] if owner and not functional else []
         names.append(f"{producer}>{leaf}" if producer else (f"{owner}.{leaf}" if functional and owner else leaf))
+        base = names[-1] if producer or functional else owner
+        names.append(f"{base}#{sum(s.base_name == base for s in self._sites.values())}")
         return tuple(names)
 
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the

@@ -9,6 +9,8 @@ from html import escape
 
 from deadneuron.render.markdown import (
     SEVERITY_ORDER,
+    axis_legend,
+    channels_cell,
     finding_lines,
     ids_text,
     pct,
@@ -50,7 +52,7 @@ def _sites(report: Report) -> str:
     for s in report.sites.values():
         cls = "dead" if s.dead_channels else ("dormant" if s.dormant_channels else "")
         cells = [len(s.dead_channels), len(s.dormant_channels), s.nonfinite]
-        nums = [s.channels, pct(s.sparsity), pct(s.flat_fraction), *cells]
+        nums = [channels_cell(s), pct(s.sparsity), pct(s.flat_fraction), *cells]
         rows.append(
             f'<tr class="{cls}"><td><code>{escape(s.name)}</code></td><td>{escape(s.label)}</td>'
             + "".join(f'<td class="num">{escape(str(v))}</td>' for v in nums)
@@ -71,6 +73,8 @@ def _sites(report: Report) -> str:
         if s.dead_channels or s.dormant_channels
     ]
     extra = f"<ul>{''.join(listed)}</ul>" if listed else ""
+    legend = axis_legend(report, code=lambda t: f"<code>{escape(t)}</code>")
+    extra = (f'<p class="warning">{legend}</p>' if legend else "") + extra
     return f"<h2>Sites</h2><table><tr>{head}</tr>{''.join(rows)}</table>{extra}"
 
 

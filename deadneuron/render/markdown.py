@@ -6,7 +6,7 @@ renderings of one report never disagree.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from deadneuron.report import Report, SiteHealth
@@ -21,6 +21,23 @@ def pct(x: float | None) -> str:
 def ids_text(ids: Sequence[int], limit: int = 24) -> str:
     shown = ", ".join(map(str, ids[:limit]))
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+GUESSED_MARK = "?"
+
+
+def channels_cell(s: SiteHealth) -> str:
+    """The channel count, marked where the site's channel axis was guessed."""
+    return f"{s.channels}{GUESSED_MARK}" if s.axis_source == "guessed" else str(s.channels)
+
+
+def axis_legend(report: Report, *, code: Callable[[str], str] = str) -> str | None:
+    """The line under a site table that explains the mark (None when no site's axis was guessed);
+    ``code`` formats the option names."""
+    if not any(s.axis_source == "guessed" for s in report.sites.values()):
+        return None
+    return (f"{GUESSED_MARK} channel axis guessed (no layer with a known layout produced the input): set it "
+            f"with {code('--channel-axis GLOB=AXIS')} or {code('channel_axis={GLOB: AXIS}')}")
 
 
 def source_of(report: Report) -> str:
@@ -130,7 +147,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str) 
 
 def _site_row(s: SiteHealth, with_nonfinite: bool) -> list[object]:
     row: list[object] = [
-        f"`{s.name}`", s.label, s.channels, pct(s.sparsity), pct(s.flat_fraction),
+        f"`{s.name}`", s.label, channels_cell(s), pct(s.sparsity), pct(s.flat_fraction),
         len(s.dead_channels), len(s.dormant_channels),
     ]  # fmt: skip
     if with_nonfinite:
@@ -145,6 +162,8 @@ def _sites_section(report: Report) -> list[str]:
     align = "llrrrrr" + ("r" if with_nonfinite else "")
     rows = [_site_row(s, with_nonfinite) for s in report.sites.values()]
     lines = ["## Sites", "", *_table(header, rows, align), ""]
+    legend = axis_legend(report, code=lambda t: f"`{t}`")
+    lines += [legend, ""] if legend else []
     listed = [s for s in report.sites.values() if s.dead_channels or s.dormant_channels]
     for s in listed:
         parts = []
@@ -212,4 +231,4 @@ def render_markdown(report: Report, *, figures: Mapping[str, str] | None = None)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-__all__ = ["mask_text", "render_markdown", "summary_facts", "top_findings"]
+__all__ = ["axis_legend", "channels_cell", "mask_text", "render_markdown", "summary_facts", "top_findings"]

@@ -20,6 +20,8 @@ from rich.text import Text
 from deadneuron.render.markdown import (
     SEVERITY_ORDER,
     accuracy_text,
+    axis_legend,
+    channels_cell,
     finding_lines,
     ids_text,
     mask_text,
@@ -120,7 +122,7 @@ def site_table(report: Report) -> Table:
         table.add_column(name, justify="right", no_wrap=True)
     for s in report.sites.values():
         row: list[RenderableType] = [
-            Text(s.name, style=_site_style(s)), s.label, str(s.channels), pct(s.sparsity), pct(s.flat_fraction),
+            Text(s.name, style=_site_style(s)), s.label, channels_cell(s), pct(s.sparsity), pct(s.flat_fraction),
             _count_cell(len(s.dead_channels), "bold red"), _count_cell(len(s.dormant_channels), "yellow"),
         ]  # fmt: skip
         if with_nonfinite:
@@ -174,6 +176,9 @@ def render(report: Report, console: Console) -> None:
     for w in report.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     console.print(site_table(report))
+    legend = axis_legend(report)
+    if legend is not None:
+        console.print(Text(legend, style="yellow"))
     channels = channel_lines(report)
     if channels is not None:
         console.print(channels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from deadneuron.rules.axis import AXIS_GUESSED
 from deadneuron.rules.batchnorm import BN_SCALE_COLLAPSE
 from deadneuron.rules.model import Rule, RuleSet
 from deadneuron.rules.sites import (
@@ -18,6 +19,7 @@ from deadneuron.rules.training import AUDIT_CAVEATS, BELOW_BASELINE, LR_DYING, O
 BUILTIN_RULES: tuple[Rule, ...] = (
     NONFINITE,
     AUDIT_CAVEATS,
+    AXIS_GUESSED,
     DEAD_RELU,
     DORMANT_LEAKY,
     STUCK_SMOOTH,
