@@ -43,7 +43,7 @@ class SiteHealth:
     kind: str
     label: str
     channel_axis: int
-    axis_source: str  # how the channel axis was decided: producer, traced, guessed or user
+    axis_source: str  # how the channel axis was decided: producer, traced, rank, guessed or user
     flat_region: str
     shape: tuple[int, ...]
     calls: int

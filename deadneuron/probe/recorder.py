@@ -35,7 +35,8 @@ from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker, axis_mismatch
 from deadneuron.probe.leaves import quiet_leaf
-from deadneuron.probe.masks import BatchMask, masked_channel_view
+from deadneuron.probe.masks import BatchMask
+from deadneuron.probe.measure import measure_input, measure_output
 from deadneuron.probe.modestack import on_stack, on_top, remove_mode
 from deadneuron.probe.site import Site, SiteResult, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
@@ -334,34 +335,10 @@ class Recorder:
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the
     # functional probe (that would cost a Python call per op, and is never what it looks for).
     def _before(self, site: Site, z: torch.Tensor, inplace: bool) -> None:
-        if site.flat_from_z_first(inplace):
-            site.stats.update_flat(self._view(site, site.region.tested(z)), site.region.lo, site.region.hi)
+        measure_input(site, z, inplace=inplace, mask=self._mask)
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
-        """Output statistics; the flat count too, in the same pass, unless `_before` took it.
-        Called with __torch_function__ handling off (see the hooks)."""
-        region = site.region
-        a3, excluded = masked_channel_view(a.detach(), site.axis, self._mask)
-        if excluded is not None:
-            site.masked = True
-            site.excluded += excluded
-        elif self._mask is not None:
-            site.unfitted += 1
-        if region.on_output:
-            site.stats.update_output(a3, self.eps, flat=(region.out_lo, region.out_hi))
-        elif z is not None and not isinstance(region.lo, torch.Tensor):
-            z3 = self._view(site, region.tested(z))
-            site.stats.update_output(a3, self.eps, flat=(region.lo, region.hi), z3=z3)
-        else:
-            site.stats.update_output(a3, self.eps)
-        if site.histogram is not None:
-            site.histogram.update(a3 if excluded else a.detach())
-        site.shape = tuple(a.shape)
-
-    def _view(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        """``x`` at ``site`` as the (outer, C, inner) view the statistics take (valid positions only
-        where the batch's mask applies)."""
-        return masked_channel_view(x.detach(), site.axis, self._mask)[0]
+        measure_output(site, a, z, eps=self.eps, mask=self._mask)
 
     def state_bytes(self) -> int:
         """Memory held by the statistics of every site (O(channels), independent of batches)."""
@@ -381,27 +358,4 @@ class Recorder:
             return self._results()
 
     def _results(self) -> list[SiteResult]:
-        out = []
-        for name, s in zip(self.site_names(), self._sites.values(), strict=True):
-            out.append(
-                SiteResult(
-                    name=name,
-                    module=s.owner,
-                    producer=s.producer,
-                    functional=s.functional,
-                    kind=s.spec.kind_name,
-                    label=s.spec.label,
-                    channel_axis=s.axis,
-                    axis_source=s.axis_source.value,
-                    flat_region=s.region.describe(),
-                    example_shape=s.shape,
-                    calls=s.calls,
-                    summary=s.stats.compute(),
-                    histogram=tuple(s.histogram.compute()) if s.histogram is not None else None,
-                    masked=s.masked,
-                    excluded=s.excluded,
-                    unfitted=s.unfitted,
-                )
-            )
-        return out
-
+        return [s.result(name) for name, s in zip(self.site_names(), self._sites.values(), strict=True)]

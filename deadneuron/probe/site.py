@@ -44,6 +44,17 @@ class Site:
             return f"{self.owner}.{self.leaf}" if self.owner else self.leaf
         return self.owner
 
+    def result(self, name: str) -> SiteResult:
+        """What was measured here, as host values (one synchronisation: `ChannelStats.compute`)."""
+        return SiteResult(
+            name=name, module=self.owner, producer=self.producer, functional=self.functional,
+            kind=self.spec.kind_name, label=self.spec.label, channel_axis=self.axis,
+            axis_source=self.axis_source.value, flat_region=self.region.describe(), example_shape=self.shape,
+            calls=self.calls, summary=self.stats.compute(),
+            histogram=tuple(self.histogram.compute()) if self.histogram is not None else None,
+            masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class SiteResult:

@@ -1,0 +1,42 @@
+"""What the hooks do with an activation call's tensors: add them into the site's statistics.
+
+Called inside the hooks with __torch_function__ handling off, so that these ops do not pass through
+the functional probe. Nothing here keeps a tensor or synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deadneuron.probe.masks import BatchMask, masked_channel_view
+from deadneuron.probe.site import Site
+
+
+def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask | None) -> None:
+    """Before the call: the flat count on the pre-activation ``z``, where it must be taken before the
+    call overwrites ``z`` (in place) or needs a per-channel region (PReLU); else `measure_output` takes it."""
+    if site.flat_from_z_first(inplace):
+        z3 = masked_channel_view(site.region.tested(z).detach(), site.axis, mask)[0]
+        site.stats.update_flat(z3, site.region.lo, site.region.hi)
+
+
+def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask | None) -> None:
+    """After the call: the output statistics of ``a``, and the flat count in the same pass unless
+    `measure_input` took it (read on ``a`` where the region maps onto the output, else on ``z``)."""
+    region = site.region
+    a3, excluded = masked_channel_view(a.detach(), site.axis, mask)
+    if excluded is not None:
+        site.masked = True
+        site.excluded += excluded
+    elif mask is not None:
+        site.unfitted += 1
+    if region.on_output:
+        site.stats.update_output(a3, eps, flat=(region.out_lo, region.out_hi))
+    elif z is not None and not isinstance(region.lo, torch.Tensor):
+        z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask)[0]
+        site.stats.update_output(a3, eps, flat=(region.lo, region.hi), z3=z3)
+    else:
+        site.stats.update_output(a3, eps)
+    if site.histogram is not None:
+        site.histogram.update(a3 if excluded else a.detach())
+    site.shape = tuple(a.shape)
