@@ -17,12 +17,15 @@
  * (pass lo = hi = NaN to count none: every comparison with NaN is false).
  *
  * Moments: each stretch of at most FLUSH elements of a channel (a row, or FLUSH rows of a column
- * block) is summed as s = sum(a - K), q = sum((a - K)^2) in double, K being the channel's running
- * mean (or, for its first stretch, its first finite value), and merged into (finite, mean, m2)
- * with Chan's parallel formula; so a channel with mean 2e4 and std 1 keeps its std to about 1e-12.
- * Counts are kept in the input's precision over at most FLUSH elements (exact: FLUSH < 2**24), then
- * added to the double accumulators. A stretch is run finite-only first; if s or q comes out
- * non-finite (a NaN or Inf in it) it is run again with the checks.
+ * block) is summed as s = sum(a - K), q = sum((a - K)^2), K being the channel's running mean (for
+ * its first stretch, the mean of that stretch), and merged into (finite, mean, m2) in double with
+ * Chan's parallel formula. The sums are partial sums in the input's precision over at most CHUNK
+ * elements (32 per vector lane with AVX-512) or CHUNK_ROWS rows, added in double: with the shift,
+ * float32 input keeps its std to about 1e-7 relative however large its mean (mean 2e4, std 1 gave
+ * std 44 with sum and sum of squares). Counts are kept in the input's precision over at most FLUSH
+ * elements (exact: FLUSH < 2**24), then added to the double accumulators. A stretch is run
+ * finite-only first; if s or q comes out non-finite (a NaN or Inf in a or f, or an overflow) it is
+ * run again with the checks, summed in double.
  * Compiled with -fno-trapping-math so that the selects below vectorise; nothing here relies on
  * floating-point exceptions. Never compile this with -ffast-math: the finiteness tests would go.
  * Compiled with -fopenmp, a batch is split by channel ranges over `threads` threads of the OpenMP
@@ -63,38 +66,38 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
  * test: where f is a itself (CHECK 0) a non-finite value makes s non-finite, and where it is not
  * (CHECK 1) w - w (NaN for a non-finite w, else 0) is added into s; either way the stretch is run
  * again with the checks. */
-#define ELEMENT_FAST(T, ABS, TMAX, v, w, CHECK, kt, z, fl, s, q, l, h) \
-    do {                                                               \
-        T av_ = ABS(v);                                                \
-        z += av_ <= eps ? (T)1 : (T)0;                                 \
-        fl += ((w) <= lo || (w) >= hi) ? (T)1 : (T)0;                  \
-        T d_ = v - (kt);                                               \
-        q += d_ * d_;                                                  \
-        if (CHECK) d_ += w - w;                                        \
-        s += d_;                                                       \
-        l = v < l ? v : l;                                             \
-        h = v > h ? v : h;                                             \
+#define ELEMENT_FAST(T, ABS, TMAX, v, w, CHECK, kt, z, fl, s, q, l, h)                                \
+    do {                                                                                              \
+        T av_ = ABS(v);                                                                               \
+        z += av_ <= eps ? (T)1 : (T)0;                                                                \
+        fl += ((w) <= lo || (w) >= hi) ? (T)1 : (T)0;                                                 \
+        T d_ = v - (kt);                                                                              \
+        q += d_ * d_;                                                                                 \
+        if (CHECK) d_ += w - w;                                                                       \
+        s += d_;                                                                                      \
+        l = v < l ? v : l;                                                                            \
+        h = v > h ? v : h;                                                                            \
     } while (0)
 
 /* The same with the finiteness tests, summed in double: nf counts the non-finite elements of a. */
-#define ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, l, h)   \
-    do {                                                   \
-        T av_ = ABS(v);                            \
-        int ok_ = av_ <= TMAX;                             \
-        z += av_ <= eps ? (T)1 : (T)0;                     \
-        fl += IS_FLAT(ABS, TMAX, w) ? (T)1 : (T)0;              \
-        nf += ok_ ? (T)0 : (T)1;                           \
-        double d_ = ok_ ? (double)v - (K) : 0.0;           \
-        s += d_;                                           \
-        q += d_ * d_;                                      \
-        T m1_ = ok_ ? v : (T)INFINITY;                     \
-        T m2_ = ok_ ? v : -(T)INFINITY;                    \
-        l = m1_ < l ? m1_ : l;                             \
-        h = m2_ > h ? m2_ : h;                             \
+#define ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, l, h)                                         \
+    do {                                                                                              \
+        T av_ = ABS(v);                                                                               \
+        int ok_ = av_ <= TMAX;                                                                        \
+        z += av_ <= eps ? (T)1 : (T)0;                                                                \
+        fl += IS_FLAT(ABS, TMAX, w) ? (T)1 : (T)0;                                                    \
+        nf += ok_ ? (T)0 : (T)1;                                                                      \
+        double d_ = ok_ ? (double)v - (K) : 0.0;                                                      \
+        s += d_;                                                                                      \
+        q += d_ * d_;                                                                                 \
+        T m1_ = ok_ ? v : (T)INFINITY;                                                                \
+        T m2_ = ok_ ? v : -(T)INFINITY;                                                               \
+        l = m1_ < l ? m1_ : l;                                                                        \
+        h = m2_ > h ? m2_ : h;                                                                        \
     } while (0)
 
-#define DEFINE_KERNELS(T, TMAX, ABS, SUFFIX)                                                               \
-    /* The shift of a channel's next stretch of n contiguous elements: its running mean; for its     \
+#define DEFINE_KERNELS(T, TMAX, ABS, SUFFIX)                                                          \
+    /* The shift of a channel's next stretch of n contiguous elements: its running mean; for its      \
      * first stretch, the mean of that stretch's finite values (0 if none: it adds no moments). */    \
     static double shift_##SUFFIX(const double *acc, int64_t C, int64_t c, const T *x, int64_t n) {    \
         if (acc[R_FIN * C + c] > 0) return acc[R_MEAN * C + c];                                       \
@@ -106,10 +109,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             sum += (double)(ABS(v) <= TMAX ? v : (T)0);                                               \
             seen += ABS(v) <= TMAX ? (T)1 : (T)0;                                                     \
         }                                                                                             \
-        return seen > 0 ? sum / seen : 0.0;                                                          \
+        return seen > 0 ? sum / seen : 0.0;                                                           \
     }                                                                                                 \
                                                                                                       \
-    /* A stretch of n contiguous elements, finite-only; the moments summed in the input's precision \
+    /* A stretch of n contiguous elements, finite-only; the moments summed in the input's precision   \
      * over runs of CHUNK elements, then in double. */                                                \
     static void fast_##SUFFIX(const T *restrict xa, const T *restrict xf, int64_t n, int check,       \
                               T eps, T lo, T hi, T kt, T *rz, T *rfl, double *rs, double *rq, T *rl,  \
@@ -123,13 +126,13 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 _Pragma("omp simd reduction(+ : z, fl, ps, pq) reduction(min : l) reduction(max : h)") \
                 for (int64_t i = i0; i < i1; ++i) {                                                   \
                     T v = xa[i], w = xf[i];                                                           \
-                    ELEMENT_FAST(T, ABS, TMAX, v, w, 1, kt, z, fl, ps, pq, l, h);                          \
+                    ELEMENT_FAST(T, ABS, TMAX, v, w, 1, kt, z, fl, ps, pq, l, h);                     \
                 }                                                                                     \
             } else {                                                                                  \
                 _Pragma("omp simd reduction(+ : z, fl, ps, pq) reduction(min : l) reduction(max : h)") \
                 for (int64_t i = i0; i < i1; ++i) {                                                   \
                     T v = xa[i], w = xf[i];                                                           \
-                    ELEMENT_FAST(T, ABS, TMAX, v, w, 0, kt, z, fl, ps, pq, l, h);                          \
+                    ELEMENT_FAST(T, ABS, TMAX, v, w, 0, kt, z, fl, ps, pq, l, h);                     \
                 }                                                                                     \
             }                                                                                         \
             s += ps;                                                                                  \
@@ -153,7 +156,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 for (int64_t i0 = 0; i0 < inner; i0 += FLUSH) {                                       \
                     int64_t n = inner - i0 < FLUSH ? inner - i0 : FLUSH;                              \
                     const T *restrict xa = pa + i0, *restrict xf = pf + i0;                           \
-                    const T kt = (T)shift_##SUFFIX(acc, C, c, xa, n);                                  \
+                    const T kt = (T)shift_##SUFFIX(acc, C, c, xa, n);                                 \
                     const double K = kt;                                                              \
                     T z, fl, nf = 0, cl = l, ch = h;                                                  \
                     double s, q;                                                                      \
@@ -166,7 +169,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                         _Pragma("omp simd reduction(+ : z, fl, nf, s, q) reduction(min : cl) reduction(max : ch)") \
                         for (int64_t i = 0; i < n; ++i) {                                             \
                             T v = xa[i], w = xf[i];                                                   \
-                            ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, cl, ch);                       \
+                            ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, cl, ch);                  \
                         }                                                                             \
                     }                                                                                 \
                     l = cl;                                                                           \
@@ -266,7 +269,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                             ELEMENT_FAST(T, ABS, TMAX, v, w, 0, kt[k], z[k], fl[k], ps[k], pq[k], l[k], h[k]); \
                         }                                                                             \
                     }                                                                                 \
-                    if (pass == 0 && (++rows == CHUNK_ROWS || r + 1 == r1)) { /* partials into double */   \
+                    if (pass == 0 && (++rows == CHUNK_ROWS || r + 1 == r1)) { /* partials into double */ \
                         rows = 0;                                                                     \
                         _Pragma("omp simd")                                                           \
                         for (int64_t k = 0; k < nk; ++k) {                                            \
