@@ -48,12 +48,23 @@ def _load(monkeypatch: pytest.MonkeyPatch, cache: Path) -> _native.NativeStats |
     return _native.load()
 
 
-def _cached_entry(monkeypatch: pytest.MonkeyPatch, cache: Path) -> Path:
-    """Build into ``cache`` once; the path of the library entry it made."""
-    native = _load(monkeypatch, cache)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One verified cache entry, built once for the module (a build takes a second or two)."""
+    cache = tmp_path_factory.mktemp("built") / "cache"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        native = _load(monkeypatch, cache)
     assert native is not None and native.note is None, native and native.note
     assert native.path.parent == cache.resolve() and native.path.with_suffix(".sha256").is_file()
     return native.path
+
+
+def _cached_entry(built: Path, cache: Path) -> Path:
+    """A copy of the verified entry ``built`` in a fresh private ``cache``; the path of the library."""
+    cache.mkdir(mode=0o700)
+    for src in (built, built.with_suffix(".sha256")):
+        shutil.copy2(src, cache / src.name)
+    return cache.resolve() / built.name
 
 
 def _plant(lib: Path, entry: Path, *, digest: str) -> None:
@@ -66,7 +77,10 @@ def _plant(lib: Path, entry: Path, *, digest: str) -> None:
 
 
 def test_the_cache_is_reused_without_building(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    entry = _cached_entry(monkeypatch, tmp_path / "cache")
+    native = _load(monkeypatch, tmp_path / "cache")
+    assert native is not None and native.note is None
+    entry = native.path
+    assert entry.parent == (tmp_path / "cache").resolve()
     recorded = entry.with_suffix(".sha256").read_text().strip()
     assert recorded == hashlib.sha256(entry.read_bytes()).hexdigest()
 
@@ -81,10 +95,10 @@ def test_the_cache_is_reused_without_building(monkeypatch: pytest.MonkeyPatch, t
 
 @pytest.mark.parametrize("digest", ["stale", "missing"])
 def test_a_planted_library_without_its_digest_never_runs(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path], digest: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path], built: Path, digest: str
 ) -> None:
     lib, marker = planted
-    entry = _cached_entry(monkeypatch, tmp_path / "cache")
+    entry = _cached_entry(built, tmp_path / "cache")
     _plant(lib, entry, digest=digest)
     native = _load(monkeypatch, tmp_path / "cache")
     assert not marker.exists(), "the planted library was loaded"
@@ -97,13 +111,13 @@ def test_a_planted_library_without_its_digest_never_runs(
 @pytest.mark.parametrize(("mode", "why"), [(0o770, "writable by its group"), (0o777, "writable by its group and others"),
                                            (0o1777, "and others"), (0o722, "writable by its group and others")])
 def test_a_cache_folder_others_can_write_is_never_read(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path], mode: int, why: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path], built: Path, mode: int, why: str
 ) -> None:
     """Even with a digest that matches the planted library; sticky-bit folders (like /tmp) are not
     enough for the cache folder itself."""
     lib, marker = planted
     cache = tmp_path / "cache"
-    entry = _cached_entry(monkeypatch, cache)
+    entry = _cached_entry(built, cache)
     _plant(lib, entry, digest="matching")
     cache.chmod(mode)
     before = sorted(p.name for p in cache.iterdir())
@@ -117,11 +131,11 @@ def test_a_cache_folder_others_can_write_is_never_read(
 
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="chown needs root")
 def test_a_cache_folder_owned_by_another_user_is_never_read(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path], built: Path
 ) -> None:
     lib, marker = planted
     cache = tmp_path / "cache"
-    entry = _cached_entry(monkeypatch, cache)
+    entry = _cached_entry(built, cache)
     _plant(lib, entry, digest="matching")
     os.chown(cache, 12345, 12345)
     native = _load(monkeypatch, cache)
@@ -146,10 +160,10 @@ def test_folders_above_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 def test_a_symlinked_or_world_writable_entry_is_built_again(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, planted: tuple[Path, Path], built: Path
 ) -> None:
     lib, marker = planted
-    entry = _cached_entry(monkeypatch, tmp_path / "cache")
+    entry = _cached_entry(built, tmp_path / "cache")
     entry.unlink()
     entry.symlink_to(lib)
     entry.with_suffix(".sha256").write_text(hashlib.sha256(lib.read_bytes()).hexdigest() + "\n")
@@ -174,11 +188,11 @@ def test_a_symlinked_cache_folder_is_judged_where_it_leads(monkeypatch: pytest.M
     assert native is not None and native.note is None and native.path.parent == real
 
 
-def test_a_read_only_cache_is_still_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_read_only_cache_is_still_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, built: Path) -> None:
     """Nothing can be written into the cache (simulated: as root, permissions would not stop it): a
     verified entry is loaded from a private copy elsewhere; a missing one is built privately."""
     cache = tmp_path / "cache"
-    entry = _cached_entry(monkeypatch, cache)
+    entry = _cached_entry(built, cache)
     real_mkstemp, real_mkdtemp = _native.tempfile.mkstemp, _native.tempfile.mkdtemp
 
     def refuse(real):  # noqa: ANN001, ANN202
