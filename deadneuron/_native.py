@@ -3,13 +3,17 @@
 Why: on a 2-core CPU the audit's cost is the statistics pass. Eager torch needs about eight passes per
 activation; `torch.compile` fuses them but its call costs 0.2-0.5 ms of guards and wrappers, more than
 the pass itself on a ResNet's later layers. This kernel does the one pass with a ctypes call of a few
-microseconds and adds straight into the accumulators.
+microseconds and merges straight into the accumulators.
 
 `load()` returns a `NativeStats` or None with the reason in `load_error()`: no compiler, a failed build,
 or a self-check against the torch reference that disagreed. Nothing here is needed for correctness;
 it is only the fast path. Builds are cached per source, compiler and CPU under
-``$DEADNEURON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/deadneuron`` or ``~/.cache/deadneuron``) and
-written atomically, so concurrent first runs are safe. ``DEADNEURON_NATIVE=0`` turns the kernel off.
+``$DEADNEURON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/deadneuron`` or ``~/.cache/deadneuron``), each
+with the SHA-256 of its bytes recorded when it was built, and written atomically, so concurrent first
+runs are safe. A cache entry is loaded only if nobody but this user could have written it or the
+folders above it, and its bytes match the recorded digest (`deadneuron._cache`); otherwise it is built
+again, and where the cache folder itself is unsafe, built in a fresh private temporary folder (said in
+`NativeStats.note`). ``DEADNEURON_NATIVE=0`` turns the kernel off.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+
+from deadneuron import _cache
+from deadneuron.moments import fused_moments
 
 _FLAGS = ("-fPIC", "-shared", "-std=c99")
 # tried in order: tuned for this CPU, portable, and plain (for a compiler that knows no OpenMP simd)
@@ -50,10 +57,14 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 class NativeStats:
-    """The loaded kernel: `update` adds one (outer, C, inner) batch into a (7, C) float64 accumulator."""
+    """The loaded kernel: `update` merges one (outer, C, inner) batch into a (7, C) float64 accumulator.
 
-    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+    ``path``: where it was built or cached; ``note``: how it came to be loaded where that is worth
+    saying (built in a private temporary folder because the cache was unsafe, or not cached)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, *, note: str | None = None) -> None:
         self.path = path
+        self.note = note
         # threads only where the kernel shares torch's OpenMP runtime: a second runtime in the process
         # would bring a second thread pool competing with torch's for the same cores
         self.threaded = _openmp_runtimes() <= 1
@@ -82,7 +93,7 @@ class NativeStats:
         acc: torch.Tensor,
         counts: torch.Tensor,
     ) -> None:
-        """``acc``: (7, C) contiguous float64 (zero, flat, nonfinite, sum, sumsq, min, max);
+        """``acc``: (7, C) contiguous float64 (zero, flat, finite, mean, m2, min, max: see `_stats.c`);
         ``counts``: (2,) float64 (elements, elements whose flat region was tested)."""
         if f3 is not None and f3.stride() != a3.stride():
             a3, f3 = a3.contiguous(), f3.contiguous()
@@ -145,22 +156,15 @@ def _load() -> NativeStats:
         raise _Unavailable("not built on Windows")
     source = resources.files("deadneuron").joinpath("_stats.c").read_bytes()
     cc = _compiler()
+    cache, unsafe = _cache.private_folder(_cache_dir())
     errors = []
     for attempt, extra in _ATTEMPTS:
         flags = (*_FLAGS, *extra)
-        path = _cache_dir() / f"stats-{_key(source, cc, flags)}.so"
+        name = f"stats-{_key(source, cc, flags)}"
         try:
-            native = None
-            if path.exists():
-                try:
-                    native = NativeStats(ctypes.CDLL(str(path)), path)
-                except (OSError, AttributeError):  # a damaged cache entry: build it again
-                    path.unlink(missing_ok=True)
+            native = _from_cache(cache, name) if cache is not None else None
             if native is None:
-                built = _build(cc, flags, source, path)
-                native = NativeStats(ctypes.CDLL(str(built)), built)
-                if built.parent != path.parent:  # a temporary folder: the loaded library outlives its file
-                    shutil.rmtree(built.parent, ignore_errors=True)
+                native = _build(cc, flags, source, cache, name, unsafe)
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             errors.append(f"{attempt}: {_last_line(exc)}")
             if isinstance(exc, subprocess.TimeoutExpired):
@@ -169,6 +173,60 @@ def _load() -> NativeStats:
         _self_check(native)
         return native
     raise _Unavailable("could not build the C statistics kernel (" + "; ".join(errors) + ")")
+
+
+def _from_cache(cache: Path, name: str) -> NativeStats | None:
+    """The cached build, if its bytes match the digest recorded when it was built (else None: it is
+    built again). Exactly the bytes that were hashed are loaded, from a fresh private copy."""
+    entry = cache / f"{name}.so"
+    data = _cache.read_verified(entry, cache / f"{name}.sha256")
+    if data is None:
+        return None
+    try:
+        folder = None
+        fd, copy = tempfile.mkstemp(prefix=f".{name}.load-", suffix=".so", dir=cache)
+    except OSError:  # a read-only cache: copy into a private temporary folder
+        folder = tempfile.mkdtemp(prefix="deadneuron-")
+        fd, copy = tempfile.mkstemp(suffix=".so", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return NativeStats(ctypes.CDLL(copy), entry)
+    except (OSError, AttributeError):  # recorded, yet not a loadable kernel: build it again
+        return None
+    finally:  # the loaded library outlives its file
+        Path(copy).unlink(missing_ok=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build(cc: str, flags: tuple[str, ...], source: bytes, cache: Path | None, name: str, unsafe: str | None) -> NativeStats:
+    """Compile in a fresh private folder (inside the cache when there is one that nobody else can
+    write), load that file, and record it in the cache with its digest."""
+    note = None
+    workdir = None
+    if cache is not None:
+        try:
+            workdir = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+        except OSError as exc:
+            unsafe = f"cannot write to {cache}: {exc.strerror or exc}"
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="deadneuron-"))
+        note = f"built in a private temporary folder: {unsafe}"
+    try:
+        built = _compile(cc, flags, source, workdir)
+        data = built.read_bytes()
+        native = NativeStats(ctypes.CDLL(str(built)), built, note=note)
+        if note is None and cache is not None:
+            entry = cache / f"{name}.so"
+            try:
+                _cache.store(built, data, entry, cache / f"{name}.sha256")
+                native.path = entry
+            except OSError as exc:
+                native.note = f"not cached: {exc.strerror or exc}"
+        return native
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -209,60 +267,47 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(cc: str, flags: tuple[str, ...], source: bytes, path: Path) -> Path:
-    """Compile to a temporary file beside ``path`` and rename it into place; returns where it is (a
-    fresh temporary folder when the cache folder cannot be created or written)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(path.parent, os.W_OK):
-            raise PermissionError(f"{path.parent} is not writable")
-        workdir = path.parent
-    except OSError:
-        workdir = Path(tempfile.mkdtemp(prefix="deadneuron-"))
-        path = workdir / path.name
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=workdir)
-    os.close(fd)
-    src = Path(tmp).with_suffix(".c")
-    try:
-        src.write_bytes(source)
-        done = subprocess.run(
-            [cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=60, check=False
-        )
-        if done.returncode != 0:
-            raise OSError(f"{cc} failed: {(done.stderr.strip().splitlines() or ['(no output)'])[-1]}")
-        os.replace(tmp, path)
-    finally:
-        for leftover in (src, Path(tmp)):
-            leftover.unlink(missing_ok=True)
-    return path
+def _compile(cc: str, flags: tuple[str, ...], source: bytes, workdir: Path) -> Path:
+    """Compile ``source`` in ``workdir`` under fixed names (so that builds are byte-identical)."""
+    (workdir / "_stats.c").write_bytes(source)
+    done = subprocess.run(
+        [cc, *flags, "_stats.c", "-o", "stats.so", "-lm"],
+        cwd=workdir, capture_output=True, text=True, timeout=60, check=False,
+    )
+    if done.returncode != 0:
+        raise OSError(f"{cc} failed: {(done.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+    return workdir / "stats.so"
 
 
 def _self_check(native: NativeStats) -> None:
     """Compare the kernel with the torch reference on awkward values and every memory layout."""
-    from deadneuron.stats import fused_moments
-
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
         layouts = (((3, 5, 37), None), ((9, 2, 300), None), ((9, 3, 70), None), ((4, 6, 3), None), ((7, 9, 1), None),
                    ((2, 3, 4), (0, 2, 1)))
         for shape, perm in layouts:
-            x = torch.randn(shape, generator=g, dtype=dtype)
+            x = torch.randn(shape, generator=g, dtype=dtype) + 3.0
             x.view(-1)[::7] = 0.0
             x.view(-1)[3], x.view(-1)[5] = float("nan"), float("inf")
             x.view(-1)[-2] = -float("inf")
+            f = x - 3.0
+            f.view(-1)[0] = float("inf")  # a non-finite pre-activation beside a finite activation: not flat
             if perm is not None:  # channels contiguous: (outer, C, inner) with sc == 1
                 x = x.permute(*perm).contiguous().permute(*perm)
-            acc = _fresh(x.shape[1])
-            counts = torch.zeros(2, dtype=torch.float64)
-            native.update(x, None, 0.0, -0.5, 0.5, True, acc, counts)
-            want = torch.stack(fused_moments(x, x, 0.0, -0.5, 0.5))
-            if not (torch.equal(acc[[0, 1, 2, 5, 6]], want[[0, 1, 2, 5, 6]]) and torch.allclose(acc[3:5], want[3:5])):
-                raise _Unavailable(f"the built kernel disagreed with the torch reference ({native.path}); using torch")
-            if counts.tolist() != [x.shape[0] * x.shape[2]] * 2:
-                raise _Unavailable("the built kernel miscounted elements; using torch")
+            for f3 in (None, f):
+                acc = fresh_accumulator(x.shape[1])
+                counts = torch.zeros(2, dtype=torch.float64)
+                native.update(x, f3, 0.0, -0.5, 0.5, True, acc, counts)
+                want = torch.stack(fused_moments(x, x if f3 is None else f3, 0.0, -0.5, 0.5))
+                exact = torch.equal(acc[[0, 1, 2, 5, 6]], want[[0, 1, 2, 5, 6]])
+                if not (exact and torch.allclose(acc[3:5], want[3:5], rtol=1e-5, atol=1e-5)):
+                    raise _Unavailable(f"the built kernel disagreed with the torch reference ({native.path}); using torch")
+                if counts.tolist() != [x.shape[0] * x.shape[2]] * 2:
+                    raise _Unavailable("the built kernel miscounted elements; using torch")
 
 
-def _fresh(channels: int) -> torch.Tensor:
+def fresh_accumulator(channels: int) -> torch.Tensor:
+    """An empty (7, C) accumulator in the kernel's layout (zero, flat, finite, mean, m2, min, max)."""
     acc = torch.zeros(7, channels, dtype=torch.float64)
     acc[5] = float("inf")
     acc[6] = -float("inf")
