@@ -9,10 +9,9 @@ GELU about z <= -2.4, Tanh |z| >= 2.2, Sigmoid |z| >= 4.4, Hardsigmoid z <= -3 o
 with no flat tail but one flat interval in the middle (Hardshrink, Softshrink: |z| <= lambd,
 Tanhshrink: |z| <= 0.23) has that interval as its flat region.
 
-A non-decreasing activation that is strictly increasing outside its flat region maps the tail
-z <= lo exactly onto a <= f(lo), so its flat count can be read from the output (which survives an
-in-place call). The others (GELU, SiLU, Mish, Hardswish, PReLU, Threshold with a value above its
-threshold, the shrink kinds, user-registered kinds) are read from z in a pre-hook.
+The flat count is always taken on z (in a pre-hook where an in-place call overwrites z), never read
+back from the output: the output cannot tell an infinite z from a finite one (relu(-inf) is 0), and a
+non-finite pre-activation is never flat.
 
 Functional calls are recognised by `deadneuron.functional_kinds`; kinds a user declares live in a
 `deadneuron.registry.ActivationRegistry`.
@@ -65,26 +64,6 @@ class ActivationKind(StrEnum):
     CUSTOM = "custom"  # declared by the user (`deadneuron.register_activation`); reported by its name
 
 
-# Kinds whose function is non-decreasing and strictly increasing outside the flat region (whatever
-# their parameters; LeakyReLU, RReLU and Threshold depend on theirs: see `ActivationSpec.monotone`).
-_MONOTONE = frozenset(
-    {
-        ActivationKind.RELU,
-        ActivationKind.RELU6,
-        ActivationKind.ELU,
-        ActivationKind.SELU,
-        ActivationKind.CELU,
-        ActivationKind.SOFTPLUS,
-        ActivationKind.SIGMOID,
-        ActivationKind.HARDSIGMOID,  # 0 below -3, (z + 3) / 6 between, 1 above 3
-        ActivationKind.LOGSIGMOID,  # strictly increasing everywhere
-        ActivationKind.TANH,
-        ActivationKind.HARDTANH,
-        ActivationKind.SOFTSIGN,  # z / (1 + |z|): strictly increasing everywhere
-    }
-)
-
-
 @dataclass(frozen=True)
 class FlatRegion:
     """z in (-inf, lo] or [hi, +inf) is flat. ``lo`` may be per channel (PReLU).
@@ -95,9 +74,6 @@ class FlatRegion:
 
     lo: float | torch.Tensor
     hi: float
-    on_output: bool  # True: test a <= out_lo / a >= out_hi instead of z
-    out_lo: float = -_INF
-    out_hi: float = _INF
     center: float | None = None
 
     @property
@@ -163,17 +139,6 @@ class ActivationSpec:
         if self.custom is not None:
             return self.custom.fn
         return _FUNCTIONS[self.kind](self)
-
-    @property
-    def monotone(self) -> bool:
-        """Non-decreasing, and strictly increasing outside the flat region (see the module doc)."""
-        if self.kind is ActivationKind.LEAKY_RELU:
-            return float(self.param("negative_slope", 0.01)) >= 0
-        if self.kind is ActivationKind.RRELU:  # any slope it may draw (train mode) is >= 0
-            return min(float(self.param("lower", 1 / 8)), float(self.param("upper", 1 / 3))) >= 0
-        if self.kind is ActivationKind.THRESHOLD:  # z <= t -> value; z > t -> z > t >= value
-            return float(self.param("value", 0.0)) <= float(self.param("threshold", 0.0))
-        return self.kind in _MONOTONE
 
 
 def _rrelu_slope(s: ActivationSpec) -> float:
@@ -284,12 +249,7 @@ def _derive(spec: ActivationSpec, delta: float) -> FlatRegion:
     d = deriv(grid)
     limit = delta * float(d.max())
     lo, hi, center = _region_bounds(deriv, grid, d <= limit, limit)
-    if center is not None or not spec.monotone or spec.custom is not None:
-        return FlatRegion(lo=lo, hi=hi, on_output=False, center=center)
-    with torch.no_grad():
-        out_lo = float(fn(torch.tensor([lo], dtype=torch.float64))[0]) if lo != -_INF else -_INF
-        out_hi = float(fn(torch.tensor([hi], dtype=torch.float64))[0]) if hi != _INF else _INF
-    return FlatRegion(lo=lo, hi=hi, on_output=True, out_lo=out_lo, out_hi=out_hi)
+    return FlatRegion(lo=lo, hi=hi, center=center)
 
 
 _derived_region = functools.lru_cache(maxsize=256)(_derive)  # built-in kinds: once per process
@@ -300,13 +260,13 @@ def _prelu_region(spec: ActivationSpec, delta: float, in_hook: bool) -> FlatRegi
     if w is None:
         slope = abs(float(spec.param("slope", 0.25)))
         flat = slope <= delta * max(1.0, slope)
-        return FlatRegion(lo=0.0 if flat else -_INF, hi=_INF, on_output=False)
+        return FlatRegion(lo=0.0 if flat else -_INF, hi=_INF)
     w = w.detach().double().abs()
     flat = w <= delta * torch.clamp(w, min=1.0)
     lo = torch.where(flat, 0.0, -_INF)
     if lo.numel() == 1 and not in_hook:  # a host read: never inside a hook (it would sync on CUDA)
-        return FlatRegion(lo=float(lo.reshape(())), hi=_INF, on_output=False)
-    return FlatRegion(lo=lo, hi=_INF, on_output=False)
+        return FlatRegion(lo=float(lo.reshape(())), hi=_INF)
+    return FlatRegion(lo=lo, hi=_INF)
 
 
 def flat_region(spec: ActivationSpec, delta: float, *, in_hook: bool = False) -> FlatRegion:

@@ -226,7 +226,10 @@ def test_a_registered_module_type_is_a_site_until_removed() -> None:
     assert len(hits) == 1, list(report.sites)
     assert_matches(hits[0], zt.truth(model.tap, "unknown", site), site, "my_act")
     assert tuple(hits[0].dead_channels) == site.planted
-    assert not any(s.module == "my_act" for s in audit(model, batches).sites.values())
+    # once removed, the registered kind is gone (the clamp inside MyAct is still measured, as a ReLU)
+    after = audit(model, batches).sites.values()
+    assert not any(s.kind == hits[0].kind for s in after)
+    assert [s.kind for s in after if s.module == "my_act"] == ["relu"]
 
 
 def test_a_registered_function_is_a_site() -> None:
@@ -353,3 +356,30 @@ def test_cli_channel_axis_flag_matches_the_oracle(tmp_path: Path) -> None:
     assert (got["axis_source"], got["channel_axis"], got["channels"], got["n"]) == ("user", 1, want.channels, want.n)
     assert tuple(got["dead_channels"]) == want.dead == (1, 3)
     np.testing.assert_array_equal(counts(got["channel_flat"], got["n"]), want.flat)
+
+
+class _InfReLU(torch.nn.Module):
+    """Channel 0 of the pre-activation is -inf, channel 1 +inf, channel 2 finite at -5 (dead: flat for
+    ReLU, and in Sigmoid's saturated tail z <= -4.4)."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        z = z * torch.tensor([0.0, 0.0, 0.0, 1.0]) + torch.tensor([-float("inf"), float("inf"), -5.0, 0.0])
+        return self.act(z)
+
+
+@pytest.mark.parametrize(
+    "act", [torch.nn.ReLU(), torch.nn.ReLU(inplace=True), torch.nn.Sigmoid()], ids=["relu", "relu-inplace", "sigmoid"]
+)
+def test_an_infinite_preactivation_is_never_flat_even_where_the_output_is_finite(act: torch.nn.Module) -> None:
+    # relu(-inf) == 0 and sigmoid(+-inf) is 0 or 1: read on the output, these channels would look dead
+    report = audit(_InfReLU(act), [torch.randn(5, 3) for _ in range(2)])
+    (site,) = report.sites.values()
+    assert site.channel_flat[0] == 0.0 and site.channel_flat[1] == 0.0
+    assert 0 not in site.dead_channels and 1 not in site.dead_channels
+    assert 2 in site.dead_channels and site.channel_nonfinite[1] == site.n * isinstance(act, torch.nn.ReLU)

@@ -22,7 +22,9 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
 
 def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask | None) -> None:
     """After the call: the output statistics of ``a``, and the flat count in the same pass unless
-    `measure_input` took it (read on ``a`` where the region maps onto the output, else on ``z``)."""
+    `measure_input` took it (``z`` is None after an in-place call). The flat count is always read on
+    ``z``, never on the output: the output cannot tell an infinite input from a finite one
+    (``relu(-inf)`` is 0, ``sigmoid(inf)`` is 1), and a non-finite pre-activation is never flat."""
     region = site.region
     a3, excluded = masked_channel_view(a.detach(), site.axis, mask)
     if excluded is not None:
@@ -30,12 +32,10 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
         site.excluded += excluded
     elif mask is not None:
         site.unfitted += 1
-    if region.on_output:
-        site.stats.update_output(a3, eps, flat=(region.out_lo, region.out_hi))
-    elif z is not None and not isinstance(region.lo, torch.Tensor):
+    if z is not None and not isinstance(region.lo, torch.Tensor):
         z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask)[0]
         site.stats.update_output(a3, eps, flat=(region.lo, region.hi), z3=z3)
-    else:
+    else:  # `measure_input` took the flat count before the call
         site.stats.update_output(a3, eps)
     if site.histogram is not None:
         site.histogram.update(a3 if excluded else a.detach())

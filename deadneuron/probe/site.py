@@ -32,9 +32,10 @@ class Site:
     unfitted: int = 0  # calls where the batch had a mask that did not fit this site
 
     def flat_from_z_first(self, inplace: bool) -> bool:
-        """The flat region must be tested on z before the call: it lives on z and the call
-        overwrites z, or it is per channel (PReLU) and needs its own kernel."""
-        return not self.region.on_output and (inplace or isinstance(self.region.lo, torch.Tensor))
+        """The flat region must be tested on z before the call: the call overwrites z (the output
+        cannot tell an infinite z from a finite one, so it is not read there), or the region is per
+        channel (PReLU) and needs its own kernel."""
+        return inplace or isinstance(self.region.lo, torch.Tensor)
 
     @property
     def base_name(self) -> str:
