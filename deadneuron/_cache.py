@@ -99,8 +99,10 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def store(built: Path, data: bytes, entry: Path, record: Path) -> None:
-    """Record the digest of ``data`` (the content of ``built``), then rename ``built`` to ``entry``.
-    Builds are deterministic, so concurrent builders write the same pair."""
+def store(data: bytes, entry: Path, record: Path) -> None:
+    """Record the digest of ``data`` (a fresh build), then write ``data`` to ``entry`` as a new
+    file. The built file itself is not moved there: this process has it loaded, and a file mapped by a live
+    process must never be the one a later writer could truncate (that faults the process). Builds are
+    deterministic, so concurrent builders write the same pair."""
     write_atomic(record, (digest(data) + "\n").encode())
-    os.replace(built, entry)
+    write_atomic(entry, data)

@@ -220,7 +220,7 @@ def _build(cc: str, flags: tuple[str, ...], source: bytes, cache: Path | None, n
         if note is None and cache is not None:
             entry = cache / f"{name}.so"
             try:
-                _cache.store(built, data, entry, cache / f"{name}.sha256")
+                _cache.store(data, entry, cache / f"{name}.sha256")
                 native.path = entry
             except OSError as exc:
                 native.note = f"not cached: {exc.strerror or exc}"
