@@ -44,13 +44,41 @@ class _ReinitCheck:
         if self._example is None:
             return ["no example batch to find the layers around the dead channels"]
         from deadneuron.audit import default_forward
-        from deadneuron.patch.reinit import dataflow, unreachable_sites
+        from deadneuron.patch.reinit import unreachable_sites
 
         if self._flow is None:
             run = self._forward or default_forward
-            self._flow = dataflow(self._model(), lambda m: run(m, self._example))
+            self._flow = self._record(run)
+        if isinstance(self._flow, str):
+            return [self._flow]
         missing = unreachable_sites(self._flow, sites)
         return [f"{site}: {why}, so its dead channels cannot be re-initialised" for site, why in missing.items()]
+
+    def _record(self, run: Forward) -> Any:
+        """The dataflow of one sample (else of the whole example batch), or why neither pass ran."""
+        from deadneuron.patch.reinit import dataflow
+
+        error = ""
+        for example in (first_sample(self._example), self._example):
+            try:
+                return dataflow(self._model(), lambda m, x=example: run(m, x))
+            except Exception as exc:  # the audit's report stands; this fix is only not suggested
+                error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        return f"the forward pass that maps layers to sites failed ({error})"
+
+
+def first_sample(batch: Any) -> Any:
+    """The first sample of a batch of tensors (a tensor, or a dict/tuple/list of them), as a batch of one:
+    mapping layers to sites keeps every intermediate tensor of the pass, so it runs on one sample."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch[:1] if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        return {k: first_sample(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+        return type(batch)(first_sample(v) for v in batch)
+    return batch
 
 
 class ModelPreview:

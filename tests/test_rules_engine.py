@@ -92,7 +92,7 @@ def _rule(rule_id: str = "custom", **kw: Any) -> Rule:
 
 def test_a_custom_rule_renders_from_its_evidence() -> None:
     (f,) = evaluate(make_report(make_site("a"), make_site("b")), rules=builtin_rules().plus([_rule()]).without(builtin_rules().ids))
-    assert (f.rule, f.message, f.sites, f.commands) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch --reinit-dead --select a",))
+    assert (f.rule, f.message, f.sites, f.commands) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch --reinit-dead --select module:a",))
 
 
 def test_a_rule_that_raises_is_named() -> None:
@@ -174,12 +174,12 @@ def test_entry_point_cannot_shadow_a_builtin(plugins: list[FakeEntryPoint]) -> N
 @pytest.mark.parametrize(("op", "flags"), [
     (PatchOp.swap_activation("leaky_relu", negative_slope=0.01), ("--activation", "leaky", "--negative-slope", "0.01")),
     (PatchOp.swap_activation("gelu"), ("--activation", "gelu")),
-    (PatchOp.swap_activation("gelu", sites=("a>relu", "b")), ("--activation", "gelu", "--select", "a>relu", "--select", "b")),
+    (PatchOp.swap_activation("gelu", sites=("a>relu", "b")), ("--activation", "gelu", "--select", "a>relu", "--select", "module:b")),
     (PatchOp.learning_rate(value=5e-5), ("--lr", "5e-5")),
     (PatchOp.learning_rate(scale=0.5), ("--lr-scale", "0.5")),
     (PatchOp.epochs(1000), ("--epochs", "1000")),
     (PatchOp.dropout_between_convs(0.1), ("--dropout-between-convs", "0.1")),
-    (PatchOp.reinit_dead({"s": (1, 2)}), ("--reinit-dead", "--select", "s")),
+    (PatchOp.reinit_dead({"s": (1, 2)}), ("--reinit-dead", "--select", "module:s")),
     (PatchOp.swap_activation("gelu", sites=("blocks[0]>relu",)), ("--activation", "gelu", "--select", "blocks[[]0]>relu")),
 ], ids=["leaky", "gelu", "gelu-at-sites", "lr", "lr-scale", "epochs", "dropout", "reinit", "glob-escaped"])
 def test_patch_op_flags(op: PatchOp, flags: tuple[str, ...]) -> None:

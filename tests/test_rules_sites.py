@@ -91,7 +91,8 @@ def test_dormant_leaky_counts_dead_and_dormant_as_dormant() -> None:
     assert f.channels == {"s": (0, 4)}
     assert metric(f, "dormant_channels").observed == 2
     assert "dormant, not dead" in f.message and "1 of them is negative on every element" in f.message
-    assert f.commands == ("deadneuron patch c.pth --activation gelu --select s", "deadneuron patch c.pth --reinit-dead --select s",
+    assert f.commands == ("deadneuron patch c.pth --activation gelu --select module:s",
+                          "deadneuron patch c.pth --reinit-dead --select module:s",
                           "deadneuron patch c.pth --lr 5e-5")
     assert not fired(report, "dead-relu")
 

@@ -81,6 +81,15 @@ def batches():
 
 def nan_batches():
     return [torch.full((4, 3, 8, 8), float("nan")) for _ in range(2)]
+
+
+def train(model, steps, seed):
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for x in batches()[:steps]:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
 '''
 
 
@@ -207,6 +216,20 @@ def test_own_cnn_commands_run_and_change_exactly_the_named_sites(own: Path, monk
             assert changed_sites(base, after) == named, command
             for site in named:
                 assert len(after.sites[site].dead_channels) < len(base.sites[site].dead_channels), command
+
+
+def test_own_cnn_commands_carry_train_and_run(own: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --train the commands retrain both arms with the user's function (patch --train)."""
+    _, usage, _ = cli("patch", "--help")
+    if "--train" not in usage:
+        pytest.skip("deadneuron patch takes no --train in this build")
+    monkeypatch.chdir(own)
+    torch.save(own_fn(own, "planted")().state_dict(), own / "net.pth")
+    report = audit_json("net.pth", "--model", "net.py:build", "--data", "net.py:batches", "--train", "net.py:train")
+    pairs = suggested(report)
+    assert pairs and all(patch_args(shlex.split(c)).train == "net.py:train" for _, c in pairs)
+    for _, command in pairs:
+        assert_dry_run_exits_0(command)
 
 
 def test_nan_data_suggests_no_command_it_cannot_apply(own: Path, monkeypatch: pytest.MonkeyPatch) -> None:

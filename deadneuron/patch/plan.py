@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from deadneuron.errors import UsageError
+from deadneuron.select import site_selector
 
 ActivationName = Literal["relu", "leaky", "gelu", "elu", "silu", "prelu"]
 ACTIVATION_NAMES: tuple[str, ...] = get_args(ActivationName)
@@ -267,6 +268,8 @@ def plan_from_findings(findings: Iterable[Any]) -> Plan:
         rule = str(data.get("rule", "?"))
         for raw in fixes[0]:
             op = replace(op_from_dict(raw), reason=f"rule {rule}")
+            if isinstance(op, SwapActivation):  # a finding names sites: select exactly those
+                op = replace(op, sites=tuple(site_selector(s) for s in op.sites))
             _merge(ops, op, notes)
     return Plan(tuple(ops.values()), tuple(notes))
 

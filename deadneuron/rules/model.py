@@ -8,7 +8,6 @@ ops, each with the exact ``deadneuron patch`` command) that would apply it. Pure
 
 from __future__ import annotations
 
-import glob
 import shlex
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from deadneuron.errors import DeadneuronError, UsageError
+from deadneuron.select import site_selector
 
 if TYPE_CHECKING:
     from deadneuron.report import Report
@@ -222,8 +222,8 @@ class Fix:
 
 
 def select_flags(sites: Iterable[str]) -> tuple[str, ...]:
-    """``--select SITE`` per site, glob characters escaped so that each selects exactly its site."""
-    return tuple(word for site in sites for word in ("--select", glob.escape(site)))
+    """``--select`` per site, each selecting exactly its site (:func:`deadneuron.select.site_selector`)."""
+    return tuple(word for site in sites for word in ("--select", site_selector(site)))
 
 
 def freeze_channels(channels: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, ...]]:

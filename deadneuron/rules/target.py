@@ -79,12 +79,15 @@ class PatchTarget:
 def surgery_preview(report: Report, ops: tuple[PatchOp, ...]) -> Preview:
     """What ``deadneuron patch --model`` would change, from the report: the module-surgery selection of
     :func:`deadneuron.patch.apply_plan` (a swapped module changes at all its call sites; a swapped
-    functional call changes every functional activation in its module's own code). A training
-    hyper-parameter is out of its reach: the model has no config it could change."""
+    functional call changes every functional activation in its module's own code; an audit limited by
+    ``select`` cannot tell). A training hyper-parameter is out of its reach: the model has no config."""
     sites: set[str] = set()
     problems: list[str] = []
     for op in ops:
-        if op.kind is PatchKind.SWAP_ACTIVATION:
+        if op.kind is PatchKind.SWAP_ACTIVATION and report.meta.get("select"):
+            problems.append("the audit measured only the sites matching its --select, so which other sites share "
+                            "these activations is unknown; audit without --select to have the swap suggested")
+        elif op.kind is PatchKind.SWAP_ACTIVATION:
             patterns = tuple(select_flags(op.param("sites") or ())[1::2])
             sites |= _swapped_sites(report, patterns)
         elif op.kind is PatchKind.SET_HPARAM:
