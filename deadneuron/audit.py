@@ -8,19 +8,21 @@ Parameters and buffers are never written (inference mode and eval-mode BatchNorm
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
+from deadneuron._inputs import batches_of, resolve_device
 from deadneuron.adapters import Adapter
 from deadneuron.errors import AuditRuntimeError, UsageError
 from deadneuron.probe import Recorder
 from deadneuron.probe.masks import AUTO, MaskSpec, batch_shapes, choose_mask, unmatched_error
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
+from deadneuron.rules import PatchTarget, RulesConfig, RuleSet
 from deadneuron.stats import HISTOGRAM_EDGES
 
 
@@ -60,16 +62,16 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     )
 
 
-def _batch_size(batch: Any) -> int:
+def batch_size(batch: Any) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
     if isinstance(batch, Mapping):
         batch = next(iter(batch.values()), None)
-        return _batch_size(batch) if batch is not None else 0
+        return batch_size(batch) if batch is not None else 0
     if isinstance(batch, (tuple, list)) and batch:
-        return _batch_size(batch[0])
+        return batch_size(batch[0])
     x = getattr(batch, "x", None)
-    return _batch_size(x) if isinstance(x, torch.Tensor) else 0
+    return batch_size(x) if isinstance(x, torch.Tensor) else 0
 
 
 def untracked_batchnorms(model: nn.Module) -> list[str]:
@@ -96,13 +98,6 @@ def _progress(enabled: bool | None, total: int | None) -> Any:
     )
 
 
-def _limited(data: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
-    for i, batch in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
-
-
 def audit(
     model: nn.Module,
     data: Iterable[Any],
@@ -121,6 +116,10 @@ def audit(
     activations: ActivationRegistry | None = None,
     mask: MaskSpec = AUTO,
     channel_axis: Mapping[str, int] | None = None,
+    rules: bool | RuleSet = True,
+    rules_config: RulesConfig | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
+    patch_target: PatchTarget | None = None,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
 
@@ -151,13 +150,22 @@ def audit(
 
     ``channel_axis`` sets the channel dim of the sites matching each glob
     (``{"block.relu": 1}``; negative dims count from the end) where it cannot be derived from a layer.
+
+    ``rules``: evaluate the rule engine and put its findings (``deadneuron.rules.Finding``, most severe
+    first) in ``report.findings`` -- True for the built-in and installed rules, a ``RuleSet`` for those,
+    False for none. ``rules_config``: thresholds and disabled rules (default: pyproject.toml's
+    ``[tool.deadneuron.rules]`` above the working folder, as the CLI reads it). ``checkpoint``: what the
+    training run knows (a deadneuron checkpoint dict: config, history, health timeline, optimizer
+    state), for the rules that read it. ``patch_target``: the subject ``deadneuron patch`` would patch
+    (the CLI passes the audited checkpoint and its flags, so each finding's commands run as printed);
+    by default fixes are checked against module surgery on ``model`` and no command is written.
     """
     overrides = _channel_axes(channel_axis)
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
     if eps < 0 or not 0 <= delta < 1:
         raise UsageError(f"eps must be >= 0 and delta in [0, 1); got eps={eps}, delta={delta}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else _model_device(model)
     forward = adapter.forward if adapter is not None else default_forward
     total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
     warnings = [
@@ -172,6 +180,7 @@ def audit(
     mask_shape: tuple[int, ...] = ()
     metric_sums: dict[str, torch.Tensor] = {}
     batches = samples = 0
+    example: Any = None  # the first batch: fixes are checked on it
     moved = _move_model(model, dev)
     try:
         with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
@@ -180,9 +189,10 @@ def audit(
                 model.eval()
             with torch.inference_mode(), _progress(progress, total) as bar:
                 task = bar.add_task("audit", total=total) if bar is not None else None
-                for batch in _limited(data, max_batches):
+                for batch in batches_of(data, max_batches):
                     batch = _to(batch, dev)
-                    size = _batch_size(batch)
+                    example = batch if example is None else example
+                    size = batch_size(batch)
                     choice = choose_mask(mask, batch, batch_size=size, device=dev, adapter=adapter)
                     if choice.warning is not None and choice.warning not in warnings:
                         warnings.append(choice.warning)
@@ -242,15 +252,41 @@ def audit(
         "kernels": kernels,
         "mask": mask_source,
         **({"histogram_edges": list(HISTOGRAM_EDGES), "histogram_sampled": rec_sampled} if histograms else {}),
-        "warnings": warnings,
         **(meta or {}),
+        "warnings": [*warnings, *(meta or {}).get("warnings", ())],  # the caller's warnings join the audit's
     }
-    return Report.build(
+    report = Report.build(
         (SiteHealth.from_result(r) for r in results),
         slots=slot_stats.compute() if slot_stats is not None else None,
         metrics=metrics,
         meta=info,
     )
+    if rules is False:
+        return report
+    from deadneuron.rules import attach_findings
+
+    ruleset = None if rules is True else rules
+    target = patch_target if patch_target is not None else _surgery_target(model, example, forward)
+    return attach_findings(report, checkpoint, model=model, rules=ruleset, config=_rules_config(ruleset, rules_config),
+                           target=target)  # fmt: skip
+
+
+def _surgery_target(model: nn.Module, example: Any, forward: Any) -> PatchTarget:
+    """Fixes for ``model`` in Python: module surgery, checked on the audit's first batch; no command line."""
+    from deadneuron.reach import ModelPreview
+
+    def run(m: nn.Module, batch: Any) -> Any:
+        return forward(m, _to(batch, _model_device(m)))
+
+    return PatchTarget(preview=ModelPreview(model, example, forward=run))
+
+
+def _rules_config(rules: RuleSet | None, config: RulesConfig | None) -> RulesConfig:
+    if config is not None:
+        return config
+    from deadneuron.rules import load_config, load_rules
+
+    return load_config(rules=rules if rules is not None else load_rules())
 
 
 def _nothing_measured(rec: Recorder, select: Sequence[str] | None, functional: bool) -> str:

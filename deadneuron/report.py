@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from deadneuron.probe import SiteResult
+    from deadneuron.rules.finding import Finding
 
 SCHEMA = "deadneuron.report"
 SCHEMA_VERSION = 2
@@ -196,12 +197,13 @@ class Report:
     slots: Any = None  # deadneuron.slots.SlotHealth for slot models
     metrics: Mapping[str, float] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
-    findings: tuple[Mapping[str, Any], ...] = ()
+    findings: tuple[Finding, ...] = ()  # deadneuron.rules.Finding values, most severe first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", MappingProxyType(dict(self.sites)))
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+        object.__setattr__(self, "findings", _typed(self.findings))
 
     @classmethod
     def build(
@@ -219,7 +221,8 @@ class Report:
     def warnings(self) -> tuple[str, ...]:
         return tuple(self.meta.get("warnings", ()))
 
-    def with_findings(self, findings: Iterable[Mapping[str, Any]]) -> Report:
+    def with_findings(self, findings: Iterable[Finding | Mapping[str, Any]]) -> Report:
+        """This report with ``findings`` (Finding values, or their ``to_dict()``, read back as Findings)."""
         return replace(self, findings=tuple(findings))
 
     def with_meta(self, **extra: Any) -> Report:
@@ -235,7 +238,7 @@ class Report:
             "slots": self.slots.to_dict() if self.slots is not None else None,
             "metrics": {k: _clean(float(v)) for k, v in self.metrics.items()},
             "meta": _jsonable(dict(self.meta)),
-            "findings": [_jsonable(dict(f)) for f in self.findings],
+            "findings": [_jsonable(f.to_dict()) for f in self.findings],
         }
 
     @classmethod
@@ -262,6 +265,17 @@ class Report:
     @classmethod
     def from_json(cls, text: str) -> Report:
         return cls.from_dict(json.loads(text))
+
+
+def _typed(findings: Iterable[Any]) -> tuple[Finding, ...]:
+    """Findings as typed values; the type lives in the rules core, imported here on use (the rules
+    import this module)."""
+    findings = tuple(findings)
+    if not findings:
+        return ()
+    from deadneuron.rules.finding import Finding
+
+    return tuple(Finding.from_dict(f) for f in findings)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -6,6 +6,7 @@ site. A site is selected when any of its names matches any pattern.
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
@@ -21,3 +22,12 @@ def filter_names(names: Iterable[str], patterns: Sequence[str] | None) -> list[s
     if not patterns:
         return names
     return [n for n in names if matches((n,), patterns)]
+
+
+def site_selector(site: str) -> str:
+    """The selector that picks exactly the site named ``site``: its name with glob characters escaped; a
+    site named by a bare word (a module at the model's top, ``relu``) would also read as a kind, so its
+    module is selected instead (``module:relu``); a top-level Sequential index (``5``) is kept."""
+    word = not site.isdigit() and not any(ch in site for ch in ".>#:")  # a Sequential index is no kind
+    return f"module:{glob.escape(site)}" if word else glob.escape(site)
+

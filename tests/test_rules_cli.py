@@ -81,7 +81,8 @@ def test_audit_attaches_findings_most_severe_first(small_ckpt: Path) -> None:
     assert rules == ["dead-relu", "bn-scale-collapse", "sparse-healthy"]
     dead = findings[0]
     assert dead["channels"] == {"5": [3, 7]} and dead["severity"] == "warning"
-    assert dead["commands"][0] == f"deadneuron patch {small_ckpt} --activation leaky --negative-slope 0.01 --select 5"
+    subject = f"{small_ckpt} --model {EXAMPLE}:build --data {EXAMPLE}:batches"  # the audit's own subject flags
+    assert dead["commands"][0] == f"deadneuron patch {subject} --activation leaky --negative-slope 0.01 --select 5"
 
 
 def test_audit_table_shows_findings_with_commands(small_ckpt: Path) -> None:

@@ -36,7 +36,8 @@ from deadneuron.rules import (
 )
 from tests.test_rules_factory import make_report, make_site
 
-FINDING_KEYS = {"rule", "severity", "title", "message", "sites", "channels", "evidence", "commands", "patch_ops"}
+FINDING_KEYS = {"rule", "severity", "title", "message", "sites", "channels", "evidence", "commands", "patch_ops",
+                "withheld"}
 
 
 def test_severity_order() -> None:
@@ -91,7 +92,7 @@ def _rule(rule_id: str = "custom", **kw: Any) -> Rule:
 
 def test_a_custom_rule_renders_from_its_evidence() -> None:
     (f,) = evaluate(make_report(make_site("a"), make_site("b")), rules=builtin_rules().plus([_rule()]).without(builtin_rules().ids))
-    assert (f.rule, f.message, f.sites, f.commands) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch --reinit-dead",))
+    assert (f.rule, f.message, f.sites, f.commands) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch --reinit-dead --select module:a",))
 
 
 def test_a_rule_that_raises_is_named() -> None:
@@ -173,13 +174,14 @@ def test_entry_point_cannot_shadow_a_builtin(plugins: list[FakeEntryPoint]) -> N
 @pytest.mark.parametrize(("op", "flags"), [
     (PatchOp.swap_activation("leaky_relu", negative_slope=0.01), ("--activation", "leaky", "--negative-slope", "0.01")),
     (PatchOp.swap_activation("gelu"), ("--activation", "gelu")),
-    (PatchOp.swap_activation("gelu", sites=("a>relu", "b")), ("--activation", "gelu", "--select", "a>relu", "--select", "b")),
+    (PatchOp.swap_activation("gelu", sites=("a>relu", "b")), ("--activation", "gelu", "--select", "a>relu", "--select", "module:b")),
     (PatchOp.learning_rate(value=5e-5), ("--lr", "5e-5")),
     (PatchOp.learning_rate(scale=0.5), ("--lr-scale", "0.5")),
     (PatchOp.epochs(1000), ("--epochs", "1000")),
     (PatchOp.dropout_between_convs(0.1), ("--dropout-between-convs", "0.1")),
-    (PatchOp.reinit_dead({"s": (1, 2)}), ("--reinit-dead",)),
-], ids=["leaky", "gelu", "gelu-at-sites", "lr", "lr-scale", "epochs", "dropout", "reinit"])
+    (PatchOp.reinit_dead({"s": (1, 2)}), ("--reinit-dead", "--select", "module:s")),
+    (PatchOp.swap_activation("gelu", sites=("blocks[0]>relu",)), ("--activation", "gelu", "--select", "blocks[[]0]>relu")),
+], ids=["leaky", "gelu", "gelu-at-sites", "lr", "lr-scale", "epochs", "dropout", "reinit", "glob-escaped"])
 def test_patch_op_flags(op: PatchOp, flags: tuple[str, ...]) -> None:
     assert op.flags() == flags
     assert json.loads(json.dumps(op.to_dict()))["op"] == op.kind.value
@@ -314,14 +316,15 @@ def test_patch_ops_are_what_the_patch_planner_reads() -> None:
     assert plan.plan_from_findings(findings).ops
 
 
-def test_adapter_model_commands_leave_placement_to_the_config() -> None:
-    """For a checkpoint with an adapter the config places the swap (no --select), and re-initialising
-    dead channels needs the trained weights (--init checkpoint)."""
+def test_adapter_model_commands_name_their_sites_and_reinit_from_the_checkpoint() -> None:
+    """For a checkpoint with an adapter a swap still names its sites (the config maps them, or the
+    finding withholds it), and re-initialising dead channels needs the trained weights (--init checkpoint)."""
     from deadneuron.rules.model import Fix, PatchOp
 
     swap = PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=("encoder.bn_layers.1>relu",))
     reinit = PatchOp.reinit_dead({"encoder.bn_layers.1>relu": [0, 2]})
     assert "--select" in Fix((swap,)).command("a.pth")
-    assert "--select" not in Fix((swap,)).command("a.pth", adapter_model=True)
-    assert Fix((reinit,)).command("a.pth") == "deadneuron patch a.pth --reinit-dead"
-    assert Fix((reinit,)).command("a.pth", adapter_model=True) == "deadneuron patch a.pth --reinit-dead --init checkpoint"
+    assert "--select" in Fix((swap,)).command("a.pth", adapter_model=True)
+    assert Fix((reinit,)).command("a.pth") == "deadneuron patch a.pth --reinit-dead --select 'encoder.bn_layers.1>relu'"
+    assert Fix((reinit,)).command("a.pth", adapter_model=True) == (
+        "deadneuron patch a.pth --reinit-dead --select 'encoder.bn_layers.1>relu' --init checkpoint")

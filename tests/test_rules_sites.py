@@ -23,7 +23,7 @@ def test_dead_relu_fires_at_one_dead_channel_with_evidence_and_commands() -> Non
     assert (e.observed, e.threshold, e.comparison, e.site) == (1, 1, ">=", "bn.0>relu")
     assert "channels 3" in f.message and "1 of 8" in f.message
     assert f.commands == ("deadneuron patch ck.pth --activation leaky --negative-slope 0.01 --select 'bn.0>relu'",
-                          "deadneuron patch ck.pth --reinit-dead")
+                          "deadneuron patch ck.pth --reinit-dead --select 'bn.0>relu'")
     ops = f.to_dict()["patch_ops"]
     assert ops[0] == [{"op": "swap_activation", "activation": "leaky_relu", "negative_slope": 0.01, "sites": ["bn.0>relu"]}]
     assert ops[1][0]["op"] == "reinit_dead" and ops[1][0]["channels"] == {"bn.0>relu": [3]}
@@ -91,7 +91,8 @@ def test_dormant_leaky_counts_dead_and_dormant_as_dormant() -> None:
     assert f.channels == {"s": (0, 4)}
     assert metric(f, "dormant_channels").observed == 2
     assert "dormant, not dead" in f.message and "1 of them is negative on every element" in f.message
-    assert f.commands == ("deadneuron patch c.pth --activation gelu --select s", "deadneuron patch c.pth --reinit-dead",
+    assert f.commands == ("deadneuron patch c.pth --activation gelu --select module:s",
+                          "deadneuron patch c.pth --reinit-dead --select module:s",
                           "deadneuron patch c.pth --lr 5e-5")
     assert not fired(report, "dead-relu")
 

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ from torch import nn
 
 from deadneuron._parse import parse_scalar
 from deadneuron.adapters import Adapter, get_adapter, is_deadneuron_checkpoint
-from deadneuron.errors import AuditRuntimeError, UnreadableInputError, UnsafeCheckpointError, UsageError
+from deadneuron.errors import (
+    AuditRuntimeError,
+    DeadneuronError,
+    UnreadableInputError,
+    UnsafeCheckpointError,
+    UsageError,
+)
 from deadneuron.patch.plan import Plan
 from deadneuron.patch.saved import is_patched_state, rebuild_patched, recorded_args, recorded_plan_dicts
 
@@ -75,45 +82,132 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def import_object(spec: str, *, option: str) -> Any:
-    """``package.module:name`` or ``path/to/file.py:name`` -> the object."""
+    """``package.module:name`` or ``path/to/file.py:name`` -> the object.
+
+    While the module loads, a file's own folder (a dotted module: the working folder) is importable, as
+    pytest's rootdir is, so the file may import its neighbours; sys.path is restored afterwards."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise UsageError(f"{option} takes MODULE:NAME (e.g. mypkg.models:build or models.py:build), got {spec!r}")
+    is_file = target.endswith(".py")
+    folder = Path(target).resolve().parent if is_file else Path.cwd()
     try:
-        module = _import_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
+        with importable(folder):
+            module = _import_file(Path(target)) if is_file else importlib.import_module(target)
     except UsageError:
         raise
-    except ModuleNotFoundError as exc:
-        raise UsageError(f"{option} {spec!r}: cannot import {exc.name!r}; check the module path and PYTHONPATH") from exc
+    except ImportError as exc:
+        raise UsageError(_import_failure(option, spec, target, exc, is_file=is_file)) from exc
     except Exception as exc:
-        raise UsageError(f"{option} {spec!r}: importing {target!r} raised {type(exc).__name__}: {exc}") from exc
+        where = _line_in(exc, Path(target)) if is_file else ""
+        raise UsageError(f"{option} {spec!r}: importing {target!r} raised {type(exc).__name__}: "
+                         f"{_first_line(exc)}{where}") from exc  # fmt: skip
     try:
         return getattr(module, attr)
     except AttributeError as exc:
         raise UsageError(f"{option} {spec!r}: module {target!r} has no attribute {attr!r}") from exc
 
 
+@contextmanager
+def importable(folder: Path) -> Iterator[None]:
+    """``folder`` first on sys.path for the duration of the block; sys.path as it was afterwards."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _import_failure(option: str, spec: str, target: str, exc: ImportError, *, is_file: bool) -> str:
+    """Which import failed, and where: the module itself, or an import inside it (file and line)."""
+    name = getattr(exc, "name", None)
+    if not is_file and name is not None and (target == name or target.startswith(f"{name}.")):
+        return (f"{option} {spec!r}: cannot import {name!r}; check the module path, and run from the folder that "
+                "holds it or put it on PYTHONPATH")  # fmt: skip
+    where = _line_in(exc, Path(target)) if is_file else f" (in {target})"
+    what = f"import of {name!r}" if name else "an import"
+    return (f"{option} {spec!r}: {what} failed{where}: {_first_line(exc)}; install it, or put it beside "
+            f"{Path(target).name if is_file else 'the module'}")
+
+
+def _line_in(exc: BaseException, path: Path) -> str:
+    """`` (models.py, line 3)``: the last frame of the traceback inside ``path``, if any."""
+    found = ""
+    frame = exc.__traceback__
+    resolved = str(path.resolve())
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename == resolved:
+            found = f" ({path}, line {frame.tb_lineno})"
+        frame = frame.tb_next
+    if not found and isinstance(exc, SyntaxError) and exc.lineno is not None:
+        found = f" ({path}, line {exc.lineno})"
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _import_file(path: Path) -> Any:
     if not path.is_file():
         raise UsageError(f"no such Python file: {path}")
     name = f"_deadneuron_user_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    stamp = (str(path.resolve()), path.stat().st_mtime_ns)
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__deadneuron_stamp__", None) == stamp:
+        return loaded  # --model and --data in one file: it runs once
+    spec = importlib.util.spec_from_file_location(name, path.resolve())
     if spec is None or spec.loader is None:
         raise UsageError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
+    module.__deadneuron_stamp__ = stamp  # type: ignore[attr-defined]
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 
+def check_callable(spec: str, *, option: str) -> Callable[..., Any]:
+    """The function ``spec`` names (imported, not called); a UsageError if it is not callable."""
+    found = import_object(spec, option=option)
+    if not callable(found):
+        raise UsageError(f"{option} {spec!r} is a {type(found).__name__}, not a function")
+    return found  # type: ignore[no-any-return]
+
+
 def call_factory(factory: Callable[..., Any], kwargs: Mapping[str, Any], *, option: str, spec: str) -> Any:
+    """``factory(**kwargs)``, with the factory's folder importable while it runs; what it raises becomes
+    one line naming the factory (exit 6)."""
     if not callable(factory):
-        raise UsageError(f"{option} {spec!r} is not callable")
+        raise UsageError(f"{option} {spec!r} is a {type(factory).__name__}, not a function")
+    target = spec.rpartition(":")[0]
+    folder = Path(target).resolve().parent if target.endswith(".py") else Path.cwd()
     try:
-        return factory(**kwargs)
+        with importable(folder):
+            return factory(**kwargs)
+    except DeadneuronError:
+        raise
     except Exception as exc:
-        line = (str(exc).strip().splitlines() or [""])[0]
-        raise AuditRuntimeError(f"{option} {spec!r} raised {type(exc).__name__}: {line}") from exc
+        where = _line_in(exc, Path(target)) if target.endswith(".py") else ""
+        raise AuditRuntimeError(f"{option} {spec!r} raised {type(exc).__name__}: {_first_line(exc)}{where}") from exc
+
+
+def check_batches(data: Any, *, spec: str) -> Iterable[Any]:
+    """What a --data function returned, if it can be batches; a UsageError saying what it is otherwise."""
+    if data is None:
+        raise UsageError(f"--data {spec!r} returned None: return your batches (a DataLoader, a list of tensors, "
+                         "or yield them from a generator)")  # fmt: skip
+    if isinstance(data, nn.Module):
+        raise UsageError(f"--data {spec!r} returned a model ({type(data).__name__}), not batches: --data names the "
+                         "function that returns your batches, --model the one that builds the model")  # fmt: skip
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise UsageError(f"--data {spec!r} returned a {type(data).__name__}, not an iterable of batches: return a "
+                         "DataLoader, a list of tensors, or yield them from a generator")  # fmt: skip
+    return data
 
 
 def random_batches(shape: tuple[int, ...], count: int, *, seed: int = 0) -> Iterator[torch.Tensor]:
@@ -144,7 +238,7 @@ def build_subject(
     subject.warnings.extend(_nonfinite_warnings(subject.model))
     if data_spec is not None:
         factory = import_object(data_spec, option="--data")
-        subject.data = call_factory(factory, {}, option="--data", spec=data_spec)
+        subject.data = check_batches(call_factory(factory, {}, option="--data", spec=data_spec), spec=data_spec)
     elif shape is not None:
         subject.data = random_batches(shape, batches or 8)
         subject.random_inputs = True
@@ -222,5 +316,6 @@ def _nonfinite_warnings(model: nn.Module) -> list[str]:
 
 
 __all__ = [
-    "Subject", "UnsafeCheckpointError", "build_subject", "import_object", "parse_channel_axes", "parse_key_values",
+    "Subject", "UnsafeCheckpointError", "build_subject", "call_factory", "check_batches", "check_callable",
+    "import_object", "importable", "parse_channel_axes", "parse_key_values",
 ]

@@ -25,6 +25,7 @@ def audit_command(
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="Audit on random N,C,H,W inputs (flagged in the report).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="MODULE:FACTORY returning an iterable of batches.")] = None,
     batches: Annotated[int | None, typer.Option("--batches", help="Audit at most N batches (default: all; 8 with --input-shape).")] = None,
+    train: Annotated[str | None, typer.Option("--train", metavar="MODULE:FN", help="train(model, steps=N, seed=S) for your model: the suggested patch commands retrain with it.")] = None,
     eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = 0.0,
     delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = 0.05,
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
@@ -46,8 +47,10 @@ def audit_command(
     disable: Annotated[list[str] | None, typer.Option("--disable", metavar="RULE_ID", help="Skip this rule (see `deadneuron rules`); repeatable.")] = None,
     rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
 ) -> None:
+    from deadneuron._inputs import resolve_device
     from deadneuron.audit import audit
-    from deadneuron.cli._subject import build_subject, parse_channel_axes, parse_key_values
+    from deadneuron.cli._subject import build_subject, check_callable, parse_channel_axes, parse_key_values
+    from deadneuron.cli._target import AuditFlags, patch_target, peek_data, subject_limits
     from deadneuron.gate import GateLimits
 
     if fmt not in ("table", "json"):
@@ -66,6 +69,8 @@ def audit_command(
                         min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
     if gate_sites and not limits.active:
         raise UsageError("--sites scopes the gate options: add --max-dead, --max-sparsity or --min-active-slots")
+    if device is not None:
+        resolve_device(device)  # an unusable device fails before the checkpoint is read
     axes = parse_channel_axes(channel_axis or [])
     rules = _rules_config(no_rules, disable or [], rules_config)  # a bad config fails before the audit runs
     subject = build_subject(
@@ -78,21 +83,27 @@ def audit_command(
         allow_globals=allow_global or (),
         trust_code=trust_code,
     )
+    if train is not None:
+        check_callable(train, option="--train")
     for note in subject.notes:
         typer.echo(f"note: {note}", err=True)
     warnings = list(subject.warnings)
     if subject.random_inputs:
         warnings.append(f"made on random inputs of shape {input_shape}: real data can give different figures")
     assert subject.data is not None
+    flags = AuditFlags(checkpoint, model=model, model_args=tuple(model_arg or ()), data=data, input_shape=input_shape,
+                       batches=batches, train=train, allow_globals=tuple(allow_global or ()), trust_code=trust_code,
+                       limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or ()))  # fmt: skip
+    peeked = peek_data(subject, batches)
     report = audit(
         subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
         device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
         histograms=out is not None, mask=None if no_mask else (mask or "auto"), channel_axis=axes,
-        meta={"source": str(checkpoint), "random_inputs": subject.random_inputs,
+        meta={"source": str(checkpoint), "random_inputs": subject.random_inputs, "warnings": warnings,
               **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
+        rules=rules[0] if rules is not None else False, rules_config=rules[1] if rules is not None else None,
+        checkpoint=subject.checkpoint, patch_target=patch_target(flags, subject, peeked),
     )  # fmt: skip
-    report = report.with_meta(warnings=[*report.warnings, *warnings])
-    report = _with_rules(report, subject, rules)
     if out is not None:
         _write(report, out, subject)
     if fmt == "json":
@@ -122,16 +133,6 @@ def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None):
 
     rules = load_rules()
     return rules, load_config(rules=rules, config_file=config_file, disable=disable)
-
-
-def _with_rules(report, subject, rules):  # type: ignore[no-untyped-def]
-    """Attach the findings, most severe first; the context reads the checkpoint and the BatchNorm weights."""
-    if rules is None:
-        return report
-    from deadneuron.rules import attach_findings
-
-    ruleset, config = rules
-    return attach_findings(report, subject.checkpoint, model=subject.model, rules=ruleset, config=config)
 
 
 def _write(report, out: Path, subject) -> None:  # type: ignore[no-untyped-def]

@@ -41,7 +41,7 @@ def patch_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what would change; write nothing.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Retrain the baseline too and compare (adapter models).")] = True,
-    select: Annotated[list[str] | None, typer.Option("--select", help="Only swap these sites/modules (globs, or kind:relu); repeatable.")] = None,
+    select: Annotated[list[str] | None, typer.Option("--select", help="Only swap (or re-initialise) at these sites/modules (globs, or kind:relu); repeatable.")] = None,
     audit_grids: Annotated[int | None, typer.Option("--audit-grids", help="Audit this many held-out grids per run (default: all).")] = None,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the comparison as a Markdown table here.")] = None,
     figure: Annotated[Path | None, typer.Option("--figure", help="Also write the before/after figure (PNG) here.")] = None,

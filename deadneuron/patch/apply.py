@@ -319,7 +319,8 @@ def _reinit(model: nn.Module, op: ReinitDead, report: Any, example: Any, run: Fo
     if op.channels is not None:
         channels = {site: ids for site, ids in op.channels}
     elif report is not None:
-        channels = {name: s.dead_channels for name, s in report.sites.items() if s.dead_channels}
+        channels = {name: s.dead_channels for name, s in report.sites.items() if s.dead_channels and (
+                    not op.sites or matches((name, s.module, f"module:{s.module}", s.kind, f"kind:{s.kind}"), op.sites))}
     else:
         raise PatchError("re-initialising dead channels needs to know which are dead: pass an audit report")
     if not channels:

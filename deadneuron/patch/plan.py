@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from deadneuron.errors import UsageError
+from deadneuron.select import site_selector
 
 ActivationName = Literal["relu", "leaky", "gelu", "elu", "silu", "prelu"]
 ACTIVATION_NAMES: tuple[str, ...] = get_args(ActivationName)
@@ -112,16 +113,19 @@ class ReinitDead:
     channels: tuple[tuple[str, tuple[int, ...]], ...] | None = None
     reset_optimizer_state: bool = True
     reason: str = field(default="", compare=False)
+    sites: tuple[str, ...] = ()  # without channels: only the dead channels at these sites (globs)
 
     def describe(self) -> str:
         if self.channels is None:
-            return "re-initialise every dead channel the audit finds"
+            where = f" at {_few(self.sites)}" if self.sites else ""
+            return f"re-initialise every dead channel the audit finds{where}"
         count = sum(len(ids) for _, ids in self.channels)
         return f"re-initialise {count} dead channel(s) at {_few([s for s, _ in self.channels])}"
 
     def to_dict(self) -> dict[str, Any]:
         chans = None if self.channels is None else {site: list(ids) for site, ids in self.channels}
-        return {"op": "reinit_dead", "channels": chans, "reset_optimizer_state": self.reset_optimizer_state}
+        out = {"op": "reinit_dead", "channels": chans, "reset_optimizer_state": self.reset_optimizer_state}
+        return {**out, "sites": list(self.sites)} if self.sites else out
 
 
 Op = SwapActivation | InsertDropout | SetHyperParameter | ReinitDead
@@ -185,7 +189,7 @@ def op_from_dict(data: Mapping[str, Any]) -> Op:
         if kind == "reinit_dead":
             chans = data.get("channels")
             frozen = None if chans is None else tuple((str(s), tuple(int(c) for c in ids)) for s, ids in chans.items())
-            return ReinitDead(frozen, bool(data.get("reset_optimizer_state", True)))
+            return ReinitDead(frozen, bool(data.get("reset_optimizer_state", True)), sites=tuple(data.get("sites") or ()))
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"malformed patch op {dict(data)!r}: {type(exc).__name__}: {exc}") from None
     raise UsageError(f"unknown patch op {kind!r}; known: swap_activation, insert_dropout, set_hparam, reinit_dead")
@@ -231,8 +235,8 @@ def plan_from_flags(
         raise UsageError("--negative-slope applies to --activation leaky only")
     if negative_slope is not None and not (math.isfinite(negative_slope) and 0 <= negative_slope < 1):
         raise UsageError(f"--negative-slope must be in [0, 1), got {negative_slope}")
-    if sites and activation is None:
-        raise UsageError("--select chooses the sites of --activation: add --activation")
+    if sites and activation is None and not reinit_dead:
+        raise UsageError("--select chooses the sites of --activation or --reinit-dead: add --activation or --reinit-dead")
     ops: list[Op] = []
     if activation is not None:
         ops.append(SwapActivation(activation_name(activation), negative_slope, tuple(sites), reason="flag"))
@@ -243,7 +247,7 @@ def plan_from_flags(
     if epochs is not None:
         ops.append(replace(_hparam("epochs", epochs, None), reason="flag"))
     if reinit_dead:
-        ops.append(ReinitDead(reason="flag"))
+        ops.append(ReinitDead(reason="flag", sites=tuple(sites)))
     return Plan(tuple(ops))
 
 
@@ -264,6 +268,8 @@ def plan_from_findings(findings: Iterable[Any]) -> Plan:
         rule = str(data.get("rule", "?"))
         for raw in fixes[0]:
             op = replace(op_from_dict(raw), reason=f"rule {rule}")
+            if isinstance(op, SwapActivation):  # a finding names sites: select exactly those
+                op = replace(op, sites=tuple(site_selector(s) for s in op.sites))
             _merge(ops, op, notes)
     return Plan(tuple(ops.values()), tuple(notes))
 

@@ -111,6 +111,9 @@ def dataflow(model: nn.Module, run: Callable[[nn.Module], Any]) -> _Dataflow:
         if next(m.children(), None) is None:  # leaves only: a container returns its child's tensor
             tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
             leaf = names[m].rsplit(".", 1)[-1]
+            spec = spec_for_module(m)
+            if spec is not None and (not leaf or leaf.isdigit()):  # named as the Recorder names it
+                leaf = spec.kind_name
             output = out if isinstance(out, torch.Tensor) else None
             flow.record(_Call(names[m], leaf, m, tensors, output, activation=spec_for_module(m) is not None))
 
@@ -173,6 +176,19 @@ def reinit_dead(
     return result
 
 
+def unreachable_sites(flow: _Dataflow, sites: Sequence[str]) -> dict[str, str]:
+    """The sites of ``sites`` whose dead channels :func:`reinit_dead` could not give fresh incoming
+    weights, each with the reason; measured on ``flow``, nothing changed."""
+    out: dict[str, str] = {}
+    for site in sites:
+        calls = site_calls(flow, site)
+        if not calls:
+            out[site] = "not seen in the forward pass that maps layers to sites"
+        elif any(_upstream(call.source, _channels(call))[0] is None for call in calls):
+            out[site] = "no conv/linear layer feeds it directly"
+    return out
+
+
 def _reinit_call(call: _Call, ids: list[int], flow: _Dataflow, params: dict[int, str],
                  result: ReinitResult, site: str) -> None:  # fmt: skip
     incoming, norms = _upstream(call.source, _channels(call))
@@ -196,7 +212,7 @@ def _reinit_call(call: _Call, ids: list[int], flow: _Dataflow, params: dict[int,
 def _channels(call: _Call) -> int:
     x = call.inputs[0]
     source = call.source.module if call.source is not None else None
-    first = isinstance(source, (nn.modules.conv._ConvNd, _BATCHNORM)) or x.dim() >= 4
+    first = isinstance(source, (nn.modules.conv._ConvNd, _BATCHNORM)) or (x.dim() >= 4 and not isinstance(source, nn.Linear))
     return int(x.shape[1] if first and x.dim() > 1 else x.shape[-1])
 
 
@@ -297,4 +313,4 @@ def _ids(ids: Sequence[int]) -> str:
     return f"{shown} and {len(ids) - 8} more" if len(ids) > 8 else shown
 
 
-__all__ = ["ReinitResult", "Slice", "dataflow", "reinit_dead", "reset_optimizer_rows", "site_calls"]
+__all__ = ["ReinitResult", "Slice", "dataflow", "reinit_dead", "reset_optimizer_rows", "site_calls", "unreachable_sites"]

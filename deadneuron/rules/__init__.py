@@ -1,8 +1,8 @@
 """deadneuron.rules: turn a Report into findings a researcher can act on (DESIGN section 5).
 
     from deadneuron.rules import attach_findings, context_from, evaluate
-    findings = evaluate(report, context_from(checkpoint, model))
-    report = report.with_findings([f.to_dict() for f in findings])
+    findings = evaluate(report, context_from(checkpoint, model))   # deadneuron.audit(..., rules=True) does this
+    report = report.with_findings(findings)
 
 Rules are data (``Rule``); third-party rules come in through the entry-point group ``deadneuron.rules``;
 thresholds come from the defaults, ``[tool.deadneuron.rules]`` in pyproject.toml, ``--config FILE`` and
@@ -13,9 +13,9 @@ from deadneuron.rules.builtin import BUILTIN_RULES, builtin_rules
 from deadneuron.rules.config import RulesConfig, load_config, parse_overrides, parse_rules_table
 from deadneuron.rules.context import BatchNormScale, RuleContext, context_from
 from deadneuron.rules.engine import attach_findings, evaluate, make_finding
+from deadneuron.rules.finding import Finding
 from deadneuron.rules.model import (
     Evidence,
-    Finding,
     Fix,
     Hit,
     PatchKind,
@@ -27,6 +27,7 @@ from deadneuron.rules.model import (
     Threshold,
 )
 from deadneuron.rules.plugins import ENTRY_POINT_GROUP, load_rules
+from deadneuron.rules.target import PatchTarget, Preview, surgery_preview
 
 __all__ = [
     "BUILTIN_RULES",
@@ -38,6 +39,8 @@ __all__ = [
     "Hit",
     "PatchKind",
     "PatchOp",
+    "PatchTarget",
+    "Preview",
     "Rule",
     "RuleContext",
     "RuleError",
@@ -54,4 +57,5 @@ __all__ = [
     "make_finding",
     "parse_overrides",
     "parse_rules_table",
+    "surgery_preview",
 ]

@@ -1,4 +1,4 @@
-"""The rule engine's values (DESIGN section 5): Severity, Threshold, Evidence, PatchOp, Fix, Rule, Finding.
+"""The rule engine's values (DESIGN section 5): Severity, Threshold, Evidence, PatchOp, Fix, Rule (Finding: finding.py).
 
 A rule is data: an id, a title, a severity, the metrics it reads, its thresholds (with defaults), a
 predicate that turns a Report and a RuleContext into *hits* (each with structured evidence and the values
@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from deadneuron.errors import DeadneuronError, UsageError
+from deadneuron.select import site_selector
 
 if TYPE_CHECKING:
     from deadneuron.report import Report
@@ -172,15 +173,13 @@ class PatchOp:
         return cls(PatchKind.REINIT_DEAD, (("channels", chans), ("reset_optimizer_state", True)))
 
     def flags(self, *, adapter_model: bool = False) -> tuple[str, ...]:
-        """CLI flags of ``deadneuron patch`` that request this op. For an adapter model the config
-        decides where an activation swap lands (no ``--select``), and re-initialising dead channels
-        needs the trained weights (``--init checkpoint``; from scratch every weight is fresh anyway)."""
+        """CLI flags of ``deadneuron patch`` that request this op. ``--select`` names the op's sites exactly
+        (glob characters in a name escaped); re-initialising dead channels of an adapter model needs its
+        trained weights (``--init checkpoint``; from scratch every weight is fresh anyway)."""
         p = dict(self.params)
         if self.kind is PatchKind.SWAP_ACTIVATION:
             slope = ("--negative-slope", _num(p["negative_slope"])) if "negative_slope" in p else ()
-            sites = () if adapter_model else p.get("sites", ())
-            select = tuple(word for site in sites for word in ("--select", site))
-            return ("--activation", _activation_flag(p["activation"]), *slope, *select)
+            return ("--activation", _activation_flag(p["activation"]), *slope, *select_flags(p.get("sites", ())))
         if self.kind is PatchKind.SET_HPARAM and p["name"] == "learning_rate":
             return ("--lr", _num(p["value"])) if "value" in p else ("--lr-scale", _num(p["scale"]))
         if self.kind is PatchKind.SET_HPARAM and p["name"] == "epochs":
@@ -188,7 +187,8 @@ class PatchOp:
         if self.kind is PatchKind.INSERT_DROPOUT:
             return ("--dropout-between-convs", _num(p["p"]))
         if self.kind is PatchKind.REINIT_DEAD:
-            return ("--reinit-dead", "--init", "checkpoint") if adapter_model else ("--reinit-dead",)
+            sites = select_flags(site for site, _ in p.get("channels", ()))
+            return ("--reinit-dead", *sites, *(("--init", "checkpoint") if adapter_model else ()))
         return ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,15 +212,21 @@ class Fix:
 
     ops: tuple[PatchOp, ...]
 
-    def command(self, source: str | None, *, adapter_model: bool = False) -> str:
-        """The shell command, every word quoted where needed (site names hold ``>``)."""
-        words = [source] if source else []
+    def command(self, subject: str | Sequence[str] | None, *, adapter_model: bool = False) -> str:
+        """The shell command, every word quoted where needed (site names hold ``>``). ``subject``: the
+        checkpoint path, or the words naming the subject (the path and flags such as ``--model``)."""
+        words = [subject] if isinstance(subject, str) else list(subject or ())
         for op in self.ops:
             words.extend(op.flags(adapter_model=adapter_model))
         return " ".join(["deadneuron", "patch", *(shlex.quote(w) for w in words)])
 
 
-def _freeze_channels(channels: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, ...]]:
+def select_flags(sites: Iterable[str]) -> tuple[str, ...]:
+    """``--select`` per site, each selecting exactly its site (:func:`deadneuron.select.site_selector`)."""
+    return tuple(word for site in sites for word in ("--select", site_selector(site)))
+
+
+def freeze_channels(channels: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, ...]]:
     return MappingProxyType({site: tuple(int(c) for c in ids) for site, ids in channels.items()})
 
 
@@ -235,7 +241,7 @@ class Hit:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
-        object.__setattr__(self, "channels", _freeze_channels(self.channels))
+        object.__setattr__(self, "channels", freeze_channels(self.channels))
 
 
 Predicate = Callable[["Report", "RuleContext", Mapping[str, float]], Sequence[Hit]]
@@ -269,38 +275,6 @@ class Rule:
     @property
     def defaults(self) -> dict[str, float]:
         return {t.name: t.default for t in self.thresholds}
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A rule's verdict on one report: what is wrong, where, the evidence, and what to try."""
-
-    rule: str
-    severity: Severity
-    title: str
-    message: str
-    sites: tuple[str, ...] = ()
-    channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    evidence: tuple[Evidence, ...] = ()
-    fixes: tuple[Fix, ...] = ()
-    commands: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", _freeze_channels(self.channels))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON. ``patch_ops[i]`` are the ops of ``commands[i]``; the first is the preferred fix."""
-        return {
-            "rule": self.rule,
-            "severity": self.severity.value,
-            "title": self.title,
-            "message": self.message,
-            "sites": list(self.sites),
-            "channels": {site: list(ids) for site, ids in self.channels.items()},
-            "evidence": [e.to_dict() for e in self.evidence],
-            "commands": list(self.commands),
-            "patch_ops": [[op.to_dict() for op in fix.ops] for fix in self.fixes],
-        }
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,166 @@
+"""Fixes checked against the subject: a fix is suggested only where ``deadneuron patch`` can apply it to
+the audited model and it changes exactly the sites its finding names; else the finding says why.
+
+A :class:`PatchTarget` says how ``deadneuron patch`` reaches the subject: the words that name it on a
+command line (the checkpoint and the audit's own ``--model``, ``--model-arg``, ``--data`` or
+``--input-shape`` ... flags), whether it has a training config (a deadneuron checkpoint: learning rate,
+epochs and dropout are config keys, and an activation swap lands where the config places it), and a
+``preview`` of what a fix would change. Module surgery (any other model) swaps an activation *module* at
+every site that calls it and every functional activation in the code of the module that calls it, so its
+preview is read off the report (:func:`surgery_preview`); a config's reach is measured by the caller,
+which can build the model. Pure: values in, values out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
+
+from deadneuron.rules.model import Fix, PatchKind, PatchOp, select_flags
+
+if TYPE_CHECKING:
+    from deadneuron.report import Report, SiteHealth
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What one fix would do to the subject: the sites whose activation it changes, and what stops it."""
+
+    sites: frozenset[str] = frozenset()
+    problems: tuple[str, ...] = ()
+
+
+PreviewFn = Callable[["Report", tuple[PatchOp, ...]], Preview]
+
+
+@dataclass(frozen=True)
+class PatchTarget:
+    """How ``deadneuron patch`` reaches the audited subject.
+
+    ``words``: the checkpoint and the subject flags, as they go on the command line (None: the subject has
+    no command line, as a model audited in Python: fixes are checked, no command is written).
+    ``config``: the subject is a deadneuron checkpoint whose training config the patch changes.
+    ``preview``: what a fix would change (default: module surgery, read off the report).
+    ``limits``: audit flags that ``deadneuron patch`` cannot repeat (its own audit of the model would
+    then read other channels), which keep dead-channel re-initialisation from being suggested.
+    ``unreachable``: why no fix can be applied to this subject at all ("" where fixes can be).
+    """
+
+    words: tuple[str, ...] | None = None
+    config: bool = False
+    preview: PreviewFn | None = None
+    limits: tuple[str, ...] = ()
+    unreachable: str = ""
+
+    def check(self, report: Report, fix: Fix) -> str | None:
+        """Why ``fix`` is not suggested for this subject, or None when it applies exactly."""
+        shown = " ".join(word for op in fix.ops for word in _short_flags(op, config=self.config))
+        if self.unreachable:
+            return f"`{shown}`: {self.unreachable}"
+        if self.limits and any(op.kind is PatchKind.REINIT_DEAD for op in fix.ops):
+            return (f"`{shown}`: the audit ran with {', '.join(self.limits)}, which deadneuron patch does not take, "
+                    "so its own audit would look for dead channels elsewhere")
+        preview = (self.preview or surgery_preview)(report, fix.ops)
+        if preview.problems:
+            return f"`{shown}`: {'; '.join(preview.problems)}"
+        for op in fix.ops:
+            if op.kind is PatchKind.SWAP_ACTIVATION:
+                named = frozenset(op.param("sites") or ()) or frozenset(_sites_of_kind(report, "relu"))
+                if preview.sites != named:
+                    return f"`{shown}` at {_few(sorted(named))}: {_reach_text(report, named, preview.sites, config=self.config)}"
+        return None
+
+    def command(self, fix: Fix) -> str | None:
+        return None if self.words is None else fix.command(self.words, adapter_model=self.config)
+
+
+def surgery_preview(report: Report, ops: tuple[PatchOp, ...]) -> Preview:
+    """What ``deadneuron patch --model`` would change, from the report: the module-surgery selection of
+    :func:`deadneuron.patch.apply_plan` (a swapped module changes at all its call sites; a swapped
+    functional call changes every functional activation in its module's own code; an audit limited by
+    ``select`` cannot tell). A training hyper-parameter is out of its reach: the model has no config."""
+    sites: set[str] = set()
+    problems: list[str] = []
+    for op in ops:
+        if op.kind is PatchKind.SWAP_ACTIVATION and report.meta.get("select"):
+            problems.append("the audit measured only the sites matching its --select, so which other sites share "
+                            "these activations is unknown; audit without --select to have the swap suggested")
+        elif op.kind is PatchKind.SWAP_ACTIVATION:
+            patterns = tuple(select_flags(op.param("sites") or ())[1::2])
+            sites |= _swapped_sites(report, patterns)
+        elif op.kind is PatchKind.SET_HPARAM:
+            problems.append(f"the model has no training config that deadneuron patch could change; set the "
+                            f"{op.param('name', 'hyper-parameter').replace('_', ' ')} in your training script")
+        elif op.kind is PatchKind.REINIT_DEAD:
+            sites |= {site for site, _ in op.param("channels", ())}
+    return Preview(frozenset(sites), tuple(problems))
+
+
+def _swapped_sites(report: Report, patterns: Sequence[str]) -> set[str]:
+    """The sites of ``report`` a swap selecting ``patterns`` changes (every relu site without patterns)."""
+    if not patterns:
+        return set(_sites_of_kind(report, "relu"))
+    sites = list(report.sites.values())
+    picked_modules = {s.module for s in sites if not s.functional and _any_match(_module_names(s, sites), patterns)}
+    picked_owners = {s.module for s in sites if s.functional and _any_match(_function_names(s, sites), patterns)}
+    return {s.name for s in sites if (s.module in picked_owners if s.functional else s.module in picked_modules)}
+
+
+def _module_names(site: SiteHealth, sites: Sequence[SiteHealth]) -> tuple[str, ...]:
+    own = tuple(s.name for s in sites if s.module == site.module and not s.functional)
+    return (site.module, f"module:{site.module}", site.kind, f"kind:{site.kind}", *own)
+
+
+def _function_names(site: SiteHealth, sites: Sequence[SiteHealth]) -> tuple[str, ...]:
+    fname = site.name.rsplit(">", 1)[-1].rsplit(".", 1)[-1].split("#", 1)[0]
+    owner = site.module
+    named = tuple(s.name for s in sites if s.functional and s.module == owner)
+    return (f"{owner}.{fname}", f"function:{owner or '<root>'}.{fname}", site.kind, f"kind:{site.kind}", *named)
+
+
+def _any_match(names: Iterable[str], patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(n, p) for n in names if n for p in patterns)
+
+
+def _sites_of_kind(report: Report, kind: str) -> list[str]:
+    return [s.name for s in report.sites.values() if s.kind == kind]
+
+
+def _reach_text(report: Report, named: frozenset[str], changed: frozenset[str], *, config: bool) -> str:
+    extra, missing = sorted(changed - named), sorted(named - changed)
+    if config and missing:
+        reach = f"of {_few(sorted(changed))} only" if changed else "of none of these sites"
+        return f"the checkpoint's config sets the activation {reach}, not of {_few(missing)}"
+    if config:
+        return (f"the checkpoint's config sets one activation for {_few(sorted(changed))}: the swap would also "
+                f"change {_few(extra)}, which this finding does not name")
+    if extra:
+        modules = sorted({report.sites[s].module for s in extra if s in report.sites})
+        return (f"{_few(modules)} also runs at {_few(extra)}, which this finding does not name; a swap changes a "
+                "module (and the functional calls in a module's code) at all its sites")
+    return f"module surgery cannot reach {_few(missing)}"
+
+
+def _short_flags(op: PatchOp, *, config: bool) -> tuple[str, ...]:
+    """The op's flags without the ``--select`` list (the reason names the sites)."""
+    flags = op.flags(adapter_model=config)
+    out: list[str] = []
+    skip = False
+    for word in flags:
+        if skip:
+            skip = False
+        elif word == "--select":
+            skip = True
+        else:
+            out.append(word)
+    return tuple(out)
+
+
+def _few(items: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{shown} and {len(items) - limit} more" if len(items) > limit else shown
+
+
+__all__ = ["PatchTarget", "Preview", "PreviewFn", "surgery_preview"]

@@ -1,0 +1,74 @@
+"""PatchTarget: fixes checked against the subject (pure). A swap of a shared module or of a functional
+call reaches every site of that module or code; a name that reads as a kind selects its module; an audit
+limited by --select or a model without a training config keep a fix from being suggested, with why; the
+subject's words are quoted into every command."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+from deadneuron.report import SiteHealth
+from deadneuron.rules import Fix, PatchOp, PatchTarget, Preview, builtin_rules, evaluate, surgery_preview
+from tests.test_rules_factory import make_report, make_site
+
+
+def functional(name: str, owner: str, **kw: object) -> SiteHealth:
+    return dataclasses.replace(make_site(name, **kw), module=owner, functional=True)  # type: ignore[arg-type]
+
+
+def swap(*sites: str) -> tuple[PatchOp, ...]:
+    return (PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=sites),)
+
+
+REPORT = make_report(
+    make_site("conv1>act", module="act"), make_site("conv2>act", module="act", dead=(1,)),
+    make_site("relu", module="relu", dead=(0, 2)), make_site("head.relu", module="head.relu"),
+    functional("block.conv>relu", "block", dead=(3,)), functional("block.conv>gelu", "block", kind="gelu"),
+)  # fmt: skip
+
+
+def test_surgery_reach_follows_modules_and_the_code_that_calls_functions() -> None:
+    assert surgery_preview(REPORT, swap("conv2>act")).sites == {"conv1>act", "conv2>act"}  # one module, two sites
+    assert surgery_preview(REPORT, swap("relu")).sites == {"relu"}  # module:relu, not every ReLU
+    assert surgery_preview(REPORT, swap("block.conv>relu")).sites == {"block.conv>relu", "block.conv>gelu"}
+    assert surgery_preview(REPORT, swap()).sites == {"conv1>act", "conv2>act", "relu", "head.relu", "block.conv>relu"}
+
+
+def test_check_withholds_what_would_change_more_and_says_why() -> None:
+    target = PatchTarget(("m.pth",))
+    reason = target.check(REPORT, Fix(swap("conv2>act")))
+    assert reason is not None and "act also runs at conv1>act" in reason and reason.startswith("`--activation leaky")
+    assert target.check(REPORT, Fix(swap("relu"))) is None
+    assert "block also runs at block.conv>gelu" in str(target.check(REPORT, Fix(swap("block.conv>relu"))))
+    lr = target.check(REPORT, Fix((PatchOp.learning_rate(scale=0.5),)))
+    assert lr is not None and "no training config" in lr and "training script" in lr
+    limited = dataclasses.replace(REPORT, meta={**REPORT.meta, "select": ["relu"]})
+    assert "--select" in str(target.check(limited, Fix(swap("relu"))))
+    masked = PatchTarget(("m.pth",), limits=("--channel-axis relu=1",))
+    assert "--channel-axis relu=1" in str(masked.check(REPORT, Fix((PatchOp.reinit_dead({"relu": (0,)}),))))
+    assert "cannot" in str(PatchTarget(None, unreachable="cannot patch this").check(REPORT, Fix(swap("relu"))))
+
+
+def test_a_config_target_uses_its_measured_preview() -> None:
+    def encoder_only(report: object, ops: tuple[PatchOp, ...]) -> Preview:
+        return Preview(frozenset({"conv1>act", "conv2>act"}))
+
+    target = PatchTarget(("ck.pth",), config=True, preview=encoder_only)
+    assert target.check(REPORT, Fix(swap("conv1>act", "conv2>act"))) is None
+    assert "sets the activation of conv1>act, conv2>act only, not of relu" in str(target.check(REPORT, Fix(swap("relu"))))
+    assert "would also change conv1>act" in str(target.check(REPORT, Fix(swap("conv2>act"))))
+
+
+def test_findings_keep_what_applies_with_commands_naming_the_whole_subject() -> None:
+    words = ("my runs/m.pth", "--model", "nets.py:build", "--data", "nets.py:batches", "--batches", "2")
+    findings = evaluate(REPORT, rules=builtin_rules(), target=PatchTarget(words))
+    shared = next(f for f in findings if f.sites == ("conv2>act",))
+    assert len(shared.fixes) == len(shared.commands) == 1 and "--reinit-dead" in shared.commands[0]
+    assert shared.withheld and shared.withheld[0] in shared.message
+    top = next(f for f in findings if f.sites == ("relu",))
+    argv = shlex.split(top.commands[0])
+    assert argv[:2 + len(words)] == ["deadneuron", "patch", *words]
+    assert argv[-2:] == ["--select", "module:relu"]
+    quiet = evaluate(REPORT, rules=builtin_rules(), target=PatchTarget(None))
+    assert all(not f.commands for f in quiet) and [f.fixes for f in quiet] == [f.fixes for f in findings]
