@@ -119,6 +119,7 @@ class PatchKind(Enum):
     SET_HPARAM = "set_hparam"
     INSERT_DROPOUT = "insert_dropout"
     REINIT_DEAD = "reinit_dead"
+    ADD_BATCHNORM = "add_batchnorm"
 
 
 def compact(x: float) -> str:
@@ -171,6 +172,11 @@ class PatchOp:
         chans = tuple((site, tuple(ids)) for site, ids in channels.items())
         return cls(PatchKind.REINIT_DEAD, (("channels", chans), ("reset_optimizer_state", True)))
 
+    @classmethod
+    def add_batchnorm(cls, sites: Sequence[str] = ()) -> PatchOp:
+        """BatchNorm after the layer feeding each site (for an adapter model: its config's switch)."""
+        return cls(PatchKind.ADD_BATCHNORM, (("sites", tuple(sites)),))
+
     def flags(self, *, adapter_model: bool = False) -> tuple[str, ...]:
         """CLI flags of ``deadneuron patch`` that request this op. For an adapter model the config
         decides where an activation swap lands (no ``--select``), and re-initialising dead channels
@@ -189,6 +195,8 @@ class PatchOp:
             return ("--dropout-between-convs", _num(p["p"]))
         if self.kind is PatchKind.REINIT_DEAD:
             return ("--reinit-dead", "--init", "checkpoint") if adapter_model else ("--reinit-dead",)
+        if self.kind is PatchKind.ADD_BATCHNORM:
+            return ("--add-batchnorm", *(word for site in p.get("sites", ()) for word in ("--select", site)))
         return ()
 
     def to_dict(self) -> dict[str, Any]:
