@@ -142,3 +142,19 @@ def test_estimate_from_the_first_steps_then_from_the_first_run() -> None:
                                               (7200, "2.0 h")])  # fmt: skip
 def test_duration_text(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+def test_report_and_compare_check_their_outputs_before_reading(ckpt: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "rep"
+    code, _, stderr = run("audit", ckpt, *SUBJECT, "--out", folder)
+    assert code == 0, stderr
+    assert (folder / "report.json").exists()
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    code, _, stderr = run("report", folder, "--format", "json", "--out", a_file)
+    assert code == 2 and "is a file; give a folder" in stderr
+    code, _, stderr = run("compare", folder, folder, "--out", tmp_path)
+    assert code == 2 and "is a folder; give a file path" in stderr
+    code, _, stderr = run("compare", folder, folder, "--out", folder / "report.json")
+    assert code == 2 and "is an input of this run" in stderr
+    assert a_file.read_text() == "x"
