@@ -132,23 +132,30 @@ def _check_combination(*, model: str | None, train: str | None, metric: str | No
         where = "add --train MODULE:FUNCTION" if model is not None else "it is for models of your own (--model, " \
             "--train); the bundled model is scored on its task metrics"
         raise UsageError(f"--metric scores retrained models: {where}")
-    if model is not None and train is None:
+    if model is not None:
+        _check_own_model(train=train, seeds=seeds, max_steps=max_steps, init=init, verify=verify, audit_grids=audit_grids)
+    training = model is None or train is not None
+    if reinit_dead and training and init != "checkpoint":
+        raise UsageError("--reinit-dead re-initialises the trained weights, which a retraining from scratch throws "
+                         "away (both arms would train the same thing): add --init checkpoint")  # fmt: skip
+
+
+def _check_own_model(*, train: str | None, seeds: int, max_steps: int | None, init: str | None, verify: bool,
+                     audit_grids: int | None) -> None:  # fmt: skip
+    """--model: the retraining flags need --train, and --train needs a budget."""
+    if train is None:
         given = [flag for flag, on in (("--seeds", seeds != 1), ("--max-steps", max_steps is not None),
                                        ("--init", init is not None)) if on]  # fmt: skip
         if given:
             raise UsageError(f"{', '.join(given)} set(s) how the model is retrained, and without --train nothing is: "
                              "add --train MODULE:FUNCTION, train(model, steps=N, seed=S)")  # fmt: skip
-    if train is not None:
-        if max_steps is None:
-            raise UsageError("--train needs a budget: pass --max-steps N (steps per run, the same for both arms)")
-        if audit_grids is not None:
-            raise UsageError("--audit-grids is for the bundled model's held-out grids: use --batches N with --data")
-        if not verify:
-            raise UsageError("--no-verify is for the bundled model: with --train both arms are trained and compared")
-    training = model is None or train is not None
-    if reinit_dead and training and init != "checkpoint":
-        raise UsageError("--reinit-dead re-initialises the trained weights, which a retraining from scratch throws "
-                         "away (both arms would train the same thing): add --init checkpoint")  # fmt: skip
+        return
+    if max_steps is None:
+        raise UsageError("--train needs a budget: pass --max-steps N (steps per run, the same for both arms)")
+    if audit_grids is not None:
+        raise UsageError("--audit-grids is for the bundled model's held-out grids: use --batches N with --data")
+    if not verify:
+        raise UsageError("--no-verify is for the bundled model: with --train both arms are trained and compared")
 
 
 def _check_numbers(*, seeds: int, max_steps: int | None, audit_grids: int | None, threads: int | None, init: str | None) -> None:
