@@ -4,6 +4,12 @@ The field names are the user's own (``LEARNING_RATE``, ``NUM_EPOCHS``, ...), so 
 can say "LEARNING_RATE 1e-4 -> 5e-5" in the words of the code it talks about. Defaults are the user's
 config (BatchNorm, ReLU, lr 1e-4, dropout 0.1, 7 slots, 200 grids, an enormous epoch count); cap a run
 with ``MAX_STEPS``.
+
+Activations are set per part of the model: ``ACTIVATION`` is the encoder conv stack's shared module
+(``encoder.relu``, the four ``encoder.bn_layers.i>relu`` sites; the key predates the others and keeps its
+name, so old checkpoints load unchanged), ``ENCODER_MLP_ACTIVATION`` the encoder MLP's (``encoder.mlp.1``),
+``SLOT_MLP_ACTIVATION`` the slot-attention MLP's (``slot_attention.mlp.1``) and ``DECODER_ACTIVATION`` the
+decoder's (``decoder.layers.1/3/5``). ``NEGATIVE_SLOPE`` is the slope of every LeakyReLU among them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Any, Literal, get_args, get_type_hints
 
 Activation = Literal["relu", "leaky", "gelu", "elu", "silu", "prelu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+# One key per part of the model (see the module docstring); ACTIVATION is the encoder conv stack's.
+ACTIVATION_KEYS: tuple[str, ...] = ("ACTIVATION", "ENCODER_MLP_ACTIVATION", "SLOT_MLP_ACTIVATION", "DECODER_ACTIVATION")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -27,7 +35,10 @@ class TrainConfig:
 
     LEARNING_RATE: float = 1e-4
     NUM_EPOCHS: int = 100_000
-    ACTIVATION: Activation = "relu"
+    ACTIVATION: Activation = "relu"  # the encoder conv stack's
+    ENCODER_MLP_ACTIVATION: Activation = "relu"
+    SLOT_MLP_ACTIVATION: Activation = "relu"
+    DECODER_ACTIVATION: Activation = "relu"
     NEGATIVE_SLOPE: float = 0.01
     DROPOUT: float = 0.1
     DROPOUT_BETWEEN_CONVS: bool = False
@@ -45,8 +56,9 @@ class TrainConfig:
     TIMELINE_GRIDS: int = 256
 
     def __post_init__(self) -> None:
-        if self.ACTIVATION not in ACTIVATIONS:
-            raise ValueError(f"ACTIVATION={self.ACTIVATION!r} is not one of {', '.join(ACTIVATIONS)}")
+        for name in ACTIVATION_KEYS:
+            if getattr(self, name) not in ACTIVATIONS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(ACTIVATIONS)}")
         positive = ("NUM_EPOCHS", "NUM_SLOTS", "SLOT_DIM", "SLOT_ITERS", "CHANNELS", "NUM_CONV",
                     "BATCH_SIZE", "TIMELINE_EVERY", "TIMELINE_GRIDS")
         for name in positive:

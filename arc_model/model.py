@@ -1,5 +1,7 @@
 """The ARC slot-attention autoencoder: ARCEncoder -> SlotAttention -> SpatialBroadcastDecoder.
 
+Each part's activation comes from the config (ACTIVATION for the encoder conv stack, ENCODER_MLP_ACTIVATION,
+SLOT_MLP_ACTIVATION, DECODER_ACTIVATION); the defaults are ReLU everywhere, the user's model.
 The encoder keeps the user's shape on purpose (``self.conv_layers``, ``self.bn_layers``, one shared
 ``self.relu`` applied after every conv layer, ``self.dropout``): deadneuron must report the four call
 sites of that one module separately (``encoder.bn_layers.0>relu`` ... ``encoder.bn_layers.3>relu``).
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -32,7 +35,7 @@ class SlotOutput(NamedTuple):
 
 
 def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
-    """The encoder's shared activation module for ``TrainConfig.ACTIVATION``."""
+    """The activation module for one of the config's activation names (``TrainConfig.ACTIVATION``...)."""
     factories = {
         "relu": nn.ReLU,
         "leaky": lambda: nn.LeakyReLU(negative_slope),
@@ -84,7 +87,11 @@ class ARCEncoder(nn.Module):
         self.dropout_between_convs = config.DROPOUT_BETWEEN_CONVS
         self.position = PositionEmbedding(channels)
         self.norm = nn.LayerNorm(channels)
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, channels),
+            make_activation(config.ENCODER_MLP_ACTIVATION, config.NEGATIVE_SLOPE),
+            nn.Linear(channels, channels),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 11, H, W) -> features (N, H*W, C)."""
@@ -105,7 +112,7 @@ class SlotAttention(nn.Module):
     """Iterative attention with competition between slots (softmax over slots), Locatello et al. 2020."""
 
     def __init__(self, num_slots: int, dim: int, input_dim: int, *, iters: int = 3, hidden: int = 128,
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, activation: nn.Module | None = None) -> None:
         super().__init__()
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
         self.scale = dim**-0.5
@@ -118,7 +125,7 @@ class SlotAttention(nn.Module):
         self.to_k = nn.Linear(input_dim, dim, bias=False)
         self.to_v = nn.Linear(input_dim, dim, bias=False)
         self.gru = nn.GRUCell(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), activation or nn.ReLU(), nn.Linear(hidden, dim))
 
     def initial_slots(self, batch: int, device: torch.device) -> torch.Tensor:
         """mu + sigma * noise; the noise is fixed in eval mode so that audits are reproducible."""
@@ -155,13 +162,14 @@ class SpatialBroadcastDecoder(nn.Module):
     """Each slot broadcast over the grid's own size, plus positions, through a per-pixel MLP (1x1 convs,
     written as channels-last Linear layers: 2-3x faster on CPU) -> per-slot colour logits and alpha."""
 
-    def __init__(self, slot_dim: int, hidden: int, *, depth: int = 3) -> None:
+    def __init__(self, slot_dim: int, hidden: int, *, depth: int = 3,
+                 activation: Callable[[], nn.Module] = nn.ReLU) -> None:
         super().__init__()
         self.position = PositionEmbedding(slot_dim)
         layers: list[nn.Module] = []
         width = slot_dim
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            layers += [nn.Linear(width, hidden), activation()]
             width = hidden
         layers.append(nn.Linear(width, NUM_COLOURS + 1))
         self.layers = nn.Sequential(*layers)
@@ -179,10 +187,14 @@ class SlotAutoencoder(nn.Module):
     def __init__(self, config: TrainConfig) -> None:
         super().__init__()
         self.encoder = ARCEncoder(config)
+        slope = config.NEGATIVE_SLOPE
         self.slot_attention = SlotAttention(
-            config.NUM_SLOTS, config.SLOT_DIM, config.CHANNELS, iters=config.SLOT_ITERS
+            config.NUM_SLOTS, config.SLOT_DIM, config.CHANNELS, iters=config.SLOT_ITERS,
+            activation=make_activation(config.SLOT_MLP_ACTIVATION, slope),
         )
-        self.decoder = SpatialBroadcastDecoder(config.SLOT_DIM, config.CHANNELS)
+        self.decoder = SpatialBroadcastDecoder(
+            config.SLOT_DIM, config.CHANNELS, activation=lambda: make_activation(config.DECODER_ACTIVATION, slope)
+        )
 
     def forward(self, x: torch.Tensor) -> SlotOutput:
         height, width = x.shape[-2:]

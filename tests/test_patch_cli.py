@@ -153,7 +153,7 @@ def test_adapter_dry_run_and_a_no_op_plan(tiny_arc: Path, tmp_path: Path) -> Non
     code, _, stderr = run("patch", tiny_arc, "--activation", "gelu", "--epochs", "10", "--dry-run",
                           "--out", tmp_path / "x.pth", *TINY_RUN)  # fmt: skip
     assert code == 0, stderr
-    assert "NUM_EPOCHS: 100000 -> 10" in stderr and "2 arms x 1 seed(s), 3 steps each" in stderr
+    assert "NUM_EPOCHS: 100000 -> 10" in stderr and "2 arms x 1 seed(s) = 2 runs of 3 steps each" in stderr
     assert not (tmp_path / "x.pth").exists()
     code, _, stderr = run("patch", tiny_arc, "--activation", "relu", "--dry-run", *TINY_RUN)
     assert code == 2 and "changes nothing" in stderr

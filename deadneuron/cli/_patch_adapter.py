@@ -1,8 +1,14 @@
-"""`deadneuron patch` for a deadneuron checkpoint: change the config, retrain both arms, compare, write."""
+"""`deadneuron patch` for a deadneuron checkpoint: change the config, retrain both arms, compare, write.
+
+The plan becomes config changes through the keys' measured parts (:mod:`deadneuron.patch.parts`); the
+sites that will change are listed by name before anything is trained, and a plan whose config change
+reaches sites it did not select, or changes nothing, is refused then.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from deadneuron.errors import UsageError
@@ -18,7 +24,6 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
                   verify: bool, audit_grids: int | None, allow_globals: tuple[str, ...] | list[str]) -> None:  # fmt: skip
     from deadneuron.adapters import get_adapter, is_deadneuron_checkpoint
     from deadneuron.checkpoint import file_sha256, load_checkpoint
-    from deadneuron.patch import PatchError, apply_to_config
     from deadneuron.patch.retrain import Budget, Options, seeds_for
 
     source_hash = file_sha256(ctx.checkpoint)
@@ -28,7 +33,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
                          "(and --data or --input-shape) to patch the model itself")  # fmt: skip
     ckpt = cast(Mapping[str, Any], ckpt)
     adapter = get_adapter(str(ckpt.get("adapter")))
-    config = dict(ckpt.get("config") or {})
+    config = _full_config(adapter, ckpt.get("config") or {})
     budget = Budget(_steps(ckpt, max_steps), init, audit_grids)  # type: ignore[arg-type]
     seed_list = seeds_for(config, seeds)
     if not verify and seeds > 1:
@@ -36,15 +41,9 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     needs_input_audit = apply_suggestions or (verify and not ctx.dry_run) or (flags.get(_reinit_type()) and init == "checkpoint")
     input_report = _audit_input(ctx, adapter, ckpt, budget) if needs_input_audit else None
     plan = _plan(flags, input_report, ckpt, adapter, apply_suggestions)
-    patched_config, record = apply_to_config(config, plan, init=init)  # type: ignore[arg-type]
-    coverage = _coverage(adapter, config, patched_config)
-    _print_plan(ctx, plan, record, coverage, budget, seed_list, verify)
-    for line in _uncovered(plan, coverage, input_report):
-        ctx.say(f"  note: {line}")
-    if record.not_patched:
-        raise PatchError("could not apply the whole plan: " + "; ".join(record.not_patched))
-    if not record.changes and not plan.get(_reinit_type()):
-        raise UsageError("the plan changes nothing in this checkpoint's config (see the notes above)")
+    patched_config, record, changes = _resolve(adapter, config, plan, init, input_report)
+    _print_plan(ctx, plan, record, changes, budget, seed_list, verify)
+    _refuse_bad_plans(plan, record, changes)
     if ctx.dry_run:
         ctx.say("dry run: nothing trained, nothing written")
         return
@@ -54,10 +53,68 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     verification, runs = _train(adapter, config, patched_config, budget, options, seed_list, verify, (input_report, ckpt))
     if verification is not None:
         _show(ctx, verification)
+    from deadneuron.cli.patch import new_outputs
+
+    outputs = new_outputs(ctx)
     kept = next(r for r in runs if r.arm == "patched")
-    _write(ctx, kept, plan, record, coverage, source_hash, verification, budget)
+    _add_checkpoint(ctx, outputs, kept, plan, record, changes.model, source_hash, verification, budget)
     if verification is not None:
-        _extras(ctx, verification, runs)
+        _extras(ctx, outputs, verification, runs)
+    outputs.write(ctx.say)
+
+
+def _full_config(adapter: Adapter, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored config with the adapter's defaults for keys it predates (what its model was built
+    with), so that keys added since (DECODER_ACTIVATION, ...) can be patched in an old checkpoint."""
+    defaults = getattr(adapter, "default_config", None)
+    base = defaults() if callable(defaults) else {}
+    return {**base, **stored}
+
+
+@dataclass(frozen=True)
+class _Changes:
+    """What the config change does to the model, measured by building both: module lines and sites."""
+
+    model: list[str]
+    sites: list[str]
+    outside: list[str]  # changed sites the plan did not select
+    shared: list[str]  # changed sites no --select glob names, changed with the others by one shared key
+
+
+def _resolve(adapter: Adapter, config: Mapping[str, Any], plan: Plan, init: str,
+             report: Any) -> tuple[dict[str, Any], Any, _Changes]:  # fmt: skip
+    from deadneuron.patch import AddBatchNorm, SwapActivation, apply_to_config
+    from deadneuron.patch.parts import changed_sites, config_map, model_changes, outside, site_infos
+    from deadneuron.select import matches
+
+    sites = site_infos(adapter, config, report)
+    parts = config_map(adapter, config, sites)
+    patched, record = apply_to_config(config, plan, init=init, parts=parts)  # type: ignore[arg-type]
+    changed = changed_sites(adapter, config, patched, sites)
+    extra = outside(changed, record.targets) if record.targets else []
+    globs = [p for op in plan.ops for p in getattr(op, "sites", ()) if isinstance(op, (SwapActivation, AddBatchNorm))]
+    named = {n for n, i in sites.items() if globs and matches((n, i.module, i.kind, f"kind:{i.kind}"), globs)}
+    shared = [n for n in changed if globs and n not in named and n not in extra]
+    return patched, record, _Changes(model_changes(adapter, config, patched), changed, extra, shared)
+
+
+def _refuse_bad_plans(plan: Plan, record: Any, changes: _Changes) -> None:
+    """Before any training: parts of the plan that cannot apply, reaches beyond the selection, no-ops."""
+    from deadneuron.patch import PatchError
+
+    if record.not_patched:
+        raise PatchError("could not apply the whole plan: " + "; ".join(record.not_patched))
+    if changes.outside:
+        raise PatchError(f"the config change also reaches {_few(changes.outside)}, which the selection leaves out "
+                         "(a key such as NEGATIVE_SLOPE is shared by every part): select them too, or keep their "
+                         "setting")  # fmt: skip
+    if not record.changes and not plan.get(_reinit_type()):
+        why = "; ".join(record.notes) or "every setting it asks for is already in the config"
+        raise UsageError(f"the plan changes nothing in this checkpoint's config ({why}): nothing to train")
+
+
+def _few(items: list[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _reinit_type() -> type:
@@ -92,38 +149,7 @@ def _plan(flags: Plan, report: Any, ckpt: Mapping[str, Any], adapter: Adapter, s
     return plan_from_findings(report.findings).overridden_by(flags)
 
 
-def _coverage(adapter: Adapter, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """Which activation modules the config change swaps, measured by building both models."""
-    from deadneuron.activations import spec_for_module
-
-    old = {n: spec_for_module(m) for n, m in adapter.build(before).named_modules()}
-    new = {n: spec_for_module(m) for n, m in adapter.build(after).named_modules()}
-    lines = []
-    for name, spec in old.items():
-        if spec is not None and new.get(name) is not None and new[name] != spec:
-            lines.append(f"{name}: {spec.label} -> {new[name].label}")  # type: ignore[union-attr]
-    return lines
-
-
-def _uncovered(plan: Plan, coverage: list[str], report: Any) -> list[str]:
-    """Selected sites whose activation the config does not govern (only the encoder's shared one, say)."""
-    from deadneuron.patch import SwapActivation
-
-    op = plan.get(SwapActivation)
-    if op is None or not op.sites:
-        return []
-    covered = {line.partition(":")[0] for line in coverage}
-    if report is None:
-        return [f"the config's activation changes {', '.join(sorted(covered)) or 'nothing'}; --select is not checked "
-                "against it without an audit"]  # fmt: skip
-    outside = [s for s in op.sites if s in report.sites and report.sites[s].module not in covered]
-    if not outside:
-        return []
-    return [f"the config's activation does not reach {', '.join(outside[:4])}"
-            f"{f' and {len(outside) - 4} more' if len(outside) > 4 else ''}; only {', '.join(sorted(covered)) or 'nothing'} changes"]
-
-
-def _print_plan(ctx: Context, plan: Plan, record: Any, coverage: list[str], budget: Budget, seeds: list[int],
+def _print_plan(ctx: Context, plan: Plan, record: Any, changes: _Changes, budget: Budget, seeds: list[int],
                 verify: bool) -> None:  # fmt: skip
     ctx.say("plan:")
     for line in plan.describe() or ["(empty)"]:
@@ -133,10 +159,14 @@ def _print_plan(ctx: Context, plan: Plan, record: Any, coverage: list[str], budg
     ctx.say("config changes:")
     for line in record.lines() or ["(none)"]:
         ctx.say(f"  {line}")
-    for line in coverage:
+    for line in changes.model:
         ctx.say(f"  model: {line}")
-    arms = f"2 arms x {len(seeds)} seed(s)" if verify else "the patched config once"
-    ctx.say(f"budget: {arms}, {budget.steps} steps each, --init {budget.init}; output {ctx.out}")
+    if changes.sites:
+        ctx.say(f"sites that will change ({len(changes.sites)}): {', '.join(changes.sites)}")
+    if changes.shared:
+        ctx.say(f"  note: {', '.join(changes.shared)} change too: one config key sets them with the selected sites")
+    runs = f"2 arms x {len(seeds)} seed(s) = {2 * len(seeds)} runs" if verify else "1 run (the patched config)"
+    ctx.say(f"runs: {runs} of {budget.steps} steps each, --init {budget.init}; output {ctx.out}")
 
 
 def _patched_init(ctx: Context, adapter: Adapter, ckpt: Mapping[str, Any], plan: Plan, report: Any) -> dict[str, Any]:
@@ -170,22 +200,20 @@ def _train(adapter: Adapter, baseline: Mapping[str, Any], patched: Mapping[str, 
     return run_arms(adapter, baseline, patched, budget, options, seeds=seeds, reference=ref)
 
 
-def _write(ctx: Context, run: Run, plan: Plan, record: Any, coverage: list[str], source_hash: str,
-           verification: Any, budget: Budget) -> None:  # fmt: skip
-    from deadneuron.checkpoint import atomic_save
-
+def _add_checkpoint(ctx: Context, outputs: Any, run: Run, plan: Plan, record: Any, model_changes: list[str],
+                    source_hash: str, verification: Any, budget: Budget) -> None:  # fmt: skip
     patch_info = {
         "source": str(ctx.checkpoint),
         "source_sha256": source_hash,
         "plan": plan.to_dict(),
         "record": record.to_dict(),
-        "model_changes": coverage,
+        "model_changes": model_changes,
         "seed": run.seed,
         "budget": budget.to_dict(),
         "verification": verification.to_dict() if verification is not None else None,
     }
-    atomic_save({**run.checkpoint, "patch": patch_info}, ctx.out, force=ctx.force, protect=[ctx.checkpoint])
-    ctx.say(f"wrote {ctx.out} (the patched config, seed {run.seed})")
+    outputs.checkpoint(ctx.out, {**run.checkpoint, "patch": patch_info})
+    ctx.say(f"{ctx.out}: the patched config, seed {run.seed}")
 
 
 def _show(ctx: Context, verification: Any) -> None:
@@ -194,12 +222,12 @@ def _show(ctx: Context, verification: Any) -> None:
     ctx.console.print(verification_table(verification))
 
 
-def _extras(ctx: Context, verification: Any, runs: list[Run]) -> None:
-    from deadneuron.cli.patch import write_extras
+def _extras(ctx: Context, outputs: Any, verification: Any, runs: list[Run]) -> None:
+    from deadneuron.cli.patch import extras
 
     before = [r.report for r in runs if r.arm == "baseline"]
     after = [r.report for r in runs if r.arm == "patched"]
-    write_extras(ctx, verification, before, after, ("baseline", "patched"))
+    extras(ctx, outputs, verification, before, after, ("baseline", "patched"))
 
 
 __all__ = ["patch_adapter"]

@@ -26,12 +26,51 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
                   allow_globals: Sequence[str], trust_code: bool) -> None:  # fmt: skip
     from deadneuron.audit import audit
     from deadneuron.checkpoint import file_sha256
-    from deadneuron.cli._subject import build_subject
     from deadneuron.patch import apply_plan
+
+    source_hash = file_sha256(ctx.checkpoint)
+    subject, sample, before = load_subject(ctx, model_spec=model_spec, model_args=model_args, data=data,
+                                           input_shape=input_shape, batches=batches, allow_globals=allow_globals,
+                                           trust_code=trust_code)  # fmt: skip
+    plan = plan_for(flags, before, subject, apply_suggestions)
+    if not plan:
+        raise UsageError("nothing to patch: the audit found nothing to fix and no flag asked for a change")
+    result = apply_plan(subject.model, plan, report=before, example=sample[0])
+    print_plan(ctx, plan, result.record)
+    refuse_no_op(result.record)
+    if ctx.dry_run:
+        ctx.say("dry run: nothing written")
+        return
+    after = audit(result.model, sample, progress=False, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
+    verification = _compare(before, after, len(sample))
+    from deadneuron.cli.patch import extras, new_outputs
+    from deadneuron.patch.table import verification_table
+
+    ctx.console.print(verification_table(verification))
+    outputs = new_outputs(ctx)
+    _add_state(ctx, outputs, result, plan, source_hash, model_spec, subject.model_args, subject.patched_plans)
+    extras(ctx, outputs, verification, [before], [after], ("before", "after"))
+    outputs.write(ctx.say)
+    ctx.say(f"rebuild {ctx.out} with deadneuron.load_patched({str(ctx.out)!r}, <your factory>), audit it with "
+            f"`deadneuron audit {ctx.out} --model {model_spec} ...`")
+
+
+def refuse_no_op(record: Any) -> None:
+    """A plan that changed nothing in the model is refused (exit 2), with the notes saying why."""
+    if not record.changes:
+        why = "; ".join(record.notes) or "every selected site already is what the plan asks"
+        raise UsageError(f"the plan changes nothing in this model ({why})")
+
+
+def load_subject(ctx: Context, *, model_spec: str, model_args: Mapping[str, Any], data: str | None,
+                 input_shape: str | None, batches: int | None, allow_globals: Sequence[str],
+                 trust_code: bool) -> tuple[Any, list[Any], Any]:  # fmt: skip
+    """The model with its weights, the batches the patch is checked on (--batches, default 8), and its audit."""
+    from deadneuron.audit import audit
+    from deadneuron.cli._subject import build_subject
 
     if batches is not None and batches < 1:
         raise UsageError(f"--batches must be at least 1, got {batches}")
-    source_hash = file_sha256(ctx.checkpoint)
     subject = build_subject(ctx.checkpoint, model_spec=model_spec, model_args=model_args, input_shape=input_shape,
                             data_spec=data, batches=batches, allow_globals=allow_globals, trust_code=trust_code)  # fmt: skip
     assert subject.data is not None
@@ -44,25 +83,11 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
         ctx.say(f"warning: {warning}")
     # Eager statistics: a few batches do not repay torch.compile's start-up (tens of seconds cold).
     before = audit(subject.model, sample, progress=False, compile=False, meta={"source": str(ctx.checkpoint)})
-    plan = _plan(flags, before, subject, apply_suggestions)
-    if not plan:
-        raise UsageError("nothing to patch: the audit found nothing to fix and no flag asked for a change")
-    result = apply_plan(subject.model, plan, report=before, example=sample[0])
-    _print(ctx, plan, result.record)
-    if ctx.dry_run:
-        ctx.say("dry run: nothing written")
-        return
-    after = audit(result.model, sample, progress=False, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
-    verification = _compare(before, after, len(sample))
-    _write(ctx, result, plan, source_hash, model_spec, subject.model_args, subject.patched_plans)
-    from deadneuron.cli.patch import write_extras
-    from deadneuron.patch.table import verification_table
-
-    ctx.console.print(verification_table(verification))
-    write_extras(ctx, verification, [before], [after], ("before", "after"))
+    return subject, sample, before
 
 
-def _plan(flags: Plan, report: Any, subject: Any, suggestions: bool) -> Plan:
+def plan_for(flags: Plan, report: Any, subject: Any, suggestions: bool) -> Plan:
+    """The flags' plan, over the audit's suggested fixes with --apply-suggestions."""
     if not suggestions:
         return flags
     from deadneuron.patch import plan_from_findings
@@ -72,7 +97,7 @@ def _plan(flags: Plan, report: Any, subject: Any, suggestions: bool) -> Plan:
     return plan_from_findings(found.findings).overridden_by(flags)
 
 
-def _print(ctx: Context, plan: Plan, record: Any) -> None:
+def print_plan(ctx: Context, plan: Plan, record: Any) -> None:
     ctx.say("plan:")
     for line in plan.describe():
         ctx.say(f"  {line}")
@@ -88,17 +113,14 @@ def _compare(before: Any, after: Any, batches: int) -> Any:
     return compare([sample_from(before)], [sample_from(after)], seeds=(0,), budget=budget, labels=("before", "after"))
 
 
-def _write(ctx: Context, result: Any, plan: Plan, source_hash: str, model_spec: str, model_args: Mapping[str, Any],
-           earlier_plans: Sequence[Mapping[str, Any]]) -> None:  # fmt: skip
-    from deadneuron.checkpoint import atomic_save
+def _add_state(ctx: Context, outputs: Any, result: Any, plan: Plan, source_hash: str, model_spec: str,
+               model_args: Mapping[str, Any], earlier_plans: Sequence[Mapping[str, Any]]) -> None:  # fmt: skip
     from deadneuron.patch import patched_state
 
     state = patched_state(result.model, resolved=result.resolved, requested=plan, record=result.record.to_dict(),
                           source=str(ctx.checkpoint), source_sha256=source_hash, model_spec=model_spec,
                           model_args=model_args, earlier_plans=earlier_plans)  # fmt: skip
-    atomic_save(state, ctx.out, force=ctx.force, protect=[ctx.checkpoint])
-    ctx.say(f"wrote {ctx.out}: rebuild it with deadneuron.load_patched({str(ctx.out)!r}, <your factory>), "
-            f"audit it with `deadneuron audit {ctx.out} --model {model_spec} ...`")
+    outputs.checkpoint(ctx.out, state)
 
 
-__all__ = ["patch_generic"]
+__all__ = ["load_subject", "patch_generic", "plan_for", "print_plan", "refuse_no_op"]

@@ -73,6 +73,10 @@ def audit_command(
         resolve_device(device)  # an unusable device fails before the checkpoint is read
     axes = parse_channel_axes(channel_axis or [])
     rules = _rules_config(no_rules, disable or [], rules_config)  # a bad config fails before the audit runs
+    if out is not None:
+        from deadneuron.cli._outputs import check_folder
+
+        check_folder(out, option="--out")  # before any work
     subject = build_subject(
         checkpoint,
         model_spec=model,

@@ -43,6 +43,11 @@ def compare_command(
 
     if fmt not in ("table", "md"):
         raise UsageError(f"--format takes table or md, not {fmt!r}")
+    if out is not None:
+        from deadneuron.cli._outputs import check_output
+
+        inputs = [p / "report.json" if p.is_dir() else p for p in (a, b)]
+        check_output(out, option="--out", inputs=inputs, force=True)  # before any work; it is replaced
     diff = diff_reports(load_report(a), load_report(b))
     if out is not None:
         from deadneuron.render.files import write_text_file

@@ -1,13 +1,21 @@
 """Apply a fix, retrain, and measure whether it helped: baseline and patched arms on the same budget.
 
-For a deadneuron checkpoint (the bundled ARC model) the flags change its config (ACTIVATION,
-NEGATIVE_SLOPE, LEARNING_RATE, NUM_EPOCHS, DROPOUT_BETWEEN_CONVS); both configs are retrained for --seeds
-seeds on the same step budget (default: the checkpoint's own step count), audited on the held-out grids
-and compared metric by metric with a verdict: improved, no change within the spread, or worse. The
-patched run of the first seed is written to --out (default: beside the input, suffix _patched).
+For a deadneuron checkpoint (the bundled ARC model) the flags change its config: --select globs choose
+the activation keys (ACTIVATION for the encoder conv stack, ENCODER_MLP_ACTIVATION, SLOT_MLP_ACTIVATION,
+DECODER_ACTIVATION), --add-batchnorm sets BATCH_NORM, and NEGATIVE_SLOPE, LEARNING_RATE, NUM_EPOCHS,
+DROPOUT_BETWEEN_CONVS follow their flags; the plan lists by name the sites that will change. Both configs
+are retrained for --seeds seeds on the same step budget (default: the checkpoint's own step count),
+audited on the held-out grids and compared metric by metric with a verdict: improved, no change within
+the spread, or worse. The patched run of the first seed is written to --out (default: beside the input,
+suffix _patched).
 For a plain state_dict (--model MODULE:FACTORY with --data or --input-shape) the model itself is patched
-(module surgery, torch.fx for functional activations) and its state_dict is written with the plan.
-The input is never modified; an existing --out is refused without --force; --dry-run writes nothing.
+(module surgery, torch.fx for functional activations, BatchNorm after the layers feeding the selected
+sites) and its state_dict is written with the plan. With --train MODULE:FUNCTION, train(model, steps=N,
+seed=S), both arms are trained --seeds times for --max-steps steps (--init scratch or checkpoint),
+audited on --data, scored with --metric, and compared in the same table.
+Before any work every output path is checked; a plan that changes nothing is refused (exit 2); the
+input is never modified; an existing output is refused without --force; --dry-run writes nothing; the
+outputs are written together at the end, all or none.
 """
 
 from __future__ import annotations
@@ -34,14 +42,15 @@ def patch_command(
     epochs: Annotated[int | None, typer.Option("--epochs", help="New epoch budget (NUM_EPOCHS).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Steps per training run, both arms (default: the checkpoint's step count).")] = None,
     apply_suggestions: Annotated[bool, typer.Option("--apply-suggestions", help="Also apply the preferred fix of every finding of an audit (flags win).")] = False,
-    reinit_dead: Annotated[bool, typer.Option("--reinit-dead", help="Re-initialise dead channels (ReDo); with --init checkpoint for adapter models.")] = False,
+    reinit_dead: Annotated[bool, typer.Option("--reinit-dead", help="Re-initialise dead channels (ReDo); retraining needs --init checkpoint.")] = False,
+    add_batchnorm: Annotated[bool, typer.Option("--add-batchnorm", help="BatchNorm after the conv/linear layers feeding the sites (--select; default: every conv-fed site); BATCH_NORM for the bundled model.")] = False,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per arm (1 is an anecdote; 3 for a claim).")] = 1,
-    init: Annotated[str, typer.Option("--init", help="scratch: train fresh (as advised); checkpoint: fine-tune the input's weights.")] = "scratch",
+    init: Annotated[str | None, typer.Option("--init", help="scratch (default): train fresh; checkpoint: fine-tune the input's weights.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the patched checkpoint (default: INPUT_patched.pth).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what would change; write nothing.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Retrain the baseline too and compare (adapter models).")] = True,
-    select: Annotated[list[str] | None, typer.Option("--select", help="Only swap (or re-initialise) at these sites/modules (globs, or kind:relu); repeatable.")] = None,
+    select: Annotated[list[str] | None, typer.Option("--select", help="Only patch these sites/modules (swap, re-initialise, add BatchNorm; globs, or kind:relu); repeatable.")] = None,
     audit_grids: Annotated[int | None, typer.Option("--audit-grids", help="Audit this many held-out grids per run (default: all).")] = None,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the comparison as a Markdown table here.")] = None,
     figure: Annotated[Path | None, typer.Option("--figure", help="Also write the before/after figure (PNG) here.")] = None,
@@ -50,6 +59,8 @@ def patch_command(
     model: Annotated[str | None, typer.Option("--model", help="MODULE:FACTORY building the model (plain state_dicts).")] = None,
     model_arg: Annotated[list[str] | None, typer.Option("--model-arg", help="KEY=VALUE passed to the factory; repeatable.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="MODULE:FACTORY returning an iterable of batches.")] = None,
+    train: Annotated[str | None, typer.Option("--train", help="MODULE:FUNCTION: train(model, steps=N, seed=S) trains your model in place; both arms are retrained and compared.")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="MODULE:FUNCTION: metric(model) -> number or {name: number}, scored on every run (with --train).")] = None,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="Check on random N,C,H,W inputs.")] = None,
     batches: Annotated[int | None, typer.Option("--batches", help="Audit at most N batches of --data (default 8).")] = None,
     allow_global: Annotated[list[str] | None, typer.Option("--allow-global", help="Allow one more type (module.Name) when unpickling.")] = None,
@@ -64,13 +75,17 @@ def patch_command(
         torch.set_num_threads(threads)
     flags = plan_from_flags(activation=activation, negative_slope=negative_slope, sites=tuple(select or ()), lr=lr,
                             lr_scale=lr_scale, dropout_between_convs=dropout_between_convs, epochs=epochs,
-                            reinit_dead=reinit_dead)  # fmt: skip
+                            reinit_dead=reinit_dead, add_batchnorm=add_batchnorm)  # fmt: skip
     if not flags and not apply_suggestions:
-        raise UsageError("nothing to patch: pass --activation, --lr, --lr-scale, --dropout-between-convs, --epochs, "
-                         "--reinit-dead or --apply-suggestions")  # fmt: skip
+        raise UsageError("nothing to patch: pass --activation, --add-batchnorm, --lr, --lr-scale, "
+                         "--dropout-between-convs, --epochs, --reinit-dead or --apply-suggestions")  # fmt: skip
+    _check_combination(model=model, train=train, metric=metric, seeds=seeds, max_steps=max_steps, init=init,
+                       reinit_dead=reinit_dead, verify=verify, audit_grids=audit_grids)  # fmt: skip
     target = out if out is not None else default_out(checkpoint)
     if not dry_run:
-        check_out(target, checkpoint, force=force)
+        from deadneuron.cli._outputs import check_outputs
+
+        check_outputs({"--out": target, "--markdown": markdown, "--figure": figure}, inputs=[checkpoint], force=force)
     show = progress if progress is not None else sys.stderr.isatty()
     ctx = Context(checkpoint=checkpoint, out=target, force=force, dry_run=dry_run, progress=show,
                   markdown=markdown, figure=figure, console=Console(), err=Console(stderr=True))  # fmt: skip
@@ -79,13 +94,20 @@ def patch_command(
         from deadneuron.cli._subject import parse_key_values
 
         args = parse_key_values(model_arg or [], option="--model-arg")
-        patch_generic(ctx, flags, apply_suggestions=apply_suggestions, model_spec=model, model_args=args, data=data,
-                      input_shape=input_shape, batches=batches, allow_globals=allow_global or (), trust_code=trust_code)  # fmt: skip
+        subject = {"model_spec": model, "model_args": args, "data": data, "input_shape": input_shape, "batches": batches,
+                   "allow_globals": allow_global or (), "trust_code": trust_code}  # fmt: skip
+        if train is not None:
+            from deadneuron.cli._patch_own import patch_own
+
+            patch_own(ctx, flags, apply_suggestions=apply_suggestions, train_spec=train, metric_spec=metric, seeds=seeds,
+                      steps=max_steps or 0, init=init or "scratch", **subject)  # type: ignore[arg-type]  # fmt: skip
+            return
+        patch_generic(ctx, flags, apply_suggestions=apply_suggestions, **subject)  # type: ignore[arg-type]
         return
     from deadneuron.cli._patch_adapter import patch_adapter
 
-    patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init, max_steps=max_steps,
-                  verify=verify, audit_grids=audit_grids, allow_globals=allow_global or ())  # fmt: skip
+    patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init or "scratch",
+                  max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or ())  # fmt: skip
 
 
 class Context:
@@ -97,10 +119,46 @@ class Context:
         self.markdown, self.figure, self.console, self.err = markdown, figure, console, err
 
     def say(self, text: str) -> None:
-        self.err.print(text, highlight=False, markup=False)
+        self.err.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
-def _check_numbers(*, seeds: int, max_steps: int | None, audit_grids: int | None, threads: int | None, init: str) -> None:
+def _check_combination(*, model: str | None, train: str | None, metric: str | None, seeds: int, max_steps: int | None,
+                       init: str | None, reinit_dead: bool, verify: bool, audit_grids: int | None) -> None:  # fmt: skip
+    """Flags that mean nothing together, refused before any work: every flag given is honoured."""
+    if train is not None and model is None:
+        raise UsageError("--train trains a model of your own: add --model MODULE:FACTORY and --data MODULE:FACTORY "
+                         "(a deadneuron checkpoint retrains through its adapter without --train)")  # fmt: skip
+    if metric is not None and train is None:
+        where = "add --train MODULE:FUNCTION" if model is not None else "it is for models of your own (--model, " \
+            "--train); the bundled model is scored on its task metrics"
+        raise UsageError(f"--metric scores retrained models: {where}")
+    if model is not None:
+        _check_own_model(train=train, seeds=seeds, max_steps=max_steps, init=init, verify=verify, audit_grids=audit_grids)
+    training = model is None or train is not None
+    if reinit_dead and training and init != "checkpoint":
+        raise UsageError("--reinit-dead re-initialises the trained weights, which a retraining from scratch throws "
+                         "away (both arms would train the same thing): add --init checkpoint")  # fmt: skip
+
+
+def _check_own_model(*, train: str | None, seeds: int, max_steps: int | None, init: str | None, verify: bool,
+                     audit_grids: int | None) -> None:  # fmt: skip
+    """--model: the retraining flags need --train, and --train needs a budget."""
+    if train is None:
+        given = [flag for flag, on in (("--seeds", seeds != 1), ("--max-steps", max_steps is not None),
+                                       ("--init", init is not None)) if on]  # fmt: skip
+        if given:
+            raise UsageError(f"{', '.join(given)} set(s) how the model is retrained, and without --train nothing is: "
+                             "add --train MODULE:FUNCTION, train(model, steps=N, seed=S)")  # fmt: skip
+        return
+    if max_steps is None:
+        raise UsageError("--train needs a budget: pass --max-steps N (steps per run, the same for both arms)")
+    if audit_grids is not None:
+        raise UsageError("--audit-grids is for the bundled model's held-out grids: use --batches N with --data")
+    if not verify:
+        raise UsageError("--no-verify is for the bundled model: with --train both arms are trained and compared")
+
+
+def _check_numbers(*, seeds: int, max_steps: int | None, audit_grids: int | None, threads: int | None, init: str | None) -> None:
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {seeds}")
     if max_steps is not None and max_steps < 1:
@@ -109,7 +167,7 @@ def _check_numbers(*, seeds: int, max_steps: int | None, audit_grids: int | None
         raise UsageError(f"--audit-grids must be at least 1, got {audit_grids}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    if init not in ("scratch", "checkpoint"):
+    if init is not None and init not in ("scratch", "checkpoint"):
         raise UsageError(f"--init takes scratch or checkpoint, not {init!r}")
 
 
@@ -118,28 +176,12 @@ def default_out(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}_patched{checkpoint.suffix or '.pth'}")
 
 
-def check_out(out: Path, source: Path, *, force: bool) -> None:
-    """Refuse a bad --out before any training: the input itself, an existing file without --force."""
-    from deadneuron.errors import WriteError
-
-    if out.exists() and source.exists() and out.resolve() == source.resolve():
-        raise UsageError(f"{out}: is the input checkpoint and is never overwritten; choose another --out")
-    if out.exists() and not force:
-        raise UsageError(f"{out}: already exists; pass --force to overwrite it, or choose another --out")
-    if out.is_dir():
-        raise WriteError(f"{out}: is a folder; give a file path to write to")
-    if not out.parent.is_dir():
-        raise WriteError(f"{out}: folder {out.parent} does not exist; create it or choose another --out")
-
-
-def write_extras(ctx: Context, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str]) -> None:
-    """The Markdown table and the before/after figure, where asked for."""
-    from deadneuron.checkpoint import atomic_write_bytes, atomic_write_text
+def extras(ctx: Context, outputs: Any, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str]) -> None:
+    """The Markdown table and the before/after figure, where asked for, rendered now into ``outputs``."""
     from deadneuron.patch.table import verification_markdown
 
     if ctx.markdown is not None:
-        atomic_write_text(verification_markdown(verification), ctx.markdown, protect=[ctx.checkpoint])
-        ctx.say(f"wrote {ctx.markdown}")
+        outputs.text(ctx.markdown, verification_markdown(verification))
     if ctx.figure is not None:
         plot = before_after_plot()
         if plot is None:
@@ -147,8 +189,13 @@ def write_extras(ctx: Context, verification: Any, before: list[Any], after: list
             return
         from deadneuron.render._style import figure_png
 
-        atomic_write_bytes(figure_png(plot(before, after, labels=labels)), ctx.figure, protect=[ctx.checkpoint])
-        ctx.say(f"wrote {ctx.figure}")
+        outputs.data(ctx.figure, figure_png(plot(before, after, labels=labels)))
+
+
+def new_outputs(ctx: Context) -> Any:
+    from deadneuron.cli._outputs import Outputs
+
+    return Outputs(protect=[ctx.checkpoint], force=ctx.force)
 
 
 def before_after_plot() -> Any:
@@ -165,4 +212,4 @@ def before_after_plot() -> Any:
     return None
 
 
-__all__ = ["Context", "check_out", "default_out", "patch_command"]
+__all__ = ["Context", "default_out", "extras", "new_outputs", "patch_command"]

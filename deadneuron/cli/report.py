@@ -23,6 +23,10 @@ def report_command(
     from deadneuron.cli.compare import load_report
     from deadneuron.render.files import parse_formats, read_timeline, write_report
 
+    if out is not None:
+        from deadneuron.cli._outputs import check_folder
+
+        check_folder(out, option="--out")  # before any work
     report = load_report(report_path)
     folder = report_path if report_path.is_dir() else report_path.parent
     if fmt == "table":

@@ -6,15 +6,23 @@
     result.model, result.record.lines()
 
 For adapter models (the bundled ARC model) the same plan becomes a config change
-(:func:`apply_to_config`), and :mod:`deadneuron.patch.retrain` trains the baseline and the patched
+(:func:`apply_to_config`, ``--select`` mapped onto the config's per-part keys by
+:mod:`deadneuron.patch.parts`), and :mod:`deadneuron.patch.retrain` trains the baseline and the patched
 config on the same budget and seeds; :func:`compare` gives a verdict per metric (rule in
-:mod:`deadneuron.patch.verify`). A patched generic model is saved as its state_dict with the plan
+:mod:`deadneuron.patch.verify`). For a model of your own, :func:`verify_own` does the same with your
+factory, data and ``train(model, steps=N, seed=S)`` function::
+
+    result = verify_own(build, batches, train, plan, seeds=2, steps=200)
+    result.verification   # the table's rows; deadneuron.patch.table renders it
+ A patched generic model is saved as its state_dict with the plan
 recorded beside it; :func:`load_patched` rebuilds it from the factory.
 """
 
 from deadneuron.patch.apply import PatchError, PatchResult, apply_plan, make_activation
 from deadneuron.patch.config import apply_to_config
+from deadneuron.patch.own import OwnRun, OwnVerification, verify_own
 from deadneuron.patch.plan import (
+    AddBatchNorm,
     InsertDropout,
     Op,
     Plan,
@@ -30,10 +38,13 @@ from deadneuron.patch.saved import is_patched_state, load_patched, patched_state
 from deadneuron.patch.verify import Verdict, Verification, compare, sample_from, verdict
 
 __all__ = [
+    "AddBatchNorm",
     "ApplyRecord",
     "Change",
     "InsertDropout",
     "Op",
+    "OwnRun",
+    "OwnVerification",
     "PatchError",
     "PatchResult",
     "Plan",
@@ -54,4 +65,5 @@ __all__ = [
     "plan_from_flags",
     "sample_from",
     "verdict",
+    "verify_own",
 ]

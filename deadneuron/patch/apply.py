@@ -4,7 +4,8 @@
 are referenced (a module shared by four call sites changes at all four, and stays shared); functional
 activations are rewritten with torch.fx module by module (:mod:`deadneuron.patch._functional`); dropout
 is a forward hook on the selected activations; dead channels are re-initialised ReDo-style
-(:mod:`deadneuron.patch.reinit`). With an example batch the result is audited once more, and any
+(:mod:`deadneuron.patch.reinit`); BatchNorm is added after the layer feeding a site
+(:mod:`deadneuron.patch.batchnorm`). With an example batch the result is audited once more, and any
 selected site still running the old activation is listed with the reason (usually fx's) in a PatchError.
 
 :func:`apply_to_config` is the same plan for an adapter model: the ops become config changes
@@ -27,6 +28,7 @@ from deadneuron.activations import spec_for_module
 from deadneuron.errors import DeadneuronError, ExitCode
 from deadneuron.patch._functional import FunctionalSwap, replace_module, swap_functional
 from deadneuron.patch.plan import (
+    AddBatchNorm,
     InsertDropout,
     Plan,
     ReinitDead,
@@ -103,6 +105,8 @@ def apply_plan(
             _insert_dropout(patched, op, report, acc)
         elif isinstance(op, ReinitDead):
             slices = _reinit(patched, op, report, example, run, seed, acc)
+        elif isinstance(op, AddBatchNorm):
+            _add_batchnorm(patched, op, report, example, run, acc)
         elif isinstance(op, SetHyperParameter):
             acc.notes.append(f"{op.describe()}: a model without an adapter has no training config; it is recorded in "
                              "the plan for your training script")  # fmt: skip
@@ -124,6 +128,8 @@ def _resolved(plan: Plan, acc: RecordBuilder) -> Plan:
             ops.append(SwapActivation(op.to, op.negative_slope, tuple(dict.fromkeys(acc.swapped)), op.source))
         elif isinstance(op, InsertDropout) and acc.dropped:
             ops.append(InsertDropout(op.p, tuple(acc.dropped)))
+        elif isinstance(op, AddBatchNorm) and acc.normed:
+            ops.append(AddBatchNorm(tuple(acc.normed)))
         elif isinstance(op, SetHyperParameter):
             ops.append(op)
     return Plan(tuple(ops))
@@ -190,6 +196,9 @@ def _swap(model: nn.Module, op: SwapActivation, sites: Mapping[str, tuple[str, b
         kind = spec.kind.value
         if not (kind == op.source if not op.sites else pick(_module_candidates(name, kind, op.sites, sites))):
             continue
+        if spec == spec_for_module(make_activation(op)):
+            acc.notes.append(f"{name} already is {spec.label}")
+            continue
         new = make_activation(op, inplace=bool(getattr(m, "inplace", False))).to(_device_of(model))
         places = replace_module(model, m, new)
         replaced[id(m)] = new
@@ -199,14 +208,17 @@ def _swap(model: nn.Module, op: SwapActivation, sites: Mapping[str, tuple[str, b
         if len(places) > 1:
             note = f"registered as {', '.join(places)}; changed everywhere" + (f"; {note}" if note else "")
         acc.changes.append(Change(name, spec.label, _label(new), note))
-    if not replaced and not op.sites and target_kind == op.source:
-        acc.notes.append(f"every {op.source} site already is {op.to}")
 
     def selected(owner: str, fname: str, kind: str) -> bool:
         if not op.sites:
-            return kind == op.source
-        named = [s for s, (module, functional, _) in sites.items() if functional and module == owner]
-        return pick((f"{owner}.{fname}", f"function:{owner or '<root>'}.{fname}", kind, f"kind:{kind}", *named))
+            chosen = kind == op.source
+        else:
+            named = [s for s, (module, functional, _) in sites.items() if functional and module == owner]
+            chosen = pick((f"{owner}.{fname}", f"function:{owner or '<root>'}.{fname}", kind, f"kind:{kind}", *named))
+        if chosen and kind == target_kind and op.negative_slope is None:  # with a slope: the old one is unknown
+            acc.notes.append(f"{owner or '<root>'}: functional {fname} already is {kind}")
+            return False
+        return chosen
 
     model, swaps = swap_functional(model, op, selected)
     acc.not_patched += [f"--select {p!r} matched no activation module or traceable functional call" for p in pick.unused()]
@@ -254,8 +266,15 @@ def _check_swapped(model: nn.Module, op: SwapActivation, example: Any, run: Forw
 
 
 def _audit_one(model: nn.Module, example: Any, run: Forward) -> Any:
+    return audit_batches(model, [example], run)
+
+
+def audit_batches(model: nn.Module, batches: Sequence[Any], forward: Forward | None = None) -> Any:
+    """An eager audit of ``model`` on ``batches``, each fed by ``forward`` (default: the audit's own)."""
     from deadneuron.adapters import Adapter
-    from deadneuron.audit import audit
+    from deadneuron.audit import audit, default_forward
+
+    run = forward or default_forward
 
     class _Feed:  # audit takes an adapter for custom forwards; only .forward is used without slot/metric data
         name = "patch-check"
@@ -269,8 +288,8 @@ def _audit_one(model: nn.Module, example: Any, run: Forward) -> Any:
         def metric_sums(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
             return {}
 
-    feed: Adapter = _Feed()  # type: ignore[assignment]
-    return audit(model, [example], adapter=feed, progress=False, compile=False)
+    feed: Adapter | None = _Feed() if forward is not None else None  # type: ignore[assignment]
+    return audit(model, batches, adapter=feed, progress=False, compile=False)
 
 
 class DropoutHook:
@@ -312,6 +331,16 @@ def _insert_dropout(model: nn.Module, op: InsertDropout, report: Any, acc: Recor
                                   "a forward hook, active in training mode only"))  # fmt: skip
 
 
+def _add_batchnorm(model: nn.Module, op: AddBatchNorm, report: Any, example: Any, run: Forward,
+                   acc: RecordBuilder) -> None:  # fmt: skip
+    from deadneuron.patch.batchnorm import LAYER_PREFIX, add_batchnorm
+
+    needs_sites = not op.sites or any(not p.startswith(LAYER_PREFIX) for p in op.sites)
+    if report is None and needs_sites and example is not None:
+        report = _audit_one(model, example, run)  # which layer feeds which site
+    add_batchnorm(model, op, report, acc)
+
+
 def _reinit(model: nn.Module, op: ReinitDead, report: Any, example: Any, run: Forward, seed: int,
             acc: RecordBuilder) -> tuple[Any, ...]:  # fmt: skip
     from deadneuron.patch.reinit import dataflow, reinit_dead
@@ -342,5 +371,6 @@ __all__ = [
     "PatchError",
     "PatchResult",
     "apply_plan",
+    "audit_batches",
     "make_activation",
 ]

@@ -5,9 +5,10 @@ rule engine writes into a finding's ``patch_ops`` (``{"op": "swap_activation", "
 ...}``), and :func:`op_from_dict` reads both, so a plan built from a finding and one built from the flags
 that finding's command names are equal.
 
-Selectors (``sites`` of a swap, ``after`` of a dropout) are shell globs matched against site names
-(``encoder.bn_layers.2>relu``), module names (``encoder.relu``) and kinds (``relu`` or ``kind:relu``);
-an empty selector means "every site of the source kind" (a swap) or "between conv layers" (a dropout).
+Selectors (``sites`` of a swap or of an added BatchNorm, ``after`` of a dropout) are shell globs matched
+against site names (``encoder.bn_layers.2>relu``), module names (``encoder.relu``) and kinds (``relu`` or
+``kind:relu``); an empty selector means "every site of the source kind" (a swap), "every site fed by a
+conv layer" (BatchNorm) or "between conv layers" (a dropout).
 """
 
 from __future__ import annotations
@@ -128,7 +129,28 @@ class ReinitDead:
         return {**out, "sites": list(self.sites)} if self.sites else out
 
 
-Op = SwapActivation | InsertDropout | SetHyperParameter | ReinitDead
+@dataclass(frozen=True)
+class AddBatchNorm:
+    """BatchNorm after the conv (or linear) layer that feeds each site selected by ``sites`` (default:
+    every site fed directly by a conv layer). ``layer:NAME`` selects a layer itself (resolved plans)."""
+
+    sites: tuple[str, ...] = ()
+    reason: str = field(default="", compare=False)
+
+    def describe(self) -> str:
+        if not self.sites:
+            return "add BatchNorm after the conv layers feeding every site"
+        layers = [s.removeprefix("layer:") for s in self.sites if s.startswith("layer:")]
+        sites = [s for s in self.sites if not s.startswith("layer:")]
+        where = [f"the conv/linear layers feeding {_few(sites)}"] if sites else []
+        where += [_few(layers)] if layers else []
+        return f"add BatchNorm after {' and '.join(where)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": "add_batchnorm", "sites": list(self.sites)}
+
+
+Op = SwapActivation | InsertDropout | SetHyperParameter | ReinitDead | AddBatchNorm
 
 
 @dataclass(frozen=True)
@@ -190,9 +212,12 @@ def op_from_dict(data: Mapping[str, Any]) -> Op:
             chans = data.get("channels")
             frozen = None if chans is None else tuple((str(s), tuple(int(c) for c in ids)) for s, ids in chans.items())
             return ReinitDead(frozen, bool(data.get("reset_optimizer_state", True)), sites=tuple(data.get("sites") or ()))
+        if kind == "add_batchnorm":
+            return AddBatchNorm(tuple(str(s) for s in data.get("sites") or ()))
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"malformed patch op {dict(data)!r}: {type(exc).__name__}: {exc}") from None
-    raise UsageError(f"unknown patch op {kind!r}; known: swap_activation, insert_dropout, set_hparam, reinit_dead")
+    raise UsageError(f"unknown patch op {kind!r}; known: swap_activation, insert_dropout, set_hparam, reinit_dead, "
+                     "add_batchnorm")
 
 
 def _hparam(name: str, value: Any, scale: Any) -> SetHyperParameter:
@@ -227,16 +252,21 @@ def plan_from_flags(
     dropout_between_convs: float | None = None,
     epochs: int | None = None,
     reinit_dead: bool = False,
+    add_batchnorm: bool = False,
 ) -> Plan:
-    """The plan the ``deadneuron patch`` flags ask for; UsageError for contradictory or invalid flags."""
+    """The plan the ``deadneuron patch`` flags ask for; UsageError for contradictory or invalid flags.
+
+    ``sites`` (``--select``) chooses the sites of the activation swap and of the added BatchNorm."""
     if lr is not None and lr_scale is not None:
         raise UsageError("pass either --lr or --lr-scale, not both")
     if negative_slope is not None and (activation is None or activation_name(activation) != "leaky"):
         raise UsageError("--negative-slope applies to --activation leaky only")
     if negative_slope is not None and not (math.isfinite(negative_slope) and 0 <= negative_slope < 1):
         raise UsageError(f"--negative-slope must be in [0, 1), got {negative_slope}")
-    if sites and activation is None and not reinit_dead:
-        raise UsageError("--select chooses the sites of --activation or --reinit-dead: add --activation or --reinit-dead")
+    if sites and activation is None and not reinit_dead and not add_batchnorm:
+        raise UsageError(
+            "--select chooses the sites of --activation, --reinit-dead or --add-batchnorm: add one of them"
+        )
     ops: list[Op] = []
     if activation is not None:
         ops.append(SwapActivation(activation_name(activation), negative_slope, tuple(sites), reason="flag"))
@@ -248,6 +278,8 @@ def plan_from_flags(
         ops.append(replace(_hparam("epochs", epochs, None), reason="flag"))
     if reinit_dead:
         ops.append(ReinitDead(reason="flag", sites=tuple(sites)))
+    if add_batchnorm:
+        ops.append(AddBatchNorm(tuple(sites), reason="flag"))
     return Plan(tuple(ops))
 
 
@@ -279,9 +311,10 @@ def _merge(ops: dict[str, Op], op: Op, notes: list[str]) -> None:
     old = ops.get(key)
     if old is None:
         ops[key] = op
-    elif isinstance(old, SwapActivation) and isinstance(op, SwapActivation) and _same_swap(old, op):
-        sites = () if not old.sites or not op.sites else tuple(dict.fromkeys((*old.sites, *op.sites)))
-        ops[key] = replace(old, sites=sites, reason=_reasons(old.reason, op.reason))
+    elif (isinstance(old, SwapActivation) and isinstance(op, SwapActivation) and _same_swap(old, op)) or (
+        isinstance(old, AddBatchNorm) and isinstance(op, AddBatchNorm)
+    ):
+        ops[key] = replace(old, sites=_union_sites(old.sites, op.sites), reason=_reasons(old.reason, op.reason))
     elif isinstance(old, ReinitDead) and isinstance(op, ReinitDead):
         ops[key] = replace(old, channels=_union_channels(old.channels, op.channels), reason=_reasons(old.reason, op.reason))
     elif old != op:
@@ -294,6 +327,11 @@ def _reasons(a: str, b: str) -> str:
 
 def _same_swap(a: SwapActivation, b: SwapActivation) -> bool:
     return (a.to, a.negative_slope, a.source) == (b.to, b.negative_slope, b.source)
+
+
+def _union_sites(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    """Two selections merged; an empty one means every site, so it wins."""
+    return () if not a or not b else tuple(dict.fromkeys((*a, *b)))
 
 
 def _union_channels(
@@ -324,6 +362,7 @@ def _few(items: Sequence[str], limit: int = 3) -> str:
 __all__ = [
     "ACTIVATION_NAMES",
     "ActivationName",
+    "AddBatchNorm",
     "InsertDropout",
     "Op",
     "Plan",

@@ -31,6 +31,7 @@ class ApplyRecord:
     changes: tuple[Change, ...] = ()
     not_patched: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()  # the sites a config plan selected (config changes only)
 
     def lines(self) -> list[str]:
         out = [c.line() for c in self.changes]
@@ -38,8 +39,9 @@ class ApplyRecord:
         return out + [f"note: {n}" for n in self.notes]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"changes": [c.to_dict() for c in self.changes], "not_patched": list(self.not_patched),
-                "notes": list(self.notes)}  # fmt: skip
+        out = {"changes": [c.to_dict() for c in self.changes], "not_patched": list(self.not_patched),
+               "notes": list(self.notes)}  # fmt: skip
+        return {**out, "targets": list(self.targets)} if self.targets else out
 
 
 @dataclass
@@ -51,6 +53,7 @@ class RecordBuilder:
     notes: list[str] = field(default_factory=list)
     swapped: list[str] = field(default_factory=list)  # "module:NAME" / "function:OWNER.FN" selectors
     dropped: list[str] = field(default_factory=list)  # "module:NAME" selectors of inserted dropout
+    normed: list[str] = field(default_factory=list)  # "layer:NAME" selectors of layers given a BatchNorm
 
     def record(self) -> ApplyRecord:
         return ApplyRecord(tuple(self.changes), tuple(dict.fromkeys(self.not_patched)), tuple(dict.fromkeys(self.notes)))

@@ -21,6 +21,7 @@ import torch
 from deadneuron.adapters import Adapter
 from deadneuron.errors import UsageError
 from deadneuron.patch.config import Init
+from deadneuron.patch.estimate import Estimator
 from deadneuron.patch.verify import Sample, Verification, compare, sample_from
 
 Say = Callable[[str], None]
@@ -76,17 +77,27 @@ def seeds_for(config: Mapping[str, Any], count: int) -> list[int]:
 
 
 def train_run(adapter: Adapter, config: Mapping[str, Any], budget: Budget, options: Options,
-              *, init: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    """One training run through the adapter: fresh (``init`` None) or continued from ``init``."""
+              *, init: Mapping[str, Any] | None, estimate: Estimator | None = None) -> dict[str, Any]:  # fmt: skip
+    """One training run through the adapter: fresh (``init`` None) or continued from ``init``; the
+    adapter's per-epoch callbacks feed ``estimate`` the step count."""
     max_steps = budget.steps
     if init is not None:
         init = fit_init(adapter, config, init)
         if max_steps is not None:
             max_steps += int(init.get("step", 0))  # the trainer caps the *total* step count
     kwargs: dict[str, Any] = {"init": init, "max_steps": max_steps}
-    if "progress" in inspect.signature(adapter.train).parameters:
+    params = inspect.signature(adapter.train).parameters
+    if "progress" in params:
         kwargs["progress"] = options.progress
+    if estimate is not None and "callbacks" in params:
+        kwargs["callbacks"] = [lambda record: _tick(estimate, record)]
     return adapter.train(config, **kwargs)
+
+
+def _tick(estimate: Estimator, record: Any) -> None:
+    step = record.get("step") if isinstance(record, Mapping) else None
+    if isinstance(step, int):
+        estimate.steps_done(step)
 
 
 def fit_init(adapter: Adapter, config: Mapping[str, Any], init: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,7 +137,9 @@ def retrain(adapter: Adapter, config: Mapping[str, Any], budget: Budget, options
     """The patched config, trained once (no verification) and audited."""
     init = options.patched_init if budget.init == "checkpoint" else None
     options.say(f"training the patched config, seed {seed}")
-    ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init)
+    estimate = Estimator(runs=1, steps=budget.steps, say=options.say)
+    estimate.run_started(0)
+    ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init, estimate=estimate)
     return Run("patched", seed, ckpt, audit_run(adapter, ckpt, budget, progress=options.progress))
 
 
@@ -144,16 +157,19 @@ def verify(
     started = time.monotonic()
     runs: list[Run] = []
     total = 2 * len(seeds)
+    estimate = Estimator(runs=total, steps=budget.steps, say=options.say)
     for i, seed in enumerate(seeds):
         for j, (arm, config) in enumerate((("baseline", baseline_config), ("patched", patched_config))):
             init = None
             if budget.init == "checkpoint":
                 init = options.patched_init if arm == "patched" else options.init_checkpoint
             options.say(f"[{2 * i + j + 1}/{total}] training the {arm} config, seed {seed}")
+            estimate.run_started(2 * i + j)
             with torch.random.fork_rng(devices=[]):
-                ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init)
+                ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init, estimate=estimate)
             report = audit_run(adapter, ckpt, budget, progress=options.progress)
             runs.append(Run(arm, seed, ckpt, report))
+            estimate.run_finished(2 * i + j)
     samples = {arm: [_sample(r) for r in runs if r.arm == arm] for arm in ("baseline", "patched")}
     spent = {**budget.to_dict(), "seconds": round(time.monotonic() - started, 1)}
     ref = _sample_of(reference) if reference is not None else None

@@ -1,6 +1,7 @@
 """A patched generic model on disk: its state_dict with the plan recorded beside it, and back.
 
-The file is a ``torch.save``d dict of plain types (``weights_only`` loads it)::
+The file is a ``torch.save``d dict of plain types (``weights_only`` loads it); a model retrained by
+``deadneuron patch --train`` also holds ``verification``, ``budget`` and ``seed``::
 
     {"format": "deadneuron-patched-state", "version": 2, "state_dict": {...},
      "plan": <the resolved plan>, "earlier_plans": [<resolved plans of earlier patches>, ...],
@@ -45,9 +46,12 @@ def patched_state(
     model_spec: str | None = None,
     model_args: Mapping[str, Any] | None = None,
     earlier_plans: Sequence[Mapping[str, Any]] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The dict to save for a patched generic model (``earlier_plans``: those of the patched input)."""
+    """The dict to save for a patched generic model (``earlier_plans``: those of the patched input;
+    ``extra``: more plain entries, such as ``verification`` and ``budget`` of a retrained one)."""
     return {
+        **dict(extra or {}),
         "format": PATCHED_FORMAT,
         "version": PATCHED_VERSION,
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -124,6 +128,17 @@ def rebuild_patched(
     return model
 
 
+def rebuild_architecture(model: nn.Module, plans: Sequence[Mapping[str, Any]], *, where: str = "patched state") -> nn.Module:
+    """``model`` (fresh from its factory) with the recorded ``plans`` re-applied, weights untouched: the
+    architecture of a patched state, to train from scratch."""
+    obj = {"version": PATCHED_VERSION, "earlier_plans": list(plans[:-1]), "plan": plans[-1] if plans else None}
+    if not plans:
+        return model
+    for plan in _plans(obj, where):
+        model = _reapply(model, plan, obj, where)
+    return model
+
+
 def _plans(obj: Mapping[str, Any], where: str) -> list[Plan]:
     version = obj.get("version")
     if version not in READABLE_VERSIONS:
@@ -180,6 +195,7 @@ __all__ = [
     "is_patched_state",
     "load_patched",
     "patched_state",
+    "rebuild_architecture",
     "rebuild_patched",
     "recorded_args",
     "recorded_plan_dicts",

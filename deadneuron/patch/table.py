@@ -24,7 +24,7 @@ _VERDICT_STYLE = {
     Verdict.NOT_AVAILABLE: "dim",
     Verdict.REFERENCE: "dim",
 }
-_GROUP_TITLES = {"overall": "all sites", "slots": "slots", "task": "task"}
+_GROUP_TITLES = {"overall": "all sites", "slots": "slots", "task": "task", "metric": "--metric"}
 
 
 def fmt_value(values: Sequence[float], unit: str) -> str:
@@ -51,7 +51,7 @@ def fmt_change(row: Row) -> str:
 
 def _format(unit: str) -> tuple[float, int, str]:
     formats = {"count": (1.0, 1, ""), "share": (100.0, 1, "%"), "ratio": (1.0, 3, ""), "slots": (1.0, 2, ""),
-               "loss": (1.0, 3, "")}  # fmt: skip
+               "loss": (1.0, 3, ""), "value": (1.0, 4, "")}  # fmt: skip
     return formats[unit]
 
 

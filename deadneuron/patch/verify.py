@@ -7,7 +7,8 @@ Pure: Reports (and final training losses) in, a :class:`Verification` value out;
 threshold is ``max(tolerance, spread)``, where ``spread`` is the larger of the two arms' sample standard
 deviations (0 with a single seed) and ``tolerance`` is the metric's smallest meaningful change:
 1 channel for dead/dormant counts, 1 percentage point for shares (sparsity, flat fraction, accuracy,
-largest-slot share) and 0.01 for the mask entropy (0..1), 0.1 for active slots per image, 2% of the baseline for the loss.
+largest-slot share) and 0.01 for the mask entropy (0..1), 0.1 for active slots per image, 2% of the baseline for the loss,
+1% of the baseline for a metric of the user's own (``--metric``).
 ``|d| <= threshold`` is "no change" (within the spread / the tolerance); otherwise the metric is
 "improved" or "worse" according to its direction (fewer dead channels, higher accuracy...). Metrics with
 no better direction (sparsity, mask entropy) get "higher" or "lower". Sparsity where the baseline
@@ -26,7 +27,8 @@ from enum import StrEnum
 from typing import Any, Literal
 
 Direction = Literal["lower", "higher", "neutral"]
-Unit = Literal["count", "share", "ratio", "slots", "loss"]
+Unit = Literal["count", "share", "ratio", "slots", "loss", "value"]
+RELATIVE_UNITS = frozenset({"loss", "value"})  # tolerances relative to the baseline's mean
 ZERO_KINDS = frozenset({"relu", "relu6"})  # activations whose flat region outputs exact zeros
 
 
@@ -49,7 +51,8 @@ class MetricSpec:
     unit: Unit
 
 
-TOLERANCE: Mapping[Unit, float] = {"count": 1.0, "share": 0.01, "ratio": 0.01, "slots": 0.1, "loss": 0.02}  # loss: relative
+TOLERANCE: Mapping[Unit, float] = {"count": 1.0, "share": 0.01, "ratio": 0.01, "slots": 0.1, "loss": 0.02,
+                                   "value": 0.01}  # loss, value: relative
 
 SITE_METRICS = (
     MetricSpec("dead", "dead channels", "lower", "count"),
@@ -66,9 +69,17 @@ TASK_METRICS = (
     MetricSpec("valid_pixel_accuracy", "valid-pixel accuracy", "higher", "share"),
     MetricSpec("baseline_valid_pixel_accuracy", "(most-common colour)", "neutral", "share"),
     MetricSpec("exact_grid_accuracy", "exact grids", "higher", "share"),
-    MetricSpec("loss", "train loss, last epoch", "lower", "loss"),
+    MetricSpec("loss", "final train loss", "lower", "loss"),
 )
 REFERENCE_KEYS = frozenset({"baseline_valid_pixel_accuracy"})  # the same data for both arms: no verdict
+METRIC_GROUP = "metric"  # rows of the user's own metric (``--metric``)
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """A user metric: lower is better where its name says loss or error, else higher."""
+    lowered = name.lower()
+    direction: Direction = "lower" if "loss" in lowered or "error" in lowered else "higher"
+    return MetricSpec(name, name, direction, "value")
 
 
 @dataclass(frozen=True)
@@ -94,11 +105,14 @@ class Row:
         return _mean(self.patched) - _mean(self.baseline)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "group": self.group, "metric": self.spec.key, "label": self.spec.label.strip(),
             "baseline": [_plain(v) for v in self.baseline], "patched": [_plain(v) for v in self.patched],
             "reference": _plain(self.reference), "verdict": self.verdict.value, "note": self.note,
         }  # fmt: skip
+        if self.group == METRIC_GROUP:
+            out.update(direction=self.spec.direction, unit=self.spec.unit)
+        return out
 
 
 @dataclass(frozen=True)
@@ -115,12 +129,14 @@ class Verification:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Verification:
         """The value ``to_dict`` wrote (for example into a patched checkpoint's ``patch`` entry)."""
-        def spec(group: str, key: str) -> MetricSpec:
-            family = {"slots": SLOT_METRICS, "task": TASK_METRICS}.get(group, SITE_METRICS)
-            return next(s for s in family if s.key == key)
+        def spec(r: Mapping[str, Any]) -> MetricSpec:
+            if r["group"] == METRIC_GROUP:
+                return MetricSpec(r["metric"], r.get("label", r["metric"]), r.get("direction", "higher"), r.get("unit", "value"))
+            family = {"slots": SLOT_METRICS, "task": TASK_METRICS}.get(r["group"], SITE_METRICS)
+            return next(s for s in family if s.key == r["metric"])
 
         rows = tuple(
-            Row(r["group"], spec(r["group"], r["metric"]), _floats(r["baseline"]), _floats(r["patched"]),
+            Row(r["group"], spec(r), _floats(r["baseline"]), _floats(r["patched"]),
                 r["reference"], Verdict(r["verdict"]), r.get("note", ""))
             for r in data["rows"]
         )  # fmt: skip
@@ -135,12 +151,14 @@ class Verification:
 
 RULE_TEXT = (
     "verdict: d = mean(patched) - mean(baseline); a change counts when |d| > max(tolerance, larger per-arm "
-    "sample std); tolerances: 1 channel, 1 point for shares, 0.1 slots, 2% of the loss; 1 seed is not a claim"
+    "sample std); tolerances: 1 channel, 1 point for shares, 0.1 slots, 2% of the loss, 1% of a --metric; 1 seed "
+    "is not a claim"
 )
 
 
-def sample_from(report: Any, *, loss: float | None = None) -> Sample:
-    """The figures of one audited run (a :class:`deadneuron.Report`) and its final training loss."""
+def sample_from(report: Any, *, loss: float | None = None, metrics: Mapping[str, float] | None = None) -> Sample:
+    """The figures of one audited run (a :class:`deadneuron.Report`), its final training loss and the
+    user's own ``metrics`` (``--metric``)."""
     values: dict[tuple[str, str], float] = {}
     summary = report.summary
     values.update({("overall", "dead"): summary.dead, ("overall", "dormant"): summary.dormant,
@@ -156,6 +174,8 @@ def sample_from(report: Any, *, loss: float | None = None) -> Sample:
             values[("task", spec.key)] = float(report.metrics[spec.key])
     if loss is not None:
         values[("task", "loss")] = float(loss)
+    for key, value in (metrics or {}).items():
+        values[(METRIC_GROUP, key)] = float(value)
     kinds = {name: s.kind for name, s in report.sites.items()}
     return Sample(values, kinds)
 
@@ -167,7 +187,7 @@ def verdict(baseline: Sequence[float], patched: Sequence[float], spec: MetricSpe
     if not b or not p:
         return Verdict.NOT_AVAILABLE
     d = _mean(p) - _mean(b)
-    tolerance = TOLERANCE[spec.unit] * (abs(_mean(b)) if spec.unit == "loss" else 1.0)
+    tolerance = TOLERANCE[spec.unit] * (abs(_mean(b)) if spec.unit in RELATIVE_UNITS else 1.0)
     if abs(d) <= max(tolerance, spread(b), spread(p)):
         return Verdict.NO_CHANGE
     if spec.direction == "neutral":
@@ -188,11 +208,12 @@ def compare(
     reference: Sample | None = None,
     labels: tuple[str, str] = ("baseline", "patched"),
 ) -> Verification:
-    """Rows for the overall, slot and task figures, then per site, each with its verdict."""
+    """Rows for the overall, slot, task and user-metric figures, then per site, each with its verdict."""
     if not baseline or len(baseline) != len(patched):
         raise ValueError("compare needs the same number (>= 1) of baseline and patched runs")
+    user = tuple(metric_spec(k) for k in dict.fromkeys(k for s in (*baseline, *patched) for g, k in s.values if g == METRIC_GROUP))
     groups: list[tuple[str, tuple[MetricSpec, ...]]] = [
-        ("overall", SITE_METRICS), ("slots", SLOT_METRICS), ("task", TASK_METRICS)]  # fmt: skip
+        ("overall", SITE_METRICS), ("slots", SLOT_METRICS), ("task", TASK_METRICS), (METRIC_GROUP, user)]  # fmt: skip
     sites = list(dict.fromkeys(n for s in (*baseline, *patched) for n in s.kinds))
     groups += [(name, SITE_METRICS) for name in sites]
     rows: list[Row] = []
@@ -252,6 +273,7 @@ def _plain(x: float | None) -> float | None:
 
 
 __all__ = [
+    "METRIC_GROUP",
     "RULE_TEXT",
     "MetricSpec",
     "Row",
@@ -259,6 +281,7 @@ __all__ = [
     "Verdict",
     "Verification",
     "compare",
+    "metric_spec",
     "sample_from",
     "spread",
     "verdict",

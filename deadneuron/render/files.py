@@ -158,6 +158,10 @@ def write_report(
 ) -> list[Path]:
     """Write the report folder ``out``; returns the paths written."""
     folder = Path(out)
+    figures: dict[str, tuple[str, bytes]] = {}
+    if {"png", "html"} & set(formats):  # drawn before any file is written: a figure that fails leaves none
+        drawn = {**report_figures(report), **extra_figures(model=model, adapter=adapter, checkpoint=checkpoint, warn=warn)}
+        figures = _pngs(drawn)
     _mkdir(folder)
     written: list[Path] = []
     if "json" in formats:
@@ -166,10 +170,6 @@ def write_report(
     if timeline:
         keep = {"health_timeline": timeline, "history": list((checkpoint or {}).get("history") or [])}
         written.append(write_text_file(json.dumps(keep, indent=1, default=str), folder / TIMELINE_FILE))
-    figures: dict[str, tuple[str, bytes]] = {}
-    if {"png", "html"} & set(formats):
-        drawn = {**report_figures(report), **extra_figures(model=model, adapter=adapter, checkpoint=checkpoint, warn=warn)}
-        figures = _pngs(drawn)
     if "png" in formats:
         written += [write_bytes_file(png, folder / f"{stem}.png") for stem, (_, png) in figures.items()]
     if "md" in formats:

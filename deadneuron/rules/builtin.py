@@ -5,6 +5,7 @@ from __future__ import annotations
 from deadneuron.rules.axis import AXIS_GUESSED
 from deadneuron.rules.batchnorm import BN_SCALE_COLLAPSE
 from deadneuron.rules.model import Rule, RuleSet
+from deadneuron.rules.normalisation import NO_NORMALISATION
 from deadneuron.rules.sites import (
     DEAD_RELU,
     DORMANT_LEAKY,
@@ -23,6 +24,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     DEAD_RELU,
     DORMANT_LEAKY,
     STUCK_SMOOTH,
+    NO_NORMALISATION,
     BN_SCALE_COLLAPSE,
     LR_DYING,
     OVER_TRAINING,

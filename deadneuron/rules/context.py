@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,6 +25,7 @@ _OPTIMIZER = ("OPTIMIZER", "optimizer")
 _ACTIVATION = ("ACTIVATION", "activation")
 _DROPOUT_BETWEEN = ("DROPOUT_BETWEEN_CONVS", "dropout_between_convs")
 _BATCH_NORM = ("BATCH_NORM", "batch_norm")
+LayerKind = Literal["conv", "linear", "norm", "identity"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,11 @@ class RuleContext:
     bn_scales: Mapping[str, BatchNormScale] = field(default_factory=dict)  # BatchNorm module name -> scale
     config: Mapping[str, Any] = field(default_factory=dict)
     adapter: str | None = None  # the checkpoint's adapter: its config, not --select, places a swap
+    layers: Mapping[str, LayerKind] = field(default_factory=dict)  # module name -> conv, linear, norm, identity
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bn_scales", MappingProxyType(dict(self.bn_scales)))
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
         object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
 
     @property
@@ -95,7 +98,49 @@ def context_from(checkpoint: Mapping[str, Any] | None, model: nn.Module | None =
         bn_scales=bn_scales(model) if model is not None else _bn_scales_from_state(ckpt.get("state_dict")),
         config=config,
         adapter=_text(ckpt.get("adapter")),
+        layers=layer_kinds(model) if model is not None else _layer_kinds_from_state(ckpt.get("state_dict")),
     )
+
+
+def layer_kinds(model: nn.Module) -> dict[str, LayerKind]:
+    """conv, linear, norm (a normalisation layer, or a layer given one by ``deadneuron patch
+    --add-batchnorm``) or identity, for the modules of those kinds."""
+    from torch import nn
+
+    from deadneuron.patch.batchnorm import has_added_batchnorm
+
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    out: dict[str, LayerKind] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, norms) or has_added_batchnorm(module):
+            out[name] = "norm"
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            out[name] = "conv"
+        elif isinstance(module, nn.Linear):
+            out[name] = "linear"
+        elif isinstance(module, nn.Identity):
+            out[name] = "identity"
+    return out
+
+
+def _layer_kinds_from_state(state: Any) -> dict[str, LayerKind]:
+    """Without a model: weights of rank 3-5 are conv layers, rank 2 linear, running statistics norms."""
+    if not isinstance(state, Mapping):
+        return {}
+    out: dict[str, LayerKind] = {}
+    for key, value in state.items():
+        prefix, _, leaf = str(key).rpartition(".")
+        rank = value.dim() if leaf == "weight" and hasattr(value, "dim") else 0
+        if 2 <= rank <= 5:
+            out[prefix] = "linear" if rank == 2 else "conv"
+    for key in state:
+        prefix, _, leaf = str(key).rpartition(".")
+        if leaf == "running_var":
+            out[prefix] = "norm"
+            owner, _, child = prefix.rpartition(".")
+            if child == "batchnorm" and owner in out:
+                out[owner] = "norm"
+    return out
 
 
 def bn_scales(model: nn.Module) -> dict[str, BatchNormScale]:

@@ -120,6 +120,7 @@ class PatchKind(Enum):
     SET_HPARAM = "set_hparam"
     INSERT_DROPOUT = "insert_dropout"
     REINIT_DEAD = "reinit_dead"
+    ADD_BATCHNORM = "add_batchnorm"
 
 
 def compact(x: float) -> str:
@@ -172,6 +173,11 @@ class PatchOp:
         chans = tuple((site, tuple(ids)) for site, ids in channels.items())
         return cls(PatchKind.REINIT_DEAD, (("channels", chans), ("reset_optimizer_state", True)))
 
+    @classmethod
+    def add_batchnorm(cls, sites: Sequence[str] = ()) -> PatchOp:
+        """BatchNorm after the layer feeding each site (for an adapter model: its config's switch)."""
+        return cls(PatchKind.ADD_BATCHNORM, (("sites", tuple(sites)),))
+
     def flags(self, *, adapter_model: bool = False) -> tuple[str, ...]:
         """CLI flags of ``deadneuron patch`` that request this op. ``--select`` names the op's sites exactly
         (glob characters in a name escaped); re-initialising dead channels of an adapter model needs its
@@ -189,6 +195,8 @@ class PatchOp:
         if self.kind is PatchKind.REINIT_DEAD:
             sites = select_flags(site for site, _ in p.get("channels", ()))
             return ("--reinit-dead", *sites, *(("--init", "checkpoint") if adapter_model else ()))
+        if self.kind is PatchKind.ADD_BATCHNORM:
+            return ("--add-batchnorm", *select_flags(p.get("sites", ())))
         return ()
 
     def to_dict(self) -> dict[str, Any]:
