@@ -57,7 +57,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     kept = next(r for r in runs if r.arm == "patched")
     _write(ctx, kept, plan, record, coverage, source_hash, verification, budget)
     if verification is not None:
-        _extras(ctx, verification, runs)
+        _extras(ctx, verification, runs, plan)
 
 
 def _reinit_type() -> type:
@@ -194,12 +194,12 @@ def _show(ctx: Context, verification: Any) -> None:
     ctx.console.print(verification_table(verification))
 
 
-def _extras(ctx: Context, verification: Any, runs: list[Run]) -> None:
+def _extras(ctx: Context, verification: Any, runs: list[Run], plan: Plan) -> None:
     from deadneuron.cli.patch import write_extras
 
     before = [r.report for r in runs if r.arm == "baseline"]
     after = [r.report for r in runs if r.arm == "patched"]
-    write_extras(ctx, verification, before, after, ("baseline", "patched"))
+    write_extras(ctx, verification, before, after, ("baseline", "patched"), changes=[op.describe() for op in plan.ops])
 
 
 __all__ = ["patch_adapter"]

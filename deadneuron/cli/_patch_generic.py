@@ -59,7 +59,7 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
     from deadneuron.patch.table import verification_table
 
     ctx.console.print(verification_table(verification))
-    write_extras(ctx, verification, [before], [after], ("before", "after"))
+    write_extras(ctx, verification, [before], [after], ("before", "after"), changes=[op.describe() for op in plan.ops])
 
 
 def _plan(flags: Plan, report: Any, subject: Any, suggestions: bool) -> Plan:

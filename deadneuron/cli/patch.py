@@ -13,6 +13,7 @@ The input is never modified; an existing --out is refused without --force; --dry
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,10 +133,11 @@ def check_out(out: Path, source: Path, *, force: bool) -> None:
         raise WriteError(f"{out}: folder {out.parent} does not exist; create it or choose another --out")
 
 
-def write_extras(ctx: Context, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str]) -> None:
-    """The Markdown table and the before/after figure, where asked for."""
+def write_extras(ctx: Context, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str],
+                 changes: Sequence[str] = ()) -> None:  # fmt: skip
+    """The Markdown table and the before/after figure (titled with the ``changes`` and the budget), where asked for."""
     from deadneuron.checkpoint import atomic_write_bytes, atomic_write_text
-    from deadneuron.patch.table import verification_markdown
+    from deadneuron.patch.table import budget_line, verification_markdown
 
     if ctx.markdown is not None:
         atomic_write_text(verification_markdown(verification), ctx.markdown, protect=[ctx.checkpoint])
@@ -147,7 +149,8 @@ def write_extras(ctx: Context, verification: Any, before: list[Any], after: list
             return
         from deadneuron.render._style import figure_png
 
-        atomic_write_bytes(figure_png(plot(before, after, labels=labels)), ctx.figure, protect=[ctx.checkpoint])
+        figure = plot(before, after, labels=labels, changes=changes, budget=budget_line(verification))
+        atomic_write_bytes(figure_png(figure), ctx.figure, protect=[ctx.checkpoint])
         ctx.say(f"wrote {ctx.figure}")
 
 
