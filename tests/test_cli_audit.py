@@ -41,6 +41,9 @@ def test_table_lists_every_site_and_the_planted_dead_channels(small_ckpt: Path) 
     code, out, err = run(*base(small_ckpt))
     assert code == 0, err
     assert "Activation sites" in out
+    assert "verdict: 2 dead channels at 1 site" in out and "channels 3, 7" not in out
+    code, out, err = run(*base(small_ckpt), "--verbose")
+    assert code == 0, err
     assert "channels 3, 7" in out
     for col in ("sparsity", "flat", "dead", "dormant"):
         assert col in out

@@ -63,9 +63,9 @@ def plain_console(width: int = 80) -> tuple[Console, io.StringIO]:
     return Console(file=buf, width=width, force_terminal=False, color_system=None, legacy_windows=False), buf
 
 
-def terminal_text(report: Report) -> str:
+def terminal_text(report: Report, *, verbose: bool = False) -> str:
     console, buf = plain_console()
-    render(report, console)
+    render(report, console, verbose=verbose)
     return buf.getvalue()
 
 
@@ -83,14 +83,26 @@ def test_terminal_golden_at_80_columns(name: str) -> None:
     assert_golden(f"{name}.terminal.txt", text)
 
 
-def test_terminal_summary_panel_is_above_the_site_table(report_a: Report) -> None:
+def test_terminal_verbose_golden(report_a: Report) -> None:
+    text = terminal_text(report_a, verbose=True)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert_golden("report_a.verbose.terminal.txt", text)
+    assert "dead    encoder.bn_layers.2>relu: channels 0, 1, 4" in text
+    assert "channels 0, 1, 4" not in terminal_text(report_a)
+
+
+def test_terminal_verdict_panel_is_above_the_figures_and_the_site_table(report_a: Report) -> None:
     text = terminal_text(report_a)
     assert text.index("deadneuron audit: checkpoints/slot_attention.pth") < text.index("Activation sites")
-    panel = text[: text.index("Activation sites")]
-    for words in ("sparsity 45.7%", "dead     5 of 36 channels", "dormant  1", "slots    1.60 active",
-                  "accuracy 79.0% of valid pixels (most-common-colour baseline 70.0%)",
-                  "[error] 5 dead channels in 2 encoder sites"):  # fmt: skip
+    panel = text[: text.index("╰")]
+    assert panel.splitlines()[1].startswith("│ verdict: slots collapsed; 5 dead channels at 2 sites")
+    for words in ("[error] 5 dead channels in 2 encoder sites", "try: deadneuron patch --activation leaky",
+                  "[warning] slots collapse: 1.6 of 7 active"):  # fmt: skip
         assert words in panel
+    facts = text[text.index("╰") : text.index("Activation sites")]
+    for words in ("sparsity 45.7% exact zeros; flat 54.6%", "dead     5 of 36 channels in 2 of 4 sites; dormant 1",
+                  "slots    1.60 active", "accuracy 79.0% of valid pixels (most-common-colour baseline 70.0%)"):  # fmt: skip
+        assert words in facts
 
 
 def test_no_color_keeps_the_words_and_drops_colour(report_a: Report, monkeypatch: pytest.MonkeyPatch) -> None:

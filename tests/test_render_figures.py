@@ -67,8 +67,18 @@ def test_activation_distributions_are_honestly_titled(report_a: Report) -> None:
     fig = plots.plot_activation_distributions(report_a)
     assert "not a histogram" in fig.get_suptitle()
     assert titles(fig) == ["channel mean", "channel std", "channel min", "channel max"]
-    assert fig.axes[0].get_xlabel() == "activation value"
+    assert fig._supxlabel.get_text().startswith("activation value") and "one axis for all four" in fig._supxlabel.get_text()
     assert len(fig.axes[0].collections) == 1  # dead channels drawn over the boxes
+
+
+def test_activation_distributions_share_one_value_axis(report_a: Report) -> None:
+    """The four panels compare directly: one scale and one range, covering every channel's moments."""
+    fig = plots.plot_activation_distributions(report_a)
+    assert len({ax.get_xscale() for ax in fig.axes}) == 1 and len({ax.get_xlim() for ax in fig.axes}) == 1
+    lo, hi = fig.axes[0].get_xlim()
+    moments = [v for s in report_a.sites.values() for f in ("channel_mean", "channel_std", "channel_min", "channel_max")
+               for v in getattr(s, f)]  # fmt: skip
+    assert lo <= min(moments) and hi >= max(moments)
 
 
 def test_active_slots_histogram(report_a: Report) -> None:
@@ -86,48 +96,91 @@ def test_empty_report_gives_a_figure_that_says_so() -> None:
         assert "no activation sites" in fig.axes[0].texts[0].get_text()
 
 
-def timeline() -> list[dict[str, Any]]:
+def timeline(*, channel_lists: bool = False) -> list[dict[str, Any]]:
+    """Four points, 70 steps apart; at enc.1 channel 0 dies at epoch 10, channel 1 is dead from the start
+    and revives at epoch 30, channel 2 is dead throughout (with ``channel_lists``)."""
+    lists = {0: [1, 2], 10: [0, 1, 2], 20: [0, 1, 2], 30: [0, 2]}
     return [
         {
             "epoch": e, "step": 7 * e,
-            "sites": {"enc.0>relu": {"sparsity": 0.5, "dead": 0}, "enc.1>relu": {"sparsity": 0.5 + e / 100, "dead": e // 10}},
-            "slots": {"num_slots": 7, "mean_active": 1 + e / 20, "mean_argmax_active": 2.0, "mean_mass_active": 6.5},
+            "sites": {"enc.0>relu": {"sparsity": 0.5, "dead": 0, **({"dead_channels": []} if channel_lists else {})},
+                      "enc.1>relu": {"sparsity": 0.5 + e / 100, "dead": e // 10,
+                                     **({"dead_channels": lists[e]} if channel_lists else {})}},
+            "slots": {"num_slots": 7, "images": 64, "mean_active": 1 + e / 20, "mean_argmax_active": 2.0,
+                      "mean_mass_active": 6.5},
             "metrics": {"valid_pixel_accuracy": 0.6 + e / 200, "baseline_valid_pixel_accuracy": 0.68},
         }
         for e in (0, 10, 20, 30)
     ]  # fmt: skip
 
 
+def _panels(fig: Any) -> dict[str, Any]:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
 def test_health_timeline() -> None:
-    history = [{"epoch": e, "train_accuracy": 0.6 + e / 150} for e in range(1, 31)]
+    history = [{"epoch": e, "step": 7 * e, "train_accuracy": 0.6 + e / 150} for e in range(1, 31)]
     fig = plots.plot_health_timeline(timeline(), history)
-    dead, sparsity, slots, accuracy = fig.axes
-    assert fig.get_suptitle() == "Health over training"
-    assert titles(fig) == ["Dead channels", "Sparsity per site", "Active slots per image",
-                           "Reconstruction accuracy (valid pixels)"]  # fmt: skip
-    assert (slots.get_xlabel(), accuracy.get_xlabel()) == ("epoch", "epoch")
-    assert list(dead.lines[-1].get_ydata()) == [0, 1, 2, 3]  # the total over sites
+    assert "probe set (64 held-out images, the same at every point), not on the audit's data" in fig.get_suptitle()
+    panels = _panels(fig)
+    assert list(panels) == ["Dead channels, all sites together", "Dead channels per site", "Sparsity per site",
+                            "Fate of each site's channels over the timeline", "Active slots per image",
+                            "Reconstruction accuracy (valid pixels)"]  # fmt: skip
+    total, dead, sparsity = (panels[t] for t in list(panels)[:3])
+    slots, accuracy = panels["Active slots per image"], panels["Reconstruction accuracy (valid pixels)"]
+    for ax in (total, dead, sparsity, slots, accuracy):  # steps, as the findings count them
+        assert ax.get_xlabel() == "training step" and list(ax.lines[0].get_xdata()) == [0, 70, 140, 210]
+    assert list(total.lines[0].get_ydata()) == [0, 1, 2, 3]  # the total over sites, on its own panel
+    assert [list(line.get_ydata()) for line in dead.lines] == [[0, 0, 0, 0], [0, 1, 2, 3]]  # each site, own scale
+    assert dead.get_ylim()[1] < 4 < total.get_ylim()[1] * 2
     assert list(sparsity.lines[1].get_ydata()) == pytest.approx([50, 60, 70, 80])
-    assert [line.get_label() for line in accuracy.lines] == ["held-out probe", "most-common-colour baseline",
-                                                             "training (epoch mean)"]  # fmt: skip
+    assert [line.get_label() for line in accuracy.lines] == ["probe set", "most-common-colour baseline (probe set)",
+                                                             "training batches (epoch mean)"]  # fmt: skip
+    assert list(accuracy.lines[2].get_xdata())[:2] == [7, 14]  # training accuracy at its steps, not its epochs
+    fate = panels["Fate of each site's channels over the timeline"]
+    assert "no per-channel dead lists" in fate.texts[0].get_text()
+
+
+def test_timeline_fates_follow_the_channel_lists() -> None:
+    fig = plots.plot_health_timeline(timeline(channel_lists=True))
+    fate = _panels(fig)["Fate of each site's channels over the timeline"]
+    labels = [c.get_label() for c in fate.containers]
+    assert [label.split(":")[0] for label in labels] == ["dead at init", "died in training", "revived"]
+    assert "dead at the first point and still at the last" in labels[0]
+    counts = [[b.get_width() for b in c] for c in fate.containers]  # rows: enc.0, enc.1
+    assert counts == [[0, 1], [0, 1], [0, 1]]  # channel 2 at init, channel 0 died, channel 1 revived
 
 
 def test_timeline_without_slots_or_entries() -> None:
     bare = [{k: v for k, v in e.items() if k != "slots"} for e in timeline()]
     fig = plots.plot_health_timeline(bare)
-    assert fig.axes[2].texts[0].get_text() == "no slot masks in the timeline"
+    assert _panels(fig)["Active slots per image"].texts[0].get_text() == "no slot masks in the timeline"
     assert "no health timeline" in plots.plot_health_timeline([]).axes[0].texts[0].get_text()
 
 
 def test_before_after(report_a: Report, report_b: Report) -> None:
     fig = plots.plot_before_after(report_a, report_b, labels=("relu", "leaky"))
-    assert fig.get_suptitle() == "relu vs leaky"
+    assert fig.get_suptitle().splitlines() == ["relu vs leaky", "leaky: relu -> leaky_relu at 2 of 3 sites"]  # enc 0 and 1; 3 shared
     assert titles(fig) == ["Sparsity per site", "Flat fraction per site", "Dead channels per site", "Overall",
                            "Active slots per image"]  # fmt: skip
     sparsity = fig.axes[0]
     assert [t.get_text() for t in sparsity.get_yticklabels()][-1] == "encoder.bn_layers.3>relu"  # only in B
     assert any("absent leaky" in t.get_text() for t in sparsity.texts)
     assert [round(b.get_height(), 2) for c in fig.axes[4].containers for b in c] == [1.6, 3.4]
+
+
+def test_before_after_says_what_was_patched_on_what_budget_against_the_trivial_baseline(
+    report_a: Report, report_b: Report
+) -> None:
+    fig = plots.plot_before_after(report_a, report_b, labels=("baseline", "patched"), changes=["set learning_rate x 0.5"],
+                                  budget="seeds 0; init scratch; steps 602")  # fmt: skip
+    assert fig.get_suptitle().splitlines()[1:] == ["patched: set learning_rate x 0.5",
+                                                   "budget: seeds 0; init scratch; steps 602"]  # fmt: skip
+    overall = fig.axes[3]
+    (line,) = overall.collections  # the most-common-colour accuracy, the same data for both arms
+    trivial = 100 * report_a.metrics["baseline_valid_pixel_accuracy"]
+    assert line.get_segments()[0][0][1] == pytest.approx(trivial)
+    assert any(f"baseline {trivial:.1f}" in t.get_text() for t in overall.texts)
 
 
 def test_before_after_per_seed(report_a: Report, report_b: Report) -> None:

@@ -59,7 +59,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     kept = next(r for r in runs if r.arm == "patched")
     _add_checkpoint(ctx, outputs, kept, plan, record, changes.model, source_hash, verification, budget)
     if verification is not None:
-        _extras(ctx, outputs, verification, runs)
+        _extras(ctx, outputs, verification, runs, plan)
     outputs.write(ctx.say)
 
 
@@ -222,12 +222,12 @@ def _show(ctx: Context, verification: Any) -> None:
     ctx.console.print(verification_table(verification))
 
 
-def _extras(ctx: Context, outputs: Any, verification: Any, runs: list[Run]) -> None:
+def _extras(ctx: Context, outputs: Any, verification: Any, runs: list[Run], plan: Plan) -> None:
     from deadneuron.cli.patch import extras
 
     before = [r.report for r in runs if r.arm == "baseline"]
     after = [r.report for r in runs if r.arm == "patched"]
-    extras(ctx, outputs, verification, before, after, ("baseline", "patched"))
+    extras(ctx, outputs, verification, before, after, ("baseline", "patched"), changes=[op.describe() for op in plan.ops])
 
 
 __all__ = ["patch_adapter"]

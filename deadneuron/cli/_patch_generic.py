@@ -49,7 +49,7 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
     ctx.console.print(verification_table(verification))
     outputs = new_outputs(ctx)
     _add_state(ctx, outputs, result, plan, source_hash, model_spec, subject.model_args, subject.patched_plans)
-    extras(ctx, outputs, verification, [before], [after], ("before", "after"))
+    extras(ctx, outputs, verification, [before], [after], ("before", "after"), changes=[op.describe() for op in plan.ops])
     outputs.write(ctx.say)
     ctx.say(f"rebuild {ctx.out} with deadneuron.load_patched({str(ctx.out)!r}, <your factory>), audit it with "
             f"`deadneuron audit {ctx.out} --model {model_spec} ...`")

@@ -62,7 +62,8 @@ def patch_own(ctx: Context, flags: Plan, *, apply_suggestions: bool, train_spec:
     outputs.checkpoint(ctx.out, _state(ctx, result, plan, source_hash, model_spec, subject))
     before_reports = [r.report for r in result.runs if r.arm == "baseline"]
     after_reports = [r.report for r in result.runs if r.arm == "patched"]
-    extras(ctx, outputs, result.verification, before_reports, after_reports, ("baseline", "patched"))
+    extras(ctx, outputs, result.verification, before_reports, after_reports, ("baseline", "patched"),
+           changes=[op.describe() for op in plan.ops])
     outputs.write(ctx.say)
     ctx.say(f"{ctx.out}: the patched model trained with seed {result.kept().seed}; rebuild it with "
             f"deadneuron.load_patched({str(ctx.out)!r}, <your factory>)")  # fmt: skip

@@ -33,6 +33,7 @@ def audit_command(
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
     channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Table: also the dead/dormant channel ids, slot usage and every finding's full text.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the report files into this folder.")] = None,
     allow_global: Annotated[list[str] | None, typer.Option("--allow-global", help="Allow one more type (module.Name) when unpickling.")] = None,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Open code-carrying formats (TorchScript, .pt2, pickled modules). Runs their code.")] = False,
@@ -115,7 +116,7 @@ def audit_command(
     else:
         from deadneuron.render.terminal import render
 
-        render(report, Console())
+        render(report, Console(), verbose=verbose)
     _gate(report, limits)
 
 

@@ -21,6 +21,7 @@ outputs are written together at the end, all or none.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -176,9 +177,11 @@ def default_out(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}_patched{checkpoint.suffix or '.pth'}")
 
 
-def extras(ctx: Context, outputs: Any, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str]) -> None:
-    """The Markdown table and the before/after figure, where asked for, rendered now into ``outputs``."""
-    from deadneuron.patch.table import verification_markdown
+def extras(ctx: Context, outputs: Any, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str],
+           changes: Sequence[str] = ()) -> None:  # fmt: skip
+    """The Markdown table and the before/after figure (titled with the ``changes`` and the budget), where
+    asked for, rendered now into ``outputs``."""
+    from deadneuron.patch.table import budget_line, verification_markdown
 
     if ctx.markdown is not None:
         outputs.text(ctx.markdown, verification_markdown(verification))
@@ -189,7 +192,8 @@ def extras(ctx: Context, outputs: Any, verification: Any, before: list[Any], aft
             return
         from deadneuron.render._style import figure_png
 
-        outputs.data(ctx.figure, figure_png(plot(before, after, labels=labels)))
+        figure = plot(before, after, labels=labels, changes=changes, budget=budget_line(verification))
+        outputs.data(ctx.figure, figure_png(figure))
 
 
 def new_outputs(ctx: Context) -> Any:

@@ -19,6 +19,7 @@ def report_command(
     report_path: Annotated[Path, typer.Argument(metavar="REPORT", help="A report.json (or the folder holding it).")],
     fmt: Annotated[str, typer.Option("--format", help="table, or one or more of md,html,png,json (comma-separated), or all.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Folder to write into (needed for html, png, json; md prints to stdout without it).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Table: also the dead/dormant channel ids, slot usage and every finding's full text.")] = False,
 ) -> None:
     from deadneuron.cli.compare import load_report
     from deadneuron.render.files import parse_formats, read_timeline, write_report
@@ -32,7 +33,7 @@ def report_command(
     if fmt == "table":
         from deadneuron.render.terminal import render
 
-        render(report, Console())
+        render(report, Console(), verbose=verbose)
         return
     try:
         formats = parse_formats(fmt)

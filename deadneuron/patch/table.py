@@ -1,7 +1,9 @@
 """Renderings of a :class:`~deadneuron.patch.verify.Verification`: a rich table and a Markdown table.
 
 A cell is ``mean ± std`` over seeds (just the value with one seed); the change is patched minus
-baseline (percentage points for shares). rich is imported inside the function that needs it.
+baseline (percentage points for shares). The rich table fits the console (80 columns too): each group
+(all sites, slots, task, each site) heads its own rows instead of filling a column. rich is imported
+inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 from deadneuron.patch.verify import Row, Verdict, Verification, spread
 
 if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderResult
     from rich.table import Table
 
 _VERDICT_STYLE = {
@@ -111,19 +114,84 @@ def budget_line(v: Verification) -> str:
     return "; ".join(parts)
 
 
-def verification_table(v: Verification) -> Table:
-    """A rich Table of every row, verdicts coloured."""
+def verification_table(v: Verification) -> VerificationTable:
+    """A rich renderable of every row, verdicts coloured, that fits the console: each group (all sites,
+    slots, task, then each site) on a line of its own, its rows indented under it, columns aligned."""
+    return VerificationTable(v)
+
+
+_INDENT = 2
+_MIN_VERDICT = len(Verdict.BY_DEFINITION.value)  # a verdict's words never break; only its note number wraps
+_WANTED_LABEL = 16  # "dormant channels", "sparsity (zeros)": the per-site labels on one line
+
+
+class VerificationTable:
+    """Renders at the console's width (``__rich_console__``): a long site name wraps on its own line
+    instead of widening a column, so the table reads at 80 columns."""
+
+    def __init__(self, v: Verification) -> None:
+        self.v = v
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.padding import Padding
+        from rich.text import Text
+
+        v = self.v
+        yield Text(f"{v.labels[0]} vs {v.labels[1]}: {budget_line(v)}", style="italic")
+        cells = [c[1:] for c in rows_text(v)]
+        names = header(v)[1:]
+        widths = _widths(cells, names, options.max_width - _INDENT)
+        if widths[0] < _WANTED_LABEL and any(" ± " in c for row in cells for c in row):
+            cells = [[c.replace(" ± ", "±") for c in row] for row in cells]  # 4 columns more for the labels
+            widths = _widths(cells, names, options.max_width - _INDENT)
+        yield Padding(_rows_table(widths, names, []), (0, 0, 0, _INDENT))
+        yield Padding(Text("─" * (sum(widths) + len(widths) - 1), style="dim"), (0, 0, 0, _INDENT))
+        groups: list[tuple[str, list[tuple[Row, list[str]]]]] = []
+        for row, first, rest in zip(v.rows, rows_text(v), cells, strict=True):
+            if first[0] or not groups:
+                groups.append((_GROUP_TITLES.get(row.group, row.group), []))
+            groups[-1][1].append((row, rest))
+        for title, rows in groups:
+            yield Text(title, style="bold", overflow="fold")
+            yield Padding(_rows_table(widths, None, rows), (0, 0, 0, _INDENT))
+        yield Text(_caption(v), style="dim")
+
+
+def _two_lines(text: str) -> int:
+    """The narrowest width at which ``text`` wraps into at most two lines (at a space)."""
+    cuts = [i for i, ch in enumerate(text) if ch == " "]
+    return min([len(text), *(max(i, len(text) - i - 1) for i in cuts)])
+
+
+def _widths(cells: list[list[str]], names: list[str], width: int) -> list[int]:
+    """Column widths, metric label first. Numbers get their longest cell and their header on one line;
+    where the label would get narrower than ``_WANTED_LABEL``, the headers wrap into two lines, then the
+    verdict's note number wraps; the label takes the rest (it wraps at its spaces)."""
+    longest = [max([len(row[i]) for row in cells] or [0]) for i in range(len(names))]
+    label = max(longest[0], max(len(w) for w in names[0].split()))
+    fixed = [max(n, len(h)) for n, h in zip(longest[1:], names[1:], strict=True)]
+    steps = ([max(n, _two_lines(h)) for n, h in zip(longest[1:], names[1:], strict=True)],)
+    steps += ([*steps[0][:-1], max(min(steps[0][-1], _MIN_VERDICT), _two_lines(names[-1]))],)
+    for smaller in steps:
+        if width - (len(names) - 1) - sum(fixed) >= min(label, _WANTED_LABEL):
+            break
+        fixed = smaller
+    spare = width - (len(names) - 1) - sum(fixed)
+    return [max(8, min(label, spare)), *fixed]
+
+
+def _rows_table(widths: list[int], names: list[str] | None, rows: list[tuple[Row, list[str]]]) -> Table:
     from rich.table import Table
 
-    table = Table(title=f"{v.labels[0]} vs {v.labels[1]}: {budget_line(v)}", caption=_caption(v), title_justify="left",
-                  caption_justify="left")
-    names = header(v)
-    for i, name in enumerate(names):
-        table.add_column(name, justify="right" if 2 <= i < len(names) - 1 else "left", overflow="fold")
-    for row, cells in zip(v.rows, rows_text(v), strict=True):
+    table = Table(box=None, show_header=names is not None, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
+                  collapse_padding=True)  # fmt: skip
+    for i, width in enumerate(widths):
+        last = i == len(widths) - 1
+        table.add_column((names or [""] * len(widths))[i], width=width, justify="left" if i == 0 or last else "right",
+                         overflow="fold")  # fmt: skip
+    for row, cells in rows:
         style = _VERDICT_STYLE.get(row.verdict, "")
-        table.add_row(*cells[:-1], f"[{style}]{cells[-1]}[/]" if style else cells[-1],
-                      end_section=False)  # fmt: skip
+        table.add_row(*cells[:-1], f"[{style}]{cells[-1]}[/]" if style else cells[-1])
     return table
 
 
@@ -150,4 +218,4 @@ def verification_markdown(v: Verification, *, sites: Sequence[str] | None = None
     return "\n".join([f"Budget: {budget_line(v)}.", "", *lines, "", caption]) + "\n"
 
 
-__all__ = ["budget_line", "fmt_change", "fmt_value", "verification_markdown", "verification_table"]
+__all__ = ["VerificationTable", "budget_line", "fmt_change", "fmt_value", "verification_markdown", "verification_table"]

@@ -123,31 +123,34 @@ MOMENTS = (("channel_mean", "mean"), ("channel_std", "std"), ("channel_min", "mi
 
 
 def plot_activation_distributions(report: Report) -> Figure:
-    """Box plots, per site, of each channel's mean, std, min and max of the activation output."""
+    """Box plots, per site, of each channel's mean, std, min and max of the activation output, all four
+    panels on one value axis (the same scale and range), so that their boxes compare directly."""
     import math
 
     sites = list(report.sites.values())
     fig = new_figure(12, max(3.0, 0.36 * len(sites) + 1.9))
-    fig.suptitle("Per-channel activation statistics: spread over each site's channels "
-                 "(per-channel moments, not a histogram of activations)")  # fmt: skip
+    fig.suptitle("Per-channel moments: the spread over each site's channels (not a histogram of activations)")
     if not sites:
         return empty_figure(fig, "no activation sites were recorded")
-    axes = fig.subplots(1, 4, sharey=True)
+    axes = fig.subplots(1, 4, sharey=True, sharex=True)
+    everything: list[float] = []
     for ax, (field, label) in zip(axes, MOMENTS, strict=True):
         values = [[v for v in getattr(s, field) if math.isfinite(v)] or [math.nan] for s in sites]
+        everything += [v for vs in values for v in vs if math.isfinite(v)]
         ax.boxplot(values, orientation="horizontal", widths=0.6, flierprops={"markersize": 3, "alpha": 0.6},
                    medianprops={"color": FLAT})  # fmt: skip
         dead = [(getattr(s, field)[c], i + 1) for i, s in enumerate(sites) for c in s.dead_channels]
         if dead:
             ax.scatter(*zip(*dead, strict=True), marker="x", s=22, color=DEAD, zorder=3, label="dead channel")
-        ax.set(title=f"channel {label}", xlabel="activation value")
+        ax.set_title(f"channel {label}")
         ax.grid(axis="x", alpha=0.3)
         ax.axvline(0, color="#999999", lw=0.8, ls=":")
-        _moment_scale(ax, [v for vs in values for v in vs if math.isfinite(v)])
+    xlabel = _moment_scale(axes[0], everything)  # shared: one scale and one range for the four panels
+    fig.supxlabel(f"{xlabel}; one axis for all four panels", fontsize=10)
     axes[0].set_yticks(range(1, len(sites) + 1), labels=[short_name(s.name, 36) for s in sites], fontsize=8)
     axes[0].set_ylim(len(sites) + 0.5, 0.5)
     if any(s.dead_channels for s in sites):
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8, frameon=False)
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False)
     return fig
 
 
@@ -191,9 +194,10 @@ def plot_activation_histograms(report: Report) -> Figure:
     return fig
 
 
-def _moment_scale(ax: Axes, values: list[float]) -> None:
+def _moment_scale(ax: Axes, values: list[float]) -> str:
     """Linear, unless a few channels' outliers would squash every box into the first pixels: then symlog,
-    linear up to the 90th percentile of |value| (where most channels lie) and logarithmic beyond."""
+    linear up to the 90th percentile of |value| (where most channels lie) and logarithmic beyond.
+    Returns the axis label that says which."""
     import math
 
     import numpy as np
@@ -201,9 +205,10 @@ def _moment_scale(ax: Axes, values: list[float]) -> None:
 
     spread = np.abs(np.asarray(values)) if values else np.zeros(1)
     typical, top = float(np.percentile(spread, 90)), float(spread.max())
+    label = "activation value"
     if typical > 0 and top > 5 * typical:
         ax.set_xscale("symlog", linthresh=typical, linscale=2)
-        ax.set_xlabel(f"activation value (log past {typical:.2g})")
+        label = f"activation value (linear to {typical:.2g}, log beyond)"
         # decades only from the linear threshold up: the default also ticks inside it, on top of the 0
         decades = [10.0**k for k in range(math.floor(math.log10(typical)), math.ceil(math.log10(top)) + 1)]
         ticks = [d for d in decades if d >= 0.5 * typical]
@@ -213,6 +218,7 @@ def _moment_scale(ax: Axes, values: list[float]) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(4))
     if values and min(values) >= 0:  # ReLU-like outputs: no room for negative values that do not occur
         ax.set_xlim(left=-0.03 * (typical if typical > 0 else top or 1.0))
+    return label
 
 
 # -- 4. slots ----------------------------------------------------------------------------------------

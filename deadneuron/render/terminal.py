@@ -1,4 +1,8 @@
-"""Rich terminal rendering of a Report: a summary panel above the site table, then slots and findings.
+"""Rich terminal rendering of a Report that leads with the answer.
+
+First a panel with the verdict (one line) and the three most important findings, each grouped per rule
+with one line per site and its commands; then the headline figures, the site table and the other
+findings. The channel ids, slot usage and each finding's whole text come with ``verbose``.
 
 Colours mark severity (red: dead channels or errors, yellow: dormant channels or warnings, dim: zero
 counts). Rich drops colour under ``NO_COLOR`` and all escape codes when piped; everything here also
@@ -7,8 +11,7 @@ reads in plain text (counts and words, never colour alone) and fits 80 columns b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -17,18 +20,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from deadneuron.render.findings_view import SEVERITY_ORDER, FindingGroup, group_findings, verdict
 from deadneuron.render.markdown import (
-    SEVERITY_ORDER,
     accuracy_text,
     axis_legend,
     channels_cell,
-    finding_lines,
     ids_text,
     mask_text,
     pct,
     slots_text,
     source_of,
-    top_findings,
 )
 from deadneuron.report import Report, SiteHealth
 
@@ -49,10 +50,11 @@ def _summary_rows(report: Report) -> list[tuple[str, Text]]:
     sm = report.summary
     where = f" in {len(sm.dead_sites)} of {sm.sites} sites" if sm.dead else f" (of {sm.sites} sites)"
     rows = [
-        ("sparsity", Text.assemble(pct(sm.sparsity), ("  exact zeros over all activation elements", "dim"))),
-        ("flat", Text.assemble(pct(sm.flat_fraction), ("  pre-activations in the flat region", "dim"))),
-        ("dead", Text.assemble((str(sm.dead), "bold red" if sm.dead else "green"), f" of {sm.channels} channels{where}")),
-        ("dormant", Text.assemble((str(sm.dormant), "yellow" if sm.dormant else ""), ("  flat >= 99% of the time", "dim"))),
+        ("sparsity", Text.assemble(pct(sm.sparsity), " exact zeros; ", ("flat ", "bold"), pct(sm.flat_fraction),
+                                   (" (pre-activations in the flat region)", "dim"))),
+        ("dead", Text.assemble((str(sm.dead), "bold red" if sm.dead else "green"), f" of {sm.channels} channels{where}; ",
+                               ("dormant ", "bold"), (str(sm.dormant), "yellow" if sm.dormant else ""),
+                               (" (flat >= 99%)", "dim"))),
     ]  # fmt: skip
     if sm.nonfinite:
         rows.append(("nonfinite", Text(f"{sm.nonfinite} NaN/Inf activation elements", style="bold red")))
@@ -82,24 +84,86 @@ def _accuracy_style(metrics: Mapping[str, float]) -> str:
     return "" if base is None or metrics["valid_pixel_accuracy"] > base else "bold red"
 
 
-def _finding_text(f: Mapping[str, Any], *, with_sites: bool = False) -> Text:
-    severity, title, _, _ = finding_lines(f)
-    text = Text.assemble((f"[{severity}] ", SEVERITY_STYLE.get(severity, "")), title)
-    sites = [str(s) for s in f.get("sites") or ()] if with_sites else []
-    if sites:
-        text.append(" (" + ", ".join(sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "") + ")", "dim")
-    return text
-
-
-def summary_panel(report: Report) -> Panel:
-    """Headline figures and the most severe findings."""
-    items: list[RenderableType] = [_facts_grid(report)]
-    top = top_findings(report)
-    if top:
-        more = len(report.findings) - len(top)
-        items.append(Text("top findings" + (f" ({more} more below)" if more else ""), style="bold"))
-        items += [Padding(_finding_text(f, with_sites=True), (0, 0, 0, 2)) for f in top]
+def summary_panel(report: Report, *, seen: set[str] | None = None, top: int = 3) -> Panel:
+    """The answer first: the verdict, then the ``top`` most important findings with their commands
+    (``seen`` collects the commands shown, so that later groups do not repeat them)."""
+    groups = group_findings(report.findings)
+    items: list[RenderableType] = [Text.assemble(("verdict: ", "bold"), (verdict(report, groups), _verdict_style(report, groups)))]
+    for group in groups[:top]:
+        items.append(group_block(group, seen=seen if seen is not None else set()))
+    if len(groups) > top:
+        items.append(Text(f"{len(groups) - top} more finding{'s' if len(groups) - top > 1 else ''} below the site table", style="dim"))
     return Panel(Group(*items), title=f"deadneuron audit: {source_of(report)}", title_align="left")
+
+
+def _verdict_style(report: Report, groups: Sequence[FindingGroup]) -> str:
+    if any(SEVERITY_ORDER.get(g.severity, 3) == 0 for g in groups) or report.summary.nonfinite:
+        return "bold red"
+    return "yellow" if report.summary.dead or any(g.severity == "warning" for g in groups) else "green"
+
+
+def group_block(group: FindingGroup, *, seen: set[str], verbose: bool = False, max_commands: int = 4) -> Group:
+    """A rule's findings: its title, one line per site, then each command not shown before."""
+    items: list[RenderableType] = [Text.assemble((f"[{group.severity}] ", SEVERITY_STYLE.get(group.severity, "")),
+                                                 (group.headline, "bold"))]  # fmt: skip
+    items += _evidence_items(group)
+    new = [c for c in group.commands if c not in seen]
+    shown = new if verbose else new[:max_commands]
+    seen.update(shown)
+    if shown:
+        items.append(Padding(_commands_grid(shown), (0, 0, 0, 2)))
+    if len(new) > len(shown):
+        items.append(Padding(Text(f"and {len(new) - len(shown)} more commands (--verbose)", style="dim"), (0, 0, 0, 2)))
+    return Group(*items)
+
+
+def _evidence_items(group: FindingGroup) -> list[RenderableType]:
+    """Model-wide evidence as one wrapped line, then one line per site (names in one column)."""
+    items: list[RenderableType] = [Padding(Text(line.text), (0, 0, 0, 2)) for line in group.lines if not line.site]
+    per_site = [line for line in group.lines if line.site]
+    if per_site:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(overflow="fold", max_width=32)
+        grid.add_column(overflow="fold")
+        for line in per_site:
+            grid.add_row(line.site, line.text)
+        items.append(Padding(grid, (0, 0, 0, 2)))
+    if not group.lines:  # a finding without evidence: its message is all there is
+        items += [Padding(Text(m), (0, 0, 0, 2)) for m in group.messages]
+    return items
+
+
+def _commands_grid(commands: Sequence[str]) -> Table:
+    """``try:`` beside each command; a long command wraps under itself, not under ``try:``."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for c in commands:
+        grid.add_row("try:", Text(c, style="green"))
+    return grid
+
+
+def more_findings(report: Report, *, seen: set[str], verbose: bool, top: int = 3) -> Group | None:
+    """The groups the panel did not show."""
+    rest = group_findings(report.findings)[top:]
+    if not rest:
+        return None
+    items: list[RenderableType] = [Text("More findings", style="bold underline")]
+    items += [group_block(g, seen=seen, verbose=verbose) for g in rest]
+    return Group(*items)
+
+
+def full_findings(report: Report) -> Group | None:
+    """Every finding's whole text (per-site paragraphs with their channel lists), grouped by rule; a finding
+    without evidence showed its text in its group already."""
+    groups = [g for g in group_findings(report.findings) if g.lines and g.messages]
+    if not groups:
+        return None
+    items: list[RenderableType] = [Text("Findings in full", style="bold underline")]
+    for group in groups:
+        items.append(Text.assemble((f"[{group.severity}] ", SEVERITY_STYLE.get(group.severity, "")), (group.title, "bold")))
+        items += [Padding(Text(m), (0, 0, 1 if i + 1 < len(group.messages) else 0, 2)) for i, m in enumerate(group.messages)]
+    return Group(*items)
 
 
 def _count_cell(k: int, style: str) -> Text:
@@ -157,37 +221,33 @@ def slot_usage_text(report: Report) -> Text | None:
     return text
 
 
-def findings_block(findings: tuple[Mapping[str, Any], ...]) -> Group | None:
-    if not findings:
-        return None
-    items: list[RenderableType] = [Text("Findings", style="bold underline")]
-    for f in sorted(findings, key=lambda f: SEVERITY_ORDER.get(str(f.get("severity", "info")), 3)):
-        _, _, message, commands = finding_lines(f)
-        items.append(_finding_text(f))
-        if message:
-            items.append(Padding(Text(message), (0, 0, 0, 2)))
-        items += [Padding(Text("try: " + c, style="green"), (0, 0, 0, 2)) for c in commands]
-    return Group(*items)
+def render(report: Report, console: Console, *, verbose: bool = False) -> None:
+    """Print the report: the verdict panel, the headline figures, the site table, the other findings.
 
-
-def render(report: Report, console: Console) -> None:
-    """Print the whole report."""
-    console.print(summary_panel(report))
+    ``verbose`` adds what a first reading does not need: the dead and dormant channel ids per site, each
+    slot's usage, every command (not just the first few of a rule) and every finding's whole text."""
+    seen: set[str] = set()
+    console.print(summary_panel(report, seen=seen))
     for w in report.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
+    console.print(_facts_grid(report))
     console.print(site_table(report))
     legend = axis_legend(report)
     if legend is not None:
         console.print(Text(legend, style="yellow"))
-    channels = channel_lines(report)
-    if channels is not None:
-        console.print(channels)
-    usage = slot_usage_text(report)
-    if usage is not None:
-        console.print(usage)
-    block = findings_block(report.findings)
-    if block is not None:
-        console.print(block)
+    if verbose:
+        for part in (channel_lines(report), slot_usage_text(report)):
+            if part is not None:
+                console.print(part)
+    more = more_findings(report, seen=seen, verbose=verbose)
+    if more is not None:
+        console.print(more)
+    if verbose:
+        full = full_findings(report)
+        if full is not None:
+            console.print(full)
+    elif report.findings or report.summary.dead or report.summary.dormant:
+        console.print(Text("--verbose: the dead and dormant channel ids and the full text of every finding", style="dim"))
 
 
 def site_line(s: SiteHealth) -> str:
