@@ -5,6 +5,8 @@ and feeds it its held-out data. A plain state_dict needs --model MODULE:FACTORY 
 MODULE:FACTORY (an iterable of batches) or --input-shape N,C,H,W (random inputs, flagged as such).
 Padding is left out of every statistic where a mask fits the site: by default the attention_mask of
 dict batches, or the adapter's valid grid cells; --mask KEY names another key, --no-mask counts padding.
+Under torchrun (``torchrun --nproc-per-node N -m deadneuron audit ...``) each rank audits every N-th
+batch, the ranks merge their statistics exactly, and the first rank prints and writes the one report.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def audit_command(
     rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
 ) -> None:
     from deadneuron.audit import audit
+    from deadneuron.cli._launch import launch
     from deadneuron.cli._subject import build_subject, parse_channel_axes, parse_key_values
     from deadneuron.gate import GateLimits
 
@@ -68,31 +71,41 @@ def audit_command(
         raise UsageError("--sites scopes the gate options: add --max-dead, --max-sparsity or --min-active-slots")
     axes = parse_channel_axes(channel_axis or [])
     rules = _rules_config(no_rules, disable or [], rules_config)  # a bad config fails before the audit runs
-    subject = build_subject(
-        checkpoint,
-        model_spec=model,
-        model_args=parse_key_values(model_arg or [], option="--model-arg"),
-        input_shape=input_shape,
-        data_spec=data,
-        batches=batches,
-        allow_globals=allow_global or (),
-        trust_code=trust_code,
-    )
-    for note in subject.notes:
-        typer.echo(f"note: {note}", err=True)
-    warnings = list(subject.warnings)
-    if subject.random_inputs:
-        warnings.append(f"made on random inputs of shape {input_shape}: real data can give different figures")
-    assert subject.data is not None
-    report = audit(
-        subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
-        device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
-        histograms=out is not None, mask=None if no_mask else (mask or "auto"), channel_axis=axes,
-        meta={"source": str(checkpoint), "random_inputs": subject.random_inputs,
-              **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
-    )  # fmt: skip
-    report = report.with_meta(warnings=[*report.warnings, *warnings])
-    report = _with_rules(report, subject, rules)
+    with launch(device) as (shard, device):
+        subject = build_subject(
+            checkpoint,
+            model_spec=model,
+            model_args=parse_key_values(model_arg or [], option="--model-arg"),
+            input_shape=input_shape,
+            data_spec=data,
+            batches=batches,
+            allow_globals=allow_global or (),
+            trust_code=trust_code,
+            shard=shard,
+        )
+        for note in subject.notes if shard.primary else ():
+            typer.echo(f"note: {note}", err=True)
+        warnings = list(subject.warnings)
+        if subject.random_inputs:
+            warnings.append(f"made on random inputs of shape {input_shape}: real data can give different figures")
+        assert subject.data is not None
+        report = audit(
+            subject.model, shard.take(subject.data, batches, sharded=subject.sharded), eps=eps, delta=delta,
+            select=select, device=device, progress=progress if fmt == "table" and shard.primary else False,
+            adapter=subject.adapter, histograms=out is not None, mask=None if no_mask else (mask or "auto"),
+            channel_axis=axes,
+            meta={"source": str(checkpoint), "random_inputs": subject.random_inputs,
+                  **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
+        )  # fmt: skip
+        report = report.with_meta(warnings=[*report.warnings, *warnings])
+        report = _with_rules(report, subject, rules)
+        if shard.primary:
+            _publish(report, out, subject, fmt)
+        _gate(report, limits, quiet=not shard.primary)
+
+
+def _publish(report, out: Path | None, subject, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    """Write the report files and print the report (one rank does this under torchrun)."""
     if out is not None:
         _write(report, out, subject)
     if fmt == "json":
@@ -101,16 +114,17 @@ def audit_command(
         from deadneuron.render.terminal import render
 
         render(report, Console())
-    _gate(report, limits)
 
 
-def _gate(report, limits) -> None:  # type: ignore[no-untyped-def]
-    """After the report is out: list every violated check on stderr and exit 1."""
+def _gate(report, limits, *, quiet: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """After the report is out: list every violated check on stderr (unless ``quiet``: a rank other than
+    the first under torchrun) and exit 1."""
     from deadneuron.gate import check, failure_message
 
     violations = check(report, limits)
     if violations:
-        typer.echo("deadneuron: " + failure_message(violations, header="health gate failed"), err=True)
+        if not quiet:
+            typer.echo("deadneuron: " + failure_message(violations, header="health gate failed"), err=True)
         raise typer.Exit(int(ExitCode.GATE_FAILED))
 
 
