@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
+from types import MappingProxyType
 
 from torch import nn
 
 # The attribute under which each wrapper keeps the module it wraps.
-_INNER = {"DistributedDataParallel": "module", "DataParallel": "module", "OptimizedModule": "_orig_mod"}
+_INNER = MappingProxyType({"DistributedDataParallel": "module", "DataParallel": "module", "OptimizedModule": "_orig_mod"})
 
 
 def wrapped(module: nn.Module) -> nn.Module | None:

@@ -23,7 +23,7 @@ from tests import zoo
 
 PLANTED = {0: [2], 1: [0, 5], 3: [1, 3, 7]}  # BatchNorm layer -> channels killed by a large negative bias
 # Floats that are ratios of counts: equal exactly when the counts are.
-COUNT_RATIOS = {"sparsity", "flat_fraction", "channel_zero", "channel_flat"}
+COUNT_RATIOS = frozenset({"sparsity", "flat_fraction", "channel_zero", "channel_flat"})
 
 
 def planted_model() -> nn.Module:
