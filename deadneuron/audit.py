@@ -7,6 +7,7 @@ Parameters and buffers are never written (inference mode and eval-mode BatchNorm
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -179,8 +180,9 @@ def audit(
         part, rec = _measure(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
                              adapter=adapter, mask=mask)  # fmt: skip
     except Exception as exc:
-        if merge:
-            share_failure(exc)
+        if merge:  # the other ranks are waiting for this rank's statistics: they raise too, naming it
+            with contextlib.suppress(Exception):  # a broken group: this rank's own error says more
+                share_failure(exc)
         raise
     kernels = rec.kernels.name
     if compile and rec.kernels.fallback_reason:
