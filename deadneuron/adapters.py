@@ -7,7 +7,9 @@ package by name; adapters come in through the ``deadneuron.adapters`` entry-poin
 An adapter may also define ``position_mask(batch) -> Tensor | None``: bool of shape (N, positions...),
 True where the batch holds data (the ARC adapter: the valid grid cells). `deadneuron.audit` then leaves
 the padding out of every statistic at the sites it fits (``mask="auto"``, see `deadneuron.probe.masks`).
-It is optional, so it is not part of the runtime-checked protocol below.
+It is optional, so it is not part of the runtime-checked protocol below. So is accepting ``rank`` and
+``world_size`` keyword arguments in ``batches()``: under torchrun the command line then asks each rank
+for its own share, batch i of the whole stream going to rank ``i % world_size`` (`deadneuron.cli._launch`).
 """
 
 from __future__ import annotations

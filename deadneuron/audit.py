@@ -7,8 +7,10 @@ Parameters and buffers are never written (inference mode and eval-mode BatchNorm
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -17,13 +19,17 @@ from torch import nn
 
 from deadneuron._inputs import batches_of, resolve_device
 from deadneuron.adapters import Adapter
+from deadneuron.distributed import active as dist_active
+from deadneuron.distributed import all_reduce_part, share_failure
 from deadneuron.errors import AuditRuntimeError, UsageError
-from deadneuron.probe import Recorder
+from deadneuron.part import Part
+from deadneuron.probe import Recorder, SiteResult
 from deadneuron.probe.masks import AUTO, MaskSpec, batch_shapes, choose_mask, unmatched_error
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.rules import PatchTarget, RulesConfig, RuleSet
 from deadneuron.stats import HISTOGRAM_EDGES
+from deadneuron.wrappers import eager, unwrap
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -120,6 +126,7 @@ def audit(
     rules_config: RulesConfig | None = None,
     checkpoint: Mapping[str, Any] | None = None,
     patch_target: PatchTarget | None = None,
+    distributed: bool = True,
 ) -> Report:
     """Audit ``model`` on ``data`` and return a Report (see DESIGN section 3 for every figure).
 
@@ -159,13 +166,92 @@ def audit(
     state), for the rules that read it. ``patch_target``: the subject ``deadneuron patch`` would patch
     (the CLI passes the audited checkpoint and its flags, so each finding's commands run as printed);
     by default fixes are checked against module surgery on ``model`` and no command is written.
+
+    ``distributed``: where a torch.distributed process group with more than one rank is initialised,
+    every rank audits its own shard of the data and the ranks merge their statistics exactly
+    (`deadneuron.distributed`): every rank returns the same Report, equal to one process's audit of
+    all the shards (``report.meta["distributed"]`` gives the batches per rank). Every rank must call
+    it. ``False`` audits this rank's shard alone. A model inside DistributedDataParallel or
+    torch.compile is audited as the module inside (``report.meta["notes"]`` says so).
     """
     overrides = _channel_axes(channel_axis)
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--batches must be at least 1, got {max_batches}")
     if eps < 0 or not 0 <= delta < 1:
         raise UsageError(f"eps must be >= 0 and delta in [0, 1); got eps={eps}, delta={delta}")
+    model, notes = unwrap(model)
     dev = resolve_device(device) if device is not None else _model_device(model)
+    merge = distributed and dist_active()
+    recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
+                                 histograms=histograms, activations=activations, channel_axis=overrides)  # fmt: skip
+    try:
+        part, rec, example = _measure(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
+                             adapter=adapter, mask=mask)  # fmt: skip
+    except Exception as exc:
+        if merge:  # the other ranks are waiting for this rank's statistics: they raise too, naming it
+            with contextlib.suppress(Exception):  # a broken group: this rank's own error says more
+                share_failure(exc)
+        raise
+    kernels = rec.kernels.name
+    if compile and rec.kernels.fallback_reason:
+        kernels = f"{kernels} ({rec.kernels.fallback_reason})"
+    world = None
+    if merge:
+        import torch.distributed as dist
+
+        part = all_reduce_part(part)
+        example = _shared_example(example)
+        world = {"world_size": dist.get_world_size(), "rank_batches": list(part.rank_batches)}
+    if part.batches == 0:
+        raise UsageError("the data yielded no batches: nothing to audit (check --data / --batches)")
+    results = part.results()
+    if not results:
+        raise UsageError(_nothing_measured(rec, select, functional))
+    warnings = [*part.warnings, *_unmatched_select(results, select), *_mask_warnings(results, part.mask, mask)]
+    metrics: dict[str, float] = {}
+    if adapter is not None and part.metric_sums:
+        metrics = dict(adapter.summarize_metrics({k: float(v.sum()) for k, v in part.metric_sums.items()}))
+    info = {
+        "model": type(model).__name__,
+        "batches": part.batches,
+        "samples": part.samples,
+        "eps": eps,
+        "delta": delta,
+        "device": str(dev),
+        "select": list(select) if select else None,
+        "kernels": kernels,
+        "mask": part.mask[0] if part.mask is not None else None,
+        **({"histogram_edges": list(HISTOGRAM_EDGES), "histogram_sampled": part.histogram_sampled} if histograms else {}),
+        **({"distributed": world} if world is not None else {}),
+        **({"notes": notes} if notes else {}),
+        **(meta or {}),
+        "warnings": [*warnings, *(meta or {}).get("warnings", ())],  # the caller's warnings join the audit's
+    }
+    report = Report.build(
+        (SiteHealth.from_result(r) for r in results),
+        slots=part.slots.compute() if part.slots is not None else None,
+        metrics=metrics,
+        meta=info,
+    )
+    if rules is False:
+        return report
+    from deadneuron.rules import attach_findings
+
+    ruleset = None if rules is True else rules
+    forward = adapter.forward if adapter is not None else default_forward
+    target = patch_target if patch_target is not None else _surgery_target(model, example, forward)
+    return attach_findings(report, checkpoint, model=model, rules=ruleset, config=_rules_config(ruleset, rules_config),
+                           target=target)  # fmt: skip
+
+
+def _measure(
+    model: nn.Module, data: Iterable[Any], recorder: Callable[[nn.Module], Recorder], *, max_batches: int | None,
+    dev: torch.device, progress: bool | None, adapter: Adapter | None, mask: MaskSpec,
+) -> tuple[Part, Recorder, Any]:  # fmt: skip
+    """This process's audit: every batch through the hooked model; its statistics as a Part, the Recorder,
+    and the first batch (fixes are checked on it)."""
+    from deadneuron.slots import SlotStats
+
     forward = adapter.forward if adapter is not None else default_forward
     total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
     warnings = [
@@ -173,21 +259,17 @@ def audit(
         "normalises with its initial statistics, so channels can look dead that are not"
         for name in untracked_batchnorms(model)
     ]
-    from deadneuron.slots import SlotStats
-
     slot_stats: SlotStats | None = None
-    mask_source: str | None = None
-    mask_shape: tuple[int, ...] = ()
+    used_mask: tuple[str, tuple[int, ...]] | None = None
     metric_sums: dict[str, torch.Tensor] = {}
     batches = samples = 0
     example: Any = None  # the first batch: fixes are checked on it
     moved = _move_model(model, dev)
     try:
-        with Recorder(model, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
-                      histograms=histograms, activations=activations, channel_axis=overrides) as rec:
+        with recorder(model) as rec:
             if any(m.training for m in model.modules()):
                 model.eval()
-            with torch.inference_mode(), _progress(progress, total) as bar:
+            with torch.inference_mode(), eager(model), _progress(progress, total) as bar:
                 task = bar.add_task("audit", total=total) if bar is not None else None
                 for batch in batches_of(data, max_batches):
                     batch = _to(batch, dev)
@@ -197,7 +279,7 @@ def audit(
                     if choice.warning is not None and choice.warning not in warnings:
                         warnings.append(choice.warning)
                     if choice.mask is not None:
-                        mask_source, mask_shape = choice.source, tuple(choice.mask.shape)
+                        used_mask = (str(choice.source), tuple(choice.mask.shape))
                     rec.start_batch(mask=choice.mask)
                     try:
                         outputs = forward(model, batch)
@@ -213,62 +295,46 @@ def audit(
                     samples += size
                     if bar is not None:
                         bar.advance(task)
-            results = rec.results()
-            rec_sampled = any(s.histogram is not None and s.histogram.sampled for s in rec._sites.values())
-            kernels = rec.kernels.name
             warnings += [f"channel axis set for {glob!r} matched no site: check the name against the site table"
                          for glob in rec.axes.unmatched()]
-            if compile and rec.kernels.fallback_reason:
-                kernels = f"{kernels} ({rec.kernels.fallback_reason})"
+            part = Part.of_recorder(rec, batches=batches, samples=samples, slots=slot_stats, metric_sums=metric_sums,
+                                    warnings=[*warnings, *rec.warnings()], mask=used_mask)  # fmt: skip
     finally:
         if moved is not None:
             model.to(moved)
-    if batches == 0:
-        raise UsageError("the data yielded no batches: nothing to audit (check --data / --batches)")
-    if not results:
-        raise UsageError(_nothing_measured(rec, select, functional))
-    warnings += [*rec.warnings(), *_unmatched_select(results, select)]
-    if mask_source is not None and not any(r.masked for r in results):
-        if mask != AUTO or mask_source.startswith("adapter:"):
-            raise unmatched_error(mask_source, mask_shape, {r.name: r.example_shape for r in results})
-        warnings.append(f"{mask_source} of shape {mask_shape} applied at no activation site: padding is counted")
+    return part, rec, example
+
+
+def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ...]] | None, mask: MaskSpec) -> list[str]:
+    """A padding mask that applied at no site (an error where it was asked for), or at some sites on
+    some batches only."""
+    out = []
+    if used is not None and not any(r.masked for r in results):
+        source, shape = used
+        if mask != AUTO or source.startswith("adapter:"):
+            raise unmatched_error(source, shape, {r.name: r.example_shape for r in results})
+        out.append(f"{source} of shape {shape} applied at no activation site: padding is counted")
     mixed = [r.name for r in results if r.masked and r.unfitted]
     if mixed:
-        warnings.append(
+        out.append(
             f"the padding mask fitted {', '.join(mixed[:3])}{' and more' if len(mixed) > 3 else ''} on some batches "
             "only (their shape did not fit it on the others): their figures count padding on those batches"
         )
-    metrics: dict[str, float] = {}
-    if adapter is not None and metric_sums:
-        metrics = dict(adapter.summarize_metrics({k: float(v.sum()) for k, v in metric_sums.items()}))
-    info = {
-        "model": type(model).__name__,
-        "batches": batches,
-        "samples": samples,
-        "eps": eps,
-        "delta": delta,
-        "device": str(dev),
-        "select": list(select) if select else None,
-        "kernels": kernels,
-        "mask": mask_source,
-        **({"histogram_edges": list(HISTOGRAM_EDGES), "histogram_sampled": rec_sampled} if histograms else {}),
-        **(meta or {}),
-        "warnings": [*warnings, *(meta or {}).get("warnings", ())],  # the caller's warnings join the audit's
-    }
-    report = Report.build(
-        (SiteHealth.from_result(r) for r in results),
-        slots=slot_stats.compute() if slot_stats is not None else None,
-        metrics=metrics,
-        meta=info,
-    )
-    if rules is False:
-        return report
-    from deadneuron.rules import attach_findings
+    return out
 
-    ruleset = None if rules is True else rules
-    target = patch_target if patch_target is not None else _surgery_target(model, example, forward)
-    return attach_findings(report, checkpoint, model=model, rules=ruleset, config=_rules_config(ruleset, rules_config),
-                           target=target)  # fmt: skip
+
+def _shared_example(example: Any) -> Any:
+    """The first batch of the lowest rank that saw one, on every rank: fixes are checked on it, so that every
+    rank's findings (and so its Report) are the same, also on a rank that saw no batch."""
+    import torch.distributed as dist
+
+    seen: list[bool] = [False] * dist.get_world_size()
+    dist.all_gather_object(seen, example is not None)
+    if not any(seen):
+        return example
+    box = [example if example is not None else None]
+    dist.broadcast_object_list(box, src=seen.index(True))
+    return box[0]
 
 
 def _surgery_target(model: nn.Module, example: Any, forward: Any) -> PatchTarget:

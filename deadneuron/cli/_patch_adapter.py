@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: int, init: str, max_steps: int | None,
-                  verify: bool, audit_grids: int | None, allow_globals: tuple[str, ...] | list[str]) -> None:  # fmt: skip
+                  verify: bool, audit_grids: int | None, allow_globals: tuple[str, ...] | list[str],
+                  workers: int | None = None, threads: int | None = None) -> None:  # fmt: skip
     from deadneuron.adapters import get_adapter, is_deadneuron_checkpoint
     from deadneuron.checkpoint import file_sha256, load_checkpoint
     from deadneuron.patch.retrain import Budget, Options, seeds_for
@@ -47,7 +48,10 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     if ctx.dry_run:
         ctx.say("dry run: nothing trained, nothing written")
         return
-    options = Options(progress=ctx.progress, say=ctx.say, init_checkpoint=ckpt if init == "checkpoint" else None)
+    from deadneuron.patch.parallel import available_cores
+
+    options = Options(progress=ctx.progress, say=ctx.say, init_checkpoint=ckpt if init == "checkpoint" else None,
+                      workers=workers or available_cores(), threads=threads or 1)  # fmt: skip
     if init == "checkpoint":
         options.patched_init = _patched_init(ctx, adapter, ckpt, plan, input_report)
     verification, runs = _train(adapter, config, patched_config, budget, options, seed_list, verify, (input_report, ckpt))

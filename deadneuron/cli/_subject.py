@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from deadneuron.errors import (
 from deadneuron.patch.plan import Plan
 from deadneuron.patch.saved import is_patched_state, rebuild_patched, recorded_args, recorded_plan_dicts
 
+if TYPE_CHECKING:
+    from deadneuron.cli._launch import Shard
+
 
 @dataclass
 class Subject:
@@ -41,6 +44,7 @@ class Subject:
     patched_plans: list[dict[str, Any]] = field(default_factory=list)  # re-applied plans of a patched state
     notes: list[str] = field(default_factory=list)  # for the user, on stderr
     model_args: dict[str, Any] = field(default_factory=dict)  # what the factory was called with
+    sharded: bool = False  # ``data`` is this rank's share already (its source took rank and world_size)
 
 
 def parse_key_values(items: Sequence[str], *, option: str) -> dict[str, Any]:
@@ -226,8 +230,10 @@ def build_subject(
     batches: int | None,
     allow_globals: Sequence[str] = (),
     trust_code: bool = False,
+    shard: Shard | None = None,
 ) -> Subject:
-    """Load the checkpoint safely and pair the model with its data."""
+    """Load the checkpoint safely and pair the model with its data (under torchrun: a ``--data`` factory
+    or adapter that takes ``rank`` and ``world_size`` is asked for ``shard``'s share)."""
     from deadneuron import checkpoint as ckpt
 
     if input_shape is not None and data_spec is not None:
@@ -238,12 +244,16 @@ def build_subject(
     subject.warnings.extend(_nonfinite_warnings(subject.model))
     if data_spec is not None:
         factory = import_object(data_spec, option="--data")
-        subject.data = check_batches(call_factory(factory, {}, option="--data", spec=data_spec), spec=data_spec)
+        kwargs = shard.kwargs_for(factory) if shard is not None and callable(factory) else {}
+        subject.data = check_batches(call_factory(factory, kwargs, option="--data", spec=data_spec), spec=data_spec)
+        subject.sharded = bool(kwargs)
     elif shape is not None:
         subject.data = random_batches(shape, batches or 8)
         subject.random_inputs = True
     elif subject.adapter is not None:
-        subject.data = subject.adapter.batches("heldout", subject.checkpoint.get("config", {}))
+        kwargs = shard.kwargs_for(subject.adapter.batches) if shard is not None else {}
+        subject.data = subject.adapter.batches("heldout", subject.checkpoint.get("config", {}), **kwargs)
+        subject.sharded = bool(kwargs)
     else:
         raise UsageError("no data to audit on: pass --data MODULE:FACTORY (your batches) or --input-shape N,C,H,W")
     return subject

@@ -5,6 +5,8 @@ and feeds it its held-out data. A plain state_dict needs --model MODULE:FACTORY 
 MODULE:FACTORY (an iterable of batches) or --input-shape N,C,H,W (random inputs, flagged as such).
 Padding is left out of every statistic where a mask fits the site: by default the attention_mask of
 dict batches, or the adapter's valid grid cells; --mask KEY names another key, --no-mask counts padding.
+Under torchrun (``torchrun --nproc-per-node N -m deadneuron audit ...``) each rank audits every N-th
+batch, the ranks merge their statistics exactly, and the first rank prints and writes the one report.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def audit_command(
 ) -> None:
     from deadneuron._inputs import resolve_device
     from deadneuron.audit import audit
+    from deadneuron.cli._launch import launch
     from deadneuron.cli._subject import build_subject, check_callable, parse_channel_axes, parse_key_values
     from deadneuron.cli._target import AuditFlags, patch_target, peek_data, subject_limits
     from deadneuron.gate import GateLimits
@@ -78,37 +81,47 @@ def audit_command(
         from deadneuron.cli._outputs import check_folder
 
         check_folder(out, option="--out")  # before any work
-    subject = build_subject(
-        checkpoint,
-        model_spec=model,
-        model_args=parse_key_values(model_arg or [], option="--model-arg"),
-        input_shape=input_shape,
-        data_spec=data,
-        batches=batches,
-        allow_globals=allow_global or (),
-        trust_code=trust_code,
-    )
-    if train is not None:
-        check_callable(train, option="--train")
-    for note in subject.notes:
-        typer.echo(f"note: {note}", err=True)
-    warnings = list(subject.warnings)
-    if subject.random_inputs:
-        warnings.append(f"made on random inputs of shape {input_shape}: real data can give different figures")
-    assert subject.data is not None
-    flags = AuditFlags(checkpoint, model=model, model_args=tuple(model_arg or ()), data=data, input_shape=input_shape,
-                       batches=batches, train=train, allow_globals=tuple(allow_global or ()), trust_code=trust_code,
-                       limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or ()))  # fmt: skip
-    peeked = peek_data(subject, batches)
-    report = audit(
-        subject.model, subject.data, eps=eps, delta=delta, select=select, max_batches=batches,
-        device=device, progress=progress if fmt == "table" else False, adapter=subject.adapter,
-        histograms=out is not None, mask=None if no_mask else (mask or "auto"), channel_axis=axes,
-        meta={"source": str(checkpoint), "random_inputs": subject.random_inputs, "warnings": warnings,
-              **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
-        rules=rules[0] if rules is not None else False, rules_config=rules[1] if rules is not None else None,
-        checkpoint=subject.checkpoint, patch_target=patch_target(flags, subject, peeked),
-    )  # fmt: skip
+    with launch(device) as (shard, device):
+        subject = build_subject(
+            checkpoint,
+            model_spec=model,
+            model_args=parse_key_values(model_arg or [], option="--model-arg"),
+            input_shape=input_shape,
+            data_spec=data,
+            batches=batches,
+            allow_globals=allow_global or (),
+            trust_code=trust_code,
+            shard=shard,
+        )
+        if train is not None:
+            check_callable(train, option="--train")
+        for note in subject.notes if shard.primary else ():
+            typer.echo(f"note: {note}", err=True)
+        warnings = list(subject.warnings)
+        if subject.random_inputs:
+            warnings.append(f"made on random inputs of shape {input_shape}: real data can give different figures")
+        assert subject.data is not None
+        flags = AuditFlags(checkpoint, model=model, model_args=tuple(model_arg or ()), data=data, input_shape=input_shape,
+                           batches=batches, train=train, allow_globals=tuple(allow_global or ()), trust_code=trust_code,
+                           limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or ()))  # fmt: skip
+        peeked = peek_data(subject, batches)
+        report = audit(
+            subject.model, shard.take(subject.data, batches, sharded=subject.sharded), eps=eps, delta=delta,
+            select=select, device=device, progress=progress if fmt == "table" and shard.primary else False,
+            adapter=subject.adapter, histograms=out is not None, mask=None if no_mask else (mask or "auto"),
+            channel_axis=axes,
+            meta={"source": str(checkpoint), "random_inputs": subject.random_inputs, "warnings": warnings,
+                  **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
+            rules=rules[0] if rules is not None else False, rules_config=rules[1] if rules is not None else None,
+            checkpoint=subject.checkpoint, patch_target=patch_target(flags, subject, peeked),
+        )  # fmt: skip
+        if shard.primary:
+            _publish(report, out, subject, fmt, verbose=verbose)
+        _gate(report, limits, quiet=not shard.primary)
+
+
+def _publish(report, out: Path | None, subject, fmt: str, *, verbose: bool) -> None:  # type: ignore[no-untyped-def]
+    """Write the report files and print the report (one rank does this under torchrun)."""
     if out is not None:
         _write(report, out, subject)
     if fmt == "json":
@@ -117,16 +130,17 @@ def audit_command(
         from deadneuron.render.terminal import render
 
         render(report, Console(), verbose=verbose)
-    _gate(report, limits)
 
 
-def _gate(report, limits) -> None:  # type: ignore[no-untyped-def]
-    """After the report is out: list every violated check on stderr and exit 1."""
+def _gate(report, limits, *, quiet: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """After the report is out: list every violated check on stderr (unless ``quiet``: a rank other than
+    the first under torchrun) and exit 1."""
     from deadneuron.gate import check, failure_message
 
     violations = check(report, limits)
     if violations:
-        typer.echo("deadneuron: " + failure_message(violations, header="health gate failed"), err=True)
+        if not quiet:
+            typer.echo("deadneuron: " + failure_message(violations, header="health gate failed"), err=True)
         raise typer.Exit(int(ExitCode.GATE_FAILED))
 
 

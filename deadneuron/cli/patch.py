@@ -55,7 +55,8 @@ def patch_command(
     audit_grids: Annotated[int | None, typer.Option("--audit-grids", help="Audit this many held-out grids per run (default: all).")] = None,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the comparison as a Markdown table here.")] = None,
     figure: Annotated[Path | None, typer.Option("--figure", help="Also write the before/after figure (PNG) here.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads per training run (default 1: runs go in parallel, see --workers).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Processes the arms x seeds runs spread over (default: the cores available); the same table for any N.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="MODULE:FACTORY building the model (plain state_dicts).")] = None,
     model_arg: Annotated[list[str] | None, typer.Option("--model-arg", help="KEY=VALUE passed to the factory; repeatable.")] = None,
@@ -72,6 +73,8 @@ def patch_command(
     from deadneuron.patch import plan_from_flags
 
     _check_numbers(seeds=seeds, max_steps=max_steps, audit_grids=audit_grids, threads=threads, init=init)
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
     if threads is not None:
         torch.set_num_threads(threads)
     flags = plan_from_flags(activation=activation, negative_slope=negative_slope, sites=tuple(select or ()), lr=lr,
@@ -108,7 +111,8 @@ def patch_command(
     from deadneuron.cli._patch_adapter import patch_adapter
 
     patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init or "scratch",
-                  max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or ())  # fmt: skip
+                  max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or (),
+                  workers=workers, threads=threads)  # fmt: skip
 
 
 class Context:

@@ -16,8 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from deadneuron.adapters import Adapter
 from deadneuron.errors import UsageError
 from deadneuron.patch.config import Init
@@ -56,6 +54,8 @@ class Options:
     say: Say = field(default=lambda _: None)
     init_checkpoint: Mapping[str, Any] | None = None
     patched_init: Mapping[str, Any] | None = None  # init for the patched arm (re-initialised channels)
+    workers: int = 1  # processes the runs of `verify` spread over (`deadneuron.patch.parallel`)
+    threads: int | None = None  # torch threads per run (None: as this process has; 1 in a worker)
 
 
 def seeded(config: Mapping[str, Any], seed: int) -> dict[str, Any]:
@@ -154,22 +154,18 @@ def verify(
     reference: Any = None,
 ) -> tuple[Verification, list[Run]]:
     """Train and audit both arms for every seed; the comparison and the runs (patched runs included)."""
+    from deadneuron.patch.parallel import Job, run_jobs
+
     started = time.monotonic()
-    runs: list[Run] = []
-    total = 2 * len(seeds)
-    estimate = Estimator(runs=total, steps=budget.steps, say=options.say)
-    for i, seed in enumerate(seeds):
-        for j, (arm, config) in enumerate((("baseline", baseline_config), ("patched", patched_config))):
+    jobs = []
+    for seed in seeds:
+        for arm, config in (("baseline", baseline_config), ("patched", patched_config)):
             init = None
             if budget.init == "checkpoint":
                 init = options.patched_init if arm == "patched" else options.init_checkpoint
-            options.say(f"[{2 * i + j + 1}/{total}] training the {arm} config, seed {seed}")
-            estimate.run_started(2 * i + j)
-            with torch.random.fork_rng(devices=[]):
-                ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init, estimate=estimate)
-            report = audit_run(adapter, ckpt, budget, progress=options.progress)
-            runs.append(Run(arm, seed, ckpt, report))
-            estimate.run_finished(2 * i + j)
+            jobs.append(Job(arm, seed, config, init))
+    estimate = Estimator(runs=len(jobs), steps=budget.steps, say=options.say)
+    runs = run_jobs(adapter, jobs, budget, options, estimate=estimate)  # one by one, or on options.workers processes
     samples = {arm: [_sample(r) for r in runs if r.arm == arm] for arm in ("baseline", "patched")}
     spent = {**budget.to_dict(), "seconds": round(time.monotonic() - started, 1)}
     ref = _sample_of(reference) if reference is not None else None

@@ -42,6 +42,7 @@ from deadneuron.probe.site import Site, SiteResult, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
+from deadneuron.wrappers import unwrap, user_named_modules
 
 
 class Recorder:
@@ -52,6 +53,9 @@ class Recorder:
     uses the fast statistics kernels (`deadneuron.stats.Kernels`: the C kernel on CPU, else
     `torch.compile`); ``False`` the eager torch reference. ``activations`` adds the user's kinds
     (default: `deadneuron.registry.default_registry`); ``coverage`` says what was not measured.
+    A model inside wrappers (DistributedDataParallel, DataParallel, torch.compile) is recorded as the
+    module inside them, under its own names (``notes`` says so; see `deadneuron.wrappers`): call the
+    DDP wrapper as usual, but a compiled model through ``rec.model`` (hooks cannot run in its graph).
     """
 
     def __init__(
@@ -71,7 +75,7 @@ class Recorder:
             raise ValueError(f"eps must be >= 0, got {eps}")
         if not 0 <= delta < 1:
             raise ValueError(f"delta must be in [0, 1), got {delta}")
-        self.model = model
+        self.model, self.notes = unwrap(model)  # DDP / torch.compile wrappers: their inner module
         self.eps = eps
         self.delta = delta
         self.select = tuple(select) if select else None
@@ -130,7 +134,7 @@ class Recorder:
                     m.train(training)
 
     def _register(self) -> None:
-        named = [(name, m, self.activations.spec_for_module(m)) for name, m in self.model.named_modules()]
+        named = [(name, m, self.activations.spec_for_module(m)) for name, m in user_named_modules(self.model)]
         self.coverage.scan(named)
         for name, m, spec in named:
             self._names[m] = name
@@ -348,6 +352,11 @@ class Recorder:
     def site_names(self) -> list[str]:
         """Final names of the sites, in order of first call."""
         return site_names(list(self._sites.values()))
+
+    def keyed_sites(self) -> list[tuple[tuple[Any, ...], str, Site]]:
+        """Every site with its key (its call place: equal in every process that runs the same model)
+        and its final name, in order of first call."""
+        return list(zip(self._sites, self.site_names(), self._sites.values(), strict=True))
 
     def warnings(self) -> list[str]:
         """Unknown activations no site measured (see `deadneuron.probe.coverage`)."""

@@ -1,0 +1,102 @@
+"""What one process measured in an audit, as mergeable state (`Part`): per site its accumulators and
+what names and describes it (`SiteInfo`), plus slot statistics, adapter metric sums, batch and sample
+counts, warnings and the padding mask used. Pure values: no hooks, no I/O, no communication.
+
+`deadneuron.distributed` merges the Parts of several processes into one; `Part.results` gives the
+per-site results a Report is built from (the same as `Recorder.results` for a single process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from deadneuron.probe.site import SiteResult
+from deadneuron.stats import ChannelStats, ValueHistogram
+
+if TYPE_CHECKING:
+    from deadneuron.probe import Recorder
+    from deadneuron.slots import SlotStats
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What names and describes a site (equal in every process that saw it); no statistics."""
+
+    key: tuple[Any, ...]  # the call place (`Recorder.keyed_sites`)
+    name: str
+    module: str
+    producer: str | None
+    functional: bool
+    kind: str
+    label: str
+    channel_axis: int
+    axis_source: str
+    flat_region: str
+    channels: int
+    shape: tuple[int, ...]  # of the last call
+
+
+@dataclass
+class SiteState:
+    """A site's accumulators and counters."""
+
+    info: SiteInfo
+    stats: ChannelStats
+    histogram: ValueHistogram | None = None
+    calls: int = 0
+    masked: bool = False  # a padding mask applied here on some call
+    excluded: int = 0  # elements per channel the mask excluded
+    unfitted: int = 0  # calls where the batch's mask did not fit this site
+
+    def result(self) -> SiteResult:
+        """Host values (one synchronisation: `ChannelStats.compute`)."""
+        i = self.info
+        return SiteResult(
+            name=i.name, module=i.module, producer=i.producer, functional=i.functional, kind=i.kind,
+            label=i.label, channel_axis=i.channel_axis, axis_source=i.axis_source, flat_region=i.flat_region,
+            example_shape=i.shape, calls=self.calls, summary=self.stats.compute(),
+            histogram=tuple(self.histogram.compute()) if self.histogram is not None else None,
+            masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
+        )  # fmt: skip
+
+
+@dataclass
+class Part:
+    """One process's share of an audit (or of a Recorder's sites)."""
+
+    sites: list[SiteState] = field(default_factory=list)
+    batches: int = 0
+    samples: int = 0
+    slots: SlotStats | None = None
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    mask: tuple[str, tuple[int, ...]] | None = None  # the padding mask used: its source and last shape
+    rank_batches: tuple[int, ...] = ()  # after a merge: the batches each rank saw, in rank order
+
+    @classmethod
+    def of_recorder(cls, rec: Recorder, *, batches: int | None = None, **fields: Any) -> Part:
+        """The sites ``rec`` measured (its accumulators, not copies). ``batches`` defaults to 1 where
+        it measured a site, else 0; ``fields`` sets the other fields."""
+        sites = [_state(key, name, site) for key, name, site in rec.keyed_sites()]
+        seen = batches if batches is not None else int(bool(sites))
+        return cls(sites=sites, batches=seen, **fields)
+
+    @property
+    def histogram_sampled(self) -> bool:
+        return any(s.histogram is not None and s.histogram.sampled for s in self.sites)
+
+    def results(self) -> list[SiteResult]:
+        return [s.result() for s in self.sites]
+
+
+def _state(key: tuple[Any, ...], name: str, site: Any) -> SiteState:
+    info = SiteInfo(
+        key=key, name=name, module=site.owner, producer=site.producer, functional=site.functional,
+        kind=site.spec.kind_name, label=site.spec.label, channel_axis=site.axis,
+        axis_source=site.axis_source.value, flat_region=site.region.describe(), channels=site.stats.channels,
+        shape=tuple(site.shape),
+    )  # fmt: skip
+    return SiteState(info, site.stats, site.histogram, site.calls, site.masked, site.excluded, site.unfitted)
