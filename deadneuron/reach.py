@@ -3,11 +3,13 @@
 
 :class:`ModelPreview` is module surgery on a model (``deadneuron patch --model``, or
 :func:`deadneuron.patch.apply_plan` in Python): the swap's reach is read off the report
-(:func:`deadneuron.rules.surgery_preview`), and dead-channel re-initialisation is checked on one forward
-pass of an example batch for a conv/linear layer that feeds each site. :class:`ConfigPreview` is a
-deadneuron checkpoint: the plan becomes its config change, the models of both configs are built and
-audited on one batch, and the sites whose activation changed are the swap's reach. Neither changes the
-model or the checkpoint.
+(:func:`deadneuron.rules.surgery_preview`), an added BatchNorm's layers are found as
+:func:`deadneuron.patch.batchnorm.add_batchnorm` finds them (the model is not changed), and dead-channel
+re-initialisation is checked on one forward pass of an example batch for a conv/linear layer that feeds
+each site. :class:`ConfigPreview` is a deadneuron checkpoint: the plan becomes its config change exactly as
+``deadneuron patch`` makes it (the keys' parts measured by :mod:`deadneuron.patch.parts`, ``--select``
+globs choosing the keys), and the sites whose activation or feeding layer differs between the models of
+both configs are the change's reach. Neither changes the model or the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from deadneuron.errors import DeadneuronError
 from deadneuron.rules import PatchKind, PatchOp, Preview, surgery_preview
+from deadneuron.rules.target import fed_sites, select_patterns
 
 if TYPE_CHECKING:
     from torch import nn
 
     from deadneuron.adapters import Adapter
+    from deadneuron.patch.config import ConfigMap
+    from deadneuron.patch.parts import SiteInfo
     from deadneuron.report import Report
 
 Forward = Callable[["nn.Module", Any], Any]
@@ -82,35 +87,82 @@ def first_sample(batch: Any) -> Any:
 
 
 class ModelPreview:
-    """Module surgery on ``model``: swaps from the report, re-initialisation checked on ``example``."""
+    """Module surgery on ``model``: swaps from the report, BatchNorm placed on the model's own layers,
+    re-initialisation checked on ``example``. With ``train`` (``deadneuron patch --train``) a learning rate
+    is the patched arm's ``lr=`` where ``train`` takes one (:func:`deadneuron.patch.own.train_keywords`)."""
 
-    def __init__(self, model: nn.Module, example: Any, *, forward: Forward | None = None) -> None:
+    def __init__(self, model: nn.Module, example: Any, *, forward: Forward | None = None,
+                 train: Callable[..., Any] | None = None) -> None:  # fmt: skip
+        self._model, self._train = model, train
         self._reinit = _ReinitCheck(lambda: model, example, forward)
 
     def __call__(self, report: Report, ops: tuple[PatchOp, ...]) -> Preview:
-        preview = surgery_preview(report, ops)
-        problems = self._reinit.problems(_reinit_sites(ops))
-        return Preview(preview.sites, (*preview.problems, *problems))
+        norms = [op for op in ops if op.kind is PatchKind.ADD_BATCHNORM]
+        trained = [op for op in ops if op.kind is PatchKind.SET_HPARAM and self._train is not None]
+        preview = surgery_preview(report, tuple(op for op in ops if op not in norms and op not in trained))
+        sites, problems = set(preview.sites), [*preview.problems, *self._reinit.problems(_reinit_sites(ops))]
+        problems += self._train_problems(trained)
+        for op in norms:
+            if report.meta.get("select"):
+                problems += surgery_preview(report, (op,)).problems
+                continue
+            layers, why = self._batchnorm_layers(report, op)
+            sites |= fed_sites(report, layers)
+            problems += why
+        return Preview(frozenset(sites), tuple(problems))
+
+    def _train_problems(self, ops: list[PatchOp]) -> list[str]:
+        """Why ``train`` cannot take the hyper-parameter changes ``ops`` (none where it can)."""
+        if not ops or self._train is None:
+            return []
+        from deadneuron.patch import Plan, op_from_dict
+        from deadneuron.patch.own import train_keywords
+
+        try:
+            train_keywords(self._train, Plan(tuple(op_from_dict(op.to_dict()) for op in ops)))
+        except DeadneuronError as exc:
+            return [str(exc)]
+        return []
+
+    def _batchnorm_layers(self, report: Report, op: PatchOp) -> tuple[list[str], list[str]]:
+        """The layers ``--add-batchnorm`` with the op's ``--select`` would give a BatchNorm, and why not."""
+        from deadneuron.patch import AddBatchNorm, PatchError
+        from deadneuron.patch.batchnorm import planned_layers
+
+        try:
+            layers, problems = planned_layers(self._model, AddBatchNorm(select_patterns(op)), report)
+        except PatchError as exc:
+            return [], [str(exc)]
+        return list(layers), problems
 
 
 class ConfigPreview:
-    """A deadneuron checkpoint: the config change ``deadneuron patch`` would make, and the activation
-    sites whose kind that change alters in the model built from it (one held-out batch audited)."""
+    """A deadneuron checkpoint: the config change ``deadneuron patch`` would make (the stored config with
+    the adapter's defaults, its keys' parts measured once, ``--select`` mapped onto them), and the sites
+    whose activation or feeding layer that change alters in the model built from it."""
 
     def __init__(self, adapter: Adapter, checkpoint: Mapping[str, Any]) -> None:
+        from deadneuron.patch.parts import full_config
+
         self.adapter = adapter
-        self.config = dict(checkpoint.get("config") or {})
-        self._labels: dict[str, dict[str, str] | str] = {}
+        self.config = full_config(adapter, checkpoint.get("config") or {})
+        self._parts: tuple[dict[str, SiteInfo], ConfigMap] | str | None = None
+        self._reach: dict[str, list[str] | str] = {}
         self._example: Any = None
         self._reinit = _ReinitCheck(lambda: adapter.load(checkpoint), None, adapter.forward)
 
     def __call__(self, report: Report, ops: tuple[PatchOp, ...]) -> Preview:
         from deadneuron.patch import Plan, apply_to_config, op_from_dict
+        from deadneuron.patch.parts import outside
 
+        parts = self._mapped(report)
+        if isinstance(parts, str):
+            return Preview(problems=(parts,))
         reinit = _reinit_sites(ops)
         try:
             plan = Plan(tuple(op_from_dict(op.to_dict()) for op in ops))
-            config, record = apply_to_config(self.config, plan, init="checkpoint" if reinit else "scratch")
+            config, record = apply_to_config(self.config, plan, init="checkpoint" if reinit else "scratch",
+                                             parts=parts[1])  # fmt: skip
         except (DeadneuronError, ValueError) as exc:
             return Preview(problems=(str(exc),))
         problems = list(record.not_patched)
@@ -121,11 +173,15 @@ class ConfigPreview:
             self._reinit._example = self.example()
             problems += self._reinit.problems(reinit)
         sites = set(reinit)
-        if any(op.kind is PatchKind.SWAP_ACTIVATION for op in ops) and not problems:
-            before, after = self._site_labels(self.config), self._site_labels(config)
-            if isinstance(before, str) or isinstance(after, str):
-                return Preview(frozenset(sites), (before if isinstance(before, str) else str(after),))
-            sites |= {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+        if record.changes and not problems:
+            reach = self._changed(config, parts[0])
+            if isinstance(reach, str):
+                return Preview(frozenset(sites), (reach,))
+            extra = outside(reach, record.targets) if record.targets else []
+            if extra:  # deadneuron patch refuses this plan
+                problems.append(f"the config change also reaches {', '.join(extra)}, which no selected part holds "
+                                "(a key such as NEGATIVE_SLOPE is shared by every part)")  # fmt: skip
+            sites |= set(reach)
         return Preview(frozenset(sites), tuple(problems))
 
     def example(self) -> Any:
@@ -133,22 +189,31 @@ class ConfigPreview:
             self._example = next(iter(self.adapter.batches("heldout", self.config)), None)
         return self._example
 
-    def _site_labels(self, config: Mapping[str, Any]) -> dict[str, str] | str:
-        """Site name -> activation label of the model ``config`` builds (one batch), or why it failed."""
+    def _mapped(self, report: Report) -> tuple[dict[str, SiteInfo], ConfigMap] | str:
+        """The model's sites (named by ``report``, else by a one-batch audit where the audit was limited
+        by --select) and the parts each config key decides; measured once, or why that failed."""
+        if self._parts is None:
+            from deadneuron.patch.parts import config_map, site_infos
+
+            try:
+                sites = site_infos(self.adapter, self.config, None if report.meta.get("select") else report)
+                self._parts = (sites, config_map(self.adapter, self.config, sites))
+            except DeadneuronError as exc:
+                self._parts = f"which sites each config key decides could not be measured ({exc})"
+        return self._parts
+
+    def _changed(self, config: Mapping[str, Any], sites: Mapping[str, SiteInfo]) -> list[str] | str:
+        """The sites whose activation or feeding layer differs in the model ``config`` builds, or why the
+        changed config could not be built."""
+        from deadneuron.patch.parts import changed_sites
+
         key = repr(sorted((k, repr(v)) for k, v in config.items()))
-        if key not in self._labels:
-            self._labels[key] = self._measure(config)
-        return self._labels[key]
-
-    def _measure(self, config: Mapping[str, Any]) -> dict[str, str] | str:
-        from deadneuron.audit import audit
-
-        try:
-            model = self.adapter.build(config)
-            report = audit(model, [self.example()], adapter=self.adapter, progress=False, compile=False, rules=False)
-        except DeadneuronError as exc:
-            return f"the changed config could not be checked ({exc})"
-        return {name: site.label for name, site in report.sites.items()}
+        if key not in self._reach:
+            try:
+                self._reach[key] = changed_sites(self.adapter, self.config, config, sites)
+            except DeadneuronError as exc:
+                self._reach[key] = f"the changed config could not be checked ({exc})"
+        return self._reach[key]
 
 
 __all__ = ["ConfigPreview", "ModelPreview"]

@@ -201,7 +201,7 @@ def test_a_missing_module_spec_says_where_to_run_from(env: Path) -> None:
 
 
 def test_train_is_checked_and_carried_into_the_commands(env: Path) -> None:
-    code, _, err = invoke(*audit_argv(env, extra=("--train", f"{env / 'factories.py'}:nope")))
+    code, _, err = invoke(*audit_argv(env, extra=("--train", f"{env / 'factories.py'}:nope", "--max-steps", "3")))
     assert code == 2 and "has no attribute 'nope'" in one_error(err)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -210,7 +210,9 @@ def test_train_is_checked_and_carried_into_the_commands(env: Path) -> None:
     torch.save(model.state_dict(), env / "tiny.pth")
     import json
 
-    code, out, err = invoke(*audit_argv(env, extra=("--train", f"{env / 'factories.py'}:train")))
+    code, _, err = invoke(*audit_argv(env, extra=("--train", f"{env / 'factories.py'}:train")))
+    assert code == 2 and "add --max-steps N" in one_error(err)  # the commands retrain on a budget
+    code, out, err = invoke(*audit_argv(env, extra=("--train", f"{env / 'factories.py'}:train", "--max-steps", "3")))
     assert code == 0, err
     commands = [c for f in json.loads(out)["findings"] for c in f["commands"]]
-    assert commands and all(f"--train {env / 'factories.py'}:train" in c for c in commands)
+    assert commands and all(f"--train {env / 'factories.py'}:train --max-steps 3" in c for c in commands)

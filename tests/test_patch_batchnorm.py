@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +188,10 @@ def test_the_suggested_command_runs_and_adds_batchnorm_exactly_there(tmp_path: P
     assert finding["channels"] == {"3": [0, 5]}
     assert finding["patch_ops"] == [[{"op": "add_batchnorm", "sites": ["1", "3"]}]]
     (command,) = finding["commands"]
-    assert command == f"deadneuron patch {ckpt} --add-batchnorm --select 1 --select 3"
+    assert command == f"deadneuron patch {ckpt} {' '.join(subject)} --add-batchnorm --select 1 --select 3"
     out = tmp_path / "bn.pth"
-    words = command.split()[2:]  # the suggested command, with the audit's subject and an output
-    result = CliRunner().invoke(app, ["patch", *words, *subject, "--out", str(out)])
+    words = shlex.split(command)[2:]  # the suggested command as printed (it names the audit's subject), an output
+    result = CliRunner().invoke(app, ["patch", *words, "--out", str(out)])
     assert result.exit_code == 0, result.stderr
     assert "0: no normalisation -> BatchNorm2d(8) after it" in result.stderr
     assert "2: no normalisation -> BatchNorm2d(8) after it" in result.stderr
@@ -200,3 +201,25 @@ def test_the_suggested_command_runs_and_adds_batchnorm_exactly_there(tmp_path: P
     with torch.no_grad():
         for x in user.batches():
             torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_the_surgery_preview_places_batchnorm_as_the_surgery_does() -> None:
+    from deadneuron.reach import ModelPreview
+    from deadneuron.rules import Fix, PatchOp, PatchTarget
+
+    model, x = plain(), batches()[0]
+    report = audit(model, [x], progress=False, compile=False, rules=False)
+    target = PatchTarget(("m.pth",), preview=ModelPreview(model, x))
+    stack = (PatchOp.add_batchnorm(("c1>relu", "c2>relu")),)
+    assert ModelPreview(model, x)(report, stack).sites == {"c1>relu", "c2>relu"}
+    assert target.check(report, Fix(stack)) is None
+    assert not hasattr(model.c1, "batchnorm"), "the preview changes nothing"
+    normed = plain(norm=True)
+    normed_report = audit(normed, [x], progress=False, compile=False, rules=False)
+    own_stack = (PatchOp.add_batchnorm(tuple(normed_report.sites)[:2]),)  # named after their norms
+    why = PatchTarget(("m.pth",), preview=ModelPreview(normed, x)).check(normed_report, Fix(own_stack))
+    assert why is not None and "already normalised by norms.1 (BatchNorm2d)" in why
+    dropped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.1), nn.ReLU()).eval()
+    dropped_report = audit(dropped, [x], progress=False, compile=False, rules=False)
+    why = PatchTarget(("m.pth",), preview=ModelPreview(dropped, x)).check(dropped_report, Fix((PatchOp.add_batchnorm(("2",)),)))
+    assert why is not None and "2: fed by 1 (Dropout), not a conv or linear layer" in why

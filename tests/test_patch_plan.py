@@ -47,7 +47,7 @@ def test_flags_build_one_op_each() -> None:
         ({"dropout_between_convs": 1.0}, "(0, 1)"),
         ({"lr": -1.0}, "> 0"),
         ({"epochs": 0}, ">= 1"),
-        ({"sites": ("a",)}, "add --activation"),
+        ({"sites": ("a",)}, "--select chooses the sites of --activation, --reinit-dead or --add-batchnorm: add one"),
     ],
     ids=["lr-and-scale", "unknown-activation", "slope-alone", "slope-with-gelu", "slope-range", "dropout-1",
          "negative-lr", "zero-epochs", "select-alone"],  # fmt: skip

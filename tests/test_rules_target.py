@@ -72,3 +72,46 @@ def test_findings_keep_what_applies_with_commands_naming_the_whole_subject() -> 
     assert argv[-2:] == ["--select", "module:relu"]
     quiet = evaluate(REPORT, rules=builtin_rules(), target=PatchTarget(None))
     assert all(not f.commands for f in quiet) and [f.fixes for f in quiet] == [f.fixes for f in findings]
+
+
+def batchnorm(*sites: str) -> tuple[PatchOp, ...]:
+    return (PatchOp.add_batchnorm(sites),)
+
+
+FED = make_report(
+    make_site("c1>relu", module="act"), make_site("c1>gelu", module="gelu", kind="gelu"),
+    make_site("c2>relu", module="relu2", dead=(1,)), make_site("free", producer=None),
+)  # fmt: skip
+
+
+def test_a_batchnorm_reaches_every_site_its_layer_feeds() -> None:
+    assert surgery_preview(FED, batchnorm("c2>relu")).sites == {"c2>relu"}
+    assert surgery_preview(FED, batchnorm("c1>relu")).sites == {"c1>relu", "c1>gelu"}  # c1 feeds both
+    (problem,) = surgery_preview(FED, batchnorm("free")).problems
+    assert problem.startswith("free: fed by no layer deadneuron can see")
+    target = PatchTarget(("m.pth",))
+    assert target.check(FED, Fix(batchnorm("c2>relu"))) is None
+    reason = str(target.check(FED, Fix(batchnorm("c1>relu"))))
+    assert reason.startswith("`--add-batchnorm` at c1>relu: c1 also feeds c1>gelu, which this finding does not name")
+    limited = dataclasses.replace(FED, meta={**FED.meta, "select": ["c2*"]})
+    assert "--select" in str(target.check(limited, Fix(batchnorm("c2>relu"))))
+    assert Fix(batchnorm("c1>relu", "c2>relu")).command("m.pth", adapter_model=True) == (
+        "deadneuron patch m.pth --add-batchnorm --select 'c1>relu' --select 'c2>relu'")
+
+
+def test_a_config_batchnorm_switch_covering_more_sites_is_withheld() -> None:
+    def switch(report: object, ops: tuple[PatchOp, ...]) -> Preview:
+        return Preview(frozenset({"c1>relu", "c1>gelu", "c2>relu"}))
+
+    target = PatchTarget(("ck.pth",), config=True, preview=switch)
+    assert target.check(FED, Fix(batchnorm("c1>relu", "c1>gelu", "c2>relu"))) is None
+    reason = str(target.check(FED, Fix(batchnorm("c2>relu"))))
+    assert "switches BatchNorm on for c1>gelu, c1>relu, c2>relu together: it would also change c1>gelu, c1>relu" in reason
+    assert "for c1>gelu, c1>relu, c2>relu only, not for free" in str(target.check(FED, Fix(batchnorm("free"))))
+
+
+def test_a_model_retrained_with_train_reinitialises_from_its_checkpoint() -> None:
+    reinit = Fix((PatchOp.reinit_dead({"relu": (0, 2)}),))
+    words = ("m.pth", "--model", "n.py:build", "--data", "n.py:batches", "--train", "n.py:train", "--max-steps", "5")
+    assert str(PatchTarget(words, retrains=True).command(reinit)).endswith("--reinit-dead --select module:relu --init checkpoint")
+    assert str(PatchTarget(words[:5]).command(reinit)).endswith("--reinit-dead --select module:relu")

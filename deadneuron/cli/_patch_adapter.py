@@ -25,6 +25,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
                   workers: int | None = None, threads: int | None = None) -> None:  # fmt: skip
     from deadneuron.adapters import get_adapter, is_deadneuron_checkpoint
     from deadneuron.checkpoint import file_sha256, load_checkpoint
+    from deadneuron.patch.parts import full_config
     from deadneuron.patch.retrain import Budget, Options, seeds_for
 
     source_hash = file_sha256(ctx.checkpoint)
@@ -34,7 +35,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
                          "(and --data or --input-shape) to patch the model itself")  # fmt: skip
     ckpt = cast(Mapping[str, Any], ckpt)
     adapter = get_adapter(str(ckpt.get("adapter")))
-    config = _full_config(adapter, ckpt.get("config") or {})
+    config = full_config(adapter, ckpt.get("config") or {})
     budget = Budget(_steps(ckpt, max_steps), init, audit_grids)  # type: ignore[arg-type]
     seed_list = seeds_for(config, seeds)
     if not verify and seeds > 1:
@@ -65,14 +66,6 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     if verification is not None:
         _extras(ctx, outputs, verification, runs, plan)
     outputs.write(ctx.say)
-
-
-def _full_config(adapter: Adapter, stored: Mapping[str, Any]) -> dict[str, Any]:
-    """The stored config with the adapter's defaults for keys it predates (what its model was built
-    with), so that keys added since (DECODER_ACTIVATION, ...) can be patched in an old checkpoint."""
-    defaults = getattr(adapter, "default_config", None)
-    base = defaults() if callable(defaults) else {}
-    return {**base, **stored}
 
 
 @dataclass(frozen=True)

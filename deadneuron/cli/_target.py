@@ -4,7 +4,7 @@ measured by building the model of the changed config and comparing its activatio
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -31,6 +31,7 @@ class AuditFlags:
     input_shape: str | None = None
     batches: int | None = None
     train: str | None = None
+    max_steps: int | None = None
     allow_globals: tuple[str, ...] = ()
     trust_code: bool = False
     limits: tuple[str, ...] = ()  # flags patch does not take: --mask, --no-mask, --channel-axis
@@ -63,8 +64,10 @@ def peek_data(subject: Subject, batches: int | None) -> Peeked:
     return Peeked(first)
 
 
-def patch_target(flags: AuditFlags, subject: Subject, data: Peeked) -> PatchTarget:
-    """How `deadneuron patch` reaches ``subject``: the words that name it and what a fix would change."""
+def patch_target(flags: AuditFlags, subject: Subject, data: Peeked, *,
+                 train: Callable[..., Any] | None = None) -> PatchTarget:  # fmt: skip
+    """How `deadneuron patch` reaches ``subject``: the words that name it and what a fix would change.
+    ``train``: the function of ``flags.train`` (the commands retrain with it, on ``flags.max_steps`` steps)."""
     if subject.adapter is not None:
         words = [str(flags.checkpoint), *_repeat("--allow-global", flags.allow_globals)]
         if data.samples is not None:
@@ -78,9 +81,10 @@ def patch_target(flags: AuditFlags, subject: Subject, data: Peeked) -> PatchTarg
     if flags.batches is not None:
         words += ["--batches", str(flags.batches)]
     if flags.train is not None:
-        words += ["--train", flags.train]
+        words += ["--train", flags.train, "--max-steps", str(flags.max_steps)]
     words += [*_repeat("--allow-global", flags.allow_globals), *(["--trust-code"] if flags.trust_code else [])]
-    return PatchTarget(tuple(words), preview=ModelPreview(subject.model, data.example), limits=flags.limits)
+    preview = ModelPreview(subject.model, data.example, train=train if flags.train is not None else None)
+    return PatchTarget(tuple(words), preview=preview, limits=flags.limits, retrains=flags.train is not None)
 
 
 def _repeat(flag: str, values: Iterable[str]) -> list[str]:

@@ -28,6 +28,7 @@ def audit_command(
     data: Annotated[str | None, typer.Option("--data", help="MODULE:FACTORY returning an iterable of batches.")] = None,
     batches: Annotated[int | None, typer.Option("--batches", help="Audit at most N batches (default: all; 8 with --input-shape).")] = None,
     train: Annotated[str | None, typer.Option("--train", metavar="MODULE:FN", help="train(model, steps=N, seed=S) for your model: the suggested patch commands retrain with it.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="With --train: steps of every run of the suggested patch commands (both arms).")] = None,
     eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = 0.0,
     delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = 0.05,
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
@@ -67,6 +68,7 @@ def audit_command(
         raise UsageError(f"--delta must be in [0, 1), got {delta}")
     if mask is not None and no_mask:
         raise UsageError("pass either --mask KEY or --no-mask, not both")
+    _check_budget(train=train, max_steps=max_steps)
     if mask is not None and not mask.strip():
         raise UsageError("--mask takes the key of the mask in dict batches (e.g. attention_mask), got an empty string")
     limits = GateLimits(max_dead=max_dead, max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
@@ -93,8 +95,7 @@ def audit_command(
             trust_code=trust_code,
             shard=shard,
         )
-        if train is not None:
-            check_callable(train, option="--train")
+        train_fn = check_callable(train, option="--train") if train is not None else None
         for note in subject.notes if shard.primary else ():
             typer.echo(f"note: {note}", err=True)
         warnings = list(subject.warnings)
@@ -102,8 +103,8 @@ def audit_command(
             warnings.append(f"made on random inputs of shape {input_shape}: real data can give different figures")
         assert subject.data is not None
         flags = AuditFlags(checkpoint, model=model, model_args=tuple(model_arg or ()), data=data, input_shape=input_shape,
-                           batches=batches, train=train, allow_globals=tuple(allow_global or ()), trust_code=trust_code,
-                           limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or ()))  # fmt: skip
+                           batches=batches, train=train, max_steps=max_steps, allow_globals=tuple(allow_global or ()),
+                           trust_code=trust_code, limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or ()))  # fmt: skip
         peeked = peek_data(subject, batches)
         report = audit(
             subject.model, shard.take(subject.data, batches, sharded=subject.sharded), eps=eps, delta=delta,
@@ -113,7 +114,7 @@ def audit_command(
             meta={"source": str(checkpoint), "random_inputs": subject.random_inputs, "warnings": warnings,
                   **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
             rules=rules[0] if rules is not None else False, rules_config=rules[1] if rules is not None else None,
-            checkpoint=subject.checkpoint, patch_target=patch_target(flags, subject, peeked),
+            checkpoint=subject.checkpoint, patch_target=patch_target(flags, subject, peeked, train=train_fn),
         )  # fmt: skip
         if shard.primary:
             _publish(report, out, subject, fmt, verbose=verbose)
@@ -130,6 +131,17 @@ def _publish(report, out: Path | None, subject, fmt: str, *, verbose: bool) -> N
         from deadneuron.render.terminal import render
 
         render(report, Console(), verbose=verbose)
+
+
+def _check_budget(*, train: str | None, max_steps: int | None) -> None:
+    """--train makes the suggested commands retrain the model, which `deadneuron patch` does on a budget."""
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
+    if train is not None and max_steps is None:
+        raise UsageError("--train makes the suggested patch commands retrain your model: add --max-steps N, the "
+                         "steps of every run (both arms)")  # fmt: skip
+    if max_steps is not None and train is None:
+        raise UsageError("--max-steps is the budget of the runs --train makes: add --train MODULE:FUNCTION")
 
 
 def _gate(report, limits, *, quiet: bool = False) -> None:  # type: ignore[no-untyped-def]

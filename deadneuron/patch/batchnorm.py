@@ -111,13 +111,35 @@ def _add_site(site: Any, modules: Mapping[str, nn.Module], layers: dict[str, lis
         acc.not_patched.append(f"{site.name}: fed by {what}, not a conv or linear layer; no BatchNorm added")
 
 
-def _insert(name: str, layer: nn.Module, sites: Sequence[str], acc: RecordBuilder) -> None:
+def planned_layers(model: nn.Module, op: AddBatchNorm, report: Any) -> tuple[dict[str, list[str]], list[str]]:
+    """What :func:`add_batchnorm` would do to ``model``, which is not changed: layer name -> the selected
+    sites it feeds, and why a selected site or layer would get no BatchNorm (not fed by a conv or linear
+    layer, normalised already, a layer that has its BatchNorm, a glob matching nothing)."""
+    modules = dict(model.named_modules())
+    acc = RecordBuilder()
+    layers, unused = _targets(op, report, modules, acc)
+    problems = [*acc.not_patched, *(f"--select {p!r} matched no site or layer" for p in unused), *acc.notes]
+    for name, layer in modules.items():
+        if name in layers:
+            blocked = _blocked(name, layer)
+            problems += [blocked[1]] if blocked is not None else []
+    return layers, problems
+
+
+def _blocked(name: str, layer: nn.Module) -> tuple[bool, str] | None:
+    """Why ``layer`` gets no BatchNorm (True: a note, it has one already; False: it cannot take one)."""
     if has_added_batchnorm(layer):
-        acc.notes.append(f"{name} already has an added BatchNorm")
-        return
+        return True, f"{name} already has an added BatchNorm"
     if CHILD in layer._modules or not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
-        acc.not_patched.append(f"{name}: cannot add a BatchNorm to a {type(layer).__name__}"
-                               + (f" that already has a child {CHILD!r}" if CHILD in layer._modules else ""))
+        return False, (f"{name}: cannot add a BatchNorm to a {type(layer).__name__}"
+                       + (f" that already has a child {CHILD!r}" if CHILD in layer._modules else ""))
+    return None
+
+
+def _insert(name: str, layer: nn.Module, sites: Sequence[str], acc: RecordBuilder) -> None:
+    blocked = _blocked(name, layer)
+    if blocked is not None:
+        (acc.notes if blocked[0] else acc.not_patched).append(blocked[1])
         return
     norm = _norm_for(layer)
     layer.add_module(CHILD, norm)
@@ -146,4 +168,4 @@ def _norm_for(layer: nn.Module) -> nn.modules.batchnorm._BatchNorm:
     return norm
 
 
-__all__ = ["CHILD", "BatchNormHook", "add_batchnorm", "has_added_batchnorm"]
+__all__ = ["CHILD", "BatchNormHook", "add_batchnorm", "has_added_batchnorm", "planned_layers"]

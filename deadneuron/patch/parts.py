@@ -32,6 +32,14 @@ class SiteInfo:
     kind: str
 
 
+def full_config(adapter: Adapter, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored config with the adapter's defaults for keys it predates (what its model was built
+    with), so that keys added since (DECODER_ACTIVATION, ...) can be patched in an old checkpoint."""
+    defaults = getattr(adapter, "default_config", None)
+    base = defaults() if callable(defaults) else {}
+    return {**base, **stored}
+
+
 def activation_keys(config: Mapping[str, Any]) -> list[str]:
     """``ACTIVATION`` and every ``*_ACTIVATION`` key (any case) holding an activation name."""
     return [k for k, v in config.items()
@@ -131,5 +139,5 @@ def outside(changed: Sequence[str], targets: Sequence[str]) -> list[str]:
     return [s for s in changed if s not in wanted]
 
 
-__all__ = ["SiteInfo", "activation_keys", "batch_norm_keys", "changed_sites", "config_map", "model_changes", "outside",
-           "site_infos"]  # fmt: skip
+__all__ = ["SiteInfo", "activation_keys", "batch_norm_keys", "changed_sites", "config_map", "full_config",
+           "model_changes", "outside", "site_infos"]  # fmt: skip

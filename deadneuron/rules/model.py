@@ -180,8 +180,10 @@ class PatchOp:
 
     def flags(self, *, adapter_model: bool = False) -> tuple[str, ...]:
         """CLI flags of ``deadneuron patch`` that request this op. ``--select`` names the op's sites exactly
-        (glob characters in a name escaped); re-initialising dead channels of an adapter model needs its
-        trained weights (``--init checkpoint``; from scratch every weight is fresh anyway)."""
+        (glob characters in a name escaped), for an adapter model too (its config maps them onto its keys);
+        re-initialising dead channels of a model ``deadneuron patch`` retrains (``adapter_model``: a deadneuron
+        checkpoint, or a model of your own with ``--train``) needs its trained weights (``--init checkpoint``;
+        from scratch every weight is fresh anyway)."""
         p = dict(self.params)
         if self.kind is PatchKind.SWAP_ACTIVATION:
             slope = ("--negative-slope", _num(p["negative_slope"])) if "negative_slope" in p else ()

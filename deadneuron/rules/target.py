@@ -46,6 +46,8 @@ class PatchTarget:
     ``limits``: audit flags that ``deadneuron patch`` cannot repeat (its own audit of the model would
     then read other channels), which keep dead-channel re-initialisation from being suggested.
     ``unreachable``: why no fix can be applied to this subject at all ("" where fixes can be).
+    ``retrains``: ``deadneuron patch`` retrains the subject (an adapter checkpoint always; a model of your
+    own with ``--train``), so re-initialising dead channels keeps the trained weights (``--init checkpoint``).
     """
 
     words: tuple[str, ...] | None = None
@@ -53,6 +55,7 @@ class PatchTarget:
     preview: PreviewFn | None = None
     limits: tuple[str, ...] = ()
     unreachable: str = ""
+    retrains: bool = False
 
     def check(self, report: Report, fix: Fix) -> str | None:
         """Why ``fix`` is not suggested for this subject, or None when it applies exactly."""
@@ -62,40 +65,87 @@ class PatchTarget:
         if self.limits and any(op.kind is PatchKind.REINIT_DEAD for op in fix.ops):
             return (f"`{shown}`: the audit ran with {', '.join(self.limits)}, which deadneuron patch does not take, "
                     "so its own audit would look for dead channels elsewhere")
-        preview = (self.preview or surgery_preview)(report, fix.ops)
+        preview_of = self.preview or surgery_preview
+        preview = preview_of(report, fix.ops)
         if preview.problems:
             return f"`{shown}`: {'; '.join(preview.problems)}"
-        for op in fix.ops:
-            if op.kind is PatchKind.SWAP_ACTIVATION:
-                named = frozenset(op.param("sites") or ()) or frozenset(_sites_of_kind(report, "relu"))
-                if preview.sites != named:
-                    return f"`{shown}` at {_few(sorted(named))}: {_reach_text(report, named, preview.sites, config=self.config)}"
+        placed = [op for op in fix.ops if _named_sites(report, op) is not None]
+        for op in placed:
+            named = _named_sites(report, op)
+            assert named is not None
+            reach = preview.sites if len(placed) == 1 else preview_of(report, (op,)).sites
+            if reach != named:
+                return f"`{shown}` at {_few(sorted(named))}: {_reach_text(report, op.kind, named, reach, config=self.config)}"
         return None
 
     def command(self, fix: Fix) -> str | None:
-        return None if self.words is None else fix.command(self.words, adapter_model=self.config)
+        return None if self.words is None else fix.command(self.words, adapter_model=self.config or self.retrains)
 
 
 def surgery_preview(report: Report, ops: tuple[PatchOp, ...]) -> Preview:
     """What ``deadneuron patch --model`` would change, from the report: the module-surgery selection of
     :func:`deadneuron.patch.apply_plan` (a swapped module changes at all its call sites; a swapped
-    functional call changes every functional activation in its module's own code; an audit limited by
-    ``select`` cannot tell). A training hyper-parameter is out of its reach: the model has no config."""
+    functional call changes every functional activation in its module's own code; a BatchNorm after the
+    layer feeding a site changes every site that layer feeds; an audit limited by ``select`` cannot tell).
+    A training hyper-parameter is out of its reach: the model has no config. Which layers can take a
+    BatchNorm needs the model (:class:`deadneuron.reach.ModelPreview`); here a site needs a producer."""
     sites: set[str] = set()
     problems: list[str] = []
     for op in ops:
-        if op.kind is PatchKind.SWAP_ACTIVATION and report.meta.get("select"):
-            problems.append("the audit measured only the sites matching its --select, so which other sites share "
-                            "these activations is unknown; audit without --select to have the swap suggested")
+        placed = op.kind in (PatchKind.SWAP_ACTIVATION, PatchKind.ADD_BATCHNORM)
+        if placed and report.meta.get("select"):
+            what = "share these activations" if op.kind is PatchKind.SWAP_ACTIVATION else "these layers feed"
+            problems.append(f"the audit measured only the sites matching its --select, so which other sites {what} "
+                            "is unknown; audit without --select to have this fix suggested")
         elif op.kind is PatchKind.SWAP_ACTIVATION:
-            patterns = tuple(select_flags(op.param("sites") or ())[1::2])
-            sites |= _swapped_sites(report, patterns)
+            sites |= _swapped_sites(report, select_patterns(op))
+        elif op.kind is PatchKind.ADD_BATCHNORM:
+            producers = select_producers(report, select_patterns(op))
+            sites |= fed_sites(report, producers.values())
+            problems += _unfed(producers)
         elif op.kind is PatchKind.SET_HPARAM:
             problems.append(f"the model has no training config that deadneuron patch could change; set the "
                             f"{op.param('name', 'hyper-parameter').replace('_', ' ')} in your training script")
         elif op.kind is PatchKind.REINIT_DEAD:
             sites |= {site for site, _ in op.param("channels", ())}
     return Preview(frozenset(sites), tuple(problems))
+
+
+def select_patterns(op: PatchOp) -> tuple[str, ...]:
+    """The ``--select`` globs of the op's command (each selecting exactly one of its sites)."""
+    return tuple(select_flags(op.param("sites") or ())[1::2])
+
+
+def select_producers(report: Report, patterns: Sequence[str]) -> dict[str, str | None]:
+    """Site -> its producer, for the sites ``--add-batchnorm --select PATTERNS`` selects (every site with a
+    producer without patterns; which of those are conv-fed needs the model)."""
+    picked: dict[str, str | None] = {}
+    for s in report.sites.values():
+        names = (s.name, s.module, f"module:{s.module}", s.kind, f"kind:{s.kind}")
+        if _any_match(names, patterns) if patterns else s.producer is not None:
+            picked[s.name] = s.producer
+    return picked
+
+
+def fed_sites(report: Report, layers: Iterable[str | None]) -> set[str]:
+    """The sites a BatchNorm after ``layers`` changes: every site one of them feeds."""
+    wanted = {layer for layer in layers if layer is not None}
+    return {s.name for s in report.sites.values() if s.producer in wanted}
+
+
+def _unfed(producers: dict[str, str | None]) -> list[str]:
+    return [f"{site}: fed by no layer deadneuron can see, so no BatchNorm can be added before it"
+            for site, p in producers.items() if p is None]  # fmt: skip
+
+
+def _named_sites(report: Report, op: PatchOp) -> frozenset[str] | None:
+    """The sites a site-placing op's finding names (None for an op that places nothing, as a learning
+    rate, or that re-initialises its own sites' channels)."""
+    if op.kind is PatchKind.SWAP_ACTIVATION:
+        return frozenset(op.param("sites") or ()) or frozenset(_sites_of_kind(report, "relu"))
+    if op.kind is PatchKind.ADD_BATCHNORM and op.param("sites"):
+        return frozenset(op.param("sites"))
+    return None
 
 
 def _swapped_sites(report: Report, patterns: Sequence[str]) -> set[str]:
@@ -128,8 +178,11 @@ def _sites_of_kind(report: Report, kind: str) -> list[str]:
     return [s.name for s in report.sites.values() if s.kind == kind]
 
 
-def _reach_text(report: Report, named: frozenset[str], changed: frozenset[str], *, config: bool) -> str:
+def _reach_text(report: Report, kind: PatchKind, named: frozenset[str], changed: frozenset[str], *,
+                config: bool) -> str:  # fmt: skip
     extra, missing = sorted(changed - named), sorted(named - changed)
+    if kind is PatchKind.ADD_BATCHNORM:
+        return _batchnorm_reach(report, extra, missing, changed, config=config)
     if config and missing:
         reach = f"of {_few(sorted(changed))} only" if changed else "of none of these sites"
         return f"the checkpoint's config sets the activation {reach}, not of {_few(missing)}"
@@ -141,6 +194,21 @@ def _reach_text(report: Report, named: frozenset[str], changed: frozenset[str], 
         return (f"{_few(modules)} also runs at {_few(extra)}, which this finding does not name; a swap changes a "
                 "module (and the functional calls in a module's code) at all its sites")
     return f"module surgery cannot reach {_few(missing)}"
+
+
+def _batchnorm_reach(report: Report, extra: list[str], missing: list[str], changed: frozenset[str], *,
+                     config: bool) -> str:  # fmt: skip
+    if config and missing:
+        reach = f"for {_few(sorted(changed))} only" if changed else "for none of these sites"
+        return f"the checkpoint's config switches BatchNorm on {reach}, not for {_few(missing)}"
+    if config:
+        return (f"the checkpoint's config switches BatchNorm on for {_few(sorted(changed))} together: it would also "
+                f"change {_few(extra)}, which this finding does not name")
+    if extra:
+        layers = sorted({str(report.sites[s].producer) for s in extra if s in report.sites})
+        return (f"{_few(layers)} also feeds {_few(extra)}, which this finding does not name; a BatchNorm after a "
+                "layer changes every site it feeds")
+    return f"no BatchNorm can be added before {_few(missing)}"
 
 
 def _short_flags(op: PatchOp, *, config: bool) -> tuple[str, ...]:
@@ -163,4 +231,5 @@ def _few(items: Sequence[str], limit: int = 4) -> str:
     return f"{shown} and {len(items) - limit} more" if len(items) > limit else shown
 
 
-__all__ = ["PatchTarget", "Preview", "PreviewFn", "surgery_preview"]
+__all__ = ["PatchTarget", "Preview", "PreviewFn", "fed_sites", "select_patterns", "select_producers",
+           "surgery_preview"]
