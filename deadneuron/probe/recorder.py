@@ -35,6 +35,7 @@ from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker
 from deadneuron.probe.leaves import quiet_leaf
 from deadneuron.probe.modestack import on_stack, on_top, remove_mode
+from deadneuron.probe.observer import SiteObserver
 from deadneuron.probe.site import Site, SiteResult, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
@@ -49,6 +50,8 @@ class Recorder:
     uses the fast statistics kernels (`deadneuron.stats.Kernels`: the C kernel on CPU, else
     `torch.compile`); ``False`` the eager torch reference. ``activations`` adds the user's kinds
     (default: `deadneuron.registry.default_registry`); ``coverage`` says what was not measured.
+    ``observer`` (see `deadneuron.probe.observer`) sees every site's z and output; with
+    ``restore_modes=False`` the train/eval flags are left to the caller (a training loop owns them).
     """
 
     def __init__(
@@ -63,6 +66,8 @@ class Recorder:
         histograms: bool = False,
         channel_axis: Mapping[str, int] | None = None,
         activations: ActivationRegistry | None = None,
+        observer: SiteObserver | None = None,
+        restore_modes: bool = True,
     ) -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
@@ -78,6 +83,8 @@ class Recorder:
         self.axes = AxisTracker(channel_axis)
         self.activations = activations if activations is not None else default_registry
         self.coverage = Coverage()
+        self.observer = observer
+        self.restore_modes = restore_modes
         self._handles: list[RemovableHandle] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._names: dict[nn.Module, str] = {}
@@ -96,7 +103,7 @@ class Recorder:
 
     # -- context management -----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
-        self._modes = [(m, m.training) for m in self.model.modules()]
+        self._modes = [(m, m.training) for m in self.model.modules()] if self.restore_modes else []
         try:
             self._register()
             if self.functional:
@@ -318,6 +325,8 @@ class Recorder:
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the
     # functional probe (that would cost a Python call per op, and is never what it looks for).
     def _before(self, site: Site, z: torch.Tensor, inplace: bool) -> None:
+        if self.observer is not None:
+            self.observer.before(site, z)
         if site.flat_from_z_first(inplace):
             site.stats.update_flat(self._view(site, site.region.tested(z)), site.region.lo, site.region.hi)
 
@@ -336,6 +345,8 @@ class Recorder:
         if site.histogram is not None:
             site.histogram.update(a.detach())
         site.shape = tuple(a.shape)
+        if self.observer is not None:
+            self.observer.after(site, a)
 
     def _view(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         """``x`` at ``site`` as the (outer, C, inner) view the statistics take."""
@@ -349,6 +360,10 @@ class Recorder:
     def site_names(self) -> list[str]:
         """Final names of the sites, in order of first call."""
         return site_names(list(self._sites.values()))
+
+    def named_sites(self) -> list[tuple[str, Site]]:
+        """(final name, running state) of every site, in order of first call (for observers)."""
+        return list(zip(self.site_names(), self._sites.values(), strict=True))
 
     def warnings(self) -> list[str]:
         """Unknown activations no site measured (see `deadneuron.probe.coverage`)."""
