@@ -60,7 +60,7 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 app.command("audit", help=_audit.__doc__)(handle_errors(_audit.audit_command))
 
-_OPTIONAL_COMMANDS = ("train", "patch", "rules", "compare", "report")
+_OPTIONAL_COMMANDS = ("train", "patch", "rules", "compare", "report", "timeline")
 
 
 def _register_optional() -> None:

@@ -38,6 +38,7 @@ from deadneuron.probe.leaves import quiet_leaf
 from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output
 from deadneuron.probe.modestack import on_stack, on_top, remove_mode
+from deadneuron.probe.observer import SiteObserver
 from deadneuron.probe.site import Site, SiteResult, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
@@ -56,6 +57,8 @@ class Recorder:
     A model inside wrappers (DistributedDataParallel, DataParallel, torch.compile) is recorded as the
     module inside them, under its own names (``notes`` says so; see `deadneuron.wrappers`): call the
     DDP wrapper as usual, but a compiled model through ``rec.model`` (hooks cannot run in its graph).
+    ``observer`` (see `deadneuron.probe.observer`) sees every site's z and output; with
+    ``restore_modes=False`` the train/eval flags are left to the caller (a training loop owns them).
     """
 
     def __init__(
@@ -70,6 +73,8 @@ class Recorder:
         histograms: bool = False,
         channel_axis: Mapping[str, int] | None = None,
         activations: ActivationRegistry | None = None,
+        observer: SiteObserver | None = None,
+        restore_modes: bool = True,
     ) -> None:
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
@@ -85,6 +90,8 @@ class Recorder:
         self.axes = AxisTracker(channel_axis)
         self.activations = activations if activations is not None else default_registry
         self.coverage = Coverage()
+        self.observer = observer
+        self.restore_modes = restore_modes
         self._handles: list[RemovableHandle] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._names: dict[nn.Module, str] = {}
@@ -104,7 +111,7 @@ class Recorder:
 
     # -- context management -----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
-        self._modes = [(m, m.training) for m in self.model.modules()]
+        self._modes = [(m, m.training) for m in self.model.modules()] if self.restore_modes else []
         try:
             self._register()
             if self.functional:
@@ -339,10 +346,14 @@ class Recorder:
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the
     # functional probe (that would cost a Python call per op, and is never what it looks for).
     def _before(self, site: Site, z: torch.Tensor, inplace: bool) -> None:
+        if self.observer is not None:
+            self.observer.before(site, z)
         measure_input(site, z, inplace=inplace, mask=self._mask)
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
         measure_output(site, a, z, eps=self.eps, mask=self._mask)
+        if self.observer is not None:
+            self.observer.after(site, a)
 
     def state_bytes(self) -> int:
         """Memory held by the statistics of every site (O(channels), independent of batches)."""
@@ -357,6 +368,10 @@ class Recorder:
         """Every site with its key (its call place: equal in every process that runs the same model)
         and its final name, in order of first call."""
         return list(zip(self._sites, self.site_names(), self._sites.values(), strict=True))
+
+    def named_sites(self) -> list[tuple[str, Site]]:
+        """(final name, running state) of every site, in order of first call (for observers)."""
+        return list(zip(self.site_names(), self._sites.values(), strict=True))
 
     def warnings(self) -> list[str]:
         """Unknown activations no site measured (see `deadneuron.probe.coverage`)."""

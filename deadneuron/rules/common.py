@@ -81,4 +81,6 @@ def lr_change_text(context: RuleContext, scale: float) -> str:
 
 def samples_text(meta: Mapping[str, object]) -> str:
     samples = meta.get("samples")
+    if isinstance(samples, str):  # the training monitor's "the training batches of steps a-b"
+        return samples
     return f"{samples} samples" if isinstance(samples, int) else "the audit set"

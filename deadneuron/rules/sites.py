@@ -78,7 +78,9 @@ def _history_note(context: RuleContext, channels: Mapping[str, Sequence[int]]) -
         when = f" (first seen dead at step {steps[0]})" if steps[0] == steps[-1] else \
             f" (first seen dead between steps {steps[0]} and {steps[-1]})"
     span = f"steps {histories[0].first_step}-{histories[0].last_step}"
-    return (f" Over the health timeline ({span}, on its own probe set): {at_init} dead at init, "
+    measured = context.timeline[0].get("measured_on")
+    span += f", on the {measured}" if isinstance(measured, str) else ", on its own probe set"
+    return (f" Over the health timeline ({span}): {at_init} dead at init, "
             f"{died} died in training{when}, {revived} revived.")
 
 

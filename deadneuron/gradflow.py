@@ -1,0 +1,166 @@
+"""Gradient flow and activation magnitude per channel, measured inside the hooks (DESIGN section 9).
+
+`FlowObserver` is the `deadneuron.probe.observer.SiteObserver` the training monitor hands the Recorder.
+At every site call it
+
+* registers a tensor hook on the pre-activation ``z`` (when ``z.requires_grad``). The hook reads
+  ``dL/dz`` in the backward pass and returns None, so autograd computes exactly what it would have
+  computed without it. Per channel it adds the count of non-zero gradient elements and the sum of
+  ``|dL/dz|``. A hook registered on ``z`` before an in-place activation overwrites it still receives the
+  gradient with respect to the pre-activation.
+* adds ``sum |a|`` per channel of the output, for the tau-dormant score, at kinds whose output can be
+  negative. Where the output is never negative (ReLU, ReLU6, Sigmoid, Hardsigmoid, Softplus), mean
+  ``|a|`` is the mean the Recorder already keeps, so no pass is spent on it.
+
+Everything stays on the tensor's device; the host sees the sums once, at a snapshot (`to_host`).
+`tau_scores` is the pure part: Sokar et al. 2023's score of each unit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deadneuron.probe.site import Site
+from deadneuron.stats import channel_view
+
+# Kinds whose output is >= 0 everywhere: mean |a| is the plain mean of a.
+NONNEGATIVE_KINDS = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid", "softplus"})
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _channel_sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel of an (outer, C, inner) view: (sum |x|, count of x != 0), float64, one scratch tensor.
+    Inner dims are reduced first (faster for NCHW); NaN elements make both sums NaN."""
+    a = x3.abs() if x3.dtype not in _LOW_PRECISION else x3.float().abs()
+    l1 = a.sum(2).sum(0, dtype=torch.float64)
+    nonzero = a.sign_().sum(2).sum(0, dtype=torch.float64)
+    return l1, nonzero
+
+
+class SiteFlow:
+    """Running per-channel sums of one site, on the site's device."""
+
+    def __init__(self, axis: int, *, track_abs: bool) -> None:
+        self.axis = axis
+        self.track_abs = track_abs
+        self.abs_sum: torch.Tensor | None = None  # sum |a| per channel
+        self.abs_elements = 0
+        self.grad_abs: torch.Tensor | None = None  # sum |dL/dz| per channel
+        self.grad_nonzero: torch.Tensor | None = None  # count of dL/dz != 0 per channel
+        self.grad_elements = 0  # gradient elements seen per channel
+
+    def add_output(self, a: torch.Tensor) -> None:
+        with torch.no_grad():
+            a3 = channel_view(a.detach(), self.axis)
+            a = a3.abs() if a3.dtype not in _LOW_PRECISION else a3.float().abs()
+            part = a.sum(2).sum(0, dtype=torch.float64)
+        self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
+        self.abs_elements += a3.shape[0] * a3.shape[2]
+
+    def add_grad(self, grad: torch.Tensor) -> None:
+        """The tensor hook on z: reads the gradient, returns None (the gradient flows on unchanged)."""
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            g3 = channel_view(grad.detach(), self.axis)
+            l1, nonzero = _channel_sums(g3)
+            if self.grad_abs is None or self.grad_nonzero is None:
+                self.grad_abs, self.grad_nonzero = l1, nonzero
+            else:
+                self.grad_abs.add_(l1)
+                self.grad_nonzero.add_(nonzero)
+            self.grad_elements += g3.shape[0] * g3.shape[2]
+
+
+class FlowObserver:
+    """The monitor's `SiteObserver`: one `SiteFlow` per site of one Recorder."""
+
+    def __init__(self, *, gradients: bool = True) -> None:
+        self.gradients = gradients
+        self._flows: dict[int, SiteFlow] = {}  # id(site): a Recorder keeps its sites alive
+
+    def _flow(self, site: Site) -> SiteFlow:
+        flow = self._flows.get(id(site))
+        if flow is None:
+            flow = self._flows[id(site)] = SiteFlow(site.axis, track_abs=site.spec.kind_name not in NONNEGATIVE_KINDS)
+        return flow
+
+    def before(self, site: Site, z: torch.Tensor) -> None:
+        if self.gradients and z.requires_grad and torch.is_grad_enabled():
+            z.register_hook(self._flow(site).add_grad)
+
+    def after(self, site: Site, a: torch.Tensor) -> None:
+        flow = self._flow(site)
+        if flow.track_abs:
+            flow.add_output(a)
+
+    def flow_of(self, site: Site) -> SiteFlow | None:
+        return self._flows.get(id(site))
+
+
+@dataclass(frozen=True)
+class FlowHost:
+    """One site's sums as host arrays (per channel); None where nothing was measured."""
+
+    abs_mean: np.ndarray | None  # mean |a| (None: the kind's output is never negative; use the mean of a)
+    grad_elements: int
+    grad_nonzero: np.ndarray | None  # share of elements with dL/dz != 0
+    grad_abs_mean: np.ndarray | None  # mean |dL/dz|
+
+
+def to_host(flows: Sequence[SiteFlow | None]) -> list[FlowHost]:
+    """Every site's sums on the host, with one copy per device (the snapshot's synchronisation)."""
+    parts: dict[torch.device, list[torch.Tensor]] = {}
+    for flow in flows:
+        for t in _tensors(flow):
+            parts.setdefault(t.device, []).append(t)
+    host: dict[int, np.ndarray] = {}
+    for tensors in parts.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
+        offset = 0
+        for t in tensors:
+            host[id(t)] = flat[offset : offset + t.numel()]
+            offset += t.numel()
+    return [_host(flow, host) for flow in flows]
+
+
+def _tensors(flow: SiteFlow | None) -> list[torch.Tensor]:
+    if flow is None:
+        return []
+    return [t for t in (flow.abs_sum, flow.grad_abs, flow.grad_nonzero) if t is not None]
+
+
+def _host(flow: SiteFlow | None, host: dict[int, np.ndarray]) -> FlowHost:
+    if flow is None:
+        return FlowHost(None, 0, None, None)
+    abs_mean = None
+    if flow.abs_sum is not None and flow.abs_elements:
+        abs_mean = host[id(flow.abs_sum)] / flow.abs_elements
+    if flow.grad_abs is None or flow.grad_nonzero is None or not flow.grad_elements:
+        return FlowHost(abs_mean, 0, None, None)
+    n = flow.grad_elements
+    return FlowHost(abs_mean, n, host[id(flow.grad_nonzero)] / n, host[id(flow.grad_abs)] / n)
+
+
+def tau_scores(abs_mean: np.ndarray) -> np.ndarray:
+    """Sokar et al. 2023 (ReDo): each unit's mean |activation| over the layer's mean of those means.
+
+    A layer whose units are all silent scores 0 everywhere; a non-finite mean (NaN/Inf activations)
+    makes every score NaN, so no unit is called dormant on figures that mean nothing."""
+    if abs_mean.size == 0:
+        return abs_mean.astype(np.float64)
+    layer = float(abs_mean.mean())
+    if not math.isfinite(layer):
+        return np.full(abs_mean.shape, np.nan)
+    if layer == 0.0:
+        return np.zeros(abs_mean.shape)
+    return abs_mean / layer
+
+
+def tau_dormant(scores: np.ndarray, tau: float) -> tuple[int, ...]:
+    """Units whose score is at most ``tau`` (NaN scores never are)."""
+    with np.errstate(invalid="ignore"):
+        return tuple(int(i) for i in np.flatnonzero(scores <= tau))

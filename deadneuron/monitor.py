@@ -1,0 +1,310 @@
+"""Monitor: activation health during training, in the user's own loop (DESIGN section 9).
+
+    with deadneuron.Monitor(model, every=100, optimizer=opt) as mon:
+        for batch in loader:
+            loss = ...; opt.zero_grad(); loss.backward(); opt.step()
+            mon.step()                     # a snapshot every 100 steps
+    mon.timeline                           # pandas DataFrame, one row per (snapshot step, site)
+    mon.findings()                         # the rules over the last window and the timeline
+
+The statistics are the audit's (a `deadneuron.probe.Recorder`), accumulated over the training batches
+themselves in train mode: no extra forward pass. Each snapshot covers the steps since the previous one,
+then the window starts afresh. With ``sample_every=k`` only every k-th step's forward passes are
+measured; between them no hook is attached at all. Forward passes in eval mode (a validation loop inside
+the training loop) are not measured. Beside the Recorder's figures, a `deadneuron.gradflow.FlowObserver`
+reads dL/dz per channel in the backward pass (tensor hooks that return None: the gradients are those of a
+run without the monitor) and sums |a| for the tau-dormant score.
+
+Nothing is left on the model: hooks are removed when the ``with`` block ends, also on an exception, and
+the model's modes, parameters and gradients are never touched. The host synchronises only at snapshots.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from deadneuron.errors import UsageError
+from deadneuron.gradflow import FlowObserver, to_host
+from deadneuron.probe import Recorder
+from deadneuron.registry import ActivationRegistry
+from deadneuron.report import Report, SiteHealth
+from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from deadneuron.rules import Finding, RulesConfig, RuleSet
+
+
+class SnapshotWriter(Protocol):
+    """Where snapshots go as they are taken (`deadneuron.integrations.writers`): CSV, JSONL, TensorBoard."""
+
+    def write(self, snapshot: Snapshot, channels: Mapping[str, ChannelDetail]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"Monitor: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class Monitor:
+    """Hooks ``model`` while the ``with`` block runs; a snapshot every ``every`` calls of `step`.
+
+    ``sample_every``: measure only every k-th step's forward passes (k <= every). ``select`` and
+    ``channel_axis``: as for `deadneuron.audit`. ``optimizer``: its learning rate and kind go into the
+    snapshots and the rules. ``tau``: the tau-dormant threshold (Sokar et al. 2023). ``writers`` get every
+    snapshot (`deadneuron.integrations.writers`). ``gradients=False`` skips the gradient-flow hooks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = 100,
+        sample_every: int = 1,
+        select: Sequence[str] | None = None,
+        channel_axis: Mapping[str, int] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        tau: float = 0.1,
+        writers: Sequence[SnapshotWriter] = (),
+        gradients: bool = True,
+        eps: float = 0.0,
+        delta: float = 0.05,
+        activations: ActivationRegistry | None = None,
+        compile: bool = True,
+    ) -> None:
+        self.every = _positive_int(every, "every")
+        self.sample_every = _positive_int(sample_every, "sample_every")
+        if self.sample_every > self.every:
+            raise UsageError(f"Monitor: sample_every ({sample_every}) must not exceed every ({every}): "
+                             "a window would measure no step")  # fmt: skip
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1:
+            raise UsageError(f"Monitor: tau must be a number in [0, 1), got {tau!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.tau = float(tau)
+        self.writers = tuple(writers)
+        self.gradients = gradients
+        self._recorder_options: dict[str, Any] = {
+            "eps": eps, "delta": delta, "select": select, "channel_axis": channel_axis,
+            "activations": activations, "compile": compile,
+        }  # fmt: skip
+        self.snapshots: list[Snapshot] = []
+        self.last_health: dict[str, SiteHealth] = {}  # the last window's full per-site health
+        self.last_channels: dict[str, ChannelDetail] = {}  # and its per-channel arrays
+        self.warnings: list[str] = []
+        self._step = 0
+        self._window_start = 0
+        self._rec: Recorder | None = None
+        self._observer: FlowObserver | None = None
+        self._attached = False
+        self._paused = False
+        self._running = False
+        self._gates: list[RemovableHandle] = []
+
+    # -- the with block ---------------------------------------------------------------------------
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(snapshot=exc_type is None)
+
+    def start(self) -> Monitor:
+        """Attach (what entering the ``with`` block does), for callbacks that cannot hold a with block."""
+        if self._running:
+            raise UsageError("Monitor: this monitor is already running; use one with block at a time")
+        self._running = True
+        try:
+            self._gates = [self.model.register_forward_pre_hook(self._gate_enter, prepend=True),
+                           self.model.register_forward_hook(self._gate_exit)]  # fmt: skip
+            self._new_window()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def close(self, *, snapshot: bool = True) -> None:
+        """Remove every hook and close the writers (what leaving the ``with`` block does); with
+        ``snapshot``, first a last snapshot of the steps since the previous one. Safe to call twice."""
+        if not self._running:
+            return
+        try:
+            self._detach()
+            if snapshot and self._measured():
+                self._take_snapshot()
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        try:
+            self._detach()
+        finally:
+            for handle in self._gates:
+                handle.remove()
+            self._gates.clear()
+            self._rec = self._observer = None
+            self._running = False
+            for writer in self.writers:
+                writer.close()
+
+    # -- steps and windows --------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Training steps counted so far (calls of `step`)."""
+        return self._step
+
+    def step(self) -> Snapshot | None:
+        """Count one training step (call it after the optimizer step). Returns the snapshot when one is
+        taken (every ``every`` steps), else None."""
+        if not self._running:
+            raise UsageError("Monitor.step() called outside the monitor's with block")
+        self._step += 1
+        if self._step - self._window_start >= self.every:
+            return self.snapshot()
+        self._sync()
+        return None
+
+    def snapshot(self) -> Snapshot | None:
+        """Take a snapshot now of the steps since the previous one (at the end of an epoch, say), and
+        start a new window. None when the window measured nothing (no training forward pass ran)."""
+        if not self._running:
+            raise UsageError("Monitor.snapshot() called outside the monitor's with block")
+        self._detach()
+        snap = self._take_snapshot() if self._measured() else None
+        if snap is None and self._step > self._window_start:
+            self._note("a window of training steps measured no activation site: no forward pass in train "
+                       "mode ran, or no activation matches the select")  # fmt: skip
+        self._new_window()
+        return snap
+
+    def _sampled(self, step: int) -> bool:
+        return step % self.sample_every == 0
+
+    def _sampled_steps(self) -> int:
+        """Sampled steps of the window (a window closed before any `step` call counts its one step)."""
+        k, start = self.sample_every, self._window_start
+        return len(range(-(-start // k) * k, max(self._step, start + 1), k))
+
+    def _new_window(self) -> None:
+        self._window_start = self._step
+        self._observer = FlowObserver(gradients=self.gradients)
+        self._rec = Recorder(self.model, observer=self._observer, restore_modes=False, **self._recorder_options)
+        self._sync()
+
+    def _measured(self) -> bool:
+        return self._rec is not None and bool(self._rec.site_names())
+
+    # -- attaching the Recorder around sampled steps; eval-mode forward passes are not measured -----
+    def _sync(self) -> None:
+        self._paused = False
+        if self._sampled(self._step):
+            self._attach()
+        else:
+            self._detach()
+
+    def _attach(self) -> None:
+        if not self._attached and self._rec is not None:
+            self._rec.__enter__()
+            self._attached = True
+
+    def _detach(self) -> None:
+        if self._attached and self._rec is not None:
+            self._attached = False
+            self._rec.__exit__(None, None, None)
+
+    def _gate_enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._attached and not module.training:
+            self._detach()
+            self._paused = True
+
+    def _gate_exit(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if self._paused:
+            self._paused = False
+            self._attach()
+
+    # -- snapshots ------------------------------------------------------------------------------------
+    def _take_snapshot(self) -> Snapshot:
+        assert self._rec is not None and self._observer is not None
+        named = self._rec.named_sites()
+        healths = [SiteHealth.from_result(r) for r in self._rec.results()]
+        flows = to_host([self._observer.flow_of(site) for _, site in named])
+        sites, details = {}, {}
+        for health, flow in zip(healths, flows, strict=True):
+            sites[health.name], details[health.name] = site_snapshot(health, flow, tau=self.tau)
+        snap = Snapshot(self._step, self._window_start, self._sampled_steps(), self.learning_rate, sites)
+        self.snapshots.append(snap)
+        self.last_health = {h.name: h for h in healths}
+        self.last_channels = details
+        for w in self._rec.warnings():
+            self._note(w)
+        for writer in self.writers:
+            writer.write(snap, details)
+        return snap
+
+    def _note(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            warnings.warn(f"deadneuron.Monitor: {message}", RuntimeWarning, stacklevel=3)
+
+    # -- what the user reads --------------------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float | None:
+        """The optimizer's current learning rate (its first parameter group), if one was given."""
+        if self.optimizer is None or not self.optimizer.param_groups:
+            return None
+        lr = self.optimizer.param_groups[0].get("lr")
+        return float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None
+
+    @property
+    def optimizer_name(self) -> str | None:
+        """``adam``, ``sgd``...: the class of ``optimizer`` (inside a trainer's wrapper, if any)."""
+        opt: Any = self.optimizer
+        for attr in ("optimizer", "_optimizer"):  # accelerate's and Lightning's wrappers
+            inner = getattr(opt, attr, None)
+            if isinstance(inner, torch.optim.Optimizer):
+                opt = inner
+        return type(opt).__name__.lower() if opt is not None else None
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The snapshots as health-timeline entries (plain dicts, JSON-ready)."""
+        return [s.to_dict() for s in self.snapshots]
+
+    @property
+    def timeline(self) -> pd.DataFrame:
+        """One row per (snapshot step, site): see `deadneuron.render.timeline.timeline_frame`."""
+        from deadneuron.render.timeline import timeline_frame
+
+        return timeline_frame(self.entries)
+
+    def report(self) -> Report:
+        """The last window as a Report (what an audit of those training batches would have said)."""
+        if not self.snapshots:
+            raise UsageError("Monitor: no snapshot yet (call step() after each optimizer step; a snapshot "
+                             f"comes every {self.every} steps and when the with block ends)")  # fmt: skip
+        last = self.snapshots[-1]
+        meta = {"model": type(self.model).__name__, "monitor": True, "warnings": list(self.warnings),
+                "samples": f"the training batches of steps {last.first_step}-{last.step - 1}"}  # fmt: skip
+        return Report.build(self.last_health.values(), meta=meta)
+
+    def findings(self, *, rules: RuleSet | None = None, config: RulesConfig | None = None) -> list[Finding]:
+        """The built-in rules and the timeline rules over the last window and the whole timeline, with the
+        learning rate and optimizer read from ``optimizer``. Most severe first."""
+        from deadneuron.rules import evaluate
+        from deadneuron.rules.timeline_rules import monitor_context, monitor_rules
+
+        context = monitor_context(self.entries, learning_rate=self.learning_rate, optimizer=self.optimizer_name,
+                                  steps=self._step, model=self.model)  # fmt: skip
+        return evaluate(self.report(), context, rules=rules if rules is not None else monitor_rules(), config=config)
+
+
+__all__ = ["Monitor", "SnapshotWriter"]
