@@ -148,7 +148,7 @@ def test_cli_masks_by_default_and_counts_padding_with_no_mask(token_files: tuple
     assert report.meta["mask"] is None and report.sites["act1"].dead_channels == ()
     code, out, err = _cli(token_files)
     assert code == 0, err
-    assert "mask     attention_mask: padding left out at 3 of 3 sites" in out
+    assert "mask     attention_mask masked 3 of 3 sites" in out
 
 
 @pytest.mark.parametrize(
@@ -168,7 +168,7 @@ def test_renderers_name_the_mask_and_the_sites_it_did_not_fit() -> None:
     tap = zoo.Tap()
     report = deadneuron.audit(GridNet(tap).eval(), grid_batches(), progress=False, mask=lambda x: x[:, 2] < 0.5)
     excluded = max(s.excluded for s in report.sites.values())
-    line = f"callable: padding left out at 2 of 3 sites (up to {excluded} elements per channel); fc>relu not masked"
+    line = f"callable masked 2 of 3 sites (<= {excluded} padded elements/channel); not fc>relu"
     assert f"| mask | {line} (its shape does not fit) |" in render_markdown(report)
     buf = io.StringIO()
     render(report, Console(file=buf, width=200, color_system=None))

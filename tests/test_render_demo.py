@@ -69,20 +69,25 @@ def test_demo_report_leads_with_the_verdict_and_the_task_findings(demo: dict[str
 
 
 def test_one_line_per_site_and_each_command_once(demo: dict[str, str]) -> None:
+    """In full (--verbose): one line per site and every command once; by default each command at most once."""
     data = json.loads(demo["json"])
-    text = demo["table"]
+    text = demo["verbose"]
     dead_relu = [f for f in data["findings"] if f["rule"] == "dead-relu"]
     assert len(dead_relu) > 1
-    assert text.count("Dead channels at a ReLU site") == 1  # one group, not a paragraph per site
-    for f in dead_relu:
-        for site in f["sites"]:
-            n = len(f["channels"][site])
-            assert re.search(rf"^│\s+{re.escape(site)}\s+dead channels {n}, dead fraction", text, re.M), site
+    assert demo["table"].count("Dead channels at a ReLU site") == 1  # one group, not a paragraph per site
+    lines = [(site, len(f["channels"][site])) for f in dead_relu for site in f["sites"]]
+    shown = [site for site, n in lines
+             if re.search(rf"^│\s+{re.escape(site)}\s+dead channels {n}, dead fraction", demo["table"], re.M)]
+    assert shown == [site for site, _ in lines[:3]]  # the first three sites, one line each (the table has all)
+    assert f"and {len(lines) - 3} more sites (--verbose)" in demo["table"]
     flat = " ".join(text.replace("│", " ").split())  # commands wrap at 80 columns, inside the panel too
     commands = {c for f in data["findings"] for c in f["commands"]}
     assert commands
+    plain = " ".join(demo["table"].replace("│", " ").split())
     for command in commands:
-        assert len(re.findall(rf"try: {re.escape(command)}(?= try:| \d+ more| \[| More|$)", flat)) == 1, command
+        pattern = rf"try: {re.escape(command)}(?= try:| and \d+ more| \d+ more| \[| More|$)"
+        assert len(re.findall(pattern, flat)) == 1, command
+        assert len(re.findall(pattern, plain)) <= 1, command
 
 
 def test_channel_ids_and_full_text_only_with_verbose(demo: dict[str, str]) -> None:
@@ -95,7 +100,7 @@ def test_channel_ids_and_full_text_only_with_verbose(demo: dict[str, str]) -> No
     message = " ".join(data["findings"][0]["message"].split())
     assert message[:120] in verbose and message[:120] not in plain
     assert "--verbose:" in plain
-    assert demo["verbose"].startswith(demo["table"][: demo["table"].index("Activation sites")])
+    assert demo["verbose"].splitlines()[:2] == demo["table"].splitlines()[:2]  # the same verdict first
 
 
 # -- grouping, ranking and the verdict on hand-built findings ------------------------------------------
@@ -131,7 +136,8 @@ def test_groups_rank_severity_then_task_level_findings() -> None:
 
 
 def test_groups_read_finding_objects_too() -> None:
-    from deadneuron.rules.model import Evidence, Finding, Severity
+    from deadneuron.rules.finding import Finding
+    from deadneuron.rules.model import Evidence, Severity
 
     finding = Finding(rule="dead-relu", severity=Severity.WARNING, title="t", message="m", sites=("x",),
                       evidence=(Evidence("dead_channels", 2, 1, ">=", "x"),), commands=("c",))  # fmt: skip

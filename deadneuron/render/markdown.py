@@ -85,14 +85,12 @@ def mask_text(report: Report) -> str | None:
         return None
     sites = list(report.sites.values())
     masked = [s for s in sites if s.masked]
-    text = f"{source}: padding left out at {len(masked)} of {len(sites)} sites"
+    text = f"{source} masked {len(masked)} of {len(sites)} sites"
     if masked:
-        text += f" (up to {max(s.excluded for s in masked)} elements per channel)"
+        text += f" (<= {max(s.excluded for s in masked)} padded elements/channel)"
     others = [s.name for s in sites if not s.masked]
     if len(others) == 1:
-        text += f"; {others[0]} not masked (its shape does not fit)"
-    elif others:
-        text += f"; {len(others)} sites of other shapes not masked"
+        text += f"; not {others[0]} (its shape does not fit)"
     return text
 
 

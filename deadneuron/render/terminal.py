@@ -84,16 +84,20 @@ def _accuracy_style(metrics: Mapping[str, float]) -> str:
     return "" if base is None or metrics["valid_pixel_accuracy"] > base else "bold red"
 
 
-def summary_panel(report: Report, *, seen: set[str] | None = None, top: int = 3) -> Panel:
+def summary_panel(report: Report, *, seen: set[str] | None = None, top: int = 3, verbose: bool = False) -> Panel:
     """The answer first: the verdict, then the ``top`` most important findings with their commands
-    (``seen`` collects the commands shown, so that later groups do not repeat them)."""
+    (``seen`` collects the commands shown, so that later groups do not repeat them; ``verbose``: every
+    site and command of those findings)."""
     groups = group_findings(report.findings)
     items: list[RenderableType] = [Text.assemble(("verdict: ", "bold"), (verdict(report, groups), _verdict_style(report, groups)))]
     for group in groups[:top]:
-        items.append(group_block(group, seen=seen if seen is not None else set()))
+        items.append(group_block(group, seen=seen if seen is not None else set(), verbose=verbose))
     if len(groups) > top:
         items.append(Text(f"{len(groups) - top} more finding{'s' if len(groups) - top > 1 else ''} below the site table", style="dim"))
     return Panel(Group(*items), title=f"deadneuron audit: {source_of(report)}", title_align="left")
+
+
+MAX_SITES = 3  # per finding group in the default view
 
 
 def _verdict_style(report: Report, groups: Sequence[FindingGroup]) -> str:
@@ -102,11 +106,12 @@ def _verdict_style(report: Report, groups: Sequence[FindingGroup]) -> str:
     return "yellow" if report.summary.dead or any(g.severity == "warning" for g in groups) else "green"
 
 
-def group_block(group: FindingGroup, *, seen: set[str], verbose: bool = False, max_commands: int = 4) -> Group:
-    """A rule's findings: its title, one line per site, then each command not shown before."""
+def group_block(group: FindingGroup, *, seen: set[str], verbose: bool = False, max_commands: int = 1) -> Group:
+    """A rule's findings: its title, one line per site (the first ``MAX_SITES`` unless ``verbose``: the
+    site table has them all), then each command not shown before (the first ``max_commands``)."""
     items: list[RenderableType] = [Text.assemble((f"[{group.severity}] ", SEVERITY_STYLE.get(group.severity, "")),
                                                  (group.headline, "bold"))]  # fmt: skip
-    items += _evidence_items(group)
+    items += _evidence_items(group, max_sites=None if verbose else MAX_SITES)
     new = [c for c in group.commands if c not in seen]
     shown = new if verbose else new[:max_commands]
     seen.update(shown)
@@ -117,7 +122,7 @@ def group_block(group: FindingGroup, *, seen: set[str], verbose: bool = False, m
     return Group(*items)
 
 
-def _evidence_items(group: FindingGroup) -> list[RenderableType]:
+def _evidence_items(group: FindingGroup, *, max_sites: int | None) -> list[RenderableType]:
     """Model-wide evidence as one wrapped line, then one line per site (names in one column)."""
     items: list[RenderableType] = [Padding(Text(line.text), (0, 0, 0, 2)) for line in group.lines if not line.site]
     per_site = [line for line in group.lines if line.site]
@@ -125,9 +130,13 @@ def _evidence_items(group: FindingGroup) -> list[RenderableType]:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(overflow="fold", max_width=32)
         grid.add_column(overflow="fold")
-        for line in per_site:
+        for line in per_site[:max_sites]:
             grid.add_row(line.site, line.text)
         items.append(Padding(grid, (0, 0, 0, 2)))
+        if max_sites is not None and len(per_site) > max_sites:
+            more = len(per_site) - max_sites
+            items.append(Padding(Text(f"and {more} more site{'s' if more > 1 else ''} (--verbose)", style="dim"),
+                                 (0, 0, 0, 2)))
     if not group.lines:  # a finding without evidence: its message is all there is
         items += [Padding(Text(m), (0, 0, 0, 2)) for m in group.messages]
     return items
@@ -227,7 +236,7 @@ def render(report: Report, console: Console, *, verbose: bool = False) -> None:
     ``verbose`` adds what a first reading does not need: the dead and dormant channel ids per site, each
     slot's usage, every command (not just the first few of a rule) and every finding's whole text."""
     seen: set[str] = set()
-    console.print(summary_panel(report, seen=seen))
+    console.print(summary_panel(report, seen=seen, verbose=verbose))
     for w in report.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     console.print(_facts_grid(report))
