@@ -12,7 +12,6 @@ Regenerate both after an intended change of the measurement or of the rules, the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,9 @@ def build(name: str) -> deadneuron.Report:
     config = {**ckpt["config"], "BATCH_SIZE": 25}
     batches = list(adapter.batches("heldout", config, max_grids=GRIDS))
     model = adapter.load(ckpt)
-    report = deadneuron.audit(model, batches, adapter=adapter, progress=False, checkpoint=ckpt, meta={"source": source})
+    report = deadneuron.audit(
+        model, batches, adapter=adapter, progress=False, checkpoint=ckpt, meta={"source": source}
+    )
     return report.with_meta(**{k: "-" for k in VOLATILE_META})
 
 
