@@ -15,6 +15,14 @@ ROOT = Path(__file__).parent.parent
 SMALL_CNN = ROOT / "examples" / "small_cnn.py"
 
 
+# the sites of golden report A with a dead channel: all but encoder.bn_layers.0>relu
+DEAD_SITES = [
+    "encoder.bn_layers.1>relu", "encoder.bn_layers.2>relu", "encoder.bn_layers.3>relu", "encoder.mlp.1",
+    "slot_attention.mlp.0>relu#0", "slot_attention.mlp.0>relu#1", "slot_attention.mlp.0>relu#2",
+    "decoder.layers.1", "decoder.layers.3", "decoder.layers.5",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def report_a() -> Report:
     return Report.from_json((GOLDEN / "report_a.json").read_text())
@@ -27,33 +35,71 @@ def test_no_limits_passes(report_a: Report) -> None:
 @pytest.mark.parametrize(
     ("limits", "sites"),
     [
-        pytest.param(GateLimits(max_dead=0), ["encoder.bn_layers.1>relu", "encoder.bn_layers.2>relu"], id="max-dead-0"),
-        pytest.param(GateLimits(max_dead=2), ["encoder.bn_layers.2>relu"], id="max-dead-2"),
-        pytest.param(GateLimits(max_dead=3), [], id="max-dead-3"),
-        pytest.param(GateLimits(max_dead_fraction=0.3), ["encoder.bn_layers.2>relu"], id="dead-fraction"),
-        pytest.param(GateLimits(max_sparsity=0.6), ["encoder.bn_layers.1>relu", "encoder.bn_layers.2>relu"], id="sparsity"),
-        pytest.param(GateLimits(max_dead=0, sites=("encoder.bn_layers.2*",)), ["encoder.bn_layers.2>relu"], id="scoped"),
-        pytest.param(GateLimits(max_dead=0, sites=("decoder.*",)), [], id="scoped-healthy"),
+        pytest.param(GateLimits(max_dead=0), DEAD_SITES, id="max-dead-0"),
+        pytest.param(
+            GateLimits(max_dead=25),  # encoder.mlp.1 and decoder.layers.3 have exactly 25: not over the limit
+            [
+                "encoder.bn_layers.1>relu",
+                "encoder.bn_layers.2>relu",
+                "encoder.bn_layers.3>relu",
+                "slot_attention.mlp.0>relu#1",
+                "slot_attention.mlp.0>relu#2",
+                "decoder.layers.5",
+            ],
+            id="max-dead-25",
+        ),  # fmt: skip
+        pytest.param(GateLimits(max_dead=41), [], id="max-dead-41"),
+        pytest.param(
+            GateLimits(max_dead_fraction=0.3),  # the slot MLP sites have 10/128, 26/128, 36/128 dead
+            [
+                "encoder.bn_layers.1>relu",
+                "encoder.bn_layers.2>relu",
+                "encoder.bn_layers.3>relu",
+                "encoder.mlp.1",
+                "decoder.layers.1",
+                "decoder.layers.3",
+                "decoder.layers.5",
+            ],
+            id="dead-fraction",
+        ),  # fmt: skip
+        pytest.param(
+            GateLimits(max_sparsity=0.8),
+            ["encoder.bn_layers.1>relu", "slot_attention.mlp.0>relu#1", "slot_attention.mlp.0>relu#2"],
+            id="sparsity",
+        ),
+        pytest.param(
+            GateLimits(max_dead=0, sites=("encoder.bn_layers.2*",)), ["encoder.bn_layers.2>relu"], id="scoped"
+        ),
+        pytest.param(GateLimits(max_dead=0, sites=("encoder.bn_layers.0*",)), [], id="scoped-healthy"),
     ],
 )
-def test_site_checks_list_every_offending_site(report_a: Report, limits: GateLimits, sites: list[str]) -> None:
+def test_site_checks_list_every_offending_site(
+    report_a: Report, limits: GateLimits, sites: list[str]
+) -> None:
     assert [v.site for v in check(report_a, limits)] == sites
 
 
 def test_every_violated_check_is_listed(report_a: Report) -> None:
-    violations = check(report_a, GateLimits(max_dead=0, max_sparsity=0.6, min_active_slots=3))
+    violations = check(report_a, GateLimits(max_dead=38, max_sparsity=0.8, min_active_slots=3))
     assert [(v.check, v.site) for v in violations] == [
         ("max_dead", "encoder.bn_layers.1>relu"),
         ("max_sparsity", "encoder.bn_layers.1>relu"),
         ("max_dead", "encoder.bn_layers.2>relu"),
-        ("max_sparsity", "encoder.bn_layers.2>relu"),
+        ("max_dead", "encoder.bn_layers.3>relu"),
+        ("max_sparsity", "slot_attention.mlp.0>relu#1"),
+        ("max_sparsity", "slot_attention.mlp.0>relu#2"),
         ("min_active_slots", "slots"),
     ]
-    text = failure_message(violations)
-    assert text.splitlines()[0] == "activation health check failed: 5 violated checks"
-    assert "encoder.bn_layers.2>relu: 3 of 8 channels dead (0, 1, 4) > max_dead 0" in text
-    assert "encoder.bn_layers.1>relu: sparsity 74.3% > max_sparsity 60.0%" in text
-    assert "slots: 1.60 active slots per image (of 7) < min_active_slots 3" in text
+    assert failure_message(violations).splitlines() == [
+        "activation health check failed: 7 violated checks",
+        "  encoder.bn_layers.1>relu: 39 of 64 channels dead (0, 2, 3, 5, 7, 8, 11, 12 and 31 more) > max_dead 38",
+        "  encoder.bn_layers.1>relu: sparsity 89.6% > max_sparsity 80.0%",
+        "  encoder.bn_layers.2>relu: 40 of 64 channels dead (0, 2, 3, 4, 5, 6, 7, 9 and 32 more) > max_dead 38",
+        "  encoder.bn_layers.3>relu: 41 of 64 channels dead (1, 3, 6, 7, 8, 10, 11, 12 and 33 more) > max_dead 38",
+        "  slot_attention.mlp.0>relu#1: sparsity 82.2% > max_sparsity 80.0%",
+        "  slot_attention.mlp.0>relu#2: sparsity 81.9% > max_sparsity 80.0%",
+        "  slots: 0.00 active slots per image (of 7) < min_active_slots 3",
+    ]
 
 
 def test_a_glob_matching_nothing_fails_the_gate(report_a: Report) -> None:
@@ -62,8 +108,12 @@ def test_a_glob_matching_nothing_fails_the_gate(report_a: Report) -> None:
 
 
 def test_globs_match_module_names_too(report_a: Report) -> None:
-    assert [s.name for s in scoped_sites(report_a, ["decoder.broadcast.act"])] == [
-        "decoder.broadcast.upsampling_block_with_a_long_name.3>activation_function"
+    # encoder.relu is one module that runs after each of the four encoder.bn_layers.N
+    assert [s.name for s in scoped_sites(report_a, ["encoder.relu"])] == [
+        f"encoder.bn_layers.{i}>relu" for i in range(4)
+    ]
+    assert [s.name for s in scoped_sites(report_a, ["slot_attention.mlp.[1]"])] == [
+        f"slot_attention.mlp.0>relu#{i}" for i in range(3)
     ]
 
 

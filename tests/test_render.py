@@ -10,6 +10,7 @@ and review the diff of tests/golden/ like code.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from html.parser import HTMLParser
@@ -53,8 +54,12 @@ def assert_golden(name: str, text: str) -> None:
         path.write_text(text, encoding="utf-8")
         return
     if not path.exists():
-        pytest.fail(f"no golden file {path}: run with DEADNEURON_UPDATE_GOLDEN=1 to create it, then review it")
-    assert text == path.read_text(encoding="utf-8"), f"{name} changed; if intended: DEADNEURON_UPDATE_GOLDEN=1"
+        pytest.fail(
+            f"no golden file {path}: run with DEADNEURON_UPDATE_GOLDEN=1 to create it, then review it"
+        )
+    assert text == path.read_text(encoding="utf-8"), (
+        f"{name} changed; if intended: DEADNEURON_UPDATE_GOLDEN=1"
+    )
 
 
 def plain_console(width: int = 80) -> tuple[Console, io.StringIO]:
@@ -87,21 +92,29 @@ def test_terminal_verbose_golden(report_a: Report) -> None:
     text = terminal_text(report_a, verbose=True)
     assert max(len(line) for line in text.splitlines()) <= 80
     assert_golden("report_a.verbose.terminal.txt", text)
-    assert "dead    encoder.bn_layers.2>relu: channels 0, 1, 4" in text
-    assert "channels 0, 1, 4" not in terminal_text(report_a)
+    assert "dead    encoder.bn_layers.1>relu: channels 0, 2, 3, 5, 7, 8, 11, 12, 13, 15, 17," in text
+    assert "dormant encoder.bn_layers.0>relu: channels 9, 28, 37, 40, 63" in text
+    brief = terminal_text(report_a)
+    assert "channels 0, 2, 3, 5, 7" not in brief and "channels 9, 28, 37, 40, 63" not in brief
 
 
 def test_terminal_verdict_panel_is_above_the_figures_and_the_site_table(report_a: Report) -> None:
     text = terminal_text(report_a)
     assert text.index("deadneuron audit: checkpoints/slot_attention.pth") < text.index("Activation sites")
     panel = text[: text.index("╰")]
-    assert panel.splitlines()[1].startswith("│ verdict: slots collapsed; 5 dead channels at 2 sites")
-    for words in ("[error] 5 dead channels in 2 encoder sites", "try: deadneuron patch --activation leaky",
-                  "[warning] slots collapse: 1.6 of 7 active"):  # fmt: skip
+    assert panel.splitlines()[1].startswith(
+        "│ verdict: task below baseline; slots collapsed; 293 dead channels at 10 sites"
+    )
+    for words in ("[warning] Task accuracy not above the trivial baseline",
+                  "[warning] Slot collapse: one slot takes most of each image",
+                  "[warning] Dead channels at a ReLU site (10 sites)",
+                  "encoder.bn_layers.3>relu  dead channels 41, dead fraction 64.1%",
+                  "and 7 more sites (--verbose)",
+                  "3 more findings below the site table"):  # fmt: skip
         assert words in panel
     facts = text[text.index("╰") : text.index("Activation sites")]
-    for words in ("sparsity 45.7% exact zeros; flat 54.6%", "dead     5 of 36 channels in 2 of 4 sites; dormant 1",
-                  "slots    1.60 active", "accuracy 79.0% of valid pixels (most-common-colour baseline 70.0%)"):  # fmt: skip
+    for words in ("sparsity 70.8% exact zeros; flat 70.8%", "dead     293 of 896 channels in 10 of 11 sites; dormant 50",
+                  "slots    0.00 active", "accuracy 59.6% of valid pixels (most-common-colour baseline 68.9%)"):  # fmt: skip
         assert words in facts
 
 
@@ -116,34 +129,67 @@ def test_no_color_keeps_the_words_and_drops_colour(report_a: Report, monkeypatch
 
 def test_colours_mark_severity(report_a: Report) -> None:
     buf = io.StringIO()
-    render(report_a, Console(file=buf, width=80, force_terminal=True, color_system="standard", legacy_windows=False))
+    render(
+        report_a,
+        Console(file=buf, width=80, force_terminal=True, color_system="standard", legacy_windows=False),
+    )
     assert "\x1b[1;31mencoder.bn_layers.2>relu" in buf.getvalue()  # a site with dead channels: bold red
     assert "\x1b[33m[warning]" in buf.getvalue()
 
 
+LONG_NAME = "decoder.broadcast.upsampling_block_with_a_long_name.3>activation_function"
+
+
+def with_long_name(report: Report) -> Report:
+    """Report A's sites, the last one renamed to a name too long for an 80-column site table."""
+    *sites, last = report.sites.values()
+    return Report.build([*sites, last.__class__(**{**last.__dict__, "name": LONG_NAME})])
+
+
 def test_wide_console_does_not_fold(report_a: Report) -> None:
+    long = with_long_name(report_a)
+    assert LONG_NAME not in terminal_text(long)  # folded at 80 columns
     console, buf = plain_console(width=160)
-    render(report_a, console)
-    assert "decoder.broadcast.upsampling_block_with_a_long_name.3>activation_function" in buf.getvalue()
+    render(long, console)
+    assert LONG_NAME in buf.getvalue()
 
 
 # -- compare -----------------------------------------------------------------------------------------
 def test_diff_of_two_reports(report_a: Report, report_b: Report) -> None:
     diff = diff_reports(report_a, report_b)
     by_name = {s.name: s for s in diff.sites}
-    assert by_name["encoder.bn_layers.0>relu"].new_dead == (3,)
-    assert by_name["encoder.bn_layers.1>relu"].revived == (2, 5)
+    assert list(by_name) == list(report_a.sites) and {s.presence for s in diff.sites} == {"both"}
+    assert (by_name["encoder.bn_layers.0>relu"].new_dead, by_name["encoder.bn_layers.0>relu"].revived) == (
+        (),
+        (),
+    )
+    assert by_name["encoder.mlp.1"].new_dead == (24, 42)
+    assert by_name["decoder.layers.3"].new_dead == (38, 59, 62)
+    assert by_name["slot_attention.mlp.0>relu#0"].revived == (2, 26, 28, 29, 43, 55, 63, 99, 103, 121)
+    # every site against the set difference of the stored dead channel ids
+    raw_a, raw_b = ({s["name"]: set(s["dead_channels"]) for s in json.loads((GOLDEN / f).read_text())["sites"]}
+                    for f in ("report_a.json", "report_b.json"))  # fmt: skip
+    for name, row in by_name.items():
+        assert row.new_dead == tuple(sorted(raw_b[name] - raw_a[name]))
+        assert row.revived == tuple(sorted(raw_a[name] - raw_b[name]))
+    assert (diff.new_dead, diff.revived) == (9, 267)
+    assert diff.slots["mean_active"] == (0.0, 0.01)
+    assert diff.metrics["valid_pixel_accuracy"] == (0.5957734298994704, 0.6684682737001405)
+    assert diff_reports(report_a, report_a).new_dead == 0
+
+
+def test_diff_marks_sites_in_one_report_only(report_a: Report, report_b: Report) -> None:
+    without_a = Report.build(s for s in report_a.sites.values() if s.name != "encoder.bn_layers.3>relu")
+    without_b = Report.build(s for s in report_b.sites.values() if s.name != "encoder.bn_layers.2>relu")
+    by_name = {s.name: s for s in diff_reports(without_a, without_b).sites}
     assert by_name["encoder.bn_layers.2>relu"].presence == "only_a"
     assert by_name["encoder.bn_layers.3>relu"].presence == "only_b"
-    assert (diff.new_dead, diff.revived) == (1, 2)
-    assert diff.slots["mean_active"] == (1.6, 3.4)
-    assert diff.metrics["valid_pixel_accuracy"] == (0.79, 0.86)
-    assert diff_reports(report_a, report_a).new_dead == 0
+    assert by_name["encoder.bn_layers.1>relu"].presence == "both"
 
 
 def test_diff_does_not_match_channels_of_a_resized_site(report_a: Report) -> None:
     sites = list(report_a.sites.values())
-    grown = load("report_b.json").sites["encoder.bn_layers.3>relu"]
+    grown = load("report_b.json").sites["slot_attention.mlp.0>relu#0"]  # 128 channels where A's site has 64
     renamed = Report.build([*sites[:1], grown.__class__(**{**grown.__dict__, "name": sites[1].name})])
     row = next(s for s in diff_reports(report_a, renamed).sites if s.name == sites[1].name)
     assert row.reshaped and row.revived == ()
@@ -155,7 +201,9 @@ def test_diff_does_not_match_channels_of_a_resized_site(report_a: Report) -> Non
      ((1.6, 3.4), "value", "1.60 -> 3.40 (+1.80)"), ((None, 0.2), "share", "- -> 20.0%"),
      ((2.0, 2.0), "value", "2.00 -> 2.00")],
 )  # fmt: skip
-def test_change_text(pair: tuple[float | None, float | None], kind: Literal["share", "count", "value"], text: str) -> None:
+def test_change_text(
+    pair: tuple[float | None, float | None], kind: Literal["share", "count", "value"], text: str
+) -> None:
     assert change(pair, kind=kind) == text
 
 
@@ -203,5 +251,8 @@ def test_html_is_self_contained_and_embeds_its_images(report_a: Report) -> None:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]) == png
     text = " ".join(page.text)
-    assert "decoder.broadcast.upsampling_block_with_a_long_name.3>activation_function" in text
-    assert "[error]" in text and "dead channels 0, 1, 4" in text
+    assert "[warning]" in text and "Dead channels at a ReLU site" in text
+    assert "encoder.bn_layers.1>relu" in text and "dead channels 0, 2, 3, 5, 7, 8, 11, 12" in text
+    long = _Page()
+    long.feed(render_html(with_long_name(report_a)))  # a long site name stays whole: HTML does not fold
+    assert LONG_NAME in " ".join(long.text)

@@ -44,7 +44,11 @@ def _audit(monkeypatch: pytest.MonkeyPatch, *extra: str) -> str:
 def demo() -> dict[str, str]:
     """The default and --verbose tables and the JSON report of one short audit of the bundled checkpoint."""
     with pytest.MonkeyPatch.context() as mp:
-        return {"table": _audit(mp), "verbose": _audit(mp, "--verbose"), "json": _audit(mp, "--format", "json")}
+        return {
+            "table": _audit(mp),
+            "verbose": _audit(mp, "--verbose"),
+            "json": _audit(mp, "--format", "json"),
+        }
 
 
 def test_demo_audit_golden_at_80_columns(demo: dict[str, str]) -> None:
@@ -61,9 +65,13 @@ def test_demo_report_leads_with_the_verdict_and_the_task_findings(demo: dict[str
     text = demo["table"]
     dead_sites = sum(1 for s in data["sites"] if s["dead_channels"])
     dead = sum(len(s["dead_channels"]) for s in data["sites"])
-    assert text.splitlines()[1].startswith(f"│ verdict: task below baseline; slots collapsed; {dead} dead channels at {dead_sites} sites")
+    assert text.splitlines()[1].startswith(
+        f"│ verdict: task below baseline; slots collapsed; {dead} dead channels at {dead_sites} sites"
+    )
     panel = text[: text.index("╰")]
-    first = [panel.index(t) for t in ("Task accuracy not above", "Slot collapse", "Dead channels at a ReLU site")]
+    first = [
+        panel.index(t) for t in ("Task accuracy not above", "Slot collapse", "Dead channels at a ReLU site")
+    ]
     assert first == sorted(first)  # task-level findings before the per-site warning
     assert panel.count("[warning]") + panel.count("[info]") + panel.count("[error]") == 3
 
@@ -183,4 +191,5 @@ def test_report_command_takes_verbose_too(tmp_path: Path) -> None:
     plain = CliRunner().invoke(app, ["report", str(saved)], env={"COLUMNS": "80"})
     verbose = CliRunner().invoke(app, ["report", str(saved), "--verbose"], env={"COLUMNS": "80"})
     assert plain.exit_code == 0 and verbose.exit_code == 0, plain.stderr + verbose.stderr
-    assert "channels 0, 1, 4" in verbose.stdout and "channels 0, 1, 4" not in plain.stdout
+    ids = "dormant encoder.bn_layers.0>relu: channels 9, 28, 37, 40, 63"
+    assert ids in verbose.stdout and "channels 9, 28, 37, 40, 63" not in plain.stdout

@@ -40,11 +40,12 @@ def test_site_health(report_a: Report) -> None:
     assert "Per-site activation health" in fig.get_suptitle()
     assert (left.get_title(), left.get_xlabel()) == ("Sparsity and flat fraction", "% of activation elements")
     assert (right.get_title(), right.get_xlabel()) == ("Dead and dormant channels", "channels")
-    assert [t.get_text() for t in left.get_yticklabels()][:3] == [f"encoder.bn_layers.{i}>relu" for i in range(3)]
+    assert [t.get_text() for t in left.get_yticklabels()] == list(report_a.sites)
     sparsity_bars = left.containers[0]
-    assert [round(b.get_width(), 1) for b in sparsity_bars] == [50.0, 74.3, 81.2, 0.0]
-    assert [b.get_width() for b in right.containers[0]] == [0, 2, 3, 0]  # dead
-    assert [b.get_width() for b in right.containers[1]] == [0, 1, 0, 0]  # dormant
+    assert [round(b.get_width(), 1) for b in sparsity_bars] == [69.8, 89.6, 78.5, 74.4, 52.7, 67.0, 82.2, 81.9, 71.1,
+                                                               72.7, 67.5]  # fmt: skip
+    assert [b.get_width() for b in right.containers[0]] == [0, 39, 40, 41, 25, 10, 26, 36, 21, 25, 30]  # dead
+    assert [b.get_width() for b in right.containers[1]] == [5, 2, 3, 2, 1, 0, 13, 15, 5, 2, 2]  # dormant
     assert plots.figure_png(fig).startswith(PNG_MAGIC)
 
 
@@ -55,19 +56,23 @@ def test_channel_heatmap_marks_dead_channels(report_a: Report) -> None:
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("channel", "site")
     assert fig.axes[1].get_ylabel() == "firing rate"  # the colour bar
     rates, overlay = (im.get_array() for im in ax.images)
-    assert rates.shape == (4, 12) and np.ma.is_masked(rates[0, 8])  # 8 channels in a 12-wide row
-    assert rates[2, 0] == 0.0 and rates[3, 0] == pytest.approx(0.7)
-    dead_red = overlay[2, [0, 1, 4], 0]
-    assert (dead_red > 0.7).all() and (overlay[2, [2, 3], 3] == 0).all()  # dead opaque red, others clear
-    assert overlay[1, 7, 3] == 1.0  # the dormant channel is marked too
-    assert "(3/8 dead)" in ax.get_yticklabels()[2].get_text()
+    assert rates.shape == (11, 128) and np.ma.is_masked(rates[0, 64])  # 64 channels in a 128-wide row
+    first = report_a.sites["encoder.bn_layers.0>relu"]
+    assert rates[1, 0] == 0.0 and rates[0, 0] == pytest.approx(1 - first.channel_flat[0])
+    dead_red = overlay[1, [0, 2, 3], 0]  # encoder.bn_layers.1>relu: channels 0, 2, 3 dead, 1 and 4 alive
+    assert (dead_red > 0.7).all() and (overlay[1, [1, 4], 3] == 0).all()  # dead opaque red, others clear
+    assert overlay[0, 9, 3] == 1.0  # the dormant channel 9 of encoder.bn_layers.0>relu is marked too
+    assert "(39/64 dead)" in ax.get_yticklabels()[1].get_text()
 
 
 def test_activation_distributions_are_honestly_titled(report_a: Report) -> None:
     fig = plots.plot_activation_distributions(report_a)
     assert "not a histogram" in fig.get_suptitle()
     assert titles(fig) == ["channel mean", "channel std", "channel min", "channel max"]
-    assert fig._supxlabel.get_text().startswith("activation value") and "one axis for all four" in fig._supxlabel.get_text()
+    assert (
+        fig._supxlabel.get_text().startswith("activation value")
+        and "one axis for all four" in fig._supxlabel.get_text()
+    )
     assert len(fig.axes[0].collections) == 1  # dead channels drawn over the boxes
 
 
@@ -86,7 +91,21 @@ def test_active_slots_histogram(report_a: Report) -> None:
     ax = fig.axes[0]
     assert ax.get_title() == "Active slots per image (100 images, 7 slots)"
     assert ax.get_ylabel() == "images" and ax.get_xlabel().startswith("active slots")
-    assert [b.get_height() for b in ax.containers[0]] == [0, 55, 34, 11, 0, 0, 0, 0]
+    assert [b.get_height() for b in ax.containers[0]] == [
+        100,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]  # A: no slot confident anywhere
+
+
+def test_active_slots_histogram_of_the_healthy_report(report_b: Report) -> None:
+    ax = plots.plot_active_slots(report_b.slots).axes[0]
+    assert [b.get_height() for b in ax.containers[0]] == [99, 1, 0, 0, 0, 0, 0, 0]
 
 
 def test_empty_report_gives_a_figure_that_says_so() -> None:
@@ -121,7 +140,10 @@ def _panels(fig: Any) -> dict[str, Any]:
 def test_health_timeline() -> None:
     history = [{"epoch": e, "step": 7 * e, "train_accuracy": 0.6 + e / 150} for e in range(1, 31)]
     fig = plots.plot_health_timeline(timeline(), history)
-    assert "probe set (64 held-out images, the same at every point), not on the audit's data" in fig.get_suptitle()
+    assert (
+        "probe set (64 held-out images, the same at every point), not on the audit's data"
+        in fig.get_suptitle()
+    )
     panels = _panels(fig)
     assert list(panels) == ["Dead channels, all sites together", "Dead channels per site", "Sparsity per site",
                             "Fate of each site's channels over the timeline", "Active slots per image",
@@ -131,12 +153,18 @@ def test_health_timeline() -> None:
     for ax in (total, dead, sparsity, slots, accuracy):  # steps, as the findings count them
         assert ax.get_xlabel() == "training step" and list(ax.lines[0].get_xdata()) == [0, 70, 140, 210]
     assert list(total.lines[0].get_ydata()) == [0, 1, 2, 3]  # the total over sites, on its own panel
-    assert [list(line.get_ydata()) for line in dead.lines] == [[0, 0, 0, 0], [0, 1, 2, 3]]  # each site, own scale
+    assert [list(line.get_ydata()) for line in dead.lines] == [
+        [0, 0, 0, 0],
+        [0, 1, 2, 3],
+    ]  # each site, own scale
     assert dead.get_ylim()[1] < 4 < total.get_ylim()[1] * 2
     assert list(sparsity.lines[1].get_ydata()) == pytest.approx([50, 60, 70, 80])
     assert [line.get_label() for line in accuracy.lines] == ["probe set", "most-common-colour baseline (probe set)",
                                                              "training batches (epoch mean)"]  # fmt: skip
-    assert list(accuracy.lines[2].get_xdata())[:2] == [7, 14]  # training accuracy at its steps, not its epochs
+    assert list(accuracy.lines[2].get_xdata())[:2] == [
+        7,
+        14,
+    ]  # training accuracy at its steps, not its epochs
     fate = panels["Fate of each site's channels over the timeline"]
     assert "no per-channel dead lists" in fate.texts[0].get_text()
 
@@ -159,14 +187,32 @@ def test_timeline_without_slots_or_entries() -> None:
 
 
 def test_before_after(report_a: Report, report_b: Report) -> None:
-    fig = plots.plot_before_after(report_a, report_b, labels=("relu", "leaky"))
-    assert fig.get_suptitle().splitlines() == ["relu vs leaky", "leaky: relu -> leaky_relu at 2 of 3 sites"]  # enc 0 and 1; 3 shared
+    fig = plots.plot_before_after(report_a, report_b, labels=("relu", "healthy"))
+    assert fig.get_suptitle().splitlines() == ["relu vs healthy"]  # the same activations at the same sites
     assert titles(fig) == ["Sparsity per site", "Flat fraction per site", "Dead channels per site", "Overall",
                            "Active slots per image"]  # fmt: skip
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(report_a.sites)
+    assert [round(b.get_height(), 2) for c in fig.axes[4].containers for b in c] == [0.0, 0.01]
+
+
+def test_before_after_of_a_patch_that_moved_sites(report_a: Report, report_b: Report) -> None:
+    def leaky(site: Any) -> Any:
+        return site.__class__(**{**site.__dict__, "kind": "leaky_relu"})
+
+    a, b = report_a.sites, report_b.sites
+    relu = Report.build([a["encoder.bn_layers.0>relu"], a["encoder.bn_layers.1>relu"], a["encoder.bn_layers.2>relu"],
+                         a["encoder.mlp.1"]])  # fmt: skip
+    patched = Report.build([leaky(b["encoder.bn_layers.0>relu"]), leaky(b["encoder.bn_layers.1>relu"]),
+                            b["encoder.bn_layers.3>relu"], b["encoder.mlp.1"]])  # fmt: skip
+    fig = plots.plot_before_after(relu, patched, labels=("relu", "leaky"))
+    assert fig.get_suptitle().splitlines() == [
+        "relu vs leaky",
+        "leaky: relu -> leaky_relu at 2 of 3 sites",
+    ]  # 3 shared
     sparsity = fig.axes[0]
-    assert [t.get_text() for t in sparsity.get_yticklabels()][-1] == "encoder.bn_layers.3>relu"  # only in B
-    assert any("absent leaky" in t.get_text() for t in sparsity.texts)
-    assert [round(b.get_height(), 2) for c in fig.axes[4].containers for b in c] == [1.6, 3.4]
+    assert "encoder.bn_layers.3>relu" in [t.get_text() for t in sparsity.get_yticklabels()]  # only in B
+    assert any("absent leaky" in t.get_text() for t in sparsity.texts)  # encoder.bn_layers.2>relu: only in A
+    assert any("absent relu" in t.get_text() for t in sparsity.texts)
 
 
 def test_before_after_says_what_was_patched_on_what_budget_against_the_trivial_baseline(
@@ -241,7 +287,13 @@ def test_slot_samples() -> None:
     assert model.training  # mode restored
     assert "ARC palette" in fig.get_suptitle()
     grid_axes = fig.axes[: 2 * 5]
-    assert [ax.get_title() for ax in grid_axes[:5]] == ["grid", "reconstruction", "slot 0", "slot 1", "slot 2"]
+    assert [ax.get_title() for ax in grid_axes[:5]] == [
+        "grid",
+        "reconstruction",
+        "slot 0",
+        "slot 1",
+        "slot 2",
+    ]
     shown = grid_axes[5].images[0].get_array()  # grid 1, cropped to its valid 4x5 region
     assert shown.shape == (4, 5) and (np.asarray(shown) == batch.target[1, :4].numpy()).all()
     owned = [ax.get_xlabel() for ax in grid_axes[2:5]]

@@ -30,7 +30,11 @@ def report_a() -> Report:
 def folder(report_a: Report, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A full report folder: with model, adapter and a checkpoint holding a timeline."""
     out = tmp_path_factory.mktemp("reports") / "run"
-    checkpoint = {"config": {}, "health_timeline": timeline(), "history": [{"epoch": 1, "train_accuracy": 0.5}]}
+    checkpoint = {
+        "config": {},
+        "health_timeline": timeline(),
+        "history": [{"epoch": 1, "train_accuracy": 0.5}],
+    }
     write_report(report_a, out, model=TinySlotModel(), adapter=TinyAdapter(), checkpoint=checkpoint)
     return out
 
@@ -64,13 +68,17 @@ def images_of(html: str) -> list[str]:
 def test_report_folder(folder: Path, report_a: Report) -> None:
     names = sorted(p.name for p in folder.iterdir())
     pngs = sorted([*REPORT_FIGURES, "health_timeline", "slot_samples"])
-    assert names == sorted([*(f"{n}.png" for n in pngs), "report.html", "report.json", "report.md", "timeline.json"])
+    assert names == sorted(
+        [*(f"{n}.png" for n in pngs), "report.html", "report.json", "report.md", "timeline.json"]
+    )
     assert Report.from_json((folder / "report.json").read_text()).to_dict() == report_a.to_dict()
     markdown = (folder / "report.md").read_text()
     for name in pngs:
         assert f"]({name}.png)" in markdown
     sources = images_of((folder / "report.html").read_text())
-    assert len(sources) == len(pngs) and all(s.startswith("data:image/png;base64,iVBORw0KGgo") for s in sources)
+    assert len(sources) == len(pngs) and all(
+        s.startswith("data:image/png;base64,iVBORw0KGgo") for s in sources
+    )
     assert json.loads((folder / "timeline.json").read_text())["health_timeline"][1]["epoch"] == 10
 
 
@@ -88,7 +96,12 @@ def test_a_figure_that_cannot_be_drawn_is_skipped_with_a_warning(report_a: Repor
 
 @pytest.mark.parametrize(
     ("text", "formats"),
-    [("md", ("md",)), ("png,md", ("md", "png")), ("all", ("json", "md", "html", "png")), (["html"], ("html",))],
+    [
+        ("md", ("md",)),
+        ("png,md", ("md", "png")),
+        ("all", ("json", "md", "html", "png")),
+        (["html"], ("html",)),
+    ],
 )
 def test_parse_formats(text: str, formats: tuple[str, ...]) -> None:
     assert parse_formats(text) == formats
@@ -100,11 +113,17 @@ def test_parse_formats_rejects_unknown() -> None:
 
 
 # -- deadneuron report -------------------------------------------------------------------------------
-def test_report_renders_a_saved_report_again(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "report", str(folder / "report.json"), "--format", "html,png", "--out", str(tmp_path))
+def test_report_renders_a_saved_report_again(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys, "report", str(folder / "report.json"), "--format", "html,png", "--out", str(tmp_path)
+    )
     assert code == 0
     # the timeline kept beside the report is drawn again; slot samples need the model
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{n}.png" for n in [*REPORT_FIGURES, "health_timeline"])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        f"{n}.png" for n in [*REPORT_FIGURES, "health_timeline"]
+    )
     assert len(images_of((tmp_path / "report.html").read_text())) == 5
     assert str(tmp_path / "report.html") in out
 
@@ -145,9 +164,9 @@ def test_compare_two_reports_that_differ(capsys: pytest.CaptureFixture[str], tmp
     a, b = str(GOLDEN / "report_a.json"), str(GOLDEN / "report_b.json")
     code, out, _ = run(capsys, "compare", a, b)
     assert code == 0
-    assert "dead channels                 5 -> 1 (-4); 1 newly dead, 2 revived" in out
-    assert "new dead encoder.bn_layers.0>relu: channels 3" in out and "only in A" in out
-    assert "revived  encoder.bn_layers.1>relu: channels 2, 5" in out
+    assert "dead channels                 293 -> 35 (-258); 9 newly dead, 267 revived" in out
+    assert "new dead encoder.mlp.1: channels 24, 42" in out
+    assert "revived  encoder.bn_layers.1>relu: channels 0, 2, 3, 5, 7, 8, 11, 12, 13, 15," in out
     code, out, _ = run(capsys, "compare", a, b, "--format", "md", "--out", str(tmp_path / "diff.md"))
     assert code == 0 and out == (GOLDEN / "compare_a_b.md").read_text() == (tmp_path / "diff.md").read_text()
 

@@ -25,24 +25,29 @@ def report_a() -> Report:
 
 def test_assert_healthy_lists_each_offending_site(report_a: Report) -> None:
     with pytest.raises(AssertionError) as exc:
-        assert_healthy(report_a, max_dead_fraction=0.3, max_sparsity=0.8, min_active_slots=2)
+        assert_healthy(report_a, max_dead_fraction=0.63, max_sparsity=0.85, min_active_slots=2)
     lines = str(exc.value).splitlines()
     assert lines == [
         "checkpoints/slot_attention.pth is not healthy: 3 violated checks",
-        "  encoder.bn_layers.2>relu: 3 of 8 channels dead (37.5%: 0, 1, 4) > max_dead_fraction 30.0%",
-        "  encoder.bn_layers.2>relu: sparsity 81.2% > max_sparsity 80.0%",
-        "  slots: 1.60 active slots per image (of 7) < min_active_slots 2",
+        "  encoder.bn_layers.1>relu: sparsity 89.6% > max_sparsity 85.0%",
+        "  encoder.bn_layers.3>relu: 41 of 64 channels dead (64.1%: 1, 3, 6, 7, 8, 10, 11, 12 and 33 more)"
+        " > max_dead_fraction 63.0%",
+        "  slots: 0.00 active slots per image (of 7) < min_active_slots 2",
     ]
 
 
 def test_assert_healthy_returns_the_report_when_it_passes(report_a: Report) -> None:
-    assert assert_healthy(report_a, sites=["encoder.bn_layers.0*", "decoder.*"]) is report_a
+    # encoder.bn_layers.0>relu is the one site of report A without a dead channel
+    assert assert_healthy(report_a, sites=["encoder.bn_layers.0*"]) is report_a
 
 
 def test_assert_sparsity_below(report_a: Report) -> None:
     assert_sparsity_below(report_a, 0.9)
-    with pytest.raises(AssertionError, match=r"encoder.bn_layers.1>relu: sparsity 74.3% > max_sparsity 70.0%"):
-        assert_sparsity_below(report_a, 0.7)
+    with pytest.raises(
+        AssertionError,
+        match=r"1 violated check\n  encoder.bn_layers.1>relu: sparsity 89.6% > max_sparsity 85.0%$",
+    ):
+        assert_sparsity_below(report_a, 0.85)
 
 
 def test_assert_sparsity_below_audits_a_model() -> None:
@@ -78,7 +83,7 @@ def test_audit_cache_audits_a_model_once_per_weights(tmp_path: Path) -> None:
 
 
 # -- the plugin, through pytester --------------------------------------------------------------------
-HEALTH_TESTS = '''
+HEALTH_TESTS = """
 import torch
 from torch import nn
 from deadneuron.testing import assert_healthy
@@ -105,7 +110,7 @@ def test_fixture_first(activation_audit):
 def test_fixture_cached(activation_audit, deadneuron_audit_cache):
     activation_audit(MODEL, DATA)
     assert deadneuron_audit_cache.audits == 1
-'''
+"""
 
 
 def test_plugin_passing_and_failing_assertions(pytester: pytest.Pytester) -> None:
@@ -224,7 +229,7 @@ def test_data_fingerprint_reads_only_the_audited_batches_and_refuses_what_it_can
     assert data_fingerprint([torch.eye(3).to_sparse()]) is None
 
 
-CACHE_TESTS = '''
+CACHE_TESTS = """
 import torch
 from torch import nn
 
@@ -248,7 +253,7 @@ def test_second_dataset(activation_audit):
 def test_first_again_is_cached(activation_audit, deadneuron_audit_cache):
     assert activation_audit(MODEL, dataset((1, 4))).sites["1"].dead_channels == (1, 4)
     assert deadneuron_audit_cache.audits == 2
-'''
+"""
 
 
 def test_plugin_fixture_audits_one_model_on_two_datasets(pytester: pytest.Pytester) -> None:
