@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.deadneuron-installed
 
-.PHONY: demo test venv lint bench checkpoints clean
+.PHONY: demo test venv lint bench bench-docs checkpoints clean
 
 venv: $(STAMP)
 
@@ -29,9 +29,14 @@ test: $(STAMP)
 checkpoints: $(STAMP)
 	PYTHON=$(BIN)/python bash examples/make_checkpoints.sh
 
+# One thread, then two; writes benchmarks/results/<date>-<machine>.json (peers left out if they do not install)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py --threads 1
-	$(BIN)/python benchmarks/overhead.py --threads 2
+	-$(BIN)/python -m pip install -qq --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python benchmarks/overhead.py --threads 1 2
+
+# The README and docs/performance.md tables from the newest results file
+bench-docs: $(STAMP)
+	$(BIN)/python benchmarks/render_table.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
