@@ -2,8 +2,9 @@
 
 One point: a small model (the ARC-like CNN on 8x10x16x16 batches) runs over N batches, either plainly or
 inside ``deadneuron.audit`` (rules off: the statistics and the Report, nothing else). Before the measured
-run, the same run over 10 batches warms the process up (imports, the statistics kernel, allocator pools);
-then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``, where writable) and ``tracemalloc``
+run, the same run (same side, same N) warms the process up: imports, the statistics kernel, caches and
+glibc's heap reach the size such a run needs, so what remains is what the run itself adds; anything kept per
+batch would still grow with N. Then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``, where writable) and ``tracemalloc``
 starts. Reported: the peak RSS (``VmHWM``) above the RSS before the run, the peak and the retained
 growth of the memory Python allocated (``tracemalloc``; retained: with the audit's Report still held),
 the RSS growth when batches 10, 100, 250 and the last are asked for, and ``ru_maxrss`` for reference. A
@@ -12,6 +13,7 @@ flat statistics memory shows as the same figures at 10 and at 500 batches.
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +24,6 @@ from suite_models import ArcCNN
 import deadneuron
 
 MODEL = "ARC-like CNN, 8x10x16x16 batches"
-WARM_UP = 10
 
 
 def _status_kb(field: str) -> int | None:
@@ -71,13 +72,14 @@ def measure_point(side: str, count: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = ArcCNN().eval()
     x = torch.randn(8, 10, 16, 16)
-    _run(model, x, WARM_UP, side)
+    _run(model, x, count, side)  # warm-up: the same run
     reset = _reset_peak()
     rss0 = _status_kb("VmRSS") or 0
     trace: dict[int, int] = {}
     tracemalloc.start()
     t0, _ = tracemalloc.get_traced_memory()
     result = _run(model, x, count, side, trace)
+    gc.collect()  # retained: what is still reachable, not garbage the cycle collector has not reached yet
     t1, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     hwm = _status_kb("VmHWM")

@@ -83,7 +83,7 @@ def source_line(data: dict[str, Any], source: str) -> str:
 def summary(data: dict[str, Any], source: str) -> str:
     """README: one thread, glibc defaults, deadneuron beside each peer."""
     run, lens = _run(data, 1, "glibc"), _run(data, 1, "glibc", peer="torchlens")
-    rows = ["| model | plain forward | deadneuron | captum | fastai-style | torchlens |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| model | plain forward, per batch | deadneuron | captum | fastai-style | torchlens |", "|---|---:|---:|---:|---:|---:|"]
     for m in _models(data):
         rows.append(f"| {m['name']}, {m['shape']} | {_plain_ms(data, 1, m['key'])} | {_ratio(run, m['key'], 'deadneuron', bold=True)} | "
                     f"{_ratio(run, m['key'], 'captum')} | {_ratio(run, m['key'], 'fastai-style')} | "
@@ -111,8 +111,8 @@ def _thread_table(data: dict[str, Any], threads: int) -> list[str]:
 
 def _memory_table(data: dict[str, Any]) -> list[str]:
     mem = data.get("memory", {})
-    rows = [f"Memory, measured ({mem.get('model', '?')}; a fresh process per row, growth over the process after a "
-            "10-batch warm-up; retained: with the audit's Report still held):", "",
+    rows = [f"Memory, measured ({mem.get('model', '?')}; a fresh process per row, growth over the process after "
+            "a warm-up run of the same length; retained: with the audit's Report still held):", "",
             "| side | batches | peak RSS growth | RSS growth when batch i is asked for | Python allocations, "
             "peak | Python allocations, retained |",
             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
