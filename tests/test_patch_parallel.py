@@ -95,3 +95,10 @@ def test_workers_must_be_positive(tiny_arc: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["patch", str(tiny_arc), "--activation", "leaky", "--workers", "0",
                                       "--out", str(tmp_path / "x.pth")])  # fmt: skip
     assert result.exit_code == 2 and "--workers must be at least 1" in result.stderr
+
+
+def test_a_model_of_your_own_is_not_spread_over_ranks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any rendezvous
+    result = CliRunner().invoke(app, ["patch", str(tmp_path / "w.pth"), "--model", "tests.zoo:SeedEncoder",
+                                      "--activation", "leaky", "--input-shape", "2,3,8,8"])  # fmt: skip
+    assert result.exit_code == 2 and "run it without torchrun" in result.stderr

@@ -70,6 +70,15 @@ def _env_int(name: str) -> int | None:
         raise UsageError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it)") from None
 
 
+def world_size() -> int:
+    """How many ranks this process is one of: the initialised group's size, else torchrun's WORLD_SIZE, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return max(1, _env_int("WORLD_SIZE") or 1)
+
+
 @contextmanager
 def launch(device: str | None, *, backend: str | None = None) -> Iterator[tuple[Shard, str | None]]:
     """This process's Shard and device: under torchrun the default process group is initialised here
@@ -104,4 +113,4 @@ def launch(device: str | None, *, backend: str | None = None) -> Iterator[tuple[
         dist.destroy_process_group()
 
 
-__all__ = ["Shard", "launch"]
+__all__ = ["Shard", "launch", "world_size"]

@@ -90,12 +90,12 @@ def patch_command(
         from deadneuron.cli._outputs import check_outputs
 
         check_outputs({"--out": target, "--markdown": markdown, "--figure": figure}, inputs=[checkpoint], force=force)
-    from deadneuron.cli._launch import launch
+    from deadneuron.cli._launch import launch, world_size
 
+    if model is not None and world_size() > 1:
+        raise UsageError("under torchrun, patch spreads the runs of a deadneuron checkpoint over the ranks; a "
+                         "model of your own (--model) is patched in one process: run it without torchrun")  # fmt: skip
     with launch(None, backend="gloo") as (shard, _):  # under torchrun: the runs spread over the ranks
-        if shard.world_size > 1 and model is not None:
-            raise UsageError("under torchrun, patch spreads the runs of a deadneuron checkpoint over the ranks; a "
-                             "model of your own (--model) is patched in one process: run it without torchrun")  # fmt: skip
         show = (progress if progress is not None else sys.stderr.isatty()) and shard.primary
         ctx = Context(checkpoint=checkpoint, out=target, force=force, dry_run=dry_run, progress=show,
                       markdown=markdown, figure=figure, console=Console(), err=Console(stderr=True),
