@@ -84,6 +84,34 @@ def _train(rank: int, out: Path) -> list[dict[str, Any]]:
             for r in results]  # fmt: skip
 
 
+def _sharded(rank: int, world: int) -> dict[str, Any]:
+    """The planted CNN plain, under FSDP (nested units, then the root) and under FSDP2 (``fully_shard``),
+    on four batches: FSDP's forward is a collective, so every rank must run as many."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    mine, cpu, quiet = batches()[:4][rank::world], torch.device("cpu"), {"progress": False}
+    nested = planted_model()
+    nested.bn_layers[1] = FullyShardedDataParallel(nested.bn_layers[1], device_id=cpu)
+    fsdp1 = FullyShardedDataParallel(nested, device_id=cpu)
+    fsdp2 = planted_model()
+    fully_shard(fsdp2.bn_layers[1])
+    fully_shard(fsdp2)
+    before = [_local(p) for m in (fsdp1, fsdp2) for p in m.parameters()]
+    out = {
+        "plain": deadneuron.audit(planted_model(), mine, **quiet).to_dict(),
+        "fsdp1": deadneuron.audit(fsdp1, mine, **quiet).to_dict(),
+        "fsdp2": deadneuron.audit(fsdp2, mine, **quiet).to_dict(),
+    }
+    after = [_local(p) for m in (fsdp1, fsdp2) for p in m.parameters()]  # still sharded, unchanged
+    out["left_as_found"] = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    return out
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (FSDP2: the DTensor's local part; FSDP1: its flat parameter)."""
+    return (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+
+
 def _cases(rank: int, world: int, out: Path) -> dict[str, Any]:
     model, data = planted_model(), batches()
     mine = data[rank::world]
@@ -96,6 +124,7 @@ def _cases(rank: int, world: int, out: Path) -> dict[str, Any]:
         "branches": _error(lambda: deadneuron.audit(Branchy(), [torch.ones(2, 4) * (1 - 2 * rank)], **quiet)),
         "failing": _error(lambda: deadneuron.audit(model, mine if rank == 0 else [torch.randn(2, 5, 8, 8)], **quiet)),
         "training": _train(rank, out),
+        "sharded": _sharded(rank, world),
     }
 
 

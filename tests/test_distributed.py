@@ -98,6 +98,26 @@ def test_ddp_wrapped_model_is_audited_under_its_own_names(ranks: Any) -> None:
         assert any("DistributedDataParallel" in note for note in got["ddp"]["meta"]["notes"])
 
 
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
+def test_fsdp_models_are_audited_under_their_own_names(ranks: Any, kind: str) -> None:
+    """FSDP (nested units and the root: ``_fsdp_wrapped_module.`` levels) and FSDP2 (``fully_shard``): the
+    plain model's site names and figures, the rules read the weights gathered whole (the BatchNorm
+    findings name the plain modules), and the sharded parameters are left as they were."""
+    results, _ = ranks
+    for got in results:
+        plain, sharded = got["sharded"]["plain"], got["sharded"][kind]
+        assert [s["name"] for s in sharded["sites"]] == [s["name"] for s in plain["sites"]] == [
+            f"bn_layers.{i}>relu" for i in range(4)
+        ]
+        h.same_figures(sharded["sites"], plain["sites"], rel=1e-12, path=kind)
+        found = [(f["rule"], f["sites"], f["channels"], f["evidence"]) for f in sharded["findings"]]
+        assert found == [(f["rule"], f["sites"], f["channels"], f["evidence"]) for f in plain["findings"]]
+        # gamma and beta of a sharded BatchNorm, read whole: the planted channels
+        assert ("bn-scale-collapse", ["bn_layers.1>relu"], {"bn_layers.1>relu": [0, 5]}) in [f[:3] for f in found]
+        assert any("FSDP" in note or "FullyShardedDataParallel" in note for note in sharded["meta"]["notes"])
+        assert got["sharded"]["left_as_found"]
+
+
 def test_ranks_that_saw_different_sites_stop_on_every_rank(ranks: Any) -> None:
     results, _ = ranks
     for got in results:
@@ -187,6 +207,24 @@ def test_a_failed_rank_is_raised_with_its_error_class() -> None:
 def _small() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3), nn.GELU()))
+
+
+def test_checkpoint_wrapped_modules_are_audited_under_the_plain_names() -> None:
+    """torch's activation-checkpoint wrapper runs its forward (no ``_checkpoint_wrapped_module.`` in any
+    name, also in the findings), and is left on the model as it was."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    data = h.batches()
+    plain = deadneuron.audit(h.planted_model(), data, progress=False)
+    model = h.planted_model()
+    model.bn_layers[1] = checkpoint_wrapper(model.bn_layers[1])
+    wrapped = deadneuron.audit(model, data, progress=False)
+    assert list(wrapped.sites) == list(plain.sites)
+    h.same_figures(h.figures(wrapped.to_dict())["sites"], h.figures(plain.to_dict())["sites"], rel=1e-12)
+    assert [(f.rule, f.sites) for f in wrapped.findings] == [(f.rule, f.sites) for f in plain.findings]
+    assert "bn_layers.1" in " ".join(f.message for f in wrapped.findings)
+    assert "_checkpoint_wrapped_module" not in wrapped.to_json().replace("no '_checkpoint_wrapped_module.' prefix", "")
+    assert type(model.bn_layers[1]).__name__ == "CheckpointWrapper"
 
 
 def test_compiled_models_are_audited_under_the_plain_names() -> None:
