@@ -29,7 +29,8 @@
  * non-finite (a NaN or Inf in a or f) it is run again with the checks.
  * Compiled with -fno-trapping-math so that the selects below vectorise; nothing here relies on
  * floating-point exceptions. Never compile this with -ffast-math: the finiteness tests would go.
- * (-std=c99 keeps a*b+c unfused, so vector and scalar code round alike.)
+ * -std=c99 fuses no a*b+c on its own; SQUARE_ADD fuses q + d*d explicitly where the CPU has FMA, so
+ * vector and scalar code round alike.
  * Compiled with -fopenmp, a batch is split by channel ranges over `threads` threads of the OpenMP
  * runtime torch has loaded (deadneuron/_native.py checks that there is only that one); each thread
  * reduces whole channels, in the same order as one thread would, so the result does not change.

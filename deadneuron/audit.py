@@ -1,7 +1,8 @@
 """Run a model over data inside a Recorder and return a Report.
 
-The model is left exactly as it was found: eval mode and `torch.inference_mode` during the audit, then
-every hook removed and every module's train/eval flag restored, also when the forward pass raises.
+The model is left exactly as it was found: eval mode and `torch.inference_mode` (`torch.no_grad` for an
+FSDP-sharded model) during the audit, then every hook removed and every module's train/eval flag
+restored, also when the forward pass raises.
 Parameters and buffers are never written (inference mode and eval-mode BatchNorm do not update them).
 """
 
@@ -29,7 +30,7 @@ from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.rules import PatchTarget, RulesConfig, RuleSet
 from deadneuron.stats import HISTOGRAM_EDGES
-from deadneuron.wrappers import eager, full_parameters, sharded, unwrap, wrapper_notes
+from deadneuron.wrappers import eager, full_parameters, gradients_off, sharded, unwrap, wrapper_notes
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -271,9 +272,7 @@ def _measure(
         with recorder(model) as rec:
             if any(m.training for m in model.modules()):
                 model.eval()
-            # FSDP keeps the parameters it gathers: made in inference mode, they could not be used outside it
-            grad_off = torch.no_grad() if sharded(model) else torch.inference_mode()
-            with grad_off, eager(model), _progress(progress, total) as bar:
+            with gradients_off(model), eager(model), _progress(progress, total) as bar:
                 task = bar.add_task("audit", total=total) if bar is not None else None
                 for batch in batches_of(data, max_batches):
                     batch = _to(batch, dev)

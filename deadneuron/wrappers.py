@@ -95,6 +95,14 @@ def sharded(model: nn.Module) -> bool:
     return bool(_sharded2(model)) or (fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()))
 
 
+def gradients_off(model: nn.Module) -> AbstractContextManager[object]:
+    """``torch.inference_mode``, or ``torch.no_grad`` for an FSDP-sharded model: FSDP keeps the parameters
+    it gathers, and tensors made in inference mode cannot be used outside it."""
+    import torch
+
+    return torch.no_grad() if sharded(model) else torch.inference_mode()
+
+
 @contextmanager
 def full_parameters(model: nn.Module) -> Iterator[None]:
     """While entered, every parameter of an FSDP-sharded ``model`` is whole on this rank (FSDP's
