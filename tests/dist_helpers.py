@@ -139,12 +139,14 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def spawn(world: int, tmp: Path, *, deadline_s: float = 150.0) -> list[dict[str, Any]]:
-    """Run `worker` on ``world`` spawned processes; their results in rank order."""
+def spawn(
+    world: int, tmp: Path, *, deadline_s: float = 150.0, target: Callable[[int, int, str, str], None] = worker
+) -> list[dict[str, Any]]:
+    """Run ``target`` (`worker`) on ``world`` spawned processes; their results in rank order."""
     import torch.multiprocessing as mp
 
     init = f"file://{tmp / 'rendezvous'}"
-    ctx = mp.start_processes(worker, args=(world, init, str(tmp)), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(target, args=(world, init, str(tmp)), nprocs=world, join=False, start_method="spawn")
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=5):
         if time.monotonic() > end:
@@ -173,3 +175,56 @@ def same_figures(a: Any, b: Any, *, rel: float, absolute: float = 0.0, path: str
 
 def figures(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k != "meta"}
+
+
+class FlakyAdapter:
+    """The smallest adapter that trains and audits, except that the run of seed 1 raises."""
+
+    name = "flaky"
+
+    def build(self, config: Any) -> nn.Module:
+        torch.manual_seed(int(config["SEED"]))
+        return nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+
+    def load(self, checkpoint: Any) -> nn.Module:
+        model = self.build(checkpoint["config"])
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
+
+    def batches(self, split: str, config: Any) -> list[torch.Tensor]:
+        return [torch.randn(2, 4, generator=torch.Generator().manual_seed(3))]
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return model(batch)
+
+    def slot_masks(self, outputs: Any, batch: Any) -> None:
+        return None
+
+    def metric_sums(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def summarize_metrics(self, sums: Any) -> dict[str, float]:
+        return {}
+
+    def train(self, config: Any, *, init: Any = None, max_steps: int | None = None) -> dict[str, Any]:
+        if config["SEED"] == 1:
+            raise ValueError("boom on seed 1")
+        return {"config": dict(config), "state_dict": self.build(config).state_dict()}
+
+
+def flaky_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of `deadneuron.patch.parallel.run_jobs` over ranks, rank 1's run failing: what each raised."""
+    from deadneuron.patch.parallel import Job, run_jobs
+    from deadneuron.patch.retrain import Budget, Options
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    jobs = [Job("baseline", seed, {"SEED": seed}) for seed in (0, 1)]
+    try:
+        run_jobs(FlakyAdapter(), jobs, Budget(1), Options(threads=1, rank=rank, world_size=world))  # type: ignore[arg-type]
+        raised = ["none", ""]
+    except Exception as exc:
+        raised = [type(exc).__name__, str(exc)]
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(raised))

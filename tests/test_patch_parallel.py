@@ -102,3 +102,12 @@ def test_a_model_of_your_own_is_not_spread_over_ranks(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(app, ["patch", str(tmp_path / "w.pth"), "--model", "tests.zoo:SeedEncoder",
                                       "--activation", "leaky", "--input-shape", "2,3,8,8"])  # fmt: skip
     assert result.exit_code == 2 and "run it without torchrun" in result.stderr
+
+
+def test_a_rank_whose_runs_fail_stops_every_rank(tmp_path: Path) -> None:
+    """Run 1 goes to rank 1 and raises there; rank 0, whose run succeeded, raises too, naming rank 1."""
+    from tests import dist_helpers
+
+    rank0, rank1 = dist_helpers.spawn(2, tmp_path, target=dist_helpers.flaky_worker)
+    assert rank1 == ["ValueError", "boom on seed 1"]
+    assert rank0 == ["AuditRuntimeError", "rank 1 failed while training its runs: ValueError: boom on seed 1"]
