@@ -16,18 +16,21 @@
  * and to `counts`: counts[0] += elements, counts[1] += elements if the flat region was counted
  * (pass lo = hi = NaN to count none: every comparison with NaN is false).
  *
- * Moments: each stretch of at most FLUSH elements of a channel (a row, or FLUSH rows of a column
- * block) is summed as s = sum(a - K), q = sum((a - K)^2), K being the channel's running mean (for
- * its first stretch, the mean of that stretch), and merged into (finite, mean, m2) in double with
- * Chan's parallel formula. The sums are partial sums in the input's precision over at most CHUNK
- * elements (32 per vector lane with AVX-512) or CHUNK_ROWS rows, added in double: with the shift,
- * float32 input keeps its std to about 1e-7 relative however large its mean (mean 2e4, std 1 gave
- * std 44 with sum and sum of squares). Counts are kept in the input's precision over at most FLUSH
- * elements (exact: FLUSH < 2**24), then added to the double accumulators. A stretch is run
- * finite-only first; if s or q comes out non-finite (a NaN or Inf in a or f, or an overflow) it is
- * run again with the checks, summed in double.
+ * Moments: a channel's whole batch is summed in double, s = sum(a - K) and q = sum((a - K)^2), K
+ * being the channel's first finite element in (o, i) order; the batch's (finite, mean, m2) =
+ * (n, K + s/n, q - s*s/n) is then merged into the accumulator once, with Chan's parallel formula
+ * (as `deadneuron.stats.ChannelStats` merges the torch kernels' batches). Where K lies far from the
+ * batch's mean (q > REDO * m2: the subtraction would cancel digits), the channel is summed again
+ * with K = that mean. So a batch's statistics depend on that batch alone, never on what the
+ * accumulator saw before it, and are accurate to float64 rounding: accumulators of the same
+ * batches split over processes merge to one process's result to about 1e-15 relative.
+ * Counts are kept in the input's precision over at most FLUSH elements (exact: FLUSH < 2**24),
+ * then added in double. A stretch of FLUSH elements is run finite-only first; if s or q comes out
+ * non-finite (a NaN or Inf in a or f) it is run again with the checks.
  * Compiled with -fno-trapping-math so that the selects below vectorise; nothing here relies on
  * floating-point exceptions. Never compile this with -ffast-math: the finiteness tests would go.
+ * -std=c99 fuses no a*b+c on its own; SQUARE_ADD fuses q + d*d explicitly where the CPU has FMA, so
+ * vector and scalar code round alike.
  * Compiled with -fopenmp, a batch is split by channel ranges over `threads` threads of the OpenMP
  * runtime torch has loaded (deadneuron/_native.py checks that there is only that one); each thread
  * reduces whole channels, in the same order as one thread would, so the result does not change.
@@ -36,21 +39,34 @@
 #include <math.h>
 #include <stdint.h>
 
-#define FLUSH 4096 /* elements per partial sum in the row kernel, rows per flush in the column kernel */
+#define FLUSH 4096 /* elements per count run in the row kernel, rows per stretch in the column kernel */
 #define BLOCK 64   /* columns per block in the column kernel: the partial arrays stay in L1 */
 #define LONG_ROW 256 /* rows at least this long (inner contiguous) are reduced one by one */
-#define CHUNK 512  /* elements per partial sum of the moments in the row kernel (32-128 per lane) */
-#define CHUNK_ROWS 16 /* rows per partial sum of the moments in the column kernel */
+#define ROW_CHANNELS 256 /* channels the row kernel reads together, row by row in memory order */
+#define REDO 64.0  /* a shift with q > REDO * m2 (about 8 standard deviations off) is redone */
 
 enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
 
-/* Chan's parallel formula: merge nb finite elements with shifted sums s = sum(v - K) and
+/* A channel's sums over one batch: counts in double, moments shifted by K. */
+typedef struct {
+    double z, fl, nf, s, q;
+} Sums;
+
+/* Whether a batch's shifted sums lose digits in q - s*s/n: then they are summed again around the
+ * mean they give (never for non-finite sums: overflow in float64 input). */
+static int far_shift(double n, double s, double q) {
+    if (!(n > 0) || !(q - q == 0) || !(s - s == 0)) return 0;
+    double m2 = q - s * (s / n);
+    return q > REDO * (m2 > 0 ? m2 : 0);
+}
+
+/* Chan's parallel formula: merge a batch of nb finite elements with shifted sums s = sum(v - K) and
  * q = sum((v - K)^2) into channel c's (finite, mean, m2). */
 static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K, double s, double q) {
     if (!(nb > 0)) return;
     double *cnt = acc + R_FIN * C + c, *mean = acc + R_MEAN * C + c, *m2 = acc + R_M2 * C + c;
-    const double off = s / nb;  /* the part's mean, minus K */
-    double m2b = q - s * off;   /* the part's centred sum of squares */
+    const double off = s / nb;  /* the batch's mean, minus K */
+    double m2b = q - s * off;   /* the batch's centred sum of squares */
     if (m2b < 0) m2b = 0;
     const double na = *cnt, n = na + nb, delta = (K + off) - *mean;
     *m2 += m2b + delta * delta * (na * (nb / n));
@@ -61,25 +77,31 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
 /* The flat test: f in the region and finite. */
 #define IS_FLAT(ABS, TMAX, w) (ABS(w) <= (TMAX) && ((w) <= lo || (w) >= hi))
 
-/* One element of a stretch run finite-only, the moments summed in the input's precision (partial
- * sums, added in double every CHUNK elements or CHUNK_ROWS rows). The flat test has no finiteness
- * test: where f is a itself (CHECK 0) a non-finite value makes s non-finite, and where it is not
- * (CHECK 1) w - w (NaN for a non-finite w, else 0) is added into s; either way the stretch is run
- * again with the checks. */
-#define ELEMENT_FAST(T, ABS, TMAX, v, w, CHECK, kt, z, fl, s, q, l, h)                                \
+/* q + d*d: fused where the CPU has FMA (one rounding; the vector and scalar code fuse alike). */
+#ifdef __FMA__
+#define SQUARE_ADD(q, d) q = fma(d, d, q)
+#else
+#define SQUARE_ADD(q, d) q += (d) * (d)
+#endif
+
+/* One element of a stretch run finite-only; the moments in double. The flat test has no
+ * finiteness test: where f is a itself (CHECK 0) a non-finite value makes s non-finite, and where
+ * it is not (CHECK 1) w - w (NaN for a non-finite w, else 0) is added into `nw`; either way the
+ * stretch is run again with the checks. */
+#define ELEMENT_FAST(T, ABS, TMAX, v, w, CHECK, K, z, fl, nw, s, q, l, h)                             \
     do {                                                                                              \
         T av_ = ABS(v);                                                                               \
         z += av_ <= eps ? (T)1 : (T)0;                                                                \
         fl += ((w) <= lo || (w) >= hi) ? (T)1 : (T)0;                                                 \
-        T d_ = v - (kt);                                                                              \
-        q += d_ * d_;                                                                                 \
-        if (CHECK) d_ += w - w;                                                                       \
+        if (CHECK) nw += (w) - (w);                                                                   \
+        double d_ = (double)(v) - (K);                                                                \
+        SQUARE_ADD(q, d_);                                                                            \
         s += d_;                                                                                      \
         l = v < l ? v : l;                                                                            \
         h = v > h ? v : h;                                                                            \
     } while (0)
 
-/* The same with the finiteness tests, summed in double: nf counts the non-finite elements of a. */
+/* The same with the finiteness tests: nf counts the non-finite elements of a. */
 #define ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, l, h)                                         \
     do {                                                                                              \
         T av_ = ABS(v);                                                                               \
@@ -87,9 +109,9 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         z += av_ <= eps ? (T)1 : (T)0;                                                                \
         fl += IS_FLAT(ABS, TMAX, w) ? (T)1 : (T)0;                                                    \
         nf += ok_ ? (T)0 : (T)1;                                                                      \
-        double d_ = ok_ ? (double)v - (K) : 0.0;                                                      \
+        double d_ = ok_ ? (double)(v) - (K) : 0.0;                                                    \
         s += d_;                                                                                      \
-        q += d_ * d_;                                                                                 \
+        SQUARE_ADD(q, d_);                                                                            \
         T m1_ = ok_ ? v : (T)INFINITY;                                                                \
         T m2_ = ok_ ? v : -(T)INFINITY;                                                               \
         l = m1_ < l ? m1_ : l;                                                                        \
@@ -97,156 +119,130 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     } while (0)
 
 #define DEFINE_KERNELS(T, TMAX, ABS, SUFFIX)                                                          \
-    /* The shift of a channel's next stretch of n contiguous elements: its running mean; for its      \
-     * first stretch, the mean of that stretch's finite values (0 if none: it adds no moments). */    \
-    static double shift_##SUFFIX(const double *acc, int64_t C, int64_t c, const T *x, int64_t n) {    \
-        if (acc[R_FIN * C + c] > 0) return acc[R_MEAN * C + c];                                       \
-        double sum = 0;                                                                               \
-        T seen = 0;                                                                                   \
-        _Pragma("omp simd reduction(+ : sum, seen)")                                                  \
-        for (int64_t i = 0; i < n; ++i) {                                                             \
-            const T v = x[i];                                                                         \
-            sum += (double)(ABS(v) <= TMAX ? v : (T)0);                                               \
-            seen += ABS(v) <= TMAX ? (T)1 : (T)0;                                                     \
-        }                                                                                             \
-        return seen > 0 ? sum / seen : 0.0;                                                           \
-    }                                                                                                 \
-                                                                                                      \
-    /* A stretch of n contiguous elements, finite-only; the moments summed in the input's precision   \
-     * over runs of CHUNK elements, then in double. */                                                \
-    static void fast_##SUFFIX(const T *restrict xa, const T *restrict xf, int64_t n, int check,       \
-                              T eps, T lo, T hi, T kt, T *rz, T *rfl, double *rs, double *rq, T *rl,  \
-                              T *rh) {                                                                \
-        T z = 0, fl = 0, l = *rl, h = *rh;                                                            \
+    /* A stretch of n contiguous elements: counts in the input's precision, moments in double;       \
+     * finite-only first, again with the checks if s or q came out non-finite. */                    \
+    static void stretch_##SUFFIX(const T *restrict xa, const T *restrict xf, int64_t n, int check,    \
+                                 T eps, T lo, T hi, double K, Sums *sums, T *rl, T *rh) {             \
+        T z = 0, fl = 0, nf = 0, nw = 0, l = *rl, h = *rh;                                            \
         double s = 0, q = 0;                                                                          \
-        for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                   \
-            const int64_t i1 = n - i0 < CHUNK ? n : i0 + CHUNK;                                       \
-            T ps = 0, pq = 0;                                                                         \
-            if (check) {                                                                              \
-                _Pragma("omp simd reduction(+ : z, fl, ps, pq) reduction(min : l) reduction(max : h)") \
-                for (int64_t i = i0; i < i1; ++i) {                                                   \
-                    T v = xa[i], w = xf[i];                                                           \
-                    ELEMENT_FAST(T, ABS, TMAX, v, w, 1, kt, z, fl, ps, pq, l, h);                     \
-                }                                                                                     \
-            } else {                                                                                  \
-                _Pragma("omp simd reduction(+ : z, fl, ps, pq) reduction(min : l) reduction(max : h)") \
-                for (int64_t i = i0; i < i1; ++i) {                                                   \
-                    T v = xa[i], w = xf[i];                                                           \
-                    ELEMENT_FAST(T, ABS, TMAX, v, w, 0, kt, z, fl, ps, pq, l, h);                     \
-                }                                                                                     \
+        if (check) {                                                                                  \
+            _Pragma("omp simd reduction(+ : z, fl, nw, s, q) reduction(min : l) reduction(max : h)")  \
+            for (int64_t i = 0; i < n; ++i) {                                                         \
+                T v = xa[i], w = xf[i];                                                               \
+                ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K, z, fl, nw, s, q, l, h);                        \
             }                                                                                         \
-            s += ps;                                                                                  \
-            q += pq;                                                                                  \
+        } else {                                                                                      \
+            _Pragma("omp simd reduction(+ : z, fl, s, q) reduction(min : l) reduction(max : h)")      \
+            for (int64_t i = 0; i < n; ++i) {                                                         \
+                T v = xa[i], w = xf[i];                                                               \
+                ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K, z, fl, nw, s, q, l, h);                        \
+            }                                                                                         \
         }                                                                                             \
-        *rz = z; *rfl = fl; *rs = s; *rq = q; *rl = l; *rh = h;                                       \
+        if (!(s - s == 0 && q - q == 0 && nw == 0)) { /* again, with the checks */                    \
+            z = fl = 0;                                                                               \
+            s = q = 0;                                                                                \
+            l = *rl;                                                                                  \
+            h = *rh;                                                                                  \
+            _Pragma("omp simd reduction(+ : z, fl, nf, s, q) reduction(min : l) reduction(max : h)")  \
+            for (int64_t i = 0; i < n; ++i) {                                                         \
+                T v = xa[i], w = xf[i];                                                               \
+                ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, l, h);                                \
+            }                                                                                         \
+        }                                                                                             \
+        sums->z += z; sums->fl += fl; sums->nf += nf; sums->s += s; sums->q += q;                     \
+        *rl = l;                                                                                      \
+        *rh = h;                                                                                      \
     }                                                                                                 \
                                                                                                       \
-    /* Rows: each (o, c) row of `inner` contiguous elements is reduced on its own. */                 \
-    static void rows_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t C,     \
-                              int64_t inner, int64_t so, int64_t sc, int64_t c0, int64_t c1,          \
-                              T eps, T lo, T hi, double *restrict acc) {                              \
-        double *zero = acc + R_ZERO * C, *flat = acc + R_FLAT * C;                                    \
-        double *mn = acc + R_MIN * C, *mx = acc + R_MAX * C;                                          \
-        const int check = f != a;                                                                     \
-        for (int64_t o = 0; o < outer; ++o) {                                                         \
-            for (int64_t c = c0; c < c1; ++c) {                                                       \
-                const T *restrict pa = a + o * so + c * sc;                                           \
-                const T *restrict pf = f + o * so + c * sc;                                           \
-                T l = (T)INFINITY, h = -(T)INFINITY;                                                  \
-                for (int64_t i0 = 0; i0 < inner; i0 += FLUSH) {                                       \
-                    int64_t n = inner - i0 < FLUSH ? inner - i0 : FLUSH;                              \
-                    const T *restrict xa = pa + i0, *restrict xf = pf + i0;                           \
-                    const T kt = (T)shift_##SUFFIX(acc, C, c, xa, n);                                 \
-                    const double K = kt;                                                              \
-                    T z, fl, nf = 0, cl = l, ch = h;                                                  \
-                    double s, q;                                                                      \
-                    fast_##SUFFIX(xa, xf, n, check, eps, lo, hi, kt, &z, &fl, &s, &q, &cl, &ch);      \
-                    if (!(s - s == 0 && q - q == 0)) { /* again, with the checks, in double */        \
-                        z = fl = 0;                                                                   \
-                        s = q = 0;                                                                    \
-                        cl = l;                                                                       \
-                        ch = h;                                                                       \
-                        _Pragma("omp simd reduction(+ : z, fl, nf, s, q) reduction(min : cl) reduction(max : ch)") \
-                        for (int64_t i = 0; i < n; ++i) {                                             \
-                            T v = xa[i], w = xf[i];                                                   \
-                            ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, cl, ch);                  \
-                        }                                                                             \
-                    }                                                                                 \
-                    l = cl;                                                                           \
-                    h = ch;                                                                           \
-                    zero[c] += z;                                                                     \
-                    flat[c] += fl;                                                                    \
-                    merge_moments(acc, C, c, (double)n - (double)nf, K, s, q);                        \
+    /* Channel c's first finite element in (o, i) order (0 if it has none), where element (o, i) of   \
+     * column k of the column kernel's rows is at a + o*so + i*si + k: the shift of its sums. */      \
+    static double first_##SUFFIX(const T *a, int64_t outer, int64_t inner, int64_t so, int64_t si,    \
+                                 int64_t k0, int64_t group) {                                         \
+        for (int64_t o = 0; o < outer; ++o)                                                           \
+            for (int64_t i = 0; i < inner; ++i)                                                       \
+                for (int64_t k = k0; k < k0 + group; ++k) {                                           \
+                    const T v = a[o * so + i * si + k];                                              \
+                    if (ABS(v) <= TMAX) return (double)v;                                             \
                 }                                                                                     \
-                mn[c] = l < mn[c] ? l : mn[c];                                                        \
-                mx[c] = h > mx[c] ? h : mx[c];                                                        \
+        return 0.0;                                                                                   \
+    }                                                                                                 \
+                                                                                                      \
+    /* Rows: channels [c, c + m), the (o, c) rows of `inner` contiguous elements read in memory      \
+     * order (o, then c); each channel's stretches summed in order into sums[j], range into l/h. */   \
+    static void row_sums_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,   \
+                                  int64_t sc, int64_t c, int64_t m, T eps, T lo, T hi,                \
+                                  const double *K, Sums *sums, T *l, T *h) {                          \
+        const int check = f != a;                                                                     \
+        for (int64_t j = 0; j < m; ++j) {                                                             \
+            sums[j] = (Sums){0, 0, 0, 0, 0};                                                          \
+            l[j] = (T)INFINITY;                                                                       \
+            h[j] = -(T)INFINITY;                                                                      \
+        }                                                                                             \
+        for (int64_t o = 0; o < outer; ++o)                                                           \
+            for (int64_t j = 0; j < m; ++j) {                                                         \
+                const T *pa = a + o * so + (c + j) * sc, *pf = f + o * so + (c + j) * sc;             \
+                for (int64_t i0 = 0; i0 < inner; i0 += FLUSH)                                         \
+                    stretch_##SUFFIX(pa + i0, pf + i0, inner - i0 < FLUSH ? inner - i0 : FLUSH,       \
+                                     check, eps, lo, hi, K[j], sums + j, l + j, h + j);               \
+            }                                                                                         \
+    }                                                                                                 \
+                                                                                                      \
+    /* Rows: channels [c0, c1) a chunk of ROW_CHANNELS at a time; a channel whose shift was far from  \
+     * its mean is summed again alone (its sums do not depend on the other channels'). */            \
+    static void rows_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,        \
+                              int64_t so, int64_t sc, int64_t c0, int64_t c1, T eps, T lo, T hi,      \
+                              double *acc) {                                                          \
+        double K[ROW_CHANNELS];                                                                       \
+        Sums sums[ROW_CHANNELS];                                                                      \
+        T l[ROW_CHANNELS], h[ROW_CHANNELS];                                                           \
+        const double seen = (double)outer * (double)inner;                                            \
+        for (int64_t c = c0; c < c1; c += ROW_CHANNELS) {                                             \
+            const int64_t m = c1 - c < ROW_CHANNELS ? c1 - c : ROW_CHANNELS;                          \
+            for (int64_t j = 0; j < m; ++j)                                                           \
+                K[j] = first_##SUFFIX(a + (c + j) * sc, outer, inner, so, 1, 0, 1);                   \
+            row_sums_##SUFFIX(a, f, outer, inner, so, sc, c, m, eps, lo, hi, K, sums, l, h);          \
+            for (int64_t j = 0; j < m; ++j) {                                                         \
+                if (far_shift(seen - sums[j].nf, sums[j].s, sums[j].q)) {                             \
+                    K[j] += sums[j].s / (seen - sums[j].nf);                                          \
+                    row_sums_##SUFFIX(a, f, outer, inner, so, sc, c + j, 1, eps, lo, hi, K + j,       \
+                                      sums + j, l + j, h + j);                                        \
+                }                                                                                     \
+                acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
+                acc[R_FLAT * C + c + j] += sums[j].fl;                                                \
+                merge_moments(acc, C, c + j, seen - sums[j].nf, K[j], sums[j].s, sums[j].q);          \
+                if (l[j] < acc[R_MIN * C + c + j]) acc[R_MIN * C + c + j] = l[j];                     \
+                if (h[j] > acc[R_MAX * C + c + j]) acc[R_MAX * C + c + j] = h[j];                     \
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
     /* One block of the column kernel: rows (o, i) at a + o*so + i*si, of which columns               \
-     * [k0, k0 + nk) are read; column k belongs to channel k / group, and a block never splits a      \
-     * channel except at fixed offsets from its start (so how channels are split over threads does    \
-     * not change any result). Over stretches of FLUSH rows, run finite-only first, again with the    \
-     * checks if that came out non-finite; then each channel's columns are reduced and merged. */     \
+     * [k0, k0 + nk) are read, column k shifted by K[k - k0]. Over stretches of FLUSH rows, run       \
+     * finite-only first, again with the checks if that came out non-finite. Each column's sums go    \
+     * to out[k - k0] and its range to l/h; a column's result does not depend on the others. */      \
     static void block_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner, \
-                               int64_t so, int64_t si, int64_t k0, int64_t nk, int64_t group,         \
-                               T eps, T lo, T hi, int64_t C, double *restrict acc) {                  \
-        double *zero = acc + R_ZERO * C, *flat = acc + R_FLAT * C;                                    \
-        double *mn = acc + R_MIN * C, *mx = acc + R_MAX * C;                                          \
+                               int64_t so, int64_t si, int64_t k0, int64_t nk, T eps, T lo, T hi,     \
+                               const double *restrict K, Sums *restrict out, T *restrict l,           \
+                               T *restrict h) {                                                       \
         const int64_t total = outer * inner;                                                          \
         const int check = f != a;                                                                     \
-        T z[BLOCK], fl[BLOCK], nf[BLOCK], l[BLOCK], h[BLOCK], bl[BLOCK], bh[BLOCK];                   \
-        T ps[BLOCK], pq[BLOCK], kt[BLOCK];                                                            \
+        T z[BLOCK], fl[BLOCK], nf[BLOCK], nw[BLOCK], sl[BLOCK], sh[BLOCK];                            \
         double s[BLOCK], q[BLOCK];                                                                    \
-        for (int64_t k = 0; k < BLOCK; ++k) {                                                         \
-            bl[k] = (T)INFINITY;                                                                      \
-            bh[k] = -(T)INFINITY;                                                                     \
-            kt[k] = 0;                                                                                \
+        for (int64_t k = 0; k < nk; ++k) {                                                            \
+            out[k] = (Sums){0, 0, 0, 0, 0};                                                           \
+            l[k] = (T)INFINITY;                                                                       \
+            h[k] = -(T)INFINITY;                                                                      \
         }                                                                                             \
         for (int64_t r0 = 0; r0 < total; r0 += FLUSH) {                                               \
             const int64_t r1 = total - r0 < FLUSH ? total : r0 + FLUSH;                               \
-            /* one shift per channel (its columns' sums add up): its running mean, or for its first   \
-             * stretch the mean of the stretch's finite values */                                   \
-            int first = 0;                                                                            \
-            for (int64_t c = k0 / group; c <= (k0 + nk - 1) / group; ++c) first |= !(acc[R_FIN * C + c] > 0); \
-            double ms[BLOCK];                                                                         \
-            T mc[BLOCK];                                                                              \
-            if (first) {                                                                              \
-                for (int64_t k = 0; k < BLOCK; ++k) ms[k] = mc[k] = 0;                                \
-                for (int64_t r = r0; r < r1; ++r) {                                                   \
-                    const T *restrict pa = a + (r / inner) * so + (r % inner) * si + k0;              \
-                    _Pragma("omp simd")                                                               \
-                    for (int64_t k = 0; k < nk; ++k) {                                                \
-                        const T v = pa[k];                                                            \
-                        const T ok = ABS(v) <= TMAX ? v : (T)0;                                       \
-                        ms[k] += (double)ok;                                                          \
-                        mc[k] += ABS(v) <= TMAX ? (T)1 : (T)0;                                        \
-                    }                                                                                 \
-                }                                                                                     \
-            }                                                                                         \
-            for (int64_t k = 0; k < nk;) {                                                            \
-                const int64_t c = (k0 + k) / group;                                                   \
-                const int64_t ke = (c + 1) * group - k0 < nk ? (c + 1) * group - k0 : nk;             \
-                double kc = acc[R_MEAN * C + c];                                                      \
-                if (!(acc[R_FIN * C + c] > 0)) {                                                      \
-                    double sum = 0, seen = 0;                                                         \
-                    for (int64_t j = k; j < ke; ++j) {                                                \
-                        sum += ms[j];                                                                 \
-                        seen += mc[j];                                                                \
-                    }                                                                                 \
-                    kc = seen > 0 ? sum / seen : 0.0;                                                 \
-                }                                                                                     \
-                for (; k < ke; ++k) kt[k] = (T)kc;                                                    \
-            }                                                                                         \
             for (int pass = 0; pass < 2; ++pass) {                                                    \
                 for (int64_t k = 0; k < BLOCK; ++k) {                                                 \
-                    z[k] = fl[k] = nf[k] = ps[k] = pq[k] = 0;                                         \
+                    z[k] = fl[k] = nf[k] = nw[k] = 0;                                                 \
                     s[k] = q[k] = 0;                                                                  \
-                    l[k] = bl[k];                                                                     \
-                    h[k] = bh[k];                                                                     \
+                    sl[k] = k < nk ? l[k] : (T)INFINITY;                                              \
+                    sh[k] = k < nk ? h[k] : -(T)INFINITY;                                             \
                 }                                                                                     \
-                int64_t o = r0 / inner, i = r0 % inner, rows = 0;                                     \
+                int64_t o = r0 / inner, i = r0 % inner;                                               \
                 for (int64_t r = r0; r < r1; ++r) {                                                   \
                     const T *restrict pa = a + o * so + i * si + k0;                                  \
                     const T *restrict pf = f + o * so + i * si + k0;                                  \
@@ -254,28 +250,19 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                         _Pragma("omp simd")                                                           \
                         for (int64_t k = 0; k < nk; ++k) {                                            \
                             T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT(T, ABS, TMAX, v, w, (double)kt[k], z[k], fl[k], nf[k], s[k], q[k], l[k], h[k]); \
+                            ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
                         }                                                                             \
                     } else if (check) {                                                               \
                         _Pragma("omp simd")                                                           \
                         for (int64_t k = 0; k < nk; ++k) {                                            \
                             T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT_FAST(T, ABS, TMAX, v, w, 1, kt[k], z[k], fl[k], ps[k], pq[k], l[k], h[k]); \
+                            ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
                         }                                                                             \
                     } else {                                                                          \
                         _Pragma("omp simd")                                                           \
                         for (int64_t k = 0; k < nk; ++k) {                                            \
                             T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT_FAST(T, ABS, TMAX, v, w, 0, kt[k], z[k], fl[k], ps[k], pq[k], l[k], h[k]); \
-                        }                                                                             \
-                    }                                                                                 \
-                    if (pass == 0 && (++rows == CHUNK_ROWS || r + 1 == r1)) { /* partials into double */ \
-                        rows = 0;                                                                     \
-                        _Pragma("omp simd")                                                           \
-                        for (int64_t k = 0; k < nk; ++k) {                                            \
-                            s[k] += ps[k];                                                            \
-                            q[k] += pq[k];                                                            \
-                            ps[k] = pq[k] = 0;                                                        \
+                            ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
                         }                                                                             \
                     }                                                                                 \
                     if (++i == inner) {                                                               \
@@ -285,40 +272,43 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 }                                                                                     \
                 if (pass == 1) break;                                                                 \
                 int finite = 1;                                                                       \
-                for (int64_t k = 0; k < nk; ++k) finite &= (s[k] - s[k] == 0) & (q[k] - q[k] == 0);   \
+                for (int64_t k = 0; k < nk; ++k)                                                      \
+                    finite &= (s[k] - s[k] == 0) & (q[k] - q[k] == 0) & (nw[k] == 0);                 \
                 if (finite) break;                                                                    \
             }                                                                                         \
-            for (int64_t k = 0; k < nk;) { /* per channel: add its columns, merge */                  \
-                const int64_t c = (k0 + k) / group;                                                   \
-                const int64_t ke = (c + 1) * group - k0 < nk ? (c + 1) * group - k0 : nk;             \
-                T tz = 0, tfl = 0, tnf = 0;                                                           \
-                double ts = 0, tq = 0;                                                                \
-                const double kc = kt[k];                                                              \
-                const double seen = (double)(r1 - r0) * (double)(ke - k);                             \
-                for (int64_t j = k; j < ke; ++j) {                                                    \
-                    tz += z[j]; tfl += fl[j]; tnf += nf[j]; ts += s[j]; tq += q[j];                   \
-                }                                                                                     \
-                zero[c] += tz;                                                                        \
-                flat[c] += tfl;                                                                       \
-                merge_moments(acc, C, c, seen - (double)tnf, kc, ts, tq);                             \
-                k = ke;                                                                               \
-            }                                                                                         \
             for (int64_t k = 0; k < nk; ++k) {                                                        \
-                bl[k] = l[k];                                                                         \
-                bh[k] = h[k];                                                                         \
+                out[k].z += z[k]; out[k].fl += fl[k]; out[k].nf += nf[k];                             \
+                out[k].s += s[k]; out[k].q += q[k];                                                   \
+                l[k] = sl[k];                                                                         \
+                h[k] = sh[k];                                                                         \
             }                                                                                         \
         }                                                                                             \
-        for (int64_t k = 0; k < nk;) {                                                                \
-            const int64_t c = (k0 + k) / group;                                                       \
-            const int64_t ke = (c + 1) * group - k0 < nk ? (c + 1) * group - k0 : nk;                 \
-            T tl = (T)INFINITY, th = -(T)INFINITY;                                                    \
-            for (int64_t j = k; j < ke; ++j) {                                                        \
-                tl = bl[j] < tl ? bl[j] : tl;                                                         \
-                th = bh[j] > th ? bh[j] : th;                                                         \
+    }                                                                                                 \
+                                                                                                      \
+    /* Channels [c, c + m), each `group` consecutive columns (m = 1 where group > BLOCK): each         \
+     * channel's columns' sums added in column order into sums[j], its range into l[j]/h[j]. */       \
+    static void columns_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,    \
+                                 int64_t si, int64_t c, int64_t m, int64_t group, T eps, T lo, T hi,  \
+                                 const double *K, Sums *sums, T *l, T *h) {                           \
+        double kc[BLOCK];                                                                             \
+        Sums cs[BLOCK];                                                                               \
+        T cl[BLOCK], ch[BLOCK];                                                                       \
+        for (int64_t j = 0; j < m; ++j) {                                                             \
+            sums[j] = (Sums){0, 0, 0, 0, 0};                                                          \
+            l[j] = (T)INFINITY;                                                                       \
+            h[j] = -(T)INFINITY;                                                                      \
+        }                                                                                             \
+        for (int64_t k0 = c * group; k0 < (c + m) * group; k0 += BLOCK) {                             \
+            const int64_t nk = (c + m) * group - k0 < BLOCK ? (c + m) * group - k0 : BLOCK;           \
+            for (int64_t k = 0; k < nk; ++k) kc[k] = K[(k0 + k) / group - c];                         \
+            block_##SUFFIX(a, f, outer, inner, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch);          \
+            for (int64_t k = 0; k < nk; ++k) {                                                        \
+                const int64_t j = (k0 + k) / group - c;                                               \
+                sums[j].z += cs[k].z; sums[j].fl += cs[k].fl; sums[j].nf += cs[k].nf;                 \
+                sums[j].s += cs[k].s; sums[j].q += cs[k].q;                                           \
+                if (cl[k] < l[j]) l[j] = cl[k];                                                       \
+                if (ch[k] > h[j]) h[j] = ch[k];                                                       \
             }                                                                                         \
-            mn[c] = tl < mn[c] ? tl : mn[c];                                                          \
-            mx[c] = th > mx[c] ? th : mx[c];                                                          \
-            k = ke;                                                                                   \
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
@@ -327,19 +317,32 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     static void cols_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,       \
                               int64_t si, int64_t c0, int64_t c1, int64_t group, T eps, T lo, T hi,   \
                               int64_t C, double *acc) {                                               \
-        if (group <= BLOCK) {                                                                         \
-            const int64_t per = BLOCK / group;                                                        \
-            for (int64_t c = c0; c < c1; c += per) {                                                  \
-                const int64_t m = c1 - c < per ? c1 - c : per;                                        \
-                block_##SUFFIX(a, f, outer, inner, so, si, c * group, m * group, group, eps, lo, hi,  \
-                               C, acc);                                                               \
+        const int64_t per = group <= BLOCK ? BLOCK / group : 1;                                       \
+        double K[BLOCK];                                                                              \
+        Sums sums[BLOCK];                                                                             \
+        T l[BLOCK], h[BLOCK];                                                                         \
+        for (int64_t c = c0; c < c1; c += per) {                                                      \
+            const int64_t m = c1 - c < per ? c1 - c : per;                                            \
+            for (int64_t j = 0; j < m; ++j)                                                           \
+                K[j] = first_##SUFFIX(a, outer, inner, so, si, (c + j) * group, group);               \
+            columns_##SUFFIX(a, f, outer, inner, so, si, c, m, group, eps, lo, hi, K, sums, l, h);    \
+            const double seen = (double)outer * (double)inner * (double)group;                        \
+            int again = 0;                                                                            \
+            for (int64_t j = 0; j < m; ++j)                                                           \
+                if (far_shift(seen - sums[j].nf, sums[j].s, sums[j].q)) {                             \
+                    K[j] += sums[j].s / (seen - sums[j].nf);                                          \
+                    again = 1;                                                                        \
+                }                                                                                     \
+            if (again) /* the other channels' sums come out the same again */                         \
+                columns_##SUFFIX(a, f, outer, inner, so, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+            for (int64_t j = 0; j < m; ++j) {                                                         \
+                acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
+                acc[R_FLAT * C + c + j] += sums[j].fl;                                                \
+                merge_moments(acc, C, c + j, seen - sums[j].nf, K[j], sums[j].s, sums[j].q);          \
+                if (l[j] < acc[R_MIN * C + c + j]) acc[R_MIN * C + c + j] = l[j];                     \
+                if (h[j] > acc[R_MAX * C + c + j]) acc[R_MAX * C + c + j] = h[j];                     \
             }                                                                                         \
-            return;                                                                                   \
         }                                                                                             \
-        for (int64_t c = c0; c < c1; ++c)                                                             \
-            for (int64_t j = 0; j < group; j += BLOCK)                                                \
-                block_##SUFFIX(a, f, outer, inner, so, si, c * group + j,                             \
-                               group - j < BLOCK ? group - j : BLOCK, group, eps, lo, hi, C, acc);    \
     }                                                                                                 \
                                                                                                       \
     /* Which kernel reads this layout: 0 rows, 1 columns, 2 columns grouped per channel, -1 none. */  \

@@ -1,7 +1,8 @@
 """Run a model over data inside a Recorder and return a Report.
 
-The model is left exactly as it was found: eval mode and `torch.inference_mode` during the audit, then
-every hook removed and every module's train/eval flag restored, also when the forward pass raises.
+The model is left exactly as it was found: eval mode and `torch.inference_mode` (`torch.no_grad` for an
+FSDP-sharded model) during the audit, then every hook removed and every module's train/eval flag
+restored, also when the forward pass raises.
 Parameters and buffers are never written (inference mode and eval-mode BatchNorm do not update them).
 """
 
@@ -29,7 +30,7 @@ from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.rules import PatchTarget, RulesConfig, RuleSet
 from deadneuron.stats import HISTOGRAM_EDGES
-from deadneuron.wrappers import eager, unwrap
+from deadneuron.wrappers import eager, full_parameters, gradients_off, sharded, unwrap, wrapper_notes
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -180,6 +181,7 @@ def audit(
     if eps < 0 or not 0 <= delta < 1:
         raise UsageError(f"eps must be >= 0 and delta in [0, 1); got eps={eps}, delta={delta}")
     model, notes = unwrap(model)
+    notes += wrapper_notes(model)  # FSDP / checkpoint wrappers: their forward runs, their names go
     dev = resolve_device(device) if device is not None else _model_device(model)
     merge = distributed and dist_active()
     recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
@@ -240,8 +242,9 @@ def audit(
     ruleset = None if rules is True else rules
     forward = adapter.forward if adapter is not None else default_forward
     target = patch_target if patch_target is not None else _surgery_target(model, example, forward)
-    return attach_findings(report, checkpoint, model=model, rules=ruleset, config=_rules_config(ruleset, rules_config),
-                           target=target)  # fmt: skip
+    with full_parameters(model):  # the rules read weights: an FSDP-sharded model's gathered whole (no forward)
+        return attach_findings(report, checkpoint, model=model, rules=ruleset,
+                               config=_rules_config(ruleset, rules_config), target=target)  # fmt: skip
 
 
 def _measure(
@@ -269,7 +272,7 @@ def _measure(
         with recorder(model) as rec:
             if any(m.training for m in model.modules()):
                 model.eval()
-            with torch.inference_mode(), eager(model), _progress(progress, total) as bar:
+            with gradients_off(model), eager(model), _progress(progress, total) as bar:
                 task = bar.add_task("audit", total=total) if bar is not None else None
                 for batch in batches_of(data, max_batches):
                     batch = _to(batch, dev)
@@ -344,7 +347,9 @@ def _surgery_target(model: nn.Module, example: Any, forward: Any) -> PatchTarget
     def run(m: nn.Module, batch: Any) -> Any:
         return forward(m, _to(batch, _model_device(m)))
 
-    return PatchTarget(preview=ModelPreview(model, example, forward=run))
+    # an FSDP model's forward is a collective: one the rules ran on some ranks only would hang the others
+    no_pass = "the model is FSDP-sharded: the layers around the dead channels are not traced" if sharded(model) else ""
+    return PatchTarget(preview=ModelPreview(model, example, forward=run, no_pass=no_pass))
 
 
 def _rules_config(rules: RuleSet | None, config: RulesConfig | None) -> RulesConfig:

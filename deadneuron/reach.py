@@ -39,13 +39,16 @@ def _reinit_sites(ops: tuple[PatchOp, ...]) -> list[str]:
 class _ReinitCheck:
     """Which sites' dead channels could get fresh incoming weights: one recorded forward pass, kept."""
 
-    def __init__(self, model: Callable[[], nn.Module], example: Any, forward: Forward | None) -> None:
-        self._model, self._example, self._forward = model, example, forward
+    def __init__(self, model: Callable[[], nn.Module], example: Any, forward: Forward | None, *,
+                 no_pass: str = "") -> None:  # fmt: skip
+        self._model, self._example, self._forward, self._no_pass = model, example, forward, no_pass
         self._flow: Any = None
 
     def problems(self, sites: list[str]) -> list[str]:
         if not sites:
             return []
+        if self._no_pass:
+            return [self._no_pass]
         if self._example is None:
             return ["no example batch to find the layers around the dead channels"]
         from deadneuron.audit import default_forward
@@ -89,12 +92,13 @@ def first_sample(batch: Any) -> Any:
 class ModelPreview:
     """Module surgery on ``model``: swaps from the report, BatchNorm placed on the model's own layers,
     re-initialisation checked on ``example``. With ``train`` (``deadneuron patch --train``) a learning rate
-    is the patched arm's ``lr=`` where ``train`` takes one (:func:`deadneuron.patch.own.train_keywords`)."""
+    is the patched arm's ``lr=`` where ``train`` takes one (:func:`deadneuron.patch.own.train_keywords`).
+    ``no_pass``: why no forward pass may run here (re-initialisation is then not checked, for that reason)."""
 
     def __init__(self, model: nn.Module, example: Any, *, forward: Forward | None = None,
-                 train: Callable[..., Any] | None = None) -> None:  # fmt: skip
+                 train: Callable[..., Any] | None = None, no_pass: str = "") -> None:  # fmt: skip
         self._model, self._train = model, train
-        self._reinit = _ReinitCheck(lambda: model, example, forward)
+        self._reinit = _ReinitCheck(lambda: model, example, forward, no_pass=no_pass)
 
     def __call__(self, report: Report, ops: tuple[PatchOp, ...]) -> Preview:
         norms = [op for op in ops if op.kind is PatchKind.ADD_BATCHNORM]

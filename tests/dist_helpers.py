@@ -84,6 +84,34 @@ def _train(rank: int, out: Path) -> list[dict[str, Any]]:
             for r in results]  # fmt: skip
 
 
+def _sharded(rank: int, world: int) -> dict[str, Any]:
+    """The planted CNN plain, under FSDP (nested units, then the root) and under FSDP2 (``fully_shard``),
+    on four batches: FSDP's forward is a collective, so every rank must run as many."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    mine, cpu, quiet = batches()[:4][rank::world], torch.device("cpu"), {"progress": False}
+    nested = planted_model()
+    nested.bn_layers[1] = FullyShardedDataParallel(nested.bn_layers[1], device_id=cpu)
+    fsdp1 = FullyShardedDataParallel(nested, device_id=cpu)
+    fsdp2 = planted_model()
+    fully_shard(fsdp2.bn_layers[1])
+    fully_shard(fsdp2)
+    before = [_local(p) for m in (fsdp1, fsdp2) for p in m.parameters()]
+    out = {
+        "plain": deadneuron.audit(planted_model(), mine, **quiet).to_dict(),
+        "fsdp1": deadneuron.audit(fsdp1, mine, **quiet).to_dict(),
+        "fsdp2": deadneuron.audit(fsdp2, mine, **quiet).to_dict(),
+    }
+    after = [_local(p) for m in (fsdp1, fsdp2) for p in m.parameters()]  # still sharded, unchanged
+    out["left_as_found"] = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    return out
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (FSDP2: the DTensor's local part; FSDP1: its flat parameter)."""
+    return (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+
+
 def _cases(rank: int, world: int, out: Path) -> dict[str, Any]:
     model, data = planted_model(), batches()
     mine = data[rank::world]
@@ -96,6 +124,7 @@ def _cases(rank: int, world: int, out: Path) -> dict[str, Any]:
         "branches": _error(lambda: deadneuron.audit(Branchy(), [torch.ones(2, 4) * (1 - 2 * rank)], **quiet)),
         "failing": _error(lambda: deadneuron.audit(model, mine if rank == 0 else [torch.randn(2, 5, 8, 8)], **quiet)),
         "training": _train(rank, out),
+        "sharded": _sharded(rank, world),
     }
 
 
@@ -110,12 +139,14 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def spawn(world: int, tmp: Path, *, deadline_s: float = 150.0) -> list[dict[str, Any]]:
-    """Run `worker` on ``world`` spawned processes; their results in rank order."""
+def spawn(
+    world: int, tmp: Path, *, deadline_s: float = 150.0, target: Callable[[int, int, str, str], None] = worker
+) -> list[dict[str, Any]]:
+    """Run ``target`` (`worker`) on ``world`` spawned processes; their results in rank order."""
     import torch.multiprocessing as mp
 
     init = f"file://{tmp / 'rendezvous'}"
-    ctx = mp.start_processes(worker, args=(world, init, str(tmp)), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(target, args=(world, init, str(tmp)), nprocs=world, join=False, start_method="spawn")
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=5):
         if time.monotonic() > end:
@@ -144,3 +175,56 @@ def same_figures(a: Any, b: Any, *, rel: float, absolute: float = 0.0, path: str
 
 def figures(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k != "meta"}
+
+
+class FlakyAdapter:
+    """The smallest adapter that trains and audits, except that the run of seed 1 raises."""
+
+    name = "flaky"
+
+    def build(self, config: Any) -> nn.Module:
+        torch.manual_seed(int(config["SEED"]))
+        return nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+
+    def load(self, checkpoint: Any) -> nn.Module:
+        model = self.build(checkpoint["config"])
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
+
+    def batches(self, split: str, config: Any) -> list[torch.Tensor]:
+        return [torch.randn(2, 4, generator=torch.Generator().manual_seed(3))]
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return model(batch)
+
+    def slot_masks(self, outputs: Any, batch: Any) -> None:
+        return None
+
+    def metric_sums(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def summarize_metrics(self, sums: Any) -> dict[str, float]:
+        return {}
+
+    def train(self, config: Any, *, init: Any = None, max_steps: int | None = None) -> dict[str, Any]:
+        if config["SEED"] == 1:
+            raise ValueError("boom on seed 1")
+        return {"config": dict(config), "state_dict": self.build(config).state_dict()}
+
+
+def flaky_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of `deadneuron.patch.parallel.run_jobs` over ranks, rank 1's run failing: what each raised."""
+    from deadneuron.patch.parallel import Job, run_jobs
+    from deadneuron.patch.retrain import Budget, Options
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    jobs = [Job("baseline", seed, {"SEED": seed}) for seed in (0, 1)]
+    try:
+        run_jobs(FlakyAdapter(), jobs, Budget(1), Options(threads=1, rank=rank, world_size=world))  # type: ignore[arg-type]
+        raised = ["none", ""]
+    except Exception as exc:
+        raised = [type(exc).__name__, str(exc)]
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(raised))

@@ -70,10 +70,20 @@ def _env_int(name: str) -> int | None:
         raise UsageError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it)") from None
 
 
+def world_size() -> int:
+    """How many ranks this process is one of: the initialised group's size, else torchrun's WORLD_SIZE, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return max(1, _env_int("WORLD_SIZE") or 1)
+
+
 @contextmanager
-def launch(device: str | None) -> Iterator[tuple[Shard, str | None]]:
+def launch(device: str | None, *, backend: str | None = None) -> Iterator[tuple[Shard, str | None]]:
     """This process's Shard and device: under torchrun the default process group is initialised here
-    (and destroyed on exit); ``device`` None becomes this rank's GPU where CUDA is available."""
+    (and destroyed on exit); ``device`` None becomes this rank's GPU where CUDA is available.
+    ``backend``: the group's backend (default: NCCL where the work runs on CUDA, else gloo)."""
     import torch
     import torch.distributed as dist
 
@@ -93,7 +103,7 @@ def launch(device: str | None) -> Iterator[tuple[Shard, str | None]]:
     if cuda:
         torch.cuda.set_device(torch.device(device))
     try:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
     except Exception as exc:
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AuditRuntimeError(f"cannot join the process group of {world} ranks (MASTER_ADDR, MASTER_PORT): {line}") from exc
@@ -103,4 +113,4 @@ def launch(device: str | None) -> Iterator[tuple[Shard, str | None]]:
         dist.destroy_process_group()
 
 
-__all__ = ["Shard", "launch"]
+__all__ = ["Shard", "launch", "world_size"]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: int, init: str, max_steps: int | None,
                   verify: bool, audit_grids: int | None, allow_globals: tuple[str, ...] | list[str],
-                  workers: int | None = None, threads: int | None = None) -> None:  # fmt: skip
+                  workers: int | None = None, threads: int | None = None, ranks: tuple[int, int] = (0, 1)) -> None:  # fmt: skip
     from deadneuron.adapters import get_adapter, is_deadneuron_checkpoint
     from deadneuron.checkpoint import file_sha256, load_checkpoint
     from deadneuron.patch.parts import full_config
@@ -51,11 +51,17 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
         return
     from deadneuron.patch.parallel import available_cores
 
+    rank, world = ranks
+    if not verify and not ctx.primary:
+        return  # one run, the patched config: rank 0 trains and writes it  # under torchrun each rank runs its share, on one process unless --workers says more
     options = Options(progress=ctx.progress, say=ctx.say, init_checkpoint=ckpt if init == "checkpoint" else None,
-                      workers=workers or available_cores(), threads=threads or 1)  # fmt: skip
+                      workers=workers or (available_cores() if world == 1 else 1), threads=threads or 1, rank=rank,
+                      world_size=world)  # fmt: skip
     if init == "checkpoint":
         options.patched_init = _patched_init(ctx, adapter, ckpt, plan, input_report)
     verification, runs = _train(adapter, config, patched_config, budget, options, seed_list, verify, (input_report, ckpt))
+    if not ctx.primary:  # every rank holds every run now; rank 0 shows and writes them
+        return
     if verification is not None:
         _show(ctx, verification)
     from deadneuron.cli.patch import new_outputs

@@ -90,41 +90,51 @@ def patch_command(
         from deadneuron.cli._outputs import check_outputs
 
         check_outputs({"--out": target, "--markdown": markdown, "--figure": figure}, inputs=[checkpoint], force=force)
-    show = progress if progress is not None else sys.stderr.isatty()
-    ctx = Context(checkpoint=checkpoint, out=target, force=force, dry_run=dry_run, progress=show,
-                  markdown=markdown, figure=figure, console=Console(), err=Console(stderr=True))  # fmt: skip
-    if model is not None:
-        from deadneuron.cli._patch_generic import patch_generic
-        from deadneuron.cli._subject import parse_key_values
+    from deadneuron.cli._launch import launch, world_size
 
-        args = parse_key_values(model_arg or [], option="--model-arg")
-        subject = {"model_spec": model, "model_args": args, "data": data, "input_shape": input_shape, "batches": batches,
-                   "allow_globals": allow_global or (), "trust_code": trust_code}  # fmt: skip
-        if train is not None:
-            from deadneuron.cli._patch_own import patch_own
+    if model is not None and world_size() > 1:
+        raise UsageError("under torchrun, patch spreads the runs of a deadneuron checkpoint over the ranks; a "
+                         "model of your own (--model) is patched in one process: run it without torchrun")  # fmt: skip
+    with launch(None, backend="gloo") as (shard, _):  # under torchrun: the runs spread over the ranks
+        show = (progress if progress is not None else sys.stderr.isatty()) and shard.primary
+        ctx = Context(checkpoint=checkpoint, out=target, force=force, dry_run=dry_run, progress=show,
+                      markdown=markdown, figure=figure, console=Console(), err=Console(stderr=True),
+                      primary=shard.primary)  # fmt: skip
+        if model is not None:
+            from deadneuron.cli._patch_generic import patch_generic
+            from deadneuron.cli._subject import parse_key_values
 
-            patch_own(ctx, flags, apply_suggestions=apply_suggestions, train_spec=train, metric_spec=metric, seeds=seeds,
-                      steps=max_steps or 0, init=init or "scratch", **subject)  # type: ignore[arg-type]  # fmt: skip
+            args = parse_key_values(model_arg or [], option="--model-arg")
+            subject = {"model_spec": model, "model_args": args, "data": data, "input_shape": input_shape,
+                       "batches": batches, "allow_globals": allow_global or (), "trust_code": trust_code}  # fmt: skip
+            if train is not None:
+                from deadneuron.cli._patch_own import patch_own
+
+                patch_own(ctx, flags, apply_suggestions=apply_suggestions, train_spec=train, metric_spec=metric,
+                          seeds=seeds, steps=max_steps or 0, init=init or "scratch", **subject)  # type: ignore[arg-type]  # fmt: skip
+                return
+            patch_generic(ctx, flags, apply_suggestions=apply_suggestions, **subject)  # type: ignore[arg-type]
             return
-        patch_generic(ctx, flags, apply_suggestions=apply_suggestions, **subject)  # type: ignore[arg-type]
-        return
-    from deadneuron.cli._patch_adapter import patch_adapter
+        from deadneuron.cli._patch_adapter import patch_adapter
 
-    patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init or "scratch",
-                  max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or (),
-                  workers=workers, threads=threads)  # fmt: skip
+        patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init or "scratch",
+                      max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or (),
+                      workers=workers, threads=threads, ranks=(shard.rank, shard.world_size))  # fmt: skip
 
 
 class Context:
     """Where the outputs go and how to talk to the user; shared by both flows."""
 
     def __init__(self, *, checkpoint: Path, out: Path, force: bool, dry_run: bool, progress: bool,
-                 markdown: Path | None, figure: Path | None, console: Console, err: Console) -> None:  # fmt: skip
+                 markdown: Path | None, figure: Path | None, console: Console, err: Console,
+                 primary: bool = True) -> None:  # fmt: skip
         self.checkpoint, self.out, self.force, self.dry_run, self.progress = checkpoint, out, force, dry_run, progress
         self.markdown, self.figure, self.console, self.err = markdown, figure, console, err
+        self.primary = primary  # the process that speaks and writes (rank 0 under torchrun)
 
     def say(self, text: str) -> None:
-        self.err.print(text, highlight=False, markup=False, soft_wrap=True)
+        if self.primary:
+            self.err.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def _check_combination(*, model: str | None, train: str | None, metric: str | None, seeds: int, max_steps: int | None,

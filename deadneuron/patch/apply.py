@@ -289,7 +289,7 @@ def audit_batches(model: nn.Module, batches: Sequence[Any], forward: Forward | N
             return {}
 
     feed: Adapter | None = _Feed() if forward is not None else None  # type: ignore[assignment]
-    return audit(model, batches, adapter=feed, progress=False, compile=False)
+    return audit(model, batches, adapter=feed, progress=False, compile=False, distributed=False)
 
 
 class DropoutHook:

@@ -11,6 +11,11 @@ Workers are spawned (`torch.multiprocessing`'s "spawn" context: no fork of a pro
 OpenMP threads), one run at a time each, taking the runs in order; results come back in the order of
 the sequential loop, and each is announced as it starts. What crosses a process boundary is serialised with `torch.save` (checkpoints as
 they are, reports as `Report.to_dict`), not shared memory.
+
+Under torchrun (``options.world_size`` > 1, the default process group initialised) run i goes to rank
+``i % world_size``; each rank trains and audits its share (one after another, or on its own
+``options.workers`` processes), then every rank gathers every run (`all_gather_object`), so each holds
+the list the sequential loop gives. A rank whose runs failed makes every rank raise, naming it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def run_jobs(
     """Every job trained and audited, in order: here one after another (``options.workers`` 1, or a
     single job; ``estimate`` then times the first steps and says how long the rest will take), else on
     ``options.workers`` spawned processes."""
+    if options.world_size > 1:
+        return _over_ranks(adapter, jobs, budget, options)
     workers = min(options.workers, len(jobs))
     if workers <= 1:
         return [_here(adapter, job, budget, options, i, len(jobs), estimate) for i, job in enumerate(jobs)]
@@ -121,6 +128,42 @@ def _spread(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: Opti
                 i = pending.pop(future)
                 done[i] = _loads(_result(future, jobs[i]))
                 start_next()
+    return [Run(job.arm, job.seed, done[i][0], Report.from_dict(done[i][1])) for i, job in enumerate(jobs)]
+
+
+def _over_ranks(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: Options) -> list[Run]:
+    """This rank's share of ``jobs`` (every world_size-th from its rank on), then every rank's gathered."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from deadneuron.patch.retrain import Run
+    from deadneuron.report import Report
+
+    rank, world = options.rank, options.world_size
+    mine = list(range(rank, len(jobs), world))
+    options.say(f"training {len(jobs)} runs on {world} ranks, run i on rank i % {world}, "
+                f"{options.threads or 1} thread(s) each")  # fmt: skip
+    try:
+        if options.workers > 1 and len(mine) > 1:
+            local = _spread(adapter, [jobs[i] for i in mine], budget, options, min(options.workers, len(mine)))
+        else:
+            alone = dataclasses.replace(options, world_size=1)
+            local = [_here(adapter, jobs[i], budget, alone, i, len(jobs), None) for i in mine]
+        share: tuple[Any, ...] = ("ok", [(i, _dumps((r.checkpoint, r.report.to_dict()), what="a run"))
+                                         for i, r in zip(mine, local, strict=True)])  # fmt: skip
+        failure: BaseException | None = None
+    except Exception as exc:  # every rank must reach the gather, or the others wait for it
+        share, failure = ("failed", rank, type(exc).__name__, (str(exc).strip().splitlines() or [""])[0]), exc
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, share)
+    if failure is not None:
+        raise failure
+    failed = [g for g in gathered if g[0] == "failed"]
+    if failed:
+        _, who, name, message = failed[0]
+        raise AuditRuntimeError(f"rank {who} failed while training its runs: {name}: {message}")
+    done = {i: _loads(data) for _, pairs in gathered for i, data in pairs}
     return [Run(job.arm, job.seed, done[i][0], Report.from_dict(done[i][1])) for i, job in enumerate(jobs)]
 
 

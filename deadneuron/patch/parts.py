@@ -69,7 +69,7 @@ def _probe_audit(adapter: Adapter, config: Mapping[str, Any]) -> Any:
     if first is None:
         return _NoSites()
     model = _build(adapter, config).eval()
-    return audit(model, [first], adapter=adapter, progress=False, compile=False)
+    return audit(model, [first], adapter=adapter, progress=False, compile=False, distributed=False)
 
 
 class _NoSites:

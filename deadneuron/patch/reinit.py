@@ -100,7 +100,9 @@ class _Dataflow:
 def dataflow(model: nn.Module, run: Callable[[nn.Module], Any]) -> _Dataflow:
     """Record one forward pass (``run(model)``) of ``model`` in eval mode, without gradients."""
     flow = _Dataflow()
-    names = {m: n for n, m in model.named_modules()}
+    from deadneuron.wrappers import user_named_modules
+
+    names = {m: n for n, m in user_named_modules(model)}  # the Recorder's names: wrappers left out
     handles = []
 
     def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -119,7 +121,7 @@ def dataflow(model: nn.Module, run: Callable[[nn.Module], Any]) -> _Dataflow:
 
     modes = [(m, m.training) for m in model.modules()]
     try:
-        for m in model.modules():
+        for m in names:
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
         model.eval()
         with torch.no_grad(), _FunctionalCalls(flow):

@@ -56,6 +56,8 @@ class Options:
     patched_init: Mapping[str, Any] | None = None  # init for the patched arm (re-initialised channels)
     workers: int = 1  # processes the runs of `verify` spread over (`deadneuron.patch.parallel`)
     threads: int | None = None  # torch threads per run (None: as this process has; 1 in a worker)
+    rank: int = 0  # under torchrun: this process's rank among world_size, each running its share of the runs
+    world_size: int = 1
 
 
 def seeded(config: Mapping[str, Any], seed: int) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def audit_run(adapter: Adapter, checkpoint: Mapping[str, Any], budget: Budget, *
         batches = adapter.batches("heldout", config, max_grids=budget.audit_grids)  # type: ignore[call-arg]
     else:
         batches = adapter.batches("heldout", config)
-    return audit(model, batches, adapter=adapter, progress=progress)
+    return audit(model, batches, adapter=adapter, progress=progress, distributed=False)  # a run of this rank alone
 
 
 def final_loss(checkpoint: Mapping[str, Any]) -> float | None:

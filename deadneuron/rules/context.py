@@ -108,10 +108,11 @@ def layer_kinds(model: nn.Module) -> dict[str, LayerKind]:
     from torch import nn
 
     from deadneuron.patch.batchnorm import has_added_batchnorm
+    from deadneuron.wrappers import user_named_modules
 
     norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
     out: dict[str, LayerKind] = {}
-    for name, module in model.named_modules():
+    for name, module in user_named_modules(model):  # the user's names, without wrappers
         if isinstance(module, norms) or has_added_batchnorm(module):
             out[name] = "norm"
         elif isinstance(module, nn.modules.conv._ConvNd):
@@ -147,8 +148,10 @@ def bn_scales(model: nn.Module) -> dict[str, BatchNormScale]:
     """|gamma| and beta of every affine BatchNorm layer, by qualified module name."""
     from torch import nn
 
+    from deadneuron.wrappers import user_named_modules
+
     out: dict[str, BatchNormScale] = {}
-    for name, module in model.named_modules():
+    for name, module in user_named_modules(model):  # the user's names, without wrappers
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
             beta = module.bias.detach() if module.bias is not None else module.weight.detach() * 0
             out[name] = _scale(module.weight.detach(), beta)
