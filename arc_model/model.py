@@ -36,7 +36,7 @@ class SlotOutput(NamedTuple):
 
 def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
     """The activation module for one of the config's activation names (``TrainConfig.ACTIVATION``...)."""
-    factories = {
+    factories: dict[str, Callable[[], nn.Module]] = {
         "relu": nn.ReLU,
         "leaky": lambda: nn.LeakyReLU(negative_slope),
         "gelu": nn.GELU,

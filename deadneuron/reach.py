@@ -66,10 +66,19 @@ class _ReinitCheck:
         error = ""
         for example in (first_sample(self._example), self._example):
             try:
-                return dataflow(self._model(), lambda m, x=example: run(m, x))
+                return dataflow(self._model(), _fed(run, example))
             except Exception as exc:  # the audit's report stands; this fix is only not suggested
                 error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         return f"the forward pass that maps layers to sites failed ({error})"
+
+
+def _fed(run: Forward, example: Any) -> Callable[[nn.Module], Any]:
+    """``run`` with its batch fixed to ``example``."""
+
+    def feed(model: nn.Module) -> Any:
+        return run(model, example)
+
+    return feed
 
 
 def first_sample(batch: Any) -> Any:

@@ -12,12 +12,18 @@ batch, the ranks merge their statistics exactly, and the first rank prints and w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from deadneuron.errors import DeadneuronError, ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from deadneuron.cli._subject import Subject
+    from deadneuron.gate import GateLimits
+    from deadneuron.report import Report
+    from deadneuron.rules import RulesConfig, RuleSet
 
 
 def audit_command(
@@ -121,7 +127,7 @@ def audit_command(
         _gate(report, limits, quiet=not shard.primary)
 
 
-def _publish(report, out: Path | None, subject, fmt: str, *, verbose: bool) -> None:  # type: ignore[no-untyped-def]
+def _publish(report: Report, out: Path | None, subject: Subject, fmt: str, *, verbose: bool) -> None:
     """Write the report files and print the report (one rank does this under torchrun)."""
     if out is not None:
         _write(report, out, subject)
@@ -144,7 +150,7 @@ def _check_budget(*, train: str | None, max_steps: int | None) -> None:
         raise UsageError("--max-steps is the budget of the runs --train makes: add --train MODULE:FUNCTION")
 
 
-def _gate(report, limits, *, quiet: bool = False) -> None:  # type: ignore[no-untyped-def]
+def _gate(report: Report, limits: GateLimits, *, quiet: bool = False) -> None:
     """After the report is out: list every violated check on stderr (unless ``quiet``: a rank other than
     the first under torchrun) and exit 1."""
     from deadneuron.gate import check, failure_message
@@ -156,7 +162,7 @@ def _gate(report, limits, *, quiet: bool = False) -> None:  # type: ignore[no-un
         raise typer.Exit(int(ExitCode.GATE_FAILED))
 
 
-def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None):  # type: ignore[no-untyped-def]
+def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None) -> tuple[RuleSet, RulesConfig] | None:
     """Rules and thresholds: defaults, pyproject.toml, --config, then --disable (None with --no-rules)."""
     if no_rules:
         return None
@@ -166,7 +172,7 @@ def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None):
     return rules, load_config(rules=rules, config_file=config_file, disable=disable)
 
 
-def _write(report, out: Path, subject) -> None:  # type: ignore[no-untyped-def]
+def _write(report: Report, out: Path, subject: Subject) -> None:
     from deadneuron.render.files import write_report
 
     write_report(report, out, model=subject.model, adapter=subject.adapter, checkpoint=subject.checkpoint)

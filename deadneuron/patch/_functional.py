@@ -150,7 +150,7 @@ def _graph_module(module: nn.Module, graph: fx.Graph, new_children: dict[str, nn
     for name, param in module.named_parameters(recurse=False):
         if name not in gm._parameters:
             gm.register_parameter(name, param)
-    non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+    non_persistent: set[str] = getattr(module, "_non_persistent_buffers_set", set())
     for name, buf in module.named_buffers(recurse=False):
         if name not in gm._buffers:
             gm.register_buffer(name, buf, persistent=name not in non_persistent)

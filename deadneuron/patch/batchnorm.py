@@ -105,7 +105,7 @@ def _add_site(site: Any, modules: Mapping[str, nn.Module], layers: dict[str, lis
     if isinstance(layer, _NORMS):
         acc.notes.append(f"{site.name}: already normalised by {producer} ({type(layer).__name__})")
     elif isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
-        layers.setdefault(producer, []).append(site.name)  # type: ignore[arg-type]
+        layers.setdefault(producer, []).append(site.name)
     else:
         what = f"{producer} ({type(layer).__name__})" if layer is not None else "no layer deadneuron can see"
         acc.not_patched.append(f"{site.name}: fed by {what}, not a conv or linear layer; no BatchNorm added")

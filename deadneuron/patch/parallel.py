@@ -126,7 +126,7 @@ def _spread(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: Opti
 
 def _result(future: Any, job: Job) -> bytes:
     try:
-        return future.result()  # type: ignore[no-any-return]
+        return future.result()
     except BrokenProcessPool as exc:
         raise AuditRuntimeError(f"the worker process training the {job.arm} config, seed {job.seed}, died "
                                 "(out of memory?); run with fewer --workers") from exc  # fmt: skip

@@ -165,6 +165,8 @@ def _bn_scales_from_state(state: Any) -> dict[str, BatchNormScale]:
             continue
         prefix = key[: -len(".running_var")]
         weight, bias = state.get(prefix + ".weight"), state.get(prefix + ".bias")
+        if weight is None or bias is None:
+            continue
         if hasattr(weight, "detach") and hasattr(bias, "detach") and weight.dim() == 1:
             out[prefix] = _scale(weight.detach(), bias.detach())
     return out

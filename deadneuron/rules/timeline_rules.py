@@ -46,8 +46,9 @@ def _site(entry: Mapping[str, Any], site: str) -> Mapping[str, Any]:
 
 def _number(entry: Mapping[str, Any], site: str, key: str) -> float | None:
     value = _site(entry, site).get(key)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _channels(report: Report, context: RuleContext, site: str) -> int | None:
