@@ -38,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py --threads 2
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

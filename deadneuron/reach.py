@@ -48,7 +48,7 @@ class _ReinitCheck:
             return []
         if self._example is None:
             return ["no example batch to find the layers around the dead channels"]
-        from deadneuron.audit import default_forward
+        from deadneuron._inputs import default_forward
         from deadneuron.patch.reinit import unreachable_sites
 
         if self._flow is None:
@@ -135,7 +135,8 @@ class ModelPreview:
 
     def _batchnorm_layers(self, report: Report, op: PatchOp) -> tuple[list[str], list[str]]:
         """The layers ``--add-batchnorm`` with the op's ``--select`` would give a BatchNorm, and why not."""
-        from deadneuron.patch import AddBatchNorm, PatchError
+        from deadneuron.errors import PatchError
+        from deadneuron.patch import AddBatchNorm
         from deadneuron.patch.batchnorm import planned_layers
 
         try:

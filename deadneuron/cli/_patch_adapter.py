@@ -15,7 +15,7 @@ from deadneuron.errors import UsageError
 
 if TYPE_CHECKING:
     from deadneuron.adapters import Adapter
-    from deadneuron.cli.patch import Context
+    from deadneuron.cli._patch_context import Context
     from deadneuron.patch import Plan
     from deadneuron.patch.retrain import Budget, Options, Run
 
@@ -50,15 +50,17 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
         ctx.say("dry run: nothing trained, nothing written")
         return
     from deadneuron.patch.parallel import available_cores
+    from deadneuron.render.progress import audit_bar
 
-    options = Options(progress=ctx.progress, say=ctx.say, init_checkpoint=ckpt if init == "checkpoint" else None,
-                      workers=workers or available_cores(), threads=threads or 1)  # fmt: skip
+    options = Options(progress=ctx.progress, audit_progress=audit_bar if ctx.progress else None, say=ctx.say,
+                      init_checkpoint=ckpt if init == "checkpoint" else None, workers=workers or available_cores(),
+                      threads=threads or 1)  # fmt: skip
     if init == "checkpoint":
         options.patched_init = _patched_init(ctx, adapter, ckpt, plan, input_report)
     verification, runs = _train(adapter, config, patched_config, budget, options, seed_list, verify, (input_report, ckpt))
     if verification is not None:
         _show(ctx, verification)
-    from deadneuron.cli.patch import new_outputs
+    from deadneuron.cli._patch_context import new_outputs
 
     outputs = new_outputs(ctx)
     kept = next(r for r in runs if r.arm == "patched")
@@ -131,9 +133,10 @@ def _steps(ckpt: Mapping[str, Any], max_steps: int | None) -> int:
 
 def _audit_input(ctx: Context, adapter: Adapter, ckpt: Mapping[str, Any], budget: Budget) -> Any:
     from deadneuron.patch.retrain import audit_run
+    from deadneuron.render.progress import audit_bar
 
     ctx.say(f"auditing the input checkpoint {ctx.checkpoint}")
-    return audit_run(adapter, ckpt, budget, progress=ctx.progress)
+    return audit_run(adapter, ckpt, budget, progress=audit_bar if ctx.progress else None)
 
 
 def _plan(flags: Plan, report: Any, ckpt: Mapping[str, Any], adapter: Adapter, suggestions: bool) -> Plan:
@@ -188,13 +191,13 @@ def _patched_init(ctx: Context, adapter: Adapter, ckpt: Mapping[str, Any], plan:
 
 def _train(adapter: Adapter, baseline: Mapping[str, Any], patched: Mapping[str, Any], budget: Budget,
            options: Options, seeds: list[int], verify: bool, reference: tuple[Any, Any]) -> tuple[Any, list[Run]]:  # fmt: skip
+    from deadneuron.patch.arms import verify_arms
     from deadneuron.patch.retrain import retrain
-    from deadneuron.patch.retrain import verify as run_arms
 
     if not verify:
         return None, [retrain(adapter, patched, budget, options, seed=seeds[0])]
     ref = reference if reference[0] is not None else None
-    return run_arms(adapter, baseline, patched, budget, options, seeds=seeds, reference=ref)
+    return verify_arms(adapter, baseline, patched, budget, options, seeds=seeds, reference=ref)
 
 
 def _add_checkpoint(ctx: Context, outputs: Any, run: Run, plan: Plan, record: Any, model_changes: list[str],
@@ -214,13 +217,13 @@ def _add_checkpoint(ctx: Context, outputs: Any, run: Run, plan: Plan, record: An
 
 
 def _show(ctx: Context, verification: Any) -> None:
-    from deadneuron.patch.table import verification_table
+    from deadneuron.render.patch_table import verification_table
 
     ctx.console.print(verification_table(verification))
 
 
 def _extras(ctx: Context, outputs: Any, verification: Any, runs: list[Run], plan: Plan) -> None:
-    from deadneuron.cli.patch import extras
+    from deadneuron.cli._patch_context import extras
 
     before = [r.report for r in runs if r.arm == "baseline"]
     after = [r.report for r in runs if r.arm == "patched"]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from deadneuron.errors import UsageError
 
 if TYPE_CHECKING:
-    from deadneuron.cli.patch import Context
+    from deadneuron.cli._patch_context import Context
     from deadneuron.patch import Plan
 
 DEFAULT_BATCHES = 8
@@ -41,10 +41,10 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
     if ctx.dry_run:
         ctx.say("dry run: nothing written")
         return
-    after = audit(result.model, sample, progress=False, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
+    after = audit(result.model, sample, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
     verification = _compare(before, after, len(sample))
-    from deadneuron.cli.patch import extras, new_outputs
-    from deadneuron.patch.table import verification_table
+    from deadneuron.cli._patch_context import extras, new_outputs
+    from deadneuron.render.patch_table import verification_table
 
     ctx.console.print(verification_table(verification))
     outputs = new_outputs(ctx)
@@ -82,7 +82,7 @@ def load_subject(ctx: Context, *, model_spec: str, model_args: Mapping[str, Any]
     for warning in subject.warnings:
         ctx.say(f"warning: {warning}")
     # Eager statistics: a few batches do not repay torch.compile's start-up (tens of seconds cold).
-    before = audit(subject.model, sample, progress=False, compile=False, meta={"source": str(ctx.checkpoint)})
+    before = audit(subject.model, sample, compile=False, meta={"source": str(ctx.checkpoint)})
     return subject, sample, before
 
 

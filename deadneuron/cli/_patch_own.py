@@ -17,7 +17,7 @@ from deadneuron.errors import AuditRuntimeError, DeadneuronError, UsageError
 if TYPE_CHECKING:
     from torch import nn
 
-    from deadneuron.cli.patch import Context
+    from deadneuron.cli._patch_context import Context
     from deadneuron.patch import Plan
 
 
@@ -54,8 +54,8 @@ def patch_own(ctx: Context, flags: Plan, *, apply_suggestions: bool, train_spec:
     factory = _fresh_factory(subject, model_spec)
     result = verify_own(factory, sample, train, plan, seeds=seeds, steps=steps, init=init,  # type: ignore[arg-type]
                         start=subject.model, metric=metric, batches=None, say=ctx.say)  # fmt: skip
-    from deadneuron.cli.patch import extras, new_outputs
-    from deadneuron.patch.table import verification_table
+    from deadneuron.cli._patch_context import extras, new_outputs
+    from deadneuron.render.patch_table import verification_table
 
     ctx.console.print(verification_table(result.verification))
     outputs = new_outputs(ctx)

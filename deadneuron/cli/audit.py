@@ -58,20 +58,20 @@ def audit_command(
     rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
 ) -> None:
     from deadneuron._inputs import resolve_device
+    from deadneuron.activations import check_delta, check_eps
     from deadneuron.audit import audit
     from deadneuron.cli._launch import launch
     from deadneuron.cli._subject import build_subject, check_callable, parse_channel_axes, parse_key_values
     from deadneuron.cli._target import AuditFlags, patch_target, peek_data, subject_limits
     from deadneuron.gate import GateLimits
+    from deadneuron.render.progress import terminal_bar
 
     if fmt not in ("table", "json"):
         raise UsageError(f"--format takes table or json, not {fmt!r}")
     if batches is not None and batches < 1:
         raise UsageError(f"--batches must be at least 1, got {batches}")
-    if eps < 0:
-        raise UsageError(f"--eps must be >= 0, got {eps}")
-    if not 0 <= delta < 1:
-        raise UsageError(f"--delta must be in [0, 1), got {delta}")
+    check_eps(eps)  # before any work
+    check_delta(delta)
     if mask is not None and no_mask:
         raise UsageError("pass either --mask KEY or --no-mask, not both")
     _check_budget(train=train, max_steps=max_steps)
@@ -114,7 +114,7 @@ def audit_command(
         peeked = peek_data(subject, batches)
         report = audit(
             subject.model, shard.take(subject.data, batches, sharded=subject.sharded), eps=eps, delta=delta,
-            select=select, device=device, progress=progress if fmt == "table" and shard.primary else False,
+            select=select, device=device, progress=terminal_bar(progress) if fmt == "table" and shard.primary else None,
             adapter=subject.adapter, histograms=out is not None, mask=None if no_mask else (mask or "auto"),
             channel_axis=axes,
             meta={"source": str(checkpoint), "random_inputs": subject.random_inputs, "warnings": warnings,
@@ -166,7 +166,8 @@ def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None) 
     """Rules and thresholds: defaults, pyproject.toml, --config, then --disable (None with --no-rules)."""
     if no_rules:
         return None
-    from deadneuron.rules import load_config, load_rules
+    from deadneuron.rules import load_rules
+    from deadneuron.settings import load_config
 
     rules = load_rules()
     return rules, load_config(rules=rules, config_file=config_file, disable=disable)

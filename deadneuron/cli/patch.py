@@ -21,9 +21,8 @@ outputs are written together at the end, all or none.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -91,6 +90,8 @@ def patch_command(
 
         check_outputs({"--out": target, "--markdown": markdown, "--figure": figure}, inputs=[checkpoint], force=force)
     show = progress if progress is not None else sys.stderr.isatty()
+    from deadneuron.cli._patch_context import Context
+
     ctx = Context(checkpoint=checkpoint, out=target, force=force, dry_run=dry_run, progress=show,
                   markdown=markdown, figure=figure, console=Console(), err=Console(stderr=True))  # fmt: skip
     if model is not None:
@@ -113,18 +114,6 @@ def patch_command(
     patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init or "scratch",
                   max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or (),
                   workers=workers, threads=threads)  # fmt: skip
-
-
-class Context:
-    """Where the outputs go and how to talk to the user; shared by both flows."""
-
-    def __init__(self, *, checkpoint: Path, out: Path, force: bool, dry_run: bool, progress: bool,
-                 markdown: Path | None, figure: Path | None, console: Console, err: Console) -> None:  # fmt: skip
-        self.checkpoint, self.out, self.force, self.dry_run, self.progress = checkpoint, out, force, dry_run, progress
-        self.markdown, self.figure, self.console, self.err = markdown, figure, console, err
-
-    def say(self, text: str) -> None:
-        self.err.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def _check_combination(*, model: str | None, train: str | None, metric: str | None, seeds: int, max_steps: int | None,
@@ -181,43 +170,4 @@ def default_out(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}_patched{checkpoint.suffix or '.pth'}")
 
 
-def extras(ctx: Context, outputs: Any, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str],
-           changes: Sequence[str] = ()) -> None:  # fmt: skip
-    """The Markdown table and the before/after figure (titled with the ``changes`` and the budget), where
-    asked for, rendered now into ``outputs``."""
-    from deadneuron.patch.table import budget_line, verification_markdown
-
-    if ctx.markdown is not None:
-        outputs.text(ctx.markdown, verification_markdown(verification))
-    if ctx.figure is not None:
-        plot = before_after_plot()
-        if plot is None:
-            ctx.say("no before/after figure function is installed (deadneuron.render); --figure skipped")
-            return
-        from deadneuron.render._style import figure_png
-
-        figure = plot(before, after, labels=labels, changes=changes, budget=budget_line(verification))
-        outputs.data(ctx.figure, figure_png(figure))
-
-
-def new_outputs(ctx: Context) -> Any:
-    from deadneuron.cli._outputs import Outputs
-
-    return Outputs(protect=[ctx.checkpoint], force=ctx.force)
-
-
-def before_after_plot() -> Any:
-    """``plot_before_after`` from deadneuron.render (plots or training_plots), or None."""
-    import importlib
-
-    for module in ("deadneuron.render.plots", "deadneuron.render.training_plots"):
-        try:
-            found = getattr(importlib.import_module(module), "plot_before_after", None)
-        except ImportError:
-            continue
-        if found is not None:
-            return found
-    return None
-
-
-__all__ = ["Context", "default_out", "extras", "new_outputs", "patch_command"]
+__all__ = ["default_out", "patch_command"]

@@ -19,7 +19,8 @@ def rules_command(
     fmt: Annotated[str, typer.Option("--format", help="table (rich) or json.")] = "table",
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of thresholds (a [rules] table), read after pyproject.toml.")] = None,
 ) -> None:
-    from deadneuron.rules import load_config, load_rules
+    from deadneuron.rules import load_rules
+    from deadneuron.settings import load_config
 
     if fmt not in ("table", "json"):
         raise UsageError(f"--format takes table or json, not {fmt!r}")

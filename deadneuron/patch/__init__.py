@@ -13,7 +13,7 @@ config on the same budget and seeds; :func:`compare` gives a verdict per metric 
 factory, data and ``train(model, steps=N, seed=S)`` function::
 
     result = verify_own(build, batches, train, plan, seeds=2, steps=200)
-    result.verification   # the table's rows; deadneuron.patch.table renders it
+    result.verification   # the table's rows; deadneuron.render.patch_table renders it
  A patched generic model is saved as its state_dict with the plan
 recorded beside it; :func:`load_patched` rebuilds it from the factory.
 """

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from deadneuron.activations import FunctionalActivations
+from deadneuron.functional_kinds import FunctionalActivations
 from deadneuron.patch.plan import SwapActivation
 
 NodeFilter = Callable[[str, str, str], bool]  # (owner module name, function name, kind) -> selected?

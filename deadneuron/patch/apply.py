@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deadneuron._inputs import default_forward
 from deadneuron.activations import spec_for_module
-from deadneuron.errors import DeadneuronError, ExitCode
+from deadneuron.errors import PatchError
+from deadneuron.measure import measure
 from deadneuron.patch._functional import FunctionalSwap, replace_module, swap_functional
 from deadneuron.patch.plan import (
     AddBatchNorm,
@@ -37,15 +39,10 @@ from deadneuron.patch.plan import (
     kind_of,
 )
 from deadneuron.patch.record import ApplyRecord, Change, RecordBuilder
+from deadneuron.report import Report
 from deadneuron.select import matches
 
 Forward = Callable[[nn.Module, Any], Any]
-
-
-class PatchError(DeadneuronError):
-    """Part of a plan could not be applied; the message lists every site or op and why."""
-
-    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
@@ -90,8 +87,6 @@ def apply_plan(
     lets dropout and re-initialisation find the layers around each site and lets the result be checked.
     With ``strict`` (default) anything selected that could not be patched raises PatchError.
     """
-    from deadneuron.audit import default_forward
-
     run = forward or default_forward
     patched = copy.deepcopy(model)
     acc = RecordBuilder()
@@ -265,31 +260,14 @@ def _check_swapped(model: nn.Module, op: SwapActivation, example: Any, run: Forw
         acc.not_patched.append(f"{name} ({site.kind}{', functional' if site.functional else ''}): {why}")
 
 
-def _audit_one(model: nn.Module, example: Any, run: Forward) -> Any:
+def _audit_one(model: nn.Module, example: Any, run: Forward) -> Report:
     return audit_batches(model, [example], run)
 
 
-def audit_batches(model: nn.Module, batches: Sequence[Any], forward: Forward | None = None) -> Any:
-    """An eager audit of ``model`` on ``batches``, each fed by ``forward`` (default: the audit's own)."""
-    from deadneuron.adapters import Adapter
-    from deadneuron.audit import audit, default_forward
-
-    run = forward or default_forward
-
-    class _Feed:  # audit takes an adapter for custom forwards; only .forward is used without slot/metric data
-        name = "patch-check"
-
-        def forward(self, m: nn.Module, batch: Any) -> Any:
-            return run(m, batch)
-
-        def slot_masks(self, outputs: Any, batch: Any) -> None:
-            return None
-
-        def metric_sums(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
-            return {}
-
-    feed: Adapter | None = _Feed() if forward is not None else None  # type: ignore[assignment]
-    return audit(model, batches, adapter=feed, progress=False, compile=False)
+def audit_batches(model: nn.Module, batches: Sequence[Any], forward: Forward | None = None) -> Report:
+    """An eager measurement of ``model`` on ``batches`` (no findings), each fed by ``forward`` (default:
+    the audit's own)."""
+    return measure(model, batches, forward=forward, compile=False).report
 
 
 class DropoutHook:

@@ -9,7 +9,6 @@ else from a one-batch audit of a freshly built model (names depend on the archit
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,8 @@ import torch
 from torch import nn
 
 from deadneuron.activations import spec_for_module
-from deadneuron.adapters import Adapter
+from deadneuron.adapters import Adapter, heldout_batches
+from deadneuron.measure import measure
 from deadneuron.patch.config import CONFIG_KEYS, ConfigMap, ConfigPart, SiteRef
 from deadneuron.patch.plan import ACTIVATION_NAMES
 
@@ -59,17 +59,12 @@ def site_infos(adapter: Adapter, config: Mapping[str, Any], report: Any = None) 
 
 
 def _probe_audit(adapter: Adapter, config: Mapping[str, Any]) -> Any:
-    from deadneuron.audit import audit
-
-    if "max_grids" in inspect.signature(adapter.batches).parameters:
-        batches = adapter.batches("heldout", config, max_grids=PROBE_GRIDS)  # type: ignore[call-arg]
-    else:
-        batches = adapter.batches("heldout", config)
+    batches = heldout_batches(adapter, config, max_grids=PROBE_GRIDS)
     first = next(iter(batches), None)
     if first is None:
         return _NoSites()
     model = _build(adapter, config).eval()
-    return audit(model, [first], adapter=adapter, progress=False, compile=False)
+    return measure(model, [first], adapter=adapter, compile=False).report
 
 
 class _NoSites:

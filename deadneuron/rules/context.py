@@ -107,7 +107,7 @@ def layer_kinds(model: nn.Module) -> dict[str, LayerKind]:
     --add-batchnorm``) or identity, for the modules of those kinds."""
     from torch import nn
 
-    from deadneuron.patch.batchnorm import has_added_batchnorm
+    from deadneuron.patch.hooks import has_added_batchnorm
 
     norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
     out: dict[str, LayerKind] = {}

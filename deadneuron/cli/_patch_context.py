@@ -1,0 +1,49 @@
+"""What the three ``deadneuron patch`` flows share: where the outputs go and how to talk to the user
+(`Context`), the output set written all or none (`new_outputs`), and the Markdown table and before/after
+figure asked for (`extras`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from deadneuron.cli._outputs import Outputs
+from deadneuron.patch.verify import Verification
+from deadneuron.report import Report
+
+
+class Context:
+    """Where the outputs go and how to talk to the user; shared by both flows."""
+
+    def __init__(self, *, checkpoint: Path, out: Path, force: bool, dry_run: bool, progress: bool,
+                 markdown: Path | None, figure: Path | None, console: Console, err: Console) -> None:  # fmt: skip
+        self.checkpoint, self.out, self.force, self.dry_run, self.progress = checkpoint, out, force, dry_run, progress
+        self.markdown, self.figure, self.console, self.err = markdown, figure, console, err
+
+    def say(self, text: str) -> None:
+        self.err.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def new_outputs(ctx: Context) -> Outputs:
+    return Outputs(protect=[ctx.checkpoint], force=ctx.force)
+
+
+def extras(ctx: Context, outputs: Outputs, verification: Verification, before: list[Report], after: list[Report],
+           labels: tuple[str, str], changes: Sequence[str] = ()) -> None:  # fmt: skip
+    """The Markdown table and the before/after figure (titled with the ``changes`` and the budget), where
+    asked for, rendered now into ``outputs``."""
+    from deadneuron.render import training_plots
+    from deadneuron.render._style import figure_png
+    from deadneuron.render.patch_table import budget_line, verification_markdown
+
+    if ctx.markdown is not None:
+        outputs.text(ctx.markdown, verification_markdown(verification))
+    if ctx.figure is not None:
+        figure = training_plots.plot_before_after(before, after, labels=labels, changes=changes,
+                                                  budget=budget_line(verification))  # fmt: skip
+        outputs.data(ctx.figure, figure_png(figure))
+
+
+__all__ = ["Context", "extras", "new_outputs"]
