@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -14,6 +14,9 @@ from arc_model.config import TrainConfig
 from arc_model.feed import ArcFeed
 from arc_model.model import build_model
 from deadneuron.errors import ModelMismatchError, UsageError
+
+if TYPE_CHECKING:
+    from deadneuron.adapters import Adapter
 
 
 def _config(config: Mapping[str, Any] | TrainConfig) -> TrainConfig:
@@ -83,5 +86,8 @@ class ArcSlotAdapter(ArcFeed):
         return train(_config(config), init=init, max_steps=max_steps, callbacks=callbacks, progress=progress,
                      out=out, overwrite=overwrite, save_optimizer=save_optimizer)
 
+
+if TYPE_CHECKING:  # the ARC adapter follows deadneuron's protocol in full: mypy checks it here
+    _FOLLOWS_THE_PROTOCOL: Adapter = ArcSlotAdapter()
 
 __all__ = ["ArcSlotAdapter"]

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from deadneuron.errors import DeadneuronError
-from deadneuron.rules import PatchKind, PatchOp, Preview, surgery_preview
+from deadneuron.ops import AddBatchNorm, Op, ReinitDead, SetHyperParameter
+from deadneuron.rules import Preview, surgery_preview
 from deadneuron.rules.target import fed_sites, select_patterns
 
 if TYPE_CHECKING:
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 Forward = Callable[["nn.Module", Any], Any]
 
 
-def _reinit_sites(ops: tuple[PatchOp, ...]) -> list[str]:
-    return [site for op in ops if op.kind is PatchKind.REINIT_DEAD for site, _ in op.param("channels", ())]
+def _reinit_sites(ops: tuple[Op, ...]) -> list[str]:
+    return [site for op in ops if isinstance(op, ReinitDead) for site in op.channel_sites]
 
 
 class _ReinitCheck:
@@ -105,9 +106,9 @@ class ModelPreview:
         self._model, self._train = model, train
         self._reinit = _ReinitCheck(lambda: model, example, forward)
 
-    def __call__(self, report: Report, ops: tuple[PatchOp, ...]) -> Preview:
-        norms = [op for op in ops if op.kind is PatchKind.ADD_BATCHNORM]
-        trained = [op for op in ops if op.kind is PatchKind.SET_HPARAM and self._train is not None]
+    def __call__(self, report: Report, ops: tuple[Op, ...]) -> Preview:
+        norms = [op for op in ops if isinstance(op, AddBatchNorm)]
+        trained = [op for op in ops if isinstance(op, SetHyperParameter) and self._train is not None]
         preview = surgery_preview(report, tuple(op for op in ops if op not in norms and op not in trained))
         sites, problems = set(preview.sites), [*preview.problems, *self._reinit.problems(_reinit_sites(ops))]
         problems += self._train_problems(trained)
@@ -120,23 +121,22 @@ class ModelPreview:
             problems += why
         return Preview(frozenset(sites), tuple(problems))
 
-    def _train_problems(self, ops: list[PatchOp]) -> list[str]:
+    def _train_problems(self, ops: list[SetHyperParameter]) -> list[str]:
         """Why ``train`` cannot take the hyper-parameter changes ``ops`` (none where it can)."""
         if not ops or self._train is None:
             return []
-        from deadneuron.patch import Plan, op_from_dict
+        from deadneuron.patch import Plan
         from deadneuron.patch.own import train_keywords
 
         try:
-            train_keywords(self._train, Plan(tuple(op_from_dict(op.to_dict()) for op in ops)))
+            train_keywords(self._train, Plan(tuple(ops)))
         except DeadneuronError as exc:
             return [str(exc)]
         return []
 
-    def _batchnorm_layers(self, report: Report, op: PatchOp) -> tuple[list[str], list[str]]:
+    def _batchnorm_layers(self, report: Report, op: AddBatchNorm) -> tuple[list[str], list[str]]:
         """The layers ``--add-batchnorm`` with the op's ``--select`` would give a BatchNorm, and why not."""
         from deadneuron.errors import PatchError
-        from deadneuron.patch import AddBatchNorm
         from deadneuron.patch.batchnorm import planned_layers
 
         try:
@@ -161,8 +161,8 @@ class ConfigPreview:
         self._example: Any = None
         self._reinit = _ReinitCheck(lambda: adapter.load(checkpoint), None, adapter.forward)
 
-    def __call__(self, report: Report, ops: tuple[PatchOp, ...]) -> Preview:
-        from deadneuron.patch import Plan, apply_to_config, op_from_dict
+    def __call__(self, report: Report, ops: tuple[Op, ...]) -> Preview:
+        from deadneuron.patch import Plan, apply_to_config
         from deadneuron.patch.parts import outside
 
         parts = self._mapped(report)
@@ -170,7 +170,7 @@ class ConfigPreview:
             return Preview(problems=(parts,))
         reinit = _reinit_sites(ops)
         try:
-            plan = Plan(tuple(op_from_dict(op.to_dict()) for op in ops))
+            plan = Plan(ops)
             config, record = apply_to_config(self.config, plan, init="checkpoint" if reinit else "scratch",
                                              parts=parts[1])  # fmt: skip
         except (DeadneuronError, ValueError) as exc:

@@ -3,8 +3,8 @@
 - no import cycle between the modules of ``deadneuron`` and ``arc_model``, counting the imports made
   inside functions too (a deferred import hides a cycle, it does not break it); imports under
   ``if TYPE_CHECKING:`` never run and are left out;
-- the core (measuring and judging: activations, statistics, probe, slots, report values, rules, patch
-  operations) imports no presentation or file-format library and opens no file, and nothing it imports
+- the core (measuring and judging: activations, statistics, probe, slots, report values, rules, the patch
+  operations and the activations they swap in) imports no presentation or file-format library and opens no file, and nothing it imports
   from the package does either;
 - no module over 400 lines.
 """
@@ -35,6 +35,8 @@ CORE_MODULES = (
     "deadneuron.select",
     "deadneuron.errors",
     "deadneuron._parse",
+    "deadneuron.ops",
+    "deadneuron.replacements",
 )
 CORE_PACKAGES = ("deadneuron.probe", "deadneuron.rules")
 # Where the core may reach below itself: the loader of the compiled statistics kernel builds and caches a

@@ -28,17 +28,11 @@ from deadneuron._inputs import default_forward
 from deadneuron.activations import spec_for_module
 from deadneuron.errors import PatchError
 from deadneuron.measure import measure
+from deadneuron.ops import AddBatchNorm, InsertDropout, ReinitDead, SetHyperParameter, SwapActivation
 from deadneuron.patch._functional import FunctionalSwap, replace_module, swap_functional
-from deadneuron.patch.plan import (
-    AddBatchNorm,
-    InsertDropout,
-    Plan,
-    ReinitDead,
-    SetHyperParameter,
-    SwapActivation,
-    kind_of,
-)
+from deadneuron.patch.plan import Plan
 from deadneuron.patch.record import ApplyRecord, Change, RecordBuilder
+from deadneuron.replacements import REPLACEMENTS
 from deadneuron.report import Report
 from deadneuron.select import matches
 
@@ -58,16 +52,7 @@ class PatchResult:
 
 def make_activation(op: SwapActivation, *, inplace: bool = False) -> nn.Module:
     """The module for ``op.to`` (keeping ``inplace`` where the new kind has it)."""
-    slope = op.negative_slope if op.negative_slope is not None else 0.01
-    factories: dict[str, Callable[[], nn.Module]] = {
-        "relu": lambda: nn.ReLU(inplace=inplace),
-        "leaky": lambda: nn.LeakyReLU(slope, inplace=inplace),
-        "gelu": nn.GELU,
-        "elu": lambda: nn.ELU(inplace=inplace),
-        "silu": lambda: nn.SiLU(inplace=inplace),
-        "prelu": nn.PReLU,
-    }
-    return factories[op.to]()
+    return REPLACEMENTS[op.to].module(negative_slope=op.negative_slope, inplace=inplace)
 
 
 def apply_plan(
@@ -181,7 +166,7 @@ def _guessed_site_names(module: str, patterns: Sequence[str]) -> list[str]:
 
 def _swap(model: nn.Module, op: SwapActivation, sites: Mapping[str, tuple[str, bool, str | None]],
           acc: RecordBuilder, trace_errors: dict[str, str]) -> nn.Module:  # fmt: skip
-    target_kind = kind_of(op.to)
+    target_kind = REPLACEMENTS[op.to].kind.value
     replaced: dict[int, nn.Module] = {}
     pick = _Selector(op.sites)
     for name, m in list(model.named_modules()):
@@ -249,7 +234,7 @@ def _check_swapped(model: nn.Module, op: SwapActivation, example: Any, run: Forw
     """Audit the patched model on ``example``: selected sites still of the old kind were not patched."""
     report = _audit_one(model, example, run)
     for name, site in report.sites.items():
-        if site.kind == kind_of(op.to):
+        if site.kind == REPLACEMENTS[op.to].kind.value:
             continue
         wanted = site.kind == op.source if not op.sites else matches((name, site.module, site.kind, f"kind:{site.kind}"), op.sites)
         if not wanted:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from deadneuron.errors import PatchError
+from deadneuron.ops import AddBatchNorm
 from deadneuron.patch.hooks import CHILD, BatchNormHook, has_added_batchnorm
-from deadneuron.patch.plan import AddBatchNorm
 from deadneuron.patch.record import Change, RecordBuilder
 
 LAYER_PREFIX = "layer:"

@@ -20,7 +20,7 @@ from deadneuron.activations import spec_for_module
 from deadneuron.adapters import Adapter, heldout_batches
 from deadneuron.measure import measure
 from deadneuron.patch.config import CONFIG_KEYS, ConfigMap, ConfigPart, SiteRef
-from deadneuron.patch.plan import ACTIVATION_NAMES
+from deadneuron.replacements import SWAP_NAMES
 
 PROBE_GRIDS = 4  # grids of the one-batch audit that names the sites
 
@@ -44,7 +44,7 @@ def activation_keys(config: Mapping[str, Any]) -> list[str]:
     """``ACTIVATION`` and every ``*_ACTIVATION`` key (any case) holding an activation name."""
     return [k for k, v in config.items()
             if (k.upper() == "ACTIVATION" or k.upper().endswith("_ACTIVATION")) and isinstance(v, str)
-            and v.lower() in ACTIVATION_NAMES]  # fmt: skip
+            and v.lower() in SWAP_NAMES]  # fmt: skip
 
 
 def batch_norm_keys(config: Mapping[str, Any]) -> list[str]:

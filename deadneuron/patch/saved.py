@@ -28,7 +28,8 @@ from typing import Any
 from torch import nn
 
 from deadneuron.errors import DeadneuronError, ModelMismatchError, PatchError, UnreadableInputError
-from deadneuron.patch.plan import Plan, ReinitDead
+from deadneuron.ops import ReinitDead
+from deadneuron.patch.plan import Plan
 
 PATCHED_FORMAT = "deadneuron-patched-state"
 PATCHED_VERSION = 2

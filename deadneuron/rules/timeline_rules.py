@@ -14,10 +14,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from deadneuron.ops import compact
 from deadneuron.report import Report
 from deadneuron.rules.common import ids_text, lr_change_text, plural
 from deadneuron.rules.context import RuleContext, bn_scales
-from deadneuron.rules.model import Evidence, Hit, Rule, RuleSet, Severity, Threshold, compact
+from deadneuron.rules.model import Evidence, Hit, Rule, RuleSet, Severity, Threshold
 from deadneuron.rules.timeline import DeadHistory, dead_history, timeline_sites
 
 if TYPE_CHECKING:
