@@ -54,6 +54,7 @@ def _print_table(rows: list[dict[str, Any]], sources: tuple[str, ...]) -> None:
     from rich.text import Text
 
     from deadneuron.render.terminal import SEVERITY_STYLE
+    from deadneuron.rules import Severity
 
     table = Table(title="deadneuron rules", title_justify="left", pad_edge=False, show_lines=True, expand=True)
     table.add_column("id", overflow="fold", ratio=2)
@@ -69,7 +70,7 @@ def _print_table(rows: list[dict[str, Any]], sources: tuple[str, ...]) -> None:
             thresholds.append(f"  {t['help']}", style="dim")
         ident = Text(row["id"] + ("" if row["enabled"] else " (disabled)"), style="bold" if row["enabled"] else "dim")
         ident.append("\n" + row["title"], style="dim")
-        table.add_row(ident, Text(row["severity"], style=SEVERITY_STYLE.get(row["severity"], "")),
+        table.add_row(ident, Text(row["severity"], style=SEVERITY_STYLE[Severity(row["severity"])]),
                       "\n".join(row["reads"]), thresholds)
     console = Console()
     console.print(table)
