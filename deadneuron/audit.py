@@ -50,8 +50,9 @@ def audit(
 
     ``data`` yields batches: a tensor, a tuple/list whose first element is the input, or a dict of
     keyword arguments (with ``adapter``, whatever the adapter's ``forward`` takes). ``select`` limits
-    the sites (globs over names, or kinds such as ``gelu``). ``compile`` fuses the statistics with
-    `torch.compile` (falls back to eager kernels, with a note in ``report.meta``, where it cannot).
+    the sites (globs over names, or kinds such as ``gelu``). ``compile``: the fast statistics kernels (the
+    compiled C pass on CPU, else `torch.compile`, falling back to eager torch where neither runs);
+    False runs the eager torch reference. ``report.meta["kernels"]`` says which ran and why.
     ``progress``: a `deadneuron.measure.ProgressBar` told of every batch (the command line draws a terminal
     bar, `deadneuron.render.progress.audit_bar`); None (the default) draws nothing.
     ``histograms`` also counts every activation value into fixed signed-log bins per site (for plots;
