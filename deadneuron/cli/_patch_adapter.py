@@ -17,10 +17,11 @@ if TYPE_CHECKING:
     from deadneuron.adapters import Adapter
     from deadneuron.cli._patch_context import Context
     from deadneuron.patch import Plan
+    from deadneuron.patch.config import Init
     from deadneuron.patch.retrain import Budget, Options, Run
 
 
-def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: int, init: str, max_steps: int | None,
+def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: int, init: Init, max_steps: int | None,
                   verify: bool, audit_grids: int | None, allow_globals: tuple[str, ...] | list[str],
                   workers: int | None = None, threads: int | None = None) -> None:  # fmt: skip
     from deadneuron.adapters import get_adapter, is_deadneuron_checkpoint
@@ -36,7 +37,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     ckpt = cast(Mapping[str, Any], ckpt)
     adapter = get_adapter(str(ckpt.get("adapter")))
     config = full_config(adapter, ckpt.get("config") or {})
-    budget = Budget(_steps(ckpt, max_steps), init, audit_grids)  # type: ignore[arg-type]
+    budget = Budget(_steps(ckpt, max_steps), init, audit_grids)
     seed_list = seeds_for(config, seeds)
     if not verify and seeds > 1:
         raise UsageError("--seeds needs verification: drop --no-verify (only the patched config is trained without it)")
@@ -80,7 +81,7 @@ class _Changes:
     shared: list[str]  # changed sites no --select glob names, changed with the others by one shared key
 
 
-def _resolve(adapter: Adapter, config: Mapping[str, Any], plan: Plan, init: str,
+def _resolve(adapter: Adapter, config: Mapping[str, Any], plan: Plan, init: Init,
              report: Any) -> tuple[dict[str, Any], Any, _Changes]:  # fmt: skip
     from deadneuron.patch import AddBatchNorm, SwapActivation, apply_to_config
     from deadneuron.patch.parts import changed_sites, config_map, model_changes, outside, site_infos
@@ -88,7 +89,7 @@ def _resolve(adapter: Adapter, config: Mapping[str, Any], plan: Plan, init: str,
 
     sites = site_infos(adapter, config, report)
     parts = config_map(adapter, config, sites)
-    patched, record = apply_to_config(config, plan, init=init, parts=parts)  # type: ignore[arg-type]
+    patched, record = apply_to_config(config, plan, init=init, parts=parts)
     changed = changed_sites(adapter, config, patched, sites)
     extra = outside(changed, record.targets) if record.targets else []
     globs = [p for op in plan.ops for p in getattr(op, "sites", ()) if isinstance(op, (SwapActivation, AddBatchNorm))]

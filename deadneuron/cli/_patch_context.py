@@ -4,8 +4,10 @@ figure asked for (`extras`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -24,6 +26,20 @@ class Context:
 
     def say(self, text: str) -> None:
         self.err.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class SubjectFlags:
+    """How a plain state_dict becomes a model with data: --model, --model-arg, --data, --input-shape,
+    --batches, --allow-global, --trust-code."""
+
+    model_spec: str
+    model_args: Mapping[str, Any]
+    data: str | None
+    input_shape: str | None
+    batches: int | None
+    allow_globals: Sequence[str]
+    trust_code: bool
 
 
 def new_outputs(ctx: Context) -> Outputs:
@@ -46,4 +62,4 @@ def extras(ctx: Context, outputs: Outputs, verification: Verification, before: l
         outputs.data(ctx.figure, figure_png(figure))
 
 
-__all__ = ["Context", "extras", "new_outputs"]
+__all__ = ["Context", "SubjectFlags", "extras", "new_outputs"]

@@ -28,6 +28,7 @@ import typer
 from rich.console import Console
 
 from deadneuron.errors import UsageError
+from deadneuron.patch.config import Init
 
 DEFAULT_CHECKPOINT = Path("checkpoints/slot_attention.pth")
 
@@ -90,7 +91,7 @@ def patch_command(
 
         check_outputs({"--out": target, "--markdown": markdown, "--figure": figure}, inputs=[checkpoint], force=force)
     show = progress if progress is not None else sys.stderr.isatty()
-    from deadneuron.cli._patch_context import Context
+    from deadneuron.cli._patch_context import Context, SubjectFlags
 
     ctx = Context(checkpoint=checkpoint, out=target, force=force, dry_run=dry_run, progress=show,
                   markdown=markdown, figure=figure, console=Console(), err=Console(stderr=True))  # fmt: skip
@@ -98,20 +99,19 @@ def patch_command(
         from deadneuron.cli._patch_generic import patch_generic
         from deadneuron.cli._subject import parse_key_values
 
-        args = parse_key_values(model_arg or [], option="--model-arg")
-        subject = {"model_spec": model, "model_args": args, "data": data, "input_shape": input_shape, "batches": batches,
-                   "allow_globals": allow_global or (), "trust_code": trust_code}  # fmt: skip
+        subject = SubjectFlags(model, parse_key_values(model_arg or [], option="--model-arg"), data, input_shape,
+                               batches, allow_global or (), trust_code)  # fmt: skip
         if train is not None:
             from deadneuron.cli._patch_own import patch_own
 
-            patch_own(ctx, flags, apply_suggestions=apply_suggestions, train_spec=train, metric_spec=metric, seeds=seeds,
-                      steps=max_steps or 0, init=init or "scratch", **subject)  # type: ignore[arg-type]  # fmt: skip
+            patch_own(ctx, flags, subject, apply_suggestions=apply_suggestions, train_spec=train, metric_spec=metric,
+                      seeds=seeds, steps=max_steps or 0, init=_init(init))  # fmt: skip
             return
-        patch_generic(ctx, flags, apply_suggestions=apply_suggestions, **subject)  # type: ignore[arg-type]
+        patch_generic(ctx, flags, subject, apply_suggestions=apply_suggestions)
         return
     from deadneuron.cli._patch_adapter import patch_adapter
 
-    patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init or "scratch",
+    patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=_init(init),
                   max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or (),
                   workers=workers, threads=threads)  # fmt: skip
 
@@ -161,8 +161,16 @@ def _check_numbers(*, seeds: int, max_steps: int | None, audit_grids: int | None
         raise UsageError(f"--audit-grids must be at least 1, got {audit_grids}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    if init is not None and init not in ("scratch", "checkpoint"):
-        raise UsageError(f"--init takes scratch or checkpoint, not {init!r}")
+    _init(init)
+
+
+def _init(text: str | None) -> Init:
+    """``--init``: scratch (the default) or checkpoint."""
+    if text is None or text == "scratch":
+        return "scratch"
+    if text == "checkpoint":
+        return "checkpoint"
+    raise UsageError(f"--init takes scratch or checkpoint, not {text!r}")
 
 
 def default_out(checkpoint: Path) -> Path:
