@@ -37,6 +37,7 @@ CORE_MODULES = (
     "deadneuron._parse",
     "deadneuron.ops",
     "deadneuron.replacements",
+    "deadneuron.gate",
 )
 CORE_PACKAGES = ("deadneuron.probe", "deadneuron.rules")
 # Where the core may reach below itself: the loader of the compiled statistics kernel builds and caches a
