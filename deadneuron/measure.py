@@ -26,6 +26,7 @@ from deadneuron._inputs import (
     resolve_device,
     to_device,
 )
+from deadneuron._parse import check_count
 from deadneuron.activations import check_delta, check_eps
 from deadneuron.adapters import Feed
 from deadneuron.distributed import active as distributed_active
@@ -83,8 +84,7 @@ def measure(
     `deadneuron.audit`, which documents them. ``forward(model, batch)`` feeds a batch (default: the
     adapter's, else `deadneuron._inputs.default_forward`)."""
     overrides = _channel_axes(channel_axis)
-    if max_batches is not None and max_batches < 1:
-        raise UsageError(f"--batches must be at least 1, got {max_batches}")
+    check_count(max_batches, "--batches (max_batches)")
     check_eps(eps)
     check_delta(delta)
     model, notes = unwrap(model)

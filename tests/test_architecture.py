@@ -6,6 +6,7 @@
 - the core (measuring and judging: activations, statistics, probe, slots, report values, rules, the patch
   operations and the activations they swap in) imports no presentation or file-format library and opens no file, and nothing it imports
   from the package does either;
+- deadneuron never imports the bundled model package (it comes in through an entry point);
 - no module over 400 lines.
 """
 
@@ -251,6 +252,13 @@ def test_nothing_the_core_imports_reaches_presentation_or_file_formats() -> None
     bad = sorted({f"{i.source} (reached from {reached[i.source]}) imports {i.target}, line {i.line}"
                   for i in IMPORTS if i.source in reached and i.target in (*PRESENTATION, *FILE_FORMATS)})  # fmt: skip
     assert not bad, "\n".join(bad)
+
+
+def test_deadneuron_never_imports_the_bundled_model() -> None:
+    """arc_model plugs in through the adapters entry point; deadneuron does not name it."""
+    bad = sorted(f"{i.source}, line {i.line}" for i in IMPORTS
+                 if i.source.startswith("deadneuron") and i.target.startswith("arc_model"))  # fmt: skip
+    assert not bad, f"deadneuron imports arc_model: {', '.join(bad)}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from deadneuron._parse import check_count
 from deadneuron.errors import UsageError
 
 if TYPE_CHECKING:
@@ -63,8 +64,7 @@ def load_subject(ctx: Context, flagged: SubjectFlags) -> tuple[Any, list[Any], A
     from deadneuron.audit import audit
     from deadneuron.cli._subject import build_subject
 
-    if flagged.batches is not None and flagged.batches < 1:
-        raise UsageError(f"--batches must be at least 1, got {flagged.batches}")
+    check_count(flagged.batches, "--batches")
     subject = build_subject(ctx.checkpoint, model_spec=flagged.model_spec, model_args=flagged.model_args,
                             input_shape=flagged.input_shape, data_spec=flagged.data, batches=flagged.batches,
                             allow_globals=flagged.allow_globals, trust_code=flagged.trust_code)  # fmt: skip

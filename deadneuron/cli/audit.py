@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from deadneuron._parse import check_count
 from deadneuron.errors import DeadneuronError, ExitCode, UsageError
 
 if TYPE_CHECKING:
@@ -68,8 +69,7 @@ def audit_command(
 
     if fmt not in ("table", "json"):
         raise UsageError(f"--format takes table or json, not {fmt!r}")
-    if batches is not None and batches < 1:
-        raise UsageError(f"--batches must be at least 1, got {batches}")
+    check_count(batches, "--batches")
     check_eps(eps)  # before any work
     check_delta(delta)
     if mask is not None and no_mask:
@@ -141,8 +141,7 @@ def _publish(report: Report, out: Path | None, subject: Subject, fmt: str, *, ve
 
 def _check_budget(*, train: str | None, max_steps: int | None) -> None:
     """--train makes the suggested commands retrain the model, which `deadneuron patch` does on a budget."""
-    if max_steps is not None and max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
+    check_count(max_steps, "--max-steps")
     if train is not None and max_steps is None:
         raise UsageError("--train makes the suggested patch commands retrain your model: add --max-steps N, the "
                          "steps of every run (both arms)")  # fmt: skip

@@ -27,6 +27,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deadneuron._parse import check_count
 from deadneuron.errors import UsageError
 from deadneuron.patch.config import Init
 
@@ -73,8 +74,7 @@ def patch_command(
     from deadneuron.patch import plan_from_flags
 
     _check_numbers(seeds=seeds, max_steps=max_steps, audit_grids=audit_grids, threads=threads, init=init)
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
+    check_count(workers, "--workers")
     if threads is not None:
         torch.set_num_threads(threads)
     flags = plan_from_flags(activation=activation, negative_slope=negative_slope, sites=tuple(select or ()), lr=lr,
@@ -153,14 +153,8 @@ def _check_own_model(*, train: str | None, seeds: int, max_steps: int | None, in
 
 
 def _check_numbers(*, seeds: int, max_steps: int | None, audit_grids: int | None, threads: int | None, init: str | None) -> None:
-    if seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {seeds}")
-    if max_steps is not None and max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
-    if audit_grids is not None and audit_grids < 1:
-        raise UsageError(f"--audit-grids must be at least 1, got {audit_grids}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
+    for value, flag in ((seeds, "--seeds"), (max_steps, "--max-steps"), (audit_grids, "--audit-grids"), (threads, "--threads")):
+        check_count(value, flag)
     _init(init)
 
 

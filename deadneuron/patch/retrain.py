@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deadneuron._parse import check_count
 from deadneuron.adapters import Adapter, heldout_batches
 from deadneuron.audit import audit
 from deadneuron.errors import UsageError
@@ -69,8 +70,7 @@ def seeded(config: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 def seeds_for(config: Mapping[str, Any], count: int) -> list[int]:
     """``count`` seeds starting at the config's own (so seed 1 of the baseline arm is the input run)."""
-    if count < 1:
-        raise UsageError(f"--seeds must be at least 1, got {count}")
+    check_count(count, "--seeds")
     key = next((k for k in SEED_KEYS if k in config), None)
     if key is None and count > 1:
         raise UsageError("the config has no SEED key, so runs cannot differ by seed: use --seeds 1")
