@@ -1,12 +1,12 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create/refresh .venv, install, audit the bundled checkpoint
-#   make test   create/refresh .venv, install, ruff check, pytest
+#   make test   create/refresh .venv, install, ruff check, mypy (strict on the core), pytest
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.deadneuron-installed
 
-.PHONY: demo test venv lint bench bench-docs checkpoints clean
+.PHONY: demo test venv lint typecheck bench bench-docs checkpoints clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
+
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 checkpoints: $(STAMP)
@@ -39,4 +43,4 @@ bench-docs: $(STAMP)
 	$(BIN)/python benchmarks/render_table.py --write
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -18,10 +18,12 @@ import dataclasses
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, get_args, get_type_hints
 
-Activation = Literal["relu", "leaky", "gelu", "elu", "silu", "prelu"]
-ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+from deadneuron.replacements import SWAP_NAMES, SwapName
+
+Activation = SwapName  # the activations deadneuron's patches swap in (deadneuron.replacements)
+ACTIVATIONS: tuple[str, ...] = SWAP_NAMES
 # One key per part of the model (see the module docstring); ACTIVATION is the encoder conv stack's.
 ACTIVATION_KEYS: tuple[str, ...] = ("ACTIVATION", "ENCODER_MLP_ACTIVATION", "SLOT_MLP_ACTIVATION", "DECODER_ACTIVATION")
 

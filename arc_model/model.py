@@ -20,6 +20,7 @@ from torch import nn
 
 from arc_model.config import TrainConfig
 from arc_model.data import INPUT_CHANNELS, NUM_COLOURS
+from deadneuron.replacements import REPLACEMENTS
 
 MAX_GRID = 30  # ARC grids are at most 30x30; positions are absolute, so cropping changes nothing
 EVAL_NOISE_SEED = 0  # eval-mode slot initialisation is fixed: audits are reproducible
@@ -35,18 +36,11 @@ class SlotOutput(NamedTuple):
 
 
 def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
-    """The activation module for one of the config's activation names (``TrainConfig.ACTIVATION``...)."""
-    factories = {
-        "relu": nn.ReLU,
-        "leaky": lambda: nn.LeakyReLU(negative_slope),
-        "gelu": nn.GELU,
-        "elu": nn.ELU,
-        "silu": nn.SiLU,
-        "prelu": nn.PReLU,  # one slope shared by the four sites, like the shared module itself
-    }
-    if name not in factories:
-        raise ValueError(f"unknown activation {name!r}; use one of {', '.join(factories)}")
-    return factories[name]()
+    """The activation module for one of the config's activation names (``TrainConfig.ACTIVATION``...), made
+    as deadneuron's patches make it (a PReLU: one slope, shared where the module is shared)."""
+    if name not in REPLACEMENTS:
+        raise ValueError(f"unknown activation {name!r}; use one of {', '.join(REPLACEMENTS)}")
+    return REPLACEMENTS[name].module(negative_slope=negative_slope)
 
 
 def position_grid(height: int, width: int, device: torch.device) -> torch.Tensor:

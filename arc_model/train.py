@@ -174,7 +174,9 @@ def _finish_epoch(model: SlotAutoencoder, grids: list[data.Grid], probe: list[da
 def _snapshot(model: SlotAutoencoder, grids: list[data.Grid], probe: list[data.Grid], cfg: TrainConfig,
               run: RunState) -> dict[str, Any]:
     """A timeline entry: the health of ``model`` on the probe set, BatchNorm statistics re-estimated."""
-    from arc_model.adapter import health_snapshot  # the adapter imports this module
+    from arc_model.feed import (
+        health_snapshot,  # deadneuron's audit, imported when the first snapshot is taken
+    )
 
     view = _with_batchnorm_statistics(model, grids, cfg)
     entry = health_snapshot(view, data.eval_batches(probe, cfg.BATCH_SIZE))

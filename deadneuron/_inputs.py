@@ -1,12 +1,14 @@
 """What an audit is fed: the device it runs on and the batches of its data, each checked with one clear
-error (a device this torch build cannot use, data that is no iterable, data that raises)."""
+error (a device this torch build cannot use, data that is no iterable, data that raises), and how a
+batch reaches the model (`default_forward`, `to_device`, `batch_size`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from deadneuron.errors import AuditRuntimeError, UsageError
 
@@ -57,4 +59,55 @@ def batches_of(data: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
         index += 1
 
 
-__all__ = ["batches_of", "resolve_device"]
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (else buffer) lives; CPU for a model without either."""
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """A batch on ``device``: tensors moved, mappings, tuples, lists and named tuples walked, objects with a
+    ``.to`` method asked to move, anything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        moved = (to_device(v, device) for v in obj)
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    if hasattr(obj, "to") and callable(obj.to):
+        return obj.to(device)
+    return obj
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """A tensor is the input; a tuple/list's first element is; a dict is passed as keyword arguments."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise UsageError(
+        f"cannot feed a batch of type {type(batch).__name__} to the model: "
+        "yield tensors, (input, ...) tuples, or dicts of keyword arguments"
+    )
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in ``batch`` (its first tensor's leading dim; 0 where none is found)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        first = next(iter(batch.values()), None)
+        return batch_size(first) if first is not None else 0
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_size(batch[0])
+    x = getattr(batch, "x", None)
+    return batch_size(x) if isinstance(x, torch.Tensor) else 0
+
+
+__all__ = ["batch_size", "batches_of", "default_forward", "model_device", "resolve_device", "to_device"]

@@ -181,8 +181,8 @@ def _globals_of_one_pickle(stream: IO[bytes]) -> Iterator[str]:
             yield f"{_builtins(module)}.{attr}"
             pushed.append(None)
         elif name == "STACK_GLOBAL":
-            module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-            yield f"{_builtins(module)}.{attr}" if module and attr else "<unresolved>"
+            operands = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            yield f"{_builtins(operands[0])}.{operands[1]}" if operands[0] and operands[1] else "<unresolved>"
             pushed.append(None)
         elif name in (
             "SHORT_BINUNICODE",
@@ -195,14 +195,19 @@ def _globals_of_one_pickle(stream: IO[bytes]) -> Iterator[str]:
         ):
             pushed.append(str(arg))
         elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-            memo[int(arg)] = pushed[-1] if pushed else None
+            memo[_memo_key(arg)] = pushed[-1] if pushed else None
         elif name == "MEMOIZE":
             memo[len(memo)] = pushed[-1] if pushed else None
         elif name in ("BINGET", "LONG_BINGET", "GET"):
-            pushed.append(memo.get(int(arg)))
+            pushed.append(memo.get(_memo_key(arg)))
         elif name not in ("PROTO", "FRAME"):
             pushed.append(None)
         del pushed[:-2]
+
+
+def _memo_key(arg: object) -> int:
+    """The memo index a PUT/GET opcode carries (pickletools decodes it as an int)."""
+    return arg if isinstance(arg, int) else int(str(arg))
 
 
 def _builtins(module: str | None) -> str | None:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deadneuron.errors import UsageError
+
 _INF = float("inf")
 _GRID_SCALE = 1000  # grid step 1e-3, with 0 exactly on the grid
 _GRID_STEPS = 30 * _GRID_SCALE  # z in [-30, 30]
@@ -262,11 +264,23 @@ def _prelu_region(spec: ActivationSpec, delta: float, in_hook: bool) -> FlatRegi
         flat = slope <= delta * max(1.0, slope)
         return FlatRegion(lo=0.0 if flat else -_INF, hi=_INF)
     w = w.detach().double().abs()
-    flat = w <= delta * torch.clamp(w, min=1.0)
-    lo = torch.where(flat, 0.0, -_INF)
+    flat_slope = w <= delta * torch.clamp(w, min=1.0)
+    lo = torch.where(flat_slope, 0.0, -_INF)
     if lo.numel() == 1 and not in_hook:  # a host read: never inside a hook (it would sync on CUDA)
         return FlatRegion(lo=float(lo.reshape(())), hi=_INF)
     return FlatRegion(lo=lo, hi=_INF)
+
+
+def check_eps(eps: float) -> None:
+    """``eps`` (an activation with |a| <= eps counts as zero) checked: a finite number >= 0."""
+    if not (math.isfinite(eps) and eps >= 0):
+        raise UsageError(f"eps (--eps) must be a number >= 0, got {eps}")
+
+
+def check_delta(delta: float) -> None:
+    """``delta`` (flat where |f'(z)| <= delta x max |f'|) checked: in [0, 1)."""
+    if not 0.0 <= delta < 1.0:
+        raise UsageError(f"delta (--delta) must be in [0, 1), got {delta}")
 
 
 def flat_region(spec: ActivationSpec, delta: float, *, in_hook: bool = False) -> FlatRegion:
@@ -275,8 +289,7 @@ def flat_region(spec: ActivationSpec, delta: float, *, in_hook: bool = False) ->
     ``in_hook``: called from inside a forward hook, so nothing may be read back to the host (a
     functional PReLU's region then stays a tensor on the weight's device).
     """
-    if not 0.0 <= delta < 1.0:
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    check_delta(delta)
     if spec.kind is ActivationKind.PRELU:
         return _prelu_region(spec, delta, in_hook)
     if spec.custom is not None:  # a user's function: not kept in a process-wide cache
@@ -342,12 +355,3 @@ def spec_for_module(m: nn.Module) -> ActivationSpec | None:
 
 def is_inplace(m: nn.Module) -> bool:
     return bool(getattr(m, "inplace", False))
-
-
-def __getattr__(name: str) -> Any:
-    """`FunctionalActivations` moved to `deadneuron.functional_kinds`; still importable from here."""
-    if name == "FunctionalActivations":
-        from deadneuron.functional_kinds import FunctionalActivations
-
-        return FunctionalActivations
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

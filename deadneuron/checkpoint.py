@@ -257,7 +257,7 @@ def _globals_in(source: Path, fmt: CheckpointFormat) -> set[str]:
 def _safe_global_names() -> set[str]:
     """Globals weights_only loading accepts: torch's default allowlist plus add_safe_globals ones."""
     # torch 2.13 has no public accessor for its default allowlist; an empty set only over-reports.
-    defaults = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)()
+    defaults: dict[str, object] = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)()
     user = torch.serialization.get_safe_globals()
     return set(defaults) | {
         g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in user

@@ -179,7 +179,7 @@ def pack(part: Part, layout: Layout, device: torch.device) -> Packed:
     slot masks) is the identity of the merge: zero counts, +inf minima, empty moments."""
     from deadneuron.slots import SlotStats
 
-    f64 = {"dtype": torch.float64, "device": device}
+    f64: dict[str, Any] = {"dtype": torch.float64, "device": device}
     mine = {s.info.key: s for s in part.sites} if part.batches > 0 else {}
     sums, mins, moments = [], [], []
     for info in layout.sites:

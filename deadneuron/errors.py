@@ -50,5 +50,11 @@ class AuditRuntimeError(DeadneuronError):
     exit_code = ExitCode.RUNTIME
 
 
+class PatchError(DeadneuronError):
+    """Part of a plan could not be applied; the message lists every site or op and why."""
+
+    exit_code = ExitCode.USAGE
+
+
 class WriteError(DeadneuronError):
     exit_code = ExitCode.WRITE_FAILED

@@ -78,6 +78,15 @@ def _with(kind: ActivationKind, *params: tuple[int, str, float]) -> Maker:
     return make
 
 
+def _constant(spec: ActivationSpec) -> Maker:
+    """A maker that ignores the call's arguments."""
+
+    def make(a: Args, kw: Mapping[str, Any]) -> ActivationSpec:
+        return spec
+
+    return make
+
+
 def _functional_table() -> dict[Any, Maker]:
     K = ActivationKind
     T = torch.Tensor
@@ -88,7 +97,7 @@ def _functional_table() -> dict[Any, Maker]:
             table[fn] = make
 
     def plain(kind: ActivationKind) -> Maker:
-        return lambda a, kw: ActivationSpec(kind)
+        return _constant(ActivationSpec(kind))
 
     add((F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_), plain(K.RELU))
     add((F.relu6,), plain(K.RELU6))
@@ -108,7 +117,7 @@ def _functional_table() -> dict[Any, Maker]:
     add((torch.tanh, torch.tanh_, T.tanh, T.tanh_, F.tanh), plain(K.TANH))
     add((F.hardtanh, F.hardtanh_), _with(K.HARDTANH, (1, "min_val", -1.0), (2, "max_val", 1.0)))
     add((F.softsign,), plain(K.SOFTSIGN))
-    add((F.threshold, F.threshold_, torch.threshold, torch.threshold_),
+    add((F.threshold, torch.threshold, torch.threshold_),  # F.threshold_ is torch.threshold_
         _with(K.THRESHOLD, (1, "threshold", 0.0), (2, "value", 0.0)))  # fmt: skip
     add((F.hardshrink, torch.hardshrink, T.hardshrink), _with(K.HARDSHRINK, (1, "lambd", 0.5)))
     add((F.softshrink,), _with(K.SOFTSHRINK, (1, "lambd", 0.5)))
@@ -128,8 +137,7 @@ class FunctionalActivations:
         self._table = _functional_table()
         if registry is not None:
             for func, custom in registry.functions().items():
-                spec = ActivationSpec(ActivationKind.CUSTOM, custom=custom)
-                self._table[func] = lambda a, kw, spec=spec: spec
+                self._table[func] = _constant(ActivationSpec(ActivationKind.CUSTOM, custom=custom))
 
     def lookup(self, func: Any, args: Args, kwargs: Mapping[str, Any] | None) -> ActivationSpec | Unmeasured | None:
         """The activation ``func(*args, **kwargs)`` computes, `Unmeasured` if it is one that is not

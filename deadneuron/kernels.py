@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,6 +17,7 @@ from deadneuron import _native
 from deadneuron.moments import Moments, channel_flat, fused_flat, fused_moments
 
 _INF = float("inf")
+_T = TypeVar("_T")
 
 
 class Kernels:
@@ -40,8 +41,8 @@ class Kernels:
         self.min_compiled_numel = min_compiled_numel
         self.fallback_reason: str | None = None
         self.native: _native.NativeStats | None = None
-        self._moments: Callable[..., Any] = fused_moments
-        self._flat: Callable[..., Any] = fused_flat
+        self._moments: Callable[..., Moments] = fused_moments
+        self._flat: Callable[..., torch.Tensor] = fused_flat
         self._used: set[str] = set()
         if compile:
             self.native = _native.load() if native else None
@@ -61,7 +62,7 @@ class Kernels:
             return "+".join(used)
         return "native" if self.native is not None else "compiled" if self.compiled else "eager"
 
-    def _call(self, fast: Callable[..., Any], eager: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
+    def _call(self, fast: Callable[..., _T], eager: Callable[..., _T], x: torch.Tensor, *args: Any) -> _T:
         if self.compiled and x.device.type == "cpu" and x.numel() >= self.min_compiled_numel:
             try:
                 # the Recorder's TorchFunctionMode must not be traced into the compiled graph
@@ -124,7 +125,7 @@ class Kernels:
 
 
 @functools.cache
-def _compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _compiled_kernels() -> tuple[Callable[..., Moments], Callable[..., torch.Tensor]]:
     """`torch.compile` wrappers, made once per process (making one costs milliseconds)."""
     return torch.compile(fused_moments, dynamic=True), torch.compile(fused_flat, dynamic=True)
 

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from deadneuron.errors import DeadneuronError
-from deadneuron.rules import PatchKind, PatchOp, Preview, surgery_preview
+from deadneuron.ops import AddBatchNorm, Op, ReinitDead, SetHyperParameter
+from deadneuron.rules import Preview, surgery_preview
 from deadneuron.rules.target import fed_sites, select_patterns
 
 if TYPE_CHECKING:
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 Forward = Callable[["nn.Module", Any], Any]
 
 
-def _reinit_sites(ops: tuple[PatchOp, ...]) -> list[str]:
-    return [site for op in ops if op.kind is PatchKind.REINIT_DEAD for site, _ in op.param("channels", ())]
+def _reinit_sites(ops: tuple[Op, ...]) -> list[str]:
+    return [site for op in ops if isinstance(op, ReinitDead) for site in op.channel_sites]
 
 
 class _ReinitCheck:
@@ -51,7 +52,7 @@ class _ReinitCheck:
             return [self._no_pass]
         if self._example is None:
             return ["no example batch to find the layers around the dead channels"]
-        from deadneuron.audit import default_forward
+        from deadneuron._inputs import default_forward
         from deadneuron.patch.reinit import unreachable_sites
 
         if self._flow is None:
@@ -69,10 +70,19 @@ class _ReinitCheck:
         error = ""
         for example in (first_sample(self._example), self._example):
             try:
-                return dataflow(self._model(), lambda m, x=example: run(m, x))
+                return dataflow(self._model(), _fed(run, example))
             except Exception as exc:  # the audit's report stands; this fix is only not suggested
                 error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         return f"the forward pass that maps layers to sites failed ({error})"
+
+
+def _fed(run: Forward, example: Any) -> Callable[[nn.Module], Any]:
+    """``run`` with its batch fixed to ``example``."""
+
+    def feed(model: nn.Module) -> Any:
+        return run(model, example)
+
+    return feed
 
 
 def first_sample(batch: Any) -> Any:
@@ -100,9 +110,9 @@ class ModelPreview:
         self._model, self._train = model, train
         self._reinit = _ReinitCheck(lambda: model, example, forward, no_pass=no_pass)
 
-    def __call__(self, report: Report, ops: tuple[PatchOp, ...]) -> Preview:
-        norms = [op for op in ops if op.kind is PatchKind.ADD_BATCHNORM]
-        trained = [op for op in ops if op.kind is PatchKind.SET_HPARAM and self._train is not None]
+    def __call__(self, report: Report, ops: tuple[Op, ...]) -> Preview:
+        norms = [op for op in ops if isinstance(op, AddBatchNorm)]
+        trained = [op for op in ops if isinstance(op, SetHyperParameter) and self._train is not None]
         preview = surgery_preview(report, tuple(op for op in ops if op not in norms and op not in trained))
         sites, problems = set(preview.sites), [*preview.problems, *self._reinit.problems(_reinit_sites(ops))]
         problems += self._train_problems(trained)
@@ -115,22 +125,22 @@ class ModelPreview:
             problems += why
         return Preview(frozenset(sites), tuple(problems))
 
-    def _train_problems(self, ops: list[PatchOp]) -> list[str]:
+    def _train_problems(self, ops: list[SetHyperParameter]) -> list[str]:
         """Why ``train`` cannot take the hyper-parameter changes ``ops`` (none where it can)."""
         if not ops or self._train is None:
             return []
-        from deadneuron.patch import Plan, op_from_dict
+        from deadneuron.patch import Plan
         from deadneuron.patch.own import train_keywords
 
         try:
-            train_keywords(self._train, Plan(tuple(op_from_dict(op.to_dict()) for op in ops)))
+            train_keywords(self._train, Plan(tuple(ops)))
         except DeadneuronError as exc:
             return [str(exc)]
         return []
 
-    def _batchnorm_layers(self, report: Report, op: PatchOp) -> tuple[list[str], list[str]]:
+    def _batchnorm_layers(self, report: Report, op: AddBatchNorm) -> tuple[list[str], list[str]]:
         """The layers ``--add-batchnorm`` with the op's ``--select`` would give a BatchNorm, and why not."""
-        from deadneuron.patch import AddBatchNorm, PatchError
+        from deadneuron.errors import PatchError
         from deadneuron.patch.batchnorm import planned_layers
 
         try:
@@ -155,8 +165,8 @@ class ConfigPreview:
         self._example: Any = None
         self._reinit = _ReinitCheck(lambda: adapter.load(checkpoint), None, adapter.forward)
 
-    def __call__(self, report: Report, ops: tuple[PatchOp, ...]) -> Preview:
-        from deadneuron.patch import Plan, apply_to_config, op_from_dict
+    def __call__(self, report: Report, ops: tuple[Op, ...]) -> Preview:
+        from deadneuron.patch import Plan, apply_to_config
         from deadneuron.patch.parts import outside
 
         parts = self._mapped(report)
@@ -164,7 +174,7 @@ class ConfigPreview:
             return Preview(problems=(parts,))
         reinit = _reinit_sites(ops)
         try:
-            plan = Plan(tuple(op_from_dict(op.to_dict()) for op in ops))
+            plan = Plan(ops)
             config, record = apply_to_config(self.config, plan, init="checkpoint" if reinit else "scratch",
                                              parts=parts[1])  # fmt: skip
         except (DeadneuronError, ValueError) as exc:

@@ -97,16 +97,22 @@ class ActivationRegistry:
         Registering a target again replaces its entry (the older handle then removes nothing).
         Raises UsageError for a target the probe cannot see or a function it cannot differentiate.
         """
-        is_module = isinstance(target, type) and issubclass(target, nn.Module)
-        if not is_module:
-            _check_function_target(target)
-        fn = fn if fn is not None else (_fresh_instance(target) if is_module else target)  # type: ignore[arg-type]
-        if not callable(fn):
-            raise UsageError(f"register_activation({_label(target)}): fn must be callable, got {type(fn).__name__}")
-        entry = CustomActivation(name or str(getattr(target, "__name__", _label(target))), fn)
+        module_type: type[nn.Module] | None = None
+        function: Callable[[torch.Tensor], torch.Tensor]
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            module_type = target
+            function = fn if fn is not None else _fresh_instance(target)
+        else:
+            torch_function = _torch_function(target)
+            function = fn if fn is not None else torch_function
+        if not callable(function):
+            raise UsageError(
+                f"register_activation({_label(target)}): fn must be callable, got {type(function).__name__}"
+            )
+        entry = CustomActivation(name or str(getattr(target, "__name__", _label(target))), function)
         _check_differentiable(target, entry)
-        if is_module:
-            self._modules[target] = entry  # type: ignore[index]
+        if module_type is not None:
+            self._modules[module_type] = entry
         else:
             self._functions[target] = entry
         return RegistrationHandle(self, target, entry)
@@ -139,7 +145,8 @@ class ActivationRegistry:
         return target in self._modules or target in self._functions
 
 
-def _check_function_target(target: Any) -> None:
+def _torch_function(target: object) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``target`` checked to be a torch function the probe sees (see the module doc)."""
     if isinstance(target, nn.Module):
         raise UsageError(
             f"register_activation takes the module's class, not an instance: register_activation({type(target).__name__}, fn)"
@@ -152,6 +159,7 @@ def _check_function_target(target: Any) -> None:
             "(it sees the torch calls inside it); wrap it in an nn.Module subclass and register that, "
             "or register the torch function it calls"
         )
+    return target
 
 
 def _fresh_instance(target: type[nn.Module]) -> nn.Module:

@@ -223,7 +223,7 @@ class Report:
 
     def with_findings(self, findings: Iterable[Finding | Mapping[str, Any]]) -> Report:
         """This report with ``findings`` (Finding values, or their ``to_dict()``, read back as Findings)."""
-        return replace(self, findings=tuple(findings))
+        return replace(self, findings=_typed(findings))
 
     def with_meta(self, **extra: Any) -> Report:
         return replace(self, meta={**self.meta, **extra})
@@ -267,7 +267,7 @@ class Report:
         return cls.from_dict(json.loads(text))
 
 
-def _typed(findings: Iterable[Any]) -> tuple[Finding, ...]:
+def _typed(findings: Iterable[Finding | Mapping[str, Any]]) -> tuple[Finding, ...]:
     """Findings as typed values; the type lives in the rules core, imported here on use (the rules
     import this module)."""
     findings = tuple(findings)

@@ -16,14 +16,6 @@ def matches(candidates: Iterable[str], patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(n, p) for p in patterns for n in names)
 
 
-def filter_names(names: Iterable[str], patterns: Sequence[str] | None) -> list[str]:
-    """The names matching any pattern (all of them when ``patterns`` is empty or None)."""
-    names = list(names)
-    if not patterns:
-        return names
-    return [n for n in names if matches((n,), patterns)]
-
-
 def site_selector(site: str) -> str:
     """The selector that picks exactly the site named ``site``: its name with glob characters escaped; a
     site named by a bare word (a module at the model's top, ``relu``) would also read as a kind, so its

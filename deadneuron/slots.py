@@ -1,4 +1,5 @@
-"""Slot-mask detection and occupancy statistics (DESIGN section 3). Pure torch: no I/O, no hooks.
+"""Slot occupancy statistics (DESIGN section 3) of the slot masks an adapter reads from the model's outputs
+(`deadneuron.adapters.Feed.slot_masks`). Pure torch: no I/O, no hooks.
 
 Per image, over valid (non-padding) pixels, slot k **owns** a pixel where it is the argmax and its mask
 value is >= ``confidence``; it is **active** if it owns at least ``min_pixels`` pixels. Bare-argmax counts
@@ -192,48 +193,13 @@ class SlotStats:
         self.state = {name: value.to(device) for name, value in self.state.items()}
 
     def merge(self, other: SlotStats) -> SlotStats:
-        """Add ``other``'s counts into this accumulator (same K and thresholds); returns self."""
+        """A new accumulator equal to one that had seen both streams (same K and thresholds), as
+        `deadneuron.stats.ChannelStats.merge`; neither operand changes."""
         if other.num_slots != self.num_slots or other.params != self.params:
             raise ValueError("cannot merge SlotStats with different slot counts or thresholds")
-        for name, value in other.state.items():
-            self.state[name] += value.to(self.device)
-        return self
+        out = SlotStats(self.num_slots, params=self.params, device=self.device)
+        out.state = {name: value + other.state[name].to(self.device) for name, value in self.state.items()}
+        return out
 
     def compute(self) -> SlotHealth:
         return finalize(self.state, self.params)
-
-
-def is_slot_mask(tensor: torch.Tensor, *, dim: int = 1, atol: float = 1e-3) -> bool:
-    """True for a float tensor (N, K, ...) with K >= 2, values in [0, 1], summing to 1 over ``dim``."""
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() < 3:
-        return False
-    if tensor.shape[dim] < 2 or tensor.numel() == 0:
-        return False
-    t = tensor.detach()
-    in_range = bool(t.min() >= -atol) and bool(t.max() <= 1 + atol)
-    return in_range and bool((t.sum(dim) - 1).abs().max() <= atol)
-
-
-def find_slot_mask(outputs: Any, *, atol: float = 1e-3, max_slots: int = 64) -> torch.Tensor | None:
-    """The first slot mask in a model's outputs (a tensor, or nested tuple / list / dict), as (N, K, ...).
-
-    Layout (N, K, ...) is tried first; (N, ..., K) only for K <= ``max_slots`` and a last dim different
-    from the one before it, so that (N, L, L) attention weights are not taken for slot masks.
-    """
-    for tensor in _tensors(outputs):
-        if is_slot_mask(tensor, dim=1, atol=atol):
-            return tensor
-        last, before = tensor.shape[-1], tensor.shape[-2] if tensor.dim() >= 3 else -1
-        if last <= max_slots and last != before and is_slot_mask(tensor, dim=-1, atol=atol):
-            return tensor.movedim(-1, 1)
-    return None
-
-
-def _tensors(outputs: Any) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, Mapping):
-        return [t for value in outputs.values() for t in _tensors(value)]
-    if isinstance(outputs, list | tuple):
-        return [t for value in outputs for t in _tensors(value)]
-    return []

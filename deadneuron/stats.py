@@ -188,7 +188,10 @@ class ChannelStats:
             "mean": np.where(seen, mean, np.nan), "std": np.where(seen, std, np.nan),
             "min": np.where(seen, mn, np.nan), "max": np.where(seen, mx, np.nan),
         }
-        ints = lambda v: v.astype(np.int64).tolist()  # noqa: E731
+
+        def ints(counts: np.ndarray[Any, Any]) -> list[int]:
+            return list(counts.astype(np.int64).tolist())
+
         return ChannelSummary(
             n=n,
             zero=ints(arrays["zero"]),

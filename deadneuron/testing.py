@@ -38,7 +38,7 @@ def _report_of(model_or_report: nn.Module | Report, data: Iterable[Any] | None, 
         raise TypeError("auditing a model needs data: assert_healthy(model, batches, ...)")
     from deadneuron.audit import audit
 
-    return audit(model_or_report, data, adapter=adapter, progress=False)
+    return audit(model_or_report, data, adapter=adapter)
 
 
 def assert_healthy(
@@ -195,7 +195,7 @@ class AuditCache:
         from deadneuron.audit import audit
 
         report = audit(model, data, select=select, eps=eps, delta=delta, max_batches=max_batches,
-                       adapter=adapter, progress=False, meta={"source": type(model).__name__})  # fmt: skip
+                       adapter=adapter, meta={"source": type(model).__name__})  # fmt: skip
         self.audits += 1
         if data_key is not None:
             self._entries[key] = (model, report)

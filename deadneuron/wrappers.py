@@ -37,10 +37,12 @@ _RENAMED = (
 def wrapped(module: nn.Module) -> nn.Module | None:
     """The module ``module`` wraps, or None when it is no wrapper."""
     if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return module.module
+        inner = module.module
+        return inner if isinstance(inner, nn.Module) else None
     compiled = _optimized_module_type()
     if compiled is not None and isinstance(module, compiled):
-        return module._orig_mod  # type: ignore[no-any-return]
+        inner = module._orig_mod
+        return inner if isinstance(inner, nn.Module) else None
     return None
 
 
@@ -167,4 +169,4 @@ def eager(model: nn.Module) -> AbstractContextManager[object]:
         return nullcontext()
     import torch
 
-    return torch.compiler.set_stance("force_eager")  # type: ignore[return-value]
+    return torch.compiler.set_stance("force_eager")

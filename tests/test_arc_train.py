@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from arc_model import adapter
+from arc_model import feed
 from arc_model.config import TrainConfig
 from arc_model.train import main, train
 from deadneuron.adapters import CHECKPOINT_FORMAT
@@ -23,9 +23,13 @@ TINY = TrainConfig(
 
 @pytest.fixture
 def quick_timeline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The encoder-only timeline probe instead of the full audit: these tests are about training.
+    """A fixed timeline entry instead of an audit at every timeline point: these tests are about training.
     (test_checkpoint_loads_with_weights_only goes through deadneuron.audit.)"""
-    monkeypatch.setattr(adapter, "health_snapshot", lambda model, batches: adapter._fallback_snapshot(model, list(batches)))
+
+    def snapshot(model: torch.nn.Module, batches: Any) -> dict[str, Any]:
+        return {"source": "test stand-in", "sites": {}, "slots": None, "metrics": {"valid_pixel_accuracy": 0.0}}
+
+    monkeypatch.setattr(feed, "health_snapshot", snapshot)
 
 
 def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:

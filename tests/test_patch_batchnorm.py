@@ -204,22 +204,23 @@ def test_the_suggested_command_runs_and_adds_batchnorm_exactly_there(tmp_path: P
 
 
 def test_the_surgery_preview_places_batchnorm_as_the_surgery_does() -> None:
+    from deadneuron.ops import AddBatchNorm
     from deadneuron.reach import ModelPreview
-    from deadneuron.rules import Fix, PatchOp, PatchTarget
+    from deadneuron.rules import Fix, PatchTarget
 
     model, x = plain(), batches()[0]
     report = audit(model, [x], progress=False, compile=False, rules=False)
     target = PatchTarget(("m.pth",), preview=ModelPreview(model, x))
-    stack = (PatchOp.add_batchnorm(("c1>relu", "c2>relu")),)
+    stack = (AddBatchNorm(("c1>relu", "c2>relu")),)
     assert ModelPreview(model, x)(report, stack).sites == {"c1>relu", "c2>relu"}
     assert target.check(report, Fix(stack)) is None
     assert not hasattr(model.c1, "batchnorm"), "the preview changes nothing"
     normed = plain(norm=True)
     normed_report = audit(normed, [x], progress=False, compile=False, rules=False)
-    own_stack = (PatchOp.add_batchnorm(tuple(normed_report.sites)[:2]),)  # named after their norms
+    own_stack = (AddBatchNorm(tuple(normed_report.sites)[:2]),)  # named after their norms
     why = PatchTarget(("m.pth",), preview=ModelPreview(normed, x)).check(normed_report, Fix(own_stack))
     assert why is not None and "already normalised by norms.1 (BatchNorm2d)" in why
     dropped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.1), nn.ReLU()).eval()
     dropped_report = audit(dropped, [x], progress=False, compile=False, rules=False)
-    why = PatchTarget(("m.pth",), preview=ModelPreview(dropped, x)).check(dropped_report, Fix((PatchOp.add_batchnorm(("2",)),)))
+    why = PatchTarget(("m.pth",), preview=ModelPreview(dropped, x)).check(dropped_report, Fix((AddBatchNorm(("2",)),)))
     assert why is not None and "2: fed by 1 (Dropout), not a conv or linear layer" in why

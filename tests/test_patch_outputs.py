@@ -94,12 +94,12 @@ def test_a_failing_write_removes_what_the_run_already_wrote(tmp_path: Path, monk
 
 
 def test_a_failing_figure_leaves_no_checkpoint(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import deadneuron.cli.patch as cli_patch
+    from deadneuron.render import training_plots
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("cannot draw")
 
-    monkeypatch.setattr(cli_patch, "before_after_plot", lambda: broken)
+    monkeypatch.setattr(training_plots, "plot_before_after", broken)
     out = tmp_path / "p.pth"
     code, _, _ = patch(ckpt, "--out", out, "--figure", tmp_path / "f.png")
     assert code != 0 and not out.exists() and not (tmp_path / "f.png").exists()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from deadneuron.activations import spec_for_module
 from deadneuron.errors import UsageError
+from deadneuron.ops import Op
 from deadneuron.patch import (
     InsertDropout,
     Plan,
@@ -16,12 +19,13 @@ from deadneuron.patch import (
     plan_from_flags,
 )
 from deadneuron.patch.config import apply_to_config
-from deadneuron.rules import Finding, Fix, PatchOp, Severity
+from deadneuron.replacements import REPLACEMENTS, SWAP_NAMES, kind_of, replacement
+from deadneuron.rules import Finding, Fix, Severity
 
 SITES = ("encoder.bn_layers.0>relu", "encoder.bn_layers.3>relu")
 
 
-def finding(rule: str, *fixes: tuple[PatchOp, ...]) -> Finding:
+def finding(rule: str, *fixes: tuple[Op, ...]) -> Finding:
     return Finding(rule=rule, severity=Severity.WARNING, title=rule, message="m", fixes=tuple(Fix(f) for f in fixes))
 
 
@@ -59,10 +63,10 @@ def test_bad_flags_are_usage_errors(kwargs: dict, message: str) -> None:
 
 def test_rule_engine_ops_read_back_as_the_same_plan_as_their_flags() -> None:
     ops = (
-        PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=SITES),
-        PatchOp.learning_rate(value=5e-5),
-        PatchOp.epochs(1000),
-        PatchOp.dropout_between_convs(0.1),
+        SwapActivation("leaky", negative_slope=0.01, sites=SITES),
+        SetHyperParameter("learning_rate", value=5e-5),
+        SetHyperParameter("epochs", value=1000),
+        InsertDropout(0.1),
     )
     from_finding = plan_from_findings([finding("r", ops)])
     from_flags = plan_from_flags(activation="leaky", negative_slope=0.01, sites=SITES, lr=5e-5, epochs=1000,
@@ -72,19 +76,19 @@ def test_rule_engine_ops_read_back_as_the_same_plan_as_their_flags() -> None:
 
 
 def test_findings_as_dicts_or_objects_give_the_same_plan() -> None:
-    f = finding("dead-relu", (PatchOp.swap_activation("gelu", sites=SITES),), (PatchOp.reinit_dead({"s": [1]}),))
+    f = finding("dead-relu", (SwapActivation("gelu", sites=SITES),), (ReinitDead.of({"s": [1]}),))
     assert plan_from_findings([f]) == plan_from_findings([f.to_dict()])
     assert plan_from_findings([f]).ops == (SwapActivation("gelu", sites=SITES),)  # the preferred fix only
 
 
 def test_findings_merge_swaps_and_channels_and_note_conflicts() -> None:
     findings = [
-        finding("a", (PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=SITES[:1]),
-                      PatchOp.learning_rate(scale=0.5))),
-        finding("b", (PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=SITES[1:]),)),
-        finding("c", (PatchOp.swap_activation("gelu"), PatchOp.learning_rate(value=1e-5))),
-        finding("d", (PatchOp.reinit_dead({"x": [1, 2]}),)),
-        finding("e", (PatchOp.reinit_dead({"x": [2, 3], "y": [0]}),)),
+        finding("a", (SwapActivation("leaky", negative_slope=0.01, sites=SITES[:1]),
+                      SetHyperParameter("learning_rate", scale=0.5))),
+        finding("b", (SwapActivation("leaky", negative_slope=0.01, sites=SITES[1:]),)),
+        finding("c", (SwapActivation("gelu"), SetHyperParameter("learning_rate", value=1e-5))),
+        finding("d", (ReinitDead.of({"x": [1, 2]}),)),
+        finding("e", (ReinitDead.of({"x": [2, 3], "y": [0]}),)),
         finding("f"),  # no fix: nothing planned
     ]  # fmt: skip
     plan = plan_from_findings(findings)
@@ -96,7 +100,7 @@ def test_findings_merge_swaps_and_channels_and_note_conflicts() -> None:
 
 
 def test_flags_override_suggestions_of_the_same_kind() -> None:
-    suggested = plan_from_findings([finding("a", (PatchOp.swap_activation("gelu"), PatchOp.epochs(10)))])
+    suggested = plan_from_findings([finding("a", (SwapActivation("gelu"), SetHyperParameter("epochs", value=10)))])
     plan = suggested.overridden_by(plan_from_flags(activation="leaky"))
     assert plan.get(SwapActivation).to == "leaky"
     assert plan.hyper_parameter("epochs").value == 10
@@ -137,3 +141,24 @@ def test_config_without_a_key_reports_it_and_reinit_from_scratch_is_a_note() -> 
     assert new == {"lr": 0.01}
     assert record.not_patched == ("swap activation -> gelu at every relu site: the config has no ACTIVATION/activation key",)
     assert any("--init scratch" in n for n in record.notes)
+
+
+@pytest.mark.parametrize("name", SWAP_NAMES)
+def test_every_replacement_is_measured_as_the_kind_it_claims(name: str) -> None:
+    """The registry's kind, module and function agree with what the probe recognises and computes."""
+    target = REPLACEMENTS[name]
+    module = target.module(negative_slope=0.2)
+    spec = spec_for_module(module)
+    assert spec is not None and spec.kind is target.kind
+    assert kind_of(name) == target.kind.value
+    if target.function is not None:
+        fn, kwargs = target.call(negative_slope=0.2)
+        z = torch.linspace(-4, 4, 101)
+        assert torch.equal(fn(z, **kwargs), module(z))
+
+
+def test_replacement_names_and_aliases() -> None:
+    assert [replacement(t).name for t in ("LeakyReLU", "leaky_relu", "leaky", " GELU ", "swish", "silu")] == [
+        "leaky", "leaky", "leaky", "gelu", "silu", "silu"]  # fmt: skip
+    with pytest.raises(UsageError, match="not one of relu, leaky, gelu, elu, silu, prelu"):
+        replacement("tanh")

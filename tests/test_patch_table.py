@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from deadneuron.patch import compare, sample_from
-from deadneuron.patch.table import verification_table
 from deadneuron.patch.verify import Verification
+from deadneuron.render.patch_table import verification_table
 from deadneuron.report import Report
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from deadneuron.patch.table import verification_markdown
 from deadneuron.patch.verify import (
     SITE_METRICS,
     SLOT_METRICS,
@@ -14,6 +13,7 @@ from deadneuron.patch.verify import (
     compare,
     verdict,
 )
+from deadneuron.render.patch_table import verification_markdown
 
 DEAD, _, SPARSITY, FLAT = SITE_METRICS
 ACTIVE, _, ENTROPY = SLOT_METRICS

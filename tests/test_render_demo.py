@@ -24,6 +24,7 @@ from deadneuron.cli import app
 from deadneuron.render.findings_view import group_findings, number_text, verdict
 from deadneuron.render.terminal import render
 from deadneuron.report import Report
+from deadneuron.rules.finding import Finding
 from tests.test_render import assert_golden
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,9 +114,11 @@ def test_channel_ids_and_full_text_only_with_verbose(demo: dict[str, str]) -> No
 
 # -- grouping, ranking and the verdict on hand-built findings ------------------------------------------
 def _finding(rule: str, severity: str = "warning", *, sites: tuple[str, ...] = (), commands: tuple[str, ...] = (),
-             evidence: tuple[dict[str, object], ...] = ()) -> dict[str, object]:  # fmt: skip
-    return {"rule": rule, "severity": severity, "title": f"title of {rule}", "message": f"message of {rule} {sites}",
-            "sites": list(sites), "channels": {}, "evidence": list(evidence), "commands": list(commands)}  # fmt: skip
+             evidence: tuple[dict[str, object], ...] = ()) -> Finding:  # fmt: skip
+    """A finding as a report's JSON holds it, read back."""
+    return Finding.from_dict({"rule": rule, "severity": severity, "title": f"title of {rule}",
+                              "message": f"message of {rule} {sites}", "sites": list(sites), "channels": {},
+                              "evidence": list(evidence), "commands": list(commands)})  # fmt: skip
 
 
 def _site_evidence(site: str, n: int) -> dict[str, object]:
@@ -143,14 +146,13 @@ def test_groups_rank_severity_then_task_level_findings() -> None:
     assert [line.text for line in groups[1].lines] == ["valid pixel accuracy 50.0% <= 65.0%"]
 
 
-def test_groups_read_finding_objects_too() -> None:
-    from deadneuron.rules.finding import Finding
+def test_groups_read_findings_built_in_python() -> None:
     from deadneuron.rules.model import Evidence, Severity
 
     finding = Finding(rule="dead-relu", severity=Severity.WARNING, title="t", message="m", sites=("x",),
                       evidence=(Evidence("dead_channels", 2, 1, ">=", "x"),), commands=("c",))  # fmt: skip
     (group,) = group_findings([finding])
-    assert (group.severity, group.lines[0].text, group.commands) == ("warning", "dead channels 2", ("c",))
+    assert (group.severity, group.lines[0].text, group.commands) == (Severity.WARNING, "dead channels 2", ("c",))
 
 
 @pytest.mark.parametrize(("metric", "value", "text"), [("dead_fraction", 0.609375, "60.9%"), ("dead_channels", 39, "39"),
@@ -159,7 +161,7 @@ def test_number_text(metric: str, value: float, text: str) -> None:
     assert number_text(metric, value) == text
 
 
-def _report(*, dead: dict[str, tuple[int, ...]], findings: tuple[dict[str, object], ...] = ()) -> Report:
+def _report(*, dead: dict[str, tuple[int, ...]], findings: tuple[Finding, ...] = ()) -> Report:
     """Sites cut from the golden report_a, with the dead channels given and no dormant ones."""
     from dataclasses import replace
 

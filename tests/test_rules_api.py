@@ -90,7 +90,7 @@ def test_audit_fills_typed_findings_and_plan_from_findings_fixes_the_planted_sit
     assert dead == {"conv2>act": oracle["conv2"], "relu": oracle["fc"]}
     assert all(not f.commands for f in report.findings)  # no command line in Python; the fixes are there
     shared = next(f for f in report.findings if f.sites == ("conv2>act",))
-    assert not any(op.kind.value == "swap_activation" for fix in shared.fixes for op in fix.ops)
+    assert not any(isinstance(op, SwapActivation) for fix in shared.fixes for op in fix.ops)
     assert "act also runs at conv1>act" in shared.withheld[0]
 
     plan = plan_from_findings(report.findings)  # the README's line

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from deadneuron.errors import UsageError
-from deadneuron.rules import builtin_rules, load_config, parse_overrides
+from deadneuron.rules import builtin_rules, parse_overrides
+from deadneuron.settings import load_config
 
 RULES = builtin_rules()
 

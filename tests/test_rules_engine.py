@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import deadneuron
+from deadneuron.ops import InsertDropout, Op, ReinitDead, SetHyperParameter, SwapActivation, op_from_dict
 from deadneuron.report import Report
 from deadneuron.rules import (
     Evidence,
     Fix,
     Hit,
-    PatchOp,
     Rule,
     RuleContext,
     RuleError,
@@ -85,7 +85,7 @@ def _rule(rule_id: str = "custom", **kw: Any) -> Rule:
     fields: dict[str, Any] = {
         "id": rule_id, "title": "Too many sites", "severity": Severity.INFO, "reads": ("report.sites",),
         "thresholds": (Threshold("min_sites", 1, "sites", integer=True),), "predicate": predicate,
-        "message": "{n} sites.", "fixes": lambda hit, ctx, t: [Fix((PatchOp.reinit_dead({"a": (1,)}),))],
+        "message": "{n} sites.", "fixes": lambda hit, ctx, t: [Fix((ReinitDead.of({"a": (1,)}),))],
     }  # fmt: skip
     return Rule(**{**fields, **kw})
 
@@ -172,23 +172,23 @@ def test_entry_point_cannot_shadow_a_builtin(plugins: list[FakeEntryPoint]) -> N
 
 
 @pytest.mark.parametrize(("op", "flags"), [
-    (PatchOp.swap_activation("leaky_relu", negative_slope=0.01), ("--activation", "leaky", "--negative-slope", "0.01")),
-    (PatchOp.swap_activation("gelu"), ("--activation", "gelu")),
-    (PatchOp.swap_activation("gelu", sites=("a>relu", "b")), ("--activation", "gelu", "--select", "a>relu", "--select", "module:b")),
-    (PatchOp.learning_rate(value=5e-5), ("--lr", "5e-5")),
-    (PatchOp.learning_rate(scale=0.5), ("--lr-scale", "0.5")),
-    (PatchOp.epochs(1000), ("--epochs", "1000")),
-    (PatchOp.dropout_between_convs(0.1), ("--dropout-between-convs", "0.1")),
-    (PatchOp.reinit_dead({"s": (1, 2)}), ("--reinit-dead", "--select", "module:s")),
-    (PatchOp.swap_activation("gelu", sites=("blocks[0]>relu",)), ("--activation", "gelu", "--select", "blocks[[]0]>relu")),
+    (SwapActivation("leaky", negative_slope=0.01), ("--activation", "leaky", "--negative-slope", "0.01")),
+    (SwapActivation("gelu"), ("--activation", "gelu")),
+    (SwapActivation("gelu", sites=("a>relu", "b")), ("--activation", "gelu", "--select", "a>relu", "--select", "module:b")),
+    (SetHyperParameter("learning_rate", value=5e-5), ("--lr", "5e-5")),
+    (SetHyperParameter("learning_rate", scale=0.5), ("--lr-scale", "0.5")),
+    (SetHyperParameter("epochs", value=1000), ("--epochs", "1000")),
+    (InsertDropout(0.1), ("--dropout-between-convs", "0.1")),
+    (ReinitDead.of({"s": (1, 2)}), ("--reinit-dead", "--select", "module:s")),
+    (SwapActivation("gelu", sites=("blocks[0]>relu",)), ("--activation", "gelu", "--select", "blocks[[]0]>relu")),
 ], ids=["leaky", "gelu", "gelu-at-sites", "lr", "lr-scale", "epochs", "dropout", "reinit", "glob-escaped"])
-def test_patch_op_flags(op: PatchOp, flags: tuple[str, ...]) -> None:
+def test_patch_op_flags(op: Op, flags: tuple[str, ...]) -> None:
     assert op.flags() == flags
-    assert json.loads(json.dumps(op.to_dict()))["op"] == op.kind.value
+    assert op_from_dict(json.loads(json.dumps(op.to_dict()))) == op  # the JSON reads back as the same op
 
 
 def test_command_quotes_the_source() -> None:
-    fix = Fix((PatchOp.swap_activation("gelu", sites=("enc.bn.2>relu",)), PatchOp.learning_rate(value=5e-5)))
+    fix = Fix((SwapActivation("gelu", sites=("enc.bn.2>relu",)), SetHyperParameter("learning_rate", value=5e-5)))
     command = fix.command("my runs/a.pth")
     assert command == "deadneuron patch 'my runs/a.pth' --activation gelu --select 'enc.bn.2>relu' --lr 5e-5"
     assert shlex.split(command)[2:5] == ["my runs/a.pth", "--activation", "gelu"]
@@ -319,10 +319,8 @@ def test_patch_ops_are_what_the_patch_planner_reads() -> None:
 def test_adapter_model_commands_name_their_sites_and_reinit_from_the_checkpoint() -> None:
     """For a checkpoint with an adapter a swap still names its sites (the config maps them, or the
     finding withholds it), and re-initialising dead channels needs the trained weights (--init checkpoint)."""
-    from deadneuron.rules.model import Fix, PatchOp
-
-    swap = PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=("encoder.bn_layers.1>relu",))
-    reinit = PatchOp.reinit_dead({"encoder.bn_layers.1>relu": [0, 2]})
+    swap = SwapActivation("leaky", negative_slope=0.01, sites=("encoder.bn_layers.1>relu",))
+    reinit = ReinitDead.of({"encoder.bn_layers.1>relu": [0, 2]})
     assert "--select" in Fix((swap,)).command("a.pth")
     assert "--select" in Fix((swap,)).command("a.pth", adapter_model=True)
     assert Fix((reinit,)).command("a.pth") == "deadneuron patch a.pth --reinit-dead --select 'encoder.bn_layers.1>relu'"

@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import shlex
 
+from deadneuron.ops import AddBatchNorm, Op, ReinitDead, SetHyperParameter, SwapActivation
 from deadneuron.report import SiteHealth
-from deadneuron.rules import Fix, PatchOp, PatchTarget, Preview, builtin_rules, evaluate, surgery_preview
+from deadneuron.rules import Fix, PatchTarget, Preview, builtin_rules, evaluate, surgery_preview
 from tests.test_rules_factory import make_report, make_site
 
 
@@ -17,8 +18,8 @@ def functional(name: str, owner: str, **kw: object) -> SiteHealth:
     return dataclasses.replace(make_site(name, **kw), module=owner, functional=True)  # type: ignore[arg-type]
 
 
-def swap(*sites: str) -> tuple[PatchOp, ...]:
-    return (PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=sites),)
+def swap(*sites: str) -> tuple[Op, ...]:
+    return (SwapActivation("leaky", negative_slope=0.01, sites=sites),)
 
 
 REPORT = make_report(
@@ -41,17 +42,17 @@ def test_check_withholds_what_would_change_more_and_says_why() -> None:
     assert reason is not None and "act also runs at conv1>act" in reason and reason.startswith("`--activation leaky")
     assert target.check(REPORT, Fix(swap("relu"))) is None
     assert "block also runs at block.conv>gelu" in str(target.check(REPORT, Fix(swap("block.conv>relu"))))
-    lr = target.check(REPORT, Fix((PatchOp.learning_rate(scale=0.5),)))
+    lr = target.check(REPORT, Fix((SetHyperParameter("learning_rate", scale=0.5),)))
     assert lr is not None and "no training config" in lr and "training script" in lr
     limited = dataclasses.replace(REPORT, meta={**REPORT.meta, "select": ["relu"]})
     assert "--select" in str(target.check(limited, Fix(swap("relu"))))
     masked = PatchTarget(("m.pth",), limits=("--channel-axis relu=1",))
-    assert "--channel-axis relu=1" in str(masked.check(REPORT, Fix((PatchOp.reinit_dead({"relu": (0,)}),))))
+    assert "--channel-axis relu=1" in str(masked.check(REPORT, Fix((ReinitDead.of({"relu": (0,)}),))))
     assert "cannot" in str(PatchTarget(None, unreachable="cannot patch this").check(REPORT, Fix(swap("relu"))))
 
 
 def test_a_config_target_uses_its_measured_preview() -> None:
-    def encoder_only(report: object, ops: tuple[PatchOp, ...]) -> Preview:
+    def encoder_only(report: object, ops: tuple[Op, ...]) -> Preview:
         return Preview(frozenset({"conv1>act", "conv2>act"}))
 
     target = PatchTarget(("ck.pth",), config=True, preview=encoder_only)
@@ -74,8 +75,8 @@ def test_findings_keep_what_applies_with_commands_naming_the_whole_subject() -> 
     assert all(not f.commands for f in quiet) and [f.fixes for f in quiet] == [f.fixes for f in findings]
 
 
-def batchnorm(*sites: str) -> tuple[PatchOp, ...]:
-    return (PatchOp.add_batchnorm(sites),)
+def batchnorm(*sites: str) -> tuple[Op, ...]:
+    return (AddBatchNorm(sites),)
 
 
 FED = make_report(
@@ -100,7 +101,7 @@ def test_a_batchnorm_reaches_every_site_its_layer_feeds() -> None:
 
 
 def test_a_config_batchnorm_switch_covering_more_sites_is_withheld() -> None:
-    def switch(report: object, ops: tuple[PatchOp, ...]) -> Preview:
+    def switch(report: object, ops: tuple[Op, ...]) -> Preview:
         return Preview(frozenset({"c1>relu", "c1>gelu", "c2>relu"}))
 
     target = PatchTarget(("ck.pth",), config=True, preview=switch)
@@ -111,7 +112,7 @@ def test_a_config_batchnorm_switch_covering_more_sites_is_withheld() -> None:
 
 
 def test_a_model_retrained_with_train_reinitialises_from_its_checkpoint() -> None:
-    reinit = Fix((PatchOp.reinit_dead({"relu": (0, 2)}),))
+    reinit = Fix((ReinitDead.of({"relu": (0, 2)}),))
     words = ("m.pth", "--model", "n.py:build", "--data", "n.py:batches", "--train", "n.py:train", "--max-steps", "5")
     assert str(PatchTarget(words, retrains=True).command(reinit)).endswith("--reinit-dead --select module:relu --init checkpoint")
     assert str(PatchTarget(words[:5]).command(reinit)).endswith("--reinit-dead --select module:relu")

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deadneuron.slots import SlotHealth, SlotParams, SlotStats, find_slot_mask, is_slot_mask, slot_health
+from deadneuron.slots import SlotHealth, SlotParams, SlotStats, slot_health
 
 
 def one_hot_masks(owner: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -136,6 +136,8 @@ def test_merge_equals_one_update(batch: tuple[torch.Tensor, torch.Tensor, list[i
     left.update(masks[:cut], valid[:cut])
     right.update(masks[cut:], valid[cut:])
     assert_health_close(left.merge(right).compute(), slot_health(masks, valid))
+    assert_health_close(left.compute(), slot_health(masks[:cut], valid[:cut]))  # merging leaves both as they were
+    assert_health_close(right.compute(), slot_health(masks[cut:], valid[cut:]))
 
 
 def test_reset_and_errors() -> None:
@@ -149,15 +151,3 @@ def test_reset_and_errors() -> None:
         stats.merge(SlotStats(4))
     with pytest.raises(ValueError, match="spatial size"):
         stats.update(torch.full((2, 3, 2, 2), 1 / 3), torch.ones(2, 3, 3, dtype=torch.bool))
-
-
-def test_find_slot_mask() -> None:
-    masks = torch.randn(2, 5, 4, 4).softmax(dim=1)
-    log_probs = torch.randn(2, 10, 4, 4).log_softmax(dim=1)
-    assert find_slot_mask((log_probs, masks, torch.randn(2, 5, 8))) is masks
-    assert find_slot_mask({"a": log_probs}) is None
-    channels_last = masks.permute(0, 2, 3, 1)
-    assert torch.equal(find_slot_mask(channels_last), masks)  # type: ignore[arg-type]
-    assert find_slot_mask(torch.randn(2, 6, 6).softmax(dim=-1)) is None  # attention weights (N, L, L)
-    assert find_slot_mask(torch.randn(2, 10).softmax(dim=1)) is None  # classifier probabilities
-    assert not is_slot_mask(torch.randn(2, 5, 4, 4))

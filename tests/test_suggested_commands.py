@@ -335,8 +335,8 @@ def test_nan_data_suggests_no_command_it_cannot_apply(own: Path, monkeypatch: py
 
 def test_a_learning_rate_fix_applies_where_the_train_function_takes_lr() -> None:
     """With --train a learning rate is the patched arm's ``lr=``: suggested only where train takes one."""
+    from deadneuron.ops import SetHyperParameter
     from deadneuron.reach import ModelPreview
-    from deadneuron.rules import PatchOp
 
     def takes_lr(model: Any, steps: int, seed: int, lr: float = 1e-2) -> None: ...
 
@@ -344,7 +344,7 @@ def test_a_learning_rate_fix_applies_where_the_train_function_takes_lr() -> None
 
     model, x = nn.Sequential(nn.Linear(3, 4), nn.ReLU()), torch.randn(5, 3)
     report = audit(model, [x], progress=False, compile=False, rules=False)
-    halve = (PatchOp.learning_rate(scale=0.5),)
+    halve = (SetHyperParameter("learning_rate", scale=0.5),)
     assert ModelPreview(model, x, train=takes_lr)(report, halve).problems == ()
     assert "no lr= keyword" in ModelPreview(model, x, train=no_lr)(report, halve).problems[0]
     assert "training script" in ModelPreview(model, x)(report, halve).problems[0]
@@ -428,15 +428,16 @@ def test_a_demo_batchnorm_fix_naming_part_of_the_switch_is_withheld_with_why() -
     would change the others too, and a site no switch reaches cannot get one."""
     if not SICK.exists():
         pytest.skip(f"{SICK} is made by `make checkpoints`")
+    from deadneuron.ops import AddBatchNorm
     from deadneuron.reach import ConfigPreview
-    from deadneuron.rules import Fix, PatchOp, PatchTarget
+    from deadneuron.rules import Fix, PatchTarget
 
     arc = ArcSubject(SICK)
     report = arc.audit(arc.adapter.load(arc.ckpt))
     target = PatchTarget((str(SICK),), config=True, preview=ConfigPreview(arc.adapter, arc.ckpt))
     encoder = tuple(f"encoder.bn_layers.{i}>relu" for i in range(4))
-    assert target.check(report, Fix((PatchOp.add_batchnorm(encoder),))) is None
-    some = str(target.check(report, Fix((PatchOp.add_batchnorm(encoder[1:]),))))
+    assert target.check(report, Fix((AddBatchNorm(encoder),))) is None
+    some = str(target.check(report, Fix((AddBatchNorm(encoder[1:]),))))
     assert "switches BatchNorm on for" in some and "would also change encoder.bn_layers.0>relu" in some, some
-    decoder = str(target.check(report, Fix((PatchOp.add_batchnorm(("decoder.layers.1",)),))))
+    decoder = str(target.check(report, Fix((AddBatchNorm(("decoder.layers.1",)),))))
     assert "decoder.layers.1's normalisation is not set by the config" in decoder, decoder

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from deadneuron.cli import audit as _audit
+from deadneuron.cli import audit, compare, patch, report, rules, timeline, train
 from deadneuron.errors import DeadneuronError
 
 EXIT_CODES = (
@@ -58,26 +58,23 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-app.command("audit", help=_audit.__doc__)(handle_errors(_audit.audit_command))
-
-_OPTIONAL_COMMANDS = ("train", "patch", "rules", "compare", "report", "timeline")
-
-
-def _register_optional() -> None:
-    """Commands whose modules may not be present in every build of the tree (added issue by issue)."""
-    import importlib
-
-    for name in _OPTIONAL_COMMANDS:
-        try:
-            module = importlib.import_module(f"deadneuron.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"deadneuron.cli.{name}":
-                continue
-            raise
-        app.command(name, help=module.__doc__)(handle_errors(getattr(module, f"{name}_command")))
+_COMMANDS: tuple[tuple[str, Any, Callable[..., Any]], ...] = (
+    ("audit", audit, audit.audit_command),
+    ("train", train, train.train_command),
+    ("patch", patch, patch.patch_command),
+    ("rules", rules, rules.rules_command),
+    ("compare", compare, compare.compare_command),
+    ("report", report, report.report_command),
+    ("timeline", timeline, timeline.timeline_command),
+)
 
 
-_register_optional()
+def _register() -> None:
+    for name, module, command in _COMMANDS:
+        app.command(name, help=module.__doc__)(handle_errors(command))
+
+
+_register()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,7 +100,7 @@ def launch(device: str | None, *, backend: str | None = None) -> Iterator[tuple[
     if device == "cuda" or (device is None and torch.cuda.is_available()):
         device = f"cuda:{local}"
     cuda = device is not None and device.startswith("cuda")
-    if cuda:
+    if device is not None and cuda:
         torch.cuda.set_device(torch.device(device))
     try:
         dist.init_process_group(backend or ("nccl" if cuda else "gloo"))

@@ -15,12 +15,13 @@ from deadneuron.errors import UsageError
 
 if TYPE_CHECKING:
     from deadneuron.adapters import Adapter
-    from deadneuron.cli.patch import Context
+    from deadneuron.cli._patch_context import Context
     from deadneuron.patch import Plan
+    from deadneuron.patch.config import Init
     from deadneuron.patch.retrain import Budget, Options, Run
 
 
-def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: int, init: str, max_steps: int | None,
+def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: int, init: Init, max_steps: int | None,
                   verify: bool, audit_grids: int | None, allow_globals: tuple[str, ...] | list[str],
                   workers: int | None = None, threads: int | None = None, ranks: tuple[int, int] = (0, 1)) -> None:  # fmt: skip
     from deadneuron.adapters import get_adapter, is_deadneuron_checkpoint
@@ -36,7 +37,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
     ckpt = cast(Mapping[str, Any], ckpt)
     adapter = get_adapter(str(ckpt.get("adapter")))
     config = full_config(adapter, ckpt.get("config") or {})
-    budget = Budget(_steps(ckpt, max_steps), init, audit_grids)  # type: ignore[arg-type]
+    budget = Budget(_steps(ckpt, max_steps), init, audit_grids)
     seed_list = seeds_for(config, seeds)
     if not verify and seeds > 1:
         raise UsageError("--seeds needs verification: drop --no-verify (only the patched config is trained without it)")
@@ -50,11 +51,14 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
         ctx.say("dry run: nothing trained, nothing written")
         return
     from deadneuron.patch.parallel import available_cores
+    from deadneuron.render.progress import audit_bar
 
     rank, world = ranks
     if not verify and not ctx.primary:
-        return  # one run, the patched config: rank 0 trains and writes it  # under torchrun each rank runs its share, on one process unless --workers says more
-    options = Options(progress=ctx.progress, say=ctx.say, init_checkpoint=ckpt if init == "checkpoint" else None,
+        return  # one run, the patched config: rank 0 trains and writes it
+    # under torchrun each rank runs its share, on one process unless --workers says more
+    options = Options(progress=ctx.progress, audit_progress=audit_bar if ctx.progress else None, say=ctx.say,
+                      init_checkpoint=ckpt if init == "checkpoint" else None,
                       workers=workers or (available_cores() if world == 1 else 1), threads=threads or 1, rank=rank,
                       world_size=world)  # fmt: skip
     if init == "checkpoint":
@@ -64,7 +68,7 @@ def patch_adapter(ctx: Context, flags: Plan, *, apply_suggestions: bool, seeds: 
         return
     if verification is not None:
         _show(ctx, verification)
-    from deadneuron.cli.patch import new_outputs
+    from deadneuron.cli._patch_context import new_outputs
 
     outputs = new_outputs(ctx)
     kept = next(r for r in runs if r.arm == "patched")
@@ -84,7 +88,7 @@ class _Changes:
     shared: list[str]  # changed sites no --select glob names, changed with the others by one shared key
 
 
-def _resolve(adapter: Adapter, config: Mapping[str, Any], plan: Plan, init: str,
+def _resolve(adapter: Adapter, config: Mapping[str, Any], plan: Plan, init: Init,
              report: Any) -> tuple[dict[str, Any], Any, _Changes]:  # fmt: skip
     from deadneuron.patch import AddBatchNorm, SwapActivation, apply_to_config
     from deadneuron.patch.parts import changed_sites, config_map, model_changes, outside, site_infos
@@ -92,7 +96,7 @@ def _resolve(adapter: Adapter, config: Mapping[str, Any], plan: Plan, init: str,
 
     sites = site_infos(adapter, config, report)
     parts = config_map(adapter, config, sites)
-    patched, record = apply_to_config(config, plan, init=init, parts=parts)  # type: ignore[arg-type]
+    patched, record = apply_to_config(config, plan, init=init, parts=parts)
     changed = changed_sites(adapter, config, patched, sites)
     extra = outside(changed, record.targets) if record.targets else []
     globs = [p for op in plan.ops for p in getattr(op, "sites", ()) if isinstance(op, (SwapActivation, AddBatchNorm))]
@@ -137,9 +141,10 @@ def _steps(ckpt: Mapping[str, Any], max_steps: int | None) -> int:
 
 def _audit_input(ctx: Context, adapter: Adapter, ckpt: Mapping[str, Any], budget: Budget) -> Any:
     from deadneuron.patch.retrain import audit_run
+    from deadneuron.render.progress import audit_bar
 
     ctx.say(f"auditing the input checkpoint {ctx.checkpoint}")
-    return audit_run(adapter, ckpt, budget, progress=ctx.progress)
+    return audit_run(adapter, ckpt, budget, progress=audit_bar if ctx.progress else None)
 
 
 def _plan(flags: Plan, report: Any, ckpt: Mapping[str, Any], adapter: Adapter, suggestions: bool) -> Plan:
@@ -194,13 +199,13 @@ def _patched_init(ctx: Context, adapter: Adapter, ckpt: Mapping[str, Any], plan:
 
 def _train(adapter: Adapter, baseline: Mapping[str, Any], patched: Mapping[str, Any], budget: Budget,
            options: Options, seeds: list[int], verify: bool, reference: tuple[Any, Any]) -> tuple[Any, list[Run]]:  # fmt: skip
+    from deadneuron.patch.arms import verify_arms
     from deadneuron.patch.retrain import retrain
-    from deadneuron.patch.retrain import verify as run_arms
 
     if not verify:
         return None, [retrain(adapter, patched, budget, options, seed=seeds[0])]
     ref = reference if reference[0] is not None else None
-    return run_arms(adapter, baseline, patched, budget, options, seeds=seeds, reference=ref)
+    return verify_arms(adapter, baseline, patched, budget, options, seeds=seeds, reference=ref)
 
 
 def _add_checkpoint(ctx: Context, outputs: Any, run: Run, plan: Plan, record: Any, model_changes: list[str],
@@ -220,13 +225,13 @@ def _add_checkpoint(ctx: Context, outputs: Any, run: Run, plan: Plan, record: An
 
 
 def _show(ctx: Context, verification: Any) -> None:
-    from deadneuron.patch.table import verification_table
+    from deadneuron.render.patch_table import verification_table
 
     ctx.console.print(verification_table(verification))
 
 
 def _extras(ctx: Context, outputs: Any, verification: Any, runs: list[Run], plan: Plan) -> None:
-    from deadneuron.cli.patch import extras
+    from deadneuron.cli._patch_context import extras
 
     before = [r.report for r in runs if r.arm == "baseline"]
     after = [r.report for r in runs if r.arm == "patched"]

@@ -12,26 +12,23 @@ from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from deadneuron._parse import check_count
 from deadneuron.errors import UsageError
 
 if TYPE_CHECKING:
-    from deadneuron.cli.patch import Context
+    from deadneuron.cli._patch_context import Context, SubjectFlags
     from deadneuron.patch import Plan
 
 DEFAULT_BATCHES = 8
 
 
-def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_spec: str, model_args: Mapping[str, Any],
-                  data: str | None, input_shape: str | None, batches: int | None,
-                  allow_globals: Sequence[str], trust_code: bool) -> None:  # fmt: skip
+def patch_generic(ctx: Context, flags: Plan, flagged: SubjectFlags, *, apply_suggestions: bool) -> None:
     from deadneuron.audit import audit
     from deadneuron.checkpoint import file_sha256
     from deadneuron.patch import apply_plan
 
     source_hash = file_sha256(ctx.checkpoint)
-    subject, sample, before = load_subject(ctx, model_spec=model_spec, model_args=model_args, data=data,
-                                           input_shape=input_shape, batches=batches, allow_globals=allow_globals,
-                                           trust_code=trust_code)  # fmt: skip
+    subject, sample, before = load_subject(ctx, flagged)
     plan = plan_for(flags, before, subject, apply_suggestions)
     if not plan:
         raise UsageError("nothing to patch: the audit found nothing to fix and no flag asked for a change")
@@ -41,18 +38,18 @@ def patch_generic(ctx: Context, flags: Plan, *, apply_suggestions: bool, model_s
     if ctx.dry_run:
         ctx.say("dry run: nothing written")
         return
-    after = audit(result.model, sample, progress=False, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
+    after = audit(result.model, sample, compile=False, meta={"source": f"{ctx.checkpoint} (patched)"})
     verification = _compare(before, after, len(sample))
-    from deadneuron.cli.patch import extras, new_outputs
-    from deadneuron.patch.table import verification_table
+    from deadneuron.cli._patch_context import extras, new_outputs
+    from deadneuron.render.patch_table import verification_table
 
     ctx.console.print(verification_table(verification))
     outputs = new_outputs(ctx)
-    _add_state(ctx, outputs, result, plan, source_hash, model_spec, subject.model_args, subject.patched_plans)
+    _add_state(ctx, outputs, result, plan, source_hash, flagged.model_spec, subject.model_args, subject.patched_plans)
     extras(ctx, outputs, verification, [before], [after], ("before", "after"), changes=[op.describe() for op in plan.ops])
     outputs.write(ctx.say)
     ctx.say(f"rebuild {ctx.out} with deadneuron.load_patched({str(ctx.out)!r}, <your factory>), audit it with "
-            f"`deadneuron audit {ctx.out} --model {model_spec} ...`")
+            f"`deadneuron audit {ctx.out} --model {flagged.model_spec} ...`")
 
 
 def refuse_no_op(record: Any) -> None:
@@ -62,19 +59,17 @@ def refuse_no_op(record: Any) -> None:
         raise UsageError(f"the plan changes nothing in this model ({why})")
 
 
-def load_subject(ctx: Context, *, model_spec: str, model_args: Mapping[str, Any], data: str | None,
-                 input_shape: str | None, batches: int | None, allow_globals: Sequence[str],
-                 trust_code: bool) -> tuple[Any, list[Any], Any]:  # fmt: skip
+def load_subject(ctx: Context, flagged: SubjectFlags) -> tuple[Any, list[Any], Any]:
     """The model with its weights, the batches the patch is checked on (--batches, default 8), and its audit."""
     from deadneuron.audit import audit
     from deadneuron.cli._subject import build_subject
 
-    if batches is not None and batches < 1:
-        raise UsageError(f"--batches must be at least 1, got {batches}")
-    subject = build_subject(ctx.checkpoint, model_spec=model_spec, model_args=model_args, input_shape=input_shape,
-                            data_spec=data, batches=batches, allow_globals=allow_globals, trust_code=trust_code)  # fmt: skip
+    check_count(flagged.batches, "--batches")
+    subject = build_subject(ctx.checkpoint, model_spec=flagged.model_spec, model_args=flagged.model_args,
+                            input_shape=flagged.input_shape, data_spec=flagged.data, batches=flagged.batches,
+                            allow_globals=flagged.allow_globals, trust_code=flagged.trust_code)  # fmt: skip
     assert subject.data is not None
-    sample = list(islice(subject.data, batches or DEFAULT_BATCHES))
+    sample = list(islice(subject.data, flagged.batches or DEFAULT_BATCHES))
     if not sample:
         raise UsageError("the data yielded no batches: nothing to check the patch on")
     for note in subject.notes:
@@ -82,7 +77,7 @@ def load_subject(ctx: Context, *, model_spec: str, model_args: Mapping[str, Any]
     for warning in subject.warnings:
         ctx.say(f"warning: {warning}")
     # Eager statistics: a few batches do not repay torch.compile's start-up (tens of seconds cold).
-    before = audit(subject.model, sample, progress=False, compile=False, meta={"source": str(ctx.checkpoint)})
+    before = audit(subject.model, sample, compile=False, meta={"source": str(ctx.checkpoint)})
     return subject, sample, before
 
 

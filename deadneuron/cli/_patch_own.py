@@ -9,7 +9,7 @@ rebuilds it from your factory) with the comparison inside; --markdown and --figu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from deadneuron.errors import AuditRuntimeError, DeadneuronError, UsageError
@@ -17,13 +17,13 @@ from deadneuron.errors import AuditRuntimeError, DeadneuronError, UsageError
 if TYPE_CHECKING:
     from torch import nn
 
-    from deadneuron.cli.patch import Context
+    from deadneuron.cli._patch_context import Context, SubjectFlags
     from deadneuron.patch import Plan
+    from deadneuron.patch.config import Init
 
 
-def patch_own(ctx: Context, flags: Plan, *, apply_suggestions: bool, train_spec: str, metric_spec: str | None,
-              seeds: int, steps: int, init: str, model_spec: str, model_args: Mapping[str, Any], data: str | None,
-              input_shape: str | None, batches: int | None, allow_globals: Sequence[str], trust_code: bool) -> None:  # fmt: skip
+def patch_own(ctx: Context, flags: Plan, flagged: SubjectFlags, *, apply_suggestions: bool, train_spec: str,
+              metric_spec: str | None, seeds: int, steps: int, init: Init) -> None:  # fmt: skip
     from deadneuron.checkpoint import file_sha256
     from deadneuron.cli._patch_generic import load_subject, plan_for, print_plan, refuse_no_op
     from deadneuron.cli._subject import import_object
@@ -33,9 +33,7 @@ def patch_own(ctx: Context, flags: Plan, *, apply_suggestions: bool, train_spec:
     train = _user_function(import_object(train_spec, option="--train"), option="--train", spec=train_spec)
     metric = _metric(metric_spec)
     source_hash = file_sha256(ctx.checkpoint)
-    subject, sample, before = load_subject(ctx, model_spec=model_spec, model_args=model_args, data=data,
-                                           input_shape=input_shape, batches=batches, allow_globals=allow_globals,
-                                           trust_code=trust_code)  # fmt: skip
+    subject, sample, before = load_subject(ctx, flagged)
     plan = _without_scratch_reinit(plan_for(flags, before, subject, apply_suggestions), init)
     if not plan:
         raise UsageError("nothing to patch: the audit found nothing to fix and no flag asked for a change")
@@ -51,15 +49,15 @@ def patch_own(ctx: Context, flags: Plan, *, apply_suggestions: bool, train_spec:
     if ctx.dry_run:
         ctx.say("dry run: nothing trained, nothing written")
         return
-    factory = _fresh_factory(subject, model_spec)
-    result = verify_own(factory, sample, train, plan, seeds=seeds, steps=steps, init=init,  # type: ignore[arg-type]
+    factory = _fresh_factory(subject, flagged.model_spec)
+    result = verify_own(factory, sample, train, plan, seeds=seeds, steps=steps, init=init,
                         start=subject.model, metric=metric, batches=None, say=ctx.say)  # fmt: skip
-    from deadneuron.cli.patch import extras, new_outputs
-    from deadneuron.patch.table import verification_table
+    from deadneuron.cli._patch_context import extras, new_outputs
+    from deadneuron.render.patch_table import verification_table
 
     ctx.console.print(verification_table(result.verification))
     outputs = new_outputs(ctx)
-    outputs.checkpoint(ctx.out, _state(ctx, result, plan, source_hash, model_spec, subject))
+    outputs.checkpoint(ctx.out, _state(ctx, result, plan, source_hash, flagged.model_spec, subject))
     before_reports = [r.report for r in result.runs if r.arm == "baseline"]
     after_reports = [r.report for r in result.runs if r.arm == "patched"]
     extras(ctx, outputs, result.verification, before_reports, after_reports, ("baseline", "patched"),

@@ -180,7 +180,7 @@ def check_callable(spec: str, *, option: str) -> Callable[..., Any]:
     found = import_object(spec, option=option)
     if not callable(found):
         raise UsageError(f"{option} {spec!r} is a {type(found).__name__}, not a function")
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def call_factory(factory: Callable[..., Any], kwargs: Mapping[str, Any], *, option: str, spec: str) -> Any:

@@ -49,8 +49,7 @@ class Peeked:
 
 def peek_data(subject: Subject, batches: int | None) -> Peeked:
     """The first batch of ``subject.data`` (put back in front), and the sample count described above."""
-    from deadneuron._inputs import batches_of
-    from deadneuron.audit import batch_size
+    from deadneuron._inputs import batch_size, batches_of
 
     if subject.data is None:
         return Peeked()

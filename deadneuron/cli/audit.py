@@ -12,12 +12,19 @@ batch, the ranks merge their statistics exactly, and the first rank prints and w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from deadneuron._parse import check_count
 from deadneuron.errors import DeadneuronError, ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from deadneuron.cli._subject import Subject
+    from deadneuron.gate import GateLimits
+    from deadneuron.report import Report
+    from deadneuron.rules import RulesConfig, RuleSet
 
 
 def audit_command(
@@ -52,20 +59,19 @@ def audit_command(
     rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
 ) -> None:
     from deadneuron._inputs import resolve_device
+    from deadneuron.activations import check_delta, check_eps
     from deadneuron.audit import audit
     from deadneuron.cli._launch import launch
     from deadneuron.cli._subject import build_subject, check_callable, parse_channel_axes, parse_key_values
     from deadneuron.cli._target import AuditFlags, patch_target, peek_data, subject_limits
     from deadneuron.gate import GateLimits
+    from deadneuron.render.progress import terminal_bar
 
     if fmt not in ("table", "json"):
         raise UsageError(f"--format takes table or json, not {fmt!r}")
-    if batches is not None and batches < 1:
-        raise UsageError(f"--batches must be at least 1, got {batches}")
-    if eps < 0:
-        raise UsageError(f"--eps must be >= 0, got {eps}")
-    if not 0 <= delta < 1:
-        raise UsageError(f"--delta must be in [0, 1), got {delta}")
+    check_count(batches, "--batches")
+    check_eps(eps)  # before any work
+    check_delta(delta)
     if mask is not None and no_mask:
         raise UsageError("pass either --mask KEY or --no-mask, not both")
     _check_budget(train=train, max_steps=max_steps)
@@ -108,7 +114,7 @@ def audit_command(
         peeked = peek_data(subject, batches)
         report = audit(
             subject.model, shard.take(subject.data, batches, sharded=subject.sharded), eps=eps, delta=delta,
-            select=select, device=device, progress=progress if fmt == "table" and shard.primary else False,
+            select=select, device=device, progress=terminal_bar(progress) if fmt == "table" and shard.primary else None,
             adapter=subject.adapter, histograms=out is not None, mask=None if no_mask else (mask or "auto"),
             channel_axis=axes,
             meta={"source": str(checkpoint), "random_inputs": subject.random_inputs, "warnings": warnings,
@@ -121,7 +127,7 @@ def audit_command(
         _gate(report, limits, quiet=not shard.primary)
 
 
-def _publish(report, out: Path | None, subject, fmt: str, *, verbose: bool) -> None:  # type: ignore[no-untyped-def]
+def _publish(report: Report, out: Path | None, subject: Subject, fmt: str, *, verbose: bool) -> None:
     """Write the report files and print the report (one rank does this under torchrun)."""
     if out is not None:
         _write(report, out, subject)
@@ -135,8 +141,7 @@ def _publish(report, out: Path | None, subject, fmt: str, *, verbose: bool) -> N
 
 def _check_budget(*, train: str | None, max_steps: int | None) -> None:
     """--train makes the suggested commands retrain the model, which `deadneuron patch` does on a budget."""
-    if max_steps is not None and max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
+    check_count(max_steps, "--max-steps")
     if train is not None and max_steps is None:
         raise UsageError("--train makes the suggested patch commands retrain your model: add --max-steps N, the "
                          "steps of every run (both arms)")  # fmt: skip
@@ -144,7 +149,7 @@ def _check_budget(*, train: str | None, max_steps: int | None) -> None:
         raise UsageError("--max-steps is the budget of the runs --train makes: add --train MODULE:FUNCTION")
 
 
-def _gate(report, limits, *, quiet: bool = False) -> None:  # type: ignore[no-untyped-def]
+def _gate(report: Report, limits: GateLimits, *, quiet: bool = False) -> None:
     """After the report is out: list every violated check on stderr (unless ``quiet``: a rank other than
     the first under torchrun) and exit 1."""
     from deadneuron.gate import check, failure_message
@@ -156,17 +161,18 @@ def _gate(report, limits, *, quiet: bool = False) -> None:  # type: ignore[no-un
         raise typer.Exit(int(ExitCode.GATE_FAILED))
 
 
-def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None):  # type: ignore[no-untyped-def]
+def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None) -> tuple[RuleSet, RulesConfig] | None:
     """Rules and thresholds: defaults, pyproject.toml, --config, then --disable (None with --no-rules)."""
     if no_rules:
         return None
-    from deadneuron.rules import load_config, load_rules
+    from deadneuron.rules import load_rules
+    from deadneuron.settings import load_config
 
     rules = load_rules()
     return rules, load_config(rules=rules, config_file=config_file, disable=disable)
 
 
-def _write(report, out: Path, subject) -> None:  # type: ignore[no-untyped-def]
+def _write(report: Report, out: Path, subject: Subject) -> None:
     from deadneuron.render.files import write_report
 
     write_report(report, out, model=subject.model, adapter=subject.adapter, checkpoint=subject.checkpoint)

@@ -21,14 +21,15 @@ outputs are written together at the end, all or none.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from deadneuron._parse import check_count
 from deadneuron.errors import UsageError
+from deadneuron.patch.config import Init
 
 DEFAULT_CHECKPOINT = Path("checkpoints/slot_attention.pth")
 
@@ -73,8 +74,7 @@ def patch_command(
     from deadneuron.patch import plan_from_flags
 
     _check_numbers(seeds=seeds, max_steps=max_steps, audit_grids=audit_grids, threads=threads, init=init)
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
+    check_count(workers, "--workers")
     if threads is not None:
         torch.set_num_threads(threads)
     flags = plan_from_flags(activation=activation, negative_slope=negative_slope, sites=tuple(select or ()), lr=lr,
@@ -91,6 +91,7 @@ def patch_command(
 
         check_outputs({"--out": target, "--markdown": markdown, "--figure": figure}, inputs=[checkpoint], force=force)
     from deadneuron.cli._launch import launch, world_size
+    from deadneuron.cli._patch_context import Context, SubjectFlags
 
     if model is not None and world_size() > 1:
         raise UsageError("under torchrun, patch spreads the runs of a deadneuron checkpoint over the ranks; a "
@@ -104,37 +105,21 @@ def patch_command(
             from deadneuron.cli._patch_generic import patch_generic
             from deadneuron.cli._subject import parse_key_values
 
-            args = parse_key_values(model_arg or [], option="--model-arg")
-            subject = {"model_spec": model, "model_args": args, "data": data, "input_shape": input_shape,
-                       "batches": batches, "allow_globals": allow_global or (), "trust_code": trust_code}  # fmt: skip
+            subject = SubjectFlags(model, parse_key_values(model_arg or [], option="--model-arg"), data, input_shape,
+                                   batches, allow_global or (), trust_code)  # fmt: skip
             if train is not None:
                 from deadneuron.cli._patch_own import patch_own
 
-                patch_own(ctx, flags, apply_suggestions=apply_suggestions, train_spec=train, metric_spec=metric,
-                          seeds=seeds, steps=max_steps or 0, init=init or "scratch", **subject)  # type: ignore[arg-type]  # fmt: skip
+                patch_own(ctx, flags, subject, apply_suggestions=apply_suggestions, train_spec=train,
+                          metric_spec=metric, seeds=seeds, steps=max_steps or 0, init=_init(init))  # fmt: skip
                 return
-            patch_generic(ctx, flags, apply_suggestions=apply_suggestions, **subject)  # type: ignore[arg-type]
+            patch_generic(ctx, flags, subject, apply_suggestions=apply_suggestions)
             return
         from deadneuron.cli._patch_adapter import patch_adapter
 
-        patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=init or "scratch",
+        patch_adapter(ctx, flags, apply_suggestions=apply_suggestions, seeds=seeds, init=_init(init),
                       max_steps=max_steps, verify=verify, audit_grids=audit_grids, allow_globals=allow_global or (),
                       workers=workers, threads=threads, ranks=(shard.rank, shard.world_size))  # fmt: skip
-
-
-class Context:
-    """Where the outputs go and how to talk to the user; shared by both flows."""
-
-    def __init__(self, *, checkpoint: Path, out: Path, force: bool, dry_run: bool, progress: bool,
-                 markdown: Path | None, figure: Path | None, console: Console, err: Console,
-                 primary: bool = True) -> None:  # fmt: skip
-        self.checkpoint, self.out, self.force, self.dry_run, self.progress = checkpoint, out, force, dry_run, progress
-        self.markdown, self.figure, self.console, self.err = markdown, figure, console, err
-        self.primary = primary  # the process that speaks and writes (rank 0 under torchrun)
-
-    def say(self, text: str) -> None:
-        if self.primary:
-            self.err.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def _check_combination(*, model: str | None, train: str | None, metric: str | None, seeds: int, max_steps: int | None,
@@ -174,16 +159,18 @@ def _check_own_model(*, train: str | None, seeds: int, max_steps: int | None, in
 
 
 def _check_numbers(*, seeds: int, max_steps: int | None, audit_grids: int | None, threads: int | None, init: str | None) -> None:
-    if seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {seeds}")
-    if max_steps is not None and max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
-    if audit_grids is not None and audit_grids < 1:
-        raise UsageError(f"--audit-grids must be at least 1, got {audit_grids}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
-    if init is not None and init not in ("scratch", "checkpoint"):
-        raise UsageError(f"--init takes scratch or checkpoint, not {init!r}")
+    for value, flag in ((seeds, "--seeds"), (max_steps, "--max-steps"), (audit_grids, "--audit-grids"), (threads, "--threads")):
+        check_count(value, flag)
+    _init(init)
+
+
+def _init(text: str | None) -> Init:
+    """``--init``: scratch (the default) or checkpoint."""
+    if text is None or text == "scratch":
+        return "scratch"
+    if text == "checkpoint":
+        return "checkpoint"
+    raise UsageError(f"--init takes scratch or checkpoint, not {text!r}")
 
 
 def default_out(checkpoint: Path) -> Path:
@@ -191,43 +178,4 @@ def default_out(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}_patched{checkpoint.suffix or '.pth'}")
 
 
-def extras(ctx: Context, outputs: Any, verification: Any, before: list[Any], after: list[Any], labels: tuple[str, str],
-           changes: Sequence[str] = ()) -> None:  # fmt: skip
-    """The Markdown table and the before/after figure (titled with the ``changes`` and the budget), where
-    asked for, rendered now into ``outputs``."""
-    from deadneuron.patch.table import budget_line, verification_markdown
-
-    if ctx.markdown is not None:
-        outputs.text(ctx.markdown, verification_markdown(verification))
-    if ctx.figure is not None:
-        plot = before_after_plot()
-        if plot is None:
-            ctx.say("no before/after figure function is installed (deadneuron.render); --figure skipped")
-            return
-        from deadneuron.render._style import figure_png
-
-        figure = plot(before, after, labels=labels, changes=changes, budget=budget_line(verification))
-        outputs.data(ctx.figure, figure_png(figure))
-
-
-def new_outputs(ctx: Context) -> Any:
-    from deadneuron.cli._outputs import Outputs
-
-    return Outputs(protect=[ctx.checkpoint], force=ctx.force)
-
-
-def before_after_plot() -> Any:
-    """``plot_before_after`` from deadneuron.render (plots or training_plots), or None."""
-    import importlib
-
-    for module in ("deadneuron.render.plots", "deadneuron.render.training_plots"):
-        try:
-            found = getattr(importlib.import_module(module), "plot_before_after", None)
-        except ImportError:
-            continue
-        if found is not None:
-            return found
-    return None
-
-
-__all__ = ["Context", "default_out", "extras", "new_outputs", "patch_command"]
+__all__ = ["default_out", "patch_command"]

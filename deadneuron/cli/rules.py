@@ -19,7 +19,8 @@ def rules_command(
     fmt: Annotated[str, typer.Option("--format", help="table (rich) or json.")] = "table",
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of thresholds (a [rules] table), read after pyproject.toml.")] = None,
 ) -> None:
-    from deadneuron.rules import load_config, load_rules
+    from deadneuron.rules import load_rules
+    from deadneuron.settings import load_config
 
     if fmt not in ("table", "json"):
         raise UsageError(f"--format takes table or json, not {fmt!r}")
@@ -53,6 +54,7 @@ def _print_table(rows: list[dict[str, Any]], sources: tuple[str, ...]) -> None:
     from rich.text import Text
 
     from deadneuron.render.terminal import SEVERITY_STYLE
+    from deadneuron.rules import Severity
 
     table = Table(title="deadneuron rules", title_justify="left", pad_edge=False, show_lines=True, expand=True)
     table.add_column("id", overflow="fold", ratio=2)
@@ -68,7 +70,7 @@ def _print_table(rows: list[dict[str, Any]], sources: tuple[str, ...]) -> None:
             thresholds.append(f"  {t['help']}", style="dim")
         ident = Text(row["id"] + ("" if row["enabled"] else " (disabled)"), style="bold" if row["enabled"] else "dim")
         ident.append("\n" + row["title"], style="dim")
-        table.add_row(ident, Text(row["severity"], style=SEVERITY_STYLE.get(row["severity"], "")),
+        table.add_row(ident, Text(row["severity"], style=SEVERITY_STYLE[Severity(row["severity"])]),
                       "\n".join(row["reads"]), thresholds)
     console = Console()
     console.print(table)

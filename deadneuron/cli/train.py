@@ -63,15 +63,14 @@ def _train(config: list[str], *, out: Path, force: bool, resume: Path | None, ma
            threads: int | None, progress: bool, save_optimizer: bool, requested: list[int]) -> None:  # fmt: skip
     import torch
 
+    from deadneuron._parse import check_count
     from deadneuron.adapters import get_adapter, is_deadneuron_checkpoint
     from deadneuron.checkpoint import atomic_save, load_checkpoint
     from deadneuron.cli._subject import parse_key_values
 
-    if max_steps is not None and max_steps < 0:
-        raise UsageError(f"--max-steps must be >= 0, got {max_steps}")
+    check_count(max_steps, "--max-steps", least=0)
+    check_count(threads, "--threads")
     if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     _check_out(out, force=force, resume=resume)
     init: Mapping[str, Any] | None = None

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-try:
+if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
-except ImportError:  # the standalone package
-    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+else:
+    try:
+        from lightning.pytorch.callbacks import Callback
+    except ImportError:  # the standalone package
+        from pytorch_lightning.callbacks import Callback
 
 from torch import nn
 

@@ -7,15 +7,16 @@
 
 For adapter models (the bundled ARC model) the same plan becomes a config change
 (:func:`apply_to_config`, ``--select`` mapped onto the config's per-part keys by
-:mod:`deadneuron.patch.parts`), and :mod:`deadneuron.patch.retrain` trains the baseline and the patched
+:mod:`deadneuron.patch.parts`), and :mod:`deadneuron.patch.arms` trains the baseline and the patched
 config on the same budget and seeds; :func:`compare` gives a verdict per metric (rule in
 :mod:`deadneuron.patch.verify`). For a model of your own, :func:`verify_own` does the same with your
 factory, data and ``train(model, steps=N, seed=S)`` function::
 
     result = verify_own(build, batches, train, plan, seeds=2, steps=200)
-    result.verification   # the table's rows; deadneuron.patch.table renders it
- A patched generic model is saved as its state_dict with the plan
-recorded beside it; :func:`load_patched` rebuilds it from the factory.
+    result.verification   # the table's rows; deadneuron.render.patch_table renders it
+
+A patched generic model is saved as its state_dict with the plan recorded beside it; :func:`load_patched`
+rebuilds it from the factory. The ops themselves are `deadneuron.ops` (the rules suggest fixes in them).
 """
 
 from deadneuron.patch.apply import PatchError, PatchResult, apply_plan, make_activation

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from deadneuron.activations import FunctionalActivations
-from deadneuron.patch.plan import SwapActivation
+from deadneuron.functional_kinds import FunctionalActivations
+from deadneuron.ops import SwapActivation
+from deadneuron.replacements import REPLACEMENTS
 
 NodeFilter = Callable[[str, str, str], bool]  # (owner module name, function name, kind) -> selected?
 
@@ -37,19 +37,6 @@ class _OwnCodeTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
-
-
-def replacement(op: SwapActivation, *, inplace: bool) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """The functional form of ``op.to`` and its keyword arguments (PReLU is handled as a module)."""
-    slope = op.negative_slope if op.negative_slope is not None else 0.01
-    table: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
-        "relu": (F.relu, {"inplace": inplace}),
-        "leaky": (F.leaky_relu, {"negative_slope": slope, "inplace": inplace}),
-        "gelu": (F.gelu, {}),
-        "elu": (F.elu, {"inplace": inplace}),
-        "silu": (F.silu, {"inplace": inplace}),
-    }
-    return table[op.to]
 
 
 def _function_of(node: fx.Node) -> Any:
@@ -118,12 +105,13 @@ def _rewrite(graph: fx.Graph, owner: str, op: SwapActivation, selected: NodeFilt
         x = node.args[0]
         inplace = _is_inplace(func, node)
         with graph.inserting_after(node):
-            if op.to == "prelu":
-                child = f"patched_prelu_{len(new_children)}"
-                new_children[child] = nn.PReLU().to(device)
+            target = REPLACEMENTS[op.to]
+            if target.function is None:  # a module only (PReLU: it has a weight)
+                child = f"patched_{op.to}_{len(new_children)}"
+                new_children[child] = target.module().to(device)
                 new = graph.call_module(child, (x,))
             else:
-                fn, kwargs = replacement(op, inplace=inplace and op.to != "gelu")
+                fn, kwargs = target.call(negative_slope=op.negative_slope, inplace=inplace)
                 new = graph.call_function(fn, (x,), kwargs)
         node.replace_all_uses_with(new)
         if inplace:  # later readers of x saw the activated values: give them the new result
@@ -150,7 +138,7 @@ def _graph_module(module: nn.Module, graph: fx.Graph, new_children: dict[str, nn
     for name, param in module.named_parameters(recurse=False):
         if name not in gm._parameters:
             gm.register_parameter(name, param)
-    non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+    non_persistent: set[str] = getattr(module, "_non_persistent_buffers_set", set())
     for name, buf in module.named_buffers(recurse=False):
         if name not in gm._buffers:
             gm.register_buffer(name, buf, persistent=name not in non_persistent)
@@ -175,4 +163,4 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-__all__ = ["FunctionalSwap", "replace_module", "replacement", "swap_functional"]
+__all__ = ["FunctionalSwap", "replace_module", "swap_functional"]

@@ -24,28 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deadneuron._inputs import default_forward
 from deadneuron.activations import spec_for_module
-from deadneuron.errors import DeadneuronError, ExitCode
+from deadneuron.errors import PatchError
+from deadneuron.measure import measure
+from deadneuron.ops import AddBatchNorm, InsertDropout, ReinitDead, SetHyperParameter, SwapActivation
 from deadneuron.patch._functional import FunctionalSwap, replace_module, swap_functional
-from deadneuron.patch.plan import (
-    AddBatchNorm,
-    InsertDropout,
-    Plan,
-    ReinitDead,
-    SetHyperParameter,
-    SwapActivation,
-    kind_of,
-)
+from deadneuron.patch.plan import Plan
 from deadneuron.patch.record import ApplyRecord, Change, RecordBuilder
+from deadneuron.replacements import REPLACEMENTS
+from deadneuron.report import Report
 from deadneuron.select import matches
 
 Forward = Callable[[nn.Module, Any], Any]
-
-
-class PatchError(DeadneuronError):
-    """Part of a plan could not be applied; the message lists every site or op and why."""
-
-    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
@@ -61,16 +52,7 @@ class PatchResult:
 
 def make_activation(op: SwapActivation, *, inplace: bool = False) -> nn.Module:
     """The module for ``op.to`` (keeping ``inplace`` where the new kind has it)."""
-    slope = op.negative_slope if op.negative_slope is not None else 0.01
-    factories: dict[str, Callable[[], nn.Module]] = {
-        "relu": lambda: nn.ReLU(inplace=inplace),
-        "leaky": lambda: nn.LeakyReLU(slope, inplace=inplace),
-        "gelu": nn.GELU,
-        "elu": lambda: nn.ELU(inplace=inplace),
-        "silu": lambda: nn.SiLU(inplace=inplace),
-        "prelu": nn.PReLU,
-    }
-    return factories[op.to]()
+    return REPLACEMENTS[op.to].module(negative_slope=op.negative_slope, inplace=inplace)
 
 
 def apply_plan(
@@ -90,8 +72,6 @@ def apply_plan(
     lets dropout and re-initialisation find the layers around each site and lets the result be checked.
     With ``strict`` (default) anything selected that could not be patched raises PatchError.
     """
-    from deadneuron.audit import default_forward
-
     run = forward or default_forward
     patched = copy.deepcopy(model)
     acc = RecordBuilder()
@@ -186,7 +166,7 @@ def _guessed_site_names(module: str, patterns: Sequence[str]) -> list[str]:
 
 def _swap(model: nn.Module, op: SwapActivation, sites: Mapping[str, tuple[str, bool, str | None]],
           acc: RecordBuilder, trace_errors: dict[str, str]) -> nn.Module:  # fmt: skip
-    target_kind = kind_of(op.to)
+    target_kind = REPLACEMENTS[op.to].kind.value
     replaced: dict[int, nn.Module] = {}
     pick = _Selector(op.sites)
     for name, m in list(model.named_modules()):
@@ -254,7 +234,7 @@ def _check_swapped(model: nn.Module, op: SwapActivation, example: Any, run: Forw
     """Audit the patched model on ``example``: selected sites still of the old kind were not patched."""
     report = _audit_one(model, example, run)
     for name, site in report.sites.items():
-        if site.kind == kind_of(op.to):
+        if site.kind == REPLACEMENTS[op.to].kind.value:
             continue
         wanted = site.kind == op.source if not op.sites else matches((name, site.module, site.kind, f"kind:{site.kind}"), op.sites)
         if not wanted:
@@ -265,31 +245,14 @@ def _check_swapped(model: nn.Module, op: SwapActivation, example: Any, run: Forw
         acc.not_patched.append(f"{name} ({site.kind}{', functional' if site.functional else ''}): {why}")
 
 
-def _audit_one(model: nn.Module, example: Any, run: Forward) -> Any:
+def _audit_one(model: nn.Module, example: Any, run: Forward) -> Report:
     return audit_batches(model, [example], run)
 
 
-def audit_batches(model: nn.Module, batches: Sequence[Any], forward: Forward | None = None) -> Any:
-    """An eager audit of ``model`` on ``batches``, each fed by ``forward`` (default: the audit's own)."""
-    from deadneuron.adapters import Adapter
-    from deadneuron.audit import audit, default_forward
-
-    run = forward or default_forward
-
-    class _Feed:  # audit takes an adapter for custom forwards; only .forward is used without slot/metric data
-        name = "patch-check"
-
-        def forward(self, m: nn.Module, batch: Any) -> Any:
-            return run(m, batch)
-
-        def slot_masks(self, outputs: Any, batch: Any) -> None:
-            return None
-
-        def metric_sums(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
-            return {}
-
-    feed: Adapter | None = _Feed() if forward is not None else None  # type: ignore[assignment]
-    return audit(model, batches, adapter=feed, progress=False, compile=False, distributed=False)
+def audit_batches(model: nn.Module, batches: Sequence[Any], forward: Forward | None = None) -> Report:
+    """An eager measurement of ``model`` on ``batches`` (no findings), each fed by ``forward`` (default:
+    the audit's own)."""
+    return measure(model, batches, forward=forward, compile=False, distributed=False).report
 
 
 class DropoutHook:

@@ -22,34 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deadneuron.patch.plan import AddBatchNorm
+from deadneuron.errors import PatchError
+from deadneuron.ops import AddBatchNorm
+from deadneuron.patch.hooks import CHILD, BatchNormHook, has_added_batchnorm
 from deadneuron.patch.record import Change, RecordBuilder
 
-CHILD = "batchnorm"  # the attribute the added BatchNorm takes on its layer
 LAYER_PREFIX = "layer:"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-class BatchNormHook:
-    """A forward hook passing a layer's output through its ``batchnorm`` child: channels at dim 1 for a
-    conv layer, last for a linear one (any leading dims are treated as batch positions)."""
-
-    def __init__(self, channels_last: bool) -> None:
-        self.channels_last = channels_last
-
-    def __call__(self, module: nn.Module, args: Any, out: Any) -> Any:
-        norm = module._modules.get(CHILD)
-        if norm is None or not isinstance(out, torch.Tensor):
-            return out
-        if not self.channels_last or out.dim() == 2:
-            return norm(out)
-        return norm(out.reshape(-1, out.shape[-1])).reshape(out.shape)
-
-
-def has_added_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module._modules.get(CHILD), nn.modules.batchnorm._BatchNorm) and any(
-        isinstance(h, BatchNormHook) for h in module._forward_hooks.values()
-    )
 
 
 def add_batchnorm(model: nn.Module, op: AddBatchNorm, report: Any, acc: RecordBuilder) -> None:
@@ -88,8 +67,6 @@ def _targets(op: AddBatchNorm, report: Any, modules: Mapping[str, nn.Module],
 
 
 def _needs_report() -> Exception:
-    from deadneuron.patch.apply import PatchError
-
     return PatchError("adding BatchNorm at sites needs to know which layer feeds each: pass an audit report or an "
                       "example batch (on the command line: --data or --input-shape)")  # fmt: skip
 
@@ -105,7 +82,7 @@ def _add_site(site: Any, modules: Mapping[str, nn.Module], layers: dict[str, lis
     if isinstance(layer, _NORMS):
         acc.notes.append(f"{site.name}: already normalised by {producer} ({type(layer).__name__})")
     elif isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
-        layers.setdefault(producer, []).append(site.name)  # type: ignore[arg-type]
+        layers.setdefault(producer, []).append(site.name)
     else:
         what = f"{producer} ({type(layer).__name__})" if layer is not None else "no layer deadneuron can see"
         acc.not_patched.append(f"{site.name}: fed by {what}, not a conv or linear layer; no BatchNorm added")

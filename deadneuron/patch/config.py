@@ -16,16 +16,10 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
-from deadneuron.patch.plan import (
-    AddBatchNorm,
-    InsertDropout,
-    Plan,
-    ReinitDead,
-    SetHyperParameter,
-    SwapActivation,
-    kind_of,
-)
+from deadneuron.ops import AddBatchNorm, InsertDropout, ReinitDead, SetHyperParameter, SwapActivation
+from deadneuron.patch.plan import Plan
 from deadneuron.patch.record import ApplyRecord, Change, RecordBuilder, show
+from deadneuron.replacements import kind_of
 
 Init = Literal["scratch", "checkpoint"]
 Setting = Literal["activation", "batch_norm"]
@@ -120,13 +114,13 @@ def apply_to_config(config: Mapping[str, Any], plan: Plan, *, init: Init = "scra
 def _swap(op: SwapActivation, config: Mapping[str, Any], parts: ConfigMap | None, acc: RecordBuilder,
           targets: list[str], put: Any) -> None:  # fmt: skip
     chosen = parts.of("activation") if parts is not None else []
-    if not chosen:
+    if parts is None or not chosen:
         put("activation", op.to, op.describe())
     else:
         if op.sites:
-            chosen = _selected(op.sites, chosen, parts, "activation", acc)  # type: ignore[arg-type]
+            chosen = _selected(op.sites, chosen, parts, "activation", acc)
         else:
-            chosen = [p for p in chosen if kind_of(str(config.get(p.key))) == op.source]  # type: ignore[arg-type]
+            chosen = [p for p in chosen if kind_of(str(config.get(p.key))) == op.source]
             if not chosen:
                 acc.notes.append(f"no part of the model runs {op.source}: nothing to swap")
         for part in chosen:
@@ -138,11 +132,11 @@ def _swap(op: SwapActivation, config: Mapping[str, Any], parts: ConfigMap | None
 
 def _batch_norm(op: AddBatchNorm, parts: ConfigMap | None, acc: RecordBuilder, targets: list[str], put: Any) -> None:
     chosen = parts.of("batch_norm") if parts is not None else []
-    if not chosen:
+    if parts is None or not chosen:
         put("batch_norm", True, op.describe())
         return
     if op.sites:
-        chosen = _selected(op.sites, chosen, parts, "batch_norm", acc)  # type: ignore[arg-type]
+        chosen = _selected(op.sites, chosen, parts, "batch_norm", acc)
     for part in chosen:
         put("batch_norm", True, op.describe(), key=part.key)
         targets.extend(part.sites)

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from deadneuron.errors import UsageError
+from deadneuron.ops import ReinitDead, SetHyperParameter
 from deadneuron.patch.apply import Forward, PatchResult, apply_plan, audit_batches
 from deadneuron.patch.config import Init
 from deadneuron.patch.estimate import Estimator
-from deadneuron.patch.plan import Plan, ReinitDead, SetHyperParameter
+from deadneuron.patch.plan import Plan
 from deadneuron.patch.record import ApplyRecord
 from deadneuron.patch.verify import Sample, Verification, compare, sample_from
 

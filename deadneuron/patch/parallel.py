@@ -95,7 +95,7 @@ def _here(
     with _threads(options.threads):
         with torch.random.fork_rng(devices=[]):
             ckpt = train_run(adapter, seeded(job.config, job.seed), budget, options, init=job.init, estimate=estimate)
-        report = audit_run(adapter, ckpt, budget, progress=options.progress)
+        report = audit_run(adapter, ckpt, budget, progress=options.audit_progress)
     if estimate is not None:
         estimate.run_finished(index)
     return Run(job.arm, job.seed, ckpt, report)
@@ -169,7 +169,7 @@ def _over_ranks(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: 
 
 def _result(future: Any, job: Job) -> bytes:
     try:
-        return future.result()  # type: ignore[no-any-return]
+        return future.result()
     except BrokenProcessPool as exc:
         raise AuditRuntimeError(f"the worker process training the {job.arm} config, seed {job.seed}, died "
                                 "(out of memory?); run with fewer --workers") from exc  # fmt: skip
@@ -187,7 +187,7 @@ def _remote(payload: bytes, job_bytes: bytes) -> bytes:
     job: Job = _loads(job_bytes)
     with torch.random.fork_rng(devices=[]):
         ckpt = train_run(adapter, seeded(job.config, job.seed), budget, Options(), init=job.init)
-    report = audit_run(adapter, ckpt, budget, progress=False)
+    report = audit_run(adapter, ckpt, budget, progress=None)
     return _dumps((ckpt, report.to_dict()), what="a run's checkpoint")
 
 

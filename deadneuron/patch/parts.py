@@ -9,7 +9,6 @@ else from a one-batch audit of a freshly built model (names depend on the archit
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +17,10 @@ import torch
 from torch import nn
 
 from deadneuron.activations import spec_for_module
-from deadneuron.adapters import Adapter
+from deadneuron.adapters import Adapter, heldout_batches
+from deadneuron.measure import measure
 from deadneuron.patch.config import CONFIG_KEYS, ConfigMap, ConfigPart, SiteRef
-from deadneuron.patch.plan import ACTIVATION_NAMES
+from deadneuron.replacements import SWAP_NAMES
 
 PROBE_GRIDS = 4  # grids of the one-batch audit that names the sites
 
@@ -44,7 +44,7 @@ def activation_keys(config: Mapping[str, Any]) -> list[str]:
     """``ACTIVATION`` and every ``*_ACTIVATION`` key (any case) holding an activation name."""
     return [k for k, v in config.items()
             if (k.upper() == "ACTIVATION" or k.upper().endswith("_ACTIVATION")) and isinstance(v, str)
-            and v.lower() in ACTIVATION_NAMES]  # fmt: skip
+            and v.lower() in SWAP_NAMES]  # fmt: skip
 
 
 def batch_norm_keys(config: Mapping[str, Any]) -> list[str]:
@@ -59,17 +59,12 @@ def site_infos(adapter: Adapter, config: Mapping[str, Any], report: Any = None) 
 
 
 def _probe_audit(adapter: Adapter, config: Mapping[str, Any]) -> Any:
-    from deadneuron.audit import audit
-
-    if "max_grids" in inspect.signature(adapter.batches).parameters:
-        batches = adapter.batches("heldout", config, max_grids=PROBE_GRIDS)  # type: ignore[call-arg]
-    else:
-        batches = adapter.batches("heldout", config)
+    batches = heldout_batches(adapter, config, max_grids=PROBE_GRIDS)
     first = next(iter(batches), None)
     if first is None:
         return _NoSites()
     model = _build(adapter, config).eval()
-    return audit(model, [first], adapter=adapter, progress=False, compile=False, distributed=False)
+    return measure(model, [first], adapter=adapter, compile=False, distributed=False).report
 
 
 class _NoSites:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from deadneuron.activations import FunctionalActivations, spec_for_module
+from deadneuron.activations import spec_for_module
+from deadneuron.functional_kinds import FunctionalActivations
 
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm

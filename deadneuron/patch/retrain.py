@@ -1,4 +1,5 @@
-"""Retraining adapter models: one arm (the patched config), or both arms over several seeds, audited.
+"""Retraining adapter models: one run of a config, audited (both arms over several seeds:
+`deadneuron.patch.arms`).
 
 ``--init scratch`` (the default, and what the user was told to do: set the old checkpoint aside and train
 fresh) builds every run from the config; ``--init checkpoint`` fine-tunes the input checkpoint's weights
@@ -11,16 +12,17 @@ Nothing is written here: the caller saves the checkpoint it keeps, so Ctrl-C lea
 from __future__ import annotations
 
 import inspect
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deadneuron.adapters import Adapter
+from deadneuron._parse import check_count
+from deadneuron.adapters import Adapter, heldout_batches
+from deadneuron.audit import audit
 from deadneuron.errors import UsageError
+from deadneuron.measure import ProgressBar
 from deadneuron.patch.config import Init
 from deadneuron.patch.estimate import Estimator
-from deadneuron.patch.verify import Sample, Verification, compare, sample_from
 
 Say = Callable[[str], None]
 SEED_KEYS = ("SEED", "seed")
@@ -50,7 +52,8 @@ class Run:
 class Options:
     """How to run: progress bars, a line printer, the starting weights for ``--init checkpoint``."""
 
-    progress: bool = False
+    progress: bool = False  # the adapter's training bar
+    audit_progress: ProgressBar | None = None  # the audits' bar (`deadneuron.render.progress.audit_bar`)
     say: Say = field(default=lambda _: None)
     init_checkpoint: Mapping[str, Any] | None = None
     patched_init: Mapping[str, Any] | None = None  # init for the patched arm (re-initialised channels)
@@ -69,8 +72,7 @@ def seeded(config: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 def seeds_for(config: Mapping[str, Any], count: int) -> list[int]:
     """``count`` seeds starting at the config's own (so seed 1 of the baseline arm is the input run)."""
-    if count < 1:
-        raise UsageError(f"--seeds must be at least 1, got {count}")
+    check_count(count, "--seeds")
     key = next((k for k in SEED_KEYS if k in config), None)
     if key is None and count > 1:
         raise UsageError("the config has no SEED key, so runs cannot differ by seed: use --seeds 1")
@@ -115,15 +117,11 @@ def fit_init(adapter: Adapter, config: Mapping[str, Any], init: Mapping[str, Any
     return out
 
 
-def audit_run(adapter: Adapter, checkpoint: Mapping[str, Any], budget: Budget, *, progress: bool) -> Any:
-    from deadneuron.audit import audit
-
+def audit_run(adapter: Adapter, checkpoint: Mapping[str, Any], budget: Budget, *, progress: ProgressBar | None) -> Any:
+    """The audit of the checkpoint's model on the held-out data (``budget.audit_grids`` of it where set)."""
     model = adapter.load(checkpoint)
     config = checkpoint.get("config", {})
-    if budget.audit_grids is not None and "max_grids" in inspect.signature(adapter.batches).parameters:
-        batches = adapter.batches("heldout", config, max_grids=budget.audit_grids)  # type: ignore[call-arg]
-    else:
-        batches = adapter.batches("heldout", config)
+    batches = heldout_batches(adapter, config, max_grids=budget.audit_grids)
     return audit(model, batches, adapter=adapter, progress=progress, distributed=False)  # a run of this rank alone
 
 
@@ -142,46 +140,8 @@ def retrain(adapter: Adapter, config: Mapping[str, Any], budget: Budget, options
     estimate = Estimator(runs=1, steps=budget.steps, say=options.say)
     estimate.run_started(0)
     ckpt = train_run(adapter, seeded(config, seed), budget, options, init=init, estimate=estimate)
-    return Run("patched", seed, ckpt, audit_run(adapter, ckpt, budget, progress=options.progress))
-
-
-def verify(
-    adapter: Adapter,
-    baseline_config: Mapping[str, Any],
-    patched_config: Mapping[str, Any],
-    budget: Budget,
-    options: Options,
-    *,
-    seeds: Sequence[int],
-    reference: Any = None,
-) -> tuple[Verification, list[Run]]:
-    """Train and audit both arms for every seed; the comparison and the runs (patched runs included)."""
-    from deadneuron.patch.parallel import Job, run_jobs
-
-    started = time.monotonic()
-    jobs = []
-    for seed in seeds:
-        for arm, config in (("baseline", baseline_config), ("patched", patched_config)):
-            init = None
-            if budget.init == "checkpoint":
-                init = options.patched_init if arm == "patched" else options.init_checkpoint
-            jobs.append(Job(arm, seed, config, init))
-    estimate = Estimator(runs=len(jobs), steps=budget.steps, say=options.say)
-    runs = run_jobs(adapter, jobs, budget, options, estimate=estimate)  # one by one, or on options.workers processes
-    samples = {arm: [_sample(r) for r in runs if r.arm == arm] for arm in ("baseline", "patched")}
-    spent = {**budget.to_dict(), "seconds": round(time.monotonic() - started, 1)}
-    ref = _sample_of(reference) if reference is not None else None
-    return compare(samples["baseline"], samples["patched"], seeds=seeds, budget=spent, reference=ref), runs
-
-
-def _sample(run: Run) -> Sample:
-    return sample_from(run.report, loss=final_loss(run.checkpoint))
-
-
-def _sample_of(reference: Any) -> Sample:
-    report, checkpoint = reference
-    return sample_from(report, loss=final_loss(checkpoint))
+    return Run("patched", seed, ckpt, audit_run(adapter, ckpt, budget, progress=options.audit_progress))
 
 
 __all__ = ["Budget", "Options", "Run", "audit_run", "final_loss", "fit_init", "retrain", "seeded", "seeds_for",
-           "train_run", "verify"]  # fmt: skip
+           "train_run"]  # fmt: skip

@@ -16,7 +16,7 @@ files (no ``earlier_plans``) are read too. The factory is always passed in: a fi
 code is imported.
 
 Where a recorded plan cannot be re-applied to what the factory builds, :func:`load_patched` raises a
-:class:`~deadneuron.patch.apply.PatchError` (exit 2), never returning the unpatched model.
+:class:`~deadneuron.errors.PatchError` (exit 2), never returning the unpatched model.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import Any
 
 from torch import nn
 
-from deadneuron.errors import DeadneuronError, ModelMismatchError, UnreadableInputError
-from deadneuron.patch.plan import Plan, ReinitDead
+from deadneuron.errors import DeadneuronError, ModelMismatchError, PatchError, UnreadableInputError
+from deadneuron.ops import ReinitDead
+from deadneuron.patch.plan import Plan
 
 PATCHED_FORMAT = "deadneuron-patched-state"
 PATCHED_VERSION = 2
@@ -171,8 +172,6 @@ def _reapply(model: nn.Module, plan: Plan, obj: Mapping[str, Any], where: str) -
 
 
 def _cannot(obj: Mapping[str, Any], where: str, reason: str) -> DeadneuronError:
-    from deadneuron.patch.apply import PatchError
-
     spec = obj.get("model")
     args = recorded_args(obj)
     recorded = f" (recorded: --model {spec}" + "".join(f" --model-arg {k}={v}" for k, v in args.items()) + ")" if spec else ""

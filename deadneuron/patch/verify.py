@@ -1,7 +1,7 @@
 """Did the fix help? Baseline and patched arms compared metric by metric, with a verdict per metric.
 
 Pure: Reports (and final training losses) in, a :class:`Verification` value out; renderers are in
-:mod:`deadneuron.patch.table`.
+:mod:`deadneuron.render.patch_table`.
 
 **The verdict rule.** For each metric, d = mean(patched) - mean(baseline) over the seeds, and the
 threshold is ``max(tolerance, spread)``, where ``spread`` is the larger of the two arms' sample standard

@@ -5,7 +5,8 @@ functional activation calls; `site` holds per-site state and naming; `leaves` an
 plumbing that keeps the functional probe cheap.
 """
 
-from deadneuron.probe.layout import AxisSource, AxisTracker
+from deadneuron.probe.axisrules import AxisSource
+from deadneuron.probe.layout import AxisTracker
 from deadneuron.probe.recorder import Recorder
 from deadneuron.probe.site import SiteResult
 

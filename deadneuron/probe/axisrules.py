@@ -330,8 +330,9 @@ def axis_rules() -> dict[Any, AxisRule]:
             func = getattr(ns, name, None)
             if callable(func):
                 table.setdefault(func, rule)
-    table[torch.Tensor.T.__get__] = reverse_dims
-    table[torch.Tensor.mT.__get__] = swap_last_two
-    table[torch.Tensor.mH.__get__] = swap_last_two
-    table[torch.Tensor.H.__get__] = reverse_dims
+    tensor: Any = torch.Tensor  # on the class, .T and the like are descriptors: the probe sees their __get__
+    table[tensor.T.__get__] = reverse_dims
+    table[tensor.mT.__get__] = swap_last_two
+    table[tensor.mH.__get__] = swap_last_two
+    table[tensor.H.__get__] = reverse_dims
     return table

@@ -31,9 +31,8 @@ def tensors(obj: Any) -> Iterator[torch.Tensor]:
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> torch.Tensor | None:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
-    if kwargs and isinstance(kwargs.get("input"), torch.Tensor):
-        return kwargs["input"]
-    return None
+    given = kwargs.get("input") if kwargs else None
+    return given if isinstance(given, torch.Tensor) else None
 
 
 class FunctionalProbe(TorchFunctionMode):

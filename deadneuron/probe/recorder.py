@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from deadneuron.activations import ActivationSpec, FlatRegion, flat_region, is_inplace
+from deadneuron.activations import ActivationSpec, FlatRegion, check_delta, check_eps, flat_region, is_inplace
 from deadneuron.errors import UsageError
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
@@ -76,10 +76,8 @@ class Recorder:
         observer: SiteObserver | None = None,
         restore_modes: bool = True,
     ) -> None:
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if not 0 <= delta < 1:
-            raise ValueError(f"delta must be in [0, 1), got {delta}")
+        check_eps(eps)
+        check_delta(delta)
         self.model, self.notes = unwrap(model)  # DDP / torch.compile wrappers: their inner module
         self.eps = eps
         self.delta = delta

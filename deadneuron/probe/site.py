@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from deadneuron.activations import ActivationSpec, FlatRegion
-from deadneuron.probe.layout import AxisSource
+from deadneuron.probe.axisrules import AxisSource
 from deadneuron.stats import ChannelStats, ChannelSummary, ValueHistogram
 
 
@@ -84,8 +84,8 @@ def site_names(sites: Sequence[Site]) -> list[str]:
     its qualified name; otherwise producer-based names, with ``#k`` where still shared."""
     per_owner: dict[tuple[str, bool, str], int] = {}
     for s in sites:
-        k = (s.owner, s.functional, s.leaf)
-        per_owner[k] = per_owner.get(k, 0) + 1
+        owner = (s.owner, s.functional, s.leaf)
+        per_owner[owner] = per_owner.get(owner, 0) + 1
     bases = []
     for s in sites:
         single_module = not s.functional and per_owner[(s.owner, False, s.leaf)] == 1

@@ -93,9 +93,9 @@ def extra_figures(
                 out["slot_samples"] = ("Sample grids, reconstructions and slot masks", figure)
         except (ValueError, TypeError, AttributeError) as exc:
             warn(f"slot samples not drawn: {exc}")
-    figure = timeline_figure(checkpoint)
-    if figure is not None:
-        out["health_timeline"] = ("Health over training", figure)
+    timeline = timeline_figure(checkpoint)
+    if timeline is not None:
+        out["health_timeline"] = ("Health over training", timeline)
     return out
 
 

@@ -6,47 +6,21 @@ groups the findings of one rule into a :class:`FindingGroup` (one line per site,
 each distinct command once), ranks the groups so that task-level findings (below the trivial baseline,
 collapsed slots, NaN/Inf) come before per-site channel warnings of the same severity, and words the
 verdict. Pure: values in, values out; the renderers decide how the lines look.
-
-Findings may be plain mappings (``Report.findings`` from JSON) or objects with the same attributes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any
 
 from deadneuron.report import Report
+from deadneuron.rules.finding import Finding
+from deadneuron.rules.model import Severity
 
-SEVERITY_ORDER = {"error": 0, "critical": 0, "warning": 1, "info": 2}
 # Findings about the task or the whole model: ranked above per-site findings of the same severity.
 LEAD_RULES = ("nonfinite", "below-baseline", "slot-collapse")
 _SHARE_WORDS = ("fraction", "share", "accuracy", "sparsity")
-
-
-def field_of(finding: Any, name: str, default: Any = None) -> Any:
-    """``finding[name]`` for a mapping, ``finding.name`` for an object; Enum values as their value."""
-    value = finding.get(name, default) if isinstance(finding, Mapping) else getattr(finding, name, default)
-    return value.value if isinstance(value, Enum) else value
-
-
-def severity_of(finding: Any) -> str:
-    return str(field_of(finding, "severity", "info") or "info")
-
-
-def title_of(finding: Any) -> str:
-    return str(field_of(finding, "title") or field_of(finding, "rule") or field_of(finding, "id") or "finding")
-
-
-def rule_of(finding: Any) -> str:
-    return str(field_of(finding, "rule") or field_of(finding, "id") or title_of(finding))
-
-
-def commands_of(finding: Any) -> list[str]:
-    commands = field_of(finding, "commands") or ()
-    return [commands] if isinstance(commands, str) else [str(c) for c in commands]
 
 
 @dataclass(frozen=True)
@@ -62,7 +36,7 @@ class FindingGroup:
     """Every finding of one rule: one line per site, each distinct command once, the full messages."""
 
     rule: str
-    severity: str
+    severity: Severity
     title: str
     lines: tuple[SiteLine, ...]
     commands: tuple[str, ...]
@@ -79,10 +53,8 @@ def _is_share(metric: str) -> bool:
     return any(word in metric for word in _SHARE_WORDS) or metric.startswith("images_")
 
 
-def number_text(metric: str, value: Any) -> str:
+def number_text(metric: str, value: float) -> str:
     """A measured value as the reader expects it: shares in %, counts whole, the rest 3 significant digits."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
     if not math.isfinite(value):
         return str(value)
     if _is_share(metric):
@@ -92,51 +64,39 @@ def number_text(metric: str, value: Any) -> str:
     return f"{value:.2f}" if 0.01 <= abs(value) < 100 else f"{value:.3g}"
 
 
-def _evidence(finding: Any) -> list[tuple[str | None, str, Any, Any, str]]:
-    """(site, metric, observed, threshold, comparison) of each evidence entry."""
-    out = []
-    for e in field_of(finding, "evidence") or ():
-        site = field_of(e, "site")
-        out.append((None if site is None else str(site), str(field_of(e, "metric", "")), field_of(e, "observed"),
-                    field_of(e, "threshold"), str(field_of(e, "comparison", ""))))  # fmt: skip
-    return out
-
-
-def evidence_lines(findings: Sequence[Any]) -> list[SiteLine]:
+def evidence_lines(findings: Sequence[Finding]) -> list[SiteLine]:
     """One line per site (its observed values) and one line for the model-wide evidence (with the limits
     that made the rule fire: ``observed <comparison> threshold``)."""
     per_site: dict[str, list[str]] = {}
     overall: list[str] = []
-    for f in findings:
-        for site, metric, observed, threshold, comparison in _evidence(f):
-            name = metric.replace("_", " ")
-            if site is None:
-                limit = f" {comparison} {number_text(metric, threshold)}" if comparison else ""
-                overall.append(f"{name} {number_text(metric, observed)}{limit}")
-            else:
-                per_site.setdefault(site, []).append(f"{name} {number_text(metric, observed)}")
+    for e in (e for f in findings for e in f.evidence):
+        name = e.metric.replace("_", " ")
+        if e.site is None:
+            overall.append(f"{name} {number_text(e.metric, e.observed)} {e.comparison} {number_text(e.metric, e.threshold)}")
+        else:
+            per_site.setdefault(e.site, []).append(f"{name} {number_text(e.metric, e.observed)}")
     lines = [SiteLine(site, ", ".join(texts)) for site, texts in per_site.items()]
     return ([SiteLine("", "; ".join(overall))] if overall else []) + lines
 
 
-def _sites(findings: Sequence[Any]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(str(s) for f in findings for s in field_of(f, "sites") or ()))
+def _sites(findings: Sequence[Finding]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(s for f in findings for s in f.sites))
 
 
-def group_findings(findings: Sequence[Any]) -> list[FindingGroup]:
+def group_findings(findings: Sequence[Finding]) -> list[FindingGroup]:
     """The findings grouped by rule, most important first: severity, then task-level rules
     (:data:`LEAD_RULES`), then the order the engine gave."""
-    by_rule: dict[str, list[Any]] = {}
+    by_rule: dict[str, list[Finding]] = {}
     for f in findings:
-        by_rule.setdefault(rule_of(f), []).append(f)
+        by_rule.setdefault(f.rule, []).append(f)
     groups = []
     for rule, members in by_rule.items():
-        commands = tuple(dict.fromkeys(c for f in members for c in commands_of(f)))
-        messages = tuple(str(field_of(f, "message") or "") for f in members)
-        groups.append(FindingGroup(rule, severity_of(members[0]), title_of(members[0]), tuple(evidence_lines(members)),
-                                   commands, tuple(m for m in messages if m), _sites(members)))  # fmt: skip
+        commands = tuple(dict.fromkeys(c for f in members for c in f.commands))
+        messages = tuple(f.message for f in members if f.message)
+        groups.append(FindingGroup(rule, members[0].severity, members[0].title, tuple(evidence_lines(members)),
+                                   commands, messages, _sites(members)))  # fmt: skip
     order = {g.rule: i for i, g in enumerate(groups)}
-    return sorted(groups, key=lambda g: (SEVERITY_ORDER.get(g.severity, 3), g.rule not in LEAD_RULES, order[g.rule]))
+    return sorted(groups, key=lambda g: (-g.severity.rank, g.rule not in LEAD_RULES, order[g.rule]))
 
 
 def verdict(report: Report, groups: Sequence[FindingGroup]) -> str:
@@ -157,7 +117,7 @@ def verdict(report: Report, groups: Sequence[FindingGroup]) -> str:
         parts.append(f"{_count(sm.dead, 'dead channel')} at {_count(len(sm.dead_sites), 'site')}")
     if parts:
         return "; ".join(parts)
-    serious = [g for g in groups if SEVERITY_ORDER.get(g.severity, 3) <= SEVERITY_ORDER["warning"]]
+    serious = [g for g in groups if g.severity >= Severity.WARNING]
     if serious:
         return f"no dead channels at {_count(sm.sites, 'site')}, but {_count(len(serious), 'warning')}"
     dormant = f" ({sm.dormant} dormant)" if sm.dormant else ""
@@ -168,5 +128,4 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-__all__ = ["LEAD_RULES", "FindingGroup", "SiteLine", "evidence_lines", "field_of", "group_findings",
-           "number_text", "verdict"]  # fmt: skip
+__all__ = ["LEAD_RULES", "FindingGroup", "SiteLine", "evidence_lines", "group_findings", "number_text", "verdict"]

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from html import escape
 
 from deadneuron.render.markdown import (
-    SEVERITY_ORDER,
     axis_legend,
+    by_severity,
     channels_cell,
     finding_lines,
     ids_text,
@@ -82,7 +82,7 @@ def _findings(report: Report) -> str:
     if not report.findings:
         return ""
     items = []
-    for f in sorted(report.findings, key=lambda f: SEVERITY_ORDER.get(str(f.get("severity", "info")), 3)):
+    for f in by_severity(report.findings):
         severity, title, message, commands = finding_lines(f)
         tries = "".join(f"<br>try: <code>{escape(c)}</code>" for c in commands)
         items.append(

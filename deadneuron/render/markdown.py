@@ -1,17 +1,15 @@
 """Markdown rendering of a Report, and the plain facts every renderer shows (terminal, Markdown, HTML).
 
-``summary_facts`` and ``top_findings`` are the single source of the headline figures, so that the three
-renderings of one report never disagree.
+``summary_facts`` and ``finding_lines`` are the single source of the headline figures and the findings'
+text, so that the three renderings of one report never disagree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from deadneuron.report import Report, SiteHealth
-
-SEVERITY_ORDER = {"error": 0, "critical": 0, "warning": 1, "info": 2}
+from deadneuron.rules.finding import Finding
 
 
 def pct(x: float | None) -> str:
@@ -42,12 +40,6 @@ def axis_legend(report: Report, *, code: Callable[[str], str] = str) -> str | No
 
 def source_of(report: Report) -> str:
     return str(report.meta.get("source") or report.meta.get("model") or "model")
-
-
-def top_findings(report: Report, limit: int = 3) -> list[Mapping[str, Any]]:
-    """The ``limit`` most severe findings, stable within a severity."""
-    order = sorted(report.findings, key=lambda f: SEVERITY_ORDER.get(str(f.get("severity", "info")), 3))
-    return order[:limit]
 
 
 def accuracy_text(metrics: Mapping[str, float]) -> str | None:
@@ -123,13 +115,14 @@ def summary_facts(report: Report) -> list[tuple[str, str]]:
     return rows
 
 
-def finding_lines(f: Mapping[str, Any]) -> tuple[str, str, str, list[str]]:
-    """(severity, title, message, commands) of a finding, tolerant of missing keys."""
-    commands = f.get("commands") or ()
-    if isinstance(commands, str):
-        commands = [commands]
-    title = str(f.get("title") or f.get("rule") or f.get("id") or "finding")
-    return str(f.get("severity", "info")), title, str(f.get("message") or ""), [str(c) for c in commands]
+def by_severity(findings: Sequence[Finding]) -> list[Finding]:
+    """The findings most severe first, in their order within a severity."""
+    return sorted(findings, key=lambda f: -f.severity.rank)
+
+
+def finding_lines(f: Finding) -> tuple[str, str, str, list[str]]:
+    """(severity, title, message, commands) of a finding."""
+    return f.severity.value, f.title, f.message, list(f.commands)
 
 
 def _cell(text: object) -> str:
@@ -177,7 +170,7 @@ def _findings_section(report: Report) -> list[str]:
     if not report.findings:
         return []
     lines = ["## Findings", ""]
-    for f in sorted(report.findings, key=lambda f: SEVERITY_ORDER.get(str(f.get("severity", "info")), 3)):
+    for f in by_severity(report.findings):
         severity, title, message, commands = finding_lines(f)
         lines.append(f"- **[{severity}] {title}**" + (f": {message}" if message else ""))
         lines += [f"  - try: `{c}`" for c in commands]
@@ -229,4 +222,4 @@ def render_markdown(report: Report, *, figures: Mapping[str, str] | None = None)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-__all__ = ["axis_legend", "channels_cell", "mask_text", "render_markdown", "summary_facts", "top_findings"]
+__all__ = ["axis_legend", "by_severity", "channels_cell", "finding_lines", "mask_text", "render_markdown", "summary_facts"]

@@ -20,7 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from deadneuron.render.findings_view import SEVERITY_ORDER, FindingGroup, group_findings, verdict
+from deadneuron.render.findings_view import FindingGroup, group_findings, verdict
 from deadneuron.render.markdown import (
     accuracy_text,
     axis_legend,
@@ -32,8 +32,9 @@ from deadneuron.render.markdown import (
     source_of,
 )
 from deadneuron.report import Report, SiteHealth
+from deadneuron.rules.model import Severity
 
-SEVERITY_STYLE = {"error": "bold red", "critical": "bold red", "warning": "yellow", "info": "cyan"}
+SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 
 
 def _facts_grid(report: Report) -> Table:
@@ -101,15 +102,15 @@ MAX_SITES = 3  # per finding group in the default view
 
 
 def _verdict_style(report: Report, groups: Sequence[FindingGroup]) -> str:
-    if any(SEVERITY_ORDER.get(g.severity, 3) == 0 for g in groups) or report.summary.nonfinite:
+    if any(g.severity is Severity.ERROR for g in groups) or report.summary.nonfinite:
         return "bold red"
-    return "yellow" if report.summary.dead or any(g.severity == "warning" for g in groups) else "green"
+    return "yellow" if report.summary.dead or any(g.severity is Severity.WARNING for g in groups) else "green"
 
 
 def group_block(group: FindingGroup, *, seen: set[str], verbose: bool = False, max_commands: int = 1) -> Group:
     """A rule's findings: its title, one line per site (the first ``MAX_SITES`` unless ``verbose``: the
     site table has them all), then each command not shown before (the first ``max_commands``)."""
-    items: list[RenderableType] = [Text.assemble((f"[{group.severity}] ", SEVERITY_STYLE.get(group.severity, "")),
+    items: list[RenderableType] = [Text.assemble((f"[{group.severity.value}] ", SEVERITY_STYLE[group.severity]),
                                                  (group.headline, "bold"))]  # fmt: skip
     items += _evidence_items(group, max_sites=None if verbose else MAX_SITES)
     new = [c for c in group.commands if c not in seen]
@@ -170,7 +171,7 @@ def full_findings(report: Report) -> Group | None:
         return None
     items: list[RenderableType] = [Text("Findings in full", style="bold underline")]
     for group in groups:
-        items.append(Text.assemble((f"[{group.severity}] ", SEVERITY_STYLE.get(group.severity, "")), (group.title, "bold")))
+        items.append(Text.assemble((f"[{group.severity.value}] ", SEVERITY_STYLE[group.severity]), (group.title, "bold")))
         items += [Padding(Text(m), (0, 0, 1 if i + 1 < len(group.messages) else 0, 2)) for i, m in enumerate(group.messages)]
     return Group(*items)
 

@@ -23,20 +23,23 @@ _PANELS = (
 )
 
 
+def _number(value: object) -> float | None:
+    """A number of a timeline row (a bool is not one)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _series(rows: Sequence[Mapping[str, Any]], site: str, column: str, scale: float,
             per_channel: bool) -> tuple[list[float], list[float]]:  # fmt: skip
     xs, ys = [], []
     for row in rows:
         if row["site"] != site:
             continue
-        value = row.get(column)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        channels = row.get("channels")
-        if ok and per_channel:
-            ok = isinstance(channels, (int, float)) and channels > 0
-            value = value / channels if ok else value
+        value = _number(row.get(column))
+        if value is not None and math.isfinite(value) and per_channel:
+            channels = _number(row.get("channels"))
+            value = value / channels if channels is not None and channels > 0 else None
         xs.append(float(row["step"]))
-        ys.append(scale * float(value) if ok else math.nan)
+        ys.append(scale * value if value is not None and math.isfinite(value) else math.nan)
     return xs, ys
 
 
@@ -54,8 +57,8 @@ def _panel(ax: Axes, rows: Sequence[Mapping[str, Any]], sites: Sequence[str], pa
         if all(math.isnan(y) for y in ys):
             continue
         drawn = True
-        style = {"color": colours(i % 10), "ls": ("-", "--", ":")[i // 10 % 3], "lw": 1.2, "marker": "."}
-        ax.plot(xs, ys, label=short_name(site, 36), **style)
+        ax.plot(xs, ys, label=short_name(site, 36), color=colours(i % 10), ls=("-", "--", ":")[i // 10 % 3], lw=1.2,
+                marker=".")
         for x, y in zip(xs, ys, strict=True):
             totals[x] = totals.get(x, 0.0) + (0.0 if math.isnan(y) else y)
     if not drawn:

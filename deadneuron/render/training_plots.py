@@ -143,9 +143,9 @@ def _dead_panels(total_ax: Axes, dead_ax: Axes, sparse_ax: Axes, timeline: Seque
     for i, site in enumerate(sites):
         dead = _site_series(timeline, site, "dead")
         total = [t + (0 if math.isnan(d) else d) for t, d in zip(total, dead, strict=True)]
-        style = {"color": colours(i % 10), "ls": ("-", "--", ":")[i // 10 % 3], "lw": 1.2, "marker": "."}
-        dead_ax.plot(x, dead, label=short_name(site, 36), **style)
-        sparse_ax.plot(x, _site_series(timeline, site, "sparsity", 100), **style)
+        colour, ls = colours(i % 10), ("-", "--", ":")[i // 10 % 3]
+        dead_ax.plot(x, dead, label=short_name(site, 36), color=colour, ls=ls, lw=1.2, marker=".")
+        sparse_ax.plot(x, _site_series(timeline, site, "sparsity", 100), color=colour, ls=ls, lw=1.2, marker=".")
     total_ax.plot(x, total, color="black", lw=2, marker=".", label="all sites")
     total_ax.set(title="Dead channels, all sites together", ylabel="channels", ylim=(0, max([1.0, *total]) * 1.1))
     dead_ax.set(title="Dead channels per site", ylabel="channels")
@@ -238,7 +238,7 @@ def _paired_bars(ax: Axes, names: Sequence[str], arms: Sequence[list[list[float]
                 ax.text(0, i + offset, f" absent {label}", va="center", fontsize=6, color="#777777")
         dots = [(x, i + offset) for i, v in enumerate(values) if len(v) > 1 for x in v]
         if dots:
-            ax.scatter(*zip(*dots, strict=True), s=9, color="black", zorder=3)
+            ax.scatter([x for x, _ in dots], [y for _, y in dots], s=9, color="black", zorder=3)
     ax.grid(axis="x", alpha=0.3)
 
 

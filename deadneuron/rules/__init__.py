@@ -6,11 +6,11 @@
 
 Rules are data (``Rule``); third-party rules come in through the entry-point group ``deadneuron.rules``;
 thresholds come from the defaults, ``[tool.deadneuron.rules]`` in pyproject.toml, ``--config FILE`` and
-flags (``load_config``).
+flags (``deadneuron.settings.load_config`` reads the files).
 """
 
 from deadneuron.rules.builtin import BUILTIN_RULES, builtin_rules
-from deadneuron.rules.config import RulesConfig, load_config, parse_overrides, parse_rules_table
+from deadneuron.rules.config import RulesConfig, parse_overrides, parse_rules_table
 from deadneuron.rules.context import BatchNormScale, RuleContext, context_from
 from deadneuron.rules.engine import attach_findings, evaluate, make_finding
 from deadneuron.rules.finding import Finding
@@ -18,8 +18,6 @@ from deadneuron.rules.model import (
     Evidence,
     Fix,
     Hit,
-    PatchKind,
-    PatchOp,
     Rule,
     RuleError,
     RuleSet,
@@ -37,8 +35,6 @@ __all__ = [
     "Finding",
     "Fix",
     "Hit",
-    "PatchKind",
-    "PatchOp",
     "PatchTarget",
     "Preview",
     "Rule",
@@ -52,7 +48,6 @@ __all__ = [
     "builtin_rules",
     "context_from",
     "evaluate",
-    "load_config",
     "load_rules",
     "make_finding",
     "parse_overrides",

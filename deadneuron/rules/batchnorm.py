@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from deadneuron.ops import ReinitDead, compact
 from deadneuron.report import Report, SiteHealth
 from deadneuron.rules.common import ids_text, is_leaky, is_relu
 from deadneuron.rules.context import BatchNormScale, RuleContext
-from deadneuron.rules.model import Evidence, Fix, Hit, PatchOp, Rule, Severity, Threshold, compact
+from deadneuron.rules.model import Evidence, Fix, Hit, Rule, Severity, Threshold
 
 
 def _collapsed(scale: BatchNormScale, t: Mapping[str, float]) -> tuple[int, ...]:
@@ -88,5 +89,5 @@ BN_SCALE_COLLAPSE = Rule(
     suggestion=("Re-initialise these channels (gamma 1, beta 0, fresh incoming weights, optimizer state "
                 "reset); if training uses weight decay, exclude BatchNorm parameters from it: decay pulls "
                 "gamma towards 0."),
-    fixes=lambda hit, context, t: [Fix((PatchOp.reinit_dead(hit.channels),))],
+    fixes=lambda hit, context, t: [Fix((ReinitDead.of(hit.channels),))],
 )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from deadneuron.ops import SetHyperParameter, compact
 from deadneuron.report import SiteHealth
 from deadneuron.rules.context import RuleContext
-from deadneuron.rules.model import PatchOp, compact
 
 # Hard zero below 0: a channel there has no gradient at all.
 RELU_KINDS = frozenset({"relu", "relu6"})
@@ -65,11 +65,11 @@ def where_text(module: str, sites: Sequence[str]) -> str:
     return f"{len(sites)} sites of the shared module {module}"
 
 
-def lr_op(context: RuleContext, scale: float) -> PatchOp:
+def lr_op(context: RuleContext, scale: float) -> SetHyperParameter:
     """The exact new learning rate where the checkpoint knows the old one, else a scale of it."""
     if context.learning_rate is not None:
-        return PatchOp.learning_rate(value=float(f"{context.learning_rate * scale:.6g}"))
-    return PatchOp.learning_rate(scale=scale)
+        return SetHyperParameter("learning_rate", value=float(f"{context.learning_rate * scale:.6g}"))
+    return SetHyperParameter("learning_rate", scale=scale)
 
 
 def lr_change_text(context: RuleContext, scale: float) -> str:

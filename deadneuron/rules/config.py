@@ -11,16 +11,14 @@ prefix: ``[rules]``, ``[rules.dead-relu]``; a pyproject.toml may also be passed 
     min_channels = 2
 
 Other keys of ``[tool.deadneuron]`` belong to other features and are left alone; inside ``rules``, an
-unknown key is a UsageError that lists the valid ones. The parse functions are pure; only ``load_config``,
-``find_pyproject`` and ``read_toml`` touch files.
+unknown key is a UsageError that lists the valid ones. Pure: tables in, a `RulesConfig` out; the files are
+read by `deadneuron.settings.load_config`.
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -55,9 +53,6 @@ class RulesConfig:
             settings.setdefault(rule, {}).update(values)
         return RulesConfig(settings, self.disabled | later.disabled, self.enabled and later.enabled,
                            (*self.sources, *later.sources))
-
-
-# -- pure parsing ------------------------------------------------------------------------------------------
 
 
 def parse_deadneuron_table(table: Mapping[str, Any], *, rules: RuleSet, source: str) -> RulesConfig:
@@ -127,63 +122,3 @@ def parse_overrides(items: Sequence[str], *, rules: RuleSet, source: str = "flag
         rule = rules.get(rule_id)
         settings.setdefault(rule_id, {}).update(_thresholds(rule, {name: parse_scalar(raw.strip())}, source))
     return RulesConfig(settings, sources=(source,) if items else ())
-
-
-# -- files -----------------------------------------------------------------------------------------------
-
-
-def find_pyproject(start: Path) -> Path | None:
-    """The nearest pyproject.toml at or above ``start``: the project's, even without a deadneuron table."""
-    for folder in (start.resolve(), *start.resolve().parents):
-        candidate = folder / "pyproject.toml"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path} is not valid TOML: {exc}") from exc
-
-
-def _config_file_table(path: Path) -> Mapping[str, Any]:
-    data = read_toml(path)
-    if "tool" not in data:
-        return data
-    table = data["tool"].get("deadneuron") if isinstance(data["tool"], Mapping) else None
-    if not isinstance(table, Mapping):
-        raise UsageError(f"{path} has a [tool] table but no [tool.deadneuron] table")
-    return table
-
-
-def load_config(
-    *,
-    rules: RuleSet,
-    cwd: Path | None = None,
-    config_file: Path | None = None,
-    disable: Sequence[str] = (),
-    overrides: Sequence[str] = (),
-    enabled: bool = True,
-) -> RulesConfig:
-    """Defaults, then pyproject.toml above ``cwd``, then ``config_file``, then the flags."""
-    config = RulesConfig(enabled=enabled)
-    pyproject = find_pyproject(cwd if cwd is not None else Path.cwd())
-    if pyproject is not None:
-        tool = read_toml(pyproject).get("tool", {})
-        table = tool.get("deadneuron") if isinstance(tool, Mapping) else None
-        if isinstance(table, Mapping):
-            config = config.then(parse_deadneuron_table(table, rules=rules, source=f"[tool.deadneuron] in {pyproject}"))
-    if config_file is not None:
-        config = config.then(parse_deadneuron_table(_config_file_table(config_file), rules=rules,
-                                                    source=f"--config {config_file}"))
-    if disable:
-        ids = frozenset(check_rule_ids(disable, rules=rules, where="--disable"))
-        config = config.then(RulesConfig(disabled=ids, sources=("--disable",)))
-    return config.then(parse_overrides(overrides, rules=rules))

@@ -107,7 +107,7 @@ def layer_kinds(model: nn.Module) -> dict[str, LayerKind]:
     --add-batchnorm``) or identity, for the modules of those kinds."""
     from torch import nn
 
-    from deadneuron.patch.batchnorm import has_added_batchnorm
+    from deadneuron.patch.hooks import has_added_batchnorm
     from deadneuron.wrappers import user_named_modules
 
     norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -168,6 +168,8 @@ def _bn_scales_from_state(state: Any) -> dict[str, BatchNormScale]:
             continue
         prefix = key[: -len(".running_var")]
         weight, bias = state.get(prefix + ".weight"), state.get(prefix + ".bias")
+        if weight is None or bias is None:
+            continue
         if hasattr(weight, "detach") and hasattr(bias, "detach") and weight.dim() == 1:
             out[prefix] = _scale(weight.detach(), bias.detach())
     return out

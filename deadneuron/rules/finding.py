@@ -7,11 +7,13 @@ so code that read a report's findings as dicts keeps working. Pure: no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deadneuron.rules.model import Evidence, Fix, PatchKind, PatchOp, Severity, freeze_channels
+from deadneuron.errors import UsageError
+from deadneuron.ops import op_from_dict
+from deadneuron.rules.model import Evidence, Fix, Severity, freeze_channels
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,11 @@ class Finding(Mapping[str, Any]):
                 sites=tuple(str(s) for s in data.get("sites") or ()),
                 channels={str(s): tuple(int(c) for c in ids) for s, ids in (data.get("channels") or {}).items()},
                 evidence=tuple(_evidence(e) for e in data.get("evidence") or ()),
-                fixes=tuple(Fix(tuple(_patch_op(op) for op in ops)) for ops in data.get("patch_ops") or ()),
+                fixes=tuple(Fix(tuple(op_from_dict(op) for op in ops)) for ops in data.get("patch_ops") or ()),
                 commands=_texts(data.get("commands")),
                 withheld=_texts(data.get("withheld")),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, UsageError) as exc:
             raise ValueError(f"malformed finding {data.get('rule') or data.get('id')!r}: {type(exc).__name__}: {exc}") from exc
 
     # -- read-only mapping over the JSON --------------------------------------------------------------
@@ -105,21 +107,6 @@ def _evidence(data: Mapping[str, Any]) -> Evidence:
         comparison=data["comparison"],
         site=data.get("site"),
     )
-
-
-def _patch_op(data: Mapping[str, Any]) -> PatchOp:
-    """A PatchOp from its ``to_dict()``: the params in their order, lists back to tuples, channels to pairs."""
-    kind = PatchKind(data["op"])
-    params: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        if key == "op":
-            continue
-        if key == "channels" and isinstance(value, Mapping):
-            value = tuple((str(site), tuple(int(c) for c in ids)) for site, ids in value.items())
-        elif isinstance(value, Sequence) and not isinstance(value, str):
-            value = tuple(value)
-        params.append((key, value))
-    return PatchOp(kind, tuple(params))
 
 
 __all__ = ["Finding"]

@@ -1,9 +1,10 @@
-"""The rule engine's values (DESIGN section 5): Severity, Threshold, Evidence, PatchOp, Fix, Rule (Finding: finding.py).
+"""The rule engine's values (DESIGN section 5): Severity, Threshold, Evidence, Fix, Rule (Finding: finding.py).
 
 A rule is data: an id, a title, a severity, the metrics it reads, its thresholds (with defaults), a
 predicate that turns a Report and a RuleContext into *hits* (each with structured evidence and the values
 its sentence needs), message and suggestion templates rendered from those values, and the fixes (patch
-ops, each with the exact ``deadneuron patch`` command) that would apply it. Pure: no I/O.
+ops of `deadneuron.ops`, each fix with the exact ``deadneuron patch`` command) that would apply it. Pure:
+no I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from deadneuron.errors import DeadneuronError, UsageError
-from deadneuron.select import site_selector
+from deadneuron.ops import Op
 
 if TYPE_CHECKING:
     from deadneuron.report import Report
@@ -113,114 +114,11 @@ class Evidence:
         }
 
 
-class PatchKind(Enum):
-    """What a patch op changes (DESIGN section 6); the patch planner consumes these."""
-
-    SWAP_ACTIVATION = "swap_activation"
-    SET_HPARAM = "set_hparam"
-    INSERT_DROPOUT = "insert_dropout"
-    REINIT_DEAD = "reinit_dead"
-    ADD_BATCHNORM = "add_batchnorm"
-
-
-def compact(x: float) -> str:
-    """Short number text: ``1e-4``, ``5e-5``, ``0.01``, ``3``."""
-    if x != 0 and abs(x) < 1e-2:
-        mantissa, exponent = f"{x:.3e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{x:g}"
-
-
-_num = compact
-
-
-@dataclass(frozen=True)
-class PatchOp:
-    """One frozen change; ``flags()`` are the ``deadneuron patch`` flags that request it."""
-
-    kind: PatchKind
-    params: tuple[tuple[str, Any], ...] = ()
-
-    def param(self, name: str, default: Any = None) -> Any:
-        return dict(self.params).get(name, default)
-
-    @classmethod
-    def swap_activation(cls, activation: str, *, negative_slope: float | None = None,
-                        sites: Sequence[str] = ()) -> PatchOp:
-        params: list[tuple[str, Any]] = [("activation", activation)]
-        if negative_slope is not None:
-            params.append(("negative_slope", negative_slope))
-        return cls(PatchKind.SWAP_ACTIVATION, (*params, ("sites", tuple(sites))))
-
-    @classmethod
-    def learning_rate(cls, *, value: float | None = None, scale: float | None = None) -> PatchOp:
-        """An exact new learning rate where the old one is known, else a scale of it."""
-        if (value is None) == (scale is None):
-            raise ValueError("give exactly one of value and scale")
-        key, number = ("value", value) if value is not None else ("scale", scale)
-        return cls(PatchKind.SET_HPARAM, (("name", "learning_rate"), (key, number)))
-
-    @classmethod
-    def epochs(cls, value: int) -> PatchOp:
-        return cls(PatchKind.SET_HPARAM, (("name", "epochs"), ("value", int(value))))
-
-    @classmethod
-    def dropout_between_convs(cls, p: float) -> PatchOp:
-        return cls(PatchKind.INSERT_DROPOUT, (("where", "between_convs"), ("p", p)))
-
-    @classmethod
-    def reinit_dead(cls, channels: Mapping[str, Sequence[int]]) -> PatchOp:
-        chans = tuple((site, tuple(ids)) for site, ids in channels.items())
-        return cls(PatchKind.REINIT_DEAD, (("channels", chans), ("reset_optimizer_state", True)))
-
-    @classmethod
-    def add_batchnorm(cls, sites: Sequence[str] = ()) -> PatchOp:
-        """BatchNorm after the layer feeding each site (for an adapter model: its config's switch)."""
-        return cls(PatchKind.ADD_BATCHNORM, (("sites", tuple(sites)),))
-
-    def flags(self, *, adapter_model: bool = False) -> tuple[str, ...]:
-        """CLI flags of ``deadneuron patch`` that request this op. ``--select`` names the op's sites exactly
-        (glob characters in a name escaped), for an adapter model too (its config maps them onto its keys);
-        re-initialising dead channels of a model ``deadneuron patch`` retrains (``adapter_model``: a deadneuron
-        checkpoint, or a model of your own with ``--train``) needs its trained weights (``--init checkpoint``;
-        from scratch every weight is fresh anyway)."""
-        p = dict(self.params)
-        if self.kind is PatchKind.SWAP_ACTIVATION:
-            slope = ("--negative-slope", _num(p["negative_slope"])) if "negative_slope" in p else ()
-            return ("--activation", _activation_flag(p["activation"]), *slope, *select_flags(p.get("sites", ())))
-        if self.kind is PatchKind.SET_HPARAM and p["name"] == "learning_rate":
-            return ("--lr", _num(p["value"])) if "value" in p else ("--lr-scale", _num(p["scale"]))
-        if self.kind is PatchKind.SET_HPARAM and p["name"] == "epochs":
-            return ("--epochs", str(p["value"]))
-        if self.kind is PatchKind.INSERT_DROPOUT:
-            return ("--dropout-between-convs", _num(p["p"]))
-        if self.kind is PatchKind.REINIT_DEAD:
-            sites = select_flags(site for site, _ in p.get("channels", ()))
-            return ("--reinit-dead", *sites, *(("--init", "checkpoint") if adapter_model else ()))
-        if self.kind is PatchKind.ADD_BATCHNORM:
-            return ("--add-batchnorm", *select_flags(p.get("sites", ())))
-        return ()
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"op": self.kind.value}
-        for key, value in self.params:
-            if key == "channels":
-                value = {site: list(ids) for site, ids in value}
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[key] = value
-        return out
-
-
-def _activation_flag(name: str) -> str:
-    return {"leaky_relu": "leaky"}.get(name, name)
-
-
 @dataclass(frozen=True)
 class Fix:
     """One thing to try: the ops that apply it, requested together by one ``deadneuron patch`` command."""
 
-    ops: tuple[PatchOp, ...]
+    ops: tuple[Op, ...]
 
     def command(self, subject: str | Sequence[str] | None, *, adapter_model: bool = False) -> str:
         """The shell command, every word quoted where needed (site names hold ``>``). ``subject``: the
@@ -229,11 +127,6 @@ class Fix:
         for op in self.ops:
             words.extend(op.flags(adapter_model=adapter_model))
         return " ".join(["deadneuron", "patch", *(shlex.quote(w) for w in words)])
-
-
-def select_flags(sites: Iterable[str]) -> tuple[str, ...]:
-    """``--select`` per site, each selecting exactly its site (:func:`deadneuron.select.site_selector`)."""
-    return tuple(word for site in sites for word in ("--select", site_selector(site)))
 
 
 def freeze_channels(channels: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, ...]]:

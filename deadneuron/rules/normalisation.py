@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from deadneuron.ops import AddBatchNorm
 from deadneuron.report import Report, SiteHealth
 from deadneuron.rules.common import pct, per_site_text, plural, samples_text
 from deadneuron.rules.context import RuleContext
-from deadneuron.rules.model import Evidence, Fix, Hit, PatchOp, Rule, Severity
+from deadneuron.rules.model import Evidence, Fix, Hit, Rule, Severity
 from deadneuron.rules.sites import MIN_CHANNELS, MIN_FRACTION
 
 
@@ -75,7 +76,7 @@ NO_NORMALISATION = Rule(
     suggestion=("Add BatchNorm after each conv layer of the stack: it re-centres every channel on each batch. It "
                 "is inserted as an identity (the model computes the same function until it is trained again), "
                 "so retrain to see the effect."),
-    fixes=lambda hit, context, t: [Fix((PatchOp.add_batchnorm(hit.sites),))],
+    fixes=lambda hit, context, t: [Fix((AddBatchNorm(tuple(hit.sites)),))],
 )
 
 

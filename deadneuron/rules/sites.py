@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from deadneuron.ops import ReinitDead, SwapActivation, compact
 from deadneuron.report import DORMANT_FRACTION, Report, SiteHealth
 from deadneuron.rules.common import (
     by_module,
@@ -25,7 +26,7 @@ from deadneuron.rules.common import (
     where_text,
 )
 from deadneuron.rules.context import RuleContext
-from deadneuron.rules.model import Evidence, Fix, Hit, PatchOp, Rule, Severity, Threshold, compact
+from deadneuron.rules.model import Evidence, Fix, Hit, Rule, Severity, Threshold
 from deadneuron.rules.timeline import dead_history
 
 MIN_CHANNELS = Threshold("min_channels", 1, "fire at a site with at least this many such channels", integer=True, lo=1)
@@ -103,8 +104,8 @@ def _dead_relu(report: Report, context: RuleContext, t: Mapping[str, float]) -> 
 
 
 def _dead_relu_fixes(hit: Hit, context: RuleContext, t: Mapping[str, float]) -> list[Fix]:
-    swap = PatchOp.swap_activation("leaky_relu", negative_slope=t["negative_slope"], sites=hit.sites)
-    return [Fix((swap,)), Fix((PatchOp.reinit_dead(hit.channels),))]
+    swap = SwapActivation("leaky", negative_slope=t["negative_slope"], sites=tuple(hit.sites))
+    return [Fix((swap,)), Fix((ReinitDead.of(hit.channels),))]
 
 
 DEAD_RELU = Rule(
@@ -149,8 +150,8 @@ def _dormant_leaky(report: Report, context: RuleContext, t: Mapping[str, float])
 
 def _dormant_leaky_fixes(hit: Hit, context: RuleContext, t: Mapping[str, float]) -> list[Fix]:
     return [
-        Fix((PatchOp.swap_activation("gelu", sites=hit.sites),)),
-        Fix((PatchOp.reinit_dead(hit.channels),)),
+        Fix((SwapActivation("gelu", sites=tuple(hit.sites)),)),
+        Fix((ReinitDead.of(hit.channels),)),
         Fix((lr_op(context, t["lr_scale"]),)),
     ]
 
@@ -195,7 +196,7 @@ STUCK_SMOOTH = Rule(
              "({flat_region}) on every element of {samples}: {per_site}. There the slope is at most {delta} "
              "of its maximum: they pass a near-constant and barely learn."),
     suggestion="Re-initialise them with their optimizer state reset, or lower the {lr_change}.",
-    fixes=lambda hit, context, t: [Fix((PatchOp.reinit_dead(hit.channels),)), Fix((lr_op(context, t["lr_scale"]),))],
+    fixes=lambda hit, context, t: [Fix((ReinitDead.of(hit.channels),)), Fix((lr_op(context, t["lr_scale"]),))],
 )
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
-from deadneuron.rules.model import Fix, PatchKind, PatchOp, select_flags
+from deadneuron.ops import AddBatchNorm, Op, ReinitDead, SetHyperParameter, SwapActivation, select_flags
+from deadneuron.rules.model import Fix
 
 if TYPE_CHECKING:
     from deadneuron.report import Report, SiteHealth
@@ -32,7 +33,7 @@ class Preview:
     problems: tuple[str, ...] = ()
 
 
-PreviewFn = Callable[["Report", tuple[PatchOp, ...]], Preview]
+PreviewFn = Callable[["Report", tuple[Op, ...]], Preview]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class PatchTarget:
         shown = " ".join(word for op in fix.ops for word in _short_flags(op, config=self.config))
         if self.unreachable:
             return f"`{shown}`: {self.unreachable}"
-        if self.limits and any(op.kind is PatchKind.REINIT_DEAD for op in fix.ops):
+        if self.limits and any(isinstance(op, ReinitDead) for op in fix.ops):
             return (f"`{shown}`: the audit ran with {', '.join(self.limits)}, which deadneuron patch does not take, "
                     "so its own audit would look for dead channels elsewhere")
         preview_of = self.preview or surgery_preview
@@ -75,14 +76,14 @@ class PatchTarget:
             assert named is not None
             reach = preview.sites if len(placed) == 1 else preview_of(report, (op,)).sites
             if reach != named:
-                return f"`{shown}` at {_few(sorted(named))}: {_reach_text(report, op.kind, named, reach, config=self.config)}"
+                return f"`{shown}` at {_few(sorted(named))}: {_reach_text(report, op, named, reach, config=self.config)}"
         return None
 
     def command(self, fix: Fix) -> str | None:
         return None if self.words is None else fix.command(self.words, adapter_model=self.config or self.retrains)
 
 
-def surgery_preview(report: Report, ops: tuple[PatchOp, ...]) -> Preview:
+def surgery_preview(report: Report, ops: tuple[Op, ...]) -> Preview:
     """What ``deadneuron patch --model`` would change, from the report: the module-surgery selection of
     :func:`deadneuron.patch.apply_plan` (a swapped module changes at all its call sites; a swapped
     functional call changes every functional activation in its module's own code; a BatchNorm after the
@@ -92,28 +93,28 @@ def surgery_preview(report: Report, ops: tuple[PatchOp, ...]) -> Preview:
     sites: set[str] = set()
     problems: list[str] = []
     for op in ops:
-        placed = op.kind in (PatchKind.SWAP_ACTIVATION, PatchKind.ADD_BATCHNORM)
+        placed = isinstance(op, (SwapActivation, AddBatchNorm))
         if placed and report.meta.get("select"):
-            what = "share these activations" if op.kind is PatchKind.SWAP_ACTIVATION else "these layers feed"
+            what = "share these activations" if isinstance(op, SwapActivation) else "these layers feed"
             problems.append(f"the audit measured only the sites matching its --select, so which other sites {what} "
                             "is unknown; audit without --select to have this fix suggested")
-        elif op.kind is PatchKind.SWAP_ACTIVATION:
+        elif isinstance(op, SwapActivation):
             sites |= _swapped_sites(report, select_patterns(op))
-        elif op.kind is PatchKind.ADD_BATCHNORM:
+        elif isinstance(op, AddBatchNorm):
             producers = select_producers(report, select_patterns(op))
             sites |= fed_sites(report, producers.values())
             problems += _unfed(producers)
-        elif op.kind is PatchKind.SET_HPARAM:
+        elif isinstance(op, SetHyperParameter):
             problems.append(f"the model has no training config that deadneuron patch could change; set the "
-                            f"{op.param('name', 'hyper-parameter').replace('_', ' ')} in your training script")
-        elif op.kind is PatchKind.REINIT_DEAD:
-            sites |= {site for site, _ in op.param("channels", ())}
+                            f"{op.name.replace('_', ' ')} in your training script")
+        elif isinstance(op, ReinitDead):
+            sites |= set(op.channel_sites)
     return Preview(frozenset(sites), tuple(problems))
 
 
-def select_patterns(op: PatchOp) -> tuple[str, ...]:
+def select_patterns(op: SwapActivation | AddBatchNorm) -> tuple[str, ...]:
     """The ``--select`` globs of the op's command (each selecting exactly one of its sites)."""
-    return tuple(select_flags(op.param("sites") or ())[1::2])
+    return tuple(select_flags(op.sites)[1::2])
 
 
 def select_producers(report: Report, patterns: Sequence[str]) -> dict[str, str | None]:
@@ -138,13 +139,13 @@ def _unfed(producers: dict[str, str | None]) -> list[str]:
             for site, p in producers.items() if p is None]  # fmt: skip
 
 
-def _named_sites(report: Report, op: PatchOp) -> frozenset[str] | None:
+def _named_sites(report: Report, op: Op) -> frozenset[str] | None:
     """The sites a site-placing op's finding names (None for an op that places nothing, as a learning
     rate, or that re-initialises its own sites' channels)."""
-    if op.kind is PatchKind.SWAP_ACTIVATION:
-        return frozenset(op.param("sites") or ()) or frozenset(_sites_of_kind(report, "relu"))
-    if op.kind is PatchKind.ADD_BATCHNORM and op.param("sites"):
-        return frozenset(op.param("sites"))
+    if isinstance(op, SwapActivation):
+        return frozenset(op.sites) or frozenset(_sites_of_kind(report, "relu"))
+    if isinstance(op, AddBatchNorm) and op.sites:
+        return frozenset(op.sites)
     return None
 
 
@@ -178,10 +179,10 @@ def _sites_of_kind(report: Report, kind: str) -> list[str]:
     return [s.name for s in report.sites.values() if s.kind == kind]
 
 
-def _reach_text(report: Report, kind: PatchKind, named: frozenset[str], changed: frozenset[str], *,
+def _reach_text(report: Report, op: Op, named: frozenset[str], changed: frozenset[str], *,
                 config: bool) -> str:  # fmt: skip
     extra, missing = sorted(changed - named), sorted(named - changed)
-    if kind is PatchKind.ADD_BATCHNORM:
+    if isinstance(op, AddBatchNorm):
         return _batchnorm_reach(report, extra, missing, changed, config=config)
     if config and missing:
         reach = f"of {_few(sorted(changed))} only" if changed else "of none of these sites"
@@ -211,7 +212,7 @@ def _batchnorm_reach(report: Report, extra: list[str], missing: list[str], chang
     return f"no BatchNorm can be added before {_few(missing)}"
 
 
-def _short_flags(op: PatchOp, *, config: bool) -> tuple[str, ...]:
+def _short_flags(op: Op, *, config: bool) -> tuple[str, ...]:
     """The op's flags without the ``--select`` list (the reason names the sites)."""
     flags = op.flags(adapter_model=config)
     out: list[str] = []

@@ -14,10 +14,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from deadneuron.ops import compact
 from deadneuron.report import Report
 from deadneuron.rules.common import ids_text, lr_change_text, plural
 from deadneuron.rules.context import RuleContext, bn_scales
-from deadneuron.rules.model import Evidence, Hit, Rule, RuleSet, Severity, Threshold, compact
+from deadneuron.rules.model import Evidence, Hit, Rule, RuleSet, Severity, Threshold
 from deadneuron.rules.timeline import DeadHistory, dead_history, timeline_sites
 
 if TYPE_CHECKING:
@@ -46,8 +47,9 @@ def _site(entry: Mapping[str, Any], site: str) -> Mapping[str, Any]:
 
 def _number(entry: Mapping[str, Any], site: str, key: str) -> float | None:
     value = _site(entry, site).get(key)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _channels(report: Report, context: RuleContext, site: str) -> int | None:

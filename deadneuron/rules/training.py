@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from deadneuron.ops import InsertDropout, SetHyperParameter, SwapActivation, compact
 from deadneuron.report import Report, SiteHealth
 from deadneuron.rules.common import is_leaky, is_relu, lr_change_text, lr_op, pct
 from deadneuron.rules.context import RuleContext
-from deadneuron.rules.model import Evidence, Fix, Hit, PatchOp, Rule, Severity, Threshold, compact
+from deadneuron.rules.model import Evidence, Fix, Hit, Rule, Severity, Threshold
 from deadneuron.rules.timeline import accuracy_points, dead_growth, timeline_sites
 
 # -- dying under a high learning rate ---------------------------------------------------------------------
@@ -66,7 +67,7 @@ def _lr_dying_fixes(hit: Hit, context: RuleContext, t: Mapping[str, float]) -> l
     lower = lr_op(context, t["lr_scale"])
     fixes = [Fix((lower,))]
     if hit.values["relu_sites"]:
-        swap = PatchOp.swap_activation("leaky_relu", negative_slope=0.01, sites=hit.values["relu_sites"])
+        swap = SwapActivation("leaky", negative_slope=0.01, sites=tuple(hit.values["relu_sites"]))
         fixes.append(Fix((swap, lower)))
     return fixes
 
@@ -112,9 +113,9 @@ def _over_training(report: Report, context: RuleContext, t: Mapping[str, float])
 
 
 def _over_training_fixes(hit: Hit, context: RuleContext, t: Mapping[str, float]) -> list[Fix]:
-    fixes = [Fix((PatchOp.epochs(int(hit.values["best_epoch"])),))]
+    fixes = [Fix((SetHyperParameter("epochs", value=int(hit.values["best_epoch"])),))]
     if context.dropout_between_convs is not True:
-        fixes.append(Fix((PatchOp.dropout_between_convs(t["dropout"]),)))
+        fixes.append(Fix((InsertDropout(t["dropout"]),)))
     return fixes
 
 

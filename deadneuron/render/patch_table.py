@@ -170,7 +170,7 @@ def _widths(cells: list[list[str]], names: list[str], width: int) -> list[int]:
     longest = [max([len(row[i]) for row in cells] or [0]) for i in range(len(names))]
     label = max(longest[0], max(len(w) for w in names[0].split()))
     fixed = [max(n, len(h)) for n, h in zip(longest[1:], names[1:], strict=True)]
-    steps = ([max(n, _two_lines(h)) for n, h in zip(longest[1:], names[1:], strict=True)],)
+    steps: tuple[list[int], ...] = ([max(n, _two_lines(h)) for n, h in zip(longest[1:], names[1:], strict=True)],)
     steps += ([*steps[0][:-1], max(min(steps[0][-1], _MIN_VERDICT), _two_lines(names[-1]))],)
     for smaller in steps:
         if width - (len(names) - 1) - sum(fixed) >= min(label, _WANTED_LABEL):

@@ -1,0 +1,328 @@
+"""Measuring: run a model over data inside a Recorder and build the Report of what it saw, without findings
+(`deadneuron.audit` adds those). Patching and retraining measure through this too.
+
+The model is left exactly as it was found: eval mode and `torch.inference_mode` (`torch.no_grad` for an
+FSDP-sharded model) during the pass, then every hook removed and every module's train/eval flag restored,
+also when the forward pass raises. Parameters and buffers are never written (inference mode and eval-mode
+BatchNorm do not update them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from deadneuron._inputs import (
+    batch_size,
+    batches_of,
+    default_forward,
+    model_device,
+    resolve_device,
+    to_device,
+)
+from deadneuron._parse import check_count
+from deadneuron.activations import check_delta, check_eps
+from deadneuron.adapters import Feed
+from deadneuron.distributed import active as distributed_active
+from deadneuron.distributed import all_reduce_part, share_failure
+from deadneuron.errors import AuditRuntimeError, UsageError
+from deadneuron.part import Part
+from deadneuron.probe import Recorder, SiteResult
+from deadneuron.probe.masks import AUTO, MaskSpec, batch_shapes, choose_mask, unmatched_error
+from deadneuron.registry import ActivationRegistry
+from deadneuron.report import Report, SiteHealth
+from deadneuron.select import matches
+from deadneuron.slots import SlotStats
+from deadneuron.stats import HISTOGRAM_EDGES
+from deadneuron.wrappers import eager, gradients_off, unwrap, wrapper_notes
+
+Forward = Callable[[nn.Module, Any], Any]
+Advance = Callable[[], None]
+ProgressBar = Callable[[int | None], AbstractContextManager[Advance]]
+"""Given the number of batches (None: unknown), a context manager around the pass that yields a function
+called once per batch; the command line draws a terminal bar with it (`deadneuron.render.progress`)."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a pass measured: the Report (no findings yet), the module audited (inside any DDP or
+    torch.compile wrapper) and the first batch (on every rank the same one), which fixes are checked on."""
+
+    report: Report
+    model: nn.Module
+    example: Any
+
+
+def measure(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    eps: float = 0.0,
+    delta: float = 0.05,
+    select: Sequence[str] | None = None,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: ProgressBar | None = None,
+    adapter: Feed | None = None,
+    functional: bool = True,
+    compile: bool = True,
+    histograms: bool = False,
+    meta: Mapping[str, Any] | None = None,
+    activations: ActivationRegistry | None = None,
+    mask: MaskSpec = AUTO,
+    channel_axis: Mapping[str, int] | None = None,
+    distributed: bool = True,
+    forward: Forward | None = None,
+) -> Measurement:
+    """The statistics of ``model`` on ``data`` as a Report without findings; the arguments are those of
+    `deadneuron.audit`, which documents them. ``forward(model, batch)`` feeds a batch (default: the
+    adapter's, else `deadneuron._inputs.default_forward`)."""
+    overrides = _channel_axes(channel_axis)
+    check_count(max_batches, "--batches (max_batches)")
+    check_eps(eps)
+    check_delta(delta)
+    model, notes = unwrap(model)
+    notes += wrapper_notes(model)  # FSDP / checkpoint wrappers: their forward runs, their names go
+    dev = resolve_device(device) if device is not None else model_device(model)
+    across_ranks = distributed and distributed_active()
+    recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
+                                 histograms=histograms, activations=activations, channel_axis=overrides)  # fmt: skip
+    try:
+        part, rec, example = _pass(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
+                                   adapter=adapter, mask=mask, forward=forward)  # fmt: skip
+    except Exception as exc:
+        if across_ranks:  # the other ranks are waiting for this rank's statistics: they raise too, naming it
+            with contextlib.suppress(Exception):  # a broken group: this rank's own error says more
+                share_failure(exc)
+        raise
+    kernels = rec.kernels.name
+    if compile and rec.kernels.fallback_reason:
+        kernels = f"{kernels} ({rec.kernels.fallback_reason})"
+    world = None
+    if across_ranks:
+        import torch.distributed as dist
+
+        part = all_reduce_part(part)
+        example = _shared_example(example)
+        world = {"world_size": dist.get_world_size(), "rank_batches": list(part.rank_batches)}
+    if part.batches == 0:
+        raise UsageError("the data yielded no batches: nothing to audit (check --data / --batches)")
+    results = part.results()
+    if not results:
+        raise UsageError(_nothing_measured(rec, select, functional))
+    warnings = [*part.warnings, *_unmatched_select(results, select), *_mask_warnings(results, part.mask, mask)]
+    metrics: dict[str, float] = {}
+    if adapter is not None and part.metric_sums:
+        metrics = dict(adapter.summarize_metrics({k: float(v.sum()) for k, v in part.metric_sums.items()}))
+    info = {
+        "model": type(model).__name__,
+        "batches": part.batches,
+        "samples": part.samples,
+        "eps": eps,
+        "delta": delta,
+        "device": str(dev),
+        "select": list(select) if select else None,
+        "kernels": kernels,
+        "mask": part.mask[0] if part.mask is not None else None,
+        **({"histogram_edges": list(HISTOGRAM_EDGES), "histogram_sampled": part.histogram_sampled} if histograms else {}),
+        **({"distributed": world} if world is not None else {}),
+        **({"notes": notes} if notes else {}),
+        **(meta or {}),
+        "warnings": [*warnings, *(meta or {}).get("warnings", ())],  # the caller's warnings join the audit's
+    }
+    report = Report.build(
+        (SiteHealth.from_result(r) for r in results),
+        slots=part.slots.compute() if part.slots is not None else None,
+        metrics=metrics,
+        meta=info,
+    )
+    return Measurement(report, model, example)
+
+
+def untracked_batchnorms(model: nn.Module) -> list[str]:
+    """BatchNorm layers whose running statistics were never updated (fresh init)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            nbt = m.num_batches_tracked
+            if nbt is not None and int(nbt) == 0:
+                out.append(name)
+    return out
+
+
+def _silent(total: int | None) -> AbstractContextManager[Advance]:
+    return nullcontext(_nothing)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _pass(
+    model: nn.Module, data: Iterable[Any], recorder: Callable[[nn.Module], Recorder], *, max_batches: int | None,
+    dev: torch.device, progress: ProgressBar | None, adapter: Feed | None, mask: MaskSpec, forward: Forward | None,
+) -> tuple[Part, Recorder, Any]:  # fmt: skip
+    """This process's pass: every batch through the hooked model; its statistics as a Part, the Recorder,
+    and the first batch (fixes are checked on it)."""
+    if forward is None:
+        forward = adapter.forward if adapter is not None else default_forward
+    total = max_batches if max_batches is not None else (len(data) if isinstance(data, Sized) else None)
+    warnings = [
+        f"BatchNorm {name!r} has never been updated (num_batches_tracked == 0): in eval mode it "
+        "normalises with its initial statistics, so channels can look dead that are not"
+        for name in untracked_batchnorms(model)
+    ]
+    slot_stats: SlotStats | None = None
+    used_mask: tuple[str, tuple[int, ...]] | None = None
+    metric_sums: dict[str, torch.Tensor] = {}
+    batches = samples = 0
+    example: Any = None  # the first batch: fixes are checked on it
+    moved = _move_model(model, dev)
+    try:
+        with recorder(model) as rec:
+            if any(m.training for m in model.modules()):
+                model.eval()
+            with gradients_off(model), eager(model), (progress or _silent)(total) as advance:
+                for batch in batches_of(data, max_batches):
+                    batch = to_device(batch, dev)
+                    example = batch if example is None else example
+                    size = batch_size(batch)
+                    choice = choose_mask(mask, batch, batch_size=size, device=dev, adapter=adapter)
+                    if choice.warning is not None and choice.warning not in warnings:
+                        warnings.append(choice.warning)
+                    if choice.mask is not None:
+                        used_mask = (str(choice.source), tuple(choice.mask.shape))
+                    rec.start_batch(mask=choice.mask)
+                    try:
+                        outputs = forward(model, batch)
+                    except (UsageError, KeyboardInterrupt):
+                        raise
+                    except Exception as exc:
+                        raise _forward_error(exc, rec, batches, batch) from exc
+                    if adapter is not None:
+                        slot_stats = _update_slots(adapter, outputs, batch, slot_stats)
+                        for k, v in adapter.metric_sums(outputs, batch).items():
+                            metric_sums[k] = metric_sums[k] + v if k in metric_sums else v.double().clone()
+                    batches += 1
+                    samples += size
+                    advance()
+            warnings += [f"channel axis set for {glob!r} matched no site: check the name against the site table"
+                         for glob in rec.axes.unmatched()]
+            part = Part.of_recorder(rec, batches=batches, samples=samples, slots=slot_stats, metric_sums=metric_sums,
+                                    warnings=[*warnings, *rec.warnings()], mask=used_mask)  # fmt: skip
+    finally:
+        if moved is not None:
+            model.to(moved)
+    return part, rec, example
+
+
+def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ...]] | None, mask: MaskSpec) -> list[str]:
+    """A padding mask that applied at no site (an error where it was asked for), or at some sites on
+    some batches only."""
+    out = []
+    if used is not None and not any(r.masked for r in results):
+        source, shape = used
+        if mask != AUTO or source.startswith("adapter:"):
+            raise unmatched_error(source, shape, {r.name: r.example_shape for r in results})
+        out.append(f"{source} of shape {shape} applied at no activation site: padding is counted")
+    mixed = [r.name for r in results if r.masked and r.unfitted]
+    if mixed:
+        out.append(
+            f"the padding mask fitted {', '.join(mixed[:3])}{' and more' if len(mixed) > 3 else ''} on some batches "
+            "only (their shape did not fit it on the others): their figures count padding on those batches"
+        )
+    return out
+
+
+def _shared_example(example: Any) -> Any:
+    """The first batch of the lowest rank that saw one, on every rank: fixes are checked on it, so that every
+    rank's findings (and so its Report) are the same, also on a rank that saw no batch."""
+    import torch.distributed as dist
+
+    seen: list[bool] = [False] * dist.get_world_size()
+    dist.all_gather_object(seen, example is not None)
+    if not any(seen):
+        return example
+    box = [example if example is not None else None]
+    dist.broadcast_object_list(box, src=seen.index(True))
+    return box[0]
+
+
+def _nothing_measured(rec: Recorder, select: Sequence[str] | None, functional: bool) -> str:
+    """The one-line error of an audit without a site: what was found, and what to do."""
+    globs = ", ".join(repr(g) for g in select or ())
+    left_out = list(rec.coverage.unselected)
+    if select and left_out:
+        shown = ", ".join(left_out[:6]) + (f" and {len(left_out) - 6} more" if len(left_out) > 6 else "")
+        return f"select {globs} matched no activation site (sites: {shown}); check the globs against these names"
+    found = f"{rec.coverage.modules} modules, no recognised activation module"
+    found += ", no functional activation called" if functional else " (functional activations not probed)"
+    unknown = rec.warnings()
+    tail = f"; {'; '.join(unknown)}" if unknown else "; declare your own with deadneuron.register_activation"
+    scope = f" (select {globs})" if select else ""
+    return f"no activation site was measured{scope}: the model has {found}{tail}"
+
+
+def _unmatched_select(results: Sequence[SiteResult], select: Sequence[str] | None) -> list[str]:
+    """A warning per select glob that matched none of the measured sites (some others did)."""
+    out = []
+    for glob in select or ():
+        if not any(matches((r.name, r.module, _leaf(r.name), r.kind, f"kind:{r.kind}"), (glob,)) for r in results):
+            out.append(f"select {glob!r} matched no activation site")
+    return out
+
+
+def _leaf(site_name: str) -> str:
+    """``relu`` of ``conv1>relu#2`` or ``block.relu``: the function or attribute a select may name."""
+    return site_name.rsplit(">", 1)[-1].rsplit(".", 1)[-1].split("#", 1)[0]
+
+
+def _channel_axes(channel_axis: Mapping[str, int] | None) -> dict[str, int]:
+    """``channel_axis`` checked: site globs to integer dims."""
+    if channel_axis is None:
+        return {}
+    if not isinstance(channel_axis, Mapping):
+        raise UsageError(f"channel_axis takes a dict of site glob -> dim, got {type(channel_axis).__name__}")
+    for glob, axis in channel_axis.items():
+        if not isinstance(glob, str) or not glob or isinstance(axis, bool) or not isinstance(axis, int):
+            raise UsageError(f"channel_axis takes site glob -> integer dim (e.g. {{'block.relu': 1}}), got {glob!r}: {axis!r}")
+    return dict(channel_axis)
+
+
+def _update_slots(adapter: Feed, outputs: Any, batch: Any, stats: SlotStats | None) -> SlotStats | None:
+    found = adapter.slot_masks(outputs, batch)
+    if found is None:
+        return stats
+    masks, valid = found
+    if stats is None:
+        stats = SlotStats(num_slots=masks.shape[1])
+    stats.update(masks, valid)
+    return stats
+
+
+def _move_model(model: nn.Module, dev: torch.device) -> torch.device | None:
+    current = model_device(model)
+    if current == dev:
+        return None
+    model.to(dev)
+    return current
+
+
+def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> AuditRuntimeError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = f"after site {rec.last_site!r}" if rec.last_site else "before any activation site ran"
+    module = f", last module run {rec.last_module!r}" if rec.last_module else ""
+    return AuditRuntimeError(
+        f"forward pass failed on batch {index} (input {batch_shapes(batch)}) {where}{module}: "
+        f"{type(exc).__name__}: {first_line}"
+    )
+
+
+__all__ = ["Advance", "Forward", "Measurement", "ProgressBar", "measure", "untracked_batchnorms"]
