@@ -1,9 +1,8 @@
 """deadneuron's Adapter for the bundled ARC slot model (entry point ``deadneuron.adapters: arc-slot``),
-and the health snapshot that the training loop stores in its timeline."""
+and the probe-set figures (slots, metrics) that the training loop adds to its health timeline."""
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -108,92 +107,21 @@ class ArcSlotAdapter:
                      out=out, overwrite=overwrite, save_optimizer=save_optimizer)
 
 
-def health_snapshot(model: SlotAutoencoder, batches: Iterable[data.GridBatch]) -> dict[str, Any]:
-    """Per-site sparsity, flat fraction and dead channels, slot occupancy and metrics on ``batches``.
-
-    Uses ``deadneuron.audit`` where it is importable; until then a minimal probe of the encoder's shared
-    activation (the four ``encoder.bn_layers.i>relu`` sites), with the same definitions.
-    """
-    try:
-        from deadneuron.audit import audit
-    except ImportError:
-        return _fallback_snapshot(model, list(batches))
-    report = audit(model, list(batches), adapter=ArcSlotAdapter())
-    sites = {name: _site_entry(site) for name, site in report.sites.items()}
-    slots = report.slots.to_dict() if report.slots is not None else None
-    return {"source": "deadneuron.audit", "sites": sites, "slots": slots, "metrics": dict(report.metrics)}
-
-
-def _site_entry(site: Any) -> dict[str, Any]:
-    dead = site.dead_channels
-    dead_list = [int(c) for c in dead] if not isinstance(dead, int) else None
-    return {
-        "sparsity": float(site.sparsity),
-        "flat_fraction": float(site.flat_fraction),
-        "dead": len(dead_list) if dead_list is not None else int(dead),
-        "dead_channels": dead_list,
-    }
-
-
-def flat_threshold(activation: nn.Module, delta: float = 0.05) -> float:
-    """Largest z such that |f'| <= delta * max|f'| on all of (-30, z]: the left flat tail of f."""
-    z = (torch.arange(-30_000, 30_001, dtype=torch.float64) / 1000).requires_grad_()  # 0 on the grid
-    with torch.enable_grad():
-        (slope,) = torch.autograd.grad(copy.deepcopy(activation).double()(z).sum(), z)
-    small = slope.abs() <= delta * slope.abs().max()
-    if not bool(small[0]):
-        return float("-inf")
-    first_big = int((~small).nonzero()[0]) if bool((~small).any()) else len(z)
-    return float(z.detach()[first_big - 1])
-
-
-def _fallback_snapshot(model: SlotAutoencoder, batches: list[data.GridBatch]) -> dict[str, Any]:
-    encoder = model.encoder
-    lo = flat_threshold(encoder.relu)
-    sums: dict[int, dict[str, torch.Tensor]] = {}
-    calls = [0]
-    valid: list[torch.Tensor] = []  # the current batch's grid cells: padding is left out, as in the audit
-
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        site = calls[0] % len(encoder.conv_layers)
-        calls[0] += 1
-        z = args[0].detach().transpose(0, 1)[:, valid[-1]]  # (C, valid cells)
-        a = out.detach().transpose(0, 1)[:, valid[-1]]
-        part = {"n": torch.full((z.shape[0],), z.shape[1]), "zero": a.eq(0).sum(1), "flat": z.le(lo).sum(1)}
-        previous = sums.setdefault(site, {k: torch.zeros_like(v) for k, v in part.items()})
-        for key, value in part.items():
-            previous[key] += value
-
+def probe_figures(model: SlotAutoencoder, batches: Iterable[data.GridBatch]) -> dict[str, Any]:
+    """Slot occupancy (``SlotHealth.to_dict()``) and task metrics of ``model`` on ``batches``, in eval
+    mode without gradients (the model's mode is restored): what a training-timeline entry adds on its
+    probe set beside the health of the training batches."""
     adapter, was_training = ArcSlotAdapter(), model.training
     slot_stats = SlotStats(model.slot_attention.num_slots)
-    metric_totals: dict[str, float] = {}
-    handle = encoder.relu.register_forward_hook(hook)
+    totals: dict[str, float] = {}
     try:
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                valid[:] = [batch.valid.to(_device_of(model))]
                 out = adapter.forward(model, batch)
                 slot_stats.update(*adapter.slot_masks(out, batch))
                 for key, value in adapter.metric_sums(out, batch).items():
-                    metric_totals[key] = metric_totals.get(key, 0.0) + float(value)
+                    totals[key] = totals.get(key, 0.0) + float(value)
     finally:
-        handle.remove()
         model.train(was_training)
-    return {
-        "source": "arc_model.fallback",
-        "sites": {f"encoder.bn_layers.{i}>relu": _fallback_site(s) for i, s in sorted(sums.items())},
-        "slots": slot_stats.compute().to_dict(),
-        "metrics": adapter.summarize_metrics(metric_totals),
-    }
-
-
-def _fallback_site(s: dict[str, torch.Tensor]) -> dict[str, Any]:
-    n = float(s["n"].sum())
-    dead = (s["flat"] == s["n"]).nonzero().flatten().tolist()
-    return {
-        "sparsity": float(s["zero"].sum()) / n,
-        "flat_fraction": float(s["flat"].sum()) / n,
-        "dead": len(dead),
-        "dead_channels": dead,
-    }
+    return {"slots": slot_stats.compute().to_dict(), "metrics": adapter.summarize_metrics(totals)}

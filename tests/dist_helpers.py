@@ -110,18 +110,23 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def spawn(world: int, tmp: Path, *, deadline_s: float = 150.0) -> list[dict[str, Any]]:
-    """Run `worker` on ``world`` spawned processes; their results in rank order."""
+def spawn(world: int, tmp: Path, *, deadline_s: float = 150.0,
+          target: Callable[[int, int, str, str], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run ``target(rank, world, init, out)`` (default `worker`) on ``world`` spawned processes; the
+    results `worker` writes, in rank order (another target leaves its own files in ``tmp``: [])."""
     import torch.multiprocessing as mp
 
     init = f"file://{tmp / 'rendezvous'}"
-    ctx = mp.start_processes(worker, args=(world, init, str(tmp)), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(target or worker, args=(world, init, str(tmp)), nprocs=world, join=False,
+                             start_method="spawn")  # fmt: skip
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=5):
         if time.monotonic() > end:
             for p in ctx.processes:
                 p.terminate()
             raise AssertionError(f"the {world} ranks did not finish within {deadline_s:.0f} s")
+    if target is not None:
+        return []
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
 
 

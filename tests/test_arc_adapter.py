@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arc_model.adapter import ArcSlotAdapter, flat_threshold
+from arc_model.adapter import ArcSlotAdapter
 from arc_model.config import TrainConfig
 from deadneuron.adapters import Adapter, available_adapters, get_adapter
 from deadneuron.errors import ModelMismatchError, UsageError
@@ -58,16 +58,6 @@ def test_masks_and_metrics_from_outputs() -> None:
     summary = adapter.summarize_metrics(sums)
     assert set(summary) == {"valid_pixel_accuracy", "exact_grid_accuracy", "baseline_valid_pixel_accuracy",
                             "baseline_exact_grid_accuracy"}
-
-
-@pytest.mark.parametrize(
-    ("module", "threshold"),
-    [(torch.nn.ReLU(), 0.0), (torch.nn.LeakyReLU(0.01), 0.0), (torch.nn.LeakyReLU(0.2), float("-inf")),
-     (torch.nn.ELU(), pytest.approx(-3.0, abs=0.01))],
-    ids=["relu", "leaky-0.01", "leaky-0.2", "elu"],
-)
-def test_flat_threshold_of_the_timeline_fallback(module: torch.nn.Module, threshold: object) -> None:
-    assert flat_threshold(module) == threshold
 
 
 def test_config_parsing_for_the_cli() -> None:
