@@ -13,7 +13,7 @@ At every site call it
   ``|a|`` is the mean the Recorder already keeps, so no pass is spent on it.
 
 Everything stays on the tensor's device; at a snapshot the sums of every site go to the host with the
-rest of the window's statistics in one copy (`flow_row`, `flow_hosts`: rows that processes can add up).
+rest of the window's statistics in one copy (`flow_rows`, `flow_hosts`: a row that processes can add up).
 `tau_scores` is the pure part: Sokar et al. 2023's score of each unit.
 """
 
@@ -123,26 +123,29 @@ class FlowHost:
     grad_abs_mean: np.ndarray | None  # mean |dL/dz|
 
 
-def flow_row(flow: SiteFlow | None, channels: int, device: torch.device) -> torch.Tensor:
-    """A site's sums as one float64 row on ``device``, the layout `flow_hosts` reads: sum |a|, sum |dL/dz|
-    and the count of dL/dz != 0 per channel (zeros where not measured; all zeros for no flow), then the
-    element counts of |a| and of dL/dz. Rows of several processes add up to the row of all their data."""
+def flow_rows(flows: Sequence[SiteFlow | None], channels: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Every site's sums as one float64 row on ``device``, the layout `flow_hosts` reads: per site sum |a|,
+    sum |dL/dz| and the count of dL/dz != 0 per channel (zeros where not measured, all zeros for no flow),
+    then, after every site, the element counts of |a| and of dL/dz per site. Rows of several processes
+    add up to the row of all their data."""
     f64 = {"dtype": torch.float64, "device": device}
-    zeros = torch.zeros(channels, **f64)
-    if flow is None:
-        return torch.zeros(3 * channels + 2, **f64)
-    sums = [t.to(device) if t is not None else zeros for t in (flow.abs_sum, flow.grad_abs, flow.grad_nonzero)]
-    return torch.cat([*sums, torch.tensor([flow.abs_elements, flow.grad_elements], **f64)])
+    zeros = torch.zeros(max(channels, default=0), **f64)
+    parts, counts = [], []
+    for flow, c in zip(flows, channels, strict=True):
+        sums = (flow.abs_sum, flow.grad_abs, flow.grad_nonzero) if flow is not None else (None, None, None)
+        parts += [t.to(device) if t is not None else zeros[:c] for t in sums]
+        counts += [flow.abs_elements, flow.grad_elements] if flow is not None else [0, 0]
+    return torch.cat([*parts, torch.tensor(counts, **f64)])
 
 
 def flow_hosts(host: np.ndarray, channels: Sequence[int], kinds: Sequence[str]) -> list[FlowHost]:
-    """The rows of `flow_row` (concatenated, on the host) as per-site figures; ``kinds`` say where |a| is
-    summed (where the output can be negative; elsewhere the mean of a is mean |a|)."""
+    """The row of `flow_rows` (on the host) as per-site figures; ``kinds`` say where |a| is summed (where
+    the output can be negative; elsewhere the mean of a is mean |a|)."""
+    counts = np.rint(host[3 * sum(channels) :]).astype(np.int64).reshape(-1, 2)
     out, at = [], 0
-    for c, kind in zip(channels, kinds, strict=True):
+    for c, kind, (abs_n, grad_n) in zip(channels, kinds, counts.tolist(), strict=True):
         abs_sum, grad_abs, nonzero = (host[at + i * c : at + (i + 1) * c] for i in range(3))
-        abs_n, grad_n = (int(v) for v in np.rint(host[at + 3 * c : at + 3 * c + 2]))
-        at += 3 * c + 2
+        at += 3 * c
         abs_mean = abs_sum / abs_n if abs_n and kind not in NONNEGATIVE_KINDS else None
         if not grad_n:
             out.append(FlowHost(abs_mean, 0, None, None))

@@ -8,15 +8,17 @@
     mon.findings()                         # the rules over the last window and the timeline
 
 The statistics are the audit's (a `deadneuron.probe.Recorder`), accumulated over the training batches
-themselves in train mode: no extra forward pass. Each snapshot covers the steps since the previous one,
-then the window starts afresh. With ``sample_every=k`` only every k-th step's forward passes are
-measured; between them no hook is attached at all. Forward passes in eval mode (a validation loop inside
-the training loop) are not measured. Beside the Recorder's figures, a `deadneuron.gradflow.FlowObserver`
+themselves in train mode: no extra forward pass. Each snapshot covers the steps since the previous one
+(one copy of every figure to the host, merged over the ranks of a process group first: see
+`deadneuron.window`), then the window starts afresh on the same hooks. With ``sample_every=k`` only
+every k-th step's forward passes are measured; between them no hook is attached at all. Forward passes
+in eval mode (a validation loop inside the training loop) are not measured. Beside the Recorder's figures, a `deadneuron.gradflow.FlowObserver`
 reads dL/dz per channel in the backward pass (tensor hooks that return None: the gradients are those of a
 run without the monitor) and sums |a| for the tau-dormant score.
 
 Nothing is left on the model: hooks are removed when the ``with`` block ends, also on an exception, and
-the model's modes, parameters and gradients are never touched. The host synchronises only at snapshots.
+the model's modes, parameters and gradients are never touched. The host synchronises only at snapshots
+(and, with a padding ``mask``, once per measured forward pass to count its valid positions).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from deadneuron.probe.masks import BatchMask, MaskSpec
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot
-from deadneuron.window import forward_mask, measured, read_window, reset_window
+from deadneuron.window import forward_mask, read_window, reset_window
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -220,11 +222,6 @@ class Monitor:
             reset_window(self._rec, self._observer)
         self._sync()
 
-    def _merging(self) -> bool:
-        from deadneuron.distributed import active
-
-        return self.distributed and active()
-
     # -- attaching the Recorder around sampled steps; eval-mode forward passes are not measured -----
     def _sync(self) -> None:
         self._paused = False
@@ -266,9 +263,9 @@ class Monitor:
 
     # -- snapshots ------------------------------------------------------------------------------------
     def _take_snapshot(self) -> Snapshot | None:
-        """The window's snapshot (one copy to the host; merged over the ranks where `_merging`), None
-        when no rank measured a site."""
-        if self._rec is None or self._observer is None or not (self._merging() or measured(self._rec)):
+        """The window's snapshot (one copy to the host; merged over the ranks of a process group, see
+        ``distributed``), None when no rank measured a site."""
+        if self._rec is None or self._observer is None:
             return None
         figures = read_window(self._rec, self._observer, distributed=self.distributed)
         if not figures.results:

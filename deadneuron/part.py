@@ -93,7 +93,13 @@ class Part:
     def of_recorder(cls, rec: Recorder, *, batches: int | None = None, **fields: Any) -> Part:
         """The sites ``rec`` measured (its accumulators, not copies). ``batches`` defaults to 1 where
         it measured a site, else 0; ``fields`` sets the other fields."""
-        sites = [_state(key, name, site) for key, name, site in rec.keyed_sites()]
+        return cls.of_sites(rec.keyed_sites(), batches=batches, **fields)
+
+    @classmethod
+    def of_sites(cls, keyed: Sequence[tuple[tuple[Any, ...], str, Any]], *, batches: int | None = None,
+                 **fields: Any) -> Part:  # fmt: skip
+        """`of_recorder` from ``Recorder.keyed_sites()`` (or some of them)."""
+        sites = [_state(key, name, site) for key, name, site in keyed]
         seen = batches if batches is not None else int(bool(sites))
         return cls(sites=sites, batches=seen, **fields)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from deadneuron.gradflow import FlowHost, FlowObserver, flow_hosts, flow_row
+from deadneuron.gradflow import FlowHost, FlowObserver, flow_hosts, flow_rows
 from deadneuron.part import Part, results_and_host
 from deadneuron.probe import Recorder
 from deadneuron.probe.masks import MaskChoice, MaskSpec
@@ -32,30 +32,23 @@ class WindowFigures:
     world_size: int = 1
 
 
-def measured(rec: Recorder) -> bool:
-    """Whether the window measured any site (a training forward pass reached one)."""
-    return any(site.calls for _, site in rec.named_sites())
-
-
 def read_window(rec: Recorder, observer: FlowObserver, *, distributed: bool = True, group: Any = None) -> WindowFigures:
-    """The window's figures. With ``distributed`` and an initialised process group of more than one rank:
-    collective (every rank calls it at the same step) and merged over the ranks; a rank that measured
-    nothing contributes nothing."""
+    """The window's figures (empty where it measured no site). With ``distributed`` and an initialised
+    process group of more than one rank: collective (every rank calls it at the same step) and merged
+    over the ranks; a rank that measured nothing contributes nothing."""
     from deadneuron.distributed import active, all_reduce_part
 
-    part = Part.of_recorder(rec, warnings=rec.warnings())
-    flows = {s.info.key: observer.flow_of(site) for s, (_, site) in zip(part.sites, rec.named_sites(), strict=True)}
-    part.sites = [s for s in part.sites if s.calls]
-    part.batches = int(bool(part.sites))
+    keyed = [(key, name, site) for key, name, site in rec.keyed_sites() if site.calls]
+    flows = {key: observer.flow_of(site) for key, _, site in keyed}
+    part = Part.of_sites(keyed, warnings=rec.warnings())
     merge = distributed and active(group)
     if merge:
         part = all_reduce_part(part, group=group)  # on the group's device: the flow rows go there too
+    channels, kinds = [s.info.channels for s in part.sites], [s.info.kind for s in part.sites]
     device = part.sites[0].stats.acc.device if part.sites else torch.device("cpu")
-    rows = [flow_row(flows.get(s.info.key), s.info.channels, device) for s in part.sites]
-    row = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.float64)
+    row = flow_rows([flows.get(s.info.key) for s in part.sites], channels, device)
     world = _sum_over_ranks(row, group) if merge else 1
     results, (host,) = results_and_host(part.sites, [row])
-    channels, kinds = [s.info.channels for s in part.sites], [s.info.kind for s in part.sites]
     return WindowFigures(results, flow_hosts(host, channels, kinds), list(part.warnings), world)
 
 
@@ -98,4 +91,4 @@ def reset_window(rec: Recorder, observer: FlowObserver) -> None:
     observer.reset()
 
 
-__all__ = ["WindowFigures", "forward_mask", "measured", "read_window", "reset_window"]
+__all__ = ["WindowFigures", "forward_mask", "read_window", "reset_window"]
