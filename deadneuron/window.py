@@ -18,7 +18,8 @@ import torch
 from deadneuron.gradflow import FlowHost, FlowObserver, flow_hosts, flow_rows
 from deadneuron.part import Part, results_and_host
 from deadneuron.probe import Recorder
-from deadneuron.probe.masks import MaskChoice, MaskSpec
+from deadneuron.probe.functional import tensors
+from deadneuron.probe.masks import MaskChoice, MaskSpec, choose_mask
 from deadneuron.probe.site import SiteResult
 
 
@@ -66,9 +67,6 @@ def forward_mask(spec: MaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     `deadneuron.audit`, where the batch is the forward's keyword arguments (a dict: ``"auto"`` finds an
     ``attention_mask`` beside ``input_ids``; a str names a keyword) or else its first argument; a
     callable gets the forward's arguments themselves (``mask(*args, **kwargs)``)."""
-    from deadneuron.probe.functional import tensors
-    from deadneuron.probe.masks import choose_mask
-
     batch = kwargs if kwargs else (args[0] if len(args) == 1 else args)
     first = next(tensors(batch), None)
     if first is None:
