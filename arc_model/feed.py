@@ -1,6 +1,6 @@
 """How the ARC slot model meets deadneuron's audit (`ArcFeed`: feeding a batch, the grid cells that hold
-data, the slot masks, the task metrics), and the health snapshot the training loop stores in its timeline.
-`arc_model.adapter.ArcSlotAdapter` adds building, loading, data and training to it."""
+data, the slot masks, the task metrics), and the probe-set figures (slots, metrics) that a training-timeline
+entry adds. `arc_model.adapter.ArcSlotAdapter` adds building, loading, data and training to it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from torch import nn
 
 from arc_model import data, loss
 from arc_model.model import SlotAutoencoder, SlotOutput
-from deadneuron.audit import audit
-from deadneuron.report import SiteHealth
+from deadneuron.slots import SlotStats
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -45,22 +44,24 @@ class ArcFeed:
         return loss.summarize(dict(sums))
 
 
-def health_snapshot(model: SlotAutoencoder, batches: Iterable[data.GridBatch]) -> dict[str, Any]:
-    """Per-site sparsity, flat fraction and dead channels, slot occupancy and metrics on ``batches``: a
-    `deadneuron.audit` without findings."""
-    report = audit(model, list(batches), adapter=ArcFeed(), rules=False)
-    sites = {name: _site_entry(site) for name, site in report.sites.items()}
-    slots = report.slots.to_dict() if report.slots is not None else None
-    return {"source": "deadneuron.audit", "sites": sites, "slots": slots, "metrics": dict(report.metrics)}
+def probe_figures(model: SlotAutoencoder, batches: Iterable[data.GridBatch]) -> dict[str, Any]:
+    """Slot occupancy (``SlotHealth.to_dict()``) and task metrics of ``model`` on ``batches``, in eval
+    mode without gradients (the model's mode is restored): what a training-timeline entry adds on its
+    probe set beside the health of the training batches."""
+    feed, was_training = ArcFeed(), model.training
+    slot_stats = SlotStats(model.slot_attention.num_slots)
+    totals: dict[str, float] = {}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                out = feed.forward(model, batch)
+                slot_stats.update(*feed.slot_masks(out, batch))
+                for key, value in feed.metric_sums(out, batch).items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+    finally:
+        model.train(was_training)
+    return {"slots": slot_stats.compute().to_dict(), "metrics": feed.summarize_metrics(totals)}
 
 
-def _site_entry(site: SiteHealth) -> dict[str, Any]:
-    return {
-        "sparsity": float(site.sparsity),
-        "flat_fraction": float(site.flat_fraction),
-        "dead": len(site.dead_channels),
-        "dead_channels": [int(c) for c in site.dead_channels],
-    }
-
-
-__all__ = ["ArcFeed", "health_snapshot"]
+__all__ = ["ArcFeed", "probe_figures"]

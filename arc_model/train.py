@@ -9,10 +9,12 @@ machine, same thread count).
 
 ``history``: one record per epoch: loss (mean NLL per valid cell), train_accuracy (valid cells, train
 mode, during the epoch), heldout_accuracy (valid cells of the timeline's probe set, at timeline epochs
-only, else None). ``health_timeline``: at step 0, every TIMELINE_EVERY epochs and at the end, the health
-of the model on a fixed probe set of TIMELINE_GRIDS held-out grids (BatchNorm statistics re-estimated):
-per site sparsity, flat fraction and dead channel indices, slot occupancy (``SlotHealth.to_dict()``) and
-task metrics.
+only, else None). ``health_timeline``: the snapshots of a `deadneuron.Monitor` watching the training
+steps, after the first step (the initial weights' batch), every TIMELINE_EVERY epochs and at the end.
+Each covers the steps since the previous one, on their training batches in train mode with padding cells
+left out (``Snapshot.to_dict()``: per site dead, dormant, flat, sparsity, gradient flow, tau-dormant...),
+plus the slot occupancy (``SlotHealth.to_dict()``) and task metrics of the current weights on a fixed
+probe set of TIMELINE_GRIDS held-out grids (BatchNorm statistics re-estimated).
 
 Command line (until ``deadneuron train`` exists; the same ``--config KEY=VALUE`` flags)::
 
@@ -23,7 +25,6 @@ Command line (until ``deadneuron train`` exists; the same ``--config KEY=VALUE``
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,6 +42,7 @@ from arc_model.model import SlotAutoencoder, build_model
 from deadneuron.adapters import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from deadneuron.checkpoint import atomic_save
 from deadneuron.errors import ModelMismatchError, WriteError
+from deadneuron.monitor import Monitor
 
 ADAPTER_NAME = "arc-slot"
 Callback = Callable[[dict[str, Any]], None]
@@ -85,8 +87,6 @@ def train(
     model = build_model(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LEARNING_RATE)
     run = _restore(model, optimizer, init, cfg) if init is not None else RunState()
-    if not run.timeline:  # "dead at init" needs step 0
-        run.timeline.append(_snapshot(model, grids, probe, cfg, run))
 
     def save() -> dict[str, Any]:
         ckpt = make_checkpoint(model, optimizer if save_optimizer else None, cfg, run)
@@ -94,17 +94,24 @@ def train(
             atomic_save(ckpt, out_path, force=True)  # out was checked at the start
         return ckpt
 
-    with _progress_bar(progress, cap, per_epoch, run.step) as advance:
-        for record in _epochs(model, optimizer, grids, probe, cfg, run, cap, advance):
+    with _progress_bar(progress, cap, per_epoch, run.step) as advance, _monitor(model, optimizer, run) as mon:
+        for record in _epochs(model, optimizer, grids, probe, cfg, run, cap, advance, mon):
             if "timeline" in record:
                 save()
             for callback in callbacks:
                 callback(record)
-    if run.timeline[-1]["step"] != run.step:
-        run.timeline.append(_snapshot(model, grids, probe, cfg, run))
-        if run.history and run.history[-1]["step"] == run.step:  # the run ended on an epoch boundary
-            run.history[-1]["heldout_accuracy"] = run.timeline[-1]["metrics"]["valid_pixel_accuracy"]
+        if run.step > (run.timeline[-1]["step"] if run.timeline else 0):
+            run.timeline.append(_snapshot(model, grids, probe, cfg, run, mon))
+            if run.history and run.history[-1]["step"] == run.step:  # the run ended on an epoch boundary
+                run.history[-1]["heldout_accuracy"] = run.timeline[-1]["metrics"]["valid_pixel_accuracy"]
     return save()
+
+
+def _monitor(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, run: RunState) -> Monitor:
+    """The health timeline's monitor: snapshots when `_snapshot` asks, padding cells left out (the pad
+    channel of the input is 1 exactly there, as the adapter's position mask), one process."""
+    return Monitor(model, every=None, optimizer=optimizer, start_step=run.step, distributed=False,
+                   mask=lambda x: x[:, data.NUM_COLOURS] == 0)  # fmt: skip
 
 
 def _step_cap(cfg: TrainConfig, per_epoch: int, max_steps: int | None) -> int:
@@ -115,7 +122,7 @@ def _step_cap(cfg: TrainConfig, per_epoch: int, max_steps: int | None) -> int:
 
 def _epochs(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, grids: list[data.Grid],
             probe: list[data.Grid], cfg: TrainConfig, run: RunState, cap: int,
-            advance: Callable[[dict[str, float]], None]) -> Iterator[dict[str, Any]]:
+            advance: Callable[[dict[str, float]], None], mon: Monitor) -> Iterator[dict[str, Any]]:
     """Run epochs until ``cap`` steps or NUM_EPOCHS; yield the record of every finished epoch."""
     per_epoch = data.num_batches(len(grids), cfg.BATCH_SIZE)
     while run.step < cap and run.epoch < cfg.NUM_EPOCHS:
@@ -128,8 +135,11 @@ def _epochs(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, grids: lis
                 return
             _accumulate(run.partial, train_step(model, optimizer, batch))
             run.step += 1
+            mon.step()
+            if not run.timeline:  # "dead at init": the first step's batch, on the initial weights
+                run.timeline.append(_snapshot(model, grids, probe, cfg, run, mon))
             advance(_running(run.partial))
-        yield _finish_epoch(model, grids, probe, cfg, run)
+        yield _finish_epoch(model, grids, probe, cfg, run, mon)
 
 
 def train_step(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, batch: data.GridBatch) -> dict[str, float]:
@@ -155,7 +165,7 @@ def _running(partial: Mapping[str, float]) -> dict[str, float]:
 
 
 def _finish_epoch(model: SlotAutoencoder, grids: list[data.Grid], probe: list[data.Grid], cfg: TrainConfig,
-                  run: RunState) -> dict[str, Any]:
+                  run: RunState, mon: Monitor) -> dict[str, Any]:
     run.epoch += 1
     means = _running(run.partial)
     run.partial = {}
@@ -164,7 +174,7 @@ def _finish_epoch(model: SlotAutoencoder, grids: list[data.Grid], probe: list[da
         "train_accuracy": means["accuracy"], "heldout_accuracy": None,
     }
     if run.epoch % cfg.TIMELINE_EVERY == 0:
-        entry = _snapshot(model, grids, probe, cfg, run)
+        entry = _snapshot(model, grids, probe, cfg, run, mon)
         run.timeline.append(entry)
         record["heldout_accuracy"] = entry["metrics"]["valid_pixel_accuracy"]
     run.history.append(record)
@@ -172,30 +182,32 @@ def _finish_epoch(model: SlotAutoencoder, grids: list[data.Grid], probe: list[da
 
 
 def _snapshot(model: SlotAutoencoder, grids: list[data.Grid], probe: list[data.Grid], cfg: TrainConfig,
-              run: RunState) -> dict[str, Any]:
-    """A timeline entry: the health of ``model`` on the probe set, BatchNorm statistics re-estimated."""
-    from arc_model.feed import (
-        health_snapshot,  # deadneuron's audit, imported when the first snapshot is taken
-    )
+              run: RunState, mon: Monitor) -> dict[str, Any]:
+    """A timeline entry: the monitor's snapshot of the steps since the previous entry, and the slots and
+    metrics of the current weights on the probe set, BatchNorm statistics re-estimated."""
+    from arc_model.feed import probe_figures
 
+    snap = mon.snapshot()
+    health = snap.to_dict() if snap is not None else {"step": run.step, "sites": {}}
     view = _with_batchnorm_statistics(model, grids, cfg)
-    entry = health_snapshot(view, data.eval_batches(probe, cfg.BATCH_SIZE))
-    return {"epoch": run.epoch, "step": run.step, "batchnorm_reestimated": view is not model, **entry}
+    figures = probe_figures(view, data.eval_batches(probe, cfg.BATCH_SIZE))
+    return {"epoch": run.epoch, **health, "batchnorm_reestimated": view is not model, **figures}
 
 
 def _with_batchnorm_statistics(model: SlotAutoencoder, grids: list[data.Grid], cfg: TrainConfig) -> SlotAutoencoder:
     """``model`` itself without BatchNorm, else a copy whose BatchNorm statistics are re-estimated on the
     training grids with the current weights (MEASURED.md's method). Running statistics lag the weights
     early in training, and fresh ones fake up to 18 dead channels at init. The model and the RNG stream
-    of the run are left untouched."""
+    of the run are left untouched; the copy is built afresh (a deep copy would copy the monitor's hooks)."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
-    estimate = copy.deepcopy(model).train()
-    for m in estimate.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the batches
     with torch.random.fork_rng(devices=[]), torch.no_grad():
+        estimate = build_model(cfg).train()
+        estimate.load_state_dict(model.state_dict())
+        for m in estimate.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the batches
         for batch in data.eval_batches(grids, cfg.BATCH_SIZE):
             estimate(batch.x)
     return estimate.eval()
@@ -308,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     config = base.with_overrides(args.config)
     ckpt = train(config, out=args.out, init=init, max_steps=args.max_steps, progress=not args.quiet,
                  save_optimizer=not args.no_optimizer_state, overwrite=args.force)
-    last = ckpt["health_timeline"][-1]
-    print(f"wrote {args.out}: step {ckpt['step']}, epoch {ckpt['epoch']}, "
-          f"held-out probe accuracy {last['metrics']['valid_pixel_accuracy']:.3f}", file=sys.stderr)
+    timeline = ckpt["health_timeline"]
+    accuracy = f", held-out probe accuracy {timeline[-1]['metrics']['valid_pixel_accuracy']:.3f}" if timeline else ""
+    print(f"wrote {args.out}: step {ckpt['step']}, epoch {ckpt['epoch']}{accuracy}", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,9 @@ the ratio. Reported per setting: each side's median over rounds and the median o
 (with their range). Settings: a snapshot every step; every 100 steps measuring every
 step; every 100 steps measuring every 10th step (``sample_every=10``). The snapshots' cost is in the
 ``mon.step()`` times, amortised over the steps. Allocator settings as in benchmarks/overhead.py.
+``--clock cpu`` times each step by the calling thread's CPU time instead of the wall clock (with one
+thread on the CPU every op of the step, backward included, runs on that thread): on a shared machine
+the wall clock mostly measures the other processes, the CPU time far less so.
 Nothing here is asserted: it prints figures for the README.
 """
 
@@ -25,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,22 +59,23 @@ def _sync(device: torch.device) -> None:
 
 
 class Side:
-    """One model and its optimizer, trained on the shared batches."""
+    """One model and its optimizer, trained on the shared batches; ``clock`` times its steps."""
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
         self.model = model.to(device).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.device = device
+        self.clock = clock
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         _sync(self.device)
-        start = time.perf_counter()
+        start = self.clock()
         loss = F.cross_entropy(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         _sync(self.device)
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 def _plain_step(side: Side, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -94,9 +99,9 @@ def _round(plain: Side, monitored: Side, mon: deadneuron.Monitor, batches: list[
             tp.append(_plain_step(plain, x, y))
         sampled = mon.steps % sample == 0
         (measured if sampled else other).append(monitored.step(x, y))
-        start = time.perf_counter()
+        start = monitored.clock()
         mon.step()
-        calls.append(time.perf_counter() - start)
+        calls.append(monitored.clock() - start)
         if not flip:
             tp.append(_plain_step(plain, x, y))
     parts = [statistics.median(t) * len(t) for t in (measured, other) if t]
@@ -104,8 +109,8 @@ def _round(plain: Side, monitored: Side, mon: deadneuron.Monitor, batches: list[
 
 
 def measure(base: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rounds: int, every: int,
-            sample: int, device: torch.device) -> dict[str, float]:  # fmt: skip
-    plain, monitored = Side(copy.deepcopy(base), device), Side(copy.deepcopy(base), device)
+            sample: int, device: torch.device, clock: Callable[[], float]) -> dict[str, float]:  # fmt: skip
+    plain, monitored = Side(copy.deepcopy(base), device, clock), Side(copy.deepcopy(base), device, clock)
     tp, tm, ratios = [], [], []
     with deadneuron.Monitor(monitored.model, every=every, sample_every=sample, optimizer=monitored.opt) as mon:
         _round(plain, monitored, mon, batches[: every if every > 1 else 2], sample, False)  # warm-up
@@ -125,7 +130,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--malloc", choices=("steady", "system"), default="steady")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this thread's CPU time (CPU device, one thread: steadier on a shared machine)")
     args = ap.parse_args()
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        ap.error("--clock cpu measures the calling thread: use it with --device cpu --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.malloc == "steady" and any(os.environ.get(k) != v for k, v in _STEADY.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_STEADY})
     torch.set_num_threads(args.threads)
@@ -137,10 +147,10 @@ def main() -> None:
             for _ in range(100)]  # fmt: skip
     pool = [(x.to(device), y.to(device)) for x, y in pool]
     print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, batch {args.batch}x10x30x30, "
-          f"{args.rounds} rounds, allocator {args.malloc}")
+          f"{args.rounds} rounds, allocator {args.malloc}, clock {args.clock}")
     print(f"{'setting':<22} {'steps/round':>11} {'plain ms':>9} {'monitor ms':>10} {'ratio':>6} {'range':>13}")
     for name, every, sample, steps in SETTINGS:
-        r = measure(base, pool[:steps], args.rounds, every, sample, device)
+        r = measure(base, pool[:steps], args.rounds, every, sample, device, clock)
         print(f"{name:<22} {steps:>11} {1e3 * r['plain']:9.1f} {1e3 * r['monitor']:10.1f} {r['ratio']:6.3f} "
               f"{r['lo']:6.3f}-{r['hi']:.3f}", flush=True)
 

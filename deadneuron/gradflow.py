@@ -12,12 +12,14 @@ At every site call it
   negative. Where the output is never negative (ReLU, ReLU6, Sigmoid, Hardsigmoid, Softplus), mean
   ``|a|`` is the mean the Recorder already keeps, so no pass is spent on it.
 
-Everything stays on the tensor's device; the host sees the sums once, at a snapshot (`to_host`).
+Everything stays on the tensor's device; at a snapshot the sums of every site go to the host with the
+rest of the window's statistics in one copy (`flow_rows`, `flow_hosts`: a row that processes can add up).
 `tau_scores` is the pure part: Sokar et al. 2023's score of each unit.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deadneuron.probe.masks import BatchMask, masked_channel_view
 from deadneuron.probe.site import Site
-from deadneuron.stats import channel_view
 
 # Kinds whose output is >= 0 everywhere: mean |a| is the plain mean of a.
 NONNEGATIVE_KINDS = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid", "softplus"})
@@ -45,8 +47,9 @@ def _channel_sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SiteFlow:
     """Running per-channel sums of one site, on the site's device."""
 
-    def __init__(self, axis: int, *, track_abs: bool) -> None:
+    def __init__(self, axis: int, channels: int, *, track_abs: bool) -> None:
         self.axis = axis
+        self.channels = channels
         self.track_abs = track_abs
         self.abs_sum: torch.Tensor | None = None  # sum |a| per channel
         self.abs_elements = 0
@@ -54,18 +57,19 @@ class SiteFlow:
         self.grad_nonzero: torch.Tensor | None = None  # count of dL/dz != 0 per channel
         self.grad_elements = 0  # gradient elements seen per channel
 
-    def add_output(self, a: torch.Tensor) -> None:
+    def add_output(self, a: torch.Tensor, mask: BatchMask | None = None) -> None:
         with torch.no_grad():
-            a3 = channel_view(a.detach(), self.axis)
+            a3 = masked_channel_view(a.detach(), self.axis, mask)[0]
             a = a3.abs() if a3.dtype not in _LOW_PRECISION else a3.float().abs()
             part = a.sum(2).sum(0, dtype=torch.float64)
         self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
         self.abs_elements += a3.shape[0] * a3.shape[2]
 
-    def add_grad(self, grad: torch.Tensor) -> None:
-        """The tensor hook on z: reads the gradient, returns None (the gradient flows on unchanged)."""
+    def add_grad(self, grad: torch.Tensor, mask: BatchMask | None = None) -> None:
+        """The tensor hook on z: reads the gradient, returns None (the gradient flows on unchanged). With
+        the forward pass's padding ``mask``, only valid positions count."""
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            g3 = channel_view(grad.detach(), self.axis)
+            g3 = masked_channel_view(grad.detach(), self.axis, mask)[0]
             l1, nonzero = _channel_sums(g3)
             if self.grad_abs is None or self.grad_nonzero is None:
                 self.grad_abs, self.grad_nonzero = l1, nonzero
@@ -80,25 +84,33 @@ class FlowObserver:
 
     def __init__(self, *, gradients: bool = True) -> None:
         self.gradients = gradients
+        self.mask: BatchMask | None = None  # the current batch's padding mask (the Recorder's too)
         self._flows: dict[int, SiteFlow] = {}  # id(site): a Recorder keeps its sites alive
 
     def _flow(self, site: Site) -> SiteFlow:
         flow = self._flows.get(id(site))
         if flow is None:
-            flow = self._flows[id(site)] = SiteFlow(site.axis, track_abs=site.spec.kind_name not in NONNEGATIVE_KINDS)
+            track = site.spec.kind_name not in NONNEGATIVE_KINDS
+            flow = self._flows[id(site)] = SiteFlow(site.axis, site.stats.channels, track_abs=track)
         return flow
 
     def before(self, site: Site, z: torch.Tensor) -> None:
         if self.gradients and z.requires_grad and torch.is_grad_enabled():
-            z.register_hook(self._flow(site).add_grad)
+            add, mask = self._flow(site).add_grad, self.mask
+            z.register_hook(add if mask is None else functools.partial(add, mask=mask))
 
     def after(self, site: Site, a: torch.Tensor) -> None:
         flow = self._flow(site)
         if flow.track_abs:
-            flow.add_output(a)
+            flow.add_output(a, self.mask)
 
     def flow_of(self, site: Site) -> SiteFlow | None:
         return self._flows.get(id(site))
+
+    def reset(self) -> None:
+        """Forget every sum (the monitor's next window). A gradient hook of a forward pass whose backward
+        has not run yet adds into the forgotten sums."""
+        self._flows.clear()
 
 
 @dataclass(frozen=True)
@@ -111,38 +123,34 @@ class FlowHost:
     grad_abs_mean: np.ndarray | None  # mean |dL/dz|
 
 
-def to_host(flows: Sequence[SiteFlow | None]) -> list[FlowHost]:
-    """Every site's sums on the host, with one copy per device (the snapshot's synchronisation)."""
-    parts: dict[torch.device, list[torch.Tensor]] = {}
-    for flow in flows:
-        for t in _tensors(flow):
-            parts.setdefault(t.device, []).append(t)
-    host: dict[int, np.ndarray] = {}
-    for tensors in parts.values():
-        flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
-        offset = 0
-        for t in tensors:
-            host[id(t)] = flat[offset : offset + t.numel()]
-            offset += t.numel()
-    return [_host(flow, host) for flow in flows]
+def flow_rows(flows: Sequence[SiteFlow | None], channels: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Every site's sums as one float64 row on ``device``, the layout `flow_hosts` reads: per site sum |a|,
+    sum |dL/dz| and the count of dL/dz != 0 per channel (zeros where not measured, all zeros for no flow),
+    then, after every site, the element counts of |a| and of dL/dz per site. Rows of several processes
+    add up to the row of all their data."""
+    zeros = torch.zeros(max(channels, default=0), dtype=torch.float64, device=device)
+    parts, counts = [], []
+    for flow, c in zip(flows, channels, strict=True):
+        sums = (flow.abs_sum, flow.grad_abs, flow.grad_nonzero) if flow is not None else (None, None, None)
+        parts += [t.to(device) if t is not None else zeros[:c] for t in sums]
+        counts += [flow.abs_elements, flow.grad_elements] if flow is not None else [0, 0]
+    return torch.cat([*parts, torch.tensor(counts, dtype=torch.float64, device=device)])
 
 
-def _tensors(flow: SiteFlow | None) -> list[torch.Tensor]:
-    if flow is None:
-        return []
-    return [t for t in (flow.abs_sum, flow.grad_abs, flow.grad_nonzero) if t is not None]
-
-
-def _host(flow: SiteFlow | None, host: dict[int, np.ndarray]) -> FlowHost:
-    if flow is None:
-        return FlowHost(None, 0, None, None)
-    abs_mean = None
-    if flow.abs_sum is not None and flow.abs_elements:
-        abs_mean = host[id(flow.abs_sum)] / flow.abs_elements
-    if flow.grad_abs is None or flow.grad_nonzero is None or not flow.grad_elements:
-        return FlowHost(abs_mean, 0, None, None)
-    n = flow.grad_elements
-    return FlowHost(abs_mean, n, host[id(flow.grad_nonzero)] / n, host[id(flow.grad_abs)] / n)
+def flow_hosts(host: np.ndarray, channels: Sequence[int], kinds: Sequence[str]) -> list[FlowHost]:
+    """The row of `flow_rows` (on the host) as per-site figures; ``kinds`` say where |a| is summed (where
+    the output can be negative; elsewhere the mean of a is mean |a|)."""
+    counts = np.rint(host[3 * sum(channels) :]).astype(np.int64).reshape(-1, 2)
+    out, at = [], 0
+    for c, kind, (abs_n, grad_n) in zip(channels, kinds, counts.tolist(), strict=True):
+        abs_sum, grad_abs, nonzero = (host[at + i * c : at + (i + 1) * c] for i in range(3))
+        at += 3 * c
+        abs_mean = abs_sum / abs_n if abs_n and kind not in NONNEGATIVE_KINDS else None
+        if not grad_n:
+            out.append(FlowHost(abs_mean, 0, None, None))
+        else:
+            out.append(FlowHost(abs_mean, grad_n, nonzero / grad_n, grad_abs / grad_n))
+    return out
 
 
 def tau_scores(abs_mean: np.ndarray) -> np.ndarray:

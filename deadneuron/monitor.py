@@ -8,15 +8,17 @@
     mon.findings()                         # the rules over the last window and the timeline
 
 The statistics are the audit's (a `deadneuron.probe.Recorder`), accumulated over the training batches
-themselves in train mode: no extra forward pass. Each snapshot covers the steps since the previous one,
-then the window starts afresh. With ``sample_every=k`` only every k-th step's forward passes are
-measured; between them no hook is attached at all. Forward passes in eval mode (a validation loop inside
-the training loop) are not measured. Beside the Recorder's figures, a `deadneuron.gradflow.FlowObserver`
+themselves in train mode: no extra forward pass. Each snapshot covers the steps since the previous one
+(one copy of every figure to the host, merged over the ranks of a process group first: see
+`deadneuron.window`), then the window starts afresh on the same hooks. With ``sample_every=k`` only
+every k-th step's forward passes are measured; between them no hook is attached at all. Forward passes
+in eval mode (a validation loop inside the training loop) are not measured. Beside the Recorder's figures, a `deadneuron.gradflow.FlowObserver`
 reads dL/dz per channel in the backward pass (tensor hooks that return None: the gradients are those of a
 run without the monitor) and sums |a| for the tau-dormant score.
 
 Nothing is left on the model: hooks are removed when the ``with`` block ends, also on an exception, and
-the model's modes, parameters and gradients are never touched. The host synchronises only at snapshots.
+the model's modes, parameters and gradients are never touched. The host synchronises only at snapshots
+(and, with a padding ``mask``, once per measured forward pass to count its valid positions).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deadneuron.errors import UsageError
-from deadneuron.gradflow import FlowObserver, to_host
+from deadneuron.gradflow import FlowObserver
 from deadneuron.probe import Recorder
+from deadneuron.probe.masks import BatchMask, MaskSpec
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot
+from deadneuron.window import forward_mask, read_window, reset_window
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,26 +54,35 @@ class SnapshotWriter(Protocol):
     def close(self) -> None: ...
 
 
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"Monitor: {name} must be a positive integer, got {value!r}")
+def _positive_int(value: object, name: str, *, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        raise UsageError(f"Monitor: {name} must be {what}, got {value!r}")
     return value
 
 
 class Monitor:
-    """Hooks ``model`` while the ``with`` block runs; a snapshot every ``every`` calls of `step`.
+    """Hooks ``model`` while the ``with`` block runs; a snapshot every ``every`` calls of `step` (None:
+    only when `snapshot` is called, and when the block ends).
 
     ``sample_every``: measure only every k-th step's forward passes (k <= every). ``select`` and
     ``channel_axis``: as for `deadneuron.audit`. ``optimizer``: its learning rate and kind go into the
     snapshots and the rules. ``tau``: the tau-dormant threshold (Sokar et al. 2023). ``writers`` get every
     snapshot (`deadneuron.integrations.writers`). ``gradients=False`` skips the gradient-flow hooks.
+    ``mask``: the padding of each training batch, left out of every figure (see `forward_mask`: ``"auto"``
+    finds an ``attention_mask`` keyword beside ``input_ids``; a keyword's name; a callable of the forward's
+    arguments); it costs one host synchronisation per measured forward pass, to count the valid positions.
+    ``start_step``: the steps done before (a resumed run), where the step count starts. ``distributed``:
+    under an initialised process group of more than one rank, every snapshot merges the ranks' figures
+    (each rank gets the same snapshot, as `deadneuron.audit` merges); every rank must then take its
+    snapshots at the same steps. False: each rank's own batches only.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        every: int = 100,
+        every: int | None = 100,
         sample_every: int = 1,
         select: Sequence[str] | None = None,
         channel_axis: Mapping[str, int] | None = None,
@@ -81,10 +94,13 @@ class Monitor:
         delta: float = 0.05,
         activations: ActivationRegistry | None = None,
         compile: bool = True,
+        mask: MaskSpec = None,
+        start_step: int = 0,
+        distributed: bool = True,
     ) -> None:
-        self.every = _positive_int(every, "every")
+        self.every = None if every is None else _positive_int(every, "every")
         self.sample_every = _positive_int(sample_every, "sample_every")
-        if self.sample_every > self.every:
+        if self.every is not None and self.sample_every > self.every:
             raise UsageError(f"Monitor: sample_every ({sample_every}) must not exceed every ({every}): "
                              "a window would measure no step")  # fmt: skip
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1:
@@ -94,6 +110,8 @@ class Monitor:
         self.tau = float(tau)
         self.writers = tuple(writers)
         self.gradients = gradients
+        self.distributed = distributed
+        self.mask = mask
         self._recorder_options: dict[str, Any] = {
             "eps": eps, "delta": delta, "select": select, "channel_axis": channel_axis,
             "activations": activations, "compile": compile,
@@ -102,14 +120,14 @@ class Monitor:
         self.last_health: dict[str, SiteHealth] = {}  # the last window's full per-site health
         self.last_channels: dict[str, ChannelDetail] = {}  # and its per-channel arrays
         self.warnings: list[str] = []
-        self._step = 0
-        self._window_start = 0
+        self._step = self._window_start = _positive_int(start_step, "start_step", lo=0)
         self._rec: Recorder | None = None
         self._observer: FlowObserver | None = None
         self._attached = False
         self._paused = False
         self._running = False
         self._gates: list[RemovableHandle] = []
+        self._mask_shape: tuple[int, ...] | None = None  # of a padding mask the loop's batches had
 
     # -- the with block ---------------------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -124,7 +142,7 @@ class Monitor:
             raise UsageError("Monitor: this monitor is already running; use one with block at a time")
         self._running = True
         try:
-            self._gates = [self.model.register_forward_pre_hook(self._gate_enter, prepend=True),
+            self._gates = [self.model.register_forward_pre_hook(self._gate_enter, prepend=True, with_kwargs=True),
                            self.model.register_forward_hook(self._gate_exit)]  # fmt: skip
             self._new_window()
         except BaseException:
@@ -139,7 +157,7 @@ class Monitor:
             return
         try:
             self._detach()
-            if snapshot and self._measured():
+            if snapshot:
                 self._take_snapshot()
         finally:
             self._teardown()
@@ -168,18 +186,18 @@ class Monitor:
         if not self._running:
             raise UsageError("Monitor.step() called outside the monitor's with block")
         self._step += 1
-        if self._step - self._window_start >= self.every:
+        if self.every is not None and self._step - self._window_start >= self.every:
             return self.snapshot()
         self._sync()
         return None
 
     def snapshot(self) -> Snapshot | None:
         """Take a snapshot now of the steps since the previous one (at the end of an epoch, say), and
-        start a new window. None when the window measured nothing (no training forward pass ran)."""
+        start a new window. None when the window measured nothing (no training forward pass ran).
+        Under a process group (see ``distributed``) every rank must call it at the same step."""
         if not self._running:
             raise UsageError("Monitor.snapshot() called outside the monitor's with block")
-        self._detach()
-        snap = self._take_snapshot() if self._measured() else None
+        snap = self._take_snapshot()
         if snap is None and self._step > self._window_start:
             self._note("a window of training steps measured no activation site: no forward pass in train "
                        "mode ran, or no activation matches the select")  # fmt: skip
@@ -195,13 +213,14 @@ class Monitor:
         return len(range(-(-start // k) * k, max(self._step, start + 1), k))
 
     def _new_window(self) -> None:
+        """The next window: the same Recorder and hooks, every statistic afresh."""
         self._window_start = self._step
-        self._observer = FlowObserver(gradients=self.gradients)
-        self._rec = Recorder(self.model, observer=self._observer, restore_modes=False, **self._recorder_options)
+        if self._rec is None or self._observer is None:
+            self._observer = FlowObserver(gradients=self.gradients)
+            self._rec = Recorder(self.model, observer=self._observer, restore_modes=False, **self._recorder_options)
+        else:
+            reset_window(self._rec, self._observer)
         self._sync()
-
-    def _measured(self) -> bool:
-        return self._rec is not None and bool(self._rec.site_names())
 
     # -- attaching the Recorder around sampled steps; eval-mode forward passes are not measured -----
     def _sync(self) -> None:
@@ -221,31 +240,50 @@ class Monitor:
             self._attached = False
             self._rec.__exit__(None, None, None)
 
-    def _gate_enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._attached and not module.training:
+    def _gate_enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._attached or self._rec is None or self._observer is None:
+            return
+        if not module.training:
             self._detach()
             self._paused = True
+        elif self.mask is not None:
+            choice = forward_mask(self.mask, args, kwargs)
+            if choice.warning:
+                self._note(choice.warning)
+            self._observer.mask = BatchMask.of(choice.mask) if choice.mask is not None else None
+            self._rec.start_batch(self._observer.mask)
+            self._mask_shape = self._mask_shape or (tuple(choice.mask.shape) if choice.mask is not None else None)
 
     def _gate_exit(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if self._paused:
             self._paused = False
             self._attach()
+        elif self._attached and self._rec is not None:
+            self._rec.idle()  # the loss and the optimizer step run without the functional probe
 
     # -- snapshots ------------------------------------------------------------------------------------
-    def _take_snapshot(self) -> Snapshot:
-        assert self._rec is not None and self._observer is not None
-        named = self._rec.named_sites()
-        healths = [SiteHealth.from_result(r) for r in self._rec.results()]
-        flows = to_host([self._observer.flow_of(site) for _, site in named])
+    def _take_snapshot(self) -> Snapshot | None:
+        """The window's snapshot (one copy to the host; merged over the ranks of a process group, see
+        ``distributed``), None when no rank measured a site."""
+        if self._rec is None or self._observer is None:
+            return None
+        figures = read_window(self._rec, self._observer, distributed=self.distributed)
+        if not figures.results:
+            return None
+        healths = [SiteHealth.from_result(r) for r in figures.results]
         sites, details = {}, {}
-        for health, flow in zip(healths, flows, strict=True):
+        for health, flow in zip(healths, figures.flows, strict=True):
             sites[health.name], details[health.name] = site_snapshot(health, flow, tau=self.tau)
         snap = Snapshot(self._step, self._window_start, self._sampled_steps(), self.learning_rate, sites)
         self.snapshots.append(snap)
         self.last_health = {h.name: h for h in healths}
         self.last_channels = details
-        for w in self._rec.warnings():
+        for w in figures.warnings:
             self._note(w)
+        if self._mask_shape is not None and not any(r.masked for r in figures.results):
+            self._note(f"the padding mask (shape {self._mask_shape}) applied at no activation site, so the figures "
+                       "count the padding: a site is masked where its dims other than the channel begin with the "
+                       "mask's shape")  # fmt: skip
         for writer in self.writers:
             writer.write(snap, details)
         return snap

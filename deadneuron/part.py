@@ -8,13 +8,16 @@ per-site results a Report is built from (the same as `Recorder.results` for a si
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from deadneuron._host import to_host
 from deadneuron.probe.site import SiteResult
-from deadneuron.stats import ChannelStats, ValueHistogram
+from deadneuron.stats import ChannelStats, ValueHistogram, summary_of
 
 if TYPE_CHECKING:
     from deadneuron.probe import Recorder
@@ -51,15 +54,25 @@ class SiteState:
     excluded: int = 0  # elements per channel the mask excluded
     unfitted: int = 0  # calls where the batch's mask did not fit this site
 
-    def result(self) -> SiteResult:
-        """Host values (one synchronisation: `ChannelStats.compute`)."""
+    def tensors(self) -> list[torch.Tensor]:
+        """The state `result` reads, on its device: the statistics, and the histogram's counts if any."""
+        state = [self.stats.state()]
+        return [*state, self.histogram.counts] if self.histogram is not None else state
+
+    def result(self, host: Sequence[np.ndarray] | None = None) -> SiteResult:
+        """Host values: from ``host`` (`tensors` copied to the host, as `deadneuron._host.to_host` does),
+        else copied now (one synchronisation)."""
+        if host is None:
+            host = to_host(self.tensors())
         i = self.info
+        histogram = None
+        if self.histogram is not None:
+            histogram = tuple(int(c) for c in host[1][: self.histogram.bins])
         return SiteResult(
             name=i.name, module=i.module, producer=i.producer, functional=i.functional, kind=i.kind,
             label=i.label, channel_axis=i.channel_axis, axis_source=i.axis_source, flat_region=i.flat_region,
-            example_shape=i.shape, calls=self.calls, summary=self.stats.compute(),
-            histogram=tuple(self.histogram.compute()) if self.histogram is not None else None,
-            masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
+            example_shape=i.shape, calls=self.calls, summary=summary_of(host[0], i.channels),
+            histogram=histogram, masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
         )  # fmt: skip
 
 
@@ -80,7 +93,13 @@ class Part:
     def of_recorder(cls, rec: Recorder, *, batches: int | None = None, **fields: Any) -> Part:
         """The sites ``rec`` measured (its accumulators, not copies). ``batches`` defaults to 1 where
         it measured a site, else 0; ``fields`` sets the other fields."""
-        sites = [_state(key, name, site) for key, name, site in rec.keyed_sites()]
+        return cls.of_sites(rec.keyed_sites(), batches=batches, **fields)
+
+    @classmethod
+    def of_sites(cls, keyed: Sequence[tuple[tuple[Any, ...], str, Any]], *, batches: int | None = None,
+                 **fields: Any) -> Part:  # fmt: skip
+        """`of_recorder` from ``Recorder.keyed_sites()`` (or some of them)."""
+        sites = [_state(key, name, site) for key, name, site in keyed]
         seen = batches if batches is not None else int(bool(sites))
         return cls(sites=sites, batches=seen, **fields)
 
@@ -89,7 +108,25 @@ class Part:
         return any(s.histogram is not None and s.histogram.sampled for s in self.sites)
 
     def results(self) -> list[SiteResult]:
-        return [s.result() for s in self.sites]
+        """Every site's host values, with one copy to the host per device for all of them."""
+        return results_of(self.sites)
+
+
+def results_of(sites: Sequence[SiteState], extra: Sequence[torch.Tensor] = ()) -> list[SiteResult]:
+    """`SiteState.result` of every site from one copy to the host per device."""
+    return results_and_host(sites, extra)[0]
+
+
+def results_and_host(sites: Sequence[SiteState],
+                     extra: Sequence[torch.Tensor] = ()) -> tuple[list[SiteResult], list[np.ndarray]]:  # fmt: skip
+    """Every site's results, and the ``extra`` tensors as host arrays, all from one copy per device."""
+    states = [s.tensors() for s in sites]
+    host = to_host([*(t for tensors in states for t in tensors), *extra])
+    results, at = [], 0
+    for site, tensors in zip(sites, states, strict=True):
+        results.append(site.result(host[at : at + len(tensors)]))
+        at += len(tensors)
+    return results, host[at:]
 
 
 def _state(key: tuple[Any, ...], name: str, site: Any) -> SiteState:

@@ -33,6 +33,7 @@ from deadneuron.moments import merge_moments_
 
 __all__ = [
     "HISTOGRAM_EDGES", "ChannelStats", "ChannelSummary", "Kernels", "ValueHistogram", "batch_stats", "channel_view",
+    "summary_of",
 ]
 
 _INF = float("inf")
@@ -171,38 +172,47 @@ class ChannelStats:
         out.acc, out.counts = acc, self.counts + other.counts.to(self.device)
         return out
 
+    def state(self) -> torch.Tensor:
+        """The whole state as one flat float64 tensor on its device (``counts``, then the rows of ``acc``):
+        what `compute` copies to the host, and `summary_of` reads back."""
+        return torch.cat([self.counts, self.acc.reshape(-1)])
+
     def compute(self) -> ChannelSummary:
-        """Synchronise once (one copy of the state to the host) and return host values. Moments are
-        over finite elements only (std: population, ddof 0); a channel with no finite element has NaN
-        moments and range."""
-        import numpy as np
+        """Synchronise once (one copy of the state to the host) and return host values: `summary_of`."""
+        return summary_of(self.state().detach().cpu().numpy(), self.channels)
 
-        host = torch.cat([self.counts, self.acc.reshape(-1)]).detach().cpu().numpy()
-        n = int(host[0])
-        zero, flat, finite, mean, m2, mn, mx = host[2:].reshape(len(ROWS), self.channels)
-        seen = finite > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            std = np.sqrt(np.maximum(m2, 0.0) / np.maximum(finite, 1.0))
-        arrays = {
-            "zero": np.rint(zero), "flat": np.rint(flat), "nonfinite": np.rint(n - finite),
-            "mean": np.where(seen, mean, np.nan), "std": np.where(seen, std, np.nan),
-            "min": np.where(seen, mn, np.nan), "max": np.where(seen, mx, np.nan),
-        }
 
-        def ints(counts: np.ndarray[Any, Any]) -> list[int]:
-            return list(counts.astype(np.int64).tolist())
+def summary_of(host: Any, channels: int) -> ChannelSummary:
+    """Host values of a `ChannelStats.state` copied to the host (a float64 numpy array). Moments are over
+    finite elements only (std: population, ddof 0); a channel with no finite element has NaN moments and
+    range."""
+    import numpy as np
 
-        return ChannelSummary(
-            n=n,
-            zero=ints(arrays["zero"]),
-            flat=ints(arrays["flat"]),
-            nonfinite=ints(arrays["nonfinite"]),
-            mean=arrays["mean"].tolist(),
-            std=arrays["std"].tolist(),
-            min=arrays["min"].tolist(),
-            max=arrays["max"].tolist(),
-            arrays=arrays,
-        )
+    n = int(host[0])
+    zero, flat, finite, mean, m2, mn, mx = host[2:].reshape(len(ROWS), channels)
+    seen = finite > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.maximum(m2, 0.0) / np.maximum(finite, 1.0))
+    arrays = {
+        "zero": np.rint(zero), "flat": np.rint(flat), "nonfinite": np.rint(n - finite),
+        "mean": np.where(seen, mean, np.nan), "std": np.where(seen, std, np.nan),
+        "min": np.where(seen, mn, np.nan), "max": np.where(seen, mx, np.nan),
+    }
+
+    def ints(counts: np.ndarray[Any, Any]) -> list[int]:
+        return list(counts.astype(np.int64).tolist())
+
+    return ChannelSummary(
+        n=n,
+        zero=ints(arrays["zero"]),
+        flat=ints(arrays["flat"]),
+        nonfinite=ints(arrays["nonfinite"]),
+        mean=arrays["mean"].tolist(),
+        std=arrays["std"].tolist(),
+        min=arrays["min"].tolist(),
+        max=arrays["max"].tolist(),
+        arrays=arrays,
+    )
 
 
 def batch_stats(

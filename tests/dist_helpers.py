@@ -153,6 +153,8 @@ def spawn(
             for p in ctx.processes:
                 p.terminate()
             raise AssertionError(f"the {world} ranks did not finish within {deadline_s:.0f} s")
+    if target is not None:
+        return []
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import torch
 
-from arc_model import feed
 from arc_model.config import TrainConfig
 from arc_model.train import main, train
 from deadneuron.adapters import CHECKPOINT_FORMAT
@@ -21,24 +20,12 @@ TINY = TrainConfig(
 )
 
 
-@pytest.fixture
-def quick_timeline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fixed timeline entry instead of an audit at every timeline point: these tests are about training.
-    (test_checkpoint_loads_with_weights_only goes through deadneuron.audit.)"""
-
-    def snapshot(model: torch.nn.Module, batches: Any) -> dict[str, Any]:
-        return {"source": "test stand-in", "sites": {}, "slots": None, "metrics": {"valid_pixel_accuracy": 0.0}}
-
-    monkeypatch.setattr(feed, "health_snapshot", snapshot)
-
-
 def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.usefixtures("quick_timeline")
 def test_a_few_steps_lower_the_loss() -> None:
     cfg = TINY.replace(NUM_GRIDS=4, LEARNING_RATE=1e-2)  # one batch per epoch: history per step
     losses = [r["loss"] for r in train(cfg, max_steps=15, progress=False)["history"]]
@@ -46,7 +33,6 @@ def test_a_few_steps_lower_the_loss() -> None:
     assert min(losses[-3:]) < losses[0] * 0.9
 
 
-@pytest.mark.usefixtures("quick_timeline")
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
     a = train(TINY, max_steps=4, progress=False)
     b = train(TINY, max_steps=4, progress=False)
@@ -55,7 +41,6 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     assert not torch.equal(a["state_dict"]["encoder.conv_layers.0.weight"], c["state_dict"]["encoder.conv_layers.0.weight"])
 
 
-@pytest.mark.usefixtures("quick_timeline")
 @pytest.mark.parametrize("stop_at", [3, 4], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_equals_uninterrupted_training(stop_at: int) -> None:
     cfg = TINY.replace(TIMELINE_EVERY=1, DROPOUT=0.3)  # dropout and slot noise draw from the RNG
@@ -65,8 +50,8 @@ def test_resume_equals_uninterrupted_training(stop_at: int) -> None:
     assert_same_weights(whole["state_dict"], resumed["state_dict"])
     assert (resumed["step"], resumed["epoch"]) == (whole["step"], whole["epoch"]) == (7, 2)
     assert resumed["history"] == whole["history"]
-    # The interrupted run also audited where it stopped.
-    assert [e["step"] for e in resumed["health_timeline"]] == sorted({0, 3, 6, 7, stop_at})
+    # The interrupted run also took a snapshot where it stopped; the first covers the first step.
+    assert [e["step"] for e in resumed["health_timeline"]] == sorted({1, 3, 6, 7, stop_at})
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
@@ -83,7 +68,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
     assert entry["sites"]["encoder.bn_layers.3>relu"].keys() >= {"sparsity", "flat_fraction", "dead_channels"}
     assert 0 <= entry["slots"]["mean_active"] <= 3
     assert 0 <= entry["metrics"]["valid_pixel_accuracy"] <= 1
-    assert [e["step"] for e in ckpt["health_timeline"]] == [0, 3]
+    assert [(e["first_step"], e["step"]) for e in ckpt["health_timeline"]] == [(0, 1), (1, 3)]
 
 
 def test_existing_out_is_refused_without_overwrite(tmp_path: Path) -> None:
@@ -94,7 +79,6 @@ def test_existing_out_is_refused_without_overwrite(tmp_path: Path) -> None:
     assert out.read_bytes() == b"precious"
 
 
-@pytest.mark.usefixtures("quick_timeline")
 def test_ctrl_c_leaves_the_last_complete_checkpoint_and_no_temp_file(tmp_path: Path) -> None:
     out = tmp_path / "run.pth"
 
@@ -108,7 +92,6 @@ def test_ctrl_c_leaves_the_last_complete_checkpoint_and_no_temp_file(tmp_path: P
     assert torch.load(out, weights_only=True)["epoch"] == 2
 
 
-@pytest.mark.usefixtures("quick_timeline")
 def test_command_line_writes_a_small_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.pth"
     overrides = [f"{k}={v}" for k, v in TINY.to_dict().items() if v is not None]

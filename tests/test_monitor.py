@@ -190,3 +190,24 @@ def test_step_outside_the_block_and_report_before_a_snapshot_are_usage_errors() 
         mon.step()
     with pytest.raises(UsageError, match="no snapshot"):
         mon.findings()
+
+
+def test_every_none_snapshots_when_asked_and_start_step_keeps_a_resumed_run_s_steps() -> None:
+    torch.manual_seed(0)
+    model = StashCNN()
+    model.stash = {}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    batches = teacher_batches(7)
+    with deadneuron.Monitor(model, every=None, start_step=100, optimizer=opt) as mon:
+        for i, (x, y) in enumerate(batches):
+            model.step = 100 + i
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            assert mon.step() is None
+            if i == 3:
+                mon.snapshot()
+    assert [(s.first_step, s.step, s.sampled_steps) for s in mon.snapshots] == [(100, 104, 4), (104, 107, 3)]
+    for snap in mon.snapshots:
+        assert set(snap.sites["bn>relu"].dead_channels) == dead_oracle(model.stash["bn>relu"], snap.first_step, snap.step)
+        assert snap.sites["bn>relu"].n == (snap.step - snap.first_step) * 16 * 100

@@ -19,7 +19,7 @@ LOGGED = ("dead", "dormant", "tau_dormant", "not_learning", "flat_fraction", "gr
 
 def checked_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options a callback passes on to `deadneuron.Monitor`, minus what the trainer provides."""
-    taken = {"optimizer", "every", "sample_every"} & set(options)
+    taken = {"optimizer", "every", "sample_every", "start_step"} & set(options)
     if taken:
         from deadneuron.errors import UsageError
 

@@ -77,7 +77,7 @@ class DeadneuronCallback(TrainerCallback):
         if self.log and self.trainer is not None:
             writers.append(MetricsWriter(self._log, prefix=self.prefix, keys=self.keys))
         self.monitor = Monitor(model, every=self.every, sample_every=self.sample_every, optimizer=optimizer,
-                               writers=writers, **options).start()  # fmt: skip
+                               writers=writers, start_step=state.global_step, **options).start()  # fmt: skip
 
     def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         if self.monitor is None:

@@ -63,7 +63,7 @@ class DeadneuronCallback(Callback):
                                          keys=self.keys))  # fmt: skip
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.monitor = Monitor(pl_module, every=self.every, sample_every=self.sample_every, optimizer=optimizer,
-                               writers=writers, **options).start()  # fmt: skip
+                               writers=writers, start_step=trainer.global_step, **options).start()  # fmt: skip
         self._global_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

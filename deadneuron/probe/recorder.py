@@ -101,6 +101,7 @@ class Recorder:
         self._stack: list[tuple[str, bool]] = []
         self._pending: dict[nn.Module, list[Site | None]] = {}
         self._mode: FunctionalProbe | None = None
+        self._probe: FunctionalProbe | None = None  # kept across re-entries (building one is not free)
         self._suspended: list[bool] = []
         self._region_cache: dict[ActivationSpec, FlatRegion] = {}
         self.last_site: str | None = None
@@ -113,7 +114,9 @@ class Recorder:
         try:
             self._register()
             if self.functional:
-                self._mode = FunctionalProbe(self)
+                if self._probe is None:
+                    self._probe = FunctionalProbe(self)
+                self._mode = self._probe
                 self._mode.__enter__()
         except BaseException:
             self._teardown()
@@ -165,12 +168,12 @@ class Recorder:
         self.coverage.left_out(name)
         return False
 
-    def start_batch(self, mask: torch.Tensor | None = None) -> None:
+    def start_batch(self, mask: torch.Tensor | BatchMask | None = None) -> None:
         """Forget per-forward bookkeeping (occurrence counters, producers, the module stack) and take the
         batch's padding mask: bool (or 0/1) of shape (N, positions...), True where the batch holds data,
-        on the model's device, or None. Statistics then cover valid positions only, at every site whose
-        dims other than the channel begin with the mask's shape (`deadneuron.probe.masks`)."""
-        self._mask = BatchMask.of(mask) if mask is not None else None
+        on the model's device (or that mask prepared: `BatchMask.of`), or None. Statistics then cover valid
+        positions only, at every site whose dims other than the channel begin with the mask's shape."""
+        self._mask = BatchMask.of(mask) if isinstance(mask, torch.Tensor) else mask
         self._forget_forward()
         self.last_site = None
         self.last_module = None
@@ -198,6 +201,13 @@ class Recorder:
         if suspended and self._mode is not None:
             torch._C._push_on_torch_function_stack(self._mode)
 
+    def idle(self) -> None:
+        """Take the functional probe off the torch-function stack until the next forward pass puts it back,
+        so that code between forward passes (a loss, an optimizer step) runs without it (the monitor)."""
+        mode = self._mode
+        if mode is not None and on_stack(mode):
+            remove_mode(mode)
+
     def _ensure_mode(self) -> None:
         mode = self._mode
         if mode is not None and not on_stack(mode):
@@ -207,6 +217,8 @@ class Recorder:
     def _enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         if m is self.model:
             self._forget_forward()
+        elif not self._stack:  # a submodule called on its own: the probe may be idle (see `idle`)
+            self._ensure_mode()
         self._stack.append((self._names[m], m in self._specs))
 
     def _exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:

@@ -95,7 +95,11 @@ def _metric_series(timeline: Sequence[Mapping[str, Any]], group: str, key: str, 
 
 
 def probe_text(timeline: Sequence[Mapping[str, Any]]) -> str:
-    """What the timeline was measured on: its own fixed probe set, not the audit's data."""
+    """What the timeline was measured on: the training batches of each window (a monitor's timeline), or
+    its own fixed probe set (older checkpoints); never the audit's data."""
+    measured = timeline[0].get("measured_on") if timeline else None
+    if isinstance(measured, str):
+        return f"measured on the {measured} since the previous point, not on the audit's data"
     images = {int(e["slots"]["images"]) for e in timeline if isinstance((e.get("slots") or {}).get("images"), int)}
     size = f"{images.pop()} held-out images, " if len(images) == 1 else ""
     return f"measured on the timeline's probe set ({size}the same at every point), not on the audit's data"
