@@ -10,6 +10,7 @@ method and operator to its rule once, so that the functional probe pays one dict
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
@@ -317,8 +318,14 @@ def _names(text: str, rule: AxisRule) -> dict[str, AxisRule]:
     return out
 
 
-def axis_rules() -> dict[Any, AxisRule]:
-    """Each torch function, Tensor method and operator the functional probe sees, to its rule."""
+def axis_rules() -> Mapping[Any, AxisRule]:
+    """Each torch function, Tensor method and operator the functional probe sees, to its rule (built once:
+    a read-only table of torch's own functions)."""
+    return _table()
+
+
+@functools.cache
+def _table() -> Mapping[Any, AxisRule]:
     by_name: dict[str, AxisRule] = {**_names(_ELEMENTWISE, elementwise), **_names(_SAME, same), **_MOVES}
     by_name.update({name: Producer(k) for name, k in _FIRST_DIM_PRODUCERS.items()})
     by_name.update({name: Producer(last=True) for name in _LAST_DIM_PRODUCERS})
@@ -334,4 +341,4 @@ def axis_rules() -> dict[Any, AxisRule]:
     table[torch.Tensor.mT.__get__] = swap_last_two
     table[torch.Tensor.mH.__get__] = swap_last_two
     table[torch.Tensor.H.__get__] = reverse_dims
-    return table
+    return MappingProxyType(table)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 import torch
@@ -58,6 +59,24 @@ LAYOUT_KEEPING: tuple[type[nn.Module], ...] = (
     *((nn.modules.padding._CircularPadNd,) if hasattr(nn.modules.padding, "_CircularPadNd") else ()),
 )
 RESHAPING: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
+_PRODUCERS = (*CHANNEL_FIRST, *CHANNEL_LAST)
+
+
+class OutputLayout(Enum):
+    """What a module's type says about the channel axis of its output (decided once per module)."""
+
+    PRODUCER = "producer"  # fixes it (conv, norm, pooling: dim 1; linear, embedding...: the last dim)
+    KEEPS = "keeps"  # keeps its input's (activations, dropout, padding, identity)
+    RESHAPES = "reshapes"  # moves it where the channel dim survives whole (flatten, unflatten)
+
+
+def output_layout(m: nn.Module, *, keeps_layout: bool = False) -> OutputLayout | None:
+    """How `AxisTracker.module_output` treats ``m``'s outputs; None: it notes nothing for them."""
+    if isinstance(m, _PRODUCERS):
+        return OutputLayout.PRODUCER
+    if keeps_layout or isinstance(m, LAYOUT_KEEPING):
+        return OutputLayout.KEEPS
+    return OutputLayout.RESHAPES if isinstance(m, RESHAPING) else None
 
 
 def guess_axis(x: torch.Tensor) -> int:
@@ -69,7 +88,7 @@ def guess_axis(x: torch.Tensor) -> int:
 
 def producer_axis(x: torch.Tensor, producer: nn.Module | None) -> int | None:
     """The channel dim of ``x`` if ``producer`` (the module that returned it) fixes it, else None."""
-    if not isinstance(producer, (*CHANNEL_FIRST, *CHANNEL_LAST)):
+    if not isinstance(producer, _PRODUCERS):
         return None
     if x.dim() <= 1:
         return 0
@@ -113,11 +132,25 @@ class AxisTracker:
     def propagate(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
         """A torch op with axis rule ``rule`` returned ``out``: note the axis the rule derives.
         An output whose axis is already known (an in-place op, a no-op cast) keeps it."""
-        if not self._axes and not isinstance(rule, Producer):
-            return  # nothing known yet: nothing to carry
+        if isinstance(rule, Producer):
+            self.produce(rule, args, kwargs, out)
+        else:
+            self.carry(rule, args, kwargs, out)
+
+    def produce(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
+        """`propagate` for a rule that fixes the axis whatever the input (`Producer`)."""
         found = rule(args, kwargs, out, self.known)
-        if found is None:
-            return
+        if found is not None:
+            self._found(out, found)
+
+    def carry(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
+        """`propagate` for a rule that carries a known input axis: nothing to do while nothing is known."""
+        if self._axes:
+            found = rule(args, kwargs, out, self.known)
+            if found is not None:
+                self._found(out, found)
+
+    def _found(self, out: Any, found: tuple[int, AxisSource]) -> None:
         if not isinstance(out, torch.Tensor):
             self._note_pieces(out, *found)
         elif self.known(out) is None:
@@ -127,24 +160,36 @@ class AxisTracker:
         """A module returned ``out``: note its axis where the module's type fixes it, or where the module
         keeps its input's layout (``keeps_layout``: the Recorder's activation modules). An axis already
         known (a wrapper returning its inner conv's tensor) is kept."""
-        t = out if isinstance(out, torch.Tensor) else None
-        if t is None and isinstance(out, (tuple, list)) and out and isinstance(m, CHANNEL_LAST):
+        layout = output_layout(m, keeps_layout=keeps_layout)
+        if layout is not None:
+            self.layout_output(layout, m, args, out)
+
+    def layout_output(self, layout: OutputLayout, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        """`module_output` with the module's `output_layout` decided beforehand (the Recorder's hooks)."""
+        if isinstance(out, torch.Tensor):
+            t = out
+        elif layout is OutputLayout.PRODUCER and isinstance(out, (tuple, list)) and out and isinstance(m, CHANNEL_LAST):
             t = out[0] if isinstance(out[0], torch.Tensor) else None  # attention, RNNs: (output, state)
-        if t is None or self.known(t) is not None:
+            if t is None:
+                return
+        else:
             return
-        axis = producer_axis(t, m)
-        if axis is not None:
-            self._note(t, axis, AxisSource.PRODUCER)
+        if self.known(t) is not None:
+            return
+        if layout is OutputLayout.PRODUCER:
+            axis = producer_axis(t, m)
+            if axis is not None:
+                self._note(t, axis, AxisSource.PRODUCER)
             return
         x = _first_tensor(args)
         found = self.known(x) if x is not None else None
         if found is None:
             return
         a = found[0]
-        if keeps_layout or isinstance(m, LAYOUT_KEEPING):
+        if layout is OutputLayout.KEEPS:
             if t.dim() == x.dim() and t.shape[a] == x.shape[a]:  # type: ignore[union-attr]
                 self._note(t, a, AxisSource.TRACED)
-        elif isinstance(m, RESHAPING):
+        else:
             j = reshaped_axis(tuple(x.shape), tuple(t.shape), a)  # type: ignore[union-attr]
             if j is not None:
                 self._note(t, j, AxisSource.TRACED)
@@ -173,11 +218,15 @@ class AxisTracker:
         return [glob for glob in self.overrides if glob not in self.matched]
 
 
+def fits(z: torch.Tensor, axis: int, channels: int) -> bool:
+    """Whether ``z`` can be read at a site whose axis ``axis`` held ``channels`` channels before."""
+    n = z.dim()
+    return z.shape[axis] == channels if n > axis else n == 0 and channels == 1
+
+
 def axis_mismatch(name: str, z: torch.Tensor, axis: int, source: AxisSource, channels: int) -> str | None:
     """Why ``z`` cannot be read at a site whose axis ``axis`` held ``channels`` channels before, or None."""
-    if z.dim() == 0 and channels == 1:
-        return None
-    if z.dim() > axis and z.shape[axis] == channels:
+    if fits(z, axis, channels):
         return None
     got = f"has {z.shape[axis]} entries" if z.dim() > axis else "does not exist"
     why = "the axis is not the channel dim" if source in (AxisSource.GUESSED, AxisSource.RANK) else \
