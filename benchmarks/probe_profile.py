@@ -1,11 +1,13 @@
 """Where the audit's time goes on models whose forward calls torch functions (the functional probe).
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.probe_profile [--rounds 15] [--batches 4]
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.probe_profile [--pairs 30] [--rounds 15] [--batches 4]
         [--models transformer,bert,arc,slot] [--profile transformer] [--torch-profile transformer]
 
-For each model: one warm-up of each side, then R rounds of (plain inference-mode forward over the B
-batches) and (`deadneuron.audit(..., rules=False)` over the same B batches), the side that runs first
-alternating between rounds; the median of the per-round ratios is printed with the per-batch times.
+For each model, two figures, each the median of per-pair or per-round ratios, the side that runs first
+alternating, warm-up left out, with wall and CPU clocks: per batch, P pairs of (one plain inference-mode
+forward) and (the same batch inside the audit's Recorder), set-up left out; per audit, R rounds of
+(plain forwards over the B batches) and (`deadneuron.audit(..., rules=False)` over them), set-up and
+report included (``--rounds 0`` skips it).
 ``--profile NAME`` prints cProfile's top functions for one audit of that model; ``--torch-profile NAME``
 torch.profiler's top ops. Run it as ``python -m benchmarks.probe_profile`` from the repository root to
 measure this checkout's deadneuron. Nothing here is asserted: it prints figures.
@@ -28,6 +30,7 @@ from torch import nn
 
 import deadneuron
 from deadneuron.audit import default_forward
+from deadneuron.probe import Recorder
 
 
 class Block(nn.Module):
@@ -133,9 +136,17 @@ def clock(fn: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - w, time.thread_time() - c
 
 
-def ratio(model: nn.Module, data: list[Any], rounds: int, **audit_kw: Any) -> dict[str, float]:
-    """Median per-round ratios (wall and CPU) and median per-batch times, the side that runs first
-    alternating between rounds, after one warm-up of each side."""
+def _medians(rows: list[tuple[tuple[float, float], tuple[float, float]]], batches: int) -> dict[str, float]:
+    med = statistics.median
+    return {
+        "wall": med(a[0] / p[0] for p, a in rows), "cpu": med(a[1] / p[1] for p, a in rows),
+        "plain_ms": med(p[0] for p, _ in rows) / batches * 1e3, "audit_ms": med(a[0] for _, a in rows) / batches * 1e3,
+    }  # fmt: skip
+
+
+def per_audit(model: nn.Module, data: list[Any], rounds: int, **audit_kw: Any) -> dict[str, float]:
+    """Whole audits (set-up and report included) against plain passes over the same batches: median of
+    the per-round ratios, the side that runs first alternating, after one warm-up of each side."""
     plain, audited = sides(model, data, **audit_kw)
     plain()
     audited()  # warm-up: kernels built, caches filled
@@ -146,12 +157,37 @@ def ratio(model: nn.Module, data: list[Any], rounds: int, **audit_kw: Any) -> di
         else:
             p, a = clock(plain), clock(audited)
         rows.append((p, a))
-    med = statistics.median
-    return {
-        "wall": med(a[0] / p[0] for p, a in rows), "cpu": med(a[1] / p[1] for p, a in rows),
-        "best": min(a[1] for _, a in rows) / min(p[1] for p, _ in rows),
-        "plain_ms": med(p[0] for p, _ in rows) / len(data) * 1e3, "audit_ms": med(a[0] for _, a in rows) / len(data) * 1e3,
-    }
+    return _medians(rows, len(data))
+
+
+def per_batch(model: nn.Module, data: list[Any], pairs: int) -> dict[str, float]:
+    """One batch plain against the same batch inside the audit's Recorder (entered and left around each
+    recorded batch, as the monitor does): median of the per-pair ratios, the side that runs first
+    alternating. Adjacent pairs see the same load on a shared machine; set-up is left out."""
+    rec = Recorder(model)
+    rows = []
+    with torch.inference_mode():
+        for i in range(pairs + 2):
+            b = data[i % len(data)]
+
+            def plain(b: Any = b) -> None:
+                default_forward(model, b)
+
+            def recorded(b: Any = b) -> None:
+                rec.start_batch()
+                default_forward(model, b)
+
+            if i % 2:
+                p = clock(plain)
+                with rec:
+                    a = clock(recorded)
+            else:
+                with rec:
+                    a = clock(recorded)
+                p = clock(plain)
+            if i >= 2:  # the first two pairs warm up
+                rows.append((p, a))
+    return _medians(rows, 1)
 
 
 def profile(model: nn.Module, data: list[Any], **audit_kw: Any) -> None:
@@ -177,6 +213,7 @@ def torch_profile(model: nn.Module, data: list[Any], **audit_kw: Any) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", default="transformer,bert,arc")
@@ -187,7 +224,7 @@ def main() -> None:
     audit_kw: dict[str, Any] = {}
     all_cases = cases(args.batches)
     print(f"deadneuron from {deadneuron.__file__}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{args.batches} batches, {args.rounds} rounds")
+          f"{args.batches} batches")
     for name in args.models.split(","):
         torch.manual_seed(0)
         build, make = all_cases[name]
@@ -196,9 +233,13 @@ def main() -> None:
             profile(model, data, **audit_kw)
         if args.torch_profile == name:
             torch_profile(model, data, **audit_kw)
-        r = ratio(model, data, args.rounds, **audit_kw)
-        print(f"{name:<12} plain {r['plain_ms']:8.2f} ms/batch  audit {r['audit_ms']:8.2f} ms/batch  "
-              f"median ratio {r['wall']:.3f} wall, {r['cpu']:.3f} cpu; best cpu {r['best']:.3f}", flush=True)
+        b = per_batch(model, data, args.pairs)
+        print(f"{name:<12} per batch: plain {b['plain_ms']:7.2f} ms, recorded {b['audit_ms']:7.2f} ms, median ratio "
+              f"{b['wall']:.3f} wall, {b['cpu']:.3f} cpu ({args.pairs} pairs)", flush=True)
+        if args.rounds:
+            r = per_audit(model, data, args.rounds, **audit_kw)
+            print(f"{'':<12} per audit: plain {r['plain_ms']:7.2f} ms, audit    {r['audit_ms']:7.2f} ms per batch, "
+                  f"median ratio {r['wall']:.3f} wall, {r['cpu']:.3f} cpu ({args.rounds} rounds)", flush=True)
 
 
 if __name__ == "__main__":

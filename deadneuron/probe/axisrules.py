@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
@@ -60,10 +60,16 @@ def _source(args: tuple[Any, ...], kwargs: Mapping[str, Any], known: Known) -> t
 
 def _dims(value: Any, ndim: int) -> list[int] | None:
     """An int or a sequence of ints as non-negative dims of an ``ndim``-D tensor."""
-    items = [value] if isinstance(value, int) else list(value) if isinstance(value, (tuple, list, torch.Size)) else None
-    if items is None or not all(isinstance(d, int) and -ndim <= d < max(ndim, 1) for d in items):
+    items = (value,) if isinstance(value, int) else value if isinstance(value, (tuple, list, torch.Size)) else None
+    if items is None:
         return None
-    return [d % max(ndim, 1) for d in items]
+    n = max(ndim, 1)
+    dims = []
+    for d in items:
+        if not isinstance(d, int) or not -ndim <= d < n:
+            return None
+        dims.append(d % n)
+    return dims
 
 
 # -- producers ------------------------------------------------------------------------------------------
@@ -137,7 +143,8 @@ def transpose(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known:
     if src is None:
         return None
     x, a = src
-    d = _dims([_arg(args, kwargs, 1, "dim0", "axis0"), _arg(args, kwargs, 2, "dim1", "axis1")], x.dim())
+    pair = args[1:] if len(args) == 3 else (_arg(args, kwargs, 1, "dim0", "axis0"), _arg(args, kwargs, 2, "dim1", "axis1"))
+    d = _dims(pair, x.dim())
     if d is None:
         return None
     return (d[1] if a == d[0] else d[0] if a == d[1] else a), _TRACED
@@ -175,7 +182,8 @@ def swap_last_two(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, kn
     return (n - 2 if a == n - 1 else n - 1 if a == n - 2 else a), _TRACED
 
 
-def reshaped_axis(before: Sequence[int], after: Sequence[int], axis: int) -> int | None:
+@functools.lru_cache(maxsize=4096)  # a pure function of shapes, which repeat from batch to batch
+def reshaped_axis(before: tuple[int, ...], after: tuple[int, ...], axis: int) -> int | None:
     """Where dim ``axis`` of a tensor shaped ``before`` lands after a reshape to ``after``: the dim of the
     same size whose leading dims hold as many elements (then every element keeps its channel), else None."""
     if math.prod(before) != math.prod(after) or not math.prod(before):

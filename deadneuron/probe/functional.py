@@ -112,7 +112,10 @@ class FunctionalProbe(TorchFunctionMode):
         if entry.make is not None:
             return self._activation(entry, func, args, kwargs)
         out = func(*args, **kwargs)
-        self._carry(entry, args, kwargs, out)
+        if entry.producer:  # (torch pops this mode while it runs: the rules' own tensor calls stay in C)
+            self._axes.produce(entry.rule, args, kwargs, out)  # type: ignore[arg-type]
+        else:
+            self._axes.carry(entry.rule, args, kwargs, out)  # type: ignore[arg-type]
         return out
 
     def _carry(self, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
