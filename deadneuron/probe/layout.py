@@ -166,15 +166,11 @@ class AxisTracker:
 
     def layout_output(self, layout: OutputLayout, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """`module_output` with the module's `output_layout` decided beforehand (the Recorder's hooks)."""
-        if isinstance(out, torch.Tensor):
-            t = out
-        elif layout is OutputLayout.PRODUCER and isinstance(out, (tuple, list)) and out and isinstance(m, CHANNEL_LAST):
-            t = out[0] if isinstance(out[0], torch.Tensor) else None  # attention, RNNs: (output, state)
-            if t is None:
-                return
-        else:
-            return
-        if self.known(t) is not None:
+        t = out if isinstance(out, torch.Tensor) else None
+        if t is None and layout is OutputLayout.PRODUCER and isinstance(out, (tuple, list)) and out \
+                and isinstance(m, CHANNEL_LAST) and isinstance(out[0], torch.Tensor):
+            t = out[0]  # attention, RNNs: (output, state)
+        if t is None or self.known(t) is not None:
             return
         if layout is OutputLayout.PRODUCER:
             axis = producer_axis(t, m)
