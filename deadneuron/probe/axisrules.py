@@ -1,4 +1,4 @@
-"""How torch ops fix, keep or move a tensor's channel dim (used by `AxisTracker.propagate`).
+"""How torch ops fix, keep or move a tensor's channel dim (used by `AxisTracker.produce` and `carry`).
 
 A rule takes an op's arguments, its result and a lookup of the axes already known, and returns the
 channel axis of the result with how it was decided, or None where it cannot say. Producers (``F.conv2d``,

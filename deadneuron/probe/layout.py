@@ -4,7 +4,7 @@ A channel axis is known where a tensor is produced by a layer whose layout is fi
 pooling layers: dim 1; linear, embedding, attention, layer norm: the last dim), as a module or as its
 functional form called in a forward. `AxisTracker` keeps, for the tensors of the current forward pass,
 the axis and how it was decided, carries it through the ops that keep or move the channel dim (module
-outputs here, torch ops seen by the functional probe through `propagate` and the rules of `axisrules`),
+outputs here, torch ops seen by the functional probe through `produce`/`carry` and the rules of `axisrules`),
 and the Recorder asks it for the axis of each activation's input. A tensor of rank 2 or less has one
 candidate, its last dim (`AxisSource.RANK`). Where nothing is known the axis is guessed and the site says
 so (`AxisSource.GUESSED`); the user can set it per site glob (`AxisSource.USER`).
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from deadneuron.errors import UsageError
-from deadneuron.probe.axisrules import AxisRule, AxisSource, Producer, reshaped_axis
+from deadneuron.probe.axisrules import AxisRule, AxisSource, reshaped_axis
 from deadneuron.select import matches
 
 CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
@@ -43,7 +43,7 @@ CHANNEL_LAST: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 # Leaves whose output has the input's layout where it keeps the rank and the channel dim's size (GLU
 # halves a dim: then nothing is noted). Activations the Recorder registered beyond torch's own are
-# passed as `module_output(..., keeps_layout=True)`.
+# passed as `output_layout(..., keeps_layout=True)`.
 _TORCH_ACTIVATIONS = tuple(
     c for c in vars(nn.modules.activation).values()
     if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == nn.modules.activation.__name__
@@ -71,7 +71,7 @@ class OutputLayout(Enum):
 
 
 def output_layout(m: nn.Module, *, keeps_layout: bool = False) -> OutputLayout | None:
-    """How `AxisTracker.module_output` treats ``m``'s outputs; None: it notes nothing for them."""
+    """How `AxisTracker.layout_output` treats ``m``'s outputs; None: it notes nothing for them."""
     if isinstance(m, _PRODUCERS):
         return OutputLayout.PRODUCER
     if keeps_layout or isinstance(m, LAYOUT_KEEPING):
@@ -129,22 +129,15 @@ class AxisTracker:
             if isinstance(t, torch.Tensor) and t.dim() > axis and self.known(t) is None:
                 self._note(t, axis, source)
 
-    def propagate(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
-        """A torch op with axis rule ``rule`` returned ``out``: note the axis the rule derives.
-        An output whose axis is already known (an in-place op, a no-op cast) keeps it."""
-        if isinstance(rule, Producer):
-            self.produce(rule, args, kwargs, out)
-        else:
-            self.carry(rule, args, kwargs, out)
-
     def produce(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
-        """`propagate` for a rule that fixes the axis whatever the input (`Producer`)."""
+        """A torch op whose rule fixes the axis whatever the input (`Producer`) returned ``out``: note the
+        axis the rule derives. An output whose axis is already known (in-place, a no-op cast) keeps it."""
         found = rule(args, kwargs, out, self.known)
         if found is not None:
             self._found(out, found)
 
     def carry(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
-        """`propagate` for a rule that carries a known input axis: nothing to do while nothing is known."""
+        """`produce` for a rule that carries a known input axis: nothing to do while nothing is known."""
         if self._axes:
             found = rule(args, kwargs, out, self.known)
             if found is not None:
@@ -156,16 +149,10 @@ class AxisTracker:
         elif self.known(out) is None:
             self._axes[id(out)] = (weakref.ref(out), found)
 
-    def module_output(self, m: nn.Module, args: tuple[Any, ...], out: Any, *, keeps_layout: bool = False) -> None:
-        """A module returned ``out``: note its axis where the module's type fixes it, or where the module
-        keeps its input's layout (``keeps_layout``: the Recorder's activation modules). An axis already
-        known (a wrapper returning its inner conv's tensor) is kept."""
-        layout = output_layout(m, keeps_layout=keeps_layout)
-        if layout is not None:
-            self.layout_output(layout, m, args, out)
-
     def layout_output(self, layout: OutputLayout, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        """`module_output` with the module's `output_layout` decided beforehand (the Recorder's hooks)."""
+        """Module ``m``, whose type says ``layout`` (`output_layout`, decided once per module), returned
+        ``out``: note its axis where the type fixes it or keeps its input's. An axis already known (a
+        wrapper returning its inner conv's tensor) is kept."""
         t = out if isinstance(out, torch.Tensor) else None
         if t is None and layout is OutputLayout.PRODUCER and isinstance(out, (tuple, list)) and out \
                 and isinstance(m, CHANNEL_LAST) and isinstance(out[0], torch.Tensor):
