@@ -116,14 +116,14 @@ def cases(batches: int) -> dict[str, tuple[Callable[[], nn.Module], Callable[[],
     }
 
 
-def sides(model: nn.Module, data: list[Any], **audit_kw: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+def sides(model: nn.Module, data: list[Any]) -> tuple[Callable[[], None], Callable[[], None]]:
     def plain() -> None:
         with torch.inference_mode():
             for b in data:
                 default_forward(model, b)
 
     def audited() -> None:
-        deadneuron.audit(model, data, progress=False, rules=False, **audit_kw)
+        deadneuron.audit(model, data, progress=False, rules=False)
 
     return plain, audited
 
@@ -144,10 +144,10 @@ def _medians(rows: list[tuple[tuple[float, float], tuple[float, float]]], batche
     }  # fmt: skip
 
 
-def per_audit(model: nn.Module, data: list[Any], rounds: int, **audit_kw: Any) -> dict[str, float]:
+def per_audit(model: nn.Module, data: list[Any], rounds: int) -> dict[str, float]:
     """Whole audits (set-up and report included) against plain passes over the same batches: median of
     the per-round ratios, the side that runs first alternating, after one warm-up of each side."""
-    plain, audited = sides(model, data, **audit_kw)
+    plain, audited = sides(model, data)
     plain()
     audited()  # warm-up: kernels built, caches filled
     rows = []
@@ -190,8 +190,8 @@ def per_batch(model: nn.Module, data: list[Any], pairs: int) -> dict[str, float]
     return _medians(rows, 1)
 
 
-def profile(model: nn.Module, data: list[Any], **audit_kw: Any) -> None:
-    _, audited = sides(model, data, **audit_kw)
+def profile(model: nn.Module, data: list[Any]) -> None:
+    _, audited = sides(model, data)
     audited()
     prof = cProfile.Profile()
     prof.enable()
@@ -202,8 +202,8 @@ def profile(model: nn.Module, data: list[Any], **audit_kw: Any) -> None:
     print(out.getvalue())
 
 
-def torch_profile(model: nn.Module, data: list[Any], **audit_kw: Any) -> None:
-    _, audited = sides(model, data, **audit_kw)
+def torch_profile(model: nn.Module, data: list[Any]) -> None:
+    _, audited = sides(model, data)
     audited()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         audited()
@@ -221,7 +221,6 @@ def main() -> None:
     ap.add_argument("--torch-profile", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    audit_kw: dict[str, Any] = {}
     all_cases = cases(args.batches)
     print(f"deadneuron from {deadneuron.__file__}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{args.batches} batches")
@@ -230,14 +229,14 @@ def main() -> None:
         build, make = all_cases[name]
         model, data = build().eval(), make()
         if args.profile == name:
-            profile(model, data, **audit_kw)
+            profile(model, data)
         if args.torch_profile == name:
-            torch_profile(model, data, **audit_kw)
+            torch_profile(model, data)
         b = per_batch(model, data, args.pairs)
         print(f"{name:<12} per batch: plain {b['plain_ms']:7.2f} ms, recorded {b['audit_ms']:7.2f} ms, median ratio "
               f"{b['wall']:.3f} wall, {b['cpu']:.3f} cpu ({args.pairs} pairs)", flush=True)
         if args.rounds:
-            r = per_audit(model, data, args.rounds, **audit_kw)
+            r = per_audit(model, data, args.rounds)
             print(f"{'':<12} per audit: plain {r['plain_ms']:7.2f} ms, audit    {r['audit_ms']:7.2f} ms per batch, "
                   f"median ratio {r['wall']:.3f} wall, {r['cpu']:.3f} cpu ({args.rounds} rounds)", flush=True)
 
