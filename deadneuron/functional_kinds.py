@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from numbers import Real
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -138,6 +139,11 @@ class FunctionalActivations:
         if registry is not None:
             for func, custom in registry.functions().items():
                 self._table[func] = _constant(ActivationSpec(ActivationKind.CUSTOM, custom=custom))
+
+    def makers(self) -> Mapping[Any, Maker]:
+        """Every function looked up here (torch's and the registry's), to what makes its spec from a call's
+        arguments (the functional probe binds them once)."""
+        return MappingProxyType(self._table)
 
     def lookup(self, func: Any, args: Args, kwargs: Mapping[str, Any] | None) -> ActivationSpec | Unmeasured | None:
         """The activation ``func(*args, **kwargs)`` computes, `Unmeasured` if it is one that is not

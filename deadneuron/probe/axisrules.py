@@ -1,4 +1,4 @@
-"""How torch ops fix, keep or move a tensor's channel dim (used by `AxisTracker.propagate`).
+"""How torch ops fix, keep or move a tensor's channel dim (used by `AxisTracker.produce` and `carry`).
 
 A rule takes an op's arguments, its result and a lookup of the axes already known, and returns the
 channel axis of the result with how it was decided, or None where it cannot say. Producers (``F.conv2d``,
@@ -10,8 +10,9 @@ method and operator to its rule once, so that the functional probe pays one dict
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
@@ -59,10 +60,16 @@ def _source(args: tuple[Any, ...], kwargs: Mapping[str, Any], known: Known) -> t
 
 def _dims(value: Any, ndim: int) -> list[int] | None:
     """An int or a sequence of ints as non-negative dims of an ``ndim``-D tensor."""
-    items = [value] if isinstance(value, int) else list(value) if isinstance(value, (tuple, list, torch.Size)) else None
-    if items is None or not all(isinstance(d, int) and -ndim <= d < max(ndim, 1) for d in items):
+    items = (value,) if isinstance(value, int) else value if isinstance(value, (tuple, list, torch.Size)) else None
+    if items is None:
         return None
-    return [d % max(ndim, 1) for d in items]
+    n = max(ndim, 1)
+    dims = []
+    for d in items:
+        if not isinstance(d, int) or not -ndim <= d < n:
+            return None
+        dims.append(d % n)
+    return dims
 
 
 # -- producers ------------------------------------------------------------------------------------------
@@ -136,7 +143,8 @@ def transpose(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known:
     if src is None:
         return None
     x, a = src
-    d = _dims([_arg(args, kwargs, 1, "dim0", "axis0"), _arg(args, kwargs, 2, "dim1", "axis1")], x.dim())
+    pair = args[1:] if len(args) == 3 else (_arg(args, kwargs, 1, "dim0", "axis0"), _arg(args, kwargs, 2, "dim1", "axis1"))
+    d = _dims(pair, x.dim())
     if d is None:
         return None
     return (d[1] if a == d[0] else d[0] if a == d[1] else a), _TRACED
@@ -174,7 +182,8 @@ def swap_last_two(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, kn
     return (n - 2 if a == n - 1 else n - 1 if a == n - 2 else a), _TRACED
 
 
-def reshaped_axis(before: Sequence[int], after: Sequence[int], axis: int) -> int | None:
+@functools.lru_cache(maxsize=4096)  # a pure function of shapes, which repeat from batch to batch
+def reshaped_axis(before: tuple[int, ...], after: tuple[int, ...], axis: int) -> int | None:
     """Where dim ``axis`` of a tensor shaped ``before`` lands after a reshape to ``after``: the dim of the
     same size whose leading dims hold as many elements (then every element keeps its channel), else None."""
     if math.prod(before) != math.prod(after) or not math.prod(before):
@@ -317,8 +326,14 @@ def _names(text: str, rule: AxisRule) -> dict[str, AxisRule]:
     return out
 
 
-def axis_rules() -> dict[Any, AxisRule]:
-    """Each torch function, Tensor method and operator the functional probe sees, to its rule."""
+def axis_rules() -> Mapping[Any, AxisRule]:
+    """Each torch function, Tensor method and operator the functional probe sees, to its rule (built once:
+    a read-only table of torch's own functions)."""
+    return _table()
+
+
+@functools.cache
+def _table() -> Mapping[Any, AxisRule]:
     by_name: dict[str, AxisRule] = {**_names(_ELEMENTWISE, elementwise), **_names(_SAME, same), **_MOVES}
     by_name.update({name: Producer(k) for name, k in _FIRST_DIM_PRODUCERS.items()})
     by_name.update({name: Producer(last=True) for name in _LAST_DIM_PRODUCERS})
@@ -335,4 +350,4 @@ def axis_rules() -> dict[Any, AxisRule]:
     table[tensor.mT.__get__] = swap_last_two
     table[tensor.mH.__get__] = swap_last_two
     table[tensor.H.__get__] = reverse_dims
-    return table
+    return MappingProxyType(table)

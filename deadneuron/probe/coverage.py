@@ -10,6 +10,7 @@ could have matched.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ _NOT = ("norm", "loss", "softmax", "softmin", "attention")  # ActNorm, SigmoidFo
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of the name, asked once per module of every audit
 def looks_like_activation(class_name: str) -> bool:
     """Whether a class name says it is an activation (``MyAct``, ``SwiGLU``, ``Sine``, ``StarReLU``...)."""
     lower = class_name.lower()

@@ -1,20 +1,30 @@
 """The functional probe: a `TorchFunctionMode` that finds activation calls (``F.relu``, ``x.relu()``...)
 made inside the model's forward, and hands them to the Recorder as sites. It also carries each tensor's
-channel axis through the ops it sees (`deadneuron.probe.axisrules`: one dict lookup per op)."""
+channel axis through the ops it sees (`deadneuron.probe.axisrules`).
+
+Every torch call of the forward passes through `FunctionalProbe.__torch_function__` (torch has no filter
+for a mode in C), so that method does one dict lookup and, for every function that is neither a possible
+activation nor one with an axis rule, calls it straight away. The table of what is known about each
+function (its rule, its spec maker, its site name) is built once per process for torch's own functions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from deadneuron.functional_kinds import FunctionalActivations, Unmeasured
-from deadneuron.probe.axisrules import AxisRule, axis_rules
+from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
+from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
+    from deadneuron.registry import ActivationRegistry
 
 
 def tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -35,55 +45,112 @@ def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> torch.
     return given if isinstance(given, torch.Tensor) else None
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What the probe knows about one torch function: its axis rule (``producer``: one that fixes the
+    axis whatever the input), and where it can be an activation, its spec maker, site name and
+    whether its name says it works in place (``relu_``)."""
+
+    rule: AxisRule | None
+    producer: bool = False
+    make: Maker | None = None
+    name: str = ""
+    inplace: bool = False
+
+
+def _entry(func: Any, rule: AxisRule | None, make: Maker | None) -> Entry:
+    producer = isinstance(rule, Producer)
+    if make is None:
+        return Entry(rule, producer)
+    return Entry(rule, producer, make, FunctionalActivations.site_name(func), FunctionalActivations.inplace(func, None))
+
+
+@functools.cache
+def _torch_entries() -> Mapping[Any, Entry]:
+    rules = axis_rules()
+    table = {func: _entry(func, rule, None) for func, rule in rules.items()}
+    for func, make in FunctionalActivations(None).makers().items():
+        table[func] = _entry(func, rules.get(func), make)
+    return MappingProxyType(table)
+
+
+def entries(registry: ActivationRegistry | None) -> Mapping[Any, Entry]:
+    """Torch's functions, and the torch functions ``registry`` declares activations."""
+    base = _torch_entries()
+    declared = registry.functions() if registry is not None else {}
+    if not declared:
+        return base
+    makers, rules = FunctionalActivations(registry).makers(), axis_rules()
+    table = dict(base)
+    for func in declared:
+        table[func] = _entry(func, rules.get(func), makers[func])
+    return table
+
+
 class FunctionalProbe(TorchFunctionMode):
     """Finds functional activation calls made inside the model's forward."""
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self._recorder = recorder
-        self._lookup = FunctionalActivations(recorder.activations)
-        self._axis_rules = axis_rules()
+        self._stack = recorder._stack  # (name, is an activation module) of the modules running now
+        self._axes = recorder.axes
+        self._entries = entries(recorder.activations)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        rec = self._recorder
-        if not rec._stack or rec._stack[-1][1]:
-            return func(*args, **kwargs)
         try:
-            spec = self._lookup.lookup(func, args, kwargs)
-            rule = self._axis_rules.get(func)
+            entry = self._entries.get(func)
         except TypeError:  # an unhashable callable: not one of ours
-            spec = rule = None
-        if spec is None:
-            if rule is None:
-                return func(*args, **kwargs)
-            out = func(*args, **kwargs)
-            rec.axes.propagate(rule, args, kwargs, out)
-            return out
-        z = first_tensor(args, kwargs)
-        if z is None or not z.is_floating_point():
-            return self._carry(rule, func, args, kwargs)
-        if isinstance(spec, Unmeasured):
-            rec.coverage.unmeasured_call(rec._stack[-1][0], self._lookup.site_name(func), spec.reason)
-            return self._carry(rule, func, args, kwargs)
-        site = rec._functional_site(spec, self._lookup.site_name(func), z)
+            entry = None
+        if entry is None:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        kwargs = kwargs or {}
+        stack = self._stack
+        if not stack or stack[-1][1]:  # outside the model's forward, or inside an activation module
+            return func(*args, **kwargs)
+        if entry.make is not None:
+            return self._activation(entry, func, args, kwargs)
+        out = func(*args, **kwargs)
+        if entry.producer:  # (torch pops this mode while it runs: the rules' own tensor calls stay in C)
+            self._axes.produce(entry.rule, args, kwargs, out)  # type: ignore[arg-type]
+        else:
+            self._axes.carry(entry.rule, args, kwargs, out)  # type: ignore[arg-type]
+        return out
+
+    def _carry(self, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Note the channel axis of ``out`` where the function has an axis rule. (Torch pops this mode
+        while its handler runs, so the rule's own tensor calls do not come back here.)"""
+        if entry.rule is not None:
+            if entry.producer:
+                self._axes.produce(entry.rule, args, kwargs, out)
+            else:
+                self._axes.carry(entry.rule, args, kwargs, out)
+
+    def _activation(self, entry: Entry, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A function that can be an activation: a site where this call is one (measured around the call),
+        else a plain call whose axis is carried like any op's."""
+        rec = self._recorder
+        try:
+            spec = entry.make(args, kwargs)  # type: ignore[misc]
+        except TypeError:  # arguments no activation takes: not one
+            return func(*args, **kwargs)
+        z = first_tensor(args, kwargs) if spec is not None else None
+        site = None
+        if z is not None and z.is_floating_point():
+            if isinstance(spec, Unmeasured):
+                rec.coverage.unmeasured_call(self._stack[-1][0], entry.name, spec.reason)
+            else:
+                site = rec._functional_site(spec, entry.name, z)  # type: ignore[arg-type]
         if site is None:
-            return self._carry(rule, func, args, kwargs)
-        inplace = self._lookup.inplace(func, kwargs)
+            out = func(*args, **kwargs)
+            self._carry(entry, args, kwargs, out)
+            return out
+        inplace = entry.inplace or bool(kwargs.get("inplace", False))
         with torch._C.DisableTorchFunction():
-            rec._before(site, z, inplace)
+            rec._before(site, z, inplace)  # type: ignore[arg-type]
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             with torch._C.DisableTorchFunction():
                 rec._after(site, out, None if inplace else z)
-                if rule is not None:
-                    rec.axes.propagate(rule, args, kwargs, out)
-        return out
-
-    def _carry(self, rule: AxisRule | None, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run ``func``; where it has an axis rule, note the channel axis of its result. (Torch pops
-        this mode while its handler runs, so the rule's own tensor calls do not come back here.)"""
-        out = func(*args, **kwargs)
-        if rule is not None:
-            self._recorder.axes.propagate(rule, args, kwargs, out)
+                self._carry(entry, args, kwargs, out)
         return out

@@ -4,7 +4,7 @@ A channel axis is known where a tensor is produced by a layer whose layout is fi
 pooling layers: dim 1; linear, embedding, attention, layer norm: the last dim), as a module or as its
 functional form called in a forward. `AxisTracker` keeps, for the tensors of the current forward pass,
 the axis and how it was decided, carries it through the ops that keep or move the channel dim (module
-outputs here, torch ops seen by the functional probe through `propagate` and the rules of `axisrules`),
+outputs here, torch ops seen by the functional probe through `produce`/`carry` and the rules of `axisrules`),
 and the Recorder asks it for the axis of each activation's input. A tensor of rank 2 or less has one
 candidate, its last dim (`AxisSource.RANK`). Where nothing is known the axis is guessed and the site says
 so (`AxisSource.GUESSED`); the user can set it per site glob (`AxisSource.USER`).
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 
 from deadneuron.errors import UsageError
-from deadneuron.probe.axisrules import AxisRule, AxisSource, Producer, reshaped_axis
+from deadneuron.probe.axisrules import AxisRule, AxisSource, reshaped_axis
 from deadneuron.select import matches
 
 CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
@@ -42,7 +43,7 @@ CHANNEL_LAST: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 # Leaves whose output has the input's layout where it keeps the rank and the channel dim's size (GLU
 # halves a dim: then nothing is noted). Activations the Recorder registered beyond torch's own are
-# passed as `module_output(..., keeps_layout=True)`.
+# passed as `output_layout(..., keeps_layout=True)`.
 _TORCH_ACTIVATIONS = tuple(
     c for c in vars(nn.modules.activation).values()
     if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == nn.modules.activation.__name__
@@ -58,6 +59,24 @@ LAYOUT_KEEPING: tuple[type[nn.Module], ...] = (
     *((nn.modules.padding._CircularPadNd,) if hasattr(nn.modules.padding, "_CircularPadNd") else ()),
 )
 RESHAPING: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
+_PRODUCERS = (*CHANNEL_FIRST, *CHANNEL_LAST)
+
+
+class OutputLayout(Enum):
+    """What a module's type says about the channel axis of its output (decided once per module)."""
+
+    PRODUCER = "producer"  # fixes it (conv, norm, pooling: dim 1; linear, embedding...: the last dim)
+    KEEPS = "keeps"  # keeps its input's (activations, dropout, padding, identity)
+    RESHAPES = "reshapes"  # moves it where the channel dim survives whole (flatten, unflatten)
+
+
+def output_layout(m: nn.Module, *, keeps_layout: bool = False) -> OutputLayout | None:
+    """How `AxisTracker.layout_output` treats ``m``'s outputs; None: it notes nothing for them."""
+    if isinstance(m, _PRODUCERS):
+        return OutputLayout.PRODUCER
+    if keeps_layout or isinstance(m, LAYOUT_KEEPING):
+        return OutputLayout.KEEPS
+    return OutputLayout.RESHAPES if isinstance(m, RESHAPING) else None
 
 
 def guess_axis(x: torch.Tensor) -> int:
@@ -69,7 +88,7 @@ def guess_axis(x: torch.Tensor) -> int:
 
 def producer_axis(x: torch.Tensor, producer: nn.Module | None) -> int | None:
     """The channel dim of ``x`` if ``producer`` (the module that returned it) fixes it, else None."""
-    if not isinstance(producer, (*CHANNEL_FIRST, *CHANNEL_LAST)):
+    if not isinstance(producer, _PRODUCERS):
         return None
     if x.dim() <= 1:
         return 0
@@ -110,41 +129,50 @@ class AxisTracker:
             if isinstance(t, torch.Tensor) and t.dim() > axis and self.known(t) is None:
                 self._note(t, axis, source)
 
-    def propagate(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
-        """A torch op with axis rule ``rule`` returned ``out``: note the axis the rule derives.
-        An output whose axis is already known (an in-place op, a no-op cast) keeps it."""
-        if not self._axes and not isinstance(rule, Producer):
-            return  # nothing known yet: nothing to carry
+    def produce(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
+        """A torch op whose rule fixes the axis whatever the input (`Producer`) returned ``out``: note the
+        axis the rule derives. An output whose axis is already known (in-place, a no-op cast) keeps it."""
         found = rule(args, kwargs, out, self.known)
-        if found is None:
-            return
+        if found is not None:
+            self._found(out, found)
+
+    def carry(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
+        """`produce` for a rule that carries a known input axis: nothing to do while nothing is known."""
+        if self._axes:
+            found = rule(args, kwargs, out, self.known)
+            if found is not None:
+                self._found(out, found)
+
+    def _found(self, out: Any, found: tuple[int, AxisSource]) -> None:
         if not isinstance(out, torch.Tensor):
             self._note_pieces(out, *found)
         elif self.known(out) is None:
             self._axes[id(out)] = (weakref.ref(out), found)
 
-    def module_output(self, m: nn.Module, args: tuple[Any, ...], out: Any, *, keeps_layout: bool = False) -> None:
-        """A module returned ``out``: note its axis where the module's type fixes it, or where the module
-        keeps its input's layout (``keeps_layout``: the Recorder's activation modules). An axis already
-        known (a wrapper returning its inner conv's tensor) is kept."""
+    def layout_output(self, layout: OutputLayout, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        """Module ``m``, whose type says ``layout`` (`output_layout`, decided once per module), returned
+        ``out``: note its axis where the type fixes it or keeps its input's. An axis already known (a
+        wrapper returning its inner conv's tensor) is kept."""
         t = out if isinstance(out, torch.Tensor) else None
-        if t is None and isinstance(out, (tuple, list)) and out and isinstance(m, CHANNEL_LAST):
-            t = out[0] if isinstance(out[0], torch.Tensor) else None  # attention, RNNs: (output, state)
+        if t is None and layout is OutputLayout.PRODUCER and isinstance(out, (tuple, list)) and out \
+                and isinstance(m, CHANNEL_LAST) and isinstance(out[0], torch.Tensor):
+            t = out[0]  # attention, RNNs: (output, state)
         if t is None or self.known(t) is not None:
             return
-        axis = producer_axis(t, m)
-        if axis is not None:
-            self._note(t, axis, AxisSource.PRODUCER)
+        if layout is OutputLayout.PRODUCER:
+            axis = producer_axis(t, m)
+            if axis is not None:
+                self._note(t, axis, AxisSource.PRODUCER)
             return
         x = _first_tensor(args)
         found = self.known(x) if x is not None else None
         if found is None:
             return
         a = found[0]
-        if keeps_layout or isinstance(m, LAYOUT_KEEPING):
+        if layout is OutputLayout.KEEPS:
             if t.dim() == x.dim() and t.shape[a] == x.shape[a]:  # type: ignore[union-attr]
                 self._note(t, a, AxisSource.TRACED)
-        elif isinstance(m, RESHAPING):
+        else:
             j = reshaped_axis(tuple(x.shape), tuple(t.shape), a)  # type: ignore[union-attr]
             if j is not None:
                 self._note(t, j, AxisSource.TRACED)
@@ -173,11 +201,15 @@ class AxisTracker:
         return [glob for glob in self.overrides if glob not in self.matched]
 
 
+def fits(z: torch.Tensor, axis: int, channels: int) -> bool:
+    """Whether ``z`` can be read at a site whose axis ``axis`` held ``channels`` channels before."""
+    n = z.dim()
+    return z.shape[axis] == channels if n > axis else n == 0 and channels == 1
+
+
 def axis_mismatch(name: str, z: torch.Tensor, axis: int, source: AxisSource, channels: int) -> str | None:
     """Why ``z`` cannot be read at a site whose axis ``axis`` held ``channels`` channels before, or None."""
-    if z.dim() == 0 and channels == 1:
-        return None
-    if z.dim() > axis and z.shape[axis] == channels:
+    if fits(z, axis, channels):
         return None
     got = f"has {z.shape[axis]} entries" if z.dim() > axis else "does not exist"
     why = "the axis is not the channel dim" if source in (AxisSource.GUESSED, AxisSource.RANK) else \

@@ -18,10 +18,5 @@ def remove_mode(mode: TorchFunctionMode) -> None:
         torch._C._push_on_torch_function_stack(other)
 
 
-def on_top(mode: TorchFunctionMode) -> bool:
-    depth = torch._C._len_torch_function_stack()
-    return bool(depth) and torch._C._get_function_stack_at(depth - 1) is mode
-
-
 def on_stack(mode: TorchFunctionMode) -> bool:
     return any(torch._C._get_function_stack_at(i) is mode for i in range(torch._C._len_torch_function_stack()))

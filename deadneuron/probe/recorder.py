@@ -33,11 +33,11 @@ from deadneuron.activations import ActivationSpec, FlatRegion, check_delta, chec
 from deadneuron.errors import UsageError
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
-from deadneuron.probe.layout import AxisTracker, axis_mismatch
+from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_layout
 from deadneuron.probe.leaves import quiet_leaf
 from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output
-from deadneuron.probe.modestack import on_stack, on_top, remove_mode
+from deadneuron.probe.modestack import on_stack, remove_mode
 from deadneuron.probe.observer import SiteObserver
 from deadneuron.probe.site import Site, SiteResult, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
@@ -93,6 +93,8 @@ class Recorder:
         self._handles: list[RemovableHandle] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._names: dict[nn.Module, str] = {}
+        self._layouts: dict[nn.Module, OutputLayout | None] = {}  # what each module's output says of its axis
+        self._leaves: dict[nn.Module, str] = {}  # an activation module's site leaf name
         self._by_name: dict[str, nn.Module] = {}
         self._specs: dict[nn.Module, tuple[ActivationSpec, FlatRegion]] = {}
         self._sites: dict[tuple[Any, ...], Site] = {}
@@ -104,9 +106,14 @@ class Recorder:
         self._probe: FunctionalProbe | None = None  # kept across re-entries (building one is not free)
         self._suspended: list[bool] = []
         self._region_cache: dict[ActivationSpec, FlatRegion] = {}
-        self.last_site: str | None = None
+        self._last: Site | None = None
         self.last_module: str | None = None
         self._mask: BatchMask | None = None
+
+    @property
+    def last_site(self) -> str | None:
+        """The base name of the site measured last in this batch (error messages), or None."""
+        return self._last.base_name if self._last is not None else None
 
     # -- context management -----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -147,8 +154,12 @@ class Recorder:
         for name, m, spec in named:
             self._names[m] = name
             self._by_name[name] = m
-            if spec is not None and self._module_selected(name, spec):
+            measured = spec is not None and self._module_selected(name, spec)
+            self._layouts[m] = output_layout(m, keeps_layout=measured)
+            if spec is not None and measured:
                 self._specs[m] = (spec, self._region(spec))
+                leaf = name.rsplit(".", 1)[-1]
+                self._leaves[m] = leaf if leaf and not leaf.isdigit() else spec.kind_name  # an index says less
                 self._pending[m] = []
                 self._hook(m, self._activation_pre_hook, self._activation_hook)
                 if m is not self.model:
@@ -175,7 +186,7 @@ class Recorder:
         positions only, at every site whose dims other than the channel begin with the mask's shape."""
         self._mask = BatchMask.of(mask) if isinstance(mask, torch.Tensor) else mask
         self._forget_forward()
-        self.last_site = None
+        self._last = None
         self.last_module = None
 
     def _forget_forward(self) -> None:
@@ -192,7 +203,10 @@ class Recorder:
     # the next forward pass (or start_batch) puts it back, and teardown removes it wherever it is.
     def _suspend(self) -> bool:
         mode = self._mode
-        if mode is not None and on_top(mode):
+        if mode is None:
+            return False
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is mode:
             torch._C._pop_torch_function_stack()
             return True
         return False
@@ -231,9 +245,10 @@ class Recorder:
 
     def _leaf_exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """A quiet leaf (see `quiet_leaf`) is never on the stack: only what it produced is noted."""
-        if self._suspended:
-            self._resume(self._suspended.pop())
-        self._note_output(m, args, out)
+        suspended = self._suspended.pop() if self._suspended else False
+        self._note_output(m, args, out)  # before the probe is back: its tensor calls stay in C
+        if suspended and self._mode is not None:
+            torch._C._push_on_torch_function_stack(self._mode)
 
     def _note_output(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """Remember which module produced each output tensor (for site names) and its channel axis."""
@@ -243,8 +258,10 @@ class Recorder:
         else:
             for t in tensors(out):
                 self._producers[id(t)] = (weakref.ref(t), name)
-        with torch._C.DisableTorchFunction():
-            self.axes.module_output(m, args, out, keeps_layout=m in self._specs)
+        layout = self._layouts[m]
+        if layout is not None:  # else the module's type says nothing of its output's axis
+            with torch._C.DisableTorchFunction():
+                self.axes.layout_output(layout, m, args, out)
 
     def _producer_of(self, z: torch.Tensor) -> str | None:
         entry = self._producers.get(id(z))
@@ -268,10 +285,7 @@ class Recorder:
         if z is not None and z.is_floating_point():
             spec, region = self._specs[m]
             name = self._names[m]
-            leaf = name.rsplit(".", 1)[-1]
-            if not leaf or leaf.isdigit():  # an index in a Sequential says less than the kind
-                leaf = spec.kind_name
-            site = self._site((name,), name, leaf, False, spec, region, z)
+            site = self._site((name,), name, self._leaves[m], False, spec, region, z)
             self._before(site, z, is_inplace(m))
         self._pending[m].append(site)
 
@@ -333,10 +347,10 @@ class Recorder:
                 histogram=ValueHistogram(z.device) if self.histograms else None,
             )
             self._sites[key] = site
-        elif problem := axis_mismatch(self._shown_name(site), z, site.axis, site.axis_source, site.stats.channels):
-            raise UsageError(problem)
+        elif not fits(z, site.axis, site.stats.channels):  # the message only where it is needed
+            raise UsageError(str(axis_mismatch(self._shown_name(site), z, site.axis, site.axis_source, site.stats.channels)))
         site.calls += 1
-        self.last_site = site.base_name
+        self._last = site
         return site
 
     def _shown_name(self, site: Site) -> str:
