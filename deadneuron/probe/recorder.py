@@ -39,7 +39,7 @@ from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output
 from deadneuron.probe.modestack import on_stack, remove_mode
 from deadneuron.probe.observer import SiteObserver
-from deadneuron.probe.site import Site, SiteResult, site_names
+from deadneuron.probe.site import Site, SiteResult, shown_name, site_globs, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
@@ -339,7 +339,7 @@ class Recorder:
         key = (*count_key, occurrence)
         site = self._sites.get(key)
         if site is None:
-            axis, axis_source = self.axes.axis_of(z, self._site_globs(owner, leaf, producer, functional))
+            axis, axis_source = self.axes.axis_of(z, site_globs(self._sites.values(), owner, leaf, producer, functional))
             channels = z.shape[axis] if z.dim() else 1
             site = Site(
                 owner, leaf, functional, producer, occurrence, spec, region, axis, axis_source,
@@ -348,24 +348,10 @@ class Recorder:
             )
             self._sites[key] = site
         elif not fits(z, site.axis, site.stats.channels):  # the message only where it is needed
-            raise UsageError(str(axis_mismatch(self._shown_name(site), z, site.axis, site.axis_source, site.stats.channels)))
+            raise UsageError(str(axis_mismatch(shown_name(self._sites.values(), site), z, site.axis, site.axis_source, site.stats.channels)))
         site.calls += 1
         self._last = site
         return site
-
-    def _shown_name(self, site: Site) -> str:
-        """A site's name as the tables will show it, while the forward pass runs (without ``#k``)."""
-        shared = sum(s.owner == site.owner and not s.functional for s in self._sites.values()) > 1
-        return site.base_name if site.functional or shared else site.owner
-
-    def _site_globs(self, owner: str, leaf: str, producer: str | None, functional: bool) -> tuple[str, ...]:
-        """Names a user's per-site setting (a glob) may match: the module, the producer-based name, and
-        the site's base name with the ``#k`` that final names add where several sites share it."""
-        names = [owner] if owner and not functional else []
-        names.append(f"{producer}>{leaf}" if producer else (f"{owner}.{leaf}" if functional and owner else leaf))
-        base = names[-1] if producer or functional else owner
-        names.append(f"{base}#{sum(s.base_name == base for s in self._sites.values())}")
-        return tuple(names)
 
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the
     # functional probe (that would cost a Python call per op, and is never what it looks for).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +98,21 @@ def site_names(sites: Sequence[Site]) -> list[str]:
         seen[b] = k + 1
         names.append(b if totals[b] == 1 else f"{b}#{k}")
     return names
+
+
+def shown_name(sites: Iterable[Site], site: Site) -> str:
+    """``site``'s name as the tables will show it, while the forward pass runs (without ``#k``), among the
+    ``sites`` found so far."""
+    shared = sum(s.owner == site.owner and not s.functional for s in sites) > 1
+    return site.base_name if site.functional or shared else site.owner
+
+
+def site_globs(sites: Iterable[Site], owner: str, leaf: str, producer: str | None, functional: bool) -> tuple[str, ...]:
+    """Names a user's per-site setting (a glob) may match for a new site among ``sites``: the module, the
+    producer-based name, and the site's base name with the ``#k`` that final names add where several sites
+    share it."""
+    names = [owner] if owner and not functional else []
+    names.append(f"{producer}>{leaf}" if producer else (f"{owner}.{leaf}" if functional and owner else leaf))
+    base = names[-1] if producer or functional else owner
+    names.append(f"{base}#{sum(s.base_name == base for s in sites)}")
+    return tuple(names)
