@@ -60,19 +60,16 @@ def test_demo_audit_golden_at_80_columns(demo: dict[str, str]) -> None:
     assert_golden("demo_audit.terminal.txt", text)
 
 
-def test_demo_report_leads_with_the_verdict_and_the_task_findings(demo: dict[str, str]) -> None:
+def test_demo_report_leads_with_the_verdict_and_the_dead_encoder_channels(demo: dict[str, str]) -> None:
     data = json.loads(demo["json"])
     text = demo["table"]
     dead_sites = sum(1 for s in data["sites"] if s["dead_channels"])
     dead = sum(len(s["dead_channels"]) for s in data["sites"])
-    assert text.splitlines()[1].startswith(
-        f"│ verdict: task below baseline; slots collapsed; {dead} dead channels at {dead_sites} sites"
-    )
+    assert text.splitlines()[1].startswith(f"│ verdict: {dead} dead channels at {dead_sites} sites")
     panel = text[: text.index("╰")]
-    first = [
-        panel.index(t) for t in ("Task accuracy not above", "Slot collapse", "Dead channels at a ReLU site")
-    ]
-    assert first == sorted(first)  # task-level findings before the per-site warning
+    first = [panel.index(t) for t in ("Dead channels at a ReLU site", "encoder.bn_layers.1>relu  dead channels",
+                                      "Dead channels in a conv stack without normalisation")]
+    assert first == sorted(first)  # the sick demo's findings name its encoder and its missing BatchNorm
     assert panel.count("[warning]") + panel.count("[info]") + panel.count("[error]") == 3
 
 
@@ -191,5 +188,5 @@ def test_report_command_takes_verbose_too(tmp_path: Path) -> None:
     plain = CliRunner().invoke(app, ["report", str(saved)], env={"COLUMNS": "80"})
     verbose = CliRunner().invoke(app, ["report", str(saved), "--verbose"], env={"COLUMNS": "80"})
     assert plain.exit_code == 0 and verbose.exit_code == 0, plain.stderr + verbose.stderr
-    ids = "dormant encoder.bn_layers.0>relu: channels 9, 28, 37, 40, 63"
-    assert ids in verbose.stdout and "channels 9, 28, 37, 40, 63" not in plain.stdout
+    ids = "dormant encoder.bn_layers.3>relu: channels 13, 27, 57, 58"
+    assert ids in verbose.stdout and "channels 13, 27, 57, 58" not in plain.stdout
