@@ -18,6 +18,7 @@ Command line (until ``deadneuron train`` exists; the same ``--config KEY=VALUE``
 
     python -m arc_model.train --config BATCH_NORM=false LEARNING_RATE=3e-3 MAX_STEPS=600 \
         --out checkpoints/slot_attention.pth
+    python -m arc_model.train --recipe reference --out healthy.pth   # the demo checkpoints' recipe
 """
 
 from __future__ import annotations
