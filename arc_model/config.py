@@ -207,7 +207,7 @@ RECIPES: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({
     "user": types.MappingProxyType({}),
     "reference": types.MappingProxyType({
         "NUM_GRIDS": None, "NUM_EPOCHS": 19, "TIMELINE_EVERY": 4, "LEARNING_RATE": 1e-3,
-        "WARMUP_STEPS": 100, "LR_DECAY": "cosine", "GRAD_CLIP": 1.0, "SLOT_INIT": "learned", "MASKS": "attention",
+        "WARMUP_STEPS": 100, "LR_DECAY": "cosine", "GRAD_CLIP": 1.0, "MASKS": "attention",
     }),
 })
 

@@ -114,7 +114,7 @@ def test_learned_slot_init_has_no_noise(batch: data.GridBatch) -> None:
 def test_recipes_are_named_overrides_of_the_users_config() -> None:
     assert recipe("user") == TrainConfig()
     ref = recipe("reference")
-    assert (ref.MASKS, ref.SLOT_INIT, ref.LR_DECAY, ref.BATCH_NORM, ref.NUM_GRIDS) == ("attention", "learned", "cosine", True, None)
+    assert (ref.MASKS, ref.SLOT_INIT, ref.LR_DECAY, ref.BATCH_NORM, ref.NUM_GRIDS) == ("attention", "shared", "cosine", True, None)
     with pytest.raises(ValueError, match="unknown recipe 'x'; known recipes: user, reference"):
         recipe("x")
     with pytest.raises(ValueError, match="MASKS='alpha' is not one of decoder, attention"):

@@ -29,10 +29,10 @@ def test_assert_healthy_lists_each_offending_site(report_a: Report) -> None:
     lines = str(exc.value).splitlines()
     assert lines == [
         "checkpoints/slot_attention.pth is not healthy: 3 violated checks",
-        "  encoder.bn_layers.3>relu: 24 of 64 channels dead (37.5%: 1, 6, 9, 11, 14, 15, 16, 19 and 16 more)"
+        "  encoder.bn_layers.1>relu: sparsity 75.3% > max_sparsity 74.0%",
+        "  decoder.layers.3: 25 of 64 channels dead (39.1%: 4, 5, 7, 11, 12, 16, 19, 26 and 17 more)"
         " > max_dead_fraction 36.0%",
-        "  encoder.bn_layers.3>relu: sparsity 75.0% > max_sparsity 74.0%",
-        "  slots: 2.03 active slots per image (of 7) < min_active_slots 3",
+        "  slots: 1.27 active slots per image (of 7) < min_active_slots 3",
     ]
 
 
@@ -45,7 +45,7 @@ def test_assert_sparsity_below(report_a: Report) -> None:
     assert_sparsity_below(report_a, 0.8)
     with pytest.raises(
         AssertionError,
-        match=r"1 violated check\n  encoder.bn_layers.3>relu: sparsity 75.0% > max_sparsity 74.0%$",
+        match=r"1 violated check\n  encoder.bn_layers.1>relu: sparsity 75.3% > max_sparsity 74.0%$",
     ):
         assert_sparsity_below(report_a, 0.74)
 
