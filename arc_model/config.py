@@ -18,14 +18,24 @@ import dataclasses
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 from deadneuron.replacements import SWAP_NAMES, SwapName
 
 Activation = SwapName  # the activations deadneuron's patches swap in (deadneuron.replacements)
 ACTIVATIONS: tuple[str, ...] = SWAP_NAMES
+SlotInit = Literal["shared", "learned"]
+LrDecay = Literal["none", "cosine"]
+ColourHead = Literal["broadcast", "slot"]
+Position = Literal["linear", "fourier"]
+MaskSource = Literal["decoder", "attention"]
 # One key per part of the model (see the module docstring); ACTIVATION is the encoder conv stack's.
 ACTIVATION_KEYS: tuple[str, ...] = ("ACTIVATION", "ENCODER_MLP_ACTIVATION", "SLOT_MLP_ACTIVATION", "DECODER_ACTIVATION")
+
+_CHOICE_KEYS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    "SLOT_INIT": get_args(SlotInit), "LR_DECAY": get_args(LrDecay), "POSITION": get_args(Position),
+    "MASKS": get_args(MaskSource), "COLOUR_HEAD": get_args(ColourHead),
+})
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -56,11 +66,25 @@ class TrainConfig:
     MAX_STEPS: int | None = None
     TIMELINE_EVERY: int = 10
     TIMELINE_GRIDS: int = 256
+    # Recipe knobs; the defaults are the user's recipe (constant rate, no clipping, shared slot init).
+    WARMUP_STEPS: int = 0  # linear learning-rate warm-up from LEARNING_RATE / WARMUP_STEPS
+    LR_DECAY: LrDecay = "none"  # "cosine": to 0 at the run's last step (NUM_EPOCHS or MAX_STEPS)
+    GRAD_CLIP: float = 0.0  # max global gradient norm; 0 = off
+    SLOT_INIT: SlotInit = "shared"  # "learned": one learned query per slot, last iteration straight-through
+    POSITION: Position = "linear"  # "fourier": sin/cos of the cell index too (periods 2..64 cells)
+    DECODER_NORM: bool = False  # LayerNorm each slot before the broadcast (else its norm drowns the position)
+    MASKS: MaskSource = "decoder"  # "attention": the last iteration's attention is the mixing mask
+    COLOUR_HEAD: ColourHead = "broadcast"  # "slot": each slot paints one colour (its alpha stays per pixel)
 
     def __post_init__(self) -> None:
         for name in ACTIVATION_KEYS:
             if getattr(self, name) not in ACTIVATIONS:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(ACTIVATIONS)}")
+        for name, choices in _CHOICE_KEYS.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if self.WARMUP_STEPS < 0 or self.GRAD_CLIP < 0:
+            raise ValueError("WARMUP_STEPS and GRAD_CLIP must be >= 0")
         positive = ("NUM_EPOCHS", "NUM_SLOTS", "SLOT_DIM", "SLOT_ITERS", "CHANNELS", "NUM_CONV",
                     "BATCH_SIZE", "TIMELINE_EVERY", "TIMELINE_GRIDS")
         for name in positive:
@@ -177,3 +201,21 @@ def _parse_bool(text: str) -> bool:
     if lowered in _FALSE:
         return False
     raise ValueError(f"not a boolean; use one of {', '.join(sorted(_TRUE | _FALSE))}")
+
+
+# Named recipes: overrides of the user's defaults. "reference" is the recipe of the bundled demo checkpoints
+# (docs/reference_model.md has the measurements behind each key).
+RECIPES: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({
+    "user": types.MappingProxyType({}),
+    "reference": types.MappingProxyType({
+        "NUM_GRIDS": None, "NUM_EPOCHS": 19, "TIMELINE_EVERY": 4, "LEARNING_RATE": 1e-3,
+        "WARMUP_STEPS": 100, "LR_DECAY": "cosine", "GRAD_CLIP": 1.0, "MASKS": "attention",
+    }),
+})
+
+
+def recipe(name: str) -> TrainConfig:
+    """The config of a named recipe (``RECIPES``); an unknown name is a ValueError listing the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    return TrainConfig(**RECIPES[name])

@@ -51,15 +51,32 @@ def position_grid(height: int, width: int, device: torch.device) -> torch.Tensor
     return torch.stack([y, x, 1 - y, 1 - x], dim=-1)
 
 
-class PositionEmbedding(nn.Module):
-    """Learned soft position embedding: a linear map of the absolute coordinates."""
+FOURIER_PERIODS = (2, 4, 8, 16, 32, 64)  # in cells: period 2 tells neighbouring cells apart
 
-    def __init__(self, dim: int) -> None:
+
+def fourier_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(H, W, 4 * len(FOURIER_PERIODS)) sin and cos of the row and column index at each period."""
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    y, x = torch.meshgrid(rows, cols, indexing="ij")
+    angles = [2 * math.pi * axis / period for axis in (y, x) for period in FOURIER_PERIODS]
+    return torch.stack([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=-1)
+
+
+class PositionEmbedding(nn.Module):
+    """Learned soft position embedding: a linear map of the absolute coordinates (``fourier``: and of
+    sin/cos features of the cell index, which resolve single cells)."""
+
+    def __init__(self, dim: int, *, fourier: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(4, dim)
+        self.fourier = fourier
+        self.proj = nn.Linear(4 + 4 * len(FOURIER_PERIODS) if fourier else 4, dim)
 
     def forward(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        return self.proj(position_grid(height, width, device))  # (H, W, dim)
+        coords = position_grid(height, width, device)
+        if self.fourier:
+            coords = torch.cat([coords, fourier_grid(height, width, device)], dim=-1)
+        return self.proj(coords)  # (H, W, dim)
 
 
 class ARCEncoder(nn.Module):
@@ -79,7 +96,7 @@ class ARCEncoder(nn.Module):
         self.relu = make_activation(config.ACTIVATION, config.NEGATIVE_SLOPE)
         self.dropout = nn.Dropout(config.DROPOUT)
         self.dropout_between_convs = config.DROPOUT_BETWEEN_CONVS
-        self.position = PositionEmbedding(channels)
+        self.position = PositionEmbedding(channels, fourier=config.POSITION == "fourier")
         self.norm = nn.LayerNorm(channels)
         self.mlp = nn.Sequential(
             nn.Linear(channels, channels),
@@ -106,12 +123,16 @@ class SlotAttention(nn.Module):
     """Iterative attention with competition between slots (softmax over slots), Locatello et al. 2020."""
 
     def __init__(self, num_slots: int, dim: int, input_dim: int, *, iters: int = 3, hidden: int = 128,
-                 eps: float = 1e-8, activation: nn.Module | None = None) -> None:
+                 eps: float = 1e-8, activation: nn.Module | None = None, init: str = "shared") -> None:
         super().__init__()
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
         self.scale = dim**-0.5
-        self.slots_mu = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
-        self.slots_log_sigma = nn.Parameter(torch.full((1, 1, dim), math.log(dim**-0.5)))
+        self.learned_init = init == "learned"
+        if self.learned_init:  # one query per slot, no noise (BO-QSA, Jia et al. 2023)
+            self.slots_init = nn.Parameter(torch.randn(1, num_slots, dim) * dim**-0.5)
+        else:  # one Gaussian shared by all slots (Locatello et al. 2020)
+            self.slots_mu = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+            self.slots_log_sigma = nn.Parameter(torch.full((1, 1, dim), math.log(dim**-0.5)))
         self.norm_inputs = nn.LayerNorm(input_dim)
         self.norm_slots = nn.LayerNorm(dim)
         self.norm_mlp = nn.LayerNorm(dim)
@@ -122,7 +143,10 @@ class SlotAttention(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), activation or nn.ReLU(), nn.Linear(hidden, dim))
 
     def initial_slots(self, batch: int, device: torch.device) -> torch.Tensor:
-        """mu + sigma * noise; the noise is fixed in eval mode so that audits are reproducible."""
+        """mu + sigma * noise (the noise is fixed in eval mode so that audits are reproducible), or the
+        learned per-slot queries."""
+        if self.learned_init:
+            return self.slots_init.expand(batch, -1, -1)
         if self.training:
             noise = torch.randn(batch, self.num_slots, self.dim, device=device)
         else:
@@ -133,18 +157,24 @@ class SlotAttention(nn.Module):
 
     def forward(self, inputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """inputs (N, L, input_dim), valid (N, L) bool -> slots (N, K, dim)."""
+        return self.attend(inputs, valid)[0]
+
+    def attend(self, inputs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> slots (N, K, dim) and the last iteration's attention (N, K, L), softmaxed over slots."""
         inputs = self.norm_inputs(inputs)
         keys, values = self.to_k(inputs), self.to_v(inputs)
         keep = valid.unsqueeze(1).to(inputs.dtype)  # (N, 1, L): padding cells never attend
-        slots = self.initial_slots(inputs.shape[0], inputs.device)
-        for _ in range(self.iters):
+        init = slots = self.initial_slots(inputs.shape[0], inputs.device)
+        for step in range(self.iters):
+            if self.learned_init and step == self.iters - 1:
+                slots = slots.detach() + init - init.detach()  # gradient through the last iteration only
             queries = self.to_q(self.norm_slots(slots))
-            attn = torch.einsum("nkd,nld->nkl", queries, keys).mul(self.scale).softmax(dim=1)
-            attn = (attn + self.eps) * keep
+            shares = torch.einsum("nkd,nld->nkl", queries, keys).mul(self.scale).softmax(dim=1)
+            attn = (shares + self.eps) * keep
             attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(self.eps)
             updates = torch.einsum("nkl,nld->nkd", attn, values)
             slots = self._update(slots, updates)
-        return slots
+        return slots, shares
 
     def _update(self, slots: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
         shape = slots.shape
@@ -157,21 +187,30 @@ class SpatialBroadcastDecoder(nn.Module):
     written as channels-last Linear layers: 2-3x faster on CPU) -> per-slot colour logits and alpha."""
 
     def __init__(self, slot_dim: int, hidden: int, *, depth: int = 3,
-                 activation: Callable[[], nn.Module] = nn.ReLU) -> None:
+                 activation: Callable[[], nn.Module] = nn.ReLU, colour_per_slot: bool = False,
+                 fourier: bool = False, norm: bool = False) -> None:
         super().__init__()
-        self.position = PositionEmbedding(slot_dim)
+        self.position = PositionEmbedding(slot_dim, fourier=fourier)
+        # norm: slots leave the GRU with norms near 20 and would drown the position embedding (norm 1-3)
+        self.norm = nn.LayerNorm(slot_dim) if norm else nn.Identity()
+        # colour_per_slot: the colour logits come from the slot alone (one colour per slot), only the
+        # alpha is broadcast over positions; else both are.
+        self.colour = nn.Linear(slot_dim, NUM_COLOURS) if colour_per_slot else None
         layers: list[nn.Module] = []
         width = slot_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), activation()]
             width = hidden
-        layers.append(nn.Linear(width, NUM_COLOURS + 1))
+        layers.append(nn.Linear(width, 1 if colour_per_slot else NUM_COLOURS + 1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, slots: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """slots (N, K, D) -> colour logits (N, K, H, W, 10), alpha logits (N, K, H, W)."""
         position = self.position(height, width, slots.device)  # (H, W, D)
-        out = self.layers(slots[:, :, None, None, :] + position)
+        out = self.layers(self.norm(slots)[:, :, None, None, :] + position)
+        if self.colour is not None:
+            colours = self.colour(slots)[:, :, None, None, :].expand(-1, -1, height, width, -1)
+            return colours, out[..., 0]
         return out[..., :NUM_COLOURS], out[..., NUM_COLOURS]
 
 
@@ -184,19 +223,25 @@ class SlotAutoencoder(nn.Module):
         slope = config.NEGATIVE_SLOPE
         self.slot_attention = SlotAttention(
             config.NUM_SLOTS, config.SLOT_DIM, config.CHANNELS, iters=config.SLOT_ITERS,
-            activation=make_activation(config.SLOT_MLP_ACTIVATION, slope),
+            activation=make_activation(config.SLOT_MLP_ACTIVATION, slope), init=config.SLOT_INIT,
         )
         self.decoder = SpatialBroadcastDecoder(
-            config.SLOT_DIM, config.CHANNELS, activation=lambda: make_activation(config.DECODER_ACTIVATION, slope)
+            config.SLOT_DIM, config.CHANNELS, activation=lambda: make_activation(config.DECODER_ACTIVATION, slope),
+            colour_per_slot=config.COLOUR_HEAD == "slot", fourier=config.POSITION == "fourier",
+            norm=config.DECODER_NORM,
         )
+        self.attention_masks = config.MASKS == "attention"
 
     def forward(self, x: torch.Tensor) -> SlotOutput:
         height, width = x.shape[-2:]
         valid = x[:, NUM_COLOURS] < 0.5  # the pad channel is 1 outside the grid
         features = self.encoder(x)
-        slots = self.slot_attention(features, valid.flatten(1))
+        slots, shares = self.slot_attention.attend(features, valid.flatten(1))
         colour_logits, alpha = self.decoder(slots, height, width)
-        log_masks = alpha.log_softmax(dim=1)
+        if self.attention_masks:
+            log_masks = shares.clamp_min(1e-12).log().unflatten(2, (height, width))
+        else:
+            log_masks = alpha.log_softmax(dim=1)
         log_probs = torch.logsumexp(log_masks.unsqueeze(-1) + colour_logits.log_softmax(dim=-1), dim=1)
         return SlotOutput(logits=log_probs.permute(0, 3, 1, 2), masks=log_masks.exp(), slots=slots)
 

@@ -20,11 +20,13 @@ Command line (until ``deadneuron train`` exists; the same ``--config KEY=VALUE``
 
     python -m arc_model.train --config BATCH_NORM=false LEARNING_RATE=3e-3 MAX_STEPS=600 \
         --out checkpoints/slot_attention.pth
+    python -m arc_model.train --recipe reference --out healthy.pth   # the demo checkpoints' recipe
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from arc_model import data
-from arc_model.config import TrainConfig
+from arc_model.config import RECIPES, TrainConfig, recipe
 from arc_model.loss import metric_sums, reconstruction_nll
 from arc_model.model import SlotAutoencoder, build_model
 from deadneuron.adapters import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
@@ -133,7 +135,8 @@ def _epochs(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, grids: lis
                 continue  # resuming mid-epoch: these were trained before the checkpoint
             if run.step >= cap:
                 return
-            _accumulate(run.partial, train_step(model, optimizer, batch))
+            set_learning_rate(optimizer, learning_rate(cfg, run.step, horizon=_step_cap(cfg, per_epoch, None)))
+            _accumulate(run.partial, train_step(model, optimizer, batch, grad_clip=cfg.GRAD_CLIP))
             run.step += 1
             mon.step()
             if not run.timeline:  # "dead at init": the first step's batch, on the initial weights
@@ -142,12 +145,34 @@ def _epochs(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, grids: lis
         yield _finish_epoch(model, grids, probe, cfg, run, mon)
 
 
-def train_step(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, batch: data.GridBatch) -> dict[str, float]:
+def learning_rate(cfg: TrainConfig, step: int, *, horizon: int) -> float:
+    """The rate of step ``step`` (0-based): LEARNING_RATE, ramped up linearly over WARMUP_STEPS, then
+    cosine-decayed to 0 at step ``horizon`` with LR_DECAY="cosine". A function of the step only, so a
+    resumed run follows the same schedule."""
+    rate = cfg.LEARNING_RATE
+    if step < cfg.WARMUP_STEPS:
+        return rate * (step + 1) / cfg.WARMUP_STEPS
+    if cfg.LR_DECAY == "cosine":
+        span = max(horizon - cfg.WARMUP_STEPS, 1)
+        progress = min((step - cfg.WARMUP_STEPS) / span, 1.0)
+        return rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+
+
+def train_step(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, batch: data.GridBatch, *,
+               grad_clip: float = 0.0) -> dict[str, float]:
     model.train()
     out = model(batch.x)
     loss = reconstruction_nll(out.logits, batch.target, batch.valid)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     sums = metric_sums(out.logits.detach(), batch.target, batch.valid)
     pixels = float(sums["valid_pixels"])
@@ -308,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides")
     parser.add_argument("--out", required=True, help="checkpoint to write (atomically)")
     parser.add_argument("--init", help="checkpoint to resume from")
+    parser.add_argument("--recipe", default="user", help=f"named base config ({', '.join(RECIPES)}; default user)")
     parser.add_argument("--max-steps", type=int, help="cap on the total step count")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     parser.add_argument("--no-optimizer-state", action="store_true", help="smaller file, not resumable")
@@ -316,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     init = torch.load(args.init, weights_only=True, map_location="cpu") if args.init else None
-    base = TrainConfig.from_dict(init["config"]) if init else TrainConfig()
-    config = base.with_overrides(args.config)
+    try:
+        base = TrainConfig.from_dict(init["config"]) if init else recipe(args.recipe)
+        config = base.with_overrides(args.config)
+    except ValueError as err:
+        parser.error(str(err))
     ckpt = train(config, out=args.out, init=init, max_steps=args.max_steps, progress=not args.quiet,
                  save_optimizer=not args.no_optimizer_state, overwrite=args.force)
     timeline = ckpt["health_timeline"]

@@ -71,9 +71,10 @@ def test_demo_report_leads_with_the_verdict_and_the_task_findings(demo: dict[str
     )
     panel = text[: text.index("╰")]
     first = [
-        panel.index(t) for t in ("Task accuracy not above", "Slot collapse", "Dead channels at a ReLU site")
+        panel.index(t) for t in ("Task accuracy not above", "Slot collapse", "Dead channels at a ReLU site",
+                                 "encoder.bn_layers.1>relu  dead channels")
     ]
-    assert first == sorted(first)  # task-level findings before the per-site warning
+    assert first == sorted(first)  # task-level findings before the per-site warning, which names the encoder
     assert panel.count("[warning]") + panel.count("[info]") + panel.count("[error]") == 3
 
 
@@ -94,7 +95,7 @@ def test_one_line_per_site_and_each_command_once(demo: dict[str, str]) -> None:
     assert commands
     plain = " ".join(demo["table"].replace("│", " ").split())
     for command in commands:
-        pattern = rf"try: {re.escape(command)}(?= try:| and \d+ more| \d+ more| \[| More|$)"
+        pattern = rf"try: {re.escape(command)}(?= try:| and \d+ more| \d+ more| \[| More| --verbose:| Findings in full|$)"
         assert len(re.findall(pattern, flat)) == 1, command
         assert len(re.findall(pattern, plain)) <= 1, command
 
@@ -193,5 +194,5 @@ def test_report_command_takes_verbose_too(tmp_path: Path) -> None:
     plain = CliRunner().invoke(app, ["report", str(saved)], env={"COLUMNS": "80"})
     verbose = CliRunner().invoke(app, ["report", str(saved), "--verbose"], env={"COLUMNS": "80"})
     assert plain.exit_code == 0 and verbose.exit_code == 0, plain.stderr + verbose.stderr
-    ids = "dormant encoder.bn_layers.0>relu: channels 9, 28, 37, 40, 63"
-    assert ids in verbose.stdout and "channels 9, 28, 37, 40, 63" not in plain.stdout
+    ids = "dormant encoder.bn_layers.3>relu: channels 19, 37, 48, 52, 53"
+    assert ids in verbose.stdout and "channels 19, 37, 48, 52, 53" not in plain.stdout

@@ -164,9 +164,9 @@ def test_compare_two_reports_that_differ(capsys: pytest.CaptureFixture[str], tmp
     a, b = str(GOLDEN / "report_a.json"), str(GOLDEN / "report_b.json")
     code, out, _ = run(capsys, "compare", a, b)
     assert code == 0
-    assert "dead channels                 293 -> 35 (-258); 9 newly dead, 267 revived" in out
-    assert "new dead encoder.mlp.1: channels 24, 42" in out
-    assert "revived  encoder.bn_layers.1>relu: channels 0, 2, 3, 5, 7, 8, 11, 12, 13, 15," in out
+    assert "dead channels                 140 -> 28 (-112); 11 newly dead, 123 revived" in out
+    assert "new dead decoder.layers.3: channels 15, 18, 27, 35" in out
+    assert "revived  encoder.bn_layers.1>relu: channels 0, 2, 6, 10, 14, 21, 22, 38, 39, 47," in out
     code, out, _ = run(capsys, "compare", a, b, "--format", "md", "--out", str(tmp_path / "diff.md"))
     assert code == 0 and out == (GOLDEN / "compare_a_b.md").read_text() == (tmp_path / "diff.md").read_text()
 
