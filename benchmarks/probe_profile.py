@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadneuron
+from benchmarks.suite_models import ArcCNN  # the suite's model, run with python -m benchmarks.probe_profile
 from deadneuron.audit import default_forward
 from deadneuron.probe import Recorder
 
@@ -67,21 +68,6 @@ class Transformer(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.norm(x)
-
-
-class ArcCNN(nn.Module):
-    """4 x (conv 64 + BN + ReLU), the shape of the ARC encoder, one shared ReLU module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_layers = nn.ModuleList(nn.Conv2d(10 if i == 0 else 64, 64, 3, padding=1) for i in range(4))
-        self.bn_layers = nn.ModuleList(nn.BatchNorm2d(64) for _ in range(4))
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, bn in zip(self.conv_layers, self.bn_layers, strict=True):
-            x = self.relu(bn(conv(x)))
-        return x
 
 
 def bert() -> nn.Module:
