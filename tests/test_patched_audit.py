@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -217,3 +219,18 @@ def test_load_patched_reads_version_1_files(user: Path, patched: Path, tmp_path:
 def test_load_patched_refuses_a_factory_its_plan_does_not_fit(user: Path, patched: Path) -> None:
     with pytest.raises(PatchError, match=r"cannot re-apply .*'module:act1' matched no activation module"):
         deadneuron.load_patched(patched, load_user(user / "usernet.py").build_renamed)
+
+
+def test_the_audit_command_patch_prints_runs_as_printed(user: Path, tmp_path: Path) -> None:
+    out = tmp_path / "printed.pth"
+    code, stdout, stderr = run("patch", user / "own.pth", "--model", f"{user / 'usernet.py'}:build", "--model-arg",
+                               f"width={WIDTH}", "--input-shape", "2,3,8,8", "--activation", "leaky", "--out", out)  # fmt: skip
+    assert code == 0, stderr
+    printed = re.search(r"audit it with `([^`]+)`", stdout + stderr)
+    assert printed is not None, stdout + stderr
+    words = shlex.split(printed.group(1))
+    assert words[:3] == ["deadneuron", "audit", str(out)] and "..." not in words
+    code, report_json, stderr = run(*words[1:], "--format", "json", "--no-rules")
+    assert code == 0, stderr
+    kinds = {s["name"]: s["kind"] for s in json.loads(report_json)["sites"]}
+    assert kinds == {"act1": "leaky_relu", "conv2>leaky_relu": "leaky_relu"}

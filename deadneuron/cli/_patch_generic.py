@@ -8,6 +8,7 @@ until the model is trained again; its exact zeros go by definition).
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,19 @@ def patch_generic(ctx: Context, flags: Plan, flagged: SubjectFlags, *, apply_sug
     extras(ctx, outputs, verification, [before], [after], ("before", "after"), changes=[op.describe() for op in plan.ops])
     outputs.write(ctx.say)
     ctx.say(f"rebuild {ctx.out} with deadneuron.load_patched({str(ctx.out)!r}, <your factory>), audit it with "
-            f"`deadneuron audit {ctx.out} --model {flagged.model_spec} ...`")
+            f"`{audit_command(ctx.out, flagged)}`")
+
+
+def audit_command(path: object, flagged: SubjectFlags) -> str:
+    """The `deadneuron audit` command line for the written checkpoint, with the subject's own flags."""
+    words = ["deadneuron", "audit", str(path), "--model", flagged.model_spec]
+    words += [w for key, value in flagged.model_args.items() for w in ("--model-arg", f"{key}={value}")]
+    words += ["--data", flagged.data] if flagged.data is not None else ["--input-shape", str(flagged.input_shape)]
+    if flagged.batches is not None:
+        words += ["--batches", str(flagged.batches)]
+    words += [w for name in flagged.allow_globals for w in ("--allow-global", name)]
+    words += ["--trust-code"] if flagged.trust_code else []
+    return shlex.join(words)
 
 
 def refuse_no_op(record: Any) -> None:
