@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+import deadneuron
 from deadneuron.patch.verify import (
     SITE_METRICS,
     SLOT_METRICS,
@@ -11,6 +13,7 @@ from deadneuron.patch.verify import (
     Sample,
     Verdict,
     compare,
+    sample_from,
     verdict,
 )
 from deadneuron.render.patch_table import verification_markdown
@@ -72,3 +75,35 @@ def test_leaky_zeros_are_lower_by_definition_and_flat_tells_the_truth() -> None:
 def test_compare_needs_matching_arms() -> None:
     with pytest.raises(ValueError, match="same number"):
         compare([sample(1, 0, 0, "relu", 0)], [], seeds=(0,), budget={})
+
+
+class _SharedMlp(torch.nn.Module):
+    """One Sequential (Linear, activation, Linear) applied twice: its sites are named after the
+    activation's kind (``mlp.0>relu#0``, ``mlp.0>relu#1``), so a swap renames them."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), act, torch.nn.Linear(6, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp(x))
+
+
+def test_a_site_renamed_by_a_swap_is_compared_with_itself() -> None:
+    torch.manual_seed(0)
+    relu, leaky = _SharedMlp(torch.nn.ReLU()), _SharedMlp(torch.nn.LeakyReLU(0.01))
+    leaky.load_state_dict(relu.state_dict())
+    xs = [torch.randn(8, 4) for _ in range(3)]
+    before, after = deadneuron.audit(relu, xs, rules=False), deadneuron.audit(leaky, xs, rules=False)
+    assert list(after.sites) == ["mlp.0>leaky_relu#0", "mlp.0>leaky_relu#1"]  # the names did change
+    v = compare([sample_from(before)], [sample_from(after)], seeds=(0,), budget={"steps": 0})
+    by = {(r.group, r.spec.key): r for r in v.rows}
+    assert {r.group for r in v.rows} == {"overall", "mlp.0>relu#0", "mlp.0>relu#1"}
+    with torch.no_grad():  # the pre-activations by hand: the first call's input, then the second's
+        z0 = [relu.mlp[0](x) for x in xs]
+        z1 = [relu.mlp[0](relu.mlp(x)) for x in xs]
+    for name, zs in (("mlp.0>relu#0", z0), ("mlp.0>relu#1", z1)):
+        flat = (torch.cat(zs) <= 0).double().mean().item()
+        row = by[(name, "flat_fraction")]
+        assert row.baseline == pytest.approx((flat,), abs=1e-12) and row.patched == pytest.approx((flat,), abs=1e-12)
+        assert by[(name, "sparsity")].verdict is Verdict.BY_DEFINITION

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -88,6 +88,9 @@ class Sample:
 
     values: Mapping[tuple[str, str], float]
     kinds: Mapping[str, str]
+    # where each site sits in the model: (module, producer, functional, k-th such site); a swap that
+    # renames a site (``mlp.0>relu#1`` -> ``mlp.0>leaky_relu#1``) leaves its position as it was
+    positions: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,13 @@ def sample_from(report: Any, *, loss: float | None = None, metrics: Mapping[str,
     for key, value in (metrics or {}).items():
         values[(METRIC_GROUP, key)] = float(value)
     kinds = {name: s.kind for name, s in report.sites.items()}
-    return Sample(values, kinds)
+    seen: dict[tuple[Any, ...], int] = {}
+    positions: dict[str, tuple[Any, ...]] = {}
+    for name, s in report.sites.items():
+        where = (s.module, s.producer, s.functional)
+        seen[where] = seen.get(where, 0) + 1
+        positions[name] = (*where, seen[where] - 1)
+    return Sample(values, kinds, positions)
 
 
 def verdict(baseline: Sequence[float], patched: Sequence[float], spec: MetricSpec) -> Verdict:
@@ -211,6 +220,7 @@ def compare(
     """Rows for the overall, slot, task and user-metric figures, then per site, each with its verdict."""
     if not baseline or len(baseline) != len(patched):
         raise ValueError("compare needs the same number (>= 1) of baseline and patched runs")
+    patched = paired_sites(baseline, patched)
     user = tuple(metric_spec(k) for k in dict.fromkeys(k for s in (*baseline, *patched) for g, k in s.values if g == METRIC_GROUP))
     groups: list[tuple[str, tuple[MetricSpec, ...]]] = [
         ("overall", SITE_METRICS), ("slots", SLOT_METRICS), ("task", TASK_METRICS), (METRIC_GROUP, user)]  # fmt: skip
@@ -224,6 +234,26 @@ def compare(
                 continue
             rows.append(_row(group, spec, baseline, patched, reference))
     return Verification(tuple(seeds), tuple(rows), dict(budget), labels)
+
+
+def paired_sites(baseline: Sequence[Sample], patched: Sequence[Sample]) -> list[Sample]:
+    """``patched`` with each site that a swap renamed under its baseline name: a patched site no baseline
+    run has, at the position (module, producer, k-th call) of a baseline site the patched run lacks, is
+    the same site under its new activation's name (its kind says which)."""
+    names = {n for s in baseline for n in s.kinds}
+    at = {s.positions[n]: n for s in baseline for n in s.kinds if n in s.positions}
+    out = []
+    for sample in patched:
+        rename = {n: at[p] for n, p in sample.positions.items()
+                  if n not in names and p in at and at[p] not in sample.kinds}  # fmt: skip
+        if not rename:
+            out.append(sample)
+            continue
+        values = {(rename.get(g, g), k): v for (g, k), v in sample.values.items()}
+        kinds = {rename.get(n, n): kind for n, kind in sample.kinds.items()}
+        positions = {rename.get(n, n): p for n, p in sample.positions.items()}
+        out.append(Sample(values, kinds, positions))
+    return out
 
 
 def _row(group: str, spec: MetricSpec, baseline: Sequence[Sample], patched: Sequence[Sample],
