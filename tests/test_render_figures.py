@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import deadneuron
 from deadneuron.render import plots
 from deadneuron.report import Report
 
@@ -312,3 +313,31 @@ def test_activation_histogram_figure_titles_and_axes() -> None:
     ax = fig.axes[0]
     assert ax.get_title() == "act" and ax.get_yscale() == "log" and ax.get_xlabel() == "activation value"
     assert "0" in [t.get_text() for t in ax.get_xticklabels()]
+
+
+def test_before_after_pairs_sites_a_swap_renamed() -> None:
+    class SharedMlp(torch.nn.Module):  # one Sequential applied twice: its sites are named after the activation
+        def __init__(self, act: torch.nn.Module) -> None:
+            super().__init__()
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), act, torch.nn.Linear(6, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(self.mlp(x))
+
+    torch.manual_seed(0)
+    relu, leaky = SharedMlp(torch.nn.ReLU()), SharedMlp(torch.nn.LeakyReLU(0.01))
+    leaky.load_state_dict(relu.state_dict())
+    xs = [torch.randn(8, 4) for _ in range(3)]
+    before, after = deadneuron.audit(relu, xs, rules=False), deadneuron.audit(leaky, xs, rules=False)
+    assert list(after.sites) == ["mlp.0>leaky_relu#0", "mlp.0>leaky_relu#1"]
+    fig = plots.plot_before_after(before, after, labels=("relu", "leaky"))
+    assert fig.get_suptitle().splitlines()[1] == "leaky: relu -> leaky_relu at 2 of 2 sites"
+    flat = fig.axes[1]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["mlp.0>relu#0", "mlp.0>relu#1"]
+    assert not any("absent" in t.get_text() for ax in fig.axes for t in ax.texts)
+    with torch.no_grad():  # the same weights: the flat fraction (z <= 0) is the same in both arms
+        zs = ([relu.mlp[0](x) for x in xs], [relu.mlp[0](relu.mlp(x)) for x in xs])
+    expected = [100 * (torch.cat(z) <= 0).double().mean().item() for z in zs]
+    (relu_bars, leaky_bars) = flat.containers
+    assert [b.get_width() for b in relu_bars] == pytest.approx(expected, abs=1e-9)
+    assert [b.get_width() for b in leaky_bars] == pytest.approx(expected, abs=1e-9)

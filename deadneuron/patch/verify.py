@@ -180,13 +180,27 @@ def sample_from(report: Any, *, loss: float | None = None, metrics: Mapping[str,
     for key, value in (metrics or {}).items():
         values[(METRIC_GROUP, key)] = float(value)
     kinds = {name: s.kind for name, s in report.sites.items()}
+    return Sample(values, kinds, site_positions(report))
+
+
+def site_positions(report: Any) -> dict[str, tuple[Any, ...]]:
+    """Where each site of a report sits in the model: (module, producer, functional, k-th such site)."""
     seen: dict[tuple[Any, ...], int] = {}
     positions: dict[str, tuple[Any, ...]] = {}
     for name, s in report.sites.items():
         where = (s.module, s.producer, s.functional)
         seen[where] = seen.get(where, 0) + 1
         positions[name] = (*where, seen[where] - 1)
-    return Sample(values, kinds, positions)
+    return positions
+
+
+def renamed_sites(baseline: Sequence[Mapping[str, tuple[Any, ...]]], patched: Mapping[str, tuple[Any, ...]]) -> dict[str, str]:
+    """Patched site name -> baseline site name, for the sites a swap renamed: a patched site no baseline
+    run has, at the position (module, producer, k-th call) of a baseline site the patched run lacks, is
+    the same site under its new activation's name."""
+    names = {n for positions in baseline for n in positions}
+    at = {p: n for positions in baseline for n, p in positions.items()}
+    return {n: at[p] for n, p in patched.items() if n not in names and p in at and at[p] not in patched}
 
 
 def verdict(baseline: Sequence[float], patched: Sequence[float], spec: MetricSpec) -> Verdict:
@@ -237,15 +251,11 @@ def compare(
 
 
 def paired_sites(baseline: Sequence[Sample], patched: Sequence[Sample]) -> list[Sample]:
-    """``patched`` with each site that a swap renamed under its baseline name: a patched site no baseline
-    run has, at the position (module, producer, k-th call) of a baseline site the patched run lacks, is
-    the same site under its new activation's name (its kind says which)."""
-    names = {n for s in baseline for n in s.kinds}
-    at = {s.positions[n]: n for s in baseline for n in s.kinds if n in s.positions}
+    """``patched`` with each site that a swap renamed under its baseline name (`renamed_sites`); its kind
+    says which activation it now has."""
     out = []
     for sample in patched:
-        rename = {n: at[p] for n, p in sample.positions.items()
-                  if n not in names and p in at and at[p] not in sample.kinds}  # fmt: skip
+        rename = renamed_sites([s.positions for s in baseline], sample.positions)
         if not rename:
             out.append(sample)
             continue

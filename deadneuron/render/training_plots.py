@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
+from deadneuron.patch.verify import renamed_sites, site_positions
 from deadneuron.render._style import (
     AFTER,
     BEFORE,
@@ -217,13 +218,15 @@ def _as_list(reports: Report | Sequence[Report]) -> list[Report]:
     return [reports] if isinstance(reports, Report) else list(reports)
 
 
-def _arm_values(reports: Sequence[Report], names: Sequence[str], key: str) -> list[list[float]]:
-    """Per site, the figure of each seed's report (missing sites skipped)."""
+def _arm_values(reports: Sequence[Report], names: Sequence[str], key: str,
+                aliases: Sequence[Mapping[str, str]] = ()) -> list[list[float]]:  # fmt: skip
+    """Per site, the figure of each seed's report (missing sites skipped); ``aliases[i]`` maps a shown
+    name to report i's own name for that site (where a swap renamed it)."""
     out = []
     for name in names:
         values = []
-        for r in reports:
-            s = r.sites.get(name)
+        for i, r in enumerate(reports):
+            s = r.sites.get(aliases[i].get(name, name) if i < len(aliases) else name)
             if s is not None:
                 values.append(float(len(getattr(s, key))) if key.endswith("_channels") else 100 * getattr(s, key))
         out.append(values)
@@ -261,7 +264,8 @@ def _summary_values(reports: Sequence[Report]) -> dict[str, list[float]]:
 def kind_changes(before: Sequence[Report], after: Sequence[Report]) -> list[str]:
     """What the reports themselves show was patched: the sites whose activation kind differs."""
     kinds_a = {n: s.kind for r in before for n, s in r.sites.items()}
-    kinds_b = {n: s.kind for r in after for n, s in r.sites.items()}
+    base = [site_positions(r) for r in before]
+    kinds_b = {renamed_sites(base, site_positions(r)).get(n, n): s.kind for r in after for n, s in r.sites.items()}
     swaps: dict[tuple[str, str], int] = {}
     for name, kind in kinds_a.items():
         if name in kinds_b and kinds_b[name] != kind:
@@ -279,7 +283,11 @@ def plot_before_after(before: Report | Sequence[Report], after: Report | Sequenc
     arms = (_as_list(before), _as_list(after))
     if not arms[0] or not arms[1]:
         raise ValueError("plot_before_after needs at least one report on each side")
-    names = list(dict.fromkeys(n for r in (*arms[0], *arms[1]) for n in r.sites))
+    base = [site_positions(r) for r in arms[0]]
+    renames = [renamed_sites(base, site_positions(r)) for r in arms[1]]  # after's name -> before's
+    aliases: list[Mapping[str, str]] = [{b: a for a, b in rename.items()} for rename in renames]
+    names = list(dict.fromkeys([*(n for r in arms[0] for n in r.sites),
+                                *(rename.get(n, n) for r, rename in zip(arms[1], renames, strict=True) for n in r.sites)]))
     seeds = f" ({len(arms[0])} vs {len(arms[1])} seeds; dots: single seeds)" if max(map(len, arms)) > 1 else ""
     what = list(changes) or kind_changes(*arms)
     lines = [f"{labels[0]} vs {labels[1]}{seeds}"]
@@ -294,7 +302,7 @@ def plot_before_after(before: Report | Sequence[Report], after: Report | Sequenc
               ("dead", "dead_channels", "Dead channels per site", "channels"))  # fmt: skip
     for key, field, title, xlabel in panels:
         ax = mosaic[key]
-        _paired_bars(ax, names, [_arm_values(a, names, field) for a in arms], labels)
+        _paired_bars(ax, names, [_arm_values(arms[0], names, field), _arm_values(arms[1], names, field, aliases)], labels)
         ax.set(title=title, xlabel=xlabel)
         site_axis(ax, names) if key == "sparsity" else ax.set_yticks(range(len(names)), labels=[])
         ax.set_ylim(len(names) - 0.5, -0.5)
