@@ -158,3 +158,15 @@ def test_report_and_compare_check_their_outputs_before_reading(ckpt: Path, tmp_p
     code, _, stderr = run("compare", folder, folder, "--out", folder / "report.json")
     assert code == 2 and "is an input of this run" in stderr
     assert a_file.read_text() == "x"
+
+
+def test_estimate_of_runs_spread_over_workers() -> None:
+    said: list[str] = []
+    estimate = Estimator(runs=6, steps=600, say=said.append)
+    estimate.spread_run_finished(330.0, workers=2)  # 2 in flight, then 4 more: 2 rounds of 2
+    estimate.spread_run_finished(331.0, workers=2)
+    assert said == ["the first of 6 runs took 5.5 min (trained and audited, 2 at a time): about 11.0 min left for "
+                    "the other 5"]  # fmt: skip
+    quiet: list[str] = []
+    Estimator(runs=2, steps=600, say=quiet.append).spread_run_finished(330.0, workers=2)
+    assert quiet == [], "every run already started: nothing is left to estimate"

@@ -72,6 +72,7 @@ def _same_as(sequential: tuple[str, dict[str, Any]], out: Path) -> None:
 def test_two_workers_give_the_table_of_one(tiny_arc: Path, sequential: Any, tmp_path: Path) -> None:
     _, said = _patch(tiny_arc, tmp_path, 2)
     assert "4 runs on 2 worker processes" in said
+    assert "the first of 4 runs took" in said and "(trained and audited, 2 at a time)" in said
     _same_as(sequential, tmp_path)
 
 

@@ -40,6 +40,7 @@ class Estimator:
     _run_start: float = field(default=0.0, init=False)
     _mark: tuple[int, float] | None = field(default=None, init=False)
     _early_done: bool = field(default=False, init=False)
+    _spread_said: bool = field(default=False, init=False)
 
     def run_started(self, index: int) -> None:
         self._run, self._run_start, self._mark = index, self.clock(), None
@@ -67,6 +68,16 @@ class Estimator:
         took = self.clock() - self._run_start
         self._say(f"run 1 of {self.runs} took {duration(took)} (trained and audited): about "
                   f"{duration(took * (self.runs - 1))} left for the other {self.runs - 1}")
+
+    def spread_run_finished(self, elapsed: float, *, workers: int) -> None:
+        """A run of a spread over ``workers`` processes finished, ``elapsed`` seconds after the spread
+        began: the first one says how long the runs still to start will take, ``workers`` at a time."""
+        if self._spread_said or self.runs <= workers:
+            return
+        self._spread_said = True
+        rounds = -(-(self.runs - workers) // workers)
+        self._say(f"the first of {self.runs} runs took {duration(elapsed)} (trained and audited, {workers} at a "
+                  f"time): about {duration(elapsed * rounds)} left for the other {self.runs - 1}")
 
     def _say(self, text: str) -> None:
         self.said.append(text)

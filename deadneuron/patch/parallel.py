@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -68,7 +69,7 @@ def run_jobs(
     workers = min(options.workers, len(jobs))
     if workers <= 1:
         return [_here(adapter, job, budget, options, i, len(jobs), estimate) for i, job in enumerate(jobs)]
-    return _spread(adapter, jobs, budget, options, workers)
+    return _spread(adapter, jobs, budget, options, workers, estimate)
 
 
 @contextmanager
@@ -101,7 +102,8 @@ def _here(
     return Run(job.arm, job.seed, ckpt, report)
 
 
-def _spread(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: Options, workers: int) -> list[Run]:
+def _spread(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: Options, workers: int,
+            estimate: Estimator | None = None) -> list[Run]:  # fmt: skip
     from deadneuron.patch.retrain import Run
     from deadneuron.report import Report
 
@@ -120,6 +122,7 @@ def _spread(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: Opti
                 options.say(f"[{i + 1}/{len(jobs)}] training the {jobs[i].arm} config, seed {jobs[i].seed}")
                 pending[pool.submit(_remote, payload, _dumps(jobs[i], what="a run"))] = i
 
+        began = time.monotonic()
         for _ in range(workers):
             start_next()
         while pending:
@@ -127,6 +130,8 @@ def _spread(adapter: Adapter, jobs: Sequence[Job], budget: Budget, options: Opti
             for future in finished:
                 i = pending.pop(future)
                 done[i] = _loads(_result(future, jobs[i]))
+                if estimate is not None:
+                    estimate.spread_run_finished(time.monotonic() - began, workers=workers)
                 start_next()
     return [Run(job.arm, job.seed, done[i][0], Report.from_dict(done[i][1])) for i, job in enumerate(jobs)]
 
