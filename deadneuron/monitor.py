@@ -75,7 +75,9 @@ class Monitor:
     ``start_step``: the steps done before (a resumed run), where the step count starts. ``distributed``:
     under an initialised process group of more than one rank, every snapshot merges the ranks' figures
     (each rank gets the same snapshot, as `deadneuron.audit` merges); every rank must then take its
-    snapshots at the same steps. False: each rank's own batches only.
+    snapshots at the same steps. False: each rank's own batches only. A loop that calls parts of the model
+    rather than the model itself marks its batches (`begin_batch`, `end_forward`) and its passes that are
+    no training (`pause`, `resume`), as the model's own forward hooks do otherwise.
     """
 
     def __init__(

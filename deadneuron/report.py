@@ -16,6 +16,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from deadneuron.probe import SiteResult
     from deadneuron.rules.finding import Finding
 
@@ -24,7 +26,7 @@ SCHEMA_VERSION = 2
 DORMANT_FRACTION = 0.99
 
 
-def flat_channels(flat: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def flat_channels(flat: np.ndarray, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The dead and the dormant channels (ids) of a site from its per-channel flat counts (a float64 numpy
     array of integers) over ``n`` elements per channel: flat == n, and flat < n with flat / n >= 99%."""
     import numpy as np

@@ -11,8 +11,9 @@ A step is one optimizer step (``trainer.global_step``; with gradient accumulatio
 every micro-batch of the step are measured). Snapshots go to every logger of the trainer
 (``logger.log_metrics`` at the global step) and to the monitor's own ``writers``; validation is not
 measured. A training_step may call the LightningModule itself or its parts (``self.net(x)``): each
-training batch is one forward pass for the site names either way. At the end of training the findings are logged on the ``deadneuron``
-logger and kept (`findings`). Hooks are removed at the end of training, also when it raises.
+training batch is one forward pass for the site names either way. At the end of training the findings
+are logged on the ``deadneuron`` logger and kept (`findings`). Hooks are removed at the end of training,
+also when it raises.
 """
 
 from __future__ import annotations
