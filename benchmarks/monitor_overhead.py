@@ -1,6 +1,7 @@
 """Training-step overhead of deadneuron.Monitor, as a ratio to the same steps without it, in one process.
 
-    python benchmarks/monitor_overhead.py [--threads 1] [--rounds 5] [--batch 16] [--device cpu|cuda]
+    python -m benchmarks.monitor_overhead [--threads 1] [--rounds 5] [--batch 16] [--device cpu|cuda]
+                                          [--clock wall|cpu] [--setting "every step" ...]
 
 The model is the ARC-like CNN (4 x conv 3x3 64 + ReLU, then a 1x1 conv to 10 classes per cell) on
 (batch, 10, 30, 30) one-hot-like inputs, trained with Adam and a per-cell cross-entropy. Two copies with
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--malloc", choices=("steady", "system"), default="steady")
+    ap.add_argument("--setting", action="append", choices=[name for name, *_ in SETTINGS],
+                    help="run only this setting (repeatable; default: all)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time; cpu: this thread's CPU time (CPU device, one thread: steadier on a shared machine)")
     args = ap.parse_args()
@@ -150,6 +153,8 @@ def main() -> None:
           f"{args.rounds} rounds, allocator {args.malloc}, clock {args.clock}")
     print(f"{'setting':<22} {'steps/round':>11} {'plain ms':>9} {'monitor ms':>10} {'ratio':>6} {'range':>13}")
     for name, every, sample, steps in SETTINGS:
+        if args.setting and name not in args.setting:
+            continue
         r = measure(base, pool[:steps], args.rounds, every, sample, device, clock)
         print(f"{name:<22} {steps:>11} {1e3 * r['plain']:9.1f} {1e3 * r['monitor']:10.1f} {r['ratio']:6.3f} "
               f"{r['lo']:6.3f}-{r['hi']:.3f}", flush=True)

@@ -38,7 +38,7 @@ from deadneuron.probe.masks import BatchMask, MaskSpec
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot
-from deadneuron.window import forward_mask, read_window, reset_window
+from deadneuron.window import WindowFigures, forward_mask, read_window, reset_window
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -75,7 +75,9 @@ class Monitor:
     ``start_step``: the steps done before (a resumed run), where the step count starts. ``distributed``:
     under an initialised process group of more than one rank, every snapshot merges the ranks' figures
     (each rank gets the same snapshot, as `deadneuron.audit` merges); every rank must then take its
-    snapshots at the same steps. False: each rank's own batches only.
+    snapshots at the same steps. False: each rank's own batches only. A loop that calls parts of the model
+    rather than the model itself marks its batches (`begin_batch`, `end_forward`) and its passes that are
+    no training (`pause`, `resume`), as the model's own forward hooks do otherwise.
     """
 
     def __init__(
@@ -117,14 +119,16 @@ class Monitor:
             "activations": activations, "compile": compile,
         }  # fmt: skip
         self.snapshots: list[Snapshot] = []
-        self.last_health: dict[str, SiteHealth] = {}  # the last window's full per-site health
-        self.last_channels: dict[str, ChannelDetail] = {}  # and its per-channel arrays
+        self.last_channels: dict[str, ChannelDetail] = {}  # the last window's per-channel arrays
+        self._last_window: WindowFigures | None = None  # its figures on the host (`last_health` reads them)
+        self._last_health: dict[str, SiteHealth] | None = None
         self.warnings: list[str] = []
         self._step = self._window_start = _positive_int(start_step, "start_step", lo=0)
         self._rec: Recorder | None = None
         self._observer: FlowObserver | None = None
         self._attached = False
-        self._paused = False
+        self._paused = False  # detached for an eval-mode forward pass
+        self._held = False  # `pause` called: nothing is measured until `resume`
         self._running = False
         self._gates: list[RemovableHandle] = []
         self._mask_shape: tuple[int, ...] | None = None  # of a padding mask the loop's batches had
@@ -140,7 +144,7 @@ class Monitor:
         """Attach (what entering the ``with`` block does), for callbacks that cannot hold a with block."""
         if self._running:
             raise UsageError("Monitor: this monitor is already running; use one with block at a time")
-        self._running = True
+        self._running, self._held = True, False
         try:
             self._gates = [self.model.register_forward_pre_hook(self._gate_enter, prepend=True, with_kwargs=True),
                            self.model.register_forward_hook(self._gate_exit)]  # fmt: skip
@@ -231,7 +235,7 @@ class Monitor:
             self._detach()
 
     def _attach(self) -> None:
-        if not self._attached and self._rec is not None:
+        if not self._attached and not self._held and self._rec is not None:
             self._rec.__enter__()
             self._attached = True
 
@@ -261,6 +265,32 @@ class Monitor:
         elif self._attached and self._rec is not None:
             self._rec.idle()  # the loss and the optimizer step run without the functional probe
 
+    # -- loops that call parts of the model, not the model itself ------------------------------------------
+    def pause(self) -> None:
+        """Measure nothing until `resume`: an evaluation the model's own forward hook cannot see (a
+        LightningModule whose validation_step calls ``self.net``), or train-mode passes that are no training."""
+        self._held = True
+        self._detach()
+
+    def resume(self) -> None:
+        """Measure again after `pause` (the sampled steps, as before)."""
+        self._held = False
+        self._sync()
+
+    def begin_batch(self) -> None:
+        """A training batch begins, where the loop calls parts of the model rather than the model itself (a
+        training_step that calls ``self.net``): site names count the calls of one batch, as the model's own
+        forward pass counts them otherwise (no padding mask: that is read from the model's arguments)."""
+        if self._attached and self._rec is not None and self._observer is not None:
+            self._observer.mask = None
+            self._rec.start_batch(None)
+
+    def end_forward(self) -> None:
+        """The batch's forward passes are done: the loss's backward and the optimizer step run without the
+        functional probe (what the end of the model's own forward pass does otherwise)."""
+        if self._attached and self._rec is not None:
+            self._rec.idle()
+
     # -- snapshots ------------------------------------------------------------------------------------
     def _take_snapshot(self) -> Snapshot | None:
         """The window's snapshot (one copy to the host; merged over the ranks of a process group, see
@@ -268,19 +298,19 @@ class Monitor:
         if self._rec is None or self._observer is None:
             return None
         figures = read_window(self._rec, self._observer, distributed=self.distributed)
-        if not figures.results:
+        if not figures.sites:
             return None
-        healths = [SiteHealth.from_result(r) for r in figures.results]
         sites, details = {}, {}
-        for health, flow in zip(healths, figures.flows, strict=True):
-            sites[health.name], details[health.name] = site_snapshot(health, flow, tau=self.tau)
+        for site, state, flow in zip(figures.sites, figures.states, figures.flows, strict=True):
+            name = site.info.name
+            sites[name], details[name] = site_snapshot(site.info, state[0], flow, tau=self.tau)
         snap = Snapshot(self._step, self._window_start, self._sampled_steps(), self.learning_rate, sites)
         self.snapshots.append(snap)
-        self.last_health = {h.name: h for h in healths}
+        self._last_window, self._last_health = figures, None
         self.last_channels = details
         for w in figures.warnings:
             self._note(w)
-        if self._mask_shape is not None and not any(r.masked for r in figures.results):
+        if self._mask_shape is not None and not any(s.masked for s in figures.sites):
             self._note(f"the padding mask (shape {self._mask_shape}) applied at no activation site, so the figures "
                        "count the padding: a site is masked where its dims other than the channel begin with the "
                        "mask's shape")  # fmt: skip
@@ -311,6 +341,14 @@ class Monitor:
             if isinstance(inner, torch.optim.Optimizer):
                 opt = inner
         return type(opt).__name__.lower() if opt is not None else None
+
+    @property
+    def last_health(self) -> dict[str, SiteHealth]:
+        """The last window's full per-site health (what an audit reports per site), built when first read."""
+        if self._last_health is None:
+            results = self._last_window.results() if self._last_window is not None else []
+            self._last_health = {r.name: SiteHealth.from_result(r) for r in results}
+        return self._last_health
 
     @property
     def entries(self) -> list[dict[str, Any]]:

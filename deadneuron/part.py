@@ -120,13 +120,21 @@ def results_of(sites: Sequence[SiteState], extra: Sequence[torch.Tensor] = ()) -
 def results_and_host(sites: Sequence[SiteState],
                      extra: Sequence[torch.Tensor] = ()) -> tuple[list[SiteResult], list[np.ndarray]]:  # fmt: skip
     """Every site's results, and the ``extra`` tensors as host arrays, all from one copy per device."""
-    states = [s.tensors() for s in sites]
-    host = to_host([*(t for tensors in states for t in tensors), *extra])
-    results, at = [], 0
-    for site, tensors in zip(sites, states, strict=True):
-        results.append(site.result(host[at : at + len(tensors)]))
-        at += len(tensors)
-    return results, host[at:]
+    states, host = states_and_host(sites, extra)
+    return [site.result(state) for site, state in zip(sites, states, strict=True)], host
+
+
+def states_and_host(sites: Sequence[SiteState],
+                    extra: Sequence[torch.Tensor] = ()) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:  # fmt: skip
+    """Every site's `SiteState.tensors` (what `SiteState.result` reads) and the ``extra`` tensors as host
+    arrays, all from one copy per device."""
+    tensors = [s.tensors() for s in sites]
+    host = to_host([*(t for site in tensors for t in site), *extra])
+    states, at = [], 0
+    for site in tensors:
+        states.append(host[at : at + len(site)])
+        at += len(site)
+    return states, host[at:]
 
 
 def _state(key: tuple[Any, ...], name: str, site: Any) -> SiteState:

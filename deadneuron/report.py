@@ -16,12 +16,26 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from deadneuron.probe import SiteResult
     from deadneuron.rules.finding import Finding
 
 SCHEMA = "deadneuron.report"
 SCHEMA_VERSION = 2
 DORMANT_FRACTION = 0.99
+
+
+def flat_channels(flat: np.ndarray, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The dead and the dormant channels (ids) of a site from its per-channel flat counts (a float64 numpy
+    array of integers) over ``n`` elements per channel: flat == n, and flat < n with flat / n >= 99%."""
+    import numpy as np
+
+    if not n:
+        return (), ()
+    dead = np.flatnonzero(flat == n).tolist()
+    dormant = np.flatnonzero((flat < n) & (flat / n >= DORMANT_FRACTION)).tolist()
+    return tuple(dead), tuple(dormant)
 
 
 def _clean(x: float) -> float | None:
@@ -106,14 +120,14 @@ class SiteHealth:
         ch_min, ch_max = arr["min"], arr["max"]
         finite_min, finite_max = ch_min[np.isfinite(ch_min)], ch_max[np.isfinite(ch_max)]
         rate = flat / n if n else np.zeros(c)
+        dead, dormant = flat_channels(flat, n)
         return cls(
             name=r.name, module=r.module, producer=r.producer, functional=r.functional, kind=r.kind,
             label=r.label, channel_axis=r.channel_axis, axis_source=r.axis_source, flat_region=r.flat_region,
             shape=r.example_shape, calls=r.calls, channels=c, n=n, masked=r.masked, excluded=r.excluded,
             sparsity=float(zero.sum()) / total if total else 0.0,
             flat_fraction=float(flat.sum()) / total if total else 0.0,
-            dead_channels=tuple(np.flatnonzero(flat == n).tolist()) if n else (),
-            dormant_channels=tuple(np.flatnonzero((flat < n) & (rate >= DORMANT_FRACTION)).tolist()) if n else (),
+            dead_channels=dead, dormant_channels=dormant,
             nonfinite=sum(s.nonfinite),
             mean=mean, std=std,
             min=float(finite_min.min()) if finite_min.size else math.nan,

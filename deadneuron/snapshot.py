@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from deadneuron.gradflow import FlowHost, tau_dormant, tau_scores
-from deadneuron.report import SiteHealth
+from deadneuron.part import SiteInfo
+from deadneuron.report import flat_channels
+from deadneuron.stats import ROWS
 
 MEASURED_ON = "training batches"
 _IDS = ("dead_channels", "dormant_channels", "tau_dormant_channels", "not_learning_channels")
@@ -139,39 +141,55 @@ class ChannelDetail:
     grad_abs_mean: np.ndarray | None
 
 
-def site_snapshot(health: SiteHealth, flow: FlowHost, *, tau: float) -> tuple[SiteSnapshot, ChannelDetail]:
-    """A site's window figures from the Recorder's statistics and the observer's sums."""
-    abs_mean = _abs_mean(health, flow)
+def site_snapshot(info: SiteInfo, state: np.ndarray, flow: FlowHost, *, tau: float) -> tuple[SiteSnapshot, ChannelDetail]:
+    """A site's window figures from its statistics on the host (``state``: `ChannelStats.state` copied,
+    the counts and then the rows of `deadneuron.stats.ROWS`) and the observer's sums. The figures are the
+    audit's (`deadneuron.report.SiteHealth.from_result`), read off the arrays without building a SiteHealth."""
+    c, n = info.channels, int(state[0])
+    zero, flat, finite, mean, _m2, lo, hi = state[2:].reshape(len(ROWS), c)
+    zero, flat, seen = np.rint(zero), np.rint(flat), finite > 0
+    total = n * c
+    nonfinite = int(np.rint(n - finite).astype(np.int64).sum())
+    dead, dormant = flat_channels(flat, n)
+    abs_mean = _abs_mean(np.where(seen, mean, np.nan), flow, nonfinite=nonfinite)
     scores = tau_scores(abs_mean)
     grad = flow.grad_nonzero
-    finite_abs = [abs(v) for v in (health.min, health.max) if math.isfinite(v)]
     with np.errstate(invalid="ignore"):
-        not_learning = tuple(int(i) for i in np.flatnonzero(grad == 0)) if grad is not None else ()
+        not_learning = tuple(np.flatnonzero(grad == 0).tolist()) if grad is not None else ()
     snap = SiteSnapshot(
-        kind=health.kind, channels=health.channels, n=health.n, dead_channels=health.dead_channels,
-        dormant_channels=health.dormant_channels, flat_fraction=health.flat_fraction, sparsity=health.sparsity,
-        nonfinite=health.nonfinite, abs_mean=float(abs_mean.mean()) if abs_mean.size else _NAN,
-        abs_max=max(finite_abs) if finite_abs else _NAN, tau=tau, tau_dormant_channels=tau_dormant(scores, tau),
-        grad_elements=flow.grad_elements, grad_nonzero=_mean(grad), grad_abs_mean=_mean(flow.grad_abs_mean),
-        not_learning_channels=not_learning,
+        kind=info.kind, channels=c, n=n, dead_channels=dead, dormant_channels=dormant,
+        flat_fraction=float(flat.sum()) / total if total else 0.0,
+        sparsity=float(zero.sum()) / total if total else 0.0, nonfinite=nonfinite,
+        abs_mean=_mean(abs_mean), abs_max=_abs_max(lo[seen], hi[seen]),
+        tau=tau, tau_dormant_channels=tau_dormant(scores, tau), grad_elements=flow.grad_elements,
+        grad_nonzero=_mean(grad), grad_abs_mean=_mean(flow.grad_abs_mean), not_learning_channels=not_learning,
     )  # fmt: skip
-    detail = ChannelDetail(1.0 - np.asarray(health.channel_flat, dtype=np.float64), abs_mean, scores, grad,
-                           flow.grad_abs_mean)  # fmt: skip
-    return snap, detail
+    firing = 1.0 - (flat / n if n else np.zeros(c))
+    return snap, ChannelDetail(firing, abs_mean, scores, grad, flow.grad_abs_mean)
 
 
-def _abs_mean(health: SiteHealth, flow: FlowHost) -> np.ndarray:
+def _abs_max(lo: np.ndarray, hi: np.ndarray) -> float:
+    """The largest finite |a| from the per-channel ranges of the channels that saw a finite value: the
+    larger of |smallest finite minimum| and |largest finite maximum| (NaN where there is none)."""
+    lo, hi = lo[np.isfinite(lo)], hi[np.isfinite(hi)]
+    ends = [abs(float(lo.min()))] if lo.size else []
+    ends += [abs(float(hi.max()))] if hi.size else []
+    return max(ends) if ends else _NAN
+
+
+def _abs_mean(channel_mean: np.ndarray, flow: FlowHost, *, nonfinite: int) -> np.ndarray:
     """Mean |a| per channel: measured, or the mean of a where the kind never outputs a negative value.
     Non-finite activations make it NaN (so the tau score is not computed from them)."""
-    if health.nonfinite:
-        return np.full(health.channels, np.nan)
+    if nonfinite:
+        return np.full(channel_mean.shape, np.nan)
     if flow.abs_mean is not None:
         return np.asarray(flow.abs_mean, dtype=np.float64)
-    return np.asarray(health.channel_mean, dtype=np.float64)
+    return channel_mean
 
 
 def _mean(per_channel: np.ndarray | None) -> float:
-    """Site figure from per-channel figures over equal element counts: their plain mean."""
+    """Site figure from per-channel figures over equal element counts: their plain mean (numpy's mean,
+    without its per-call overhead: the same sum divided by the same count)."""
     if per_channel is None or per_channel.size == 0:
         return _NAN
-    return float(per_channel.mean())
+    return float(per_channel.sum()) / per_channel.size

@@ -4,7 +4,8 @@
 gradient-flow and |a| sums, merges them over the ranks of a process group where one with more than one
 rank is initialised (as `deadneuron.audit` merges its statistics: `deadneuron.distributed`; the flow
 sums add up), and copies everything to the host at once: one device-to-host transfer per snapshot.
-Every rank gets the same figures. `reset_window` starts the next window on the same hooks; `forward_mask`
+Every rank gets the same figures. They stay host arrays: the per-site `SiteResult` (what a Report is
+built from) is made only when asked for (`WindowFigures.results`). `reset_window` starts the next window on the same hooks; `forward_mask`
 finds the padding mask of a training forward pass.
 """
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from deadneuron.gradflow import FlowHost, FlowObserver, flow_hosts, flow_rows
-from deadneuron.part import Part, results_and_host
+from deadneuron.part import Part, SiteState, states_and_host
 from deadneuron.probe import Recorder
 from deadneuron.probe.functional import tensors
 from deadneuron.probe.masks import MaskChoice, MaskSpec, choose_mask
@@ -25,12 +27,19 @@ from deadneuron.probe.site import SiteResult
 
 @dataclass(frozen=True)
 class WindowFigures:
-    """What a window measured, on the host: per site (same order) its results and its flow sums."""
+    """What a window measured, on the host, per site (same order): what names it and its counters
+    (``sites``; their statistics are live and are not read here), the host copies of its state
+    (``states``: `SiteState.tensors`, first `deadneuron.stats.ChannelStats.state`), and its flow sums."""
 
-    results: list[SiteResult]
+    sites: list[SiteState]
+    states: list[list[np.ndarray]]
     flows: list[FlowHost]
     warnings: list[str]
     world_size: int = 1
+
+    def results(self) -> list[SiteResult]:
+        """Every site's `SiteResult`, from the host copies (no synchronisation)."""
+        return [site.result(state) for site, state in zip(self.sites, self.states, strict=True)]
 
 
 def read_window(rec: Recorder, observer: FlowObserver, *, distributed: bool = True, group: Any = None) -> WindowFigures:
@@ -49,8 +58,8 @@ def read_window(rec: Recorder, observer: FlowObserver, *, distributed: bool = Tr
     device = part.sites[0].stats.acc.device if part.sites else torch.device("cpu")
     row = flow_rows([flows.get(s.info.key) for s in part.sites], channels, device)
     world = _sum_over_ranks(row, group) if merge else 1
-    results, (host,) = results_and_host(part.sites, [row])
-    return WindowFigures(results, flow_hosts(host, channels, kinds), list(part.warnings), world)
+    states, (host,) = states_and_host(part.sites, [row])
+    return WindowFigures(part.sites, states, flow_hosts(host, channels, kinds), list(part.warnings), world)
 
 
 def _sum_over_ranks(row: torch.Tensor, group: Any) -> int:

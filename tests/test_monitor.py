@@ -157,6 +157,39 @@ def test_eval_passes_are_not_measured_and_modes_are_the_loop_s() -> None:
     assert mon.snapshots[0].sites["bn>relu"].grad_elements == 4 * 16 * 100
 
 
+def test_a_loop_that_calls_a_part_of_the_model_marks_its_batches_and_pauses() -> None:
+    torch.manual_seed(0)
+    outer = nn.Module()
+    outer.net = net = StashCNN()  # the loop calls outer.net, never outer: its own hooks never run
+    net.stash = {}
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    batches = teacher_batches(6)
+    probe_during_backward = []
+    with deadneuron.Monitor(outer, every=3, optimizer=opt) as mon:
+        for i, (x, y) in enumerate(batches):
+            mon.begin_batch()
+            net.step = i
+            loss = F.cross_entropy(net(x), y)
+            mon.end_forward()  # the functional probe is off for the backward and the optimizer step
+            probe_during_backward.append(torch._C._len_torch_function_stack())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.pause()  # a train-mode pass that is no training: neither measured nor stored
+            net.stash, stash = None, net.stash
+            with torch.no_grad():
+                net(-x)
+            net.stash = stash
+            mon.resume()
+            mon.step()
+    assert probe_during_backward == [0] * 6 and torch._C._len_torch_function_stack() == 0
+    assert [sorted(s.sites) for s in mon.snapshots] == [["net.bn>relu", "net.conv1>relu"]] * 2  # no #k per batch
+    for snap in mon.snapshots:
+        figures = snap.sites["net.bn>relu"]
+        assert figures.n == figures.grad_elements == 3 * 16 * 100  # the three training batches only
+        assert set(figures.dead_channels) == dead_oracle(net.stash["bn>relu"], snap.first_step, snap.step)
+
+
 def test_sampling_measures_only_every_kth_step_and_detaches_between() -> None:
     torch.manual_seed(0)
     model = StashCNN()

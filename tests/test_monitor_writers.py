@@ -1,4 +1,5 @@
-"""Writers of deadneuron.Monitor (JSONL, CSV, TensorBoard) read back, and `deadneuron timeline LOG`."""
+"""Writers of deadneuron.Monitor (JSONL, CSV, TensorBoard) read back, and `deadneuron timeline PATH` (a log or
+a checkpoint that carries a health timeline)."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def test_timeline_command_draws_the_figure_from_a_log(tmp_path: Path, suffix: st
 
 
 @pytest.mark.parametrize(("make", "argv", "code", "says"), [
-    (None, [], 4, "no such monitor log"),
+    (None, [], 4, "no such monitor log"),  # as for every input file that is missing (docs/cli.md)
     ("garbage", [], 4, "not JSON"),
     ("log", ["--out", "fig.txt"], 2, "PNG"),
     ("log", ["--out", "missing/fig.png"], 2, "does not exist"),
@@ -130,3 +131,52 @@ def test_timeline_command_bad_inputs(tmp_path: Path, make: str | None, argv: lis
     lines = err.strip().splitlines()
     assert got == code and len(lines) == 1 and lines[0].startswith("deadneuron: error: ") and says in lines[0], err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.txt"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_timeline_command_draws_a_checkpoint_s_health_timeline(tmp_path: Path) -> None:
+    demo = ROOT / "checkpoints" / "slot_attention.pth"
+    code, out, err = _invoke(["timeline", str(demo), "--out", str(tmp_path / "fig.png")])
+    assert code == 0, err
+    assert (tmp_path / "fig.png").read_bytes().startswith(PNG)
+    last = torch.load(demo, map_location="cpu", weights_only=True)["health_timeline"][-1]
+    code, out, err = _invoke(["timeline", str(demo)])
+    assert code == 0 and f"step {last['step']}: {len(last['sites'])} sites" in out, err
+    for site, figures in last["sites"].items():  # the dead count printed is that of the stored ids
+        assert any(line.split()[:3] == [site, str(figures["channels"]), str(len(figures["dead_channels"]))]
+                   for line in out.splitlines()), (site, out)  # fmt: skip
+
+
+def test_timeline_command_reads_a_checkpoint_that_stores_a_monitor_s_entries(tmp_path: Path) -> None:
+    mon = _run(steps=10)
+    path = tmp_path / "run.pth"
+    torch.save({"state_dict": {}, "health_timeline": mon.entries}, path)
+    code, out, err = _invoke(["timeline", str(path), "--out", str(tmp_path / "fig.png")])
+    assert code == 0 and (tmp_path / "fig.png").read_bytes().startswith(PNG), err
+    code, out, err = _invoke(["timeline", str(path)])
+    last = mon.snapshots[-1].sites["bn>relu"]
+    assert code == 0 and "step 10: 2 sites" in out
+    assert any(line.split()[:3] == ["bn>relu", "64", str(last.dead)] for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize("make", ["state_dict", "empty-timeline", "safetensors", "hostile"])
+def test_timeline_command_refuses_a_checkpoint_without_a_timeline(tmp_path: Path, make: str) -> None:
+    from tests.fixtures_checkpoints import RunsCommand, safetensors_file, tiny_state_dict
+
+    path = tmp_path / "model.pth"
+    if make == "state_dict":
+        torch.save(tiny_state_dict(), path)
+    elif make == "empty-timeline":
+        torch.save({"state_dict": tiny_state_dict(), "health_timeline": []}, path)
+    elif make == "safetensors":
+        path = safetensors_file(tmp_path)
+    else:  # a pickle that would run a command: refused unloaded, nothing runs
+        torch.save({"health_timeline": [RunsCommand(tmp_path / "marker")]}, path)
+    code, _out, err = _invoke(["timeline", str(path), "--out", str(tmp_path / "fig.png")])
+    lines = err.strip().splitlines()
+    expected = (3, "refused") if make == "hostile" else (2, "without a health timeline")
+    assert (code, len(lines)) == (expected[0], 1) and expected[1] in lines[0], err
+    assert lines[0].startswith("deadneuron: error: ") and str(path) in lines[0]
+    assert not (tmp_path / "fig.png").exists() and not (tmp_path / "marker").exists()

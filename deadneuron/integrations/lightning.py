@@ -9,9 +9,11 @@ steps (install with ``pip install deadneuron[lightning]``).
 
 A step is one optimizer step (``trainer.global_step``; with gradient accumulation the forward passes of
 every micro-batch of the step are measured). Snapshots go to every logger of the trainer
-(``logger.log_metrics`` at the global step) and to the monitor's own ``writers``; validation runs in
-eval mode and is not measured. At the end of training the findings are logged on the ``deadneuron``
-logger and kept (`findings`). Hooks are removed at the end of training, also when it raises.
+(``logger.log_metrics`` at the global step) and to the monitor's own ``writers``; validation is not
+measured. A training_step may call the LightningModule itself or its parts (``self.net(x)``): each
+training batch is one forward pass for the site names either way. At the end of training the findings
+are logged on the ``deadneuron`` logger and kept (`findings`). Hooks are removed at the end of training,
+also when it raises.
 """
 
 from __future__ import annotations
@@ -65,6 +67,22 @@ class DeadneuronCallback(Callback):
         self.monitor = Monitor(pl_module, every=self.every, sample_every=self.sample_every, optimizer=optimizer,
                                writers=writers, start_step=trainer.global_step, **options).start()  # fmt: skip
         self._global_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None:
+            self.monitor.begin_batch()
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.end_forward()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.pause()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.resume()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None and trainer.global_step != self._global_step:  # an optimizer step ran
