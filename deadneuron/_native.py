@@ -66,6 +66,7 @@ class _Plan(ctypes.Structure):
         *((name, ctypes.c_double) for name in ("eps", "lo", "hi")),
         ("acc", ctypes.c_void_p), ("counts", ctypes.c_void_p),
         *((name, ctypes.c_int32) for name in ("dtype", "mode", "count_flat", "threads")),
+        ("rows", ctypes.c_void_p),
     ]
 
 
@@ -75,12 +76,12 @@ class Planned:
     against several for seventeen converted arguments). ``acc``/``counts``: the accumulator tensors it
     writes into (the caller checks they are still the ones it holds)."""
 
-    __slots__ = ("_address", "_fn", "_parallel", "_plan", "acc", "counts", "shape")
+    __slots__ = ("_address", "_fn", "_parallel", "_plan", "_threaded", "acc", "counts", "shape")
 
-    def __init__(self, fn: Callable[..., int], plan: _Plan, *, parallel: bool, acc: torch.Tensor,
+    def __init__(self, fn: Callable[..., int], plan: _Plan, *, parallel: bool, threaded: bool, acc: torch.Tensor,
                  counts: torch.Tensor, shape: tuple[int, ...]) -> None:  # fmt: skip
         self._fn, self._plan, self._address, self._parallel = fn, plan, ctypes.addressof(plan), parallel
-        self.acc, self.counts, self.shape = acc, counts, shape
+        self._threaded, self.acc, self.counts, self.shape = threaded, acc, counts, shape
 
     def __call__(self, a_ptr: int, f_ptr: int | None) -> int:
         """Run on the batch at ``a_ptr`` (and the flat-region tensor at ``f_ptr``, same strides); the
@@ -89,6 +90,15 @@ class Planned:
             threads = torch.get_num_threads()
             if threads != self._plan.threads:
                 self._plan.threads = threads
+        return int(self._fn(a_ptr, f_ptr, self._address))
+
+    def rows(self, a_ptr: int, f_ptr: int | None, offsets: torch.Tensor) -> int:
+        """`__call__` on the outer rows that start at the int64 element ``offsets`` (contiguous, CPU) of the
+        batch laid out as planned: the rows a padding mask keeps, read in place."""
+        plan = self._plan
+        plan.outer, plan.rows = offsets.shape[0], offsets.data_ptr()
+        size = plan.outer * plan.C * plan.inner
+        plan.threads = torch.get_num_threads() if self._threaded and size >= PARALLEL_MIN_ELEMENTS else 1
         return int(self._fn(a_ptr, f_ptr, self._address))
 
 
@@ -133,7 +143,8 @@ class NativeStats:
         parallel = self.threaded and a3.numel() >= PARALLEL_MIN_ELEMENTS
         if parallel:
             plan.threads = torch.get_num_threads()
-        return Planned(self._planned, plan, parallel=parallel, acc=acc, counts=counts, shape=tuple(a3.shape))
+        return Planned(self._planned, plan, parallel=parallel, threaded=self.threaded, acc=acc, counts=counts,
+                       shape=tuple(a3.shape))
 
     def update(
         self,

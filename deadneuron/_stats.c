@@ -37,6 +37,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define FLUSH 4096 /* elements per count run in the row kernel, rows per stretch in the column kernel */
@@ -47,6 +48,9 @@
 #define REDO 64.0  /* a shift with q > REDO * m2 (about 8 standard deviations off) is redone */
 
 enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
+
+/* Where outer row o starts: rows[o] for a batch's chosen rows (a padding mask's), else o * so. */
+#define ROW(o) (rows ? rows[o] : (o) * so)
 
 /* A channel's sums over one batch: counts in double, moments shifted by K. */
 typedef struct {
@@ -158,12 +162,13 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                                                                                       \
     /* Channel c's first finite element in (o, i) order (0 if it has none), where element (o, i) of   \
      * column k of the column kernel's rows is at a + o*so + i*si + k: the shift of its sums. */      \
-    static double first_##SUFFIX(const T *a, int64_t outer, int64_t inner, int64_t so, int64_t si,    \
+    static double first_##SUFFIX(const T *a, int64_t outer, int64_t inner, int64_t so,                \
+                                 const int64_t *rows, int64_t si,                                     \
                                  int64_t k0, int64_t group) {                                         \
         for (int64_t o = 0; o < outer; ++o)                                                           \
             for (int64_t i = 0; i < inner; ++i)                                                       \
                 for (int64_t k = k0; k < k0 + group; ++k) {                                           \
-                    const T v = a[o * so + i * si + k];                                               \
+                    const T v = a[ROW(o) + i * si + k];                                               \
                     if (ABS(v) <= TMAX) return (double)v;                                             \
                 }                                                                                     \
         return 0.0;                                                                                   \
@@ -172,6 +177,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Rows: channels [c, c + m), the (o, c) rows of `inner` contiguous elements read in memory       \
      * order (o, then c); each channel's stretches summed in order into sums[j], range into l/h. */   \
     static void row_sums_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,   \
+                                  const int64_t *rows,                                                \
                                   int64_t sc, int64_t c, int64_t m, T eps, T lo, T hi,                \
                                   const double *K, Sums *sums, T *l, T *h) {                          \
         const int check = f != a;                                                                     \
@@ -182,7 +188,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
         for (int64_t o = 0; o < outer; ++o)                                                           \
             for (int64_t j = 0; j < m; ++j) {                                                         \
-                const T *pa = a + o * so + (c + j) * sc, *pf = f + o * so + (c + j) * sc;             \
+                const T *pa = a + ROW(o) + (c + j) * sc, *pf = f + ROW(o) + (c + j) * sc;             \
                 for (int64_t i0 = 0; i0 < inner; i0 += FLUSH)                                         \
                     stretch_##SUFFIX(pa + i0, pf + i0, inner - i0 < FLUSH ? inner - i0 : FLUSH,       \
                                      check, eps, lo, hi, K[j], sums + j, l + j, h + j);               \
@@ -192,6 +198,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Rows: channels [c0, c1) a chunk of ROW_CHANNELS at a time; a channel whose shift was far from  \
      * its mean is summed again alone (its sums do not depend on the other channels'). */             \
     static void rows_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,        \
+                              const int64_t *rows,                                                    \
                               int64_t so, int64_t sc, int64_t c0, int64_t c1, T eps, T lo, T hi,      \
                               double *acc) {                                                          \
         double K[ROW_CHANNELS];                                                                       \
@@ -201,12 +208,12 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         for (int64_t c = c0; c < c1; c += ROW_CHANNELS) {                                             \
             const int64_t m = c1 - c < ROW_CHANNELS ? c1 - c : ROW_CHANNELS;                          \
             for (int64_t j = 0; j < m; ++j)                                                           \
-                K[j] = first_##SUFFIX(a + (c + j) * sc, outer, inner, so, 1, 0, 1);                   \
-            row_sums_##SUFFIX(a, f, outer, inner, so, sc, c, m, eps, lo, hi, K, sums, l, h);          \
+                K[j] = first_##SUFFIX(a + (c + j) * sc, outer, inner, so, rows, 1, 0, 1);             \
+            row_sums_##SUFFIX(a, f, outer, inner, so, rows, sc, c, m, eps, lo, hi, K, sums, l, h);    \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 if (far_shift(seen - sums[j].nf, sums[j].s, sums[j].q)) {                             \
                     K[j] += sums[j].s / (seen - sums[j].nf);                                          \
-                    row_sums_##SUFFIX(a, f, outer, inner, so, sc, c + j, 1, eps, lo, hi, K + j,       \
+                    row_sums_##SUFFIX(a, f, outer, inner, so, rows, sc, c + j, 1, eps, lo, hi, K + j, \
                                       sums + j, l + j, h + j);                                        \
                 }                                                                                     \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
@@ -223,6 +230,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * finite-only first, again with the checks if that came out non-finite. Each column's sums go    \
      * to out[k - k0] and its range to l/h; a column's result does not depend on the others. */       \
     static void block_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner, \
+                               const int64_t *restrict rows,                                          \
                                int64_t so, int64_t si, int64_t k0, int64_t nk, T eps, T lo, T hi,     \
                                const double *restrict K, Sums *restrict out, T *restrict l,           \
                                T *restrict h) {                                                       \
@@ -246,8 +254,8 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 }                                                                                     \
                 int64_t o = r0 / inner, i = r0 % inner;                                               \
                 for (int64_t r = r0; r < r1; ++r) {                                                   \
-                    const T *restrict pa = a + o * so + i * si + k0;                                  \
-                    const T *restrict pf = f + o * so + i * si + k0;                                  \
+                    const T *restrict pa = a + ROW(o) + i * si + k0;                                  \
+                    const T *restrict pf = f + ROW(o) + i * si + k0;                                  \
                     if (pass == 1) {                                                                  \
                         _Pragma("omp simd")                                                           \
                         for (int64_t k = 0; k < nk; ++k) {                                            \
@@ -290,6 +298,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Channels [c, c + m), each `group` consecutive columns (m = 1 where group > BLOCK): each        \
      * channel's columns' sums added in column order into sums[j], its range into l[j]/h[j]. */       \
     static void columns_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,    \
+                                 const int64_t *rows,                                                 \
                                  int64_t si, int64_t c, int64_t m, int64_t group, T eps, T lo, T hi,  \
                                  const double *K, Sums *sums, T *l, T *h) {                           \
         double kc[BLOCK];                                                                             \
@@ -307,7 +316,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t j0 = k0 / group - c, first = group - k0 % group;                            \
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group)                    \
                 for (int64_t e = k; e < k + n && e < nk; ++e) kc[e] = K[j];                           \
-            block_##SUFFIX(a, f, outer, inner, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch);          \
+            block_##SUFFIX(a, f, outer, inner, rows, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch);    \
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group) {                  \
                 Sums t = sums[j];                                                                     \
                 T tl = l[j], th = h[j];                                                               \
@@ -326,6 +335,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Columns: channels [c0, c1), each `group` consecutive columns of rows (o, i); blocks hold whole \
      * channels (as many as fit in BLOCK columns), or BLOCK columns of one channel at a time. */      \
     static void cols_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,       \
+                              const int64_t *rows,                                                    \
                               int64_t si, int64_t c0, int64_t c1, int64_t group, T eps, T lo, T hi,   \
                               int64_t C, double *acc) {                                               \
         const int64_t per = group <= BLOCK ? BLOCK / group : 1;                                       \
@@ -335,8 +345,8 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         for (int64_t c = c0; c < c1; c += per) {                                                      \
             const int64_t m = c1 - c < per ? c1 - c : per;                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
-                K[j] = first_##SUFFIX(a, outer, inner, so, si, (c + j) * group, group);               \
-            columns_##SUFFIX(a, f, outer, inner, so, si, c, m, group, eps, lo, hi, K, sums, l, h);    \
+                K[j] = first_##SUFFIX(a, outer, inner, so, rows, si, (c + j) * group, group);         \
+            columns_##SUFFIX(a, f, outer, inner, so, rows, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             const double seen = (double)outer * (double)inner * (double)group;                        \
             int again = 0;                                                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
@@ -345,7 +355,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     again = 1;                                                                        \
                 }                                                                                     \
             if (again) /* the other channels' sums come out the same again */                         \
-                columns_##SUFFIX(a, f, outer, inner, so, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+                columns_##SUFFIX(a, f, outer, inner, so, rows, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
                 acc[R_FLAT * C + c + j] += sums[j].fl;                                                \
@@ -365,16 +375,16 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         return -1;                                                                                    \
     }                                                                                                 \
                                                                                                       \
-    static void channels_##SUFFIX(int kind, const T *a, const T *f, int64_t outer, int64_t C,         \
+    static void channels_##SUFFIX(int kind, const T *a, const T *f, int64_t outer, const int64_t *rows, int64_t C, \
                                   int64_t inner, int64_t so, int64_t sc, int64_t si, T eps, T lo,     \
                                   T hi, double *acc, int64_t c0, int64_t c1) {                        \
         if (c1 <= c0) return;                                                                         \
         if (kind == 0)                                                                                \
-            rows_##SUFFIX(a, f, outer, C, inner, so, sc, c0, c1, eps, lo, hi, acc);                   \
+            rows_##SUFFIX(a, f, outer, C, inner, rows, so, sc, c0, c1, eps, lo, hi, acc);             \
         else if (kind == 1)                                                                           \
-            cols_##SUFFIX(a, f, outer, inner, so, si, c0, c1, 1, eps, lo, hi, C, acc);                \
+            cols_##SUFFIX(a, f, outer, inner, so, rows, si, c0, c1, 1, eps, lo, hi, C, acc);          \
         else                                                                                          \
-            cols_##SUFFIX(a, f, outer, 1, so, 0, c0, c1, inner, eps, lo, hi, C, acc);                 \
+            cols_##SUFFIX(a, f, outer, 1, so, rows, 0, c0, c1, inner, eps, lo, hi, C, acc);           \
     }                                                                                                 \
                                                                                                       \
     /* Adds channels [c0, c1) of the batch (all of them: 0, C), split over `threads` OpenMP threads   \
@@ -382,10 +392,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * by the call that has c0 == 0, so that ranges added by separate calls count once. Built         \
      * without OpenMP the ranges simply run one after the other. Returns 0; 1 when the strides fit    \
      * no kernel (nothing written: the caller passes contiguous copies); 2 for a bad range. */        \
-    int deadneuron_stats_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,    \
-                                  int64_t so, int64_t sc, int64_t si, double eps, double lo,          \
-                                  double hi, int count_flat, double *acc, double *counts,             \
-                                  int64_t c0, int64_t c1, int threads) {                              \
+    static int stats_rows_##SUFFIX(const T *a, const T *f, int64_t outer, const int64_t *rows, int64_t C, \
+                                   int64_t inner, int64_t so, int64_t sc, int64_t si, double eps, double lo, \
+                                   double hi, int count_flat, double *acc, double *counts,            \
+                                   int64_t c0, int64_t c1, int threads) {                             \
         if (!f) f = a;                                                                                \
         if (c0 < 0 || c1 > C || c0 > c1) return 2;                                                    \
         if (outer > 0 && c1 > c0 && inner > 0) {                                                      \
@@ -395,7 +405,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int parts = threads < 1 ? 1 : (n < threads ? (int)n : threads);                     \
             _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
             for (int t = 0; t < parts; ++t)                                                           \
-                channels_##SUFFIX(kind, a, f, outer, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
+                channels_##SUFFIX(kind, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
                                   c0 + n * t / parts, c0 + n * (t + 1) / parts);                      \
         }                                                                                             \
         if (c0 == 0) {                                                                                \
@@ -405,6 +415,16 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         return 0;                                                                                     \
     }                                                                                                 \
                                                                                                       \
+                                                                                                      \
+    /* Outer row o of the batch starts at element rows[o] (a padding mask's valid rows, read in place) \
+     * or, without rows, at o * so. */                                                                \
+    int deadneuron_stats_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,    \
+                                  int64_t so, int64_t sc, int64_t si, double eps, double lo,          \
+                                  double hi, int count_flat, double *acc, double *counts,             \
+                                  int64_t c0, int64_t c1, int threads) {                              \
+        return stats_rows_##SUFFIX(a, f, outer, NULL, C, inner, so, sc, si, eps, lo, hi, count_flat, acc, counts, \
+                                   c0, c1, threads);                                                  \
+    }                                                                                                 \
     /* Flat counts only (what a pre-hook takes before an in-place call overwrites z): channels        \
      * [c0, c1) of z added into flat[c]. Long contiguous runs (si == 1) channel by channel; else, where \
      * channels are contiguous (sc == 1) or each outer row is one contiguous run of channels x inner  \
@@ -508,6 +528,7 @@ typedef struct {
     double eps, lo, hi;
     double *acc, *counts;
     int32_t dtype, mode, count_flat, threads;
+    const int64_t *rows; /* NULL, or the element offsets of the `outer` rows read (statistics only) */
 } deadneuron_plan;
 
 int deadneuron_planned(const void *a, const void *f, const deadneuron_plan *p) {
@@ -519,9 +540,8 @@ int deadneuron_planned(const void *a, const void *f, const deadneuron_plan *p) {
                             p->acc, p->counts, p->threads);
     }
     if (p->dtype == 0)
-        return deadneuron_stats_f32((const float *)a, (const float *)f, p->outer, p->C, p->inner, p->so, p->sc,
-                                    p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C,
-                                    p->threads);
-    return deadneuron_stats_f64((const double *)a, (const double *)f, p->outer, p->C, p->inner, p->so, p->sc, p->si,
-                                p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
+        return stats_rows_f32((const float *)a, (const float *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
+                              p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
+    return stats_rows_f64((const double *)a, (const double *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
+                          p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
 }

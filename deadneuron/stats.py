@@ -174,6 +174,26 @@ class ChannelStats:
         z3 = None if z is None else channel_view(z.detach(), axis)
         self.update_output(channel_view(a.detach(), axis), eps, flat=flat, z3=z3)
 
+    def update_output_rows(
+        self, a3: torch.Tensor, rows: torch.Tensor, eps: float = 0.0, *, flat: tuple[float, float] | None = None,
+        z3: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """`update_output` of ``a3.index_select(0, rows)`` (and of ``z3``'s): the same values. On CPU the C
+        kernel reads those outer rows of ``a3`` in place (a padding mask's valid rows), without the copy."""
+        if rows.is_cpu and type(a3) is torch.Tensor and (z3 is None or type(z3) is torch.Tensor):
+            zkey = None if z3 is None else (z3.shape, z3.stride(), z3.dtype, z3.is_cpu)
+            key = (a3.shape, a3.stride(), a3.dtype, a3.is_cpu, "rows", eps, flat, zkey)
+            run = self._plans.get(key, _UNPLANNED)
+            if run is _UNPLANNED or (run is not None and (run.acc is not self.acc or run.counts is not self.counts)):
+                run = self._planned(key, a3, 1, eps, flat, z3)
+            if run is not None:
+                offsets = (rows.to(torch.int64) * a3.stride(0)).contiguous()
+                if run.rows(a3.data_ptr(), None if z3 is None else z3.data_ptr(), offsets) == 0:
+                    return
+                self._plans[key] = None
+        z3 = None if z3 is None else z3.detach().index_select(0, rows)
+        self.update_output(a3.detach().index_select(0, rows), eps, flat=flat, z3=z3)
+
     def update_flat_along(self, z: torch.Tensor, axis: int, lo: float, hi: float) -> None:
         """`update_flat` of ``channel_view(z, axis)`` with scalar thresholds, prepared as `update_output_along`."""
         if type(z) is torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from deadneuron.probe.masks import BatchMask, covered_dims, masked_channel_view
+from deadneuron.probe.masks import BatchMask, covered_dims, masked_channel_view, masked_rows
 from deadneuron.probe.site import Site
 
 
@@ -40,6 +40,8 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
             site.stats.update_output_along(a, site.axis, eps)
         site.shape = tuple(a.shape)
         return
+    if mask is not None and site.histogram is None and _rows(site, a, z, eps=eps, mask=mask):
+        return
     a3, excluded = masked_channel_view(a.detach(), site.axis, mask)
     if excluded is not None:
         site.masked = True
@@ -54,6 +56,26 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     if site.histogram is not None:
         site.histogram.update(a3 if excluded else a.detach())
     site.shape = tuple(a.shape)
+
+
+def _rows(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask) -> bool:
+    """`measure_output` of tokens (N, L, C) under an (N, L) mask that leaves some out: the valid rows are
+    read in place rather than gathered (`masked_rows`). False where that does not apply."""
+    region = site.region
+    rows = masked_rows(a, site.axis, mask)
+    flat = z is not None and not isinstance(region.lo, torch.Tensor)  # else `measure_input` took it
+    zrows = masked_rows(region.tested(z), site.axis, mask) if flat and rows is not None else None  # type: ignore[arg-type]
+    if rows is None or (flat and zrows is None):
+        return False
+    a3, index, excluded = rows
+    site.masked = True
+    site.excluded += excluded
+    if zrows is not None:
+        site.stats.update_output_rows(a3, index, eps, flat=(region.lo, region.hi), z3=zrows[0])  # type: ignore[arg-type]
+    else:
+        site.stats.update_output_rows(a3, index, eps)
+    site.shape = tuple(a.shape)
+    return True
 
 
 def _cover(site: Site, x: torch.Tensor, mask: BatchMask) -> int | None:
