@@ -42,6 +42,8 @@
 
 #define FLUSH 4096 /* elements per count run in the row kernel, rows per stretch in the column kernel */
 #define BLOCK 64   /* columns per block in the column kernel: the partial arrays stay in L1 */
+#define TILE 16    /* columns of a block summed together in registers (finite-only pass) */
+#define TILE_ROWS 64 /* ... over stretches of at least this many rows (fewer: not worth its set-up) */
 #define LONG_ROW 256 /* rows at least this long (inner contiguous) are reduced one by one */
 #define ROW_CHANNELS 256 /* channels the row kernel reads together, row by row in memory order */
 #define FLAT_BLOCK 512 /* columns per block of the flat-only column loop */
@@ -225,6 +227,77 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
+    /* Rows [r0, r1) of columns [kk, kk + tn) (tn <= TILE) finite-only (ELEMENT_FAST), added into the \
+     * block's per-column sums z, fl, nw, s, q and range sl/sh: each column row after row as the block's \
+     * own loop would (the same values), with the TILE columns' sums in locals that stay in registers \
+     * across rows instead of being loaded and stored for every row. Not inlined (inlined, -O3 fuses it \
+     * with the block's loops), and the empty asm keeps the compiler from vectorising the loop over rows \
+     * (with gathers) instead of the TILE columns. */                                                 \
+    __attribute__((noinline)) static void tile_##SUFFIX(const T *restrict a, const T *restrict f,     \
+            int64_t inner, const int64_t *restrict rows, int64_t so, int64_t si, int64_t r0, int64_t r1, \
+            int64_t kk, int64_t tn, int check, T eps, T lo, T hi, const double *restrict Kb, T *restrict zb, \
+            T *restrict flb, T *restrict nwb, double *restrict sb, double *restrict qb, T *restrict slb, \
+            T *restrict shb) {                                                                        \
+        T z[TILE], fl[TILE], nw[TILE], sl[TILE], sh[TILE];                                            \
+        double s[TILE], q[TILE], K[TILE];                                                             \
+        for (int64_t k = 0; k < TILE; ++k) {                                                          \
+            const int in = k < tn;                                                                    \
+            z[k] = in ? zb[k] : 0; fl[k] = in ? flb[k] : 0; nw[k] = in ? nwb[k] : 0;                  \
+            s[k] = in ? sb[k] : 0; q[k] = in ? qb[k] : 0; K[k] = in ? Kb[k] : 0;                      \
+            sl[k] = in ? slb[k] : (T)INFINITY; sh[k] = in ? shb[k] : -(T)INFINITY;                    \
+        }                                                                                             \
+        int64_t o = r0 / inner, i = r0 % inner;                                                       \
+        if (tn == TILE && !check) {                                                                   \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < TILE; ++k) {                                                  \
+                    T v = pa[k];                                                                      \
+                    ELEMENT_FAST(T, ABS, TMAX, v, v, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        } else if (tn == TILE) {                                                                      \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < TILE; ++k) {                                                  \
+                    T v = pa[k], w = pf[k];                                                           \
+                    ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        } else {                                                                                      \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < tn; ++k) {                                                    \
+                    T v = pa[k], w = pf[k];                                                           \
+                    ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int64_t k = 0; k < tn; ++k) {                                                            \
+            zb[k] = z[k]; flb[k] = fl[k]; nwb[k] = nw[k]; sb[k] = s[k]; qb[k] = q[k];                 \
+            slb[k] = sl[k]; shb[k] = sh[k];                                                           \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
     /* One block of the column kernel: rows (o, i) at a + o*so + i*si, of which columns               \
      * [k0, k0 + nk) are read, column k shifted by K[k - k0]. Over stretches of FLUSH rows, run       \
      * finite-only first, again with the checks if that came out non-finite. Each column's sums go    \
@@ -252,32 +325,39 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     sl[k] = k < nk ? l[k] : (T)INFINITY;                                              \
                     sh[k] = k < nk ? h[k] : -(T)INFINITY;                                             \
                 }                                                                                     \
-                int64_t o = r0 / inner, i = r0 % inner;                                               \
-                for (int64_t r = r0; r < r1; ++r) {                                                   \
-                    const T *restrict pa = a + ROW(o) + i * si + k0;                                  \
-                    const T *restrict pf = f + ROW(o) + i * si + k0;                                  \
-                    if (pass == 1) {                                                                  \
-                        _Pragma("omp simd")                                                           \
-                        for (int64_t k = 0; k < nk; ++k) {                                            \
-                            T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
+                if (pass == 0 && r1 - r0 >= TILE_ROWS) { /* finite-only, TILE columns at a time */    \
+                    for (int64_t t = 0; t < nk; t += TILE)                                            \
+                        tile_##SUFFIX(a, f, inner, rows, so, si, r0, r1, k0 + t, nk - t < TILE ? nk - t : TILE, \
+                                      check, eps, lo, hi, K + t, z + t, fl + t, nw + t, s + t, q + t, sl + t, \
+                                      sh + t);                                                        \
+                } else {                                                                              \
+                    int64_t o = r0 / inner, i = r0 % inner;                                           \
+                    for (int64_t r = r0; r < r1; ++r) {                                               \
+                        const T *restrict pa = a + ROW(o) + i * si + k0;                              \
+                        const T *restrict pf = f + ROW(o) + i * si + k0;                              \
+                        if (pass == 1) {                                                              \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T v = pa[k], w = pf[k];                                               \
+                                ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
+                        } else if (check) {                                                           \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T v = pa[k], w = pf[k];                                               \
+                                ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
+                        } else {                                                                      \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T v = pa[k], w = pf[k];                                               \
+                                ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
                         }                                                                             \
-                    } else if (check) {                                                               \
-                        _Pragma("omp simd")                                                           \
-                        for (int64_t k = 0; k < nk; ++k) {                                            \
-                            T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                        if (++i == inner) {                                                           \
+                            i = 0;                                                                    \
+                            ++o;                                                                      \
                         }                                                                             \
-                    } else {                                                                          \
-                        _Pragma("omp simd")                                                           \
-                        for (int64_t k = 0; k < nk; ++k) {                                            \
-                            T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
-                        }                                                                             \
-                    }                                                                                 \
-                    if (++i == inner) {                                                               \
-                        i = 0;                                                                        \
-                        ++o;                                                                          \
                     }                                                                                 \
                 }                                                                                     \
                 if (pass == 1) break;                                                                 \
