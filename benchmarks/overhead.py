@@ -1,6 +1,6 @@
 """Audit overhead beside a plain forward and beside the peers, on the same models and batches, in one run.
 
-    python benchmarks/overhead.py [--threads 1 2] [--rounds 9] [--models resnet18,bert] [--note TEXT]
+    python benchmarks/overhead.py [--threads 1 2] [--rounds 9] [--models resnet18,bert] [--clock cpu] [--note TEXT]
     python benchmarks/overhead.py --quick --out /tmp/bench.json     # a smoke run: tiny batches, 1 round
     python benchmarks/render_table.py --write                        # README/docs tables from the newest JSON
 
@@ -62,8 +62,9 @@ def _child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def specs(threads: int, *, rounds: int, quick: bool, models: list[str] | None, device: str, torchlens: bool) -> list[dict[str, Any]]:
-    base = {"threads": threads, "quick": quick, "models": models, "device": device}
+def specs(threads: int, *, rounds: int, quick: bool, models: list[str] | None, device: str, torchlens: bool,
+          clock: str = "wall") -> list[dict[str, Any]]:  # fmt: skip
+    base = {"threads": threads, "quick": quick, "models": models, "device": device, "clock": clock}
     out = [
         {**base, "allocator": "glibc", "peers": list(MAIN_PEERS), "deadneuron": True, "rounds": rounds},
         {**base, "allocator": "tuned", "peers": [], "deadneuron": True, "rounds": rounds},
@@ -114,7 +115,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for threads in args.threads:
         for spec in specs(threads, rounds=args.rounds, quick=args.quick, models=models, device=args.device,
-                          torchlens=peers["torchlens"] is not None and not args.no_torchlens):  # fmt: skip
+                          torchlens=peers["torchlens"] is not None and not args.no_torchlens, clock=args.clock):  # fmt: skip
             print(f"measuring: {threads} thread(s), {spec['allocator']} allocator, "
                   f"sides {['deadneuron'] * spec['deadneuron'] + spec['peers']}", flush=True)  # fmt: skip
             run = _child(["--child", json.dumps(spec)], _env(threads, spec["allocator"]))
@@ -127,7 +128,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": args.machine or machine_slug(),
         "cpu": first.get("cpu"), "cores": os.cpu_count(), "python": platform.python_version(),
         "torch": first.get("torch"), "deadneuron": first.get("deadneuron"), "git": _git(), "device": args.device,
-        "threads": args.threads, "quick": args.quick, "note": args.note, "peers": peers,
+        "threads": args.threads, "quick": args.quick, "note": args.note, "peers": peers, "clock": args.clock,
         "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
         "runs": runs, "memory": {"model": "ARC-like CNN, 8x10x16x16 batches", "points": memory},
         "seconds": round(time.perf_counter() - started, 1),
@@ -163,6 +164,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny batches, 1 round, one thread: checks that it runs")
     ap.add_argument("--no-torchlens", action="store_true", help="leave torchlens out (it is the slowest part)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time (default); cpu: the process's CPU time, for one thread on a loaded machine")
     ap.add_argument("--machine", help="the machine's name in the file name (default: from the CPU model)")
     ap.add_argument("--note", help="a remark stored in the JSON, e.g. that the machine was loaded")
     ap.add_argument("--out", help="the JSON file (default: benchmarks/results/<date>-<machine>.json)")

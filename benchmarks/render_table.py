@@ -94,7 +94,8 @@ def summary(data: dict[str, Any], source: str) -> str:
 def _thread_table(data: dict[str, Any], threads: int) -> list[str]:
     glibc, tuned = _run(data, threads, "glibc"), _run(data, threads, "tuned")
     lens = _run(data, threads, "glibc", peer="torchlens")
-    rows = [f"{threads} thread(s), median of per-round ratios (min-max over rounds):", "",
+    clock = " of CPU time" if data.get("clock") == "cpu" else ""
+    rows = [f"{threads} thread(s), median of per-round ratios{clock} (min-max over rounds):", "",
             "| model | sites | plain forward / batch | deadneuron, glibc defaults | deadneuron, tuned allocator | "
             "whole audit call | captum | fastai-style | torchlens |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

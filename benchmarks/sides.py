@@ -39,12 +39,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+Clock = Callable[[], float]
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed time; ``cpu``: this process's CPU time (all its threads), which leaves out the time other
+processes held the core: for one thread on a loaded machine (with two threads it also counts their spinning)."""
+
+
 class Stamped:
     """The batches, with the clock read when the first is asked for and when the consumer asks past the last."""
 
-    def __init__(self, batches: Sequence[Any], device: torch.device) -> None:
+    def __init__(self, batches: Sequence[Any], device: torch.device, clock: Clock = time.perf_counter) -> None:
         self.batches = batches
         self.device = device
+        self.clock = clock
         self.start = self.end = float("nan")
 
     def __len__(self) -> int:
@@ -52,10 +59,10 @@ class Stamped:
 
     def __iter__(self) -> Iterator[Any]:
         _sync(self.device)
-        self.start = time.perf_counter()
+        self.start = self.clock()
         yield from self.batches
         _sync(self.device)
-        self.end = time.perf_counter()
+        self.end = self.clock()
 
     @property
     def span(self) -> float:
@@ -69,20 +76,21 @@ class Timing(dict[str, float]):
 class Side(Protocol):
     name: str
 
-    def run(self, case: Case, batches: Sequence[Any], device: torch.device) -> Timing: ...
+    def run(self, case: Case, batches: Sequence[Any], device: torch.device, clock: Clock = ...) -> Timing: ...
 
 
 def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def timed(body: Callable[[Stamped], object], batches: Sequence[Any], device: torch.device) -> Timing:
-    stamped = Stamped(batches, device)
+def timed(body: Callable[[Stamped], object], batches: Sequence[Any], device: torch.device,
+          clock: Clock = time.perf_counter) -> Timing:  # fmt: skip
+    stamped = Stamped(batches, device, clock)
     _sync(device)
-    faults, t0 = _faults(), time.perf_counter()
+    faults, t0 = _faults(), clock()
     body(stamped)
     _sync(device)
-    whole = time.perf_counter() - t0
+    whole = clock() - t0
     return Timing(span=stamped.span, whole=whole, faults=float(_faults() - faults))
 
 
@@ -94,13 +102,13 @@ def site_modules(report: deadneuron.Report) -> list[str]:
 class Plain:
     name = "plain"
 
-    def run(self, case: Case, batches: Sequence[Any], device: torch.device) -> Timing:
+    def run(self, case: Case, batches: Sequence[Any], device: torch.device, clock: Clock = time.perf_counter) -> Timing:
         def body(stamped: Stamped) -> None:
             with torch.inference_mode():
                 for b in stamped:
                     case.forward(case.model, b)
 
-        return timed(body, batches, device)
+        return timed(body, batches, device, clock)
 
 
 class Deadneuron:
@@ -111,11 +119,11 @@ class Deadneuron:
     def __init__(self) -> None:
         self.report: deadneuron.Report | None = None
 
-    def run(self, case: Case, batches: Sequence[Any], device: torch.device) -> Timing:
+    def run(self, case: Case, batches: Sequence[Any], device: torch.device, clock: Clock = time.perf_counter) -> Timing:
         def body(stamped: Stamped) -> None:
             self.report = deadneuron.audit(case.model, stamped, progress=False, rules=False, **case.audit_kwargs)
 
-        return timed(body, batches, device)
+        return timed(body, batches, device, clock)
 
 
 class Captum:
@@ -126,7 +134,7 @@ class Captum:
 
         self.modules = modules
 
-    def run(self, case: Case, batches: Sequence[Any], device: torch.device) -> Timing:
+    def run(self, case: Case, batches: Sequence[Any], device: torch.device, clock: Clock = time.perf_counter) -> Timing:
         from captum.attr import LayerActivation
 
         named = dict(case.model.named_modules())
@@ -139,7 +147,7 @@ class Captum:
                     current[0] = b
                     layer_act.attribute(case.first_tensor(b))
 
-        return timed(body, batches, device)
+        return timed(body, batches, device, clock)
 
 
 def _detach(o: Any) -> Any:
@@ -166,7 +174,7 @@ class FastaiStyle:
         self.modules = modules
         self.stats: list[list[Any]] = []
 
-    def run(self, case: Case, batches: Sequence[Any], device: torch.device) -> Timing:
+    def run(self, case: Case, batches: Sequence[Any], device: torch.device, clock: Clock = time.perf_counter) -> Timing:
         named = dict(case.model.named_modules())
         stored: list[Any] = [None] * len(self.modules)
 
@@ -189,7 +197,7 @@ class FastaiStyle:
                 for h in handles:
                     h.remove()
 
-        return timed(body, batches, device)
+        return timed(body, batches, device, clock)
 
 
 class Torchlens:
@@ -203,7 +211,7 @@ class Torchlens:
 
         self.modules = list(modules)
 
-    def run(self, case: Case, batches: Sequence[Any], device: torch.device) -> Timing:
+    def run(self, case: Case, batches: Sequence[Any], device: torch.device, clock: Clock = time.perf_counter) -> Timing:
         import torchlens
         from torchlens.options import CaptureOptions
 
@@ -218,7 +226,7 @@ class Torchlens:
                     else:
                         torchlens.trace(case.model, case.first_tensor(b), capture=options)
 
-        return timed(body, batches, device)
+        return timed(body, batches, device, clock)
 
 
 PEERS: dict[str, Callable[[Sequence[str]], Side]] = {"captum": Captum, "fastai-style": FastaiStyle,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from sides import PEERS, Deadneuron, Plain, Side, Timing, site_modules
+from sides import CLOCKS, PEERS, Clock, Deadneuron, Plain, Side, Timing, site_modules
 from suite_models import CASE_KEYS, Case, build_case
 
 import deadneuron
@@ -54,7 +54,7 @@ def prepare(case: Case, device: torch.device) -> Deadneuron:
 
 
 def measure_case(case: Case, audit: Deadneuron, peers: Sequence[str], *, rounds: int, device: torch.device,
-                 deadneuron_side: bool, max_batches: int | None) -> dict[str, Any]:  # fmt: skip
+                 deadneuron_side: bool, max_batches: int | None, clock: Clock) -> dict[str, Any]:  # fmt: skip
     batches = case.batches[:max_batches]
     assert audit.report is not None
     modules = site_modules(audit.report)
@@ -72,7 +72,7 @@ def measure_case(case: Case, audit: Deadneuron, peers: Sequence[str], *, rounds:
     times: dict[str, list[Timing]] = {s.name: [] for s in sides}
     for r in range(rounds):
         for side in order(sides, r):
-            times[side.name].append(side.run(case, batches, device))
+            times[side.name].append(side.run(case, batches, device, clock))
     out: dict[str, Any] = {
         "key": case.key, "name": case.name, "shape": case.shape, "batches": len(batches),
         "sites": len(audit.report.sites), "site_modules": len(modules), "kernels": audit.report.meta["kernels"],
@@ -98,7 +98,7 @@ def cpu_model() -> str:
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """``spec``: threads, allocator, peers, deadneuron (bool), rounds, quick, models (keys or None), device,
-    max_batches (None: all). Every model is prepared (warm-up audit) before any is measured: a peer that
+    max_batches (None: all), clock ("wall" or "cpu", see `sides.CLOCKS`; default wall). Every model is prepared (warm-up audit) before any is measured: a peer that
     changes torch for the rest of the process (torchlens) must not run before deadneuron has found the sites."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -118,13 +118,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             try:
                 models.append(measure_case(case, audit, spec["peers"], rounds=spec["rounds"], device=device,
-                                           deadneuron_side=spec["deadneuron"], max_batches=spec.get("max_batches")))  # fmt: skip
+                                           deadneuron_side=spec["deadneuron"], max_batches=spec.get("max_batches"),
+                                           clock=CLOCKS[spec.get("clock", "wall")]))  # fmt: skip
             except Exception as exc:
                 traceback.print_exc()
                 models.append(_failed(key, case, _one_line(exc)))
         print(f"  [{spec['threads']} thread(s), {spec['allocator']}] {_progress_line(models[-1])}", flush=True)
     return {
         "threads": spec["threads"], "allocator": spec["allocator"], "rounds": spec["rounds"],
+        "clock": spec.get("clock", "wall"),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "torch": torch.__version__, "deadneuron": deadneuron.__version__, "cpu": cpu_model(),
         "device": str(device), "models": models,

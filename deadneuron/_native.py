@@ -26,13 +26,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from deadneuron import _cache
-from deadneuron.moments import fused_moments
+from deadneuron.moments import fused_flat, fused_moments
 
 _FLAGS = ("-fPIC", "-shared", "-std=c99")
 # tried in order: tuned for this CPU, portable, and plain (for a compiler that knows no OpenMP simd)
@@ -54,6 +55,51 @@ _ARGTYPES = [
 # A batch at least this large is split by channels over torch's intra-op threads (OpenMP: the kernel
 # links the libgomp torch already loaded, so it shares torch's thread pool); below it one thread.
 PARALLEL_MIN_ELEMENTS = 1 << 16
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+class _Plan(ctypes.Structure):
+    """`deadneuron_plan` of `_stats.c`: one call's view shape and strides, thresholds and accumulators."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("outer", "C", "inner", "so", "sc", "si")),
+        *((name, ctypes.c_double) for name in ("eps", "lo", "hi")),
+        ("acc", ctypes.c_void_p), ("counts", ctypes.c_void_p),
+        *((name, ctypes.c_int32) for name in ("dtype", "mode", "count_flat", "threads")),
+        ("rows", ctypes.c_void_p),
+    ]
+
+
+class Planned:
+    """A kernel call prepared for one layout (shape, strides, dtype) of one accumulator's batches: the
+    arguments are packed once, so that a call passes the data pointers and the plan (about 1 us,
+    against several for seventeen converted arguments). ``acc``/``counts``: the accumulator tensors it
+    writes into (the caller checks they are still the ones it holds)."""
+
+    __slots__ = ("_address", "_fn", "_parallel", "_plan", "_threaded", "acc", "counts", "shape")
+
+    def __init__(self, fn: Callable[..., int], plan: _Plan, *, parallel: bool, threaded: bool, acc: torch.Tensor,
+                 counts: torch.Tensor, shape: tuple[int, ...]) -> None:  # fmt: skip
+        self._fn, self._plan, self._address, self._parallel = fn, plan, ctypes.addressof(plan), parallel
+        self._threaded, self.acc, self.counts, self.shape = threaded, acc, counts, shape
+
+    def __call__(self, a_ptr: int, f_ptr: int | None) -> int:
+        """Run on the batch at ``a_ptr`` (and the flat-region tensor at ``f_ptr``, same strides); the
+        kernel's status: 0 done, 1 strides no kernel reads (nothing written)."""
+        if self._parallel:  # threads follow torch's setting; the result does not depend on them
+            threads = torch.get_num_threads()
+            if threads != self._plan.threads:
+                self._plan.threads = threads
+        return int(self._fn(a_ptr, f_ptr, self._address))
+
+    def rows(self, a_ptr: int, f_ptr: int | None, offsets: torch.Tensor) -> int:
+        """`__call__` on the outer rows that start at the int64 element ``offsets`` (contiguous, CPU) of the
+        batch laid out as planned: the rows a padding mask keeps, read in place."""
+        plan = self._plan
+        plan.outer, plan.rows = offsets.shape[0], offsets.data_ptr()
+        size = plan.outer * plan.C * plan.inner
+        plan.threads = torch.get_num_threads() if self._threaded and size >= PARALLEL_MIN_ELEMENTS else 1
+        return int(self._fn(a_ptr, f_ptr, self._address))
 
 
 class NativeStats:
@@ -74,6 +120,9 @@ class NativeStats:
             fn.argtypes = _ARGTYPES
             fn.restype = ctypes.c_int
             self._fns[dtype] = fn
+        self._planned = lib.deadneuron_planned
+        self._planned.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self._planned.restype = ctypes.c_int
 
     def supports(self, a3: torch.Tensor, f3: torch.Tensor | None) -> bool:
         return (
@@ -81,6 +130,21 @@ class NativeStats:
             and a3.dtype in self._fns
             and (f3 is None or (f3.dtype == a3.dtype and f3.shape == a3.shape and f3.device.type == "cpu"))
         )
+
+    def plan(
+        self, a3: torch.Tensor, eps: float, lo: float, hi: float, count_flat: bool, acc: torch.Tensor,
+        counts: torch.Tensor, *, flat_only: bool = False,
+    ) -> Planned:  # fmt: skip
+        """The call for batches laid out as ``a3`` (a supported (outer, C, inner) view; a flat-region
+        tensor passed with it has its strides), merging into ``acc``/``counts`` (see `update`). With
+        ``flat_only`` it adds the flat counts of ``a3`` alone (into row 1 of ``acc`` and ``counts[1]``)."""
+        plan = _Plan(*a3.shape, *a3.stride(), eps, lo, hi, (acc[1] if flat_only else acc).data_ptr(),
+                     counts.data_ptr(), _DTYPES[a3.dtype], int(flat_only), int(count_flat), 1)  # fmt: skip
+        parallel = self.threaded and a3.numel() >= PARALLEL_MIN_ELEMENTS
+        if parallel:
+            plan.threads = torch.get_num_threads()
+        return Planned(self._planned, plan, parallel=parallel, threaded=self.threaded, acc=acc, counts=counts,
+                       shape=tuple(a3.shape))
 
     def update(
         self,
@@ -97,13 +161,9 @@ class NativeStats:
         ``counts``: (2,) float64 (elements, elements whose flat region was tested)."""
         if f3 is not None and f3.stride() != a3.stride():
             a3, f3 = a3.contiguous(), f3.contiguous()
-        fn = self._fns[a3.dtype]
-        args = (eps, lo, hi, int(count_flat), acc.data_ptr(), counts.data_ptr())
-        channels = a3.shape[1]
-        threads = torch.get_num_threads() if self.threaded and a3.numel() >= PARALLEL_MIN_ELEMENTS else 1
         for attempt in range(2):
-            f_ptr = f3.data_ptr() if f3 is not None else None
-            status = fn(a3.data_ptr(), f_ptr, *a3.shape, *a3.stride(), *args, 0, channels, threads)
+            run = self.plan(a3, eps, lo, hi, count_flat, acc, counts)
+            status = run(a3.data_ptr(), f3.data_ptr() if f3 is not None else None)
             if status != 1 or attempt:
                 break
             # strides no kernel reads (nothing was written): again on contiguous copies
@@ -111,6 +171,11 @@ class NativeStats:
             f3 = f3.contiguous() if f3 is not None else None
         if status:
             raise RuntimeError(f"deadneuron C kernel refused a {tuple(a3.shape)} batch (status {status})")
+
+    def flat(self, z3: torch.Tensor, lo: float, hi: float, acc: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add the flat counts of ``z3`` (finite, in (-inf, lo] or [hi, inf)) into row 1 of the (7, C)
+        ``acc`` and the elements tested into ``counts[1]``: any strides, read in place."""
+        self.plan(z3, 0.0, lo, hi, True, acc, counts, flat_only=True)(z3.data_ptr(), None)
 
 
 def _openmp_runtimes() -> int:
@@ -304,6 +369,11 @@ def _self_check(native: NativeStats) -> None:
                     raise _Unavailable(f"the built kernel disagreed with the torch reference ({native.path}); using torch")
                 if counts.tolist() != [x.shape[0] * x.shape[2]] * 2:
                     raise _Unavailable("the built kernel miscounted elements; using torch")
+            for z3 in (f, x, f[:, :, ::2]):  # the flat counts alone, on every layout (strided rows too)
+                flat, fc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)
+                native.flat(z3, -0.5, 0.5, flat, fc)
+                if not torch.equal(flat[1], fused_flat(z3, -0.5, 0.5)) or fc.tolist() != [0, z3.shape[0] * z3.shape[2]]:
+                    raise _Unavailable(f"the built kernel's flat counts disagreed with the torch reference ({native.path})")
 
 
 def fresh_accumulator(channels: int) -> torch.Tensor:

@@ -37,15 +37,22 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define FLUSH 4096 /* elements per count run in the row kernel, rows per stretch in the column kernel */
 #define BLOCK 64   /* columns per block in the column kernel: the partial arrays stay in L1 */
+#define TILE 16    /* columns of a block summed together in registers (finite-only pass) */
+#define TILE_ROWS 64 /* ... over stretches of at least this many rows (fewer: not worth its set-up) */
 #define LONG_ROW 256 /* rows at least this long (inner contiguous) are reduced one by one */
 #define ROW_CHANNELS 256 /* channels the row kernel reads together, row by row in memory order */
+#define FLAT_BLOCK 512 /* columns per block of the flat-only column loop */
 #define REDO 64.0  /* a shift with q > REDO * m2 (about 8 standard deviations off) is redone */
 
 enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
+
+/* Where outer row o starts: rows[o] for a batch's chosen rows (a padding mask's), else o * so. */
+#define ROW(o) (rows ? rows[o] : (o) * so)
 
 /* A channel's sums over one batch: counts in double, moments shifted by K. */
 typedef struct {
@@ -74,8 +81,9 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     *cnt = n;
 }
 
-/* The flat test: f in the region and finite. */
+/* The flat test: f in the region and finite; FLAT_ONE: the same as 1 or 0 in T, without branches. */
 #define IS_FLAT(ABS, TMAX, w) (ABS(w) <= (TMAX) && ((w) <= lo || (w) >= hi))
+#define FLAT_ONE(T, ABS, TMAX, w) ((T)((ABS(w) <= (TMAX)) & (((w) <= lo) | ((w) >= hi))))
 
 /* q + d*d: fused where the CPU has FMA (one rounding; the vector and scalar code fuse alike). */
 #ifdef __FMA__
@@ -119,8 +127,8 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     } while (0)
 
 #define DEFINE_KERNELS(T, TMAX, ABS, SUFFIX)                                                          \
-    /* A stretch of n contiguous elements: counts in the input's precision, moments in double;       \
-     * finite-only first, again with the checks if s or q came out non-finite. */                    \
+    /* A stretch of n contiguous elements: counts in the input's precision, moments in double;        \
+     * finite-only first, again with the checks if s or q came out non-finite. */                     \
     static void stretch_##SUFFIX(const T *restrict xa, const T *restrict xf, int64_t n, int check,    \
                                  T eps, T lo, T hi, double K, Sums *sums, T *rl, T *rh) {             \
         T z = 0, fl = 0, nf = 0, nw = 0, l = *rl, h = *rh;                                            \
@@ -156,20 +164,22 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                                                                                       \
     /* Channel c's first finite element in (o, i) order (0 if it has none), where element (o, i) of   \
      * column k of the column kernel's rows is at a + o*so + i*si + k: the shift of its sums. */      \
-    static double first_##SUFFIX(const T *a, int64_t outer, int64_t inner, int64_t so, int64_t si,    \
+    static double first_##SUFFIX(const T *a, int64_t outer, int64_t inner, int64_t so,                \
+                                 const int64_t *rows, int64_t si,                                     \
                                  int64_t k0, int64_t group) {                                         \
         for (int64_t o = 0; o < outer; ++o)                                                           \
             for (int64_t i = 0; i < inner; ++i)                                                       \
                 for (int64_t k = k0; k < k0 + group; ++k) {                                           \
-                    const T v = a[o * so + i * si + k];                                              \
+                    const T v = a[ROW(o) + i * si + k];                                               \
                     if (ABS(v) <= TMAX) return (double)v;                                             \
                 }                                                                                     \
         return 0.0;                                                                                   \
     }                                                                                                 \
                                                                                                       \
-    /* Rows: channels [c, c + m), the (o, c) rows of `inner` contiguous elements read in memory      \
+    /* Rows: channels [c, c + m), the (o, c) rows of `inner` contiguous elements read in memory       \
      * order (o, then c); each channel's stretches summed in order into sums[j], range into l/h. */   \
     static void row_sums_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,   \
+                                  const int64_t *rows,                                                \
                                   int64_t sc, int64_t c, int64_t m, T eps, T lo, T hi,                \
                                   const double *K, Sums *sums, T *l, T *h) {                          \
         const int check = f != a;                                                                     \
@@ -180,7 +190,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
         for (int64_t o = 0; o < outer; ++o)                                                           \
             for (int64_t j = 0; j < m; ++j) {                                                         \
-                const T *pa = a + o * so + (c + j) * sc, *pf = f + o * so + (c + j) * sc;             \
+                const T *pa = a + ROW(o) + (c + j) * sc, *pf = f + ROW(o) + (c + j) * sc;             \
                 for (int64_t i0 = 0; i0 < inner; i0 += FLUSH)                                         \
                     stretch_##SUFFIX(pa + i0, pf + i0, inner - i0 < FLUSH ? inner - i0 : FLUSH,       \
                                      check, eps, lo, hi, K[j], sums + j, l + j, h + j);               \
@@ -188,8 +198,9 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     }                                                                                                 \
                                                                                                       \
     /* Rows: channels [c0, c1) a chunk of ROW_CHANNELS at a time; a channel whose shift was far from  \
-     * its mean is summed again alone (its sums do not depend on the other channels'). */            \
+     * its mean is summed again alone (its sums do not depend on the other channels'). */             \
     static void rows_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,        \
+                              const int64_t *rows,                                                    \
                               int64_t so, int64_t sc, int64_t c0, int64_t c1, T eps, T lo, T hi,      \
                               double *acc) {                                                          \
         double K[ROW_CHANNELS];                                                                       \
@@ -199,12 +210,12 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         for (int64_t c = c0; c < c1; c += ROW_CHANNELS) {                                             \
             const int64_t m = c1 - c < ROW_CHANNELS ? c1 - c : ROW_CHANNELS;                          \
             for (int64_t j = 0; j < m; ++j)                                                           \
-                K[j] = first_##SUFFIX(a + (c + j) * sc, outer, inner, so, 1, 0, 1);                   \
-            row_sums_##SUFFIX(a, f, outer, inner, so, sc, c, m, eps, lo, hi, K, sums, l, h);          \
+                K[j] = first_##SUFFIX(a + (c + j) * sc, outer, inner, so, rows, 1, 0, 1);             \
+            row_sums_##SUFFIX(a, f, outer, inner, so, rows, sc, c, m, eps, lo, hi, K, sums, l, h);    \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 if (far_shift(seen - sums[j].nf, sums[j].s, sums[j].q)) {                             \
                     K[j] += sums[j].s / (seen - sums[j].nf);                                          \
-                    row_sums_##SUFFIX(a, f, outer, inner, so, sc, c + j, 1, eps, lo, hi, K + j,       \
+                    row_sums_##SUFFIX(a, f, outer, inner, so, rows, sc, c + j, 1, eps, lo, hi, K + j, \
                                       sums + j, l + j, h + j);                                        \
                 }                                                                                     \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
@@ -216,11 +227,83 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
+    /* Rows [r0, r1) of columns [kk, kk + tn) (tn <= TILE) finite-only (ELEMENT_FAST), added into the \
+     * block's per-column sums z, fl, nw, s, q and range sl/sh: each column row after row as the block's \
+     * own loop would (the same values), with the TILE columns' sums in locals that stay in registers \
+     * across rows instead of being loaded and stored for every row. Not inlined (inlined, -O3 fuses it \
+     * with the block's loops), and the empty asm keeps the compiler from vectorising the loop over rows \
+     * (with gathers) instead of the TILE columns. */                                                 \
+    __attribute__((noinline)) static void tile_##SUFFIX(const T *restrict a, const T *restrict f,     \
+            int64_t inner, const int64_t *restrict rows, int64_t so, int64_t si, int64_t r0, int64_t r1, \
+            int64_t kk, int64_t tn, int check, T eps, T lo, T hi, const double *restrict Kb, T *restrict zb, \
+            T *restrict flb, T *restrict nwb, double *restrict sb, double *restrict qb, T *restrict slb, \
+            T *restrict shb) {                                                                        \
+        T z[TILE], fl[TILE], nw[TILE], sl[TILE], sh[TILE];                                            \
+        double s[TILE], q[TILE], K[TILE];                                                             \
+        for (int64_t k = 0; k < TILE; ++k) {                                                          \
+            const int in = k < tn;                                                                    \
+            z[k] = in ? zb[k] : 0; fl[k] = in ? flb[k] : 0; nw[k] = in ? nwb[k] : 0;                  \
+            s[k] = in ? sb[k] : 0; q[k] = in ? qb[k] : 0; K[k] = in ? Kb[k] : 0;                      \
+            sl[k] = in ? slb[k] : (T)INFINITY; sh[k] = in ? shb[k] : -(T)INFINITY;                    \
+        }                                                                                             \
+        int64_t o = r0 / inner, i = r0 % inner;                                                       \
+        if (tn == TILE && !check) {                                                                   \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < TILE; ++k) {                                                  \
+                    T v = pa[k];                                                                      \
+                    ELEMENT_FAST(T, ABS, TMAX, v, v, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        } else if (tn == TILE) {                                                                      \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < TILE; ++k) {                                                  \
+                    T v = pa[k], w = pf[k];                                                           \
+                    ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        } else {                                                                                      \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < tn; ++k) {                                                    \
+                    T v = pa[k], w = pf[k];                                                           \
+                    ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int64_t k = 0; k < tn; ++k) {                                                            \
+            zb[k] = z[k]; flb[k] = fl[k]; nwb[k] = nw[k]; sb[k] = s[k]; qb[k] = q[k];                 \
+            slb[k] = sl[k]; shb[k] = sh[k];                                                           \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
     /* One block of the column kernel: rows (o, i) at a + o*so + i*si, of which columns               \
      * [k0, k0 + nk) are read, column k shifted by K[k - k0]. Over stretches of FLUSH rows, run       \
      * finite-only first, again with the checks if that came out non-finite. Each column's sums go    \
-     * to out[k - k0] and its range to l/h; a column's result does not depend on the others. */      \
+     * to out[k - k0] and its range to l/h; a column's result does not depend on the others. */       \
     static void block_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner, \
+                               const int64_t *restrict rows,                                          \
                                int64_t so, int64_t si, int64_t k0, int64_t nk, T eps, T lo, T hi,     \
                                const double *restrict K, Sums *restrict out, T *restrict l,           \
                                T *restrict h) {                                                       \
@@ -242,32 +325,39 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     sl[k] = k < nk ? l[k] : (T)INFINITY;                                              \
                     sh[k] = k < nk ? h[k] : -(T)INFINITY;                                             \
                 }                                                                                     \
-                int64_t o = r0 / inner, i = r0 % inner;                                               \
-                for (int64_t r = r0; r < r1; ++r) {                                                   \
-                    const T *restrict pa = a + o * so + i * si + k0;                                  \
-                    const T *restrict pf = f + o * so + i * si + k0;                                  \
-                    if (pass == 1) {                                                                  \
-                        _Pragma("omp simd")                                                           \
-                        for (int64_t k = 0; k < nk; ++k) {                                            \
-                            T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
+                if (pass == 0 && r1 - r0 >= TILE_ROWS) { /* finite-only, TILE columns at a time */    \
+                    for (int64_t t = 0; t < nk; t += TILE)                                            \
+                        tile_##SUFFIX(a, f, inner, rows, so, si, r0, r1, k0 + t, nk - t < TILE ? nk - t : TILE, \
+                                      check, eps, lo, hi, K + t, z + t, fl + t, nw + t, s + t, q + t, sl + t, \
+                                      sh + t);                                                        \
+                } else {                                                                              \
+                    int64_t o = r0 / inner, i = r0 % inner;                                           \
+                    for (int64_t r = r0; r < r1; ++r) {                                               \
+                        const T *restrict pa = a + ROW(o) + i * si + k0;                              \
+                        const T *restrict pf = f + ROW(o) + i * si + k0;                              \
+                        if (pass == 1) {                                                              \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T v = pa[k], w = pf[k];                                               \
+                                ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
+                        } else if (check) {                                                           \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T v = pa[k], w = pf[k];                                               \
+                                ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
+                        } else {                                                                      \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T v = pa[k], w = pf[k];                                               \
+                                ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
                         }                                                                             \
-                    } else if (check) {                                                               \
-                        _Pragma("omp simd")                                                           \
-                        for (int64_t k = 0; k < nk; ++k) {                                            \
-                            T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
+                        if (++i == inner) {                                                           \
+                            i = 0;                                                                    \
+                            ++o;                                                                      \
                         }                                                                             \
-                    } else {                                                                          \
-                        _Pragma("omp simd")                                                           \
-                        for (int64_t k = 0; k < nk; ++k) {                                            \
-                            T v = pa[k], w = pf[k];                                                   \
-                            ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
-                        }                                                                             \
-                    }                                                                                 \
-                    if (++i == inner) {                                                               \
-                        i = 0;                                                                        \
-                        ++o;                                                                          \
                     }                                                                                 \
                 }                                                                                     \
                 if (pass == 1) break;                                                                 \
@@ -285,9 +375,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
-    /* Channels [c, c + m), each `group` consecutive columns (m = 1 where group > BLOCK): each         \
+    /* Channels [c, c + m), each `group` consecutive columns (m = 1 where group > BLOCK): each        \
      * channel's columns' sums added in column order into sums[j], its range into l[j]/h[j]. */       \
     static void columns_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,    \
+                                 const int64_t *rows,                                                 \
                                  int64_t si, int64_t c, int64_t m, int64_t group, T eps, T lo, T hi,  \
                                  const double *K, Sums *sums, T *l, T *h) {                           \
         double kc[BLOCK];                                                                             \
@@ -300,14 +391,23 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
         for (int64_t k0 = c * group; k0 < (c + m) * group; k0 += BLOCK) {                             \
             const int64_t nk = (c + m) * group - k0 < BLOCK ? (c + m) * group - k0 : BLOCK;           \
-            for (int64_t k = 0; k < nk; ++k) kc[k] = K[(k0 + k) / group - c];                         \
-            block_##SUFFIX(a, f, outer, inner, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch);          \
-            for (int64_t k = 0; k < nk; ++k) {                                                        \
-                const int64_t j = (k0 + k) / group - c;                                               \
-                sums[j].z += cs[k].z; sums[j].fl += cs[k].fl; sums[j].nf += cs[k].nf;                 \
-                sums[j].s += cs[k].s; sums[j].q += cs[k].q;                                           \
-                if (cl[k] < l[j]) l[j] = cl[k];                                                       \
-                if (ch[k] > h[j]) h[j] = ch[k];                                                       \
+            /* columns [k, k + n) of the block are channel c + j's: a run per channel, whose column sums \
+             * are added in column order in registers (not through memory, column after column) */    \
+            const int64_t j0 = k0 / group - c, first = group - k0 % group;                            \
+            for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group)                    \
+                for (int64_t e = k; e < k + n && e < nk; ++e) kc[e] = K[j];                           \
+            block_##SUFFIX(a, f, outer, inner, rows, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch);    \
+            for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group) {                  \
+                Sums t = sums[j];                                                                     \
+                T tl = l[j], th = h[j];                                                               \
+                for (int64_t e = k; e < k + n && e < nk; ++e) {                                       \
+                    t.z += cs[e].z; t.fl += cs[e].fl; t.nf += cs[e].nf; t.s += cs[e].s; t.q += cs[e].q; \
+                    if (cl[e] < tl) tl = cl[e];                                                       \
+                    if (ch[e] > th) th = ch[e];                                                       \
+                }                                                                                     \
+                sums[j] = t;                                                                          \
+                l[j] = tl;                                                                            \
+                h[j] = th;                                                                            \
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
@@ -315,6 +415,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Columns: channels [c0, c1), each `group` consecutive columns of rows (o, i); blocks hold whole \
      * channels (as many as fit in BLOCK columns), or BLOCK columns of one channel at a time. */      \
     static void cols_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,       \
+                              const int64_t *rows,                                                    \
                               int64_t si, int64_t c0, int64_t c1, int64_t group, T eps, T lo, T hi,   \
                               int64_t C, double *acc) {                                               \
         const int64_t per = group <= BLOCK ? BLOCK / group : 1;                                       \
@@ -324,8 +425,8 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         for (int64_t c = c0; c < c1; c += per) {                                                      \
             const int64_t m = c1 - c < per ? c1 - c : per;                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
-                K[j] = first_##SUFFIX(a, outer, inner, so, si, (c + j) * group, group);               \
-            columns_##SUFFIX(a, f, outer, inner, so, si, c, m, group, eps, lo, hi, K, sums, l, h);    \
+                K[j] = first_##SUFFIX(a, outer, inner, so, rows, si, (c + j) * group, group);         \
+            columns_##SUFFIX(a, f, outer, inner, so, rows, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             const double seen = (double)outer * (double)inner * (double)group;                        \
             int again = 0;                                                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
@@ -334,7 +435,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     again = 1;                                                                        \
                 }                                                                                     \
             if (again) /* the other channels' sums come out the same again */                         \
-                columns_##SUFFIX(a, f, outer, inner, so, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+                columns_##SUFFIX(a, f, outer, inner, so, rows, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
                 acc[R_FLAT * C + c + j] += sums[j].fl;                                                \
@@ -354,16 +455,16 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         return -1;                                                                                    \
     }                                                                                                 \
                                                                                                       \
-    static void channels_##SUFFIX(int kind, const T *a, const T *f, int64_t outer, int64_t C,         \
+    static void channels_##SUFFIX(int kind, const T *a, const T *f, int64_t outer, const int64_t *rows, int64_t C, \
                                   int64_t inner, int64_t so, int64_t sc, int64_t si, T eps, T lo,     \
                                   T hi, double *acc, int64_t c0, int64_t c1) {                        \
         if (c1 <= c0) return;                                                                         \
         if (kind == 0)                                                                                \
-            rows_##SUFFIX(a, f, outer, C, inner, so, sc, c0, c1, eps, lo, hi, acc);                   \
+            rows_##SUFFIX(a, f, outer, C, inner, rows, so, sc, c0, c1, eps, lo, hi, acc);             \
         else if (kind == 1)                                                                           \
-            cols_##SUFFIX(a, f, outer, inner, so, si, c0, c1, 1, eps, lo, hi, C, acc);                \
+            cols_##SUFFIX(a, f, outer, inner, so, rows, si, c0, c1, 1, eps, lo, hi, C, acc);          \
         else                                                                                          \
-            cols_##SUFFIX(a, f, outer, 1, so, 0, c0, c1, inner, eps, lo, hi, C, acc);                 \
+            cols_##SUFFIX(a, f, outer, 1, so, rows, 0, c0, c1, inner, eps, lo, hi, C, acc);           \
     }                                                                                                 \
                                                                                                       \
     /* Adds channels [c0, c1) of the batch (all of them: 0, C), split over `threads` OpenMP threads   \
@@ -371,10 +472,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * by the call that has c0 == 0, so that ranges added by separate calls count once. Built         \
      * without OpenMP the ranges simply run one after the other. Returns 0; 1 when the strides fit    \
      * no kernel (nothing written: the caller passes contiguous copies); 2 for a bad range. */        \
-    int deadneuron_stats_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,    \
-                                  int64_t so, int64_t sc, int64_t si, double eps, double lo,          \
-                                  double hi, int count_flat, double *acc, double *counts,             \
-                                  int64_t c0, int64_t c1, int threads) {                              \
+    static int stats_rows_##SUFFIX(const T *a, const T *f, int64_t outer, const int64_t *rows, int64_t C, \
+                                   int64_t inner, int64_t so, int64_t sc, int64_t si, double eps, double lo, \
+                                   double hi, int count_flat, double *acc, double *counts,            \
+                                   int64_t c0, int64_t c1, int threads) {                             \
         if (!f) f = a;                                                                                \
         if (c0 < 0 || c1 > C || c0 > c1) return 2;                                                    \
         if (outer > 0 && c1 > c0 && inner > 0) {                                                      \
@@ -384,7 +485,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int parts = threads < 1 ? 1 : (n < threads ? (int)n : threads);                     \
             _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
             for (int t = 0; t < parts; ++t)                                                           \
-                channels_##SUFFIX(kind, a, f, outer, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
+                channels_##SUFFIX(kind, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
                                   c0 + n * t / parts, c0 + n * (t + 1) / parts);                      \
         }                                                                                             \
         if (c0 == 0) {                                                                                \
@@ -392,7 +493,135 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             if (count_flat) counts[1] += (double)(outer * inner);                                     \
         }                                                                                             \
         return 0;                                                                                     \
+    }                                                                                                 \
+                                                                                                      \
+                                                                                                      \
+    /* Outer row o of the batch starts at element rows[o] (a padding mask's valid rows, read in place) \
+     * or, without rows, at o * so. */                                                                \
+    int deadneuron_stats_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,    \
+                                  int64_t so, int64_t sc, int64_t si, double eps, double lo,          \
+                                  double hi, int count_flat, double *acc, double *counts,             \
+                                  int64_t c0, int64_t c1, int threads) {                              \
+        return stats_rows_##SUFFIX(a, f, outer, NULL, C, inner, so, sc, si, eps, lo, hi, count_flat, acc, counts, \
+                                   c0, c1, threads);                                                  \
+    }                                                                                                 \
+    /* Flat counts only (what a pre-hook takes before an in-place call overwrites z): channels        \
+     * [c0, c1) of z added into flat[c]. Long contiguous runs (si == 1) channel by channel; else, where \
+     * channels are contiguous (sc == 1) or each outer row is one contiguous run of channels x inner  \
+     * (sc == inner), rows of columns a block at a time (column k of channel k / group) with a counter \
+     * per column; any other strides element by element. Counts in the input's precision over at most \
+     * FLUSH elements (exact), then in double. */                                                     \
+    static void flat_runs_##SUFFIX(const T *z, int64_t outer, int64_t inner, int64_t so, int64_t sc,  \
+                                 int64_t si, T lo, T hi, double *flat, int64_t c0, int64_t c1) {      \
+        for (int64_t o = 0; o < outer; ++o)                                                           \
+            for (int64_t c = c0; c < c1; ++c) {                                                       \
+                const T *restrict p = z + o * so + c * sc;                                            \
+                double total = 0;                                                                     \
+                for (int64_t i0 = 0; i0 < inner; i0 += FLUSH) {                                       \
+                    const int64_t n = inner - i0 < FLUSH ? inner - i0 : FLUSH;                        \
+                    T cnt = 0;                                                                        \
+                    if (si == 1) {                                                                    \
+                        _Pragma("omp simd reduction(+ : cnt)")                                        \
+                        for (int64_t i = 0; i < n; ++i) {                                             \
+                            T w = p[i0 + i];                                                          \
+                            cnt += FLAT_ONE(T, ABS, TMAX, w);                                         \
+                        }                                                                             \
+                    } else {                                                                          \
+                        for (int64_t i = 0; i < n; ++i) {                                             \
+                            T w = p[(i0 + i) * si];                                                   \
+                            cnt += FLAT_ONE(T, ABS, TMAX, w);                                         \
+                        }                                                                             \
+                    }                                                                                 \
+                    total += cnt;                                                                     \
+                }                                                                                     \
+                flat[c] += total;                                                                     \
+            }                                                                                         \
+    }                                                                                                 \
+                                                                                                      \
+    /* One row's columns into their counters. Not inlined: -O3's unroll-and-jam would fuse it with the \
+     * loop over rows and leave it unvectorised (ten times slower). */                                \
+    __attribute__((noinline)) static void flat_row_##SUFFIX(const T *restrict p, int64_t nk, T lo, T hi, \
+                                                           T *restrict cnt) {                         \
+        _Pragma("omp simd")                                                                           \
+        for (int64_t k = 0; k < nk; ++k) {                                                            \
+            T w = p[k];                                                                               \
+            cnt[k] += FLAT_ONE(T, ABS, TMAX, w);                                                      \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* Rows r = (o, i) at z + o*so + i*si (inner 1 and si 0 for whole outer rows), columns [k0, k1)   \
+     * contiguous in each; column k belongs to channel k / group. */                                  \
+    static void flat_cols_##SUFFIX(const T *z, int64_t outer, int64_t inner, int64_t so, int64_t si,  \
+                                 int64_t k0, int64_t k1, int64_t group, T lo, T hi, double *flat) {   \
+        T cnt[FLAT_BLOCK];                                                                            \
+        double sum[FLAT_BLOCK];                                                                       \
+        const int64_t rows = outer * inner;                                                           \
+        for (int64_t b = k0; b < k1; b += FLAT_BLOCK) {                                               \
+            const int64_t nk = k1 - b < FLAT_BLOCK ? k1 - b : FLAT_BLOCK;                             \
+            for (int64_t k = 0; k < nk; ++k) sum[k] = 0;                                              \
+            for (int64_t r0 = 0; r0 < rows; r0 += FLUSH) {                                            \
+                const int64_t r1 = rows - r0 < FLUSH ? rows : r0 + FLUSH;                             \
+                for (int64_t k = 0; k < nk; ++k) cnt[k] = 0;                                          \
+                for (int64_t r = r0; r < r1; ++r)                                                     \
+                    flat_row_##SUFFIX(z + (r / inner) * so + (r % inner) * si + b, nk, lo, hi, cnt);  \
+                for (int64_t k = 0; k < nk; ++k) sum[k] += cnt[k];                                    \
+            }                                                                                         \
+            for (int64_t k = 0; k < nk; ++k) flat[(b + k) / group] += sum[k];                         \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    static void flat_##SUFFIX(const T *z, int64_t outer, int64_t inner, int64_t so, int64_t sc, int64_t si, \
+                            T lo, T hi, double *flat, int64_t c0, int64_t c1) {                       \
+        if (si == 1 && inner >= 64)                                                                   \
+            flat_runs_##SUFFIX(z, outer, inner, so, sc, 1, lo, hi, flat, c0, c1);                     \
+        else if (sc == 1)                                                                             \
+            flat_cols_##SUFFIX(z, outer, inner, so, si, c0, c1, 1, lo, hi, flat);                     \
+        else if ((si == 1 || inner == 1) && sc == inner)                                              \
+            flat_cols_##SUFFIX(z, outer, 1, so, 0, c0 * inner, c1 * inner, inner, lo, hi, flat);      \
+        else                                                                                          \
+            flat_runs_##SUFFIX(z, outer, inner, so, sc, si, lo, hi, flat, c0, c1);                    \
+    }                                                                                                 \
+                                                                                                      \
+    static int flat_all_##SUFFIX(const T *z, int64_t outer, int64_t C, int64_t inner, int64_t so,     \
+                                 int64_t sc, int64_t si, double lo, double hi, double *flat,          \
+                                 double *counts, int threads) {                                       \
+        if (outer > 0 && C > 0 && inner > 0) {                                                        \
+            const int parts = threads < 1 ? 1 : (C < threads ? (int)C : threads);                     \
+            _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
+            for (int t = 0; t < parts; ++t)                                                           \
+                flat_##SUFFIX(z, outer, inner, so, sc, si, (T)lo, (T)hi, flat,                        \
+                              C * t / parts, C * (t + 1) / parts);                                    \
+        }                                                                                             \
+        counts[1] += (double)(outer * inner);                                                         \
+        return 0;                                                                                     \
     }
-
 DEFINE_KERNELS(float, FLT_MAX, fabsf, f32)
 DEFINE_KERNELS(double, DBL_MAX, fabs, f64)
+
+/* A call prepared once per site and layout (deadneuron/_native.py `Planned`): the view's shape and
+ * strides, thresholds and accumulator pointers packed in one struct, so that a call passes three
+ * pointers. mode 0: the statistics (deadneuron_stats_*, every channel) into the (7, C) `acc`; mode 1:
+ * the flat counts only, `acc` then pointing at C doubles (the accumulator's flat row), the elements
+ * tested added to counts[1]. dtype 0: float32, 1: float64. Returns as deadneuron_stats_*. */
+typedef struct {
+    int64_t outer, C, inner, so, sc, si;
+    double eps, lo, hi;
+    double *acc, *counts;
+    int32_t dtype, mode, count_flat, threads;
+    const int64_t *rows; /* NULL, or the element offsets of the `outer` rows read (statistics only) */
+} deadneuron_plan;
+
+int deadneuron_planned(const void *a, const void *f, const deadneuron_plan *p) {
+    if (p->mode == 1) {
+        if (p->dtype == 0)
+            return flat_all_f32((const float *)a, p->outer, p->C, p->inner, p->so, p->sc, p->si, p->lo, p->hi,
+                                p->acc, p->counts, p->threads);
+        return flat_all_f64((const double *)a, p->outer, p->C, p->inner, p->so, p->sc, p->si, p->lo, p->hi,
+                            p->acc, p->counts, p->threads);
+    }
+    if (p->dtype == 0)
+        return stats_rows_f32((const float *)a, (const float *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
+                              p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
+    return stats_rows_f64((const double *)a, (const double *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
+                          p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
+}

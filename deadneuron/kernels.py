@@ -109,11 +109,24 @@ class Kernels:
         z3 = as_float(z3)
         native = self.native
         if native is not None and native.supports(z3, None):
-            acc = _native.fresh_accumulator(z3.shape[1])
-            native.update(z3, None, 0.0, lo, hi, True, acc, torch.zeros(2, dtype=torch.float64))
+            # one allocation: row 1 takes the counts, row 0 the kernel's element count (not needed here)
+            out = torch.zeros(2, max(z3.shape[1], 2), dtype=torch.float64)
+            native.flat(z3, lo, hi, out, out[0])
             self._used.add("native")
-            return acc[1]
+            return out[1, : z3.shape[1]]
         return self._call(self._flat, fused_flat, z3, lo, hi)
+
+    def plan(
+        self, a3: torch.Tensor, eps: float, lo: float, hi: float, count_flat: bool, acc: torch.Tensor,
+        counts: torch.Tensor, *, flat_only: bool = False,
+    ) -> _native.Planned | None:  # fmt: skip
+        """The C kernel's call prepared for batches laid out as ``a3`` (`deadneuron._native.NativeStats.plan`),
+        or None where the C kernel does not take them (not loaded, not a CPU float32/float64 tensor)."""
+        native = self.native
+        if native is None or not native.supports(a3, None):
+            return None
+        self._used.add("native")
+        return native.plan(a3, eps, lo, hi, count_flat, acc, counts, flat_only=flat_only)
 
     def count_flat(self, z3: torch.Tensor, lo: torch.Tensor | float, hi: float) -> torch.Tensor:
         """`flat`, where ``lo`` may also be a per-channel (C,) tensor (PReLU: one slope per channel)."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from deadneuron._native import Planned
 from deadneuron.kernels import Kernels, as_float
 from deadneuron.moments import merge_moments_
 
@@ -39,6 +40,8 @@ __all__ = [
 _INF = float("inf")
 _NAN = float("nan")  # as a flat threshold: every comparison false, nothing counted
 ROWS = ("zero", "flat", "finite", "mean", "m2", "min", "max")  # the rows of `ChannelStats.acc`
+_MAX_PLANS = 16  # prepared kernel calls kept per accumulator (one per layout seen)
+_UNPLANNED = object()
 
 
 def channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -88,6 +91,14 @@ class ChannelStats:
         self.acc[5] = _INF
         self.acc[6] = -_INF
         self.counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._plans: dict[tuple[Any, ...], Planned | None] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "_plans"}  # prepared calls hold raw pointers
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._plans = {}
 
     n = property(lambda self: self.counts[0], doc="elements seen per channel (0-d float64 tensor)")
     flat_n = property(lambda self: self.counts[1], doc="elements whose flat region was tested")
@@ -143,6 +154,78 @@ class ChannelStats:
         if flat is not None:
             self.flat_n.add_(elements)
             self.flat.add_(flat_count)
+
+    def update_output_along(
+        self, a: torch.Tensor, axis: int, eps: float = 0.0, *, flat: tuple[float, float] | None = None,
+        z: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """`update_output` of ``channel_view(a, axis)`` (and of ``z``'s view): the same values. On CPU the
+        C kernel's call is prepared once per layout of ``a`` (`_planned`), so that a call builds no view,
+        checks nothing twice and allocates nothing."""
+        if type(a) is torch.Tensor and (z is None or type(z) is torch.Tensor):
+            zkey = None if z is None else (z.shape, z.stride(), z.dtype, z.is_cpu)
+            key = (a.shape, a.stride(), a.dtype, a.is_cpu, axis, eps, flat, zkey)
+            run = self._plans.get(key, _UNPLANNED)
+            if run is _UNPLANNED or (run is not None and (run.acc is not self.acc or run.counts is not self.counts)):
+                run = self._planned(key, a, axis, eps, flat, z)
+            if run is not None and run(a.data_ptr(), None if z is None else z.data_ptr()) == 0:
+                return
+            self._plans[key] = None  # strides no kernel reads: the general path copies them
+        z3 = None if z is None else channel_view(z.detach(), axis)
+        self.update_output(channel_view(a.detach(), axis), eps, flat=flat, z3=z3)
+
+    def update_output_rows(
+        self, a3: torch.Tensor, rows: torch.Tensor, eps: float = 0.0, *, flat: tuple[float, float] | None = None,
+        z3: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """`update_output` of ``a3.index_select(0, rows)`` (and of ``z3``'s): the same values. On CPU the C
+        kernel reads those outer rows of ``a3`` in place (a padding mask's valid rows), without the copy."""
+        if rows.is_cpu and type(a3) is torch.Tensor and (z3 is None or type(z3) is torch.Tensor):
+            zkey = None if z3 is None else (z3.shape, z3.stride(), z3.dtype, z3.is_cpu)
+            key = (a3.shape, a3.stride(), a3.dtype, a3.is_cpu, "rows", eps, flat, zkey)
+            run = self._plans.get(key, _UNPLANNED)
+            if run is _UNPLANNED or (run is not None and (run.acc is not self.acc or run.counts is not self.counts)):
+                run = self._planned(key, a3, 1, eps, flat, z3)
+            if run is not None:
+                offsets = (rows.to(torch.int64) * a3.stride(0)).contiguous()
+                if run.rows(a3.data_ptr(), None if z3 is None else z3.data_ptr(), offsets) == 0:
+                    return
+                self._plans[key] = None
+        z3 = None if z3 is None else z3.detach().index_select(0, rows)
+        self.update_output(a3.detach().index_select(0, rows), eps, flat=flat, z3=z3)
+
+    def update_flat_along(self, z: torch.Tensor, axis: int, lo: float, hi: float) -> None:
+        """`update_flat` of ``channel_view(z, axis)`` with scalar thresholds, prepared as `update_output_along`."""
+        if type(z) is torch.Tensor:
+            key = (z.shape, z.stride(), z.dtype, z.is_cpu, axis, lo, hi, "flat")
+            run = self._plans.get(key, _UNPLANNED)
+            if run is _UNPLANNED or (run is not None and (run.acc is not self.acc or run.counts is not self.counts)):
+                run = self._planned(key, z, axis, 0.0, (lo, hi), None, flat_only=True)
+            if run is not None and run(z.data_ptr(), None) == 0:
+                return
+        self.update_flat(channel_view(z.detach(), axis), lo, hi)
+
+    def _planned(
+        self, key: tuple[Any, ...], a: torch.Tensor, axis: int, eps: float, flat: tuple[float, float] | None,
+        z: torch.Tensor | None, *, flat_only: bool = False,
+    ) -> Planned | None:  # fmt: skip
+        """The C kernel's call for tensors laid out as ``a`` (and ``z``), cached under ``key``; None (also
+        cached) where the general path must run: not the kernel's device or dtype, an accumulator
+        elsewhere, a view that would copy, ``z`` laid out otherwise, or nothing to read."""
+        if len(self._plans) >= _MAX_PLANS:  # layouts that keep changing (varying shapes): keep a few
+            self._plans.clear()
+        run = None
+        a3 = channel_view(a, axis) if a.is_cpu and self.device.type == "cpu" and a.numel() else None
+        z3 = None if z is None or a3 is None else channel_view(z, axis)
+        if a3 is not None and a3.data_ptr() == a.data_ptr() and (
+            z is None or (z3 is not None and z3.data_ptr() == z.data_ptr() and z3.shape == a3.shape
+                          and z3.stride() == a3.stride() and z3.dtype == a3.dtype and z.is_cpu)
+        ):  # fmt: skip
+            self._check(a3, "pre-activation" if flat_only else "activation")
+            lo, hi = flat if flat is not None else (_NAN, _NAN)
+            run = self.kernels.plan(a3, eps, lo, hi, flat is not None, self.acc, self.counts, flat_only=flat_only)
+        self._plans[key] = run
+        return run
 
     def update_flat(self, z3: torch.Tensor, lo: torch.Tensor | float, hi: float) -> None:
         """Add a batch of pre-activations viewed as (outer, C, inner): flat-region counts only."""

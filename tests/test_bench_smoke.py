@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -87,6 +88,31 @@ def test_unknown_model_is_a_usage_error() -> None:
                           text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown model(s) vgg" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_clock_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "overhead.py"), "--clock", "gpu"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    assert "--clock" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_clock_reaches_every_measuring_process() -> None:
+    overhead = _load("overhead")
+    args = overhead.parse(["--clock", "cpu", "--models", "arc_cnn"])
+    runs = overhead.specs(1, rounds=3, quick=False, models=["arc_cnn"], device="cpu", torchlens=True, clock=args.clock)
+    assert [r["clock"] for r in runs] == ["cpu"] * len(runs) and len(runs) == 3
+    assert overhead.parse([]).clock == "wall"
+
+
+def test_a_side_is_timed_with_the_clock_it_is_given() -> None:
+    sides = _load("sides")
+    import torch
+
+    ticks = iter([10.0, 13.5, 20.0, 31.0])  # whole start, first batch asked, past the last, whole end
+    timing = sides.timed(lambda stamped: list(stamped), [1, 2, 3], torch.device("cpu"), lambda: next(ticks))
+    assert (timing["span"], timing["whole"]) == (6.5, 21.0)
+    assert sides.CLOCKS["cpu"] is time.process_time
 
 
 def test_order_alternates_which_side_runs_first() -> None:

@@ -97,6 +97,21 @@ def producer_axis(x: torch.Tensor, producer: nn.Module | None) -> int | None:
     return 1 if isinstance(producer, CHANNEL_FIRST) else x.dim() - 1
 
 
+def output_info(m: nn.Module, *, keeps_layout: bool = False) -> tuple[OutputLayout | None, int | None]:
+    """`output_layout` and `producer_code` of ``m``, decided once per module."""
+    return output_layout(m, keeps_layout=keeps_layout), producer_code(m)
+
+
+def producer_code(m: nn.Module) -> int | None:
+    """`producer_axis` of ``m`` as a number decided once per module (None: its type fixes no axis): 1 for
+    dim 1, else the axis counted back from the rank (-1: the last dim; a conv: before its kernel dims)."""
+    if not isinstance(m, _PRODUCERS):
+        return None
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return -len(m.kernel_size) - 1
+    return 1 if isinstance(m, CHANNEL_FIRST) else -1
+
+
 def _first_tensor(args: tuple[Any, ...]) -> torch.Tensor | None:
     return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
@@ -148,6 +163,14 @@ class AxisTracker:
             self._note_pieces(out, *found)
         elif self.known(out) is None:
             self._axes[id(out)] = (weakref.ref(out), found)
+
+    def produced(self, t: torch.Tensor, ref: weakref.ref[torch.Tensor], code: int) -> None:
+        """`layout_output` of a producer whose `producer_code` is ``code`` and whose output is the plain
+        tensor ``t`` (``ref``: a weak reference to it): the axis its type fixes, unless one is known."""
+        entry = self._axes.get(id(t))
+        if entry is None or entry[0]() is not t:
+            n = t.dim()
+            self._axes[id(t)] = (ref, (0 if n <= 1 else 1 if code == 1 else max(n + code, 0), AxisSource.PRODUCER))
 
     def layout_output(self, layout: OutputLayout, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """Module ``m``, whose type says ``layout`` (`output_layout`, decided once per module), returned

@@ -119,6 +119,22 @@ def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None) -> t
     return runs.reshape(1, channels, mask.valid * inner), excluded
 
 
+def masked_rows(x: torch.Tensor, axis: int, mask: BatchMask) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Where ``mask`` applies to ``x`` with some positions left out and the channel comes after every
+    position dim (tokens (N, L, C)): ``x`` as (positions, C, inner) with the indices of its valid rows and
+    the elements per channel excluded, which `masked_channel_view` would gather (the statistics read
+    those rows in place); else None."""
+    k = covered_dims(x.shape, axis, mask.shape)
+    if k is None or mask.index is None or axis % x.dim() < k:
+        return None
+    axis %= x.dim()
+    channels = x.shape[axis]
+    inner = x.numel() // max(channels * mask.positions, 1)
+    index = mask.index if mask.index.device == x.device else mask.index.to(x.device)
+    rows = x.movedim(axis, k).reshape(mask.positions, channels, inner)
+    return rows, index, (mask.positions - mask.valid) * inner
+
+
 # -- where a batch's mask comes from ------------------------------------------------------------------
 @dataclass(frozen=True)
 class MaskChoice:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from deadneuron.probe.masks import BatchMask, masked_channel_view
+from deadneuron.probe.masks import BatchMask, covered_dims, masked_channel_view, masked_rows
 from deadneuron.probe.site import Site
 
 
@@ -16,8 +16,12 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
     """Before the call: the flat count on the pre-activation ``z``, where it must be taken before the
     call overwrites ``z`` (in place) or needs a per-channel region (PReLU); else `measure_output` takes it."""
     if site.flat_from_z_first(inplace):
-        z3 = masked_channel_view(site.region.tested(z).detach(), site.axis, mask)[0]
-        site.stats.update_flat(z3, site.region.lo, site.region.hi)
+        region = site.region
+        if not isinstance(region.lo, torch.Tensor) and _whole(site, z, mask):
+            site.stats.update_flat_along(region.tested(z), site.axis, region.lo, region.hi)
+            return
+        z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask)[0]
+        site.stats.update_flat(z3, region.lo, region.hi)
 
 
 def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask | None) -> None:
@@ -26,6 +30,18 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     ``z``, never on the output: the output cannot tell an infinite input from a finite one
     (``relu(-inf)`` is 0, ``sigmoid(inf)`` is 1), and a non-finite pre-activation is never flat."""
     region = site.region
+    if site.histogram is None and _whole(site, a, mask):  # every position read: no gathered copy
+        if mask is not None:  # it applies with every position valid, or does not fit this site
+            site.masked, site.unfitted = (True, site.unfitted) if _cover(site, a, mask) is not None else \
+                (site.masked, site.unfitted + 1)
+        if z is not None and not isinstance(region.lo, torch.Tensor):
+            site.stats.update_output_along(a, site.axis, eps, flat=(region.lo, region.hi), z=region.tested(z))
+        else:  # `measure_input` took the flat count before the call
+            site.stats.update_output_along(a, site.axis, eps)
+        site.shape = tuple(a.shape)
+        return
+    if mask is not None and site.histogram is None and _rows(site, a, z, eps=eps, mask=mask):
+        return
     a3, excluded = masked_channel_view(a.detach(), site.axis, mask)
     if excluded is not None:
         site.masked = True
@@ -40,3 +56,40 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     if site.histogram is not None:
         site.histogram.update(a3 if excluded else a.detach())
     site.shape = tuple(a.shape)
+
+
+def _rows(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask) -> bool:
+    """`measure_output` of tokens (N, L, C) under an (N, L) mask that leaves some out: the valid rows are
+    read in place rather than gathered (`masked_rows`). False where that does not apply."""
+    region = site.region
+    rows = masked_rows(a, site.axis, mask)
+    flat = z is not None and not isinstance(region.lo, torch.Tensor)  # else `measure_input` took it
+    zrows = masked_rows(region.tested(z), site.axis, mask) if flat and rows is not None else None  # type: ignore[arg-type]
+    if rows is None or (flat and zrows is None):
+        return False
+    a3, index, excluded = rows
+    site.masked = True
+    site.excluded += excluded
+    if zrows is not None:
+        site.stats.update_output_rows(a3, index, eps, flat=(region.lo, region.hi), z3=zrows[0])  # type: ignore[arg-type]
+    else:
+        site.stats.update_output_rows(a3, index, eps)
+    site.shape = tuple(a.shape)
+    return True
+
+
+def _cover(site: Site, x: torch.Tensor, mask: BatchMask) -> int | None:
+    """`covered_dims` of ``x`` at ``site`` under ``mask``, remembered per shape (it is asked every call)."""
+    key = (x.shape, mask.shape)
+    covers = site.covers
+    if key not in covers:
+        if len(covers) >= 16:
+            covers.clear()
+        covers[key] = covered_dims(x.shape, site.axis, mask.shape)
+    return covers[key]
+
+
+def _whole(site: Site, x: torch.Tensor, mask: BatchMask | None) -> bool:
+    """Whether the statistics read every position of ``x``: no mask, one that does not fit the site, or
+    one that fits with every position valid."""
+    return mask is None or mask.index is None or _cover(site, x, mask) is None

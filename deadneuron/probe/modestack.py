@@ -20,3 +20,12 @@ def remove_mode(mode: TorchFunctionMode) -> None:
 
 def on_stack(mode: TorchFunctionMode) -> bool:
     return any(torch._C._get_function_stack_at(i) is mode for i in range(torch._C._len_torch_function_stack()))
+
+
+def pop_if_top(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off the stack if it is on top; whether it was."""
+    depth = torch._C._len_torch_function_stack()
+    if depth and torch._C._get_function_stack_at(depth - 1) is mode:
+        torch._C._pop_torch_function_stack()
+        return True
+    return False

@@ -33,17 +33,21 @@ from deadneuron.activations import ActivationSpec, FlatRegion, check_delta, chec
 from deadneuron.errors import UsageError
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
-from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_layout
+from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_info
 from deadneuron.probe.leaves import quiet_leaf
 from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output
-from deadneuron.probe.modestack import on_stack, remove_mode
+from deadneuron.probe.modestack import on_stack, pop_if_top, remove_mode
 from deadneuron.probe.observer import SiteObserver
 from deadneuron.probe.site import Site, SiteResult, shown_name, site_globs, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
 from deadneuron.wrappers import unwrap, user_named_modules
+
+# An activation module measured: spec, flat region, name, site leaf name, its site key, its module-stack
+# entry, and the sites of its calls under way (pushed before the call, popped after it).
+_Activation = tuple[ActivationSpec, FlatRegion, str, str, tuple[str], tuple[str, bool], list[Site | None]]
 
 
 class Recorder:
@@ -93,15 +97,13 @@ class Recorder:
         self._handles: list[RemovableHandle] = []
         self._modes: list[tuple[nn.Module, bool]] = []
         self._names: dict[nn.Module, str] = {}
-        self._layouts: dict[nn.Module, OutputLayout | None] = {}  # what each module's output says of its axis
-        self._leaves: dict[nn.Module, str] = {}  # an activation module's site leaf name
+        self._outs: dict[nn.Module, tuple[str, OutputLayout | None, int | None]] = {}  # name, layout, producer code
         self._by_name: dict[str, nn.Module] = {}
-        self._specs: dict[nn.Module, tuple[ActivationSpec, FlatRegion]] = {}
+        self._specs: dict[nn.Module, _Activation] = {}  # the activation modules measured
         self._sites: dict[tuple[Any, ...], Site] = {}
         self._counts: dict[tuple[Any, ...], int] = {}
         self._producers: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self._stack: list[tuple[str, bool]] = []
-        self._pending: dict[nn.Module, list[Site | None]] = {}
         self._mode: FunctionalProbe | None = None
         self._probe: FunctionalProbe | None = None  # kept across re-entries (building one is not free)
         self._suspended: list[bool] = []
@@ -155,12 +157,11 @@ class Recorder:
             self._names[m] = name
             self._by_name[name] = m
             measured = spec is not None and self._module_selected(name, spec)
-            self._layouts[m] = output_layout(m, keeps_layout=measured)
+            self._outs[m] = (name, *output_info(m, keeps_layout=measured))
             if spec is not None and measured:
-                self._specs[m] = (spec, self._region(spec))
                 leaf = name.rsplit(".", 1)[-1]
-                self._leaves[m] = leaf if leaf and not leaf.isdigit() else spec.kind_name  # an index says less
-                self._pending[m] = []
+                leaf = leaf if leaf and not leaf.isdigit() else spec.kind_name  # an index says less
+                self._specs[m] = (spec, self._region(spec), name, leaf, (name,), (name, True), [])
                 self._hook(m, self._activation_pre_hook, self._activation_hook)
                 if m is not self.model:
                     continue
@@ -202,14 +203,7 @@ class Recorder:
     # through its Python __torch_function__ for nothing. A module that raises leaves it suspended;
     # the next forward pass (or start_batch) puts it back, and teardown removes it wherever it is.
     def _suspend(self) -> bool:
-        mode = self._mode
-        if mode is None:
-            return False
-        depth = torch._C._len_torch_function_stack()
-        if depth and torch._C._get_function_stack_at(depth - 1) is mode:
-            torch._C._pop_torch_function_stack()
-            return True
-        return False
+        return self._mode is not None and pop_if_top(self._mode)
 
     def _resume(self, suspended: bool) -> None:
         if suspended and self._mode is not None:
@@ -246,19 +240,30 @@ class Recorder:
     def _leaf_exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """A quiet leaf (see `quiet_leaf`) is never on the stack: only what it produced is noted."""
         suspended = self._suspended.pop() if self._suspended else False
-        self._note_output(m, args, out)  # before the probe is back: its tensor calls stay in C
-        if suspended and self._mode is not None:
-            torch._C._push_on_torch_function_stack(self._mode)
+        # before the probe is back: its tensor calls stay in C (with no DisableTorchFunction where the
+        # probe was the only mode)
+        self._note_output(m, args, out, quiet=suspended and not torch._C._len_torch_function_stack())
+        self._resume(suspended)
 
-    def _note_output(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        """Remember which module produced each output tensor (for site names) and its channel axis."""
-        name = self.last_module = self._names[m]
+    def _note_output(self, m: nn.Module, args: tuple[Any, ...], out: Any, *, quiet: bool = False) -> None:
+        """Remember which module produced each output tensor (for site names) and its channel axis.
+        ``quiet``: no torch-function mode is active (tensor calls need not turn the handling off).
+        Hooks run after every module, so this is kept short: one lookup, one weak reference."""
+        name, layout, code = self._outs[m]
+        self.last_module = name
         if type(out) is torch.Tensor:
-            self._producers[id(out)] = (weakref.ref(out), name)
+            ref = weakref.ref(out)
+            self._producers[id(out)] = (ref, name)
+            if code is not None:  # a producer: its type fixes the axis
+                if quiet:
+                    self.axes.produced(out, ref, code)
+                else:
+                    with torch._C.DisableTorchFunction():
+                        self.axes.produced(out, ref, code)
+                return
         else:
             for t in tensors(out):
                 self._producers[id(t)] = (weakref.ref(t), name)
-        layout = self._layouts[m]
         if layout is not None:  # else the module's type says nothing of its output's axis
             with torch._C.DisableTorchFunction():
                 self.axes.layout_output(layout, m, args, out)
@@ -273,34 +278,31 @@ class Recorder:
     # The hooks run with __torch_function__ handling off: otherwise every tensor method they call
     # (z.dim(), z.dtype...) would pass through the functional probe, a Python call each.
     # An activation module's two hooks also do what _enter_hook/_exit_hook do for other modules.
+    # The probe is put back after the output is measured and noted (its tensor calls stay in C).
     def _activation_pre_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        spec, region, name, leaf, key, entry, pending = self._specs[m]
+        z = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        site = None
         with torch._C.DisableTorchFunction():
-            self._activation_pre(m, args)
-        self._stack.append((self._names[m], True))
+            if z is not None and z.is_floating_point():
+                site = self._site(key, name, leaf, False, spec, region, z)
+                self._before(site, z, is_inplace(m))
+        pending.append(site)
+        self._stack.append(entry)
         self._suspended.append(self._suspend())
 
-    def _activation_pre(self, m: nn.Module, args: tuple[Any, ...]) -> None:
-        z = first_tensor(args, None)
-        site = None
-        if z is not None and z.is_floating_point():
-            spec, region = self._specs[m]
-            name = self._names[m]
-            site = self._site((name,), name, self._leaves[m], False, spec, region, z)
-            self._before(site, z, is_inplace(m))
-        self._pending[m].append(site)
-
     def _activation_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if self._suspended:
-            self._resume(self._suspended.pop())
-        pending = self._pending[m]
+        suspended = self._suspended.pop() if self._suspended else False
+        pending = self._specs[m][-1]
         site = pending.pop() if pending else None
-        if site is not None and isinstance(out, torch.Tensor):
-            with torch._C.DisableTorchFunction():
+        with torch._C.DisableTorchFunction():
+            if site is not None and isinstance(out, torch.Tensor):
                 self._after(site, out, None if is_inplace(m) else first_tensor(args, None))
-        if m is not self.model:
-            if self._stack:
-                self._stack.pop()
-            self._note_output(m, args, out)
+            if m is not self.model:
+                if self._stack:
+                    self._stack.pop()
+                self._note_output(m, args, out, quiet=True)
+        self._resume(suspended)
 
     # -- sites ----------------------------------------------------------------------------------
     def _functional_site(self, spec: ActivationSpec, fname: str, z: torch.Tensor) -> Site | None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ class Site:
     masked: bool = False  # the batch's padding mask applied here (on some call)
     excluded: int = 0  # elements per channel the mask excluded, over all calls
     unfitted: int = 0  # calls where the batch had a mask that did not fit this site
+    covers: dict[tuple[Any, ...], int | None] = field(default_factory=dict, repr=False, compare=False)  # see measure
 
     def flat_from_z_first(self, inplace: bool) -> bool:
         """The flat region must be tested on z before the call: the call overwrites z (the output
