@@ -41,7 +41,7 @@ _INF = float("inf")
 _NAN = float("nan")  # as a flat threshold: every comparison false, nothing counted
 ROWS = ("zero", "flat", "finite", "mean", "m2", "min", "max")  # the rows of `ChannelStats.acc`
 _MAX_PLANS = 16  # prepared kernel calls kept per accumulator (one per layout seen)
-_UNPLANNED = object()
+_UNPLANNED: Any = object()  # not yet prepared (None: prepared, and no kernel reads that layout)
 
 
 def channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
