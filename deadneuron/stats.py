@@ -41,7 +41,6 @@ _INF = float("inf")
 _NAN = float("nan")  # as a flat threshold: every comparison false, nothing counted
 ROWS = ("zero", "flat", "finite", "mean", "m2", "min", "max")  # the rows of `ChannelStats.acc`
 _MAX_PLANS = 16  # prepared kernel calls kept per accumulator (one per layout seen)
-_UNPLANNED: Any = object()  # not yet prepared (None: prepared, and no kernel reads that layout)
 
 
 def channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -165,9 +164,7 @@ class ChannelStats:
         if type(a) is torch.Tensor and (z is None or type(z) is torch.Tensor):
             zkey = None if z is None else (z.shape, z.stride(), z.dtype, z.is_cpu)
             key = (a.shape, a.stride(), a.dtype, a.is_cpu, axis, eps, flat, zkey)
-            run = self._plans.get(key, _UNPLANNED)
-            if run is _UNPLANNED or (run is not None and (run.acc is not self.acc or run.counts is not self.counts)):
-                run = self._planned(key, a, axis, eps, flat, z)
+            run = self._lookup(key, a, axis, eps, flat, z)
             if run is not None and run(a.data_ptr(), None if z is None else z.data_ptr()) == 0:
                 return
             self._plans[key] = None  # strides no kernel reads: the general path copies them
@@ -183,9 +180,7 @@ class ChannelStats:
         if rows.is_cpu and type(a3) is torch.Tensor and (z3 is None or type(z3) is torch.Tensor):
             zkey = None if z3 is None else (z3.shape, z3.stride(), z3.dtype, z3.is_cpu)
             key = (a3.shape, a3.stride(), a3.dtype, a3.is_cpu, "rows", eps, flat, zkey)
-            run = self._plans.get(key, _UNPLANNED)
-            if run is _UNPLANNED or (run is not None and (run.acc is not self.acc or run.counts is not self.counts)):
-                run = self._planned(key, a3, 1, eps, flat, z3)
+            run = self._lookup(key, a3, 1, eps, flat, z3)
             if run is not None:
                 offsets = (rows.to(torch.int64) * a3.stride(0)).contiguous()
                 if run.rows(a3.data_ptr(), None if z3 is None else z3.data_ptr(), offsets) == 0:
@@ -198,12 +193,23 @@ class ChannelStats:
         """`update_flat` of ``channel_view(z, axis)`` with scalar thresholds, prepared as `update_output_along`."""
         if type(z) is torch.Tensor:
             key = (z.shape, z.stride(), z.dtype, z.is_cpu, axis, lo, hi, "flat")
-            run = self._plans.get(key, _UNPLANNED)
-            if run is _UNPLANNED or (run is not None and (run.acc is not self.acc or run.counts is not self.counts)):
-                run = self._planned(key, z, axis, 0.0, (lo, hi), None, flat_only=True)
+            run = self._lookup(key, z, axis, 0.0, (lo, hi), None, flat_only=True)
             if run is not None and run(z.data_ptr(), None) == 0:
                 return
         self.update_flat(channel_view(z.detach(), axis), lo, hi)
+
+    def _lookup(
+        self, key: tuple[Any, ...], a: torch.Tensor, axis: int, eps: float, flat: tuple[float, float] | None,
+        z: torch.Tensor | None, *, flat_only: bool = False,
+    ) -> Planned | None:  # fmt: skip
+        """The call cached under ``key`` (None: the general path), prepared again where the accumulator
+        tensors it writes were replaced (`reset`, a device move, state assigned from elsewhere)."""
+        run = self._plans.get(key)
+        if run is None and key in self._plans:
+            return None
+        if run is None or run.acc is not self.acc or run.counts is not self.counts:
+            run = self._planned(key, a, axis, eps, flat, z, flat_only=flat_only)
+        return run
 
     def _planned(
         self, key: tuple[Any, ...], a: torch.Tensor, axis: int, eps: float, flat: tuple[float, float] | None,

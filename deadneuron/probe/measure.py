@@ -61,19 +61,20 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
 def _rows(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask) -> bool:
     """`measure_output` of tokens (N, L, C) under an (N, L) mask that leaves some out: the valid rows are
     read in place rather than gathered (`masked_rows`). False where that does not apply."""
-    region = site.region
+    region, lo = site.region, site.region.lo
     rows = masked_rows(a, site.axis, mask)
-    flat = z is not None and not isinstance(region.lo, torch.Tensor)  # else `measure_input` took it
-    zrows = masked_rows(region.tested(z), site.axis, mask) if flat and rows is not None else None  # type: ignore[arg-type]
-    if rows is None or (flat and zrows is None):
+    if rows is None:
         return False
     a3, index, excluded = rows
-    site.masked = True
-    site.excluded += excluded
-    if zrows is not None:
-        site.stats.update_output_rows(a3, index, eps, flat=(region.lo, region.hi), z3=zrows[0])  # type: ignore[arg-type]
+    if z is not None and not isinstance(lo, torch.Tensor):  # else `measure_input` took the flat count
+        zrows = masked_rows(region.tested(z), site.axis, mask)
+        if zrows is None:
+            return False
+        site.stats.update_output_rows(a3, index, eps, flat=(lo, region.hi), z3=zrows[0])
     else:
         site.stats.update_output_rows(a3, index, eps)
+    site.masked = True
+    site.excluded += excluded
     site.shape = tuple(a.shape)
     return True
 
