@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,15 @@ class ArcCNN(nn.Module):
         for conv in self.convs:
             x = self.relu(conv(x))
         return self.head(x)
+
+
+def steady_exec() -> None:
+    """Run this command again with the steady allocator settings, importing this checkout's deadneuron
+    (the repository root first on the path: run as a script, the path would start at benchmarks/ and an
+    installed deadneuron, maybe another checkout's, would be measured instead)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_STEADY, "PYTHONPATH": path})
 
 
 def _sync(device: torch.device) -> None:
@@ -140,7 +150,7 @@ def main() -> None:
         ap.error("--clock cpu measures the calling thread: use it with --device cpu --threads 1")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.malloc == "steady" and any(os.environ.get(k) != v for k, v in _STEADY.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_STEADY})
+        steady_exec()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -150,7 +160,8 @@ def main() -> None:
             for _ in range(100)]  # fmt: skip
     pool = [(x.to(device), y.to(device)) for x, y in pool]
     print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, batch {args.batch}x10x30x30, "
-          f"{args.rounds} rounds, allocator {args.malloc}, clock {args.clock}")
+          f"{args.rounds} rounds, allocator {args.malloc}, clock {args.clock}, deadneuron from "
+          f"{Path(deadneuron.__file__).parent}")
     print(f"{'setting':<22} {'steps/round':>11} {'plain ms':>9} {'monitor ms':>10} {'ratio':>6} {'range':>13}")
     for name, every, sample, steps in SETTINGS:
         if args.setting and name not in args.setting:
