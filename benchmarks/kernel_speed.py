@@ -7,7 +7,7 @@ an ARC-like conv activation (64, 64, 30, 30) read along channel axis 1 (the row 
 transformer activation (8, 64, 256) read along its last axis (the column kernel), float32, with the flat
 region read on the output (ReLU) and on a separate pre-activation (GELU). Each source given with
 ``--compare`` is built the same way and timed interleaved with the current one, so that load on a
-shared machine hits them alike; the median over ``--reps`` calls is printed, with the plain
+shared machine hits them alike (a source must export the entry points `deadneuron._native` loads); the median over ``--reps`` calls is printed, with the plain
 ``torch.relu`` of the same tensor as a yardstick. Nothing is asserted.
 """
 

@@ -43,7 +43,9 @@
 #define FLUSH 4096 /* elements per count run in the row kernel, rows per stretch in the column kernel */
 #define BLOCK 64   /* columns per block in the column kernel: the partial arrays stay in L1 */
 #define TILE 16    /* columns of a block summed together in registers (finite-only pass) */
-#define TILE_ROWS 64 /* ... over stretches of at least this many rows (fewer: not worth its set-up) */
+#define TILE_ROWS 256 /* ... over this many rows at a time (the block's rows stay in cache between tiles) */
+#define TILE_BYTES (12 << 20) /* ... for batches of at most this many bytes read: beyond (out of a 32 MB L3,
+                                   measured with benchmarks/kernel_speed.py) the plain block loop streams faster */
 #define LONG_ROW 256 /* rows at least this long (inner contiguous) are reduced one by one */
 #define ROW_CHANNELS 256 /* channels the row kernel reads together, row by row in memory order */
 #define FLAT_BLOCK 512 /* columns per block of the flat-only column loop */
@@ -303,7 +305,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * finite-only first, again with the checks if that came out non-finite. Each column's sums go    \
      * to out[k - k0] and its range to l/h; a column's result does not depend on the others. */       \
     static void block_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner, \
-                               const int64_t *restrict rows,                                          \
+                               const int64_t *restrict rows, int tiles,                               \
                                int64_t so, int64_t si, int64_t k0, int64_t nk, T eps, T lo, T hi,     \
                                const double *restrict K, Sums *restrict out, T *restrict l,           \
                                T *restrict h) {                                                       \
@@ -325,11 +327,14 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     sl[k] = k < nk ? l[k] : (T)INFINITY;                                              \
                     sh[k] = k < nk ? h[k] : -(T)INFINITY;                                             \
                 }                                                                                     \
-                if (pass == 0 && r1 - r0 >= TILE_ROWS) { /* finite-only, TILE columns at a time */    \
-                    for (int64_t t = 0; t < nk; t += TILE)                                            \
-                        tile_##SUFFIX(a, f, inner, rows, so, si, r0, r1, k0 + t, nk - t < TILE ? nk - t : TILE, \
-                                      check, eps, lo, hi, K + t, z + t, fl + t, nw + t, s + t, q + t, sl + t, \
-                                      sh + t);                                                        \
+                if (pass == 0 && tiles && r1 - r0 >= TILE_ROWS) { /* finite-only, TILE columns at a time over */ \
+                    for (int64_t c = r0; c < r1; c += TILE_ROWS) { /* rows few enough to stay in cache */ \
+                        const int64_t e = r1 - c < TILE_ROWS ? r1 : c + TILE_ROWS;                    \
+                        for (int64_t t = 0; t < nk; t += TILE)                                        \
+                            tile_##SUFFIX(a, f, inner, rows, so, si, c, e, k0 + t, nk - t < TILE ? nk - t : TILE, \
+                                          check, eps, lo, hi, K + t, z + t, fl + t, nw + t, s + t, q + t, sl + t, \
+                                          sh + t);                                                    \
+                    }                                                                                 \
                 } else {                                                                              \
                     int64_t o = r0 / inner, i = r0 % inner;                                           \
                     for (int64_t r = r0; r < r1; ++r) {                                               \
@@ -378,7 +383,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Channels [c, c + m), each `group` consecutive columns (m = 1 where group > BLOCK): each        \
      * channel's columns' sums added in column order into sums[j], its range into l[j]/h[j]. */       \
     static void columns_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,    \
-                                 const int64_t *rows,                                                 \
+                                 const int64_t *rows, int tiles,                                      \
                                  int64_t si, int64_t c, int64_t m, int64_t group, T eps, T lo, T hi,  \
                                  const double *K, Sums *sums, T *l, T *h) {                           \
         double kc[BLOCK];                                                                             \
@@ -396,7 +401,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t j0 = k0 / group - c, first = group - k0 % group;                            \
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group)                    \
                 for (int64_t e = k; e < k + n && e < nk; ++e) kc[e] = K[j];                           \
-            block_##SUFFIX(a, f, outer, inner, rows, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch);    \
+            block_##SUFFIX(a, f, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch); \
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group) {                  \
                 Sums t = sums[j];                                                                     \
                 T tl = l[j], th = h[j];                                                               \
@@ -415,7 +420,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Columns: channels [c0, c1), each `group` consecutive columns of rows (o, i); blocks hold whole \
      * channels (as many as fit in BLOCK columns), or BLOCK columns of one channel at a time. */      \
     static void cols_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,       \
-                              const int64_t *rows,                                                    \
+                              const int64_t *rows, int tiles,                                         \
                               int64_t si, int64_t c0, int64_t c1, int64_t group, T eps, T lo, T hi,   \
                               int64_t C, double *acc) {                                               \
         const int64_t per = group <= BLOCK ? BLOCK / group : 1;                                       \
@@ -426,7 +431,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t m = c1 - c < per ? c1 - c : per;                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
                 K[j] = first_##SUFFIX(a, outer, inner, so, rows, si, (c + j) * group, group);         \
-            columns_##SUFFIX(a, f, outer, inner, so, rows, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+            columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             const double seen = (double)outer * (double)inner * (double)group;                        \
             int again = 0;                                                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
@@ -435,7 +440,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     again = 1;                                                                        \
                 }                                                                                     \
             if (again) /* the other channels' sums come out the same again */                         \
-                columns_##SUFFIX(a, f, outer, inner, so, rows, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+                columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
                 acc[R_FLAT * C + c + j] += sums[j].fl;                                                \
@@ -455,16 +460,17 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         return -1;                                                                                    \
     }                                                                                                 \
                                                                                                       \
-    static void channels_##SUFFIX(int kind, const T *a, const T *f, int64_t outer, const int64_t *rows, int64_t C, \
+    static void channels_##SUFFIX(int kind, int tiles, const T *a, const T *f, int64_t outer, const int64_t *rows, \
+                                  int64_t C,                                                          \
                                   int64_t inner, int64_t so, int64_t sc, int64_t si, T eps, T lo,     \
                                   T hi, double *acc, int64_t c0, int64_t c1) {                        \
         if (c1 <= c0) return;                                                                         \
         if (kind == 0)                                                                                \
             rows_##SUFFIX(a, f, outer, C, inner, rows, so, sc, c0, c1, eps, lo, hi, acc);             \
         else if (kind == 1)                                                                           \
-            cols_##SUFFIX(a, f, outer, inner, so, rows, si, c0, c1, 1, eps, lo, hi, C, acc);          \
+            cols_##SUFFIX(a, f, outer, inner, so, rows, tiles, si, c0, c1, 1, eps, lo, hi, C, acc);   \
         else                                                                                          \
-            cols_##SUFFIX(a, f, outer, 1, so, rows, 0, c0, c1, inner, eps, lo, hi, C, acc);           \
+            cols_##SUFFIX(a, f, outer, 1, so, rows, tiles, 0, c0, c1, inner, eps, lo, hi, C, acc);    \
     }                                                                                                 \
                                                                                                       \
     /* Adds channels [c0, c1) of the batch (all of them: 0, C), split over `threads` OpenMP threads   \
@@ -481,11 +487,13 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         if (outer > 0 && c1 > c0 && inner > 0) {                                                      \
             const int kind = layout_##SUFFIX(outer, inner, sc, si);                                   \
             if (kind < 0) return 1;                                                                   \
+            /* the batch's bytes read: the tiled column pass only pays while they stay in cache */    \
+            const int tiles = (double)outer * (double)inner * (double)C * sizeof(T) * (f != a ? 2 : 1) <= TILE_BYTES; \
             const int64_t n = c1 - c0;                                                                \
             const int parts = threads < 1 ? 1 : (n < threads ? (int)n : threads);                     \
             _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
             for (int t = 0; t < parts; ++t)                                                           \
-                channels_##SUFFIX(kind, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
+                channels_##SUFFIX(kind, tiles, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
                                   c0 + n * t / parts, c0 + n * (t + 1) / parts);                      \
         }                                                                                             \
         if (c0 == 0) {                                                                                \
