@@ -337,7 +337,8 @@ def test_unknown_axis_is_guessed_warned_and_marked_then_set_by_the_user() -> Non
     assert list(site.dead_channels) != [1, 4]
     report = attach_findings(report)
     (finding,) = [f for f in report.findings if f["rule"] == "axis-guessed"]
-    assert finding["sites"] == ["relu"] and "--channel-axis 'relu=AXIS'" in finding["message"]
+    assert finding["sites"] == ["relu"] and "channel_axis={'relu': AXIS}" in finding["message"]
+    assert "deadneuron audit" not in finding["message"], "an audit from Python has no command line to repeat"
     table = render_markdown(report)
     assert "| `relu` | relu | 10? |" in table and "channel axis guessed" in table
     for axis in (1, -2):

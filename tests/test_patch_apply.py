@@ -256,6 +256,39 @@ def test_reinit_revives_dead_channels_and_leaves_the_function_unchanged() -> Non
                                                           "bns.1.bias", "convs.2.weight"}  # fmt: skip
 
 
+class BlockFed(nn.Module):
+    """F.relu reads what a Sequential block returns: the audit names the site after the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6))
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.block(x)))
+
+
+def test_reinit_finds_a_site_named_after_the_container_that_returned_its_input() -> None:
+    torch.manual_seed(0)
+    model, x = BlockFed().eval(), torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        model.block[1].bias[[2, 5]] = -50.0
+    report = audit(model, [x], progress=False, compile=False)
+    assert list(report.sites) == ["block>relu"]
+    result = apply_plan(model, Plan((ReinitDead((("block>relu", (2, 5)),)),)), report=report, example=x)
+    new = result.model
+    with torch.no_grad():  # the oracle: the block's output by hand, before and after
+        z_old = F.batch_norm(model.block[0](x), model.block[1].running_mean, model.block[1].running_var,
+                             model.block[1].weight, model.block[1].bias, training=False)  # fmt: skip
+        z_new = F.batch_norm(F.conv2d(x, new.block[0].weight, new.block[0].bias, padding=1), new.block[1].running_mean,
+                             new.block[1].running_var, new.block[1].weight, new.block[1].bias, training=False)  # fmt: skip
+    assert [c for c in range(6) if bool((z_old[:, c] <= 0).all())] == [2, 5]
+    assert [c for c in range(6) if bool((z_new[:, c] <= 0).all())] == []
+    assert torch.equal(new.block[0].weight[[0, 1, 3, 4]], model.block[0].weight[[0, 1, 3, 4]])
+    assert torch.count_nonzero(new.head.weight[:, [2, 5]]) == 0
+    assert torch.allclose(new(x), model(x), atol=1e-6), "zero outgoing weights: same function at surgery"
+
+
 def test_reinit_resets_the_optimizer_moments_of_the_touched_slices() -> None:
     model, x = planted_encoder()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -224,3 +224,100 @@ def test_the_surgery_preview_places_batchnorm_as_the_surgery_does() -> None:
     dropped_report = audit(dropped, [x], progress=False, compile=False, rules=False)
     why = PatchTarget(("m.pth",), preview=ModelPreview(dropped, x)).check(dropped_report, Fix((AddBatchNorm(("2",)),)))
     assert why is not None and "2: fed by 1 (Dropout), not a conv or linear layer" in why
+
+
+# -- the audit of a BatchNorm-patched model suggests commands that run as printed ---------------------------
+
+SHARED_ACT = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """One ReLU module shared by two conv layers (sites c1>act, c2>act); c3 reads c2>act."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 4, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = self.act(self.c1(x))
+        x = self.act(self.c2(x))
+        return self.c3(x).mean((2, 3))
+
+
+def build():
+    return Net()
+
+
+def batches():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(6, 3, 8, 8, generator=g) for _ in range(3)]
+'''
+
+
+def _load_module(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pre_c2(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The input of site c2>act in eval mode, by hand from the saved weights (the added BatchNorms included)."""
+    def conv_bn(layer: str, h: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.conv2d(h, state[f"{layer}.weight"], state[f"{layer}.bias"], padding=1)
+        return torch.nn.functional.batch_norm(
+            z, state[f"{layer}.batchnorm.running_mean"], state[f"{layer}.batchnorm.running_var"],
+            state[f"{layer}.batchnorm.weight"], state[f"{layer}.batchnorm.bias"], training=False, eps=1e-5)
+
+    return conv_bn("c2", torch.relu(conv_bn("c1", x)))
+
+
+def test_reinit_suggested_by_the_audit_of_a_batchnorm_patched_model_runs_as_printed(tmp_path: Path) -> None:
+    source = tmp_path / "shared_act.py"
+    source.write_text(SHARED_ACT)
+    user = _load_module(source, "shared_act_for_bn")
+    torch.manual_seed(0)
+    model = user.build()
+    with torch.no_grad():
+        model.c2.bias[list(DEAD)] = -50.0
+    ckpt, normed = tmp_path / "own.pth", tmp_path / "bn.pth"
+    torch.save(model.state_dict(), ckpt)
+    subject = ["--model", f"{source}:build", "--data", f"{source}:batches"]
+    run = CliRunner().invoke(app, ["patch", str(ckpt), *subject, "--add-batchnorm", "--out", str(normed)])
+    assert run.exit_code == 0, run.stderr
+    audited = CliRunner().invoke(app, ["audit", str(normed), *subject, "--format", "json"])
+    assert audited.exit_code == 0, audited.stderr
+    import json
+
+    report = json.loads(audited.stdout)
+    assert [s["name"] for s in report["sites"]] == ["c1>act", "c2>act"], "the added BatchNorm renames no site"
+    assert any("'c2.batchnorm' has never been updated" in f["message"] for f in report["findings"])
+    (dead,) = [f for f in report["findings"] if f["rule"] == "dead-relu"]
+    assert dead["channels"] == {"c2>act": list(DEAD)}
+    (command,) = [c for c in dead["commands"] if "--reinit-dead" in c]
+    assert command == f"deadneuron patch {normed} {' '.join(subject)} --reinit-dead --select 'c2>act'"
+    printed = CliRunner().invoke(app, shlex.split(command)[1:])  # exactly as printed
+    assert printed.exit_code == 0, printed.stderr
+    out = tmp_path / "re.pth"
+    result = CliRunner().invoke(app, [*shlex.split(command)[1:], "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    before = torch.load(normed, weights_only=True)["state_dict"]
+    after = torch.load(out, weights_only=True)["state_dict"]
+    alive = [c for c in range(8) if c not in DEAD]
+    assert not torch.equal(after["c2.weight"][list(DEAD)], before["c2.weight"][list(DEAD)]), "fresh incoming weights"
+    torch.testing.assert_close(after["c2.weight"][alive], before["c2.weight"][alive], rtol=0, atol=0)
+    assert bool((after["c3.weight"][:, list(DEAD)] == 0).all()), "outgoing weights zeroed"
+    torch.testing.assert_close(after["c3.weight"][:, alive], before["c3.weight"][:, alive], rtol=0, atol=0)
+    z_before = torch.cat([_pre_c2(before, x) for x in user.batches()])
+    z_after = torch.cat([_pre_c2(after, x) for x in user.batches()])
+    assert [c for c in range(8) if bool((z_before[:, c] <= 0).all())] == list(DEAD)
+    assert [c for c in range(8) if bool((z_after[:, c] <= 0).all())] == [], "the dead channels fire again"
+    revived = load_patched(out, user.build).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(revived(user.batches()[0]), model.eval()(user.batches()[0]), rtol=1e-5, atol=1e-5)

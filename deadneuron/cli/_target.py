@@ -90,6 +90,29 @@ def _repeat(flag: str, values: Iterable[str]) -> list[str]:
     return [word for value in values for word in (flag, value)]
 
 
+def audit_args(flags: AuditFlags, *, measure: Sequence[str] = ()) -> tuple[str, ...]:
+    """The arguments of `deadneuron audit` that audit the same subject again, as the user typed them: the
+    checkpoint and its subject flags, then ``measure`` (the flags that chose what was measured)."""
+    words = [str(flags.checkpoint), *(["--model", flags.model] if flags.model is not None else [])]
+    words += _repeat("--model-arg", flags.model_args)
+    words += ["--data", flags.data] if flags.data is not None else []
+    words += ["--input-shape", flags.input_shape] if flags.input_shape is not None else []
+    words += ["--batches", str(flags.batches)] if flags.batches is not None else []
+    words += ["--train", flags.train, "--max-steps", str(flags.max_steps)] if flags.train is not None else []
+    words += [*_repeat("--allow-global", flags.allow_globals), *(["--trust-code"] if flags.trust_code else [])]
+    return (*words, *measure)
+
+
+def measure_args(*, select: Sequence[str], mask: str | None, no_mask: bool, channel_axis: Sequence[str],
+                 eps: str | None, delta: str | None) -> tuple[str, ...]:  # fmt: skip
+    """The audit flags that chose what was measured, as words (``eps``/``delta``: None where the default)."""
+    words = _repeat("--select", select) + (["--mask", mask] if mask is not None else [])
+    words += ["--no-mask"] if no_mask else []
+    words += _repeat("--channel-axis", channel_axis)
+    words += (["--eps", eps] if eps is not None else []) + (["--delta", delta] if delta is not None else [])
+    return tuple(words)
+
+
 def subject_limits(*, mask: str | None, no_mask: bool, channel_axis: Sequence[str]) -> tuple[str, ...]:
     """The audit flags that change which channels count as dead and that `deadneuron patch` does not take."""
     out = [f"--mask {mask}"] if mask is not None else []
@@ -98,4 +121,4 @@ def subject_limits(*, mask: str | None, no_mask: bool, channel_axis: Sequence[st
     return tuple(out)
 
 
-__all__ = ["AuditFlags", "Peeked", "patch_target", "peek_data", "subject_limits"]
+__all__ = ["AuditFlags", "Peeked", "audit_args", "measure_args", "patch_target", "peek_data", "subject_limits"]

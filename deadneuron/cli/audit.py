@@ -20,6 +20,8 @@ from rich.console import Console
 from deadneuron._parse import check_count
 from deadneuron.errors import DeadneuronError, ExitCode, UsageError
 
+EPS, DELTA = 0.0, 0.05  # the defaults of --eps and --delta
+
 if TYPE_CHECKING:
     from deadneuron.cli._subject import Subject
     from deadneuron.gate import GateLimits
@@ -36,8 +38,8 @@ def audit_command(
     batches: Annotated[int | None, typer.Option("--batches", help="Audit at most N batches (default: all; 8 with --input-shape).")] = None,
     train: Annotated[str | None, typer.Option("--train", metavar="MODULE:FN", help="train(model, steps=N, seed=S) for your model: the suggested patch commands retrain with it.")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="With --train: steps of every run of the suggested patch commands (both arms).")] = None,
-    eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = 0.0,
-    delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = 0.05,
+    eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = EPS,
+    delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = DELTA,
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
     mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
@@ -63,7 +65,14 @@ def audit_command(
     from deadneuron.audit import audit
     from deadneuron.cli._launch import launch
     from deadneuron.cli._subject import build_subject, check_callable, parse_channel_axes, parse_key_values
-    from deadneuron.cli._target import AuditFlags, patch_target, peek_data, subject_limits
+    from deadneuron.cli._target import (
+        AuditFlags,
+        audit_args,
+        measure_args,
+        patch_target,
+        peek_data,
+        subject_limits,
+    )
     from deadneuron.gate import GateLimits
     from deadneuron.render.progress import terminal_bar
 
@@ -111,13 +120,16 @@ def audit_command(
         flags = AuditFlags(checkpoint, model=model, model_args=tuple(model_arg or ()), data=data, input_shape=input_shape,
                            batches=batches, train=train, max_steps=max_steps, allow_globals=tuple(allow_global or ()),
                            trust_code=trust_code, limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or ()))  # fmt: skip
+        measured = measure_args(select=select or (), mask=mask, no_mask=no_mask, channel_axis=channel_axis or (),
+                                eps=None if eps == EPS else str(eps), delta=None if delta == DELTA else str(delta))  # fmt: skip
         peeked = peek_data(subject, batches)
         report = audit(
             subject.model, shard.take(subject.data, batches, sharded=subject.sharded), eps=eps, delta=delta,
             select=select, device=device, progress=terminal_bar(progress) if fmt == "table" and shard.primary else None,
             adapter=subject.adapter, histograms=out is not None, mask=None if no_mask else (mask or "auto"),
             channel_axis=axes,
-            meta={"source": str(checkpoint), "random_inputs": subject.random_inputs, "warnings": warnings,
+            meta={"source": str(checkpoint), "audit_args": list(audit_args(flags, measure=measured)),
+                  "random_inputs": subject.random_inputs, "warnings": warnings,
                   **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},
             rules=rules[0] if rules is not None else False, rules_config=rules[1] if rules is not None else None,
             checkpoint=subject.checkpoint, patch_target=patch_target(flags, subject, peeked, train=train_fn),

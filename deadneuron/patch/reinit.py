@@ -9,7 +9,10 @@ at the moment of surgery. The optimizer's moment estimates for every touched sli
 
 Which layer feeds and which consumes a site is measured, not guessed from names: one forward pass on an
 example batch records which module call produced each tensor. What cannot be found (a consumer behind a
-non-module operation such as ``x + pos``) is reported, not invented.
+non-module operation such as ``x + pos``) is reported, not invented. Sites are named as the audit's
+Recorder names them: after the last module that returned the activation's input (a container returning
+its child's tensor, a layer whose added BatchNorm runs in its forward hook: ``c2>relu``), while the walk
+upstream goes from leaf to leaf (``c2.batchnorm``, then ``c2``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torch.overrides import TorchFunctionMode
 
 from deadneuron.activations import spec_for_module
 from deadneuron.functional_kinds import FunctionalActivations
+from deadneuron.patch.hooks import CHILD, has_added_batchnorm
+from deadneuron.probe.functional import tensors as tensors_in
 
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -38,11 +43,8 @@ class _Call:
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor | None
     activation: bool = False
-    source: _Call | None = None  # the call that produced inputs[0], at the time of this call
-
-    @property
-    def producer(self) -> str | None:
-        return self.source.name if self.source is not None else None
+    source: _Call | None = None  # the leaf call that produced inputs[0], at the time of this call
+    producer: str | None = None  # the last module that returned inputs[0] (the Recorder's producer)
 
 
 @dataclass(frozen=True)
@@ -85,14 +87,34 @@ class _Dataflow:
     def __init__(self) -> None:
         self.calls: list[_Call] = []
         self.producer: dict[int, _Call] = {}
+        self.returned: dict[int, tuple[torch.Tensor, str]] = {}  # tensor id -> (tensor, last module returning it)
         self.stack: list[tuple[str, bool]] = []  # (module name, is an activation module)
 
     def record(self, call: _Call) -> None:
         first = call.inputs[0] if call.inputs else None
         call.source = self.producer.get(id(first)) if first is not None else None
+        named = self.returned.get(id(first)) if first is not None else None
+        call.producer = named[1] if named is not None and named[0] is first else None
         self.calls.append(call)
         if call.output is not None:
             self.producer[id(call.output)] = call
+
+    def returned_by(self, name: str, out: Any) -> None:
+        """``out`` was returned by the module called ``name`` (the tensors are kept: their ids stay unique)."""
+        for t in tensors_in(out):
+            self.returned[id(t)] = (t, name)
+
+    def link_added_batchnorm(self, name: str, layer: nn.Module, args: tuple[Any, ...]) -> None:
+        """``layer`` ran its added BatchNorm in its forward hook: record the layer as the leaf that produced
+        the BatchNorm's input, so that the walk upstream reaches its weights through the BatchNorm."""
+        norm = layer._modules.get(CHILD)
+        bn = next((c for c in reversed(self.calls) if c.module is norm), None)
+        if bn is None or not bn.inputs:
+            return
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+        own = _Call(name, name.rsplit(".", 1)[-1], layer, inputs, bn.inputs[0])
+        self.record(own)
+        bn.source = own
 
     def consumers(self, t: torch.Tensor) -> list[_Call]:
         return [c for c in self.calls if c.inputs and c.inputs[0] is t]
@@ -111,14 +133,17 @@ def dataflow(model: nn.Module, run: Callable[[nn.Module], Any]) -> _Dataflow:
 
     def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         flow.stack.pop()
+        if has_added_batchnorm(m):
+            flow.link_added_batchnorm(names[m], m, args)
         if next(m.children(), None) is None:  # leaves only: a container returns its child's tensor
-            tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+            inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
             leaf = names[m].rsplit(".", 1)[-1]
             spec = spec_for_module(m)
             if spec is not None and (not leaf or leaf.isdigit()):  # named as the Recorder names it
                 leaf = spec.kind_name
             output = out if isinstance(out, torch.Tensor) else None
-            flow.record(_Call(names[m], leaf, m, tensors, output, activation=spec_for_module(m) is not None))
+            flow.record(_Call(names[m], leaf, m, inputs, output, activation=spec_for_module(m) is not None))
+        flow.returned_by(names[m], out)
 
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -147,7 +172,7 @@ def site_calls(flow: _Dataflow, site: str) -> list[_Call]:
 
 def _names_of(call: _Call) -> set[str]:
     names = {call.name} if call.module is not None else {f"{call.name}.{call.leaf}" if call.name else call.leaf}
-    if call.producer is not None:
+    if call.producer:
         names.add(f"{call.producer}>{call.leaf}")
     return names
 
