@@ -56,8 +56,8 @@ def _channel_sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SiteFlow:
-    """Running per-channel sums of one site, on the site's device; ``native``: the C kernel, used for CPU
-    float32/float64 tensors (None: torch for everything)."""
+    """Running per-channel sums of one site, on the site's device. ``native``: the C kernel, for a site on
+    the CPU (None: torch for everything); it sums the float32/float64 tensors."""
 
     def __init__(self, axis: int, channels: int, *, track_abs: bool, native: NativeStats | None = None) -> None:
         self.axis = axis
@@ -70,31 +70,50 @@ class SiteFlow:
         self.grad_abs: torch.Tensor | None = None  # sum |dL/dz| per channel
         self.grad_nonzero: torch.Tensor | None = None  # count of dL/dz != 0 per channel
         self.grad_elements = 0  # gradient elements seen per channel
+        self.window = 0  # `restart` counts the windows: a gradient hook adds only into its own window's sums
+        self._acc: torch.Tensor | None = None
+        if native is not None:  # the kernel's accumulators, on the CPU, kept (and zeroed) from window to window
+            self._acc = torch.zeros(3, channels, dtype=torch.float64)
+            self.abs_sum, self.grad_abs, self.grad_nonzero = self._acc.unbind(0)
+
+    def restart(self) -> None:
+        """A new window: every sum from zero. The C kernel's accumulators are zeroed in place (the prepared
+        calls stay valid); a gradient hook of an earlier window's forward pass no longer adds anything."""
+        self.window += 1
+        self.abs_elements = self.grad_elements = 0
+        if self._acc is not None:
+            self._acc.zero_()
+        else:
+            self.abs_sum = self.grad_abs = self.grad_nonzero = None
 
     def add_output(self, a: torch.Tensor, mask: BatchMask | None = None) -> None:
+        native = self._native_for(a)
+        if native is not None and self.abs_sum is not None:
+            self.abs_elements += self._native_sums(native, a.detach(), mask, self.abs_sum, None)
+            return
         with torch.no_grad():
-            native = self._native_for(a, self.abs_sum)
-            if native is not None:
-                if self.abs_sum is None:
-                    self.abs_sum = torch.zeros(self.channels, dtype=torch.float64)
-                self.abs_elements += self._native_sums(native, a.detach(), mask, self.abs_sum, None)
-                return
             a3 = masked_channel_view(a.detach(), self.axis, mask)[0]
             a = a3.abs() if a3.dtype not in _LOW_PRECISION else a3.float().abs()
             part = a.sum(2).sum(0, dtype=torch.float64)
         self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
         self.abs_elements += a3.shape[0] * a3.shape[2]
 
-    def add_grad(self, grad: torch.Tensor, mask: BatchMask | None = None) -> None:
+    def add_grad(self, grad: torch.Tensor, mask: BatchMask | None = None, *, window: int | None = None) -> None:
         """The tensor hook on z: reads the gradient, returns None (the gradient flows on unchanged). With
-        the forward pass's padding ``mask``, only valid positions count."""
-        with torch._C.DisableTorchFunction(), torch.no_grad():
-            native = self._native_for(grad, self.grad_abs)
-            if native is not None:
-                if self.grad_abs is None or self.grad_nonzero is None:
-                    self.grad_abs, self.grad_nonzero = torch.zeros(2, self.channels, dtype=torch.float64).unbind(0)
+        the forward pass's padding ``mask``, only valid positions count; ``window``: the window of the forward
+        pass (its gradient is not added to a later window's sums)."""
+        if window is not None and window != self.window:
+            return
+        with torch._C.DisableTorchFunction():  # no op here passes through a functional probe
+            native = self._native_for(grad)
+            if native is not None and self.grad_abs is not None and self.grad_nonzero is not None:
                 self.grad_elements += self._native_sums(native, grad.detach(), mask, self.grad_abs, self.grad_nonzero)
                 return
+            self._torch_grad(grad, mask)
+
+    def _torch_grad(self, grad: torch.Tensor, mask: BatchMask | None) -> None:
+        """`add_grad` in torch (CUDA, float16/bfloat16, no C kernel)."""
+        with torch.no_grad():
             g3 = masked_channel_view(grad.detach(), self.axis, mask)[0]
             l1, nonzero = _channel_sums(g3)
             if self.grad_abs is None or self.grad_nonzero is None:
@@ -104,11 +123,10 @@ class SiteFlow:
                 self.grad_nonzero.add_(nonzero)
             self.grad_elements += g3.shape[0] * g3.shape[2]
 
-    def _native_for(self, x: torch.Tensor, acc: torch.Tensor | None) -> NativeStats | None:
-        """The C kernel where it sums ``x`` (a non-empty plain CPU float32/float64 tensor, the sums so far,
-        if any, on the CPU), else None."""
+    def _native_for(self, x: torch.Tensor) -> NativeStats | None:
+        """The C kernel where it sums ``x`` (a non-empty plain CPU float32/float64 tensor), else None."""
         takes = type(x) is torch.Tensor and x.is_cpu and x.dtype in _NATIVE_DTYPES and x.numel() > 0
-        return self.native if takes and (acc is None or acc.is_cpu) else None
+        return self.native if takes else None
 
     def _native_sums(self, native: NativeStats, x: torch.Tensor, mask: BatchMask | None, abs_sum: torch.Tensor,
                      nonzero: torch.Tensor | None) -> int:  # fmt: skip
@@ -162,14 +180,14 @@ class FlowObserver:
         flow = self._flows.get(id(site))
         if flow is None:
             track = site.spec.kind_name not in NONNEGATIVE_KINDS
-            flow = self._flows[id(site)] = SiteFlow(site.axis, site.stats.channels, track_abs=track,
-                                                    native=site.stats.kernels.native)  # fmt: skip
+            native = site.stats.kernels.native if site.stats.device.type == "cpu" else None
+            flow = self._flows[id(site)] = SiteFlow(site.axis, site.stats.channels, track_abs=track, native=native)
         return flow
 
     def before(self, site: Site, z: torch.Tensor) -> None:
         if self.gradients and z.requires_grad and torch.is_grad_enabled():
-            add, mask = self._flow(site).add_grad, self.mask
-            z.register_hook(add if mask is None else functools.partial(add, mask=mask))
+            flow = self._flow(site)
+            z.register_hook(functools.partial(flow.add_grad, mask=self.mask, window=flow.window))
 
     def after(self, site: Site, a: torch.Tensor) -> None:
         flow = self._flow(site)
@@ -180,9 +198,10 @@ class FlowObserver:
         return self._flows.get(id(site))
 
     def reset(self) -> None:
-        """Forget every sum (the monitor's next window). A gradient hook of a forward pass whose backward
-        has not run yet adds into the forgotten sums."""
-        self._flows.clear()
+        """Start every sum afresh (the monitor's next window). A gradient hook of a forward pass whose
+        backward has not run yet adds nothing (its window was read)."""
+        for flow in self._flows.values():
+            flow.restart()
 
 
 @dataclass(frozen=True)

@@ -311,3 +311,43 @@ def test_monitor_figures_with_the_kernel_equal_the_torch_path(
         assert fast.snapshots[0].sites[name].grad_elements == slow.snapshots[0].sites[name].grad_elements
         assert math.isclose(fast.snapshots[0].sites[name].grad_abs_mean, slow.snapshots[0].sites[name].grad_abs_mean,
                             rel_tol=rtol)  # fmt: skip
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["kernel", "torch"])
+def test_a_backward_after_the_snapshot_adds_nothing_to_the_next_window(compile: bool) -> None:
+    """The sums are kept from window to window (zeroed at each snapshot): the gradient of a forward pass
+    read by one snapshot never lands in the next window, whose own passes are counted as usual."""
+    batches = _batches(torch.float32, torch.contiguous_format, steps=2)
+    model = _model(torch.float32, torch.contiguous_format)
+    with deadneuron.Monitor(model, every=None, compile=compile) as mon:
+        loss = model(batches[0]).square().mean()
+        first = mon.snapshot()
+        loss.backward()  # after the snapshot that read its forward pass
+        model.grads.clear()
+        model(batches[1]).square().mean().backward()
+        second = mon.snapshot()
+    assert first is not None and second is not None
+    assert first.sites["gelu"].grad_elements == 0
+    g = model.grads["gelu"][0].numpy()
+    elements = g.shape[0] * g.shape[2] * g.shape[3]
+    assert second.sites["gelu"].grad_elements == elements
+    l1, nonzero = _oracle(g, 1)
+    detail = mon.last_channels["gelu"]
+    assert detail.grad_nonzero is not None and detail.grad_abs_mean is not None
+    np.testing.assert_array_equal(detail.grad_nonzero, nonzero / elements)
+    np.testing.assert_allclose(detail.grad_abs_mean, l1 / elements, rtol=1e-12 if compile else 1e-6)
+
+
+def test_bfloat16_sites_on_the_cpu_are_summed_by_torch() -> None:
+    """The kernel reads float32 and float64 only: bfloat16 gradients on the CPU go the torch way, into the
+    same accumulators; against numpy over the stored gradients (torch sums bfloat16 rows in float32)."""
+    batches = _batches(torch.bfloat16, torch.contiguous_format, steps=2)
+    model = _model(torch.bfloat16, torch.contiguous_format)
+    mon = _train(model, batches)
+    for name, axis in AXES.items():
+        g = np.concatenate([np.moveaxis(t.float().numpy(), axis, -1).reshape(-1, t.shape[axis]) for t in model.grads[name]])
+        l1, nonzero = _oracle(g, 1)
+        detail = mon.last_channels[name]
+        assert detail.grad_nonzero is not None and detail.grad_abs_mean is not None
+        np.testing.assert_array_equal(detail.grad_nonzero, nonzero / g.shape[0], err_msg=name)
+        np.testing.assert_allclose(detail.grad_abs_mean, l1 / g.shape[0], rtol=1e-5, err_msg=name)
