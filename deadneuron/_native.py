@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from deadneuron import _cache
+from deadneuron._native_flow import FlowPlan, check_flow
 from deadneuron.moments import fused_flat, fused_moments
 
 _FLAGS = ("-fPIC", "-shared", "-std=c99")
@@ -74,12 +75,13 @@ class Planned:
     """A kernel call prepared for one layout (shape, strides, dtype) of one accumulator's batches: the
     arguments are packed once, so that a call passes the data pointers and the plan (about 1 us,
     against several for seventeen converted arguments). ``acc``/``counts``: the accumulator tensors it
-    writes into (the caller checks they are still the ones it holds)."""
+    writes into (the caller checks they are still the ones it holds; the gradient-flow call's sums of |x|
+    and its non-zero counts, None where not counted)."""
 
     __slots__ = ("_address", "_fn", "_parallel", "_plan", "_threaded", "acc", "counts", "shape")
 
-    def __init__(self, fn: Callable[..., int], plan: _Plan, *, parallel: bool, threaded: bool, acc: torch.Tensor,
-                 counts: torch.Tensor, shape: tuple[int, ...]) -> None:  # fmt: skip
+    def __init__(self, fn: Callable[..., int], plan: _Plan | FlowPlan, *, parallel: bool, threaded: bool,
+                 acc: torch.Tensor, counts: torch.Tensor | None, shape: tuple[int, ...]) -> None:  # fmt: skip
         self._fn, self._plan, self._address, self._parallel = fn, plan, ctypes.addressof(plan), parallel
         self._threaded, self.acc, self.counts, self.shape = threaded, acc, counts, shape
 
@@ -123,6 +125,8 @@ class NativeStats:
         self._planned = lib.deadneuron_planned
         self._planned.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self._planned.restype = ctypes.c_int
+        self._flow = lib.deadneuron_flow_planned
+        self._flow.argtypes, self._flow.restype = self._planned.argtypes, ctypes.c_int
 
     def supports(self, a3: torch.Tensor, f3: torch.Tensor | None) -> bool:
         return (
@@ -140,23 +144,26 @@ class NativeStats:
         ``flat_only`` it adds the flat counts of ``a3`` alone (into row 1 of ``acc`` and ``counts[1]``)."""
         plan = _Plan(*a3.shape, *a3.stride(), eps, lo, hi, (acc[1] if flat_only else acc).data_ptr(),
                      counts.data_ptr(), _DTYPES[a3.dtype], int(flat_only), int(count_flat), 1)  # fmt: skip
-        parallel = self.threaded and a3.numel() >= PARALLEL_MIN_ELEMENTS
+        return self._prepared(self._planned, plan, a3, acc, counts)
+
+    def flow_plan(self, x3: torch.Tensor, abs_sum: torch.Tensor, nonzero: torch.Tensor | None) -> Planned:
+        """The gradient-flow call for batches laid out as ``x3`` (a supported (outer, C, inner) view, any
+        strides): per channel it adds the float64 sum of |x| into ``abs_sum`` and the count of x != 0 into
+        ``nonzero`` (None: not counted), both (C,) contiguous float64 on the CPU; a channel with a NaN in
+        the batch gets NaN in both (`deadneuron._native_flow`)."""
+        plan = FlowPlan(*x3.shape, *x3.stride(), abs_sum.data_ptr(), None if nonzero is None else nonzero.data_ptr(),
+                        _DTYPES[x3.dtype], 1, None)  # fmt: skip
+        return self._prepared(self._flow, plan, x3, abs_sum, nonzero)
+
+    def _prepared(self, fn: Callable[..., int], plan: _Plan | FlowPlan, x3: torch.Tensor, acc: torch.Tensor,
+                  counts: torch.Tensor | None) -> Planned:  # fmt: skip
+        parallel = self.threaded and x3.numel() >= PARALLEL_MIN_ELEMENTS
         if parallel:
             plan.threads = torch.get_num_threads()
-        return Planned(self._planned, plan, parallel=parallel, threaded=self.threaded, acc=acc, counts=counts,
-                       shape=tuple(a3.shape))
+        return Planned(fn, plan, parallel=parallel, threaded=self.threaded, acc=acc, counts=counts, shape=tuple(x3.shape))
 
-    def update(
-        self,
-        a3: torch.Tensor,
-        f3: torch.Tensor | None,
-        eps: float,
-        lo: float,
-        hi: float,
-        count_flat: bool,
-        acc: torch.Tensor,
-        counts: torch.Tensor,
-    ) -> None:
+    def update(self, a3: torch.Tensor, f3: torch.Tensor | None, eps: float, lo: float, hi: float, count_flat: bool,
+               acc: torch.Tensor, counts: torch.Tensor) -> None:  # fmt: skip
         """``acc``: (7, C) contiguous float64 (zero, flat, finite, mean, m2, min, max: see `_stats.c`);
         ``counts``: (2,) float64 (elements, elements whose flat region was tested)."""
         if f3 is not None and f3.stride() != a3.stride():
@@ -374,6 +381,9 @@ def _self_check(native: NativeStats) -> None:
                 native.flat(z3, -0.5, 0.5, flat, fc)
                 if not torch.equal(flat[1], fused_flat(z3, -0.5, 0.5)) or fc.tolist() != [0, z3.shape[0] * z3.shape[2]]:
                     raise _Unavailable(f"the built kernel's flat counts disagreed with the torch reference ({native.path})")
+    failed = check_flow(native)
+    if failed is not None:
+        raise _Unavailable(f"{failed} ({native.path}); using torch")
 
 
 def fresh_accumulator(channels: int) -> torch.Tensor:

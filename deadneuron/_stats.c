@@ -633,3 +633,226 @@ int deadneuron_planned(const void *a, const void *f, const deadneuron_plan *p) {
     return stats_rows_f64((const double *)a, (const double *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
                           p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
 }
+
+/* Gradient flow (deadneuron/gradflow.py): per channel c of one (outer, C, inner) batch with element
+ * strides (so, sc, si), the float64 sum of |g| added into abs_sum[c] and the count of g != 0 into
+ * nonzero[c] (nonzero NULL: the |g| sums alone, what the tau-dormant score's sum |a| takes). A channel
+ * with a NaN in the batch gets NaN for both of that batch's sums, as the torch reference
+ * (`deadneuron.gradflow._channel_sums`); +-Inf adds Inf to the sum and counts as non-zero. |g| is summed
+ * in double; the counts are kept in the input's precision over at most FLUSH elements (exact), then added
+ * in double. Layouts: channel by channel over contiguous runs (si == 1, rows read in memory order, a
+ * chunk of channels at a time); columns (sc == 1, or whole outer rows of channels x inner, column k
+ * belonging to channel k / group) with a sum per column; any other strides element by element. Each
+ * channel is summed in an order that depends on the layout alone, so the split over threads (by channel
+ * ranges, as the statistics kernel) does not change the result. */
+#define FLOW_BLOCK 64 /* columns per block of the column loop: its sums stay in L1 */
+#define FLOW_TILE 32  /* columns of a block summed together in registers */
+
+/* A batch's sums of one channel into the accumulators (NaN in the batch: both NaN). */
+static void flow_finish(double *abs_sum, double *nonzero, double s, double n) {
+    *abs_sum += s;
+    if (nonzero) *nonzero += s == s ? n : (double)NAN;
+}
+
+/* Rows r0 .. r1 - 1 of a tile, p pointing at the tile's first column in each; the empty asm keeps the
+ * loop over rows a loop (as in tile_*: else -O3 vectorises it with gathers instead of the columns). */
+#define FLOW_ROWS(T, BODY)                                                                             \
+    for (int64_t r = r0; r < r1; ++r) {                                                               \
+        const T *restrict p = g + ROW(o) + i * si + kk;                                               \
+        BODY                                                                                          \
+        __asm__ volatile("");                                                                         \
+        if (++i == inner) {                                                                           \
+            i = 0;                                                                                    \
+            ++o;                                                                                      \
+        }                                                                                             \
+    }
+
+#define DEFINE_FLOW(T, ABS, SUFFIX)                                                                   \
+    /* A run of n contiguous elements into *s and *nz. */                                             \
+    static void flow_run_##SUFFIX(const T *restrict p, int64_t n, int count, double *s, double *nz) { \
+        for (int64_t i0 = 0; i0 < n; i0 += FLUSH) {                                                   \
+            const int64_t m = n - i0 < FLUSH ? n - i0 : FLUSH;                                        \
+            const T *restrict q = p + i0;                                                             \
+            double a = 0;                                                                             \
+            T c = 0;                                                                                  \
+            if (count) {                                                                              \
+                _Pragma("omp simd reduction(+ : a, c)")                                               \
+                for (int64_t i = 0; i < m; ++i) {                                                     \
+                    const T v = q[i];                                                                 \
+                    a += (double)ABS(v);                                                              \
+                    c += v != 0 ? (T)1 : (T)0;                                                        \
+                }                                                                                     \
+            } else {                                                                                  \
+                _Pragma("omp simd reduction(+ : a)")                                                  \
+                for (int64_t i = 0; i < m; ++i) a += (double)ABS(q[i]);                               \
+            }                                                                                         \
+            *s += a;                                                                                  \
+            *nz += (double)c;                                                                         \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* Channels [c0, c1), runs of `inner` elements (si == 1), ROW_CHANNELS channels at a time read    \
+     * row after row in memory order. */                                                              \
+    static void flow_rows_##SUFFIX(const T *g, int64_t outer, int64_t inner, int64_t so, const int64_t *rows, \
+                                   int64_t sc, int64_t c0, int64_t c1, int count, double *abs_sum,    \
+                                   double *nonzero) {                                                 \
+        double s[ROW_CHANNELS], n[ROW_CHANNELS];                                                      \
+        for (int64_t c = c0; c < c1; c += ROW_CHANNELS) {                                             \
+            const int64_t m = c1 - c < ROW_CHANNELS ? c1 - c : ROW_CHANNELS;                          \
+            for (int64_t j = 0; j < m; ++j) s[j] = n[j] = 0;                                          \
+            for (int64_t o = 0; o < outer; ++o)                                                       \
+                for (int64_t j = 0; j < m; ++j)                                                       \
+                    flow_run_##SUFFIX(g + ROW(o) + (c + j) * sc, inner, count, s + j, n + j);         \
+            for (int64_t j = 0; j < m; ++j)                                                           \
+                flow_finish(abs_sum + c + j, nonzero ? nonzero + c + j : NULL, s[j], n[j]);           \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* Rows [r0, r1) of columns [kk, kk + tn) (tn <= FLOW_TILE) added into sb[k] and cb[k], the tile's \
+     * sums kept in registers across rows (a whole tile's: the partial tile is plain). Not inlined: else \
+     * -O3 fuses it with the block's loops. */                                                        \
+    __attribute__((noinline)) static void flow_tile_##SUFFIX(const T *restrict g, int64_t inner,      \
+            const int64_t *restrict rows, int64_t so, int64_t si, int64_t r0, int64_t r1, int64_t kk,  \
+            int64_t tn, int count, double *restrict sb, T *restrict cb) {                             \
+        double s[FLOW_TILE];                                                                          \
+        T c[FLOW_TILE];                                                                               \
+        for (int64_t k = 0; k < FLOW_TILE; ++k) {                                                     \
+            s[k] = k < tn ? sb[k] : 0;                                                                \
+            c[k] = k < tn ? cb[k] : 0;                                                                \
+        }                                                                                             \
+        int64_t o = r0 / inner, i = r0 % inner;                                                       \
+        if (tn == FLOW_TILE && count) {                                                               \
+            FLOW_ROWS(T, _Pragma("omp simd") for (int64_t k = 0; k < FLOW_TILE; ++k) {                \
+                const T v = p[k];                                                                     \
+                s[k] += (double)ABS(v);                                                               \
+                c[k] += v != 0 ? (T)1 : (T)0;                                                         \
+            })                                                                                        \
+        } else if (tn == FLOW_TILE) {                                                                 \
+            FLOW_ROWS(T, _Pragma("omp simd") for (int64_t k = 0; k < FLOW_TILE; ++k) s[k] += (double)ABS(p[k]);) \
+        } else {                                                                                      \
+            FLOW_ROWS(T, for (int64_t k = 0; k < tn; ++k) {                                           \
+                const T v = p[k];                                                                     \
+                s[k] += (double)ABS(v);                                                               \
+                c[k] += v != 0 ? (T)1 : (T)0;                                                         \
+            })                                                                                        \
+        }                                                                                             \
+        for (int64_t k = 0; k < tn; ++k) {                                                            \
+            sb[k] = s[k];                                                                             \
+            cb[k] = c[k];                                                                             \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* Rows r = (o, i) at g + ROW(o) + i*si, columns [k0, k0 + nk) (contiguous in each row): each     \
+     * column's sums into s[k], n[k]; TILE_ROWS rows at a time (they stay in cache across the tiles). */ \
+    static void flow_block_##SUFFIX(const T *g, int64_t outer, int64_t inner, int64_t so, const int64_t *rows, \
+                                    int64_t si, int64_t k0, int64_t nk, int count, double *restrict s, \
+                                    double *restrict n) {                                             \
+        T cnt[FLOW_BLOCK];                                                                            \
+        const int64_t total = outer * inner;                                                          \
+        for (int64_t k = 0; k < nk; ++k) s[k] = n[k] = 0;                                             \
+        for (int64_t r0 = 0; r0 < total; r0 += FLUSH) {                                               \
+            const int64_t r1 = total - r0 < FLUSH ? total : r0 + FLUSH;                               \
+            for (int64_t k = 0; k < nk; ++k) cnt[k] = 0;                                              \
+            for (int64_t t0 = r0; t0 < r1; t0 += TILE_ROWS)                                           \
+                for (int64_t kk = 0; kk < nk; kk += FLOW_TILE)                                        \
+                    flow_tile_##SUFFIX(g, inner, rows, so, si, t0, r1 - t0 < TILE_ROWS ? r1 : t0 + TILE_ROWS, \
+                                       k0 + kk, nk - kk < FLOW_TILE ? nk - kk : FLOW_TILE, count, s + kk, \
+                                       cnt + kk);                                                     \
+            for (int64_t k = 0; k < nk; ++k) n[k] += (double)cnt[k];                                  \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* Channels [c0, c1), each `group` consecutive columns: blocks hold whole channels (as many as fit \
+     * in FLOW_BLOCK columns) or FLOW_BLOCK columns of one channel; a channel's column sums are added \
+     * in column order. */                                                                            \
+    static void flow_cols_##SUFFIX(const T *g, int64_t outer, int64_t inner, int64_t so, const int64_t *rows, \
+                                   int64_t si, int64_t c0, int64_t c1, int64_t group, int count,      \
+                                   double *abs_sum, double *nonzero) {                                \
+        double bs[FLOW_BLOCK], bn[FLOW_BLOCK], cs[FLOW_BLOCK], cn[FLOW_BLOCK];                        \
+        const int64_t per = group <= FLOW_BLOCK ? FLOW_BLOCK / group : 1;                             \
+        for (int64_t c = c0; c < c1; c += per) {                                                      \
+            const int64_t m = c1 - c < per ? c1 - c : per, end = (c + m) * group;                     \
+            for (int64_t j = 0; j < m; ++j) cs[j] = cn[j] = 0;                                        \
+            for (int64_t k0 = c * group; k0 < end; k0 += FLOW_BLOCK) {                                \
+                const int64_t nk = end - k0 < FLOW_BLOCK ? end - k0 : FLOW_BLOCK;                     \
+                flow_block_##SUFFIX(g, outer, inner, so, rows, si, k0, nk, count, bs, bn);            \
+                for (int64_t k = 0; k < nk; ++k) {                                                    \
+                    const int64_t j = (k0 + k) / group - c;                                           \
+                    cs[j] += bs[k];                                                                   \
+                    cn[j] += bn[k];                                                                   \
+                }                                                                                     \
+            }                                                                                         \
+            for (int64_t j = 0; j < m; ++j)                                                           \
+                flow_finish(abs_sum + c + j, nonzero ? nonzero + c + j : NULL, cs[j], cn[j]);         \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* Any strides, element by element. */                                                           \
+    static void flow_any_##SUFFIX(const T *g, int64_t outer, int64_t inner, int64_t so, const int64_t *rows, \
+                                  int64_t sc, int64_t si, int64_t c0, int64_t c1, double *abs_sum,    \
+                                  double *nonzero) {                                                  \
+        for (int64_t c = c0; c < c1; ++c) {                                                           \
+            double s = 0, n = 0;                                                                      \
+            for (int64_t o = 0; o < outer; ++o)                                                       \
+                for (int64_t i = 0; i < inner; ++i) {                                                 \
+                    const T v = g[ROW(o) + c * sc + i * si];                                          \
+                    s += (double)ABS(v);                                                              \
+                    n += v != 0 ? 1.0 : 0.0;                                                          \
+                }                                                                                     \
+            flow_finish(abs_sum + c, nonzero ? nonzero + c : NULL, s, n);                             \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    static void flow_channels_##SUFFIX(const T *g, int64_t outer, int64_t inner, int64_t so,          \
+                                       const int64_t *rows, int64_t sc, int64_t si, int64_t c0,       \
+                                       int64_t c1, double *abs_sum, double *nonzero) {                \
+        const int count = nonzero != NULL;                                                            \
+        if (c1 <= c0) return;                                                                         \
+        if (si == 1 && (inner >= 64 || (outer < 8 && inner >= 16)))                                   \
+            flow_rows_##SUFFIX(g, outer, inner, so, rows, sc, c0, c1, count, abs_sum, nonzero);       \
+        else if (sc == 1)                                                                             \
+            flow_cols_##SUFFIX(g, outer, inner, so, rows, si, c0, c1, 1, count, abs_sum, nonzero);    \
+        else if ((si == 1 || inner == 1) && sc == inner)                                              \
+            flow_cols_##SUFFIX(g, outer, 1, so, rows, 0, c0, c1, inner, count, abs_sum, nonzero);     \
+        else if (si == 1)                                                                             \
+            flow_rows_##SUFFIX(g, outer, inner, so, rows, sc, c0, c1, count, abs_sum, nonzero);       \
+        else                                                                                          \
+            flow_any_##SUFFIX(g, outer, inner, so, rows, sc, si, c0, c1, abs_sum, nonzero);           \
+    }                                                                                                 \
+                                                                                                      \
+    static void flow_all_##SUFFIX(const T *g, int64_t outer, int64_t C, int64_t inner, int64_t so,    \
+                                  const int64_t *rows, int64_t sc, int64_t si, double *abs_sum,       \
+                                  double *nonzero, int threads) {                                     \
+        if (outer <= 0 || C <= 0 || inner <= 0) return;                                               \
+        const int parts = threads < 1 ? 1 : (C < threads ? (int)C : threads);                         \
+        _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")                \
+        for (int t = 0; t < parts; ++t)                                                               \
+            flow_channels_##SUFFIX(g, outer, inner, so, rows, sc, si, C * t / parts, C * (t + 1) / parts, \
+                                   abs_sum, nonzero);                                                 \
+    }
+DEFINE_FLOW(float, fabsf, f32)
+DEFINE_FLOW(double, fabs, f64)
+
+/* The gradient-flow call prepared once per layout (deadneuron/_native.py `NativeStats.flow_plan`),
+ * taking the same three pointers as deadneuron_planned (the second is not read). rows: NULL, or the
+ * element offsets of the `outer` rows read (a padding mask's valid rows). Returns 0, 2 for an unknown
+ * dtype (nothing written). */
+typedef struct {
+    int64_t outer, C, inner, so, sc, si;
+    double *abs_sum, *nonzero;
+    int32_t dtype, threads;
+    const int64_t *rows;
+} deadneuron_flow_plan;
+
+int deadneuron_flow_planned(const void *g, const void *unused, const deadneuron_flow_plan *p) {
+    (void)unused;
+    if (p->dtype == 0)
+        flow_all_f32((const float *)g, p->outer, p->C, p->inner, p->so, p->rows, p->sc, p->si, p->abs_sum,
+                     p->nonzero, p->threads);
+    else if (p->dtype == 1)
+        flow_all_f64((const double *)g, p->outer, p->C, p->inner, p->so, p->rows, p->sc, p->si, p->abs_sum,
+                     p->nonzero, p->threads);
+    else
+        return 2;
+    return 0;
+}

@@ -12,6 +12,10 @@ At every site call it
   negative. Where the output is never negative (ReLU, ReLU6, Sigmoid, Hardsigmoid, Softplus), mean
   ``|a|`` is the mean the Recorder already keeps, so no pass is spent on it.
 
+On the CPU, for float32 and float64 tensors, both sums are one pass of the C kernel
+(`deadneuron._native.NativeStats.flow_plan`: sum ``|x|`` and the count of ``x != 0`` per channel in
+float64, read in place, the call prepared once per layout), where the site's statistics kernels have it
+(not with ``compile=False``); elsewhere (CUDA, float16/bfloat16, no compiler) torch computes them.
 Everything stays on the tensor's device; at a snapshot the sums of every site go to the host with the
 rest of the window's statistics in one copy (`flow_rows`, `flow_hosts`: a row that processes can add up).
 `tau_scores` is the pure part: Sokar et al. 2023's score of each unit.
@@ -23,16 +27,23 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from deadneuron.probe.masks import BatchMask, masked_channel_view
+from deadneuron.probe.masks import BatchMask, covered_dims, masked_channel_view, masked_rows
 from deadneuron.probe.site import Site
+from deadneuron.stats import channel_view
+
+if TYPE_CHECKING:
+    from deadneuron._native import NativeStats, Planned
 
 # Kinds whose output is >= 0 everywhere: mean |a| is the plain mean of a.
 NONNEGATIVE_KINDS = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid", "softplus"})
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+_MAX_PLANS = 16  # prepared calls kept per site (layouts that keep changing: varying shapes)
 
 
 def _channel_sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,19 +56,41 @@ def _channel_sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SiteFlow:
-    """Running per-channel sums of one site, on the site's device."""
+    """Running per-channel sums of one site, on the site's device. ``native``: the C kernel, for a site on
+    the CPU (None: torch for everything); it sums the float32/float64 tensors."""
 
-    def __init__(self, axis: int, channels: int, *, track_abs: bool) -> None:
+    def __init__(self, axis: int, channels: int, *, track_abs: bool, native: NativeStats | None = None) -> None:
         self.axis = axis
         self.channels = channels
         self.track_abs = track_abs
+        self.native = native
+        self._plans: dict[tuple[Any, ...], Planned] = {}
         self.abs_sum: torch.Tensor | None = None  # sum |a| per channel
         self.abs_elements = 0
         self.grad_abs: torch.Tensor | None = None  # sum |dL/dz| per channel
         self.grad_nonzero: torch.Tensor | None = None  # count of dL/dz != 0 per channel
         self.grad_elements = 0  # gradient elements seen per channel
+        self.window = 0  # `restart` counts the windows: a gradient hook adds only into its own window's sums
+        self._acc: torch.Tensor | None = None
+        if native is not None:  # the kernel's accumulators, on the CPU, kept (and zeroed) from window to window
+            self._acc = torch.zeros(3, channels, dtype=torch.float64)
+            self.abs_sum, self.grad_abs, self.grad_nonzero = self._acc.unbind(0)
+
+    def restart(self) -> None:
+        """A new window: every sum from zero. The C kernel's accumulators are zeroed in place (the prepared
+        calls stay valid); a gradient hook of an earlier window's forward pass no longer adds anything."""
+        self.window += 1
+        self.abs_elements = self.grad_elements = 0
+        if self._acc is not None:
+            self._acc.zero_()
+        else:
+            self.abs_sum = self.grad_abs = self.grad_nonzero = None
 
     def add_output(self, a: torch.Tensor, mask: BatchMask | None = None) -> None:
+        native = self._native_for(a)
+        if native is not None and self.abs_sum is not None:
+            self.abs_elements += self._native_sums(native, a.detach(), mask, self.abs_sum, None)
+            return
         with torch.no_grad():
             a3 = masked_channel_view(a.detach(), self.axis, mask)[0]
             a = a3.abs() if a3.dtype not in _LOW_PRECISION else a3.float().abs()
@@ -65,10 +98,22 @@ class SiteFlow:
         self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
         self.abs_elements += a3.shape[0] * a3.shape[2]
 
-    def add_grad(self, grad: torch.Tensor, mask: BatchMask | None = None) -> None:
+    def add_grad(self, grad: torch.Tensor, mask: BatchMask | None = None, *, window: int | None = None) -> None:
         """The tensor hook on z: reads the gradient, returns None (the gradient flows on unchanged). With
-        the forward pass's padding ``mask``, only valid positions count."""
-        with torch._C.DisableTorchFunction(), torch.no_grad():
+        the forward pass's padding ``mask``, only valid positions count; ``window``: the window of the forward
+        pass (its gradient is not added to a later window's sums)."""
+        if window is not None and window != self.window:
+            return
+        with torch._C.DisableTorchFunction():  # no op here passes through a functional probe
+            native = self._native_for(grad)
+            if native is not None and self.grad_abs is not None and self.grad_nonzero is not None:
+                self.grad_elements += self._native_sums(native, grad.detach(), mask, self.grad_abs, self.grad_nonzero)
+                return
+            self._torch_grad(grad, mask)
+
+    def _torch_grad(self, grad: torch.Tensor, mask: BatchMask | None) -> None:
+        """`add_grad` in torch (CUDA, float16/bfloat16, no C kernel)."""
+        with torch.no_grad():
             g3 = masked_channel_view(grad.detach(), self.axis, mask)[0]
             l1, nonzero = _channel_sums(g3)
             if self.grad_abs is None or self.grad_nonzero is None:
@@ -77,6 +122,50 @@ class SiteFlow:
                 self.grad_abs.add_(l1)
                 self.grad_nonzero.add_(nonzero)
             self.grad_elements += g3.shape[0] * g3.shape[2]
+
+    def _native_for(self, x: torch.Tensor) -> NativeStats | None:
+        """The C kernel where it sums ``x`` (a non-empty plain CPU float32/float64 tensor), else None."""
+        takes = type(x) is torch.Tensor and x.is_cpu and x.dtype in _NATIVE_DTYPES and x.numel() > 0
+        return self.native if takes else None
+
+    def _native_sums(self, native: NativeStats, x: torch.Tensor, mask: BatchMask | None, abs_sum: torch.Tensor,
+                     nonzero: torch.Tensor | None) -> int:  # fmt: skip
+        """Add per channel sum |x| into ``abs_sum`` and the count of x != 0 into ``nonzero`` (None: not
+        counted) with the C kernel, over the valid positions of ``mask``; the elements per channel added.
+        The whole tensor, or a padding mask's valid rows of tokens (N, L, C), is read in place with a call
+        prepared once per layout; a masked conv map (N, C, H, W) is gathered first, as the torch path does."""
+        if mask is None or mask.index is None or covered_dims(x.shape, self.axis, mask.shape) is None:
+            key = (x.shape, x.stride(), x.dtype, nonzero is None)
+            run = self._plans.get(key)
+            if run is None:
+                x3 = channel_view(x, self.axis)
+                if x3.data_ptr() != x.data_ptr():  # reshaping copied it: sum the copy
+                    return _once(native, x3, abs_sum, nonzero)
+                run = self._plan(native, key, x3, abs_sum, nonzero)
+            run(x.data_ptr(), None)
+            return x.numel() // self.channels
+        found = masked_rows(x, self.axis, mask)
+        if found is None or found[0].data_ptr() != x.data_ptr():
+            return _once(native, masked_channel_view(x, self.axis, mask)[0], abs_sum, nonzero)
+        x3, index, _ = found
+        key = (x3.shape, x3.stride(), x.dtype, nonzero is None, "rows")
+        run = self._plans.get(key) or self._plan(native, key, x3, abs_sum, nonzero)
+        run.rows(x.data_ptr(), None, (index.to(torch.int64) * x3.stride(0)).contiguous())
+        return int(index.shape[0]) * x3.shape[2]
+
+    def _plan(self, native: NativeStats, key: tuple[Any, ...], x3: torch.Tensor, abs_sum: torch.Tensor,
+              nonzero: torch.Tensor | None) -> Planned:  # fmt: skip
+        """The call for tensors laid out as ``x3``, kept under ``key`` (a few layouts per site)."""
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        run = self._plans[key] = native.flow_plan(x3, abs_sum, nonzero)
+        return run
+
+
+def _once(native: NativeStats, x3: torch.Tensor, abs_sum: torch.Tensor, nonzero: torch.Tensor | None) -> int:
+    """The C kernel's sums of one (outer, C, inner) view (a copy: nothing to prepare for); its elements per channel."""
+    native.flow_plan(x3, abs_sum, nonzero)(x3.data_ptr(), None)
+    return x3.shape[0] * x3.shape[2]
 
 
 class FlowObserver:
@@ -91,13 +180,14 @@ class FlowObserver:
         flow = self._flows.get(id(site))
         if flow is None:
             track = site.spec.kind_name not in NONNEGATIVE_KINDS
-            flow = self._flows[id(site)] = SiteFlow(site.axis, site.stats.channels, track_abs=track)
+            native = site.stats.kernels.native if site.stats.device.type == "cpu" else None
+            flow = self._flows[id(site)] = SiteFlow(site.axis, site.stats.channels, track_abs=track, native=native)
         return flow
 
     def before(self, site: Site, z: torch.Tensor) -> None:
         if self.gradients and z.requires_grad and torch.is_grad_enabled():
-            add, mask = self._flow(site).add_grad, self.mask
-            z.register_hook(add if mask is None else functools.partial(add, mask=mask))
+            flow = self._flow(site)
+            z.register_hook(functools.partial(flow.add_grad, mask=self.mask, window=flow.window))
 
     def after(self, site: Site, a: torch.Tensor) -> None:
         flow = self._flow(site)
@@ -108,9 +198,10 @@ class FlowObserver:
         return self._flows.get(id(site))
 
     def reset(self) -> None:
-        """Forget every sum (the monitor's next window). A gradient hook of a forward pass whose backward
-        has not run yet adds into the forgotten sums."""
-        self._flows.clear()
+        """Start every sum afresh (the monitor's next window). A gradient hook of a forward pass whose
+        backward has not run yet adds nothing (its window was read)."""
+        for flow in self._flows.values():
+            flow.restart()
 
 
 @dataclass(frozen=True)

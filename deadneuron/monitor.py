@@ -250,7 +250,7 @@ class Monitor:
         if not module.training:
             self._detach()
             self._paused = True
-        elif self.mask is not None:
+        elif self.mask is not None and not self._rec.wrapped:  # (a wrapped call's arguments are a step's)
             choice = forward_mask(self.mask, args, kwargs)
             if choice.warning:
                 self._note(choice.warning)
@@ -277,13 +277,16 @@ class Monitor:
         self._held = False
         self._sync()
 
-    def begin_batch(self) -> None:
+    def begin_batch(self, *, wrapped: bool = False) -> None:
         """A training batch begins, where the loop calls parts of the model rather than the model itself (a
         training_step that calls ``self.net``): site names count the calls of one batch, as the model's own
-        forward pass counts them otherwise (no padding mask: that is read from the model's arguments)."""
+        forward pass counts them otherwise (no padding mask: that is read from the model's arguments).
+        ``wrapped``: the model's next call runs the whole training step (a trainer's strategy that reaches
+        ``training_step`` through the model's forward, as Lightning's DDP does): that call is no forward
+        pass, the module calls inside it are (a functional activation in the loss is no site)."""
         if self._attached and self._rec is not None and self._observer is not None:
             self._observer.mask = None
-            self._rec.start_batch(None)
+            self._rec.start_batch(None, wrapped=wrapped)
 
     def end_forward(self) -> None:
         """The batch's forward passes are done: the loss's backward and the optimizer step run without the

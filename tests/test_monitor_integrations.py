@@ -129,6 +129,44 @@ def test_lightning_callback_logs_what_plain_torch_counts_and_names_the_planted_c
 
 
 @needs_lightning
+@pytest.mark.parametrize("strategy", ["auto", "ddp"])  # ddp: Lightning runs training_step inside the module's forward
+@pytest.mark.parametrize("calls", ["module", "submodule"])
+def test_lightning_functional_activations_in_the_loss_are_no_sites(tmp_path: Path, calls: str, strategy: str) -> None:
+    """A training_step that applies ``F.softplus`` and ``torch.sigmoid`` to the network's output in its loss,
+    outside any module: only the network's own activation is a site, whether the step calls the
+    LightningModule or its part ``self.net``, and whether Lightning calls training_step itself or through
+    the module's forward (DDP); the loss runs without the functional probe on the torch-function stack."""
+    import lightning.pytorch as pl
+
+    from deadneuron.integrations.lightning import DeadneuronCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = PlantedMLP()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+            logits = (self if calls == "module" else self.net)(batch[0])
+            probes.append(torch._C._len_torch_function_stack())
+            return F.softplus(logits).mean() + torch.sigmoid(logits).mean() + F.cross_entropy(logits, batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    probes: list[int] = []
+    callback = DeadneuronCallback(every=2, log=False)
+    trainer = pl.Trainer(max_steps=4, callbacks=[callback], logger=False, accelerator="cpu", devices=1, strategy=strategy,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(Module(), DataLoader(planted_batches(4), batch_size=None))
+    assert [list(s.sites) for s in callback.snapshots] == [["net.act"]] * 2
+    assert probes == [0] * 4 and torch._C._len_torch_function_stack() == 0
+
+
+@needs_lightning
 def test_lightning_callback_removes_its_hooks_when_fit_raises(tmp_path: Path) -> None:
     import lightning.pytorch as pl
 

@@ -69,8 +69,8 @@ class DeadneuronCallback(Callback):
         self._global_step = trainer.global_step
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.monitor is not None:
-            self.monitor.begin_batch()
+        if self.monitor is not None:  # a strategy with a wrapper (DDP) runs training_step inside the module's forward
+            self.monitor.begin_batch(wrapped=trainer.strategy.model is not pl_module)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.monitor is not None:

@@ -111,6 +111,7 @@ class Recorder:
         self._last: Site | None = None
         self.last_module: str | None = None
         self._mask: BatchMask | None = None
+        self.wrapped = False  # the model's next call wraps a whole training step (see `start_batch`)
 
     @property
     def last_site(self) -> str | None:
@@ -180,12 +181,15 @@ class Recorder:
         self.coverage.left_out(name)
         return False
 
-    def start_batch(self, mask: torch.Tensor | BatchMask | None = None) -> None:
+    def start_batch(self, mask: torch.Tensor | BatchMask | None = None, *, wrapped: bool = False) -> None:
         """Forget per-forward bookkeeping (occurrence counters, producers, the module stack) and take the
         batch's padding mask: bool (or 0/1) of shape (N, positions...), True where the batch holds data,
         on the model's device (or that mask prepared: `BatchMask.of`), or None. Statistics then cover valid
-        positions only, at every site whose dims other than the channel begin with the mask's shape."""
+        positions only, at every site whose dims other than the channel begin with the mask's shape.
+        ``wrapped``: the model's next call runs a whole training step (a trainer reaching its step through
+        the model's forward): that call is no forward pass, only the module calls inside it are."""
         self._mask = BatchMask.of(mask) if isinstance(mask, torch.Tensor) else mask
+        self.wrapped = wrapped
         self._forget_forward()
         self._last = None
         self.last_module = None
@@ -223,6 +227,9 @@ class Recorder:
 
     # -- generic hooks: the module stack and who produced which tensor ----------------------------
     def _enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        if m is self.model and self.wrapped:  # not on the stack: what runs outside the parts is outside the model
+            self.wrapped = False
+            return
         if m is self.model:
             self._forget_forward()
         elif not self._stack:  # a submodule called on its own: the probe may be idle (see `idle`)
@@ -233,6 +240,8 @@ class Recorder:
         if self._stack:
             self._stack.pop()
         self._note_output(m, args, out)
+        if not self._stack and m is not self.model:  # a part called on its own returned: no module runs now
+            self.idle()
 
     def _leaf_enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         self._suspended.append(self._suspend())
@@ -322,16 +331,8 @@ class Recorder:
             region = self._region_cache[spec] = flat_region(spec, self.delta)
         return region
 
-    def _site(
-        self,
-        owner_key: tuple[Any, ...],
-        owner: str,
-        leaf: str,
-        functional: bool,
-        spec: ActivationSpec,
-        region: FlatRegion,
-        z: torch.Tensor,
-    ) -> Site:
+    def _site(self, owner_key: tuple[Any, ...], owner: str, leaf: str, functional: bool, spec: ActivationSpec,
+              region: FlatRegion, z: torch.Tensor) -> Site:  # fmt: skip
         producer = self._producer_of(z)
         if producer == owner:
             producer = None
