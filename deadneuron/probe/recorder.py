@@ -286,7 +286,7 @@ class Recorder:
         with torch._C.DisableTorchFunction():
             if z is not None and z.is_floating_point():
                 site = self._site(key, name, leaf, False, spec, region, z)
-                self._before(site, z, is_inplace(m))
+                self._before(site, z, is_inplace(m), relu=type(m) is nn.ReLU)
         pending.append(site)
         self._stack.append(entry)
         self._suspended.append(self._suspend())
@@ -357,10 +357,11 @@ class Recorder:
 
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the
     # functional probe (that would cost a Python call per op, and is never what it looks for).
-    def _before(self, site: Site, z: torch.Tensor, inplace: bool) -> None:
+    def _before(self, site: Site, z: torch.Tensor, inplace: bool, *, relu: bool = False) -> None:
+        """``relu``: the call computes exactly ``torch.relu(z)`` (see `measure_input`)."""
         if self.observer is not None:
             self.observer.before(site, z)
-        measure_input(site, z, inplace=inplace, mask=self._mask)
+        measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu)
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
         measure_output(site, a, z, eps=self.eps, mask=self._mask)
