@@ -46,9 +46,10 @@
 #define TILE_ROWS 256 /* ... over this many rows at a time (the block's rows stay in cache between tiles) */
 #define TILE_BYTES (12 << 20) /* ... for batches of at most this many bytes read: beyond (out of a 32 MB L3,
                                    measured with benchmarks/kernel_speed.py) the plain block loop streams faster */
-#define LONG_ROW 256 /* rows at least this long (inner contiguous) are reduced one by one */
+#define LONG_ROW 64 /* rows at least this long (inner contiguous) are reduced one by one */
 #define ROW_CHANNELS 256 /* channels the row kernel reads together, row by row in memory order */
 #define FLAT_BLOCK 512 /* columns per block of the flat-only column loop */
+#define NARROW 512 /* bytes of a channels-last row each thread reads at least (else one thread reads it) */
 #define REDO 64.0  /* a shift with q > REDO * m2 (about 8 standard deviations off) is redone */
 
 enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
@@ -490,7 +491,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             /* the batch's bytes read: the tiled column pass only pays while they stay in cache */    \
             const int tiles = (double)outer * (double)inner * (double)C * sizeof(T) * (f != a ? 2 : 1) <= TILE_BYTES; \
             const int64_t n = c1 - c0;                                                                \
-            const int parts = threads < 1 ? 1 : (n < threads ? (int)n : threads);                     \
+            /* channels-last rows split by channels: each thread's share of a row at least NARROW bytes  \
+             * (narrower shares have both threads pull the same cache lines: slower than one thread) */ \
+            const int narrow = kind == 1 && n * (int64_t)sizeof(T) < NARROW * (int64_t)threads;        \
+            const int parts = threads < 1 || narrow ? 1 : (n < threads ? (int)n : threads);            \
             _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
             for (int t = 0; t < parts; ++t)                                                           \
                 channels_##SUFFIX(kind, tiles, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
