@@ -44,14 +44,9 @@ _ATTEMPTS = (
     ("one thread", ("-O3", "-fno-trapping-math", "-fopenmp-simd")),
     ("plain", ("-O2",)),
 )
-_ARGTYPES = [
-    ctypes.c_void_p, ctypes.c_void_p,  # a, f
-    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # outer, C, inner
-    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # strides
-    ctypes.c_double, ctypes.c_double, ctypes.c_double,  # eps, lo, hi
-    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # count_flat, acc, counts
-    ctypes.c_int64, ctypes.c_int64, ctypes.c_int,  # channels [c0, c1), threads
-]
+# a, f; outer, C, inner and their strides; eps, lo, hi; count_flat, acc, counts; channels [c0, c1), threads
+_ARGTYPES = [*[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 6, *[ctypes.c_double] * 3, ctypes.c_int, ctypes.c_void_p,
+             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]  # fmt: skip
 
 # A batch at least this large is split by channels over torch's intra-op threads (OpenMP: the kernel
 # links the libgomp torch already loaded, so it shares torch's thread pool); below it one thread.
@@ -68,6 +63,7 @@ class _Plan(ctypes.Structure):
         ("acc", ctypes.c_void_p), ("counts", ctypes.c_void_p),
         *((name, ctypes.c_int32) for name in ("dtype", "mode", "count_flat", "threads")),
         ("rows", ctypes.c_void_p),
+        ("relu", ctypes.c_int32), ("unused", ctypes.c_int32),
     ]
 
 
@@ -137,13 +133,16 @@ class NativeStats:
 
     def plan(
         self, a3: torch.Tensor, eps: float, lo: float, hi: float, count_flat: bool, acc: torch.Tensor,
-        counts: torch.Tensor, *, flat_only: bool = False,
+        counts: torch.Tensor, *, flat_only: bool = False, relu: bool = False,
     ) -> Planned:  # fmt: skip
         """The call for batches laid out as ``a3`` (a supported (outer, C, inner) view; a flat-region
         tensor passed with it has its strides), merging into ``acc``/``counts`` (see `update`). With
-        ``flat_only`` it adds the flat counts of ``a3`` alone (into row 1 of ``acc`` and ``counts[1]``)."""
+        ``flat_only`` it adds the flat counts of ``a3`` alone (into row 1 of ``acc`` and ``counts[1]``).
+        With ``relu`` ``a3`` is a pre-activation z: the statistics are those of ``torch.relu(z)``, the flat
+        region tested on z, in one read of z (no flat-region tensor is passed to the call)."""
         plan = _Plan(*a3.shape, *a3.stride(), eps, lo, hi, (acc[1] if flat_only else acc).data_ptr(),
-                     counts.data_ptr(), _DTYPES[a3.dtype], int(flat_only), int(count_flat), 1)  # fmt: skip
+                     counts.data_ptr(), _DTYPES[a3.dtype], int(flat_only), int(count_flat), 1, None,
+                     int(relu and not flat_only))  # fmt: skip
         return self._prepared(self._planned, plan, a3, acc, counts)
 
     def flow_plan(self, x3: torch.Tensor, abs_sum: torch.Tensor, nonzero: torch.Tensor | None) -> Planned:
@@ -376,6 +375,13 @@ def _self_check(native: NativeStats) -> None:
                     raise _Unavailable(f"the built kernel disagreed with the torch reference ({native.path}); using torch")
                 if counts.tolist() != [x.shape[0] * x.shape[2]] * 2:
                     raise _Unavailable("the built kernel miscounted elements; using torch")
+            for z3 in (f, x - 3.0 if perm is None else x):  # relu(z)'s statistics from z, on every layout
+                relu, rc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)
+                native.plan(z3, 0.0, -0.5, 0.5, True, relu, rc, relu=True)(z3.data_ptr(), None)
+                want = torch.stack(fused_moments(torch.relu(z3), z3, 0.0, -0.5, 0.5))
+                if not (torch.equal(relu[[0, 1, 2, 5, 6]], want[[0, 1, 2, 5, 6]])
+                        and torch.allclose(relu[3:5], want[3:5], rtol=1e-10, atol=1e-12)):  # fmt: skip
+                    raise _Unavailable(f"the built kernel's relu statistics disagreed with the torch reference ({native.path})")
             for z3 in (f, x, f[:, :, ::2]):  # the flat counts alone, on every layout (strided rows too)
                 flat, fc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)
                 native.flat(z3, -0.5, 0.5, flat, fc)

@@ -46,9 +46,10 @@
 #define TILE_ROWS 256 /* ... over this many rows at a time (the block's rows stay in cache between tiles) */
 #define TILE_BYTES (12 << 20) /* ... for batches of at most this many bytes read: beyond (out of a 32 MB L3,
                                    measured with benchmarks/kernel_speed.py) the plain block loop streams faster */
-#define LONG_ROW 256 /* rows at least this long (inner contiguous) are reduced one by one */
+#define LONG_ROW 64 /* rows at least this long (inner contiguous) are reduced one by one */
 #define ROW_CHANNELS 256 /* channels the row kernel reads together, row by row in memory order */
 #define FLAT_BLOCK 512 /* columns per block of the flat-only column loop */
+#define NARROW 512 /* bytes of a channels-last row each thread reads at least (else one thread reads it) */
 #define REDO 64.0  /* a shift with q > REDO * m2 (about 8 standard deviations off) is redone */
 
 enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
@@ -128,7 +129,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         h = m2_ > h ? m2_ : h;                                                                        \
     } while (0)
 
-#define DEFINE_KERNELS(T, TMAX, ABS, SUFFIX)                                                          \
+#define DEFINE_KERNELS(T, TMAX, ABS, SUFFIX, TR, TRANSFORMED)                                         \
     /* A stretch of n contiguous elements: counts in the input's precision, moments in double;        \
      * finite-only first, again with the checks if s or q came out non-finite. */                     \
     static void stretch_##SUFFIX(const T *restrict xa, const T *restrict xf, int64_t n, int check,    \
@@ -138,13 +139,13 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         if (check) {                                                                                  \
             _Pragma("omp simd reduction(+ : z, fl, nw, s, q) reduction(min : l) reduction(max : h)")  \
             for (int64_t i = 0; i < n; ++i) {                                                         \
-                T v = xa[i], w = xf[i];                                                               \
+                T w = xf[i], v = TR(xa[i]);                                                           \
                 ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K, z, fl, nw, s, q, l, h);                        \
             }                                                                                         \
         } else {                                                                                      \
             _Pragma("omp simd reduction(+ : z, fl, s, q) reduction(min : l) reduction(max : h)")      \
             for (int64_t i = 0; i < n; ++i) {                                                         \
-                T v = xa[i], w = xf[i];                                                               \
+                T w = xf[i], v = TR(xa[i]);                                                           \
                 ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K, z, fl, nw, s, q, l, h);                        \
             }                                                                                         \
         }                                                                                             \
@@ -155,7 +156,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             h = *rh;                                                                                  \
             _Pragma("omp simd reduction(+ : z, fl, nf, s, q) reduction(min : l) reduction(max : h)")  \
             for (int64_t i = 0; i < n; ++i) {                                                         \
-                T v = xa[i], w = xf[i];                                                               \
+                T w = xf[i], v = TR(xa[i]);                                                           \
                 ELEMENT(T, ABS, TMAX, v, w, K, z, fl, nf, s, q, l, h);                                \
             }                                                                                         \
         }                                                                                             \
@@ -172,7 +173,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         for (int64_t o = 0; o < outer; ++o)                                                           \
             for (int64_t i = 0; i < inner; ++i)                                                       \
                 for (int64_t k = k0; k < k0 + group; ++k) {                                           \
-                    const T v = a[ROW(o) + i * si + k];                                               \
+                    const T v = TR(a[ROW(o) + i * si + k]);                                           \
                     if (ABS(v) <= TMAX) return (double)v;                                             \
                 }                                                                                     \
         return 0.0;                                                                                   \
@@ -184,7 +185,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                   const int64_t *rows,                                                \
                                   int64_t sc, int64_t c, int64_t m, T eps, T lo, T hi,                \
                                   const double *K, Sums *sums, T *l, T *h) {                          \
-        const int check = f != a;                                                                     \
+        const int check = (f != a) | TRANSFORMED;                                                     \
         for (int64_t j = 0; j < m; ++j) {                                                             \
             sums[j] = (Sums){0, 0, 0, 0, 0};                                                          \
             l[j] = (T)INFINITY;                                                                       \
@@ -254,7 +255,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < TILE; ++k) {                                                  \
-                    T v = pa[k];                                                                      \
+                    T v = TR(pa[k]);                                                                  \
                     ELEMENT_FAST(T, ABS, TMAX, v, v, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
                 }                                                                                     \
                 __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
@@ -269,7 +270,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < TILE; ++k) {                                                  \
-                    T v = pa[k], w = pf[k];                                                           \
+                    T w = pf[k], v = TR(pa[k]);                                                       \
                     ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
                 }                                                                                     \
                 __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
@@ -284,7 +285,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < tn; ++k) {                                                    \
-                    T v = pa[k], w = pf[k];                                                           \
+                    T w = pf[k], v = TR(pa[k]);                                                       \
                     ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
                 }                                                                                     \
                 __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
@@ -310,7 +311,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                const double *restrict K, Sums *restrict out, T *restrict l,           \
                                T *restrict h) {                                                       \
         const int64_t total = outer * inner;                                                          \
-        const int check = f != a;                                                                     \
+        const int check = (f != a) | TRANSFORMED;                                                     \
         T z[BLOCK], fl[BLOCK], nf[BLOCK], nw[BLOCK], sl[BLOCK], sh[BLOCK];                            \
         double s[BLOCK], q[BLOCK];                                                                    \
         for (int64_t k = 0; k < nk; ++k) {                                                            \
@@ -343,19 +344,19 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                         if (pass == 1) {                                                              \
                             _Pragma("omp simd")                                                       \
                             for (int64_t k = 0; k < nk; ++k) {                                        \
-                                T v = pa[k], w = pf[k];                                               \
+                                T w = pf[k], v = TR(pa[k]);                                           \
                                 ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
                             }                                                                         \
                         } else if (check) {                                                           \
                             _Pragma("omp simd")                                                       \
                             for (int64_t k = 0; k < nk; ++k) {                                        \
-                                T v = pa[k], w = pf[k];                                               \
+                                T w = pf[k], v = TR(pa[k]);                                           \
                                 ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
                             }                                                                         \
                         } else {                                                                      \
                             _Pragma("omp simd")                                                       \
                             for (int64_t k = 0; k < nk; ++k) {                                        \
-                                T v = pa[k], w = pf[k];                                               \
+                                T w = pf[k], v = TR(pa[k]);                                           \
                                 ELEMENT_FAST(T, ABS, TMAX, v, w, 0, K[k], z[k], fl[k], nw[k], s[k], q[k], sl[k], sh[k]); \
                             }                                                                         \
                         }                                                                             \
@@ -490,7 +491,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             /* the batch's bytes read: the tiled column pass only pays while they stay in cache */    \
             const int tiles = (double)outer * (double)inner * (double)C * sizeof(T) * (f != a ? 2 : 1) <= TILE_BYTES; \
             const int64_t n = c1 - c0;                                                                \
-            const int parts = threads < 1 ? 1 : (n < threads ? (int)n : threads);                     \
+            /* channels-last rows split by channels: each thread's share of a row at least NARROW bytes  \
+             * (narrower shares have both threads pull the same cache lines: slower than one thread) */ \
+            const int narrow = kind == 1 && n * (int64_t)sizeof(T) < NARROW * (int64_t)threads;        \
+            const int parts = threads < 1 || narrow ? 1 : (n < threads ? (int)n : threads);            \
             _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
             for (int t = 0; t < parts; ++t)                                                           \
                 channels_##SUFFIX(kind, tiles, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
@@ -501,9 +505,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             if (count_flat) counts[1] += (double)(outer * inner);                                     \
         }                                                                                             \
         return 0;                                                                                     \
-    }                                                                                                 \
-                                                                                                      \
-                                                                                                      \
+    }
+
+/* The exported entry and the flat-only pass, once per input type (no transform). */
+#define DEFINE_ENTRY_AND_FLAT(T, TMAX, ABS, SUFFIX)                                                   \
     /* Outer row o of the batch starts at element rows[o] (a padding mask's valid rows, read in place) \
      * or, without rows, at o * so. */                                                                \
     int deadneuron_stats_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,    \
@@ -603,8 +608,18 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         counts[1] += (double)(outer * inner);                                                         \
         return 0;                                                                                     \
     }
-DEFINE_KERNELS(float, FLT_MAX, fabsf, f32)
-DEFINE_KERNELS(double, DBL_MAX, fabs, f64)
+/* What the statistics are taken of: the input itself, or relu of it (torch.relu's values exactly: x < 0
+ * gives 0; -0.0 and NaN pass through). The relu variants read the pre-activation z once and take the
+ * statistics of relu(z) with the flat region tested on z, where the plain kernel would read both z and
+ * the output; they always run the finiteness checks on z (z = -inf gives a finite 0 that is not flat). */
+#define SAME(x) (x)
+#define RELU_OF(x) ((x) < 0 ? 0 : (x))
+DEFINE_KERNELS(float, FLT_MAX, fabsf, f32, SAME, 0)
+DEFINE_KERNELS(double, DBL_MAX, fabs, f64, SAME, 0)
+DEFINE_KERNELS(float, FLT_MAX, fabsf, f32_relu, RELU_OF, 1)
+DEFINE_KERNELS(double, DBL_MAX, fabs, f64_relu, RELU_OF, 1)
+DEFINE_ENTRY_AND_FLAT(float, FLT_MAX, fabsf, f32)
+DEFINE_ENTRY_AND_FLAT(double, DBL_MAX, fabs, f64)
 
 /* A call prepared once per site and layout (deadneuron/_native.py `Planned`): the view's shape and
  * strides, thresholds and accumulator pointers packed in one struct, so that a call passes three
@@ -617,6 +632,7 @@ typedef struct {
     double *acc, *counts;
     int32_t dtype, mode, count_flat, threads;
     const int64_t *rows; /* NULL, or the element offsets of the `outer` rows read (statistics only) */
+    int32_t relu, unused; /* relu 1: the statistics of relu(a), flat tested on a (mode 0 only) */
 } deadneuron_plan;
 
 int deadneuron_planned(const void *a, const void *f, const deadneuron_plan *p) {
@@ -626,6 +642,15 @@ int deadneuron_planned(const void *a, const void *f, const deadneuron_plan *p) {
                                 p->acc, p->counts, p->threads);
         return flat_all_f64((const double *)a, p->outer, p->C, p->inner, p->so, p->sc, p->si, p->lo, p->hi,
                             p->acc, p->counts, p->threads);
+    }
+    if (p->relu) {
+        if (p->dtype == 0)
+            return stats_rows_f32_relu((const float *)a, (const float *)a, p->outer, p->rows, p->C, p->inner, p->so,
+                                       p->sc, p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C,
+                                       p->threads);
+        return stats_rows_f64_relu((const double *)a, (const double *)a, p->outer, p->rows, p->C, p->inner, p->so,
+                                   p->sc, p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C,
+                                   p->threads);
     }
     if (p->dtype == 0)
         return stats_rows_f32((const float *)a, (const float *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,

@@ -118,15 +118,16 @@ class Kernels:
 
     def plan(
         self, a3: torch.Tensor, eps: float, lo: float, hi: float, count_flat: bool, acc: torch.Tensor,
-        counts: torch.Tensor, *, flat_only: bool = False,
+        counts: torch.Tensor, *, flat_only: bool = False, relu: bool = False,
     ) -> _native.Planned | None:  # fmt: skip
-        """The C kernel's call prepared for batches laid out as ``a3`` (`deadneuron._native.NativeStats.plan`),
-        or None where the C kernel does not take them (not loaded, not a CPU float32/float64 tensor)."""
+        """The C kernel's call prepared for batches laid out as ``a3`` (`deadneuron._native.NativeStats.plan`;
+        ``relu``: the statistics of relu of ``a3``), or None where the C kernel does not take them (not
+        loaded, not a CPU float32/float64 tensor)."""
         native = self.native
         if native is None or not native.supports(a3, None):
             return None
         self._used.add("native")
-        return native.plan(a3, eps, lo, hi, count_flat, acc, counts, flat_only=flat_only)
+        return native.plan(a3, eps, lo, hi, count_flat, acc, counts, flat_only=flat_only, relu=relu)
 
     def count_flat(self, z3: torch.Tensor, lo: torch.Tensor | float, hi: float) -> torch.Tensor:
         """`flat`, where ``lo`` may also be a per-channel (C,) tensor (PReLU: one slope per channel)."""

@@ -189,6 +189,19 @@ class ChannelStats:
         z3 = None if z3 is None else z3.detach().index_select(0, rows)
         self.update_output(a3.detach().index_select(0, rows), eps, flat=flat, z3=z3)
 
+    def update_relu_along(self, z: torch.Tensor, axis: int, eps: float, flat: tuple[float, float]) -> bool:
+        """`update_output_along` of ``torch.relu(z)`` with the flat region ``flat`` tested on ``z``, in one
+        read of ``z`` by the C kernel (no output read, no second tensor): True where it ran; False where
+        the kernel does not take ``z`` (then nothing was added: the caller measures the output)."""
+        if type(z) is not torch.Tensor:
+            return False
+        key = (z.shape, z.stride(), z.dtype, z.is_cpu, axis, eps, flat, "relu")
+        run = self._lookup(key, z, axis, eps, flat, None, relu=True)
+        if run is not None and run(z.data_ptr(), None) == 0:
+            return True
+        self._plans[key] = None  # strides no kernel reads: the caller's general path
+        return False
+
     def update_flat_along(self, z: torch.Tensor, axis: int, lo: float, hi: float) -> None:
         """`update_flat` of ``channel_view(z, axis)`` with scalar thresholds, prepared as `update_output_along`."""
         if type(z) is torch.Tensor:
@@ -200,7 +213,7 @@ class ChannelStats:
 
     def _lookup(
         self, key: tuple[Any, ...], a: torch.Tensor, axis: int, eps: float, flat: tuple[float, float] | None,
-        z: torch.Tensor | None, *, flat_only: bool = False,
+        z: torch.Tensor | None, *, flat_only: bool = False, relu: bool = False,
     ) -> Planned | None:  # fmt: skip
         """The call cached under ``key`` (None: the general path), prepared again where the accumulator
         tensors it writes were replaced (`reset`, a device move, state assigned from elsewhere)."""
@@ -208,12 +221,12 @@ class ChannelStats:
         if run is None and key in self._plans:
             return None
         if run is None or run.acc is not self.acc or run.counts is not self.counts:
-            run = self._planned(key, a, axis, eps, flat, z, flat_only=flat_only)
+            run = self._planned(key, a, axis, eps, flat, z, flat_only=flat_only, relu=relu)
         return run
 
     def _planned(
         self, key: tuple[Any, ...], a: torch.Tensor, axis: int, eps: float, flat: tuple[float, float] | None,
-        z: torch.Tensor | None, *, flat_only: bool = False,
+        z: torch.Tensor | None, *, flat_only: bool = False, relu: bool = False,
     ) -> Planned | None:  # fmt: skip
         """The C kernel's call for tensors laid out as ``a`` (and ``z``), cached under ``key``; None (also
         cached) where the general path must run: not the kernel's device or dtype, an accumulator
@@ -229,7 +242,8 @@ class ChannelStats:
         ):  # fmt: skip
             self._check(a3, "pre-activation" if flat_only else "activation")
             lo, hi = flat if flat is not None else (_NAN, _NAN)
-            run = self.kernels.plan(a3, eps, lo, hi, flat is not None, self.acc, self.counts, flat_only=flat_only)
+            run = self.kernels.plan(a3, eps, lo, hi, flat is not None, self.acc, self.counts, flat_only=flat_only,
+                                    relu=relu)  # fmt: skip
         self._plans[key] = run
         return run
 

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
@@ -25,6 +26,9 @@ from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
     from deadneuron.registry import ActivationRegistry
+
+# Functions whose output is exactly torch.relu of their input: measured from the input alone (`measure_input`).
+_EXACT_RELU = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
 
 
 def tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -147,7 +151,7 @@ class FunctionalProbe(TorchFunctionMode):
             return out
         inplace = entry.inplace or bool(kwargs.get("inplace", False))
         with torch._C.DisableTorchFunction():
-            rec._before(site, z, inplace)  # type: ignore[arg-type]
+            rec._before(site, z, inplace, relu=func in _EXACT_RELU)  # type: ignore[arg-type]
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             with torch._C.DisableTorchFunction():

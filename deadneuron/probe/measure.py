@@ -12,9 +12,24 @@ from deadneuron.probe.masks import BatchMask, covered_dims, masked_channel_view,
 from deadneuron.probe.site import Site
 
 
-def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask | None) -> None:
+def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask | None, eps: float,
+                  relu: bool = False) -> None:  # fmt: skip
     """Before the call: the flat count on the pre-activation ``z``, where it must be taken before the
-    call overwrites ``z`` (in place) or needs a per-channel region (PReLU); else `measure_output` takes it."""
+    call overwrites ``z`` (in place) or needs a per-channel region (PReLU); else `measure_output` takes it.
+
+    ``relu``: the call computes exactly ``torch.relu(z)`` (an ``nn.ReLU``, ``F.relu``...). Then the whole
+    measurement is taken here from ``z`` alone where the C kernel reads it (`ChannelStats.update_relu_along`:
+    relu's values, the flat region tested on ``z``), one read instead of reading ``z`` and the output, and
+    `measure_output` skips the call (``site.taken``). Not with a padding mask or a histogram."""
+    region = site.region
+    site.taken = (
+        relu and mask is None and site.histogram is None and region.center is None
+        and not isinstance(region.lo, torch.Tensor)
+        and site.stats.update_relu_along(z, site.axis, eps, (region.lo, region.hi))
+    )  # fmt: skip
+    if site.taken:
+        site.shape = tuple(z.shape)
+        return
     if site.flat_from_z_first(inplace):
         region = site.region
         if not isinstance(region.lo, torch.Tensor) and _whole(site, z, mask):
@@ -29,6 +44,9 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     `measure_input` took it (``z`` is None after an in-place call). The flat count is always read on
     ``z``, never on the output: the output cannot tell an infinite input from a finite one
     (``relu(-inf)`` is 0, ``sigmoid(inf)`` is 1), and a non-finite pre-activation is never flat."""
+    if site.taken:  # `measure_input` measured the call from z
+        site.taken = False
+        return
     region = site.region
     if site.histogram is None and _whole(site, a, mask):  # every position read: no gathered copy
         if mask is not None:  # it applies with every position valid, or does not fit this site

@@ -45,6 +45,12 @@ from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
 from deadneuron.wrappers import unwrap, user_named_modules
 
+# The autograd graph task running on this thread, -1 outside backward. A forward pass that runs inside
+# backward is activation checkpointing recomputing a segment (torch.utils.checkpoint): not a batch, so
+# every hook ignores it (the first pass of that segment was measured, and its gradient reaches the tensors
+# that pass measured).
+_graph_task = torch._C._current_graph_task_id
+
 # An activation module measured: spec, flat region, name, site leaf name, its site key, its module-stack
 # entry, and the sites of its calls under way (pushed before the call, popped after it).
 _Activation = tuple[ActivationSpec, FlatRegion, str, str, tuple[str], tuple[str, bool], list[Site | None]]
@@ -227,6 +233,8 @@ class Recorder:
 
     # -- generic hooks: the module stack and who produced which tensor ----------------------------
     def _enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        if _graph_task() != -1:  # recomputed inside backward (checkpointing)
+            return
         if m is self.model and self.wrapped:  # not on the stack: what runs outside the parts is outside the model
             self.wrapped = False
             return
@@ -237,6 +245,8 @@ class Recorder:
         self._stack.append((self._names[m], m in self._specs))
 
     def _exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if _graph_task() != -1:  # recomputed inside backward (checkpointing)
+            return
         if self._stack:
             self._stack.pop()
         self._note_output(m, args, out)
@@ -244,10 +254,14 @@ class Recorder:
             self.idle()
 
     def _leaf_enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        if _graph_task() != -1:  # recomputed inside backward (checkpointing)
+            return
         self._suspended.append(self._suspend())
 
     def _leaf_exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """A quiet leaf (see `quiet_leaf`) is never on the stack: only what it produced is noted."""
+        if _graph_task() != -1:  # recomputed inside backward (checkpointing)
+            return
         suspended = self._suspended.pop() if self._suspended else False
         # before the probe is back: its tensor calls stay in C (with no DisableTorchFunction where the
         # probe was the only mode)
@@ -289,18 +303,22 @@ class Recorder:
     # An activation module's two hooks also do what _enter_hook/_exit_hook do for other modules.
     # The probe is put back after the output is measured and noted (its tensor calls stay in C).
     def _activation_pre_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        if _graph_task() != -1:  # recomputed inside backward (checkpointing)
+            return
         spec, region, name, leaf, key, entry, pending = self._specs[m]
         z = args[0] if args and isinstance(args[0], torch.Tensor) else None
         site = None
         with torch._C.DisableTorchFunction():
             if z is not None and z.is_floating_point():
                 site = self._site(key, name, leaf, False, spec, region, z)
-                self._before(site, z, is_inplace(m))
+                self._before(site, z, is_inplace(m), relu=type(m) is nn.ReLU)
         pending.append(site)
         self._stack.append(entry)
         self._suspended.append(self._suspend())
 
     def _activation_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if _graph_task() != -1:  # recomputed inside backward (checkpointing)
+            return
         suspended = self._suspended.pop() if self._suspended else False
         pending = self._specs[m][-1]
         site = pending.pop() if pending else None
@@ -358,10 +376,11 @@ class Recorder:
 
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the
     # functional probe (that would cost a Python call per op, and is never what it looks for).
-    def _before(self, site: Site, z: torch.Tensor, inplace: bool) -> None:
+    def _before(self, site: Site, z: torch.Tensor, inplace: bool, *, relu: bool = False) -> None:
+        """``relu``: the call computes exactly ``torch.relu(z)`` (see `measure_input`)."""
         if self.observer is not None:
             self.observer.before(site, z)
-        measure_input(site, z, inplace=inplace, mask=self._mask)
+        measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu)
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
         measure_output(site, a, z, eps=self.eps, mask=self._mask)

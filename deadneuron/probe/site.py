@@ -32,6 +32,7 @@ class Site:
     excluded: int = 0  # elements per channel the mask excluded, over all calls
     unfitted: int = 0  # calls where the batch had a mask that did not fit this site
     covers: dict[tuple[Any, ...], int | None] = field(default_factory=dict, repr=False, compare=False)  # see measure
+    taken: bool = field(default=False, repr=False, compare=False)  # this call measured whole before it ran
 
     def flat_from_z_first(self, inplace: bool) -> bool:
         """The flat region must be tested on z before the call: the call overwrites z (the output

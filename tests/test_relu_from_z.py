@@ -1,0 +1,152 @@
+"""An exact ReLU (``nn.ReLU``, ``F.relu``, ``x.relu_()``...) is measured from its input z alone: relu's
+values and the flat region tested on z, in one read. Checked against numpy over the z each model stored
+itself, with the values where reading the output would be wrong (z = -inf gives a finite 0 that is not
+flat), on every layout the kernel reads; and a ReLU whose forward is not relu's is measured on its output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deadneuron
+from deadneuron.stats import ChannelStats
+from tests.test_native import needs_native
+
+
+class Stored(nn.Module):
+    """Applies ``act`` to its input laid out by ``layout``, storing a copy of the pre-activation."""
+
+    def __init__(self, act: nn.Module | None, how: str, layout: str) -> None:
+        super().__init__()
+        self.act, self.how, self.layout = act, how, layout
+        self.seen: list[np.ndarray] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.permute(0, 2, 3, 1) if self.layout == "channels-last-view" else x * 1.0
+        self.seen.append(z.detach().numpy().copy())
+        if self.how == "module":
+            return self.act(z)  # type: ignore[misc]
+        if self.how == "F.relu":
+            return F.relu(z)
+        if self.how == "relu_":
+            return z.relu_()
+        return torch.relu(z)
+
+
+def _awkward(shape: tuple[int, ...], seed: int, axis: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    flat = x.view(-1)
+    flat[::11] = 0.0
+    flat[3::17] = -0.0
+    flat[5] = -float("inf")  # relu: 0, finite; z is not flat (a non-finite z never is)
+    flat[8] = float("nan")
+    flat[13] = float("inf")
+    dead = x.select(axis, 1)
+    dead.copy_(-torch.rand(dead.shape, generator=g) - 0.1)  # channel 1 is dead
+    return x
+
+
+def _oracle(zs: list[np.ndarray], axis: int) -> dict[str, np.ndarray]:
+    z = np.concatenate([np.moveaxis(t, axis, -1).reshape(-1, t.shape[axis]) for t in zs]).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        a = np.where(z < 0, 0.0, z)  # torch.relu: -inf -> 0, NaN stays NaN
+        fin = np.isfinite(a)
+        flat = (np.isfinite(z) & (z <= 0)).sum(0)
+        zero = (np.abs(a) <= 0).sum(0)
+    am = np.where(fin, a, np.nan)
+    return {
+        "n": np.array(z.shape[0]), "zero": zero, "flat": flat, "nonfinite": (~fin).sum(0),
+        "mean": np.nanmean(am, 0), "std": np.nanstd(am, 0), "min": np.nanmin(am, 0), "max": np.nanmax(am, 0),
+    }  # fmt: skip
+
+
+LAYOUTS = {  # input shape, channel axis of the activation's input, how the model lays it out
+    "nchw": ((4, 5, 6, 7), 1, "contiguous"),
+    "nchw-long-rows": ((2, 5, 20, 20), 1, "contiguous"),
+    "channels-last-view": ((4, 5, 6, 7), 3, "channels-last-view"),
+    "conv1d": ((6, 5, 33), 1, "contiguous"),
+    "tokens": ((3, 9, 5), 2, "contiguous"),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("how", ["module", "module-inplace", "F.relu", "relu_", "torch.relu"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_exact_relu_figures_equal_numpy_over_the_stored_input(how: str, layout: str) -> None:
+    shape, axis, lay = LAYOUTS[layout]
+    act = nn.ReLU(inplace=how == "module-inplace") if how.startswith("module") else None
+    model = Stored(act, "module" if act is not None else how, lay)
+    batches = [_awkward(shape, seed, 1 if lay == "channels-last-view" else axis) for seed in range(3)]
+    # no layer of known layout produces the input: the channel dim is said, as a user would
+    report = deadneuron.audit(model, batches, progress=False, rules=False, channel_axis={"*": axis})
+    (site,) = report.sites.values()
+    want = _oracle(model.seen[-3:], axis)
+    assert site.channel_axis == axis
+    assert site.n == int(want["n"])
+    np.testing.assert_array_equal(np.round(np.array(site.channel_zero) * site.n), want["zero"])
+    np.testing.assert_array_equal(np.round(np.array(site.channel_flat) * site.n), want["flat"])
+    np.testing.assert_array_equal(site.channel_nonfinite, want["nonfinite"])
+    for key in ("mean", "std", "min", "max"):
+        np.testing.assert_allclose(getattr(site, f"channel_{key}"), want[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    assert 1 in site.dead_channels  # the planted dead channel
+
+
+@needs_native
+def test_minus_inf_input_is_a_finite_zero_that_is_not_flat() -> None:
+    """Where the output would be read (relu(-inf) is 0), -inf inputs would be counted flat."""
+    z = torch.full((4, 2, 8), -float("inf"))
+    z[:, 1] = -1.0
+    report = deadneuron.audit(nn.Sequential(nn.ReLU()), [z], progress=False, rules=False, channel_axis={"*": 1})
+    (site,) = report.sites.values()
+    assert site.channel_zero == (1.0, 1.0)
+    assert site.channel_nonfinite == (0, 0)
+    assert site.channel_flat == (0.0, 1.0)
+    assert site.dead_channels == (1,)
+
+
+@needs_native
+def test_the_input_is_read_once_by_the_relu_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact ReLU of a model goes through `update_relu_along` (one read of z) and nothing else reads
+    the output; the same figures as the eager torch reference."""
+    calls: list[tuple[int, ...]] = []
+    outputs: list[tuple[int, ...]] = []
+    relu_along, output_along = ChannelStats.update_relu_along, ChannelStats.update_output_along
+
+    def spy_relu(self: ChannelStats, z: torch.Tensor, *args: object, **kwargs: object) -> bool:
+        calls.append(tuple(z.shape))
+        return relu_along(self, z, *args, **kwargs)  # type: ignore[arg-type]
+
+    def spy_out(self: ChannelStats, a: torch.Tensor, *args: object, **kwargs: object) -> None:
+        outputs.append(tuple(a.shape))
+        output_along(self, a, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChannelStats, "update_relu_along", spy_relu)
+    monkeypatch.setattr(ChannelStats, "update_output_along", spy_out)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 1), nn.ReLU()).eval()
+    batches = [torch.randn(2, 3, 9, 9) for _ in range(2)]
+    fast = deadneuron.audit(model, batches, progress=False, rules=False)
+    assert calls == [(2, 4, 7, 7)] * 4 and outputs == []
+    eager = deadneuron.audit(model, batches, progress=False, rules=False, compile=False)
+    for name, site in fast.sites.items():
+        ref = eager.sites[name]
+        assert (site.channel_zero, site.channel_flat, site.dead_channels) == (ref.channel_zero, ref.channel_flat, ref.dead_channels)
+        np.testing.assert_allclose(site.channel_mean, ref.channel_mean, rtol=1e-12)
+        np.testing.assert_allclose(site.channel_std, ref.channel_std, rtol=1e-9)
+
+
+class DoubledReLU(nn.ReLU):
+    """A ReLU subclass whose forward is not relu's: measured on its output, never from z."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+def test_a_relu_subclass_is_measured_on_what_it_returns() -> None:
+    z = torch.rand(3, 4, 5) + 1.0
+    report = deadneuron.audit(nn.Sequential(DoubledReLU()), [z], progress=False, rules=False, channel_axis={"*": 1})
+    (site,) = report.sites.values()
+    np.testing.assert_allclose(site.channel_mean, (2 * z).mean(dim=(0, 2)).double().numpy(), rtol=1e-6)
