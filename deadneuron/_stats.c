@@ -56,6 +56,13 @@ enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
 
 /* Where outer row o starts: rows[o] for a batch's chosen rows (a padding mask's), else o * so. */
 #define ROW(o) (rows ? rows[o] : (o) * so)
+/* The column kernel reads a block of columns down the rows; where rows lie a page or more apart (a
+ * channels-last batch of many channels) the hardware prefetchers, which stop at page boundaries, fetch
+ * nothing ahead and every row's lines come from memory one miss at a time (2-3 times slower than the
+ * same batch in cache, measured in a BERT's and a transformer's MLP with benchmarks/kernel_speed.py).
+ * So the rows PF_ROWS ahead are prefetched explicitly. */
+#define PF_ROWS 16
+#define AHEAD(o) (rows ? rows[(o) + PF_ROWS] : ((o) + PF_ROWS) * so)
 
 /* A channel's sums over one batch: counts in double, moments shifted by K. */
 typedef struct {
@@ -253,6 +260,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         if (tn == TILE && !check) {                                                                   \
             for (int64_t r = r0; r < r1; ++r) {                                                       \
                 const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                if (inner == 1 && r + PF_ROWS < r1) { /* rows far apart: fetch ahead (see PF_ROWS) */ \
+                    __builtin_prefetch(a + AHEAD(o) + kk);                                            \
+                    if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                 \
+                }                                                                                     \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < TILE; ++k) {                                                  \
                     T v = TR(pa[k]);                                                                  \
@@ -267,6 +278,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         } else if (tn == TILE) {                                                                      \
             for (int64_t r = r0; r < r1; ++r) {                                                       \
                 const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                if (inner == 1 && r + PF_ROWS < r1) { /* rows far apart: fetch ahead (see PF_ROWS) */ \
+                    __builtin_prefetch(a + AHEAD(o) + kk);                                            \
+                    if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                 \
+                }                                                                                     \
                 const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < TILE; ++k) {                                                  \
@@ -282,6 +297,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         } else {                                                                                      \
             for (int64_t r = r0; r < r1; ++r) {                                                       \
                 const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                if (inner == 1 && r + PF_ROWS < r1) { /* rows far apart: fetch ahead (see PF_ROWS) */ \
+                    __builtin_prefetch(a + AHEAD(o) + kk);                                            \
+                    if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                 \
+                }                                                                                     \
                 const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < tn; ++k) {                                                    \
@@ -340,6 +359,11 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     int64_t o = r0 / inner, i = r0 % inner;                                           \
                     for (int64_t r = r0; r < r1; ++r) {                                               \
                         const T *restrict pa = a + ROW(o) + i * si + k0;                              \
+                        if (inner == 1 && o + PF_ROWS < outer) /* rows far apart: fetch ahead */      \
+                            for (int64_t k = k0; k < k0 + nk; k += 64 / (int64_t)sizeof(T)) {         \
+                                __builtin_prefetch(a + AHEAD(o) + k);                                 \
+                                if (check) __builtin_prefetch(f + AHEAD(o) + k);                      \
+                            }                                                                         \
                         const T *restrict pf = f + ROW(o) + i * si + k0;                              \
                         if (pass == 1) {                                                              \
                             _Pragma("omp simd")                                                       \
