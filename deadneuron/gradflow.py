@@ -135,7 +135,7 @@ class SiteFlow:
         The whole tensor, or a padding mask's valid rows of tokens (N, L, C), is read in place with a call
         prepared once per layout; a masked conv map (N, C, H, W) is gathered first, as the torch path does."""
         if mask is None or mask.index is None or covered_dims(x.shape, self.axis, mask.shape) is None:
-            key = (x.shape, x.stride(), x.dtype, nonzero is None)
+            key: tuple[Any, ...] = (x.shape, x.stride(), x.dtype, nonzero is None)
             run = self._plans.get(key)
             if run is None:
                 x3 = channel_view(x, self.axis)

@@ -5,14 +5,7 @@ call places, or a functional activation (``F.relu``, ``torch.tanh``, ``x.relu()`
 through a `TorchFunctionMode`. The seed's encoder applies one shared ``self.relu`` after four BatchNorm
 layers: that is four sites, because they are four different sets of neurons.
 
-Naming (stable across batches):
-
-* an activation module with a single call site keeps its qualified name (``mlp.act``);
-* a reused module is named after the module whose output it consumed: ``encoder.bn_layers.2>relu``
-  (after the ``>`` its attribute name, or its kind where that name is a Sequential index);
-* a functional activation is named the same way after its producer: ``conv1>relu``; if its input was
-  not a module output, after the module inside whose forward it ran: ``block.relu``;
-* names still shared by several sites get ``#k`` in call order within the forward pass (0-based).
+Sites are named as `deadneuron.probe.site` says (stable across batches: ``mlp.act``, ``conv1>relu``).
 
 Statistics are computed inside the hooks (never from stored tensors: an in-place ReLU overwrites both
 its input and the conv/BN output before any later hook could read them) and stay on the tensor's
@@ -45,10 +38,8 @@ from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
 from deadneuron.wrappers import unwrap, user_named_modules
 
-# The autograd graph task running on this thread, -1 outside backward. A forward pass that runs inside
-# backward is activation checkpointing recomputing a segment (torch.utils.checkpoint): not a batch, so
-# every hook ignores it (the first pass of that segment was measured, and its gradient reaches the tensors
-# that pass measured).
+# The autograd graph task on this thread (-1 outside backward). A forward pass inside backward is checkpointing
+# recomputing a segment (torch.utils.checkpoint), not a batch: every hook ignores it.
 _graph_task = torch._C._current_graph_task_id
 
 # An activation module measured: spec, flat region, name, site leaf name, its site key, its module-stack
@@ -208,10 +199,9 @@ class Recorder:
         self._suspended.clear()
         self._ensure_mode()
 
-    # -- the functional probe is suspended inside modules where it has nothing to find ------------
-    # (activation modules and torch's own leaves): every torch call made there would otherwise pass
-    # through its Python __torch_function__ for nothing. A module that raises leaves it suspended;
-    # the next forward pass (or start_batch) puts it back, and teardown removes it wherever it is.
+    # -- the functional probe is suspended inside activation modules and torch's own leaves, where each
+    # torch call would pass through its Python __torch_function__ for nothing. A module that raises leaves
+    # it suspended; the next forward pass (or start_batch) puts it back; teardown removes it anywhere.
     def _suspend(self) -> bool:
         return self._mode is not None and pop_if_top(self._mode)
 
@@ -254,9 +244,8 @@ class Recorder:
             self.idle()
 
     def _leaf_enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
-        if _graph_task() != -1:  # recomputed inside backward (checkpointing)
-            return
-        self._suspended.append(self._suspend())
+        if _graph_task() == -1:  # not recomputed inside backward (checkpointing)
+            self._suspended.append(self._suspend())
 
     def _leaf_exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """A quiet leaf (see `quiet_leaf`) is never on the stack: only what it produced is noted."""
@@ -297,11 +286,9 @@ class Recorder:
             return None
         return entry[1]
 
-    # -- activation module hooks --------------------------------------------------------------------
-    # The hooks run with __torch_function__ handling off: otherwise every tensor method they call
-    # (z.dim(), z.dtype...) would pass through the functional probe, a Python call each.
-    # An activation module's two hooks also do what _enter_hook/_exit_hook do for other modules.
-    # The probe is put back after the output is measured and noted (its tensor calls stay in C).
+    # -- activation module hooks (they also do what _enter_hook/_exit_hook do for other modules) ------
+    # They run with __torch_function__ handling off (each tensor method they call would otherwise pass
+    # through the probe, a Python call each); the probe is put back once the output is measured and noted.
     def _activation_pre_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         if _graph_task() != -1:  # recomputed inside backward (checkpointing)
             return
@@ -397,8 +384,7 @@ class Recorder:
         return site_names(list(self._sites.values()))
 
     def keyed_sites(self) -> list[tuple[tuple[Any, ...], str, Site]]:
-        """Every site with its key (its call place: equal in every process that runs the same model)
-        and its final name, in order of first call."""
+        """Every site with its key (its call place: the same in every process) and final name, in call order."""
         return list(zip(self._sites, self.site_names(), self._sites.values(), strict=True))
 
     def named_sites(self) -> list[tuple[str, Site]]:
@@ -411,7 +397,4 @@ class Recorder:
 
     def results(self) -> list[SiteResult]:
         with torch._C.DisableTorchFunction():
-            return self._results()
-
-    def _results(self) -> list[SiteResult]:
-        return [s.result(name) for name, s in zip(self.site_names(), self._sites.values(), strict=True)]
+            return [s.result(name) for name, s in zip(self.site_names(), self._sites.values(), strict=True)]

@@ -1,4 +1,14 @@
-"""A call site's running state (`Site`), its host-side result (`SiteResult`), and final site names."""
+"""A call site's running state (`Site`), its host-side result (`SiteResult`), and final site names.
+
+Naming (stable across batches):
+
+* an activation module with a single call site keeps its qualified name (``mlp.act``);
+* a reused module is named after the module whose output it consumed: ``encoder.bn_layers.2>relu``
+  (after the ``>`` its attribute name, or its kind where that name is a Sequential index);
+* a functional activation is named the same way after its producer: ``conv1>relu``; if its input was
+  not a module output, after the module inside whose forward it ran: ``block.relu``;
+* names still shared by several sites get ``#k`` in call order within the forward pass (0-based).
+"""
 
 from __future__ import annotations
 
