@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,15 @@ def test_lightning_functional_activations_in_the_loss_are_no_sites(tmp_path: Pat
     callback = DeadneuronCallback(every=2, log=False)
     trainer = pl.Trainer(max_steps=4, callbacks=[callback], logger=False, accelerator="cpu", devices=1, strategy=strategy,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(Module(), DataLoader(planted_batches(4), batch_size=None))
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        trainer.fit(Module(), DataLoader(planted_batches(4), batch_size=None))
+    finally:  # Lightning's DDP leaves its process group, rendezvous variables and thread setting behind
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
     assert [list(s.sites) for s in callback.snapshots] == [["net.act"]] * 2
     assert probes == [0] * 4 and torch._C._len_torch_function_stack() == 0
 
