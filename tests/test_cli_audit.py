@@ -109,6 +109,14 @@ def test_malformed_input_shape(small_ckpt: Path) -> None:
     _one_line(err)
 
 
+@pytest.mark.parametrize("shape", ["4,x,8,8", "4,,8,8", "4,3,8,8,", "4x3xx8"])
+def test_input_shape_with_an_empty_or_lone_x_part_is_refused_not_shortened(small_ckpt: Path, shape: str) -> None:
+    # '4,x,8,8' once ran on (4, 8, 8): a dim was dropped silently and the forward pass failed on a shape never asked for
+    c, _, err = run("audit", str(small_ckpt), "--model", f"{EXAMPLE}:build", "--input-shape", shape)
+    assert c == 2 and "--input-shape" in err and repr(shape) in err
+    _one_line(err)
+
+
 def test_wrong_model_path(small_ckpt: Path) -> None:
     c, _, err = run("audit", str(small_ckpt), "--model", "no_such_module_xyz:build", "--input-shape", "1,3,8,8")
     assert c == 2 and "no_such_module_xyz" in err
