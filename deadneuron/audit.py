@@ -69,7 +69,8 @@ def audit(
     where it has one (the ARC adapter: the valid grid cells); else, for dict batches, the
     ``"attention_mask"`` when its shape (N, L) is the leading shape of ``"input_ids"`` (else of
     ``"inputs_embeds"``, else of the batch's first other tensor) and it holds only 0/1; else none.
-    A ``str``: that key of dict batches. A callable: ``batch -> tensor``, bool or 0/1 of shape
+    A ``str``: that key of dict batches; ``"~key"`` inverts a mask that is True at padding (PyTorch's
+    ``src_key_padding_mask``). A callable: ``batch -> tensor``, bool or 0/1 of shape
     (N, positions...), True where the batch holds data. ``None``: no mask, padding counts as data.
     A mask applies at every site whose dims other than the channel begin with the mask's shape
     (tokens (N, L, C) under (N, L); conv maps (N, C, H, W) under (N, H, W)); statistics there cover

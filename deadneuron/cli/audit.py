@@ -41,7 +41,7 @@ def audit_command(
     eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = EPS,
     delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = DELTA,
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
-    mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
+    mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches, True (1) where the batch holds data; ~KEY inverts one that is True at padding, as PyTorch's key_padding_mask is (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
     channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (rich terminal report) or json (the Report on stdout).")] = "table",

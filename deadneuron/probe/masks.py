@@ -164,7 +164,19 @@ def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.de
         raise UsageError(f"mask must be 'auto', a batch key, a callable or None, not {type(spec).__name__}")
     if spec == AUTO:
         return _auto(batch, batch_size=batch_size, device=device, adapter=adapter)
-    return MaskChoice(_keyed(spec, batch, batch_size, device), spec)
+    if spec.startswith("~") and len(spec) > 1:  # a mask True at padding (PyTorch's key_padding_mask), inverted
+        return MaskChoice(~_keyed(spec[1:], batch, batch_size, device), spec)
+    return MaskChoice(_keyed(spec, batch, batch_size, device), spec, _polarity_warning(spec))
+
+
+def _polarity_warning(key: str) -> str | None:
+    """A warning where a mask key's name says padding: read as True where the batch holds data, a mask True at
+    padding (PyTorch's ``src_key_padding_mask``) would leave the data out and measure the padding alone."""
+    if "pad" not in key.lower():
+        return None
+    return (f"mask {key!r} is read as True (1) where the batch holds data, but its name says padding: if it is "
+            f"True at padding (as PyTorch's key_padding_mask is), the figures cover the padding alone; pass "
+            f"mask='~{key}' / --mask '~{key}' to invert it")
 
 
 def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) -> MaskChoice:
