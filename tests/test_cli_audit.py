@@ -183,3 +183,21 @@ def test_unwritable_out_exits_7(small_ckpt: Path, tmp_path: Path) -> None:
     c, _, err = run(*base(small_ckpt), "--out", str(blocker / "sub"))
     assert c == 7
     _one_line(err)
+
+
+@pytest.mark.parametrize("name", ["report.md", "report.html", "report.json", "figure.png"])
+def test_out_named_like_a_report_file_is_refused_before_any_work(small_ckpt: Path, tmp_path: Path, name: str) -> None:
+    # --out is a folder: 'report.md' once became a folder named report.md holding report.html, .json and figures
+    target = tmp_path / name
+    c, out, err = run(*base(small_ckpt), "--out", str(target))
+    assert c == 2 and "--out" in err and "folder" in err and not out
+    assert not target.exists()
+    _one_line(err)
+
+
+def test_out_an_existing_folder_with_a_suffix_is_still_a_folder(small_ckpt: Path, tmp_path: Path) -> None:
+    target = tmp_path / "run.v1.json"
+    target.mkdir()
+    c, _, err = run(*base(small_ckpt), "--out", str(target))
+    assert c == 0, err
+    assert (target / "report.json").is_file() and (target / "report.md").is_file()
