@@ -201,3 +201,18 @@ def test_out_an_existing_folder_with_a_suffix_is_still_a_folder(small_ckpt: Path
     c, _, err = run(*base(small_ckpt), "--out", str(target))
     assert c == 0, err
     assert (target / "report.json").is_file() and (target / "report.md").is_file()
+
+
+def test_data_raising_half_way_is_named_once_with_its_own_exception(small_ckpt: Path, tmp_path: Path) -> None:
+    data = tmp_path / "shards.py"
+    data.write_text(
+        "import torch\n\n"
+        "def batches():\n"
+        "    yield torch.randn(2, 3, 8, 8)\n"
+        "    raise KeyError('missing shard 7')\n"
+    )
+    c, _, err = run("audit", str(small_ckpt), "--model", f"{EXAMPLE}:build", "--data", f"{data}:batches")
+    assert c == 6, err
+    assert "KeyError" in err and "missing shard 7" in err and "batch 1" in err
+    assert "AuditRuntimeError" not in err and err.count("while producing") == 1  # once wrapped it read twice
+    _one_line(err)
