@@ -60,6 +60,19 @@ class Measurement:
     example: Any
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    """A UsageError for lazy layers not yet materialised: under inference_mode their weights would become
+    inference tensors, and the model could not be trained after the audit."""
+    lazy = [(n, m) for n, m in model.named_modules()
+            if any(isinstance(t, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]  # fmt: skip
+    if lazy:
+        name, m = lazy[0]
+        raise UsageError(f"layer {name or '(the model)'!r} ({type(m).__name__}) has uninitialised lazy parameters"
+                         f"{f' (and {len(lazy) - 1} more layers)' if len(lazy) > 1 else ''}: run one forward pass of "
+                         "the model on an example batch before auditing it, so they are made outside the audit")
+
+
 def measure(
     model: nn.Module,
     data: Iterable[Any],
@@ -89,6 +102,7 @@ def measure(
     check_eps(eps)
     check_delta(delta)
     model, notes = unwrap(model)
+    _refuse_lazy(model)
     notes += wrapper_notes(model)  # FSDP / checkpoint wrappers: their forward runs, their names go
     dev = resolve_device(device) if device is not None else model_device(model)
     across_ranks = distributed and distributed_active()

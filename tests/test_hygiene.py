@@ -165,3 +165,23 @@ def test_a_leaf_subclass_with_its_own_forward_is_watched() -> None:
     model = nn.Sequential(ReluInsideConv(3, 4, 3)).eval()
     report = deadneuron.audit(model, [torch.randn(2, 3, 8, 8)], progress=False)
     assert list(report.sites) == ["0.relu"]
+
+
+def test_a_model_with_uninitialised_lazy_layers_is_refused_and_left_trainable() -> None:
+    # materialised under inference_mode, a lazy layer's weights became inference tensors: no training after the audit
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.LazyLinear(2))
+    with pytest.raises(deadneuron.DeadneuronError, match=r"'0'.*LazyLinear.*forward pass"):
+        deadneuron.audit(model, [torch.randn(5, 4)], progress=False)
+    assert all(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+    model(torch.randn(5, 4)).sum().backward()  # a first forward of the user's own: materialised, trainable
+    assert all(p.grad is not None and not p.is_inference() for p in model.parameters())
+    report = deadneuron.audit(model, [torch.randn(5, 4)], progress=False)
+    assert list(report.sites) == ["1"]
+    model(torch.randn(5, 4)).sum().backward()
+
+
+def test_a_lazy_batchnorm_without_affine_parameters_is_refused_too() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(affine=False), nn.ReLU())
+    with pytest.raises(deadneuron.DeadneuronError, match=r"'1'.*LazyBatchNorm2d"):
+        deadneuron.audit(model, [torch.randn(2, 3, 4, 4)], progress=False)
