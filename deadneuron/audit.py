@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deadneuron._inputs import default_forward, model_device, to_device
+from deadneuron._kept import kept_tensors
 from deadneuron.adapters import Feed
 from deadneuron.errors import UsageError
 from deadneuron.measure import ProgressBar, measure
@@ -106,7 +107,8 @@ def audit(
     ruleset = None if rules is True else rules
     forward = adapter.forward if adapter is not None else default_forward
     target = patch_target if patch_target is not None else _surgery_target(measured.model, measured.example, forward)
-    with full_parameters(measured.model):  # the rules read weights: an FSDP-sharded model's gathered whole
+    with full_parameters(measured.model), kept_tensors(measured.model):  # the rules read weights (FSDP: gathered
+        # whole); a fix is checked on one forward pass, whose caches are not left on the model
         return attach_findings(measured.report, checkpoint, model=measured.model, rules=ruleset,
                                config=_rules_config(ruleset, rules_config), target=target)  # fmt: skip
 

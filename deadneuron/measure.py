@@ -27,6 +27,7 @@ from deadneuron._inputs import (
     resolve_device,
     to_device,
 )
+from deadneuron._kept import kept_tensors
 from deadneuron._parse import check_count
 from deadneuron.activations import check_delta, check_eps
 from deadneuron.adapters import Feed
@@ -109,8 +110,9 @@ def measure(
     recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
                                  histograms=histograms, activations=activations, channel_axis=overrides)  # fmt: skip
     try:
-        part, rec, example = _pass(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
-                                   adapter=adapter, mask=mask, forward=forward)  # fmt: skip
+        with kept_tensors(model):  # what the forward caches (as inference tensors) is not left on the model
+            part, rec, example = _pass(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
+                                       adapter=adapter, mask=mask, forward=forward)  # fmt: skip
     except Exception as exc:
         if across_ranks:  # the other ranks are waiting for this rank's statistics: they raise too, naming it
             with contextlib.suppress(Exception):  # a broken group: this rank's own error says more

@@ -185,3 +185,32 @@ def test_a_lazy_batchnorm_without_affine_parameters_is_refused_too() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(affine=False), nn.ReLU())
     with pytest.raises(deadneuron.DeadneuronError, match=r"'1'.*LazyBatchNorm2d"):
         deadneuron.audit(model, [torch.randn(2, 3, 4, 4)], progress=False)
+
+
+class CachingModel(nn.Module):
+    """Caches in its forward, as rotary embeddings do: a buffer grown to the sequence length, a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.act = nn.GELU()
+        self.scale: torch.Tensor | None = None
+        self.register_buffer("cos_cached", torch.zeros(0, 6), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cos_cached.shape[0] < x.shape[1]:
+            self.cos_cached = torch.cos(torch.arange(x.shape[1])[:, None] * torch.ones(6))
+        if self.scale is None:
+            self.scale = torch.ones(6)
+        return self.act(self.fc(x) * self.cos_cached[: x.shape[1]] * self.scale)
+
+
+def test_tensors_a_model_caches_in_its_forward_are_left_as_found_and_it_still_trains() -> None:
+    # made under inference_mode, the caches were inference tensors: the next training step raised
+    torch.manual_seed(0)
+    model = CachingModel()
+    empty = model.cos_cached
+    deadneuron.audit(model, [torch.randn(2, 5, 4)], progress=False)
+    assert model.cos_cached is empty and model.scale is None and "cos_cached" in dict(model.named_buffers())
+    model(torch.randn(2, 5, 4)).sum().backward()
+    assert model.fc.weight.grad is not None and not model.cos_cached.is_inference()
