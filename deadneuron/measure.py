@@ -335,9 +335,14 @@ def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> Aud
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     where = f"after site {rec.last_site!r}" if rec.last_site else "before any activation site ran"
     module = f", last module run {rec.last_module!r}" if rec.last_module else ""
+    hint = ""
+    if isinstance(exc, TypeError) and "required positional argument" in first_line and \
+            isinstance(batch, (tuple, list)) and len(batch) > 1:  # fmt: skip
+        hint = (" (a tuple batch feeds its first element alone, the rest being targets: for a model of several "
+                "inputs yield dicts of keyword arguments)")
     return AuditRuntimeError(
         f"forward pass failed on batch {index} (input {batch_shapes(batch)}) {where}{module}: "
-        f"{type(exc).__name__}: {first_line}"
+        f"{type(exc).__name__}: {first_line}{hint}"
     )
 
 

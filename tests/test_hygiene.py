@@ -214,3 +214,21 @@ def test_tensors_a_model_caches_in_its_forward_are_left_as_found_and_it_still_tr
     assert model.cos_cached is empty and model.scale is None and "cos_cached" in dict(model.named_buffers())
     model(torch.randn(2, 5, 4)).sum().backward()
     assert model.fc.weight.grad is not None and not model.cos_cached.is_inference()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(4, 6), nn.Linear(3, 6), nn.ReLU()
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.act(self.a(x1) + self.b(x2))
+
+
+def test_a_tuple_batch_for_a_model_of_two_inputs_says_how_to_feed_both() -> None:
+    model, pair = _TwoInputs().eval(), (torch.randn(5, 4), torch.randn(5, 3))
+    with pytest.raises(AuditRuntimeError, match=r"x2.*first element.*dicts of keyword arguments"):
+        deadneuron.audit(model, [pair], progress=False)
+    report = deadneuron.audit(model, [{"x1": pair[0], "x2": pair[1]}], progress=False)  # as the message says
+    z = model.a(pair[0]) + model.b(pair[1])
+    assert report.sites["act"].sparsity == pytest.approx(float((z <= 0).double().mean()))
