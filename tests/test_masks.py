@@ -333,3 +333,15 @@ def test_a_key_padding_mask_true_at_padding_is_inverted_with_a_tilde_and_its_nam
     assert as_given.sites[site].n == 12  # read as True = data: the padding alone
     (warning,) = [w for w in as_given.meta["warnings"] if "'pad'" in w]
     assert "True" in warning and "'~pad'" in warning
+
+
+def test_auto_without_attention_mask_names_a_key_that_looks_like_a_padding_mask() -> None:
+    torch.manual_seed(0)
+    model, batches = PaddedEncoder().eval(), _padded_batches()
+    report = deadneuron.audit(model, batches, progress=False)  # mask="auto": no attention_mask in these batches
+    site = report.sites["enc.layers.0.linear1>relu"]
+    assert not site.masked and site.n == sum(b["pad"].numel() for b in batches)  # padding counted as data
+    (warning,) = [w for w in report.meta["warnings"] if "'pad'" in w]
+    assert "'~pad'" in warning and "--no-mask" in warning
+    plain = deadneuron.audit(model, [{"x": b["x"], "pad": b["pad"]} for b in batches], mask=None, progress=False)
+    assert not any("'pad'" in w for w in plain.meta["warnings"])  # mask=None: padding counted, as asked
