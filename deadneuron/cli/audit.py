@@ -4,7 +4,8 @@ A deadneuron checkpoint (from `deadneuron train`) needs no other flag: its adapt
 and feeds it its held-out data. A plain state_dict needs --model MODULE:FACTORY and data: --data
 MODULE:FACTORY (an iterable of batches) or --input-shape N,C,H,W (random inputs, flagged as such).
 Padding is left out of every statistic where a mask fits the site: by default the attention_mask of
-dict batches, or the adapter's valid grid cells; --mask KEY names another key, --no-mask counts padding.
+dict batches, or the adapter's valid grid cells; --mask KEY names another key (True where the batch holds
+data; --mask '~KEY' inverts one True at padding, as PyTorch's key_padding_mask is), --no-mask counts padding.
 Under torchrun (``torchrun --nproc-per-node N -m deadneuron audit ...``) each rank audits every N-th
 batch, the ranks merge their statistics exactly, and the first rank prints and writes the one report.
 """
