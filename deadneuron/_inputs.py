@@ -50,7 +50,7 @@ def batches_of(data: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
             batch = next(iterator)
         except StopIteration:
             return
-        except (UsageError, KeyboardInterrupt):
+        except (UsageError, AuditRuntimeError, KeyboardInterrupt):  # already named: data wrapped twice
             raise
         except Exception as exc:
             line = (str(exc).strip().splitlines() or [""])[0]

@@ -5,7 +5,7 @@ The flat region of an activation f is where its derivative is small: |f'(z)| <= 
 f' by autograd on a fine float64 grid once, keeps the tails of the grid (the part connected to -inf,
 and the part connected to +inf) where the derivative is small, and refines each boundary between two
 grid points to float64 precision. ReLU gives z <= 0, ReLU6 adds z >= 6, LeakyReLU(0.01) gives z <= 0,
-GELU about z <= -2.4, Tanh |z| >= 2.2, Sigmoid |z| >= 4.4, Hardsigmoid z <= -3 or z >= 3. A function
+GELU about z <= -2.28, Tanh |z| >= 2.2, Sigmoid |z| >= 4.4, Hardsigmoid z <= -3 or z >= 3. A function
 with no flat tail but one flat interval in the middle (Hardshrink, Softshrink: |z| <= lambd,
 Tanhshrink: |z| <= 0.23) has that interval as its flat region.
 

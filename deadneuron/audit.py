@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deadneuron._inputs import default_forward, model_device, to_device
+from deadneuron._kept import kept_tensors
 from deadneuron.adapters import Feed
 from deadneuron.errors import UsageError
 from deadneuron.measure import ProgressBar, measure
@@ -69,7 +70,8 @@ def audit(
     where it has one (the ARC adapter: the valid grid cells); else, for dict batches, the
     ``"attention_mask"`` when its shape (N, L) is the leading shape of ``"input_ids"`` (else of
     ``"inputs_embeds"``, else of the batch's first other tensor) and it holds only 0/1; else none.
-    A ``str``: that key of dict batches. A callable: ``batch -> tensor``, bool or 0/1 of shape
+    A ``str``: that key of dict batches; ``"~key"`` inverts a mask that is True at padding (PyTorch's
+    ``src_key_padding_mask``). A callable: ``batch -> tensor``, bool or 0/1 of shape
     (N, positions...), True where the batch holds data. ``None``: no mask, padding counts as data.
     A mask applies at every site whose dims other than the channel begin with the mask's shape
     (tokens (N, L, C) under (N, L); conv maps (N, C, H, W) under (N, H, W)); statistics there cover
@@ -105,7 +107,8 @@ def audit(
     ruleset = None if rules is True else rules
     forward = adapter.forward if adapter is not None else default_forward
     target = patch_target if patch_target is not None else _surgery_target(measured.model, measured.example, forward)
-    with full_parameters(measured.model):  # the rules read weights: an FSDP-sharded model's gathered whole
+    with full_parameters(measured.model), kept_tensors(measured.model):  # the rules read weights (FSDP: gathered
+        # whole); a fix is checked on one forward pass, whose caches are not left on the model
         return attach_findings(measured.report, checkpoint, model=measured.model, rules=ruleset,
                                config=_rules_config(ruleset, rules_config), target=target)  # fmt: skip
 

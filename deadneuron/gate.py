@@ -17,7 +17,7 @@ from typing import Literal
 from deadneuron.errors import UsageError
 from deadneuron.report import Report, SiteHealth
 
-Check = Literal["max_dead", "max_dead_fraction", "max_sparsity", "min_active_slots", "sites"]
+Check = Literal["max_dead", "max_dead_fraction", "max_sparsity", "max_nonfinite", "min_active_slots", "sites"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,12 @@ class GateLimits:
     max_sparsity: float | None = None  # a site's exact-zero share
     min_active_slots: float | None = None  # mean active slots per image
     sites: tuple[str, ...] = ()
+    max_nonfinite: int | None = None  # NaN/Inf activations allowed in any one site
 
     def __post_init__(self) -> None:
-        if self.max_dead is not None and self.max_dead < 0:
-            raise UsageError(f"max_dead must be >= 0, got {self.max_dead}")
+        for name in ("max_dead", "max_nonfinite"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_dead_fraction", "max_sparsity"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -44,7 +46,7 @@ class GateLimits:
     @property
     def active(self) -> bool:
         """True when at least one limit is set."""
-        limits = (self.max_dead, self.max_dead_fraction, self.max_sparsity, self.min_active_slots)
+        limits = (self.max_dead, self.max_dead_fraction, self.max_sparsity, self.min_active_slots, self.max_nonfinite)
         return any(v is not None for v in limits)
 
 
@@ -114,6 +116,11 @@ def _site_violations(site: SiteHealth, limits: GateLimits) -> list[Violation]:
                 f"sparsity {_pct(site.sparsity)} > max_sparsity {_pct(limits.max_sparsity)}",
             )
         )  # fmt: skip
+    if limits.max_nonfinite is not None and site.nonfinite > limits.max_nonfinite:
+        channels = [c for c, n in enumerate(site.channel_nonfinite) if n]
+        out.append(Violation("max_nonfinite", site.name, site.nonfinite, limits.max_nonfinite,
+                             f"{site.nonfinite} non-finite activations (NaN/Inf) in channel{'s' if len(channels) > 1 else ''} "
+                             f"{_ids(channels)} > max_nonfinite {limits.max_nonfinite}"))  # fmt: skip
     return out
 
 
@@ -131,7 +138,7 @@ def check(report: Report, limits: GateLimits) -> tuple[Violation, ...]:
     """Every violated check of ``report`` under ``limits``, in site order (empty: the gate passes)."""
     if not limits.active:
         return ()
-    per_site = (limits.max_dead, limits.max_dead_fraction, limits.max_sparsity)
+    per_site = (limits.max_dead, limits.max_dead_fraction, limits.max_sparsity, limits.max_nonfinite)
     if not report.sites and any(v is not None for v in per_site):
         return (Violation("sites", None, 0.0, 1.0, "the report has no activation site: nothing was measured, "
                           "so no per-site limit can pass"),)  # fmt: skip

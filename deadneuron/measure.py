@@ -27,6 +27,7 @@ from deadneuron._inputs import (
     resolve_device,
     to_device,
 )
+from deadneuron._kept import kept_tensors
 from deadneuron._parse import check_count
 from deadneuron.activations import check_delta, check_eps
 from deadneuron.adapters import Feed
@@ -60,6 +61,19 @@ class Measurement:
     example: Any
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    """A UsageError for lazy layers not yet materialised: under inference_mode their weights would become
+    inference tensors, and the model could not be trained after the audit."""
+    lazy = [(n, m) for n, m in model.named_modules()
+            if any(isinstance(t, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]  # fmt: skip
+    if lazy:
+        name, m = lazy[0]
+        raise UsageError(f"layer {name or '(the model)'!r} ({type(m).__name__}) has uninitialised lazy parameters"
+                         f"{f' (and {len(lazy) - 1} more layers)' if len(lazy) > 1 else ''}: run one forward pass of "
+                         "the model on an example batch before auditing it, so they are made outside the audit")
+
+
 def measure(
     model: nn.Module,
     data: Iterable[Any],
@@ -89,14 +103,16 @@ def measure(
     check_eps(eps)
     check_delta(delta)
     model, notes = unwrap(model)
+    _refuse_lazy(model)
     notes += wrapper_notes(model)  # FSDP / checkpoint wrappers: their forward runs, their names go
     dev = resolve_device(device) if device is not None else model_device(model)
     across_ranks = distributed and distributed_active()
     recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
                                  histograms=histograms, activations=activations, channel_axis=overrides)  # fmt: skip
     try:
-        part, rec, example = _pass(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
-                                   adapter=adapter, mask=mask, forward=forward)  # fmt: skip
+        with kept_tensors(model):  # what the forward caches (as inference tensors) is not left on the model
+            part, rec, example = _pass(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
+                                       adapter=adapter, mask=mask, forward=forward)  # fmt: skip
     except Exception as exc:
         if across_ranks:  # the other ranks are waiting for this rank's statistics: they raise too, naming it
             with contextlib.suppress(Exception):  # a broken group: this rank's own error says more
@@ -319,9 +335,14 @@ def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> Aud
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     where = f"after site {rec.last_site!r}" if rec.last_site else "before any activation site ran"
     module = f", last module run {rec.last_module!r}" if rec.last_module else ""
+    hint = ""
+    if isinstance(exc, TypeError) and "required positional argument" in first_line and \
+            isinstance(batch, (tuple, list)) and len(batch) > 1:  # fmt: skip
+        hint = (" (a tuple batch feeds its first element alone, the rest being targets: for a model of several "
+                "inputs yield dicts of keyword arguments)")
     return AuditRuntimeError(
         f"forward pass failed on batch {index} (input {batch_shapes(batch)}) {where}{module}: "
-        f"{type(exc).__name__}: {first_line}"
+        f"{type(exc).__name__}: {first_line}{hint}"
     )
 
 

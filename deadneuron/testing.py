@@ -50,16 +50,17 @@ def assert_healthy(
     max_sparsity: float | None = None,
     min_active_slots: float | None = None,
     adapter: Any = None,
+    max_nonfinite: int | None = 0,
 ) -> Report:
     """Fail unless every site in ``sites`` (globs; default all) is within the limits. Returns the Report.
 
-    Defaults: no dead channel anywhere. ``max_sparsity`` bounds each site's exact-zero share,
+    Defaults: no dead channel and no NaN/Inf activation anywhere (``max_nonfinite=None`` allows them). ``max_sparsity`` bounds each site's exact-zero share,
     ``min_active_slots`` the mean number of active slots per image (slot models only).
     """
     report = _report_of(model_or_report, data, adapter)
     limits = GateLimits(
         max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
-        min_active_slots=min_active_slots, sites=tuple(sites or ()),
+        min_active_slots=min_active_slots, sites=tuple(sites or ()), max_nonfinite=max_nonfinite,
     )  # fmt: skip
     violations = check(report, limits)
     if violations:

@@ -446,3 +446,35 @@ def test_cli_flag_bad_syntax_is_one_line_exit_2(shifted_ckpt: tuple[Path, Path],
                        "--channel-axis", flag)
     lines = [ln for ln in err.strip().splitlines() if ln]
     assert code == 2 and len(lines) == 1 and "--channel-axis takes GLOB=AXIS" in lines[0], err
+
+
+class _ConvLayerNorm(nn.Module):
+    """A conv map normalised over (C, H, W) by a LayerNorm, as a module or as F.layer_norm: the channels stay on
+    dim 1 (the layer norm's last dim is W)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.ln = nn.LayerNorm([6, 5, 7])
+        self.act = nn.ReLU()
+        self.z: list[torch.Tensor] = []
+        with torch.no_grad():
+            self.ln.bias.view(6, 5, 7)[2] = -100.0  # channel 2 never positive
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = F.layer_norm(h, [6, 5, 7], self.ln.weight, self.ln.bias) if self.functional else self.ln(h)
+        self.z.append(h.detach().clone())
+        return self.act(h)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_a_layer_norm_over_several_dims_keeps_its_input_s_channel_axis(functional: bool) -> None:
+    torch.manual_seed(0)
+    model = _ConvLayerNorm(functional).eval()
+    report = deadneuron.audit(model, [torch.randn(4, 3, 7, 9)], progress=False, rules=False)
+    (site,) = report.sites.values()
+    z = model.z[0].transpose(0, 1).reshape(6, -1)  # the oracle: the model's own tensor, channels on dim 1
+    assert (site.channel_axis, site.channels) == (1, 6)
+    assert list(site.dead_channels) == torch.nonzero((z <= 0).all(1)).flatten().tolist() == [2]

@@ -109,6 +109,14 @@ def test_malformed_input_shape(small_ckpt: Path) -> None:
     _one_line(err)
 
 
+@pytest.mark.parametrize("shape", ["4,x,8,8", "4,,8,8", "4,3,8,8,", "4x3xx8"])
+def test_input_shape_with_an_empty_or_lone_x_part_is_refused_not_shortened(small_ckpt: Path, shape: str) -> None:
+    # '4,x,8,8' once ran on (4, 8, 8): a dim was dropped silently and the forward pass failed on a shape never asked for
+    c, _, err = run("audit", str(small_ckpt), "--model", f"{EXAMPLE}:build", "--input-shape", shape)
+    assert c == 2 and "--input-shape" in err and repr(shape) in err
+    _one_line(err)
+
+
 def test_wrong_model_path(small_ckpt: Path) -> None:
     c, _, err = run("audit", str(small_ckpt), "--model", "no_such_module_xyz:build", "--input-shape", "1,3,8,8")
     assert c == 2 and "no_such_module_xyz" in err
@@ -174,4 +182,37 @@ def test_unwritable_out_exits_7(small_ckpt: Path, tmp_path: Path) -> None:
     blocker.write_text("x")
     c, _, err = run(*base(small_ckpt), "--out", str(blocker / "sub"))
     assert c == 7
+    _one_line(err)
+
+
+@pytest.mark.parametrize("name", ["report.md", "report.html", "report.json", "figure.png"])
+def test_out_named_like_a_report_file_is_refused_before_any_work(small_ckpt: Path, tmp_path: Path, name: str) -> None:
+    # --out is a folder: 'report.md' once became a folder named report.md holding report.html, .json and figures
+    target = tmp_path / name
+    c, out, err = run(*base(small_ckpt), "--out", str(target))
+    assert c == 2 and "--out" in err and "folder" in err and not out
+    assert not target.exists()
+    _one_line(err)
+
+
+def test_out_an_existing_folder_with_a_suffix_is_still_a_folder(small_ckpt: Path, tmp_path: Path) -> None:
+    target = tmp_path / "run.v1.json"
+    target.mkdir()
+    c, _, err = run(*base(small_ckpt), "--out", str(target))
+    assert c == 0, err
+    assert (target / "report.json").is_file() and (target / "report.md").is_file()
+
+
+def test_data_raising_half_way_is_named_once_with_its_own_exception(small_ckpt: Path, tmp_path: Path) -> None:
+    data = tmp_path / "shards.py"
+    data.write_text(
+        "import torch\n\n"
+        "def batches():\n"
+        "    yield torch.randn(2, 3, 8, 8)\n"
+        "    raise KeyError('missing shard 7')\n"
+    )
+    c, _, err = run("audit", str(small_ckpt), "--model", f"{EXAMPLE}:build", "--data", f"{data}:batches")
+    assert c == 6, err
+    assert "KeyError" in err and "missing shard 7" in err and "batch 1" in err
+    assert "AuditRuntimeError" not in err and err.count("while producing") == 1  # once wrapped it read twice
     _one_line(err)

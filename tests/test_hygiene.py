@@ -165,3 +165,70 @@ def test_a_leaf_subclass_with_its_own_forward_is_watched() -> None:
     model = nn.Sequential(ReluInsideConv(3, 4, 3)).eval()
     report = deadneuron.audit(model, [torch.randn(2, 3, 8, 8)], progress=False)
     assert list(report.sites) == ["0.relu"]
+
+
+def test_a_model_with_uninitialised_lazy_layers_is_refused_and_left_trainable() -> None:
+    # materialised under inference_mode, a lazy layer's weights became inference tensors: no training after the audit
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.LazyLinear(2))
+    with pytest.raises(deadneuron.DeadneuronError, match=r"'0'.*LazyLinear.*forward pass"):
+        deadneuron.audit(model, [torch.randn(5, 4)], progress=False)
+    assert all(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+    model(torch.randn(5, 4)).sum().backward()  # a first forward of the user's own: materialised, trainable
+    assert all(p.grad is not None and not p.is_inference() for p in model.parameters())
+    report = deadneuron.audit(model, [torch.randn(5, 4)], progress=False)
+    assert list(report.sites) == ["1"]
+    model(torch.randn(5, 4)).sum().backward()
+
+
+def test_a_lazy_batchnorm_without_affine_parameters_is_refused_too() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(affine=False), nn.ReLU())
+    with pytest.raises(deadneuron.DeadneuronError, match=r"'1'.*LazyBatchNorm2d"):
+        deadneuron.audit(model, [torch.randn(2, 3, 4, 4)], progress=False)
+
+
+class CachingModel(nn.Module):
+    """Caches in its forward, as rotary embeddings do: a buffer grown to the sequence length, a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.act = nn.GELU()
+        self.scale: torch.Tensor | None = None
+        self.register_buffer("cos_cached", torch.zeros(0, 6), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cos_cached.shape[0] < x.shape[1]:
+            self.cos_cached = torch.cos(torch.arange(x.shape[1])[:, None] * torch.ones(6))
+        if self.scale is None:
+            self.scale = torch.ones(6)
+        return self.act(self.fc(x) * self.cos_cached[: x.shape[1]] * self.scale)
+
+
+def test_tensors_a_model_caches_in_its_forward_are_left_as_found_and_it_still_trains() -> None:
+    # made under inference_mode, the caches were inference tensors: the next training step raised
+    torch.manual_seed(0)
+    model = CachingModel()
+    empty = model.cos_cached
+    deadneuron.audit(model, [torch.randn(2, 5, 4)], progress=False)
+    assert model.cos_cached is empty and model.scale is None and "cos_cached" in dict(model.named_buffers())
+    model(torch.randn(2, 5, 4)).sum().backward()
+    assert model.fc.weight.grad is not None and not model.cos_cached.is_inference()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(4, 6), nn.Linear(3, 6), nn.ReLU()
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.act(self.a(x1) + self.b(x2))
+
+
+def test_a_tuple_batch_for_a_model_of_two_inputs_says_how_to_feed_both() -> None:
+    model, pair = _TwoInputs().eval(), (torch.randn(5, 4), torch.randn(5, 3))
+    with pytest.raises(AuditRuntimeError, match=r"x2.*first element.*dicts of keyword arguments"):
+        deadneuron.audit(model, [pair], progress=False)
+    report = deadneuron.audit(model, [{"x1": pair[0], "x2": pair[1]}], progress=False)  # as the message says
+    z = model.a(pair[0]) + model.b(pair[1])
+    assert report.sites["act"].sparsity == pytest.approx(float((z <= 0).double().mean()))

@@ -288,3 +288,60 @@ def test_conv_net_with_a_callable_mask_equals_numpy_over_the_valid_cells() -> No
         np.testing.assert_allclose(got.channel_std, a.std(0), rtol=1e-9, atol=1e-12)
         assert sum(got.histogram or ()) == a.size  # the histogram covers the valid cells only
     assert report.sites["act"].dead_channels == (2,)
+
+
+class PaddedEncoder(nn.Module):
+    """A batch-first TransformerEncoder fed PyTorch's own padding convention: ``pad`` is True at padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.enc(self.emb(x), src_key_padding_mask=pad)
+
+
+def _padded_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for lengths in ([7, 3, 5], [2, 7, 6]):
+        pad = torch.arange(7)[None, :] >= torch.tensor(lengths)[:, None]
+        out.append({"x": torch.randn(3, 7, 4, generator=g), "pad": pad})
+    return out
+
+
+def test_a_key_padding_mask_true_at_padding_is_inverted_with_a_tilde_and_its_name_warns() -> None:
+    torch.manual_seed(0)
+    model, batches = PaddedEncoder().eval(), _padded_batches()
+    kept: list[torch.Tensor] = []
+    hook = model.enc.layers[0].linear1.register_forward_hook(lambda m, a, o: kept.append(o.detach().clone()))
+    with torch.enable_grad():  # with gradients the encoder takes its slow path, where linear1's hook runs
+        for b in batches:
+            model(**b)
+    hook.remove()
+    z = torch.cat([o[~b["pad"]] for o, b in zip(kept, batches, strict=True)])  # the data positions only
+    site = "enc.layers.0.linear1>relu"
+    inverted = deadneuron.audit(model, batches, mask="~pad", progress=False)
+    s = inverted.sites[site]
+    assert s.masked and s.n == z.shape[0] == 30 and s.excluded == 12
+    assert s.sparsity == pytest.approx(float((z <= 0).double().mean()), abs=1e-12)
+    assert list(s.dead_channels) == torch.nonzero((z <= 0).all(0)).flatten().tolist()
+    assert not any("'pad'" in w for w in inverted.meta["warnings"])
+    as_given = deadneuron.audit(model, batches, mask="pad", progress=False)
+    assert as_given.sites[site].n == 12  # read as True = data: the padding alone
+    (warning,) = [w for w in as_given.meta["warnings"] if "'pad'" in w]
+    assert "True" in warning and "'~pad'" in warning
+
+
+def test_auto_without_attention_mask_names_a_key_that_looks_like_a_padding_mask() -> None:
+    torch.manual_seed(0)
+    model, batches = PaddedEncoder().eval(), _padded_batches()
+    report = deadneuron.audit(model, batches, progress=False)  # mask="auto": no attention_mask in these batches
+    site = report.sites["enc.layers.0.linear1>relu"]
+    assert not site.masked and site.n == sum(b["pad"].numel() for b in batches)  # padding counted as data
+    (warning,) = [w for w in report.meta["warnings"] if "'pad'" in w]
+    assert "'~pad'" in warning and "--no-mask" in warning
+    plain = deadneuron.audit(model, [{"x": b["x"], "pad": b["pad"]} for b in batches], mask=None, progress=False)
+    assert not any("'pad'" in w for w in plain.meta["warnings"])  # mask=None: padding counted, as asked

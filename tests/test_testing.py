@@ -260,3 +260,33 @@ def test_plugin_fixture_audits_one_model_on_two_datasets(pytester: pytest.Pytest
     pytester.makepyfile(test_cache=CACHE_TESTS)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+class _NaNChannel(nn.Module):
+    """Channel 2 of the ReLU's input is NaN on every sample; the model keeps its own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        self.outputs: list[torch.Tensor] = []
+        with torch.no_grad():
+            self.fc.bias.fill_(10.0)  # every other channel alive on any sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x).clone()
+        h[:, 2] = float("nan")
+        out = self.act(h)
+        self.outputs.append(out.detach().clone())
+        return out
+
+
+def test_assert_healthy_fails_on_non_finite_activations_by_default() -> None:
+    torch.manual_seed(0)
+    model, batches = _NaNChannel().eval(), [torch.randn(5, 4)]
+    with pytest.raises(AssertionError, match=r"act: 5 non-finite activations .*channel 2"):
+        assert_healthy(model, batches)
+    nonfinite = int((~torch.isfinite(model.outputs[0])).sum())
+    assert nonfinite == 5  # the oracle: the model's own output
+    report = assert_healthy(model, batches, max_nonfinite=None)  # opted out: dead channels only
+    assert report.sites["act"].dead_channels == ()

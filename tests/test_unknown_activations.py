@@ -462,3 +462,64 @@ def test_cli_exits_2_in_one_line_for_a_select_matching_nothing(tmp_path: Path) -
     assert code == 0, err
     report = Report.from_dict(json.loads(out))
     assert list(report.sites) == ["relu"] and any("'act' (MyAct)" in w for w in report.warnings)
+
+
+class Swish(nn.Module):
+    """A user's own Swish: the sigmoid inside it is a recognised function, Swish itself is not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class NewGELUActivation(nn.Module):
+    """GPT-2's GELU (Hugging Face's name): a tanh inside, GELU outside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class LinearInto(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.act = act
+        with torch.no_grad():
+            self.fc.bias[3] = 50.0  # channel 3 always far out on the linear side: alive, gradient 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+@pytest.mark.parametrize("act", [Swish(), NewGELUActivation()], ids=["swish", "new-gelu"])
+def test_an_unknown_module_measured_only_through_another_function_inside_is_named(act: nn.Module) -> None:
+    model = LinearInto(act).eval()
+    batches = _batches(2)
+    z = model.fc(torch.cat(batches)).detach().requires_grad_(True)
+    (slope,) = torch.autograd.grad(act(z).sum(), z)  # the oracle: the module's own derivative per element
+    assert torch.allclose(slope[:, 3], torch.ones(()), atol=1e-4)  # channel 3 passes its gradient whole
+    report = deadneuron.audit(model, batches, progress=False)
+    (inner,) = report.sites.values()  # the function inside, with its own flat region, not the module's
+    assert 3 in inner.dead_channels  # ... so the channel the module passes whole looks dead there
+    cls = type(act).__name__
+    named = [w for w in report.meta["warnings"] if "'act'" in w and f"({cls})" in w]
+    assert len(named) == 1 and inner.kind in named[0] and f"register_activation({cls}" in named[0]
+    with deadneuron.register_activation(type(act), lambda t: act(t)):
+        fixed = deadneuron.audit(model, batches, progress=False)
+    assert fixed.meta["warnings"] == [] and 3 not in fixed.sites["act"].dead_channels
+
+
+class SwiGLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return a * F.silu(b)
+
+
+class MishActivation(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mish(x)
+
+
+@pytest.mark.parametrize("act", [SwiGLU(), MishActivation(), GELUActivation()], ids=["swiglu", "mish", "gelu"])
+def test_a_module_named_for_the_function_inside_or_a_gated_unit_gives_no_warning(act: nn.Module) -> None:
+    report = deadneuron.audit(LinearInto(act).eval(), _batches(1), progress=False)
+    assert len(report.sites) == 1 and report.meta["warnings"] == []

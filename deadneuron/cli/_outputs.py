@@ -48,10 +48,16 @@ def check_outputs(paths: Mapping[str, Path | None], *, inputs: Sequence[Path] = 
                 raise UsageError(f"{option} and {other} both name {path}; give each output its own path")
 
 
+_FILE_SUFFIXES = frozenset({".md", ".html", ".htm", ".json", ".png", ".txt", ".pdf", ".svg", ".csv"})
+
+
 def check_folder(path: Path, *, option: str) -> None:
     """An output folder (created if missing): not a file, and its nearest existing parent writable."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path}: is a file; give a folder to write the report files into")
+    if not path.exists() and path.suffix.lower() in _FILE_SUFFIXES:  # `--out report.md` meant a file
+        raise UsageError(f"{option} {path}: {option} takes a folder, where it writes report.json, report.md, "
+                         f"report.html and the figures; give one, e.g. {option} {path.with_suffix('')}/")
     existing = path
     while not existing.exists():
         if existing.parent == existing:

@@ -75,7 +75,7 @@ def parse_channel_axes(items: Sequence[str]) -> dict[str, int]:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"8,3,32,32"`` -> (8, 3, 32, 32); a clear error for anything else."""
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    parts = [p.strip() for p in text.strip().replace("x", ",").split(",")]  # an empty part is an error, not skipped
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:

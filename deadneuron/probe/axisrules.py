@@ -94,6 +94,15 @@ class Producer:
         return (axis, AxisSource.PRODUCER) if axis >= 0 else None
 
 
+def layer_norm(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
+    """``F.layer_norm`` / ``F.rms_norm``: over the last dim, a producer on it; over several trailing dims
+    (``[C, H, W]`` of a conv map) the input's layout is kept, the last dim being no channel dim."""
+    shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+    if isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 1:
+        return same(args, kwargs, out, known)
+    return Producer(last=True)(args, kwargs, out, known)
+
+
 # -- ops that keep the layout ---------------------------------------------------------------------------
 
 
@@ -313,7 +322,7 @@ _FIRST_DIM_PRODUCERS: Mapping[str, int | None] = MappingProxyType({
     "interpolate": None, "upsample": None, "upsample_nearest": None, "upsample_bilinear": None,
     "pixel_shuffle": 2, "pixel_unshuffle": 2,
 })  # fmt: skip
-_LAST_DIM_PRODUCERS = ("linear", "bilinear", "embedding", "embedding_bag", "layer_norm", "rms_norm")
+_LAST_DIM_PRODUCERS = ("linear", "bilinear", "embedding", "embedding_bag")
 _NAMESPACES = (F, torch, torch.Tensor)
 
 
@@ -337,6 +346,7 @@ def _table() -> Mapping[Any, AxisRule]:
     by_name: dict[str, AxisRule] = {**_names(_ELEMENTWISE, elementwise), **_names(_SAME, same), **_MOVES}
     by_name.update({name: Producer(k) for name, k in _FIRST_DIM_PRODUCERS.items()})
     by_name.update({name: Producer(last=True) for name in _LAST_DIM_PRODUCERS})
+    by_name.update({"layer_norm": layer_norm, "rms_norm": layer_norm})
     table: dict[Any, AxisRule] = {}
     # Producers looked up in torch.nn.functional first: torch.relu_ and F.relu_ are distinct objects, but
     # torch.Tensor.flatten and torch.flatten must both map, so every namespace is visited.

@@ -3,8 +3,10 @@
 `Coverage` is filled by the Recorder: at registration, every module that looks like an activation but
 is no recognised kind (`unknown_reason`); during the forward passes, functional calls that look like
 an activation but are not measured (``F.glu``) and the activations a ``select`` left out. After the
-audit, `warnings` names each unknown module that no measured site covers (a module whose forward calls
-a recognised functional activation is measured through it), and `left_out` says what a ``select``
+audit, `warnings` names each unknown module that no measured site covers, and each one measured only
+through recognised functions called inside it that its class name does not name (a ``Swish`` computing
+``x * torch.sigmoid(x)`` is measured as the sigmoid, whose flat region is not Swish's; a
+``GELUActivation`` calling ``F.gelu`` is measured as itself), and `left_out` says what a ``select``
 could have matched.
 """
 
@@ -14,11 +16,15 @@ import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from deadneuron.activations import ActivationSpec
 from deadneuron.functional_kinds import GLU_REASON
+
+if TYPE_CHECKING:
+    from deadneuron.probe.site import Site
 
 # Parts of a class name that say "activation": anywhere in the lowercased name, or as a whole word.
 _ANYWHERE = ("relu", "gelu", "swish", "silu", "mish", "sigmoid", "tanh", "softplus", "glu", "activation")
@@ -76,15 +82,20 @@ class Coverage:
     def left_out(self, name: str) -> None:
         self.unselected.setdefault(name, None)
 
-    def warnings(self, site_owners: Iterable[str], select: Sequence[str] | None = None) -> list[str]:
-        """One line per unknown module no measured site covers (and, with ``select``, that it matches),
-        then one per unmeasured functional call outside those modules."""
-        owners = list(site_owners)
+    def warnings(self, measured: Iterable[Site], select: Sequence[str] | None = None) -> list[str]:
+        """One line per unknown module no measured site covers, or covered only by functions its class name
+        does not name (and, with ``select``, that it matches), then one per unmeasured functional call outside
+        those modules."""
+        sites = [(s.owner, s.spec.kind_name if s.functional else None) for s in measured]
+        owners = [owner for owner, _ in sites]
         out = []
         for name, (cls, reason) in self.unknown.items():
-            if _covered(name, owners) or (select and not _matches(name, cls, select)):
+            if select and not _matches(name, cls, select):
                 continue
-            out.append(f"module {name or '(the model)'!r} ({cls}) {reason}{_advice(cls, reason)}")
+            if not _covered(name, owners):
+                out.append(f"module {name or '(the model)'!r} ({cls}) {reason}{_advice(cls, reason)}")
+            elif foreign := _foreign_kinds(name, cls, sites):
+                out.append(_measured_through(name, cls, foreign))
         for (owner, function), reason in self.calls.items():
             if owner in self.unknown or (select and not _matches(owner, function, select)):
                 continue
@@ -96,6 +107,25 @@ def _covered(name: str, owners: list[str]) -> bool:
     if name == "":
         return bool(owners)
     return any(o == name or o.startswith(name + ".") for o in owners)
+
+
+def _foreign_kinds(name: str, cls: str, sites: list[tuple[str, str | None]]) -> list[str]:
+    """The kinds of the functional sites inside module ``name`` that its class name does not name, where
+    only functional sites cover it (a module site inside it is a recognised activation it is made of). A gated
+    unit (SwiGLU, GeGLU) is no elementwise function: the function on its gate is what there is to measure."""
+    inside = [kind for owner, kind in sites if owner == name or owner.startswith(f"{name}.") or name == ""]
+    if any(kind is None for kind in inside) or "glu" in cls.lower():
+        return []
+    return sorted({kind for kind in inside if kind is not None and kind.lower() not in cls.lower()})
+
+
+def _measured_through(name: str, cls: str, kinds: list[str]) -> str:
+    called = ", ".join(f"{k}()" for k in kinds)
+    return (
+        f"module {name or '(the model)'!r} ({cls}) is not a recognised kind: it is measured only as the {called}"
+        f" called inside it, whose flat region is not {cls}'s unless {cls} is that function alone, so its dead"
+        f" and saturated channels may be wrong{_advice(cls, '')}"
+    )
 
 
 def _matches(name: str, other: str, select: Sequence[str]) -> bool:

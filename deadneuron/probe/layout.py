@@ -60,6 +60,7 @@ LAYOUT_KEEPING: tuple[type[nn.Module], ...] = (
 )
 RESHAPING: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
 _PRODUCERS = (*CHANNEL_FIRST, *CHANNEL_LAST)
+_MULTI_DIM_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
 class OutputLayout(Enum):
@@ -70,11 +71,19 @@ class OutputLayout(Enum):
     RESHAPES = "reshapes"  # moves it where the channel dim survives whole (flatten, unflatten)
 
 
+def _fixes_axis(m: nn.Module) -> bool:
+    """Whether ``m``'s type fixes its output's channel axis: a layer norm over several trailing dims
+    (``LayerNorm([C, H, W])`` on a conv map) keeps its input's instead, its last dim being no channel dim."""
+    if isinstance(m, _MULTI_DIM_NORMS) and len(getattr(m, "normalized_shape", ())) > 1:
+        return False
+    return isinstance(m, _PRODUCERS)
+
+
 def output_layout(m: nn.Module, *, keeps_layout: bool = False) -> OutputLayout | None:
     """How `AxisTracker.layout_output` treats ``m``'s outputs; None: it notes nothing for them."""
-    if isinstance(m, _PRODUCERS):
+    if _fixes_axis(m):
         return OutputLayout.PRODUCER
-    if keeps_layout or isinstance(m, LAYOUT_KEEPING):
+    if keeps_layout or isinstance(m, (*LAYOUT_KEEPING, *_MULTI_DIM_NORMS)):
         return OutputLayout.KEEPS
     return OutputLayout.RESHAPES if isinstance(m, RESHAPING) else None
 
@@ -88,7 +97,7 @@ def guess_axis(x: torch.Tensor) -> int:
 
 def producer_axis(x: torch.Tensor, producer: nn.Module | None) -> int | None:
     """The channel dim of ``x`` if ``producer`` (the module that returned it) fixes it, else None."""
-    if not isinstance(producer, _PRODUCERS):
+    if producer is None or not _fixes_axis(producer):
         return None
     if x.dim() <= 1:
         return 0
@@ -105,7 +114,7 @@ def output_info(m: nn.Module, *, keeps_layout: bool = False) -> tuple[OutputLayo
 def producer_code(m: nn.Module) -> int | None:
     """`producer_axis` of ``m`` as a number decided once per module (None: its type fixes no axis): 1 for
     dim 1, else the axis counted back from the rank (-1: the last dim; a conv: before its kernel dims)."""
-    if not isinstance(m, _PRODUCERS):
+    if not _fixes_axis(m):
         return None
     if isinstance(m, nn.modules.conv._ConvNd):
         return -len(m.kernel_size) - 1

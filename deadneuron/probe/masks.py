@@ -164,7 +164,32 @@ def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.de
         raise UsageError(f"mask must be 'auto', a batch key, a callable or None, not {type(spec).__name__}")
     if spec == AUTO:
         return _auto(batch, batch_size=batch_size, device=device, adapter=adapter)
-    return MaskChoice(_keyed(spec, batch, batch_size, device), spec)
+    if spec.startswith("~") and len(spec) > 1:  # a mask True at padding (PyTorch's key_padding_mask), inverted
+        return MaskChoice(~_keyed(spec[1:], batch, batch_size, device), spec)
+    return MaskChoice(_keyed(spec, batch, batch_size, device), spec, _polarity_warning(spec))
+
+
+def _unused_mask_warning(batch: Mapping[Any, Any]) -> str | None:
+    """A warning naming a bool tensor of a dict batch whose key says mask or padding, which ``"auto"`` (reading
+    ``attention_mask`` alone) leaves unused, so padding would count as data without a word."""
+    for key, value in batch.items():
+        if isinstance(key, str) and isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() >= 2 \
+                and any(word in key.lower() for word in ("mask", "pad")):  # fmt: skip
+            use = f"~{key}" if "pad" in key.lower() else key
+            return (f"the batches' {key!r} looks like a padding mask but is not used (only 'attention_mask' is, by "
+                    f"default), so padding counts as data: pass mask={use!r} / --mask {use!r} (a mask is True where "
+                    "the batch holds data; '~' inverts one True at padding), or mask=None / --no-mask")
+    return None
+
+
+def _polarity_warning(key: str) -> str | None:
+    """A warning where a mask key's name says padding: read as True where the batch holds data, a mask True at
+    padding (PyTorch's ``src_key_padding_mask``) would leave the data out and measure the padding alone."""
+    if "pad" not in key.lower():
+        return None
+    return (f"mask {key!r} is read as True (1) where the batch holds data, but its name says padding: if it is "
+            f"True at padding (as PyTorch's key_padding_mask is), the figures cover the padding alone; pass "
+            f"mask='~{key}' / --mask '~{key}' to invert it")
 
 
 def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) -> MaskChoice:
@@ -176,8 +201,10 @@ def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) ->
         return MaskChoice(None, None) if found is None else MaskChoice(
             _checked(found, what, batch, batch_size, device), source
         )
-    if not isinstance(batch, Mapping) or ATTENTION_MASK not in batch:
+    if not isinstance(batch, Mapping):
         return MaskChoice(None, None)
+    if ATTENTION_MASK not in batch:
+        return MaskChoice(None, None, _unused_mask_warning(batch))
     mask, tokens = batch[ATTENTION_MASK], _token_tensor(batch)
     problem = _auto_problem(mask, tokens)
     if problem is not None:

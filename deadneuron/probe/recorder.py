@@ -393,7 +393,7 @@ class Recorder:
 
     def warnings(self) -> list[str]:
         """Unknown activations no site measured (see `deadneuron.probe.coverage`)."""
-        return self.coverage.warnings((s.owner for s in self._sites.values()), self.select)
+        return self.coverage.warnings(self._sites.values(), self.select)
 
     def results(self) -> list[SiteResult]:
         with torch._C.DisableTorchFunction():

@@ -1,0 +1,52 @@
+"""Tensors a model stores in its own forward, put back as they were found after an audit's passes.
+
+A model that caches in its forward (a rotary embedding's cos/sin buffer grown to the sequence length, a
+tensor attribute made on the first call) would keep what the audit's passes made: under
+``torch.inference_mode`` inference tensors, which no later training step can use. `kept_tensors` notes
+every module's buffers and tensor-valued attributes (references only, nothing copied) and, on the way out,
+also when a pass raises, puts back each one that was replaced and removes each one that was added.
+Parameters are not touched here: an audit never changes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _tensor_attributes(m: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+
+
+@contextmanager
+def kept_tensors(model: nn.Module) -> Iterator[None]:
+    """Inside: ``model`` runs as it likes; after: its buffers and tensor attributes are those it had before."""
+    found = [(m, dict(m._buffers), dict(vars(m))) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, buffers, attributes in found:
+            _restore(m, buffers, attributes)
+
+
+def _restore(m: nn.Module, buffers: dict[str, Any], attributes: dict[str, Any]) -> None:
+    for name in list(m._buffers):
+        if name not in buffers:
+            del m._buffers[name]
+            m._non_persistent_buffers_set.discard(name)
+        elif m._buffers[name] is not buffers[name]:
+            m._buffers[name] = buffers[name]
+    for name in buffers.keys() - m._buffers.keys():  # a buffer the forward deleted
+        m._buffers[name] = buffers[name]
+    for name, value in _tensor_attributes(m).items():
+        if name not in attributes:
+            delattr(m, name)
+        elif attributes[name] is not value:
+            object.__setattr__(m, name, attributes[name])
+    for name, value in attributes.items():  # a tensor attribute made None or something else: put back too
+        if isinstance(value, torch.Tensor) and vars(m).get(name) is not value:
+            object.__setattr__(m, name, value)
