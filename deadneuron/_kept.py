@@ -3,9 +3,11 @@
 A model that caches in its forward (a rotary embedding's cos/sin buffer grown to the sequence length, a
 tensor attribute made on the first call) would keep what the audit's passes made: under
 ``torch.inference_mode`` inference tensors, which no later training step can use. `kept_tensors` notes
-every module's buffers and tensor-valued attributes (references only, nothing copied) and, on the way out,
-also when a pass raises, puts back each one that was replaced and removes each one that was added.
-Parameters are not touched here: an audit never changes them.
+every module's buffers and tensor-valued attributes and, on the way out, also when a pass raises, puts back
+each one that was replaced and removes each one that was added. A buffer the forward updates in place (a
+call counter, a running mean) is copied first and its values are put back where its version counter says
+it was written (`COPY_LIMIT` bytes of buffers at most are copied: a larger buffer written in place keeps
+what the passes wrote). Parameters are not touched here: an audit never changes them.
 """
 
 from __future__ import annotations
@@ -22,15 +24,37 @@ def _tensor_attributes(m: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
 
 
+COPY_LIMIT = 64 << 20  # bytes of buffers copied on entry, to put back values written in place
+
+
 @contextmanager
 def kept_tensors(model: nn.Module) -> Iterator[None]:
-    """Inside: ``model`` runs as it likes; after: its buffers and tensor attributes are those it had before."""
+    """Inside: ``model`` runs as it likes; after: its buffers and tensor attributes are those it had before,
+    holding the values they held (buffers written in place: within `COPY_LIMIT`)."""
     found = [(m, dict(m._buffers), dict(vars(m))) for m in model.modules()]
+    values = _values(model)
     try:
         yield
     finally:
         for m, buffers, attributes in found:
             _restore(m, buffers, attributes)
+        with torch.no_grad():
+            for buffer, version, copy in values:
+                if buffer._version != version:
+                    buffer.copy_(copy)
+
+
+def _values(model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(buffer, its version counter, a copy of it) for every buffer (once each) within `COPY_LIMIT` bytes."""
+    out, left, seen = [], COPY_LIMIT, set()
+    for b in model.buffers():
+        size = b.numel() * b.element_size()
+        if id(b) in seen or b.is_inference() or size > left:
+            continue
+        seen.add(id(b))
+        left -= size
+        out.append((b, b._version, b.detach().clone()))
+    return out
 
 
 def _restore(m: nn.Module, buffers: dict[str, Any], attributes: dict[str, Any]) -> None:

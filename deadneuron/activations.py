@@ -345,9 +345,11 @@ def _module_params(m: nn.Module, kind: ActivationKind) -> tuple[tuple[str, Any],
 
 def spec_for_module(m: nn.Module) -> ActivationSpec | None:
     """The built-in activation a module computes, or None if it is not one (a registry adds the
-    user's kinds: `deadneuron.registry.ActivationRegistry.spec_for_module`)."""
+    user's kinds: `deadneuron.registry.ActivationRegistry.spec_for_module`). A subclass that overrides
+    ``forward`` computes something else (``relu(x - 1)``): it is no built-in kind, and the functions its
+    forward calls are measured instead, on their own inputs."""
     for cls, kind in _MODULE_KINDS:
-        if isinstance(m, cls):
+        if isinstance(m, cls) and type(m).forward is cls.forward:
             weight = m.weight if isinstance(m, nn.PReLU) else None
             return ActivationSpec(kind, _module_params(m, kind), prelu_weight=weight)
     return None

@@ -232,3 +232,31 @@ def test_a_tuple_batch_for_a_model_of_two_inputs_says_how_to_feed_both() -> None
     report = deadneuron.audit(model, [{"x1": pair[0], "x2": pair[1]}], progress=False)  # as the message says
     z = model.a(pair[0]) + model.b(pair[1])
     assert report.sites["act"].sparsity == pytest.approx(float((z <= 0).double().mean()))
+
+
+class Counting(nn.Module):
+    """Counts its forward passes and keeps a running mean of its input in buffers it updates in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 6), nn.ReLU()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("running", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.running.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.act(self.fc(x))
+
+
+def test_buffers_a_forward_updates_in_place_are_put_back() -> None:
+    """The audit's passes (and the rules' own forward pass on one sample) must not count as the model's."""
+    torch.manual_seed(0)
+    model = Counting()
+    model(torch.randn(3, 4))  # the model's own history: one call, a running mean
+    calls, running = model.calls.clone(), model.running.clone()
+    buffers = dict(model.named_buffers())
+    deadneuron.audit(model, [torch.randn(5, 4) for _ in range(3)], progress=False)
+    assert dict(model.named_buffers()) == buffers  # the same tensors...
+    assert torch.equal(model.calls, calls) and torch.equal(model.running, running)  # ...holding what they held
+    assert not model.running.is_inference()

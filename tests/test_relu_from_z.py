@@ -138,15 +138,30 @@ def test_the_input_is_read_once_by_the_relu_pass(monkeypatch: pytest.MonkeyPatch
         np.testing.assert_allclose(site.channel_std, ref.channel_std, rtol=1e-9)
 
 
-class DoubledReLU(nn.ReLU):
-    """A ReLU subclass whose forward is not relu's: measured on its output, never from z."""
+class ShiftedReLU(nn.ReLU):
+    """A ReLU subclass whose forward is not relu's: relu(x - 1)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * 2.0
+        return F.relu(x - 1.0)
 
 
-def test_a_relu_subclass_is_measured_on_what_it_returns() -> None:
-    z = torch.rand(3, 4, 5) + 1.0
-    report = deadneuron.audit(nn.Sequential(DoubledReLU()), [z], progress=False, rules=False, channel_axis={"*": 1})
+class PlainSubclass(nn.ReLU):
+    """A ReLU subclass that keeps relu's forward: still a ReLU."""
+
+
+def test_a_relu_subclass_with_its_own_forward_is_measured_through_what_it_calls() -> None:
+    """Channel 1's input lies in (0, 1]: ShiftedReLU outputs 0 there on every element, a dead channel that a
+    ReLU tested on the module's input (x > 0) would call alive. The F.relu inside is measured on x - 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 10, generator=g) + 2.0
+    x[:, 1] = torch.rand(6, 10, generator=g) * 0.9 + 0.05
+    report = deadneuron.audit(nn.Sequential(ShiftedReLU()), [x], progress=False, rules=False, channel_axis={"*": 1})
     (site,) = report.sites.values()
-    np.testing.assert_allclose(site.channel_mean, (2 * z).mean(dim=(0, 2)).double().numpy(), rtol=1e-6)
+    flat = ((x - 1.0) <= 0).double().mean(dim=(0, 2)).numpy()  # the oracle: relu(x - 1)'s flat region
+    np.testing.assert_allclose(site.channel_flat, flat, rtol=0, atol=1e-12)
+    assert site.dead_channels == (1,) and site.functional
+    np.testing.assert_allclose(site.channel_mean, torch.relu(x - 1.0).double().mean(dim=(0, 2)).numpy(), rtol=1e-9)
+    plain = deadneuron.audit(nn.Sequential(PlainSubclass()), [x - 1.0], progress=False, rules=False,
+                             channel_axis={"*": 1})  # fmt: skip
+    (same,) = plain.sites.values()
+    assert not same.functional and same.kind == "relu" and same.channel_flat == site.channel_flat
