@@ -63,6 +63,14 @@ enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
  * So the rows PF_ROWS ahead are prefetched explicitly. */
 #define PF_ROWS 16
 #define AHEAD(o) (rows ? rows[(o) + PF_ROWS] : ((o) + PF_ROWS) * so)
+/* In a tile's loop over rows r (= o where inner == 1) up to r1: fetch the tile's line PF_ROWS rows ahead. */
+#define TILE_AHEAD()                                                                                  \
+    do {                                                                                              \
+        if (inner == 1 && r + PF_ROWS < r1) {                                                         \
+            __builtin_prefetch(a + AHEAD(o) + kk);                                                    \
+            if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                         \
+        }                                                                                             \
+    } while (0)
 
 /* A channel's sums over one batch: counts in double, moments shifted by K. */
 typedef struct {
@@ -260,10 +268,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         if (tn == TILE && !check) {                                                                   \
             for (int64_t r = r0; r < r1; ++r) {                                                       \
                 const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
-                if (inner == 1 && r + PF_ROWS < r1) { /* rows far apart: fetch ahead (see PF_ROWS) */ \
-                    __builtin_prefetch(a + AHEAD(o) + kk);                                            \
-                    if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                 \
-                }                                                                                     \
+                TILE_AHEAD();                                                                         \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < TILE; ++k) {                                                  \
                     T v = TR(pa[k]);                                                                  \
@@ -278,10 +283,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         } else if (tn == TILE) {                                                                      \
             for (int64_t r = r0; r < r1; ++r) {                                                       \
                 const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
-                if (inner == 1 && r + PF_ROWS < r1) { /* rows far apart: fetch ahead (see PF_ROWS) */ \
-                    __builtin_prefetch(a + AHEAD(o) + kk);                                            \
-                    if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                 \
-                }                                                                                     \
+                TILE_AHEAD();                                                                         \
                 const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < TILE; ++k) {                                                  \
@@ -297,10 +299,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         } else {                                                                                      \
             for (int64_t r = r0; r < r1; ++r) {                                                       \
                 const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
-                if (inner == 1 && r + PF_ROWS < r1) { /* rows far apart: fetch ahead (see PF_ROWS) */ \
-                    __builtin_prefetch(a + AHEAD(o) + kk);                                            \
-                    if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                 \
-                }                                                                                     \
+                TILE_AHEAD();                                                                         \
                 const T *restrict pf = f + ROW(o) + i * si + kk;                                      \
                 _Pragma("omp simd")                                                                   \
                 for (int64_t k = 0; k < tn; ++k) {                                                    \
