@@ -172,6 +172,10 @@ CASES = [
     pytest.param(lambda env: audit(small_cnn_state(env.d), env, "--eps", "-0.001"), 2, "--eps", id="audit-negative-eps"),
     pytest.param(lambda env: audit(small_cnn_state(env.d), env, "--delta", "-0.5"), 2, "--delta",
                  id="audit-negative-delta"),  # fmt: skip
+    pytest.param(lambda env: audit(small_cnn_state(env.d), env, "--max-sparsity", "60"), 2,
+                 "--max-sparsity must be a fraction in [0, 1], got 60.0", id="audit-gate-percent"),  # fmt: skip
+    pytest.param(lambda env: audit(small_cnn_state(env.d), env, "--max-dead", "-1"), 2,
+                 "--max-dead must be >= 0", id="audit-gate-negative"),  # fmt: skip
     # patch --dry-run of a plain state_dict: the same loading and model building, another command
     pytest.param(lambda env: dry_patch(env.d / "nope.pth", *MODEL, *DATA), 4, "no such file", id="patch-missing-path"),
     pytest.param(lambda env: dry_patch(env.d, *MODEL, *DATA), 4, "is a folder", id="patch-folder"),

@@ -147,6 +147,6 @@ def test_cli_gate_passes_and_scopes(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_gate_rejects_bad_limits(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _audit(capsys, "--max-sparsity", "40")
-    assert code == 2 and "max_sparsity must be a fraction in [0, 1], got 40.0" in err
+    assert code == 2 and "--max-sparsity must be a fraction in [0, 1], got 40.0" in err
     code, _, err = _audit(capsys, "--sites", "enc*")
     assert code == 2 and "--sites scopes the gate options" in err

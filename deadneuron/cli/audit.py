@@ -12,6 +12,7 @@ batch, the ranks merge their statistics exactly, and the first rank prints and w
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -87,8 +88,12 @@ def audit_command(
     _check_budget(train=train, max_steps=max_steps)
     if mask is not None and not mask.strip():
         raise UsageError("--mask takes the key of the mask in dict batches (e.g. attention_mask), got an empty string")
-    limits = GateLimits(max_dead=max_dead, max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
-                        min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
+    try:
+        limits = GateLimits(max_dead=max_dead, max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
+                            min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
+    except UsageError as exc:  # named as the user typed them: --max-sparsity, not max_sparsity
+        raise UsageError(re.sub(r"\b(max_dead_fraction|max_dead|max_sparsity|min_active_slots)\b",
+                                lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) from None  # fmt: skip
     if gate_sites and not limits.active:
         raise UsageError("--sites scopes the gate options: add --max-dead, --max-sparsity or --min-active-slots")
     if device is not None:
