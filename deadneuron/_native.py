@@ -5,9 +5,8 @@ activation; `torch.compile` fuses them but its call costs 0.2-0.5 ms of guards a
 the pass itself on a ResNet's later layers. This kernel does the one pass with a ctypes call of a few
 microseconds and merges straight into the accumulators.
 
-`load()` returns a `NativeStats` or None with the reason in `load_error()`: no compiler, a failed build,
-or a self-check against the torch reference that disagreed. Nothing here is needed for correctness;
-it is only the fast path. Builds are cached per source, compiler and CPU under
+`load()` returns a `NativeStats` or None with the reason in `load_error()`: no compiler, a failed build, or
+a self-check against the torch reference that disagreed (only the fast path: not needed for correctness). Builds are cached per source, compiler and CPU under
 ``$DEADNEURON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/deadneuron`` or ``~/.cache/deadneuron``), each
 with the SHA-256 of its bytes recorded when it was built, and written atomically, so concurrent first
 runs are safe. A cache entry is loaded only if nobody but this user could have written it or the
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -355,7 +355,7 @@ def _self_check(native: NativeStats) -> None:
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
         layouts = (((3, 5, 37), None), ((9, 2, 300), None), ((9, 3, 70), None), ((4, 6, 3), None), ((7, 9, 1), None),
-                   ((2, 3, 4), (0, 2, 1)))
+                   ((2, 3, 4), (0, 2, 1)), ((2, 2, 4100), None))  # 4100: rows longer than the lanes take
         for shape, perm in layouts:
             x = torch.randn(shape, generator=g, dtype=dtype) + 3.0
             x.view(-1)[::7] = 0.0
@@ -375,10 +375,10 @@ def _self_check(native: NativeStats) -> None:
                     raise _Unavailable(f"the built kernel disagreed with the torch reference ({native.path}); using torch")
                 if counts.tolist() != [x.shape[0] * x.shape[2]] * 2:
                     raise _Unavailable("the built kernel miscounted elements; using torch")
-            for z3 in (f, x - 3.0 if perm is None else x):  # relu(z)'s statistics from z, on every layout
-                relu, rc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)
-                native.plan(z3, 0.0, -0.5, 0.5, True, relu, rc, relu=True)(z3.data_ptr(), None)
-                want = torch.stack(fused_moments(torch.relu(z3), z3, 0.0, -0.5, 0.5))
+            for z3, lo, hi in ((f, -0.5, 0.5), (x - 3.0 if perm is None else x, -0.5, 0.5), (f, 0.0, math.inf)):
+                relu, rc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)  # relu(z)'s, from z
+                native.plan(z3, 0.0, lo, hi, True, relu, rc, relu=True)(z3.data_ptr(), None)
+                want = torch.stack(fused_moments(torch.relu(z3), z3, 0.0, lo, hi))
                 if not (torch.equal(relu[[0, 1, 2, 5, 6]], want[[0, 1, 2, 5, 6]])
                         and torch.allclose(relu[3:5], want[3:5], rtol=1e-10, atol=1e-12)):  # fmt: skip
                     raise _Unavailable(f"the built kernel's relu statistics disagreed with the torch reference ({native.path})")

@@ -46,7 +46,10 @@
 #define TILE_ROWS 256 /* ... over this many rows at a time (the block's rows stay in cache between tiles) */
 #define TILE_BYTES (12 << 20) /* ... for batches of at most this many bytes read: beyond (out of a 32 MB L3,
                                    measured with benchmarks/kernel_speed.py) the plain block loop streams faster */
-#define LONG_ROW 64 /* rows at least this long (inner contiguous) are reduced one by one */
+#define LONG_ROW 64 /* rows at least this long (inner contiguous) are reduced by the row kernel; LANES long where the
+                       batch fits in cache (`lanes`) */
+#define LANES 16 /* lanes of the short-row kernel */
+#define LANE_FLUSH (1 << 20) /* elements between its moves of counts into double (per lane < 2**24) */
 #define ROW_CHANNELS 256 /* channels the row kernel reads together, row by row in memory order */
 #define FLAT_BLOCK 512 /* columns per block of the flat-only column loop */
 #define NARROW 512 /* bytes of a channels-last row each thread reads at least (else one thread reads it) */
@@ -71,6 +74,73 @@ enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
             if (check) __builtin_prefetch(f + AHEAD(o) + kk);                                         \
         }                                                                                             \
     } while (0)
+
+/* In `lane_rows`' loop over one channel's rows o up to o1: the next row's first lines fetched ahead (the
+ * rows lie C * inner elements apart; a large batch read channel by channel starts every row cold). */
+#define LANE_AHEAD()                                                                                  \
+    do {                                                                                              \
+        if (o + 1 < o1)                                                                               \
+            for (int64_t x = 0; x < full && x < LANE_AHEAD_ELEMENTS; x += 64 / (int64_t)sizeof(*a)) { \
+                __builtin_prefetch(a + ROW(o + 1) + off + x);                                         \
+                if (check) __builtin_prefetch(f + ROW(o + 1) + off + x);                              \
+            }                                                                                         \
+    } while (0)
+#define LANE_AHEAD_ELEMENTS 256
+
+/* relu(z) with the default thresholds (eps 0, flat region z <= 0): |relu(z)| <= 0 exactly where z <= 0, and
+ * a finite z <= 0 is flat; so one comparison counts both, and the range of relu(z) is relu of z's range. The
+ * fast pass of the relu variants then takes ELEMENT_RELU0's shorter step, its lanes' l/h tracking z (a -inf
+ * in z shows there: the pass is run again with the checks). */
+#define RELU0(TRANSFORMED) ((TRANSFORMED) && eps == 0 && lo == 0 && isinf(hi) && hi > 0)
+#define ELEMENT_RELU0(T, w, K, z, s, q, l, h)                                                         \
+    do {                                                                                              \
+        T v_ = RELU_OF(w);                                                                            \
+        z += (w) <= 0 ? (T)1 : (T)0;                                                                  \
+        double d_ = (double)v_ - (K);                                                                 \
+        s += d_;                                                                                      \
+        SQUARE_ADD(q, d_);                                                                            \
+        l = (w) < l ? (w) : l;                                                                        \
+        h = (w) > h ? (w) : h;                                                                        \
+    } while (0)
+
+/* One step of the short-row lanes: elements i + k (k < N) of the rows at pa (and pf) into lane k, in MODE
+ * (a constant: the other branches fold away) 0 finite-only, f is a; 1 finite-only, f read; 2 with the
+ * checks; 3 ELEMENT_RELU0. */
+#define LANE_STEP(T, ABS, TMAX, TR, MODE, N)                                                          \
+    _Pragma("omp simd")                                                                               \
+    for (int64_t k = 0; k < (N); ++k) {                                                               \
+        if ((MODE) == 2) {                                                                            \
+            T w = pf[i + k], v = TR(pa[i + k]);                                                       \
+            ELEMENT(T, ABS, TMAX, v, w, K, z[k], fl[k], nx[k], s[k], q[k], l[k], h[k]);               \
+        } else if ((MODE) == 1) {                                                                     \
+            T w = pf[i + k], v = TR(pa[i + k]);                                                       \
+            ELEMENT_FAST(T, ABS, TMAX, v, w, 1, K, z[k], fl[k], nx[k], s[k], q[k], l[k], h[k]);       \
+        } else if ((MODE) == 0) {                                                                     \
+            T v = TR(pa[i + k]);                                                                      \
+            ELEMENT_FAST(T, ABS, TMAX, v, v, 0, K, z[k], fl[k], nx[k], s[k], q[k], l[k], h[k]);       \
+        } else {                                                                                      \
+            T w = pa[i + k];                                                                          \
+            ELEMENT_RELU0(T, w, K, z[k], s[k], q[k], l[k], h[k]);                                     \
+        }                                                                                             \
+    }
+/* Rows [o0, o1), their first `full` elements LANES at a time (the loop over rows stays a loop). */
+#define LANE_ROWS(T, ABS, TMAX, TR, MODE)                                                             \
+    for (int64_t o = o0; o < o1; ++o) {                                                               \
+        const T *restrict pa = a + ROW(o) + off, *restrict pf = f + ROW(o) + off;                     \
+        (void)pf;                                                                                     \
+        LANE_AHEAD();                                                                                 \
+        for (int64_t i = 0; i < full; i += LANES) {                                                   \
+            LANE_STEP(T, ABS, TMAX, TR, MODE, LANES)                                                  \
+        }                                                                                             \
+        __asm__ volatile("");                                                                         \
+    }
+/* Rows [o0, o1), their last n elements (from i) into the first n lanes. */
+#define LANE_TAILS(T, ABS, TMAX, TR, MODE)                                                            \
+    for (int64_t o = o0; o < o1; ++o) {                                                               \
+        const T *restrict pa = a + ROW(o) + off, *restrict pf = f + ROW(o) + off;                     \
+        (void)pf;                                                                                     \
+        LANE_STEP(T, ABS, TMAX, TR, MODE, n)                                                          \
+    }
 
 /* A channel's sums over one batch: counts in double, moments shifted by K. */
 typedef struct {
@@ -151,7 +221,22 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                  T eps, T lo, T hi, double K, Sums *sums, T *rl, T *rh) {             \
         T z = 0, fl = 0, nf = 0, nw = 0, l = *rl, h = *rh;                                            \
         double s = 0, q = 0;                                                                          \
-        if (check) {                                                                                  \
+        if (RELU0(TRANSFORMED)) { /* relu(z), default thresholds: l and h track z, the flat count is z's */ \
+            T lz = (T)INFINITY, hz = -(T)INFINITY;                                                    \
+            _Pragma("omp simd reduction(+ : z, s, q) reduction(min : lz) reduction(max : hz)")        \
+            for (int64_t i = 0; i < n; ++i) {                                                         \
+                T w = xa[i];                                                                          \
+                ELEMENT_RELU0(T, w, K, z, s, q, lz, hz);                                              \
+            }                                                                                         \
+            fl = z;                                                                                   \
+            nw = lz == -(T)INFINITY; /* a -inf in z: again, with the checks */                         \
+            if (n > 0 && nw == 0) {                                                                   \
+                lz = RELU_OF(lz);                                                                     \
+                hz = RELU_OF(hz);                                                                     \
+                l = lz < l ? lz : l;                                                                  \
+                h = hz > h ? hz : h;                                                                  \
+            }                                                                                         \
+        } else if (check) {                                                                           \
             _Pragma("omp simd reduction(+ : z, fl, nw, s, q) reduction(min : l) reduction(max : h)")  \
             for (int64_t i = 0; i < n; ++i) {                                                         \
                 T w = xf[i], v = TR(xa[i]);                                                           \
@@ -194,10 +279,105 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         return 0.0;                                                                                   \
     }                                                                                                 \
                                                                                                       \
-    /* Rows: channels [c, c + m), the (o, c) rows of `inner` contiguous elements read in memory       \
-     * order (o, then c); each channel's stretches summed in order into sums[j], range into l/h. */   \
+    /* Rows [o0, o1) of one channel (row o at a + ROW(o) + off), their first `full` elements (a multiple\
+     * of LANES) LANES at a time, added into the lane sums zb... in `mode` (LANE_STEP), held in locals\
+     * that stay in registers from row to row. Not inlined (inlined, -O3 fuses it with the caller's loops\
+     * and the sums go through memory for every vector). */                                           \
+    __attribute__((noinline)) static void lane_rows_##SUFFIX(const T *restrict a, const T *restrict f,\
+            const int64_t *restrict rows, int64_t so, int64_t off, int64_t o0, int64_t o1, int64_t full,\
+            int mode, T eps, T lo, T hi, double K, T *restrict zb, T *restrict flb, T *restrict nb,   \
+            double *restrict sb, double *restrict qb, T *restrict lb, T *restrict hb) {               \
+        const int check = mode != 0;                                                                  \
+        T z[LANES], fl[LANES], nx[LANES], l[LANES], h[LANES];                                         \
+        double s[LANES], q[LANES];                                                                    \
+        for (int k = 0; k < LANES; ++k) {                                                             \
+            z[k] = zb[k]; fl[k] = flb[k]; nx[k] = nb[k]; s[k] = sb[k]; q[k] = qb[k]; l[k] = lb[k]; h[k] = hb[k];\
+        }                                                                                             \
+        switch (mode) {                                                                               \
+            case 0: LANE_ROWS(T, ABS, TMAX, TR, 0); break;                                            \
+            case 1: LANE_ROWS(T, ABS, TMAX, TR, 1); break;                                            \
+            case 2: LANE_ROWS(T, ABS, TMAX, TR, 2); break;                                            \
+            default: LANE_ROWS(T, ABS, TMAX, TR, 3); break;                                           \
+        }                                                                                             \
+        for (int k = 0; k < LANES; ++k) {                                                             \
+            zb[k] = z[k]; flb[k] = fl[k]; nb[k] = nx[k]; sb[k] = s[k]; qb[k] = q[k]; lb[k] = l[k]; hb[k] = h[k];\
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
+    /* One channel's outer rows (o at a + ROW(o) + off) of `inner` (< FLUSH) contiguous elements: LANES\
+     * at a time into lane sums (`lane_rows`; the rows are too short to sum each on its own: the sums of\
+     * a row's few vectors would cost more than reading them), each row's last inner % LANES elements \
+     * into the first lanes; the lanes summed once at the end. Counts are moved from the lanes into   \
+     * double every LANE_FLUSH elements (exact). Finite-only first (for relu(z) with the default      \
+     * thresholds RELU0's shorter step), again with the checks where that came out non-finite. */     \
+    static void lanes_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner,\
+                               int64_t so, const int64_t *restrict rows, int64_t off, T eps, T lo,    \
+                               T hi, double K, Sums *sums, T *rl, T *rh) {                            \
+        const int check = (f != a) | TRANSFORMED, relu0 = RELU0(TRANSFORMED);                         \
+        const int64_t full = inner / LANES * LANES, n = inner - full;                                 \
+        const int64_t step = LANE_FLUSH / inner > 0 ? LANE_FLUSH / inner : 1; /* rows between moves */\
+        T z[LANES], fl[LANES], nx[LANES], l[LANES], h[LANES];                                         \
+        double s[LANES], q[LANES], zs = 0, fls = 0, nfs = 0;                                          \
+        for (int pass = 0; pass < 2; ++pass) {                                                        \
+            const int mode = pass ? 2 : relu0 ? 3 : check;                                            \
+            zs = fls = nfs = 0;                                                                       \
+            for (int k = 0; k < LANES; ++k) {                                                         \
+                z[k] = fl[k] = nx[k] = 0;                                                             \
+                s[k] = q[k] = 0;                                                                      \
+                l[k] = (T)INFINITY;                                                                   \
+                h[k] = -(T)INFINITY;                                                                  \
+            }                                                                                         \
+            for (int64_t o0 = 0; o0 < outer; o0 += step) {                                            \
+                const int64_t o1 = outer - o0 < step ? outer : o0 + step;                             \
+                if (full)                                                                             \
+                    lane_rows_##SUFFIX(a, f, rows, so, off, o0, o1, full, mode, eps, lo, hi, K, z, fl, nx, s, q, l, h);\
+                if (n) {                                                                              \
+                    const int64_t i = full;                                                           \
+                    switch (mode) {                                                                   \
+                        case 0: LANE_TAILS(T, ABS, TMAX, TR, 0); break;                               \
+                        case 1: LANE_TAILS(T, ABS, TMAX, TR, 1); break;                               \
+                        case 2: LANE_TAILS(T, ABS, TMAX, TR, 2); break;                               \
+                        default: LANE_TAILS(T, ABS, TMAX, TR, 3); break;                              \
+                    }                                                                                 \
+                }                                                                                     \
+                for (int k = 0; k < LANES; ++k) {                                                     \
+                    zs += z[k]; fls += mode == 3 ? z[k] : fl[k]; /* RELU0: the same count */          \
+                    if (mode == 2) nfs += nx[k];                                                      \
+                    z[k] = fl[k] = 0;                                                                 \
+                    if (mode == 2) nx[k] = 0;                                                         \
+                }                                                                                     \
+            }                                                                                         \
+            if (pass == 1) break;                                                                     \
+            int finite = 1;                                                                           \
+            for (int k = 0; k < LANES; ++k)                                                           \
+                finite &= (s[k] - s[k] == 0) & (q[k] - q[k] == 0) & (nx[k] == 0) & (l[k] != -(T)INFINITY);\
+            if (!finite) continue;                                                                    \
+            if (mode == 3) /* the lanes' range was z's: relu's is relu of it (lanes that saw an element) */\
+                for (int k = 0; k < LANES; ++k)                                                       \
+                    if (l[k] <= h[k]) {                                                               \
+                        l[k] = RELU_OF(l[k]);                                                         \
+                        h[k] = RELU_OF(h[k]);                                                         \
+                    }                                                                                 \
+            break;                                                                                    \
+        }                                                                                             \
+        double ss = 0, qs = 0;                                                                        \
+        T lm = *rl, hm = *rh;                                                                         \
+        for (int k = 0; k < LANES; ++k) {                                                             \
+            ss += s[k];                                                                               \
+            qs += q[k];                                                                               \
+            if (l[k] < lm) lm = l[k];                                                                 \
+            if (h[k] > hm) hm = h[k];                                                                 \
+        }                                                                                             \
+        sums->z += zs; sums->fl += fls; sums->nf += nfs; sums->s += ss; sums->q += qs;                \
+        *rl = lm;                                                                                     \
+        *rh = hm;                                                                                     \
+    }                                                                                                 \
+                                                                                                      \
+    /* Rows: channels [c, c + m), the (o, c) rows of `inner` contiguous elements: short rows (under    \
+     * FLUSH) channel by channel through `lanes`; long ones read in memory order (o, then c), each    \
+     * channel's stretches summed in order into sums[j], range into l/h. */                           \
     static void row_sums_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,   \
-                                  const int64_t *rows,                                                \
+                                  const int64_t *rows, int lanes,                                     \
                                   int64_t sc, int64_t c, int64_t m, T eps, T lo, T hi,                \
                                   const double *K, Sums *sums, T *l, T *h) {                          \
         const int check = (f != a) | TRANSFORMED;                                                     \
@@ -205,6 +385,12 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             sums[j] = (Sums){0, 0, 0, 0, 0};                                                          \
             l[j] = (T)INFINITY;                                                                       \
             h[j] = -(T)INFINITY;                                                                      \
+        }                                                                                             \
+        if (lanes && inner < FLUSH) {                                                                 \
+            for (int64_t j = 0; j < m; ++j)                                                           \
+                lanes_##SUFFIX(a, f, outer, inner, so, rows, (c + j) * sc, eps, lo, hi, K[j], sums + j, \
+                               l + j, h + j);                                                         \
+            return;                                                                                   \
         }                                                                                             \
         for (int64_t o = 0; o < outer; ++o)                                                           \
             for (int64_t j = 0; j < m; ++j) {                                                         \
@@ -218,7 +404,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Rows: channels [c0, c1) a chunk of ROW_CHANNELS at a time; a channel whose shift was far from  \
      * its mean is summed again alone (its sums do not depend on the other channels'). */             \
     static void rows_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,        \
-                              const int64_t *rows,                                                    \
+                              const int64_t *rows, int lanes,                                         \
                               int64_t so, int64_t sc, int64_t c0, int64_t c1, T eps, T lo, T hi,      \
                               double *acc) {                                                          \
         double K[ROW_CHANNELS];                                                                       \
@@ -229,11 +415,11 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t m = c1 - c < ROW_CHANNELS ? c1 - c : ROW_CHANNELS;                          \
             for (int64_t j = 0; j < m; ++j)                                                           \
                 K[j] = first_##SUFFIX(a + (c + j) * sc, outer, inner, so, rows, 1, 0, 1);             \
-            row_sums_##SUFFIX(a, f, outer, inner, so, rows, sc, c, m, eps, lo, hi, K, sums, l, h);    \
+            row_sums_##SUFFIX(a, f, outer, inner, so, rows, lanes, sc, c, m, eps, lo, hi, K, sums, l, h);    \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 if (far_shift(seen - sums[j].nf, sums[j].s, sums[j].q)) {                             \
                     K[j] += sums[j].s / (seen - sums[j].nf);                                          \
-                    row_sums_##SUFFIX(a, f, outer, inner, so, rows, sc, c + j, 1, eps, lo, hi, K + j, \
+                    row_sums_##SUFFIX(a, f, outer, inner, so, rows, lanes, sc, c + j, 1, eps, lo, hi, K + j, \
                                       sums + j, l + j, h + j);                                        \
                 }                                                                                     \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
@@ -476,8 +662,9 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     }                                                                                                 \
                                                                                                       \
     /* Which kernel reads this layout: 0 rows, 1 columns, 2 columns grouped per channel, -1 none. */  \
-    static int layout_##SUFFIX(int64_t outer, int64_t inner, int64_t sc, int64_t si) {                \
-        if (si == 1 && (inner >= LONG_ROW || (outer < 8 && inner >= 32))) return 0;                   \
+    static int layout_##SUFFIX(int64_t outer, int64_t inner, int64_t sc, int64_t si, int cached) {    \
+        if (si == 1 && (inner >= LONG_ROW || (cached && inner >= LANES) || (outer < 8 && inner >= 32))) \
+            return 0;                                                                                 \
         if (sc == 1) return 1;                                                                        \
         if ((si == 1 || inner == 1) && sc == inner) return 2;                                         \
         if (si == 1) return 0;                                                                        \
@@ -490,7 +677,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                   T hi, double *acc, int64_t c0, int64_t c1) {                        \
         if (c1 <= c0) return;                                                                         \
         if (kind == 0)                                                                                \
-            rows_##SUFFIX(a, f, outer, C, inner, rows, so, sc, c0, c1, eps, lo, hi, acc);             \
+            rows_##SUFFIX(a, f, outer, C, inner, rows, tiles, so, sc, c0, c1, eps, lo, hi, acc);             \
         else if (kind == 1)                                                                           \
             cols_##SUFFIX(a, f, outer, inner, so, rows, tiles, si, c0, c1, 1, eps, lo, hi, C, acc);   \
         else                                                                                          \
@@ -509,10 +696,11 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         if (!f) f = a;                                                                                \
         if (c0 < 0 || c1 > C || c0 > c1) return 2;                                                    \
         if (outer > 0 && c1 > c0 && inner > 0) {                                                      \
-            const int kind = layout_##SUFFIX(outer, inner, sc, si);                                   \
-            if (kind < 0) return 1;                                                                   \
-            /* the batch's bytes read: the tiled column pass only pays while they stay in cache */    \
+            /* the batch's bytes read: the tiled column pass and the short-row lanes (channel by channel,  \
+             * not in memory order) only pay while they stay in cache */                              \
             const int tiles = (double)outer * (double)inner * (double)C * sizeof(T) * (f != a ? 2 : 1) <= TILE_BYTES; \
+            const int kind = layout_##SUFFIX(outer, inner, sc, si, tiles);                            \
+            if (kind < 0) return 1;                                                                   \
             const int64_t n = c1 - c0;                                                                \
             /* channels-last rows split by channels: each thread's share of a row at least NARROW bytes  \
              * (narrower shares have both threads pull the same cache lines: slower than one thread) */ \
