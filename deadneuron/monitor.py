@@ -37,7 +37,7 @@ from deadneuron.probe import Recorder
 from deadneuron.probe.masks import BatchMask, MaskSpec
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
-from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot
+from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot, unmeasured_flow
 from deadneuron.window import WindowFigures, forward_mask, read_window, reset_window
 
 if TYPE_CHECKING:
@@ -313,8 +313,9 @@ class Monitor:
         self.snapshots.append(snap)
         self._last_window, self._last_health = figures, None
         self.last_channels = details
-        for w in figures.warnings:
-            self._note(w)
+        for w in [*figures.warnings, *([unmeasured_flow(snap)] if self.gradients else [])]:
+            if w is not None:
+                self._note(w)
         if self._mask_shape is not None and not any(s.masked for s in figures.sites):
             self._note(f"the padding mask (shape {self._mask_shape}) applied at no activation site, so the figures "
                        "count the padding: a site is masked where its dims other than the channel begin with the "
