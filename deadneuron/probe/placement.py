@@ -39,10 +39,6 @@ class Placement:
     dims: tuple[int, ...]
     leading: bool
 
-    def text(self) -> str:
-        dims = ", ".join(map(str, self.dims))
-        return f"dims ({dims}) ({'batch first' if self.leading else 'sequence first'})"
-
 
 @dataclass(frozen=True)
 class MaskPlacement:
@@ -93,7 +89,7 @@ def stated_placement(dims: tuple[int, ...], shape: tuple[int, ...] | torch.Size,
                      mask_shape: tuple[int, ...]) -> Placement | None:  # fmt: skip
     """The user's ``dims`` as a placement on ``shape``, or None where the sizes there are not the mask's."""
     axis %= len(shape)
-    if tuple(shape[d] for d in dims) != tuple(mask_shape):
+    if any(d >= len(shape) for d in dims) or tuple(shape[d] for d in dims) != tuple(mask_shape):
         return None
     return Placement(dims, tuple(_rest(len(shape), axis)[: len(dims)]) == dims)
 
