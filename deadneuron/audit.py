@@ -42,6 +42,7 @@ def audit(
     activations: ActivationRegistry | None = None,
     mask: MaskSpec = AUTO,
     channel_axis: Mapping[str, int] | None = None,
+    mask_dims: Mapping[str, Sequence[int]] | None = None,
     rules: bool | RuleSet = True,
     rules_config: RulesConfig | None = None,
     checkpoint: Mapping[str, Any] | None = None,
@@ -74,10 +75,16 @@ def audit(
     ``src_key_padding_mask``). A callable: ``batch -> tensor``, bool or 0/1 of shape
     (N, positions...), True where the batch holds data. ``None``: no mask, padding counts as data.
     A mask applies at every site whose dims other than the channel begin with the mask's shape
-    (tokens (N, L, C) under (N, L); conv maps (N, C, H, W) under (N, H, W)); statistics there cover
-    the valid positions only and equal those of the same data unpadded. Each site says whether it
-    was masked and how many elements per channel were excluded; ``report.meta["mask"]`` names the mask.
-    A mask that does not fit the batch, or that was asked for and fits no site, is a UsageError.
+    (tokens (N, L, C) under (N, L); conv maps (N, C, H, W) under (N, H, W)), or with its positions then
+    N (sequence first: (L, N, C) under (N, L)); statistics there cover the valid positions only and
+    equal those of the same data unpadded. Each site says whether it was masked and how many elements
+    per channel were excluded; ``report.meta["mask"]`` names the mask. A mask that does not fit the
+    batch, or that was asked for and fits no site, is a UsageError. Where both placements fit a site
+    (a sequence-first layer with as many samples as positions: N == L) and no other batch told which,
+    batch first is used and a warning names the site; ``mask_dims`` states it per site glob: the
+    site's dims under the mask's dims, in the mask's order (``{"encoder.*": (1, 0)}`` for (L, N, C)).
+    ``report.meta["mask_dims"]`` lists the sites where a placement was chosen other than batch first
+    by the shapes (sequence first, stated, guessed, or misplaced on some batches).
 
     ``channel_axis`` sets the channel dim of the sites matching each glob
     (``{"block.relu": 1}``; negative dims count from the end) where it cannot be derived from a layer.
@@ -101,7 +108,7 @@ def audit(
     measured = measure(model, data, eps=eps, delta=delta, select=select, max_batches=max_batches, device=device,
                        progress=_progress(progress), adapter=adapter, functional=functional, compile=compile,
                        histograms=histograms, meta=meta, activations=activations, mask=mask,
-                       channel_axis=channel_axis, distributed=distributed)  # fmt: skip
+                       channel_axis=channel_axis, mask_dims=mask_dims, distributed=distributed)  # fmt: skip
     if rules is False:
         return measured.report
     ruleset = None if rules is True else rules

@@ -40,6 +40,7 @@ from deadneuron.stats import HISTOGRAM_EDGES, ChannelStats, ValueHistogram
 
 if TYPE_CHECKING:
     from deadneuron.probe import Recorder, SiteResult
+    from deadneuron.probe.placement import MaskPlacement
     from deadneuron.slots import SlotParams
 
 _BINS = len(HISTOGRAM_EDGES) + 2  # `ValueHistogram.counts`: the bins and the non-finite bin
@@ -114,8 +115,15 @@ def agree(headers: Sequence[Header]) -> Layout:
             raise UsageError(f"rank {h.rank} and rank {ref.rank} differ in histograms=: audit with the same arguments on every rank")
     last = max(seen, key=lambda h: (h.batches, h.rank))  # under strided sharding: the stream's last batch
     shapes = {i.key: i.shape for i in last.sites}
-    sites = tuple(replace(i, shape=shapes[i.key]) for i in ref.sites)
+    sites = tuple(replace(i, shape=shapes[i.key], mask_placement=_placement(seen, i.key)) for i in ref.sites)
     return Layout(sites, ref.histograms, _agree_slots(seen), _agree_metrics(seen))
+
+
+def _placement(seen: Sequence[Header], key: tuple[Any, ...]) -> MaskPlacement | None:
+    """A site's mask placement over the ranks: the one that most needs saying (a wrong or guessed one first)."""
+    found = [i.mask_placement for h in seen for i in h.sites if i.key == key and i.mask_placement is not None]
+    order = ("misplaced", "guessed", "stated", "shape")
+    return min(found, key=lambda p: order.index(p.how), default=None)
 
 
 def _raise_failures(headers: Sequence[Header]) -> None:

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from deadneuron.probe.masks import BatchMask, covered_dims, masked_channel_view, masked_rows
+from deadneuron.probe.masks import BatchMask, masked_channel_view, masked_rows
+from deadneuron.probe.measure import place_of
+from deadneuron.probe.placement import Placement
 from deadneuron.probe.site import Site
 from deadneuron.stats import channel_view
 
@@ -86,35 +88,39 @@ class SiteFlow:
         else:
             self.abs_sum = self.grad_abs = self.grad_nonzero = None
 
-    def add_output(self, a: torch.Tensor, mask: BatchMask | None = None) -> None:
+    def add_output(self, a: torch.Tensor, mask: BatchMask | None = None, place: Placement | None = None) -> None:
+        """Sum |a| per channel, over the valid positions of ``mask`` where it lies at ``place`` (None: it
+        does not fit)."""
         native = self._native_for(a)
         if native is not None and self.abs_sum is not None:
-            self.abs_elements += self._native_sums(native, a.detach(), mask, self.abs_sum, None)
+            self.abs_elements += self._native_sums(native, a.detach(), mask, place, self.abs_sum, None)
             return
         with torch.no_grad():
-            a3 = masked_channel_view(a.detach(), self.axis, mask)[0]
+            a3 = masked_channel_view(a.detach(), self.axis, mask, place)[0]
             a = a3.abs() if a3.dtype not in _LOW_PRECISION else a3.float().abs()
             part = a.sum(2).sum(0, dtype=torch.float64)
         self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
         self.abs_elements += a3.shape[0] * a3.shape[2]
 
-    def add_grad(self, grad: torch.Tensor, mask: BatchMask | None = None, *, window: int | None = None) -> None:
+    def add_grad(self, grad: torch.Tensor, mask: BatchMask | None = None, *, place: Placement | None = None,
+                 window: int | None = None) -> None:  # fmt: skip
         """The tensor hook on z: reads the gradient, returns None (the gradient flows on unchanged). With
-        the forward pass's padding ``mask``, only valid positions count; ``window``: the window of the forward
-        pass (its gradient is not added to a later window's sums)."""
+        the forward pass's padding ``mask`` (lying at ``place``), only valid positions count; ``window``: the
+        window of the forward pass (its gradient is not added to a later window's sums)."""
         if window is not None and window != self.window:
             return
         with torch._C.DisableTorchFunction():  # no op here passes through a functional probe
             native = self._native_for(grad)
             if native is not None and self.grad_abs is not None and self.grad_nonzero is not None:
-                self.grad_elements += self._native_sums(native, grad.detach(), mask, self.grad_abs, self.grad_nonzero)
+                self.grad_elements += self._native_sums(native, grad.detach(), mask, place, self.grad_abs,
+                                                        self.grad_nonzero)  # fmt: skip
                 return
-            self._torch_grad(grad, mask)
+            self._torch_grad(grad, mask, place)
 
-    def _torch_grad(self, grad: torch.Tensor, mask: BatchMask | None) -> None:
+    def _torch_grad(self, grad: torch.Tensor, mask: BatchMask | None, place: Placement | None) -> None:
         """`add_grad` in torch (CUDA, float16/bfloat16, no C kernel)."""
         with torch.no_grad():
-            g3 = masked_channel_view(grad.detach(), self.axis, mask)[0]
+            g3 = masked_channel_view(grad.detach(), self.axis, mask, place)[0]
             l1, nonzero = _channel_sums(g3)
             if self.grad_abs is None or self.grad_nonzero is None:
                 self.grad_abs, self.grad_nonzero = l1, nonzero
@@ -128,13 +134,13 @@ class SiteFlow:
         takes = type(x) is torch.Tensor and x.is_cpu and x.dtype in _NATIVE_DTYPES and x.numel() > 0
         return self.native if takes else None
 
-    def _native_sums(self, native: NativeStats, x: torch.Tensor, mask: BatchMask | None, abs_sum: torch.Tensor,
-                     nonzero: torch.Tensor | None) -> int:  # fmt: skip
+    def _native_sums(self, native: NativeStats, x: torch.Tensor, mask: BatchMask | None, place: Placement | None,
+                     abs_sum: torch.Tensor, nonzero: torch.Tensor | None) -> int:  # fmt: skip
         """Add per channel sum |x| into ``abs_sum`` and the count of x != 0 into ``nonzero`` (None: not
         counted) with the C kernel, over the valid positions of ``mask``; the elements per channel added.
         The whole tensor, or a padding mask's valid rows of tokens (N, L, C), is read in place with a call
         prepared once per layout; a masked conv map (N, C, H, W) is gathered first, as the torch path does."""
-        if mask is None or mask.index is None or covered_dims(x.shape, self.axis, mask.shape) is None:
+        if mask is None or mask.index is None or place is None:
             key: tuple[Any, ...] = (x.shape, x.stride(), x.dtype, nonzero is None)
             run = self._plans.get(key)
             if run is None:
@@ -144,9 +150,9 @@ class SiteFlow:
                 run = self._plan(native, key, x3, abs_sum, nonzero)
             run(x.data_ptr(), None)
             return x.numel() // self.channels
-        found = masked_rows(x, self.axis, mask)
+        found = masked_rows(x, self.axis, mask, place)
         if found is None or found[0].data_ptr() != x.data_ptr():
-            return _once(native, masked_channel_view(x, self.axis, mask)[0], abs_sum, nonzero)
+            return _once(native, masked_channel_view(x, self.axis, mask, place)[0], abs_sum, nonzero)
         x3, index, _ = found
         key = (x3.shape, x3.stride(), x.dtype, nonzero is None, "rows")
         run = self._plans.get(key) or self._plan(native, key, x3, abs_sum, nonzero)
@@ -187,12 +193,13 @@ class FlowObserver:
     def before(self, site: Site, z: torch.Tensor) -> None:
         if self.gradients and z.requires_grad and torch.is_grad_enabled():
             flow = self._flow(site)
-            z.register_hook(functools.partial(flow.add_grad, mask=self.mask, window=flow.window))
+            place = place_of(site, z, self.mask)[0]  # the site's placement (`deadneuron.probe.placement`)
+            z.register_hook(functools.partial(flow.add_grad, mask=self.mask, place=place, window=flow.window))
 
     def after(self, site: Site, a: torch.Tensor) -> None:
         flow = self._flow(site)
         if flow.track_abs:
-            flow.add_output(a, self.mask)
+            flow.add_output(a, self.mask, place_of(site, a, self.mask)[0])
 
     def flow_of(self, site: Site) -> SiteFlow | None:
         return self._flows.get(id(site))

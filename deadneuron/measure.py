@@ -92,6 +92,7 @@ def measure(
     activations: ActivationRegistry | None = None,
     mask: MaskSpec = AUTO,
     channel_axis: Mapping[str, int] | None = None,
+    mask_dims: Mapping[str, Sequence[int]] | None = None,
     distributed: bool = True,
     forward: Forward | None = None,
 ) -> Measurement:
@@ -108,7 +109,8 @@ def measure(
     dev = resolve_device(device) if device is not None else model_device(model)
     across_ranks = distributed and distributed_active()
     recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
-                                 histograms=histograms, activations=activations, channel_axis=overrides)  # fmt: skip
+                                 histograms=histograms, activations=activations, channel_axis=overrides,
+                                 mask_dims=mask_dims)  # fmt: skip
     try:
         with kept_tensors(model):  # what the forward caches (as inference tensors) is not left on the model
             part, rec, example = _pass(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
@@ -147,6 +149,7 @@ def measure(
         "select": list(select) if select else None,
         "kernels": kernels,
         "mask": part.mask[0] if part.mask is not None else None,
+        **_placements(results),
         **({"histogram_edges": list(HISTOGRAM_EDGES), "histogram_sampled": part.histogram_sampled} if histograms else {}),
         **({"distributed": world} if world is not None else {}),
         **({"notes": notes} if notes else {}),
@@ -255,6 +258,12 @@ def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ..
             "only (their shape did not fit it on the others): their figures count padding on those batches"
         )
     return out
+
+
+def _placements(results: Sequence[SiteResult]) -> dict[str, Any]:
+    """``{"mask_dims": {site: placement}}`` where a choice of the mask's dims was made (none: nothing)."""
+    placed = {r.name: r.mask_placement.to_dict() for r in results if r.mask_placement is not None}
+    return {"mask_dims": placed} if placed else {}
 
 
 def _shared_example(example: Any) -> Any:

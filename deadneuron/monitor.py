@@ -37,7 +37,7 @@ from deadneuron.probe import Recorder
 from deadneuron.probe.masks import BatchMask, MaskSpec
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
-from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot
+from deadneuron.snapshot import ChannelDetail, Snapshot, site_snapshot, unmeasured_flow
 from deadneuron.window import WindowFigures, forward_mask, read_window, reset_window
 
 if TYPE_CHECKING:
@@ -71,7 +71,8 @@ class Monitor:
     snapshot (`deadneuron.integrations.writers`). ``gradients=False`` skips the gradient-flow hooks.
     ``mask``: the padding of each training batch, left out of every figure (see `forward_mask`: ``"auto"``
     finds an ``attention_mask`` keyword beside ``input_ids``; a keyword's name; a callable of the forward's
-    arguments); it costs one host synchronisation per measured forward pass, to count the valid positions.
+    arguments); it costs one host synchronisation per measured forward pass, to count the valid positions;
+    ``mask_dims``: where it lies at sequence-first sites, as for `deadneuron.audit`.
     ``start_step``: the steps done before (a resumed run), where the step count starts. ``distributed``:
     under an initialised process group of more than one rank, every snapshot merges the ranks' figures
     (each rank gets the same snapshot, as `deadneuron.audit` merges); every rank must then take its
@@ -97,6 +98,7 @@ class Monitor:
         activations: ActivationRegistry | None = None,
         compile: bool = True,
         mask: MaskSpec = None,
+        mask_dims: Mapping[str, Sequence[int]] | None = None,
         start_step: int = 0,
         distributed: bool = True,
     ) -> None:
@@ -115,7 +117,7 @@ class Monitor:
         self.distributed = distributed
         self.mask = mask
         self._recorder_options: dict[str, Any] = {
-            "eps": eps, "delta": delta, "select": select, "channel_axis": channel_axis,
+            "eps": eps, "delta": delta, "select": select, "channel_axis": channel_axis, "mask_dims": mask_dims,
             "activations": activations, "compile": compile,
         }  # fmt: skip
         self.snapshots: list[Snapshot] = []
@@ -311,12 +313,13 @@ class Monitor:
         self.snapshots.append(snap)
         self._last_window, self._last_health = figures, None
         self.last_channels = details
-        for w in figures.warnings:
-            self._note(w)
+        for w in [*figures.warnings, *([unmeasured_flow(snap)] if self.gradients else [])]:
+            if w is not None:
+                self._note(w)
         if self._mask_shape is not None and not any(s.masked for s in figures.sites):
             self._note(f"the padding mask (shape {self._mask_shape}) applied at no activation site, so the figures "
                        "count the padding: a site is masked where its dims other than the channel begin with the "
-                       "mask's shape")  # fmt: skip
+                       "mask's shape (or with its positions, then N)")  # fmt: skip
         for writer in self.writers:
             writer.write(snap, details)
         return snap

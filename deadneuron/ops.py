@@ -23,6 +23,7 @@ from deadneuron.errors import UsageError
 from deadneuron.replacements import SwapName, kind_of, replacement
 from deadneuron.select import site_selector
 
+DEFAULT_CHECKPOINT = "checkpoints/slot_attention.pth"  # what `deadneuron patch` patches when given no checkpoint
 HyperParameter = Literal["learning_rate", "epochs"]
 HYPER_PARAMETERS: tuple[str, ...] = get_args(HyperParameter)
 BETWEEN_CONVS = "between_convs"

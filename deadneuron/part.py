@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from deadneuron._host import to_host
+from deadneuron.probe.placement import MaskPlacement
 from deadneuron.probe.site import SiteResult
 from deadneuron.stats import ChannelStats, ValueHistogram, summary_of
 
@@ -40,6 +41,7 @@ class SiteInfo:
     flat_region: str
     channels: int
     shape: tuple[int, ...]  # of the last call
+    mask_placement: MaskPlacement | None = None  # where a choice of the padding mask's dims was made
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SiteState:
             label=i.label, channel_axis=i.channel_axis, axis_source=i.axis_source, flat_region=i.flat_region,
             example_shape=i.shape, calls=self.calls, summary=summary_of(host[0], i.channels),
             histogram=histogram, masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
+            mask_placement=i.mask_placement,
         )  # fmt: skip
 
 
@@ -142,6 +145,6 @@ def _state(key: tuple[Any, ...], name: str, site: Any) -> SiteState:
         key=key, name=name, module=site.owner, producer=site.producer, functional=site.functional,
         kind=site.spec.kind_name, label=site.spec.label, channel_axis=site.axis,
         axis_source=site.axis_source.value, flat_region=site.region.describe(), channels=site.stats.channels,
-        shape=tuple(site.shape),
+        shape=tuple(site.shape), mask_placement=site.placement.result(),
     )  # fmt: skip
     return SiteState(info, site.stats, site.histogram, site.calls, site.masked, site.excluded, site.unfitted)

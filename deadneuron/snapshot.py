@@ -32,7 +32,9 @@ _NAN = float("nan")
 @dataclass(frozen=True)
 class SiteSnapshot:
     """One site over one window. Channel ids are tuples; NaN where a figure was not measured (no
-    gradient reached the site, or non-finite activations for the tau score)."""
+    gradient reached the site, or non-finite activations for the tau score), and None for the channels
+    not learning where no gradient reached the site (``grad_elements`` 0: gradients off, a pass under
+    no_grad, reentrant activation checkpointing): unmeasured, which is not "none"."""
 
     kind: str
     channels: int
@@ -49,7 +51,7 @@ class SiteSnapshot:
     grad_elements: int  # gradient elements per channel (0: no gradient reached z)
     grad_nonzero: float  # share of dL/dz elements that are not exactly 0
     grad_abs_mean: float  # mean |dL/dz|
-    not_learning_channels: tuple[int, ...]  # dL/dz exactly 0 on every element of the window
+    not_learning_channels: tuple[int, ...] | None  # dL/dz exactly 0 on every element (None: not measured)
 
     @property
     def dead(self) -> int:
@@ -64,8 +66,9 @@ class SiteSnapshot:
         return len(self.tau_dormant_channels)
 
     @property
-    def not_learning(self) -> int:
-        return len(self.not_learning_channels)
+    def not_learning(self) -> int | None:
+        """The channels not learning, None where the gradient flow was not measured."""
+        return None if self.not_learning_channels is None else len(self.not_learning_channels)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,7 +86,9 @@ class SiteSnapshot:
         kw: dict[str, Any] = {}
         for f in fields(cls):
             value = d.get(f.name)
-            if f.name in _IDS:
+            if f.name == "not_learning_channels" and (value is None or not d.get("grad_elements")):
+                kw[f.name] = None  # no gradient reached the site: not measured
+            elif f.name in _IDS:
                 kw[f.name] = tuple(int(c) for c in value or ())
             elif f.type in ("int",):
                 kw[f.name] = int(value or 0)
@@ -130,6 +135,21 @@ class Snapshot:
         )
 
 
+def unmeasured_flow(snapshot: Snapshot) -> str | None:
+    """The note for sites whose activations were measured in the window but whose gradient was not (no
+    gradient reached z): their gradient flow and channels not learning are n/a, not zero. None where
+    every measured site got its gradient."""
+    sites = [name for name, s in snapshot.sites.items() if s.n and not s.grad_elements]
+    if not sites:
+        return None
+    more = f" and {len(sites) - 3} more" if len(sites) > 3 else ""
+    return (f"no gradient reached {', '.join(sites[:3])}{more} in a window: "
+            "their gradient flow and channels not learning are not measured (n/a, not 0). A forward pass under "
+            "torch.no_grad, no backward before the snapshot, or reentrant activation checkpointing "
+            "(checkpoint(..., use_reentrant=True) runs the forward without autograd and recomputes it inside "
+            "backward, which is not measured) does this; use_reentrant=False measures the gradient")
+
+
 @dataclass(frozen=True)
 class ChannelDetail:
     """Per-channel arrays of one site over one window."""
@@ -154,8 +174,10 @@ def site_snapshot(info: SiteInfo, state: np.ndarray, flow: FlowHost, *, tau: flo
     abs_mean = _abs_mean(np.where(seen, mean, np.nan), flow, nonfinite=nonfinite)
     scores = tau_scores(abs_mean)
     grad = flow.grad_nonzero
-    with np.errstate(invalid="ignore"):
-        not_learning = tuple(np.flatnonzero(grad == 0).tolist()) if grad is not None else ()
+    not_learning = None  # no gradient reached z in the window: not measured
+    if grad is not None and flow.grad_elements:
+        with np.errstate(invalid="ignore"):
+            not_learning = tuple(np.flatnonzero(grad == 0).tolist())
     snap = SiteSnapshot(
         kind=info.kind, channels=c, n=n, dead_channels=dead, dormant_channels=dormant,
         flat_fraction=float(flat.sum()) / total if total else 0.0,

@@ -14,6 +14,7 @@ from torch import nn
 import deadneuron
 from deadneuron.errors import UsageError
 from deadneuron.probe.masks import BatchMask, mask_applies, masked_channel_view
+from deadneuron.probe.placement import placements
 from tests import zoo
 
 # -- the pure function ----------------------------------------------------------------------------------
@@ -34,7 +35,8 @@ def test_masked_view_holds_exactly_the_valid_positions(layout: str) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g)
     mask = torch.rand(mask_shape, generator=g) < 0.6
-    view, excluded = masked_channel_view(x, axis, BatchMask.of(mask))
+    (place,) = placements(shape, axis, mask_shape)  # one placement fits each of these layouts
+    view, excluded = masked_channel_view(x, axis, BatchMask.of(mask), place)
     # oracle: channel last, then numpy boolean indexing over the leading (mask) dims
     k, c = len(mask_shape), shape[axis % len(shape)]
     rest = [d for i, d in enumerate(shape) if i != axis % len(shape)]
@@ -65,13 +67,14 @@ def test_a_mask_fits_only_the_leading_non_channel_dims() -> None:
     assert mask_applies((2, 42, 8), -1, (2, 6, 7))  # an (N, H, W) grid flattened to (N, H*W, C) tokens
     assert not mask_applies((2, 41, 8), -1, (2, 6, 7))
     x = torch.randn(2, 4, 7, 7)
-    view, excluded = masked_channel_view(x, -1, BatchMask.of(torch.ones(2, 7, dtype=torch.bool)))
+    assert placements(x.shape, -1, (2, 7)) == ()
+    view, excluded = masked_channel_view(x, -1, BatchMask.of(torch.ones(2, 7, dtype=torch.bool)), None)
     assert excluded is None and view.shape == (2 * 4 * 7, 7, 1)
 
 
 def test_a_full_mask_reads_the_tensor_without_a_copy() -> None:
     x = torch.randn(3, 5, 4)
-    view, excluded = masked_channel_view(x, -1, BatchMask.of(torch.ones(3, 5)))
+    view, excluded = masked_channel_view(x, -1, BatchMask.of(torch.ones(3, 5)), placements(x.shape, -1, (3, 5))[0])
     assert excluded == 0 and view.data_ptr() == x.data_ptr()
 
 

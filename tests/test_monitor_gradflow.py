@@ -148,5 +148,5 @@ def test_no_gradient_hooks_without_grad_and_with_gradients_off() -> None:
         mon2.step()
     for m in (mon, mon2):
         (site,) = m.snapshots[0].sites.values()
-        assert site.grad_elements == 0 and np.isnan(site.grad_nonzero) and site.not_learning_channels == ()
+        assert site.grad_elements == 0 and np.isnan(site.grad_nonzero) and site.not_learning_channels is None  # not measured, not "none"
         assert site.n == 3  # the activations were measured

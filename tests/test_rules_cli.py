@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from deadneuron.cli import app
 from deadneuron.rules import builtin_rules
+from tests.suggested import without_out
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "small_cnn.py"
 
@@ -82,7 +83,7 @@ def test_audit_attaches_findings_most_severe_first(small_ckpt: Path) -> None:
     dead = findings[0]
     assert dead["channels"] == {"5": [3, 7]} and dead["severity"] == "warning"
     subject = f"{small_ckpt} --model {EXAMPLE}:build --data {EXAMPLE}:batches"  # the audit's own subject flags
-    assert dead["commands"][0] == f"deadneuron patch {subject} --activation leaky --negative-slope 0.01 --select 5"
+    assert without_out(dead["commands"][0]) == f"deadneuron patch {subject} --activation leaky --negative-slope 0.01 --select 5"
 
 
 def test_audit_table_shows_findings_with_commands(small_ckpt: Path) -> None:

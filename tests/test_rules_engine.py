@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +35,7 @@ from deadneuron.rules import (
     evaluate,
     load_rules,
 )
+from tests.suggested import all_without_out, without_out
 from tests.test_rules_factory import make_report, make_site
 
 FINDING_KEYS = {"rule", "severity", "title", "message", "sites", "channels", "evidence", "commands", "patch_ops",
@@ -92,7 +94,7 @@ def _rule(rule_id: str = "custom", **kw: Any) -> Rule:
 
 def test_a_custom_rule_renders_from_its_evidence() -> None:
     (f,) = evaluate(make_report(make_site("a"), make_site("b")), rules=builtin_rules().plus([_rule()]).without(builtin_rules().ids))
-    assert (f.rule, f.message, f.sites, f.commands) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch --reinit-dead --select module:a",))
+    assert (f.rule, f.message, f.sites, all_without_out(f.commands)) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch --reinit-dead --select module:a",))
 
 
 def test_a_rule_that_raises_is_named() -> None:
@@ -190,8 +192,10 @@ def test_patch_op_flags(op: Op, flags: tuple[str, ...]) -> None:
 def test_command_quotes_the_source() -> None:
     fix = Fix((SwapActivation("gelu", sites=("enc.bn.2>relu",)), SetHyperParameter("learning_rate", value=5e-5)))
     command = fix.command("my runs/a.pth")
-    assert command == "deadneuron patch 'my runs/a.pth' --activation gelu --select 'enc.bn.2>relu' --lr 5e-5"
+    assert without_out(command) == "deadneuron patch 'my runs/a.pth' --activation gelu --select 'enc.bn.2>relu' --lr 5e-5"
     assert shlex.split(command)[2:5] == ["my runs/a.pth", "--activation", "gelu"]
+    out = shlex.split(command)[-1]  # its own output, beside the input, named after the fix
+    assert re.fullmatch(r"my runs/a_gelu_lr5e-5_[0-9a-f]{6}\.pth", out), out
 
 
 # -- context ---------------------------------------------------------------------------------------------------
@@ -323,6 +327,6 @@ def test_adapter_model_commands_name_their_sites_and_reinit_from_the_checkpoint(
     reinit = ReinitDead.of({"encoder.bn_layers.1>relu": [0, 2]})
     assert "--select" in Fix((swap,)).command("a.pth")
     assert "--select" in Fix((swap,)).command("a.pth", adapter_model=True)
-    assert Fix((reinit,)).command("a.pth") == "deadneuron patch a.pth --reinit-dead --select 'encoder.bn_layers.1>relu'"
-    assert Fix((reinit,)).command("a.pth", adapter_model=True) == (
+    assert without_out(Fix((reinit,)).command("a.pth")) == "deadneuron patch a.pth --reinit-dead --select 'encoder.bn_layers.1>relu'"
+    assert without_out(Fix((reinit,)).command("a.pth", adapter_model=True)) == (
         "deadneuron patch a.pth --reinit-dead --select 'encoder.bn_layers.1>relu' --init checkpoint")

@@ -11,6 +11,7 @@ import shlex
 from deadneuron.ops import AddBatchNorm, Op, ReinitDead, SetHyperParameter, SwapActivation
 from deadneuron.report import SiteHealth
 from deadneuron.rules import Fix, PatchTarget, Preview, builtin_rules, evaluate, surgery_preview
+from tests.suggested import without_out
 from tests.test_rules_factory import make_report, make_site
 
 
@@ -68,7 +69,7 @@ def test_findings_keep_what_applies_with_commands_naming_the_whole_subject() -> 
     assert len(shared.fixes) == len(shared.commands) == 1 and "--reinit-dead" in shared.commands[0]
     assert shared.withheld and shared.withheld[0] in shared.message
     top = next(f for f in findings if f.sites == ("relu",))
-    argv = shlex.split(top.commands[0])
+    argv = shlex.split(without_out(top.commands[0]))
     assert argv[:2 + len(words)] == ["deadneuron", "patch", *words]
     assert argv[-2:] == ["--select", "module:relu"]
     quiet = evaluate(REPORT, rules=builtin_rules(), target=PatchTarget(None))
@@ -96,7 +97,7 @@ def test_a_batchnorm_reaches_every_site_its_layer_feeds() -> None:
     assert reason.startswith("`--add-batchnorm` at c1>relu: c1 also feeds c1>gelu, which this finding does not name")
     limited = dataclasses.replace(FED, meta={**FED.meta, "select": ["c2*"]})
     assert "--select" in str(target.check(limited, Fix(batchnorm("c2>relu"))))
-    assert Fix(batchnorm("c1>relu", "c2>relu")).command("m.pth", adapter_model=True) == (
+    assert without_out(Fix(batchnorm("c1>relu", "c2>relu")).command("m.pth", adapter_model=True)) == (
         "deadneuron patch m.pth --add-batchnorm --select 'c1>relu' --select 'c2>relu'")
 
 
@@ -114,5 +115,5 @@ def test_a_config_batchnorm_switch_covering_more_sites_is_withheld() -> None:
 def test_a_model_retrained_with_train_reinitialises_from_its_checkpoint() -> None:
     reinit = Fix((ReinitDead.of({"relu": (0, 2)}),))
     words = ("m.pth", "--model", "n.py:build", "--data", "n.py:batches", "--train", "n.py:train", "--max-steps", "5")
-    assert str(PatchTarget(words, retrains=True).command(reinit)).endswith("--reinit-dead --select module:relu --init checkpoint")
-    assert str(PatchTarget(words[:5]).command(reinit)).endswith("--reinit-dead --select module:relu")
+    assert without_out(str(PatchTarget(words, retrains=True).command(reinit))).endswith("--reinit-dead --select module:relu --init checkpoint")
+    assert without_out(str(PatchTarget(words[:5]).command(reinit))).endswith("--reinit-dead --select module:relu")

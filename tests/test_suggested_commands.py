@@ -122,7 +122,7 @@ def audit_json(*argv: str) -> dict[str, Any]:
 VALUE_FLAGS = {"--activation": str, "--model": str, "--data": str, "--input-shape": str, "--train": str,
                "--metric": str, "--init": str, "--negative-slope": float, "--lr": float, "--lr-scale": float,
                "--dropout-between-convs": float, "--epochs": int, "--max-steps": int, "--seeds": int,
-               "--batches": int, "--audit-grids": int}  # fmt: skip
+               "--batches": int, "--audit-grids": int, "--out": str}  # fmt: skip
 LIST_FLAGS = ("--select", "--model-arg", "--allow-global")
 SWITCHES = ("--reinit-dead", "--add-batchnorm", "--trust-code", "--apply-suggestions")
 

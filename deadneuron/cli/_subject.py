@@ -73,6 +73,23 @@ def parse_channel_axes(items: Sequence[str]) -> dict[str, int]:
     return out
 
 
+def parse_mask_dims(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["encoder.*=1,0"]`` -> ``{"encoder.*": (1, 0)}`` (--mask-dims GLOB=DIMS: the site's dims under the
+    padding mask's dims, in the mask's order, N first)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        glob, sep, raw = item.rpartition("=")
+        try:
+            dims = tuple(int(d.strip()) for d in raw.split(","))
+        except ValueError:
+            dims = ()
+        if not sep or not glob.strip() or not dims:
+            raise UsageError(f"--mask-dims takes GLOB=DIMS, the site's dims under the mask's (N, positions...) in "
+                             f"that order (e.g. 'encoder.*=1,0' for (L, N, C) activations), got {item!r}")  # fmt: skip
+        out[glob.strip()] = dims
+    return out
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"8,3,32,32"`` -> (8, 3, 32, 32); a clear error for anything else."""
     parts = [p.strip() for p in text.strip().replace("x", ",").split(",")]  # an empty part is an error, not skipped

@@ -34,7 +34,7 @@ class AuditFlags:
     max_steps: int | None = None
     allow_globals: tuple[str, ...] = ()
     trust_code: bool = False
-    limits: tuple[str, ...] = ()  # flags patch does not take: --mask, --no-mask, --channel-axis
+    limits: tuple[str, ...] = ()  # flags patch does not take: --mask, --no-mask, --channel-axis, --mask-dims
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,21 @@ def audit_args(flags: AuditFlags, *, measure: Sequence[str] = ()) -> tuple[str, 
 
 
 def measure_args(*, select: Sequence[str], mask: str | None, no_mask: bool, channel_axis: Sequence[str],
-                 eps: str | None, delta: str | None) -> tuple[str, ...]:  # fmt: skip
+                 mask_dims: Sequence[str] = (), eps: str | None, delta: str | None) -> tuple[str, ...]:  # fmt: skip
     """The audit flags that chose what was measured, as words (``eps``/``delta``: None where the default)."""
     words = _repeat("--select", select) + (["--mask", mask] if mask is not None else [])
     words += ["--no-mask"] if no_mask else []
-    words += _repeat("--channel-axis", channel_axis)
+    words += _repeat("--channel-axis", channel_axis) + _repeat("--mask-dims", mask_dims)
     words += (["--eps", eps] if eps is not None else []) + (["--delta", delta] if delta is not None else [])
     return tuple(words)
 
 
-def subject_limits(*, mask: str | None, no_mask: bool, channel_axis: Sequence[str]) -> tuple[str, ...]:
+def subject_limits(*, mask: str | None, no_mask: bool, channel_axis: Sequence[str],
+                   mask_dims: Sequence[str] = ()) -> tuple[str, ...]:  # fmt: skip
     """The audit flags that change which channels count as dead and that `deadneuron patch` does not take."""
     out = [f"--mask {mask}"] if mask is not None else []
     out += ["--no-mask"] if no_mask else []
-    out += [f"--channel-axis {item}" for item in channel_axis]
+    out += [f"--channel-axis {item}" for item in channel_axis] + [f"--mask-dims {item}" for item in mask_dims]
     return tuple(out)
 
 

@@ -6,6 +6,8 @@ MODULE:FACTORY (an iterable of batches) or --input-shape N,C,H,W (random inputs,
 Padding is left out of every statistic where a mask fits the site: by default the attention_mask of
 dict batches, or the adapter's valid grid cells; --mask KEY names another key (True where the batch holds
 data; --mask '~KEY' inverts one True at padding, as PyTorch's key_padding_mask is), --no-mask counts padding.
+A sequence-first site ((L, N, C) under an (N, L) mask) is masked on its dims 1,0; where N == L the shapes
+cannot tell, and --mask-dims 'GLOB=1,0' says it.
 Under torchrun (``torchrun --nproc-per-node N -m deadneuron audit ...``) each rank audits every N-th
 batch, the ranks merge their statistics exactly, and the first rank prints and writes the one report.
 """
@@ -46,6 +48,7 @@ def audit_command(
     mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches, True (1) where the batch holds data; ~KEY inverts one that is True at padding, as PyTorch's key_padding_mask is (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
     channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
+    mask_dims: Annotated[list[str] | None, typer.Option("--mask-dims", metavar="GLOB=DIMS", help="Where the padding mask lies at the sites matching GLOB: their dims under the mask's (N, positions...), e.g. 1,0 for (L, N, C) sequence-first activations; repeatable.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Table: also the dead/dormant channel ids, slot usage and every finding's full text.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the report files into this folder.")] = None,
@@ -66,7 +69,13 @@ def audit_command(
     from deadneuron.activations import check_delta, check_eps
     from deadneuron.audit import audit
     from deadneuron.cli._launch import launch
-    from deadneuron.cli._subject import build_subject, check_callable, parse_channel_axes, parse_key_values
+    from deadneuron.cli._subject import (
+        build_subject,
+        check_callable,
+        parse_channel_axes,
+        parse_key_values,
+        parse_mask_dims,
+    )
     from deadneuron.cli._target import (
         AuditFlags,
         audit_args,
@@ -99,6 +108,9 @@ def audit_command(
     if device is not None:
         resolve_device(device)  # an unusable device fails before the checkpoint is read
     axes = parse_channel_axes(channel_axis or [])
+    placed = parse_mask_dims(mask_dims or [])
+    if placed and no_mask:
+        raise UsageError("--mask-dims places a padding mask, and --no-mask uses none: pass one of them")
     rules = _rules_config(no_rules, disable or [], rules_config)  # a bad config fails before the audit runs
     if out is not None:
         from deadneuron.cli._outputs import check_folder
@@ -125,15 +137,17 @@ def audit_command(
         assert subject.data is not None
         flags = AuditFlags(checkpoint, model=model, model_args=tuple(model_arg or ()), data=data, input_shape=input_shape,
                            batches=batches, train=train, max_steps=max_steps, allow_globals=tuple(allow_global or ()),
-                           trust_code=trust_code, limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or ()))  # fmt: skip
+                           trust_code=trust_code, limits=subject_limits(mask=mask, no_mask=no_mask, channel_axis=channel_axis or (),
+                                                                     mask_dims=mask_dims or ()))  # fmt: skip
         measured = measure_args(select=select or (), mask=mask, no_mask=no_mask, channel_axis=channel_axis or (),
-                                eps=None if eps == EPS else str(eps), delta=None if delta == DELTA else str(delta))  # fmt: skip
+                                mask_dims=mask_dims or (), eps=None if eps == EPS else str(eps),
+                                delta=None if delta == DELTA else str(delta))  # fmt: skip
         peeked = peek_data(subject, batches)
         report = audit(
             subject.model, shard.take(subject.data, batches, sharded=subject.sharded), eps=eps, delta=delta,
             select=select, device=device, progress=terminal_bar(progress) if fmt == "table" and shard.primary else None,
             adapter=subject.adapter, histograms=out is not None, mask=None if no_mask else (mask or "auto"),
-            channel_axis=axes,
+            channel_axis=axes, mask_dims=placed,
             meta={"source": str(checkpoint), "audit_args": list(audit_args(flags, measure=measured)),
                   "random_inputs": subject.random_inputs, "warnings": warnings,
                   **({"patched_plans": subject.patched_plans} if subject.patched_plans else {})},

@@ -27,11 +27,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deadneuron import ops
 from deadneuron._parse import check_count
 from deadneuron.errors import UsageError
 from deadneuron.patch.config import Init
 
-DEFAULT_CHECKPOINT = Path("checkpoints/slot_attention.pth")
+DEFAULT_CHECKPOINT = Path(ops.DEFAULT_CHECKPOINT)
 
 
 def patch_command(

@@ -68,7 +68,8 @@ def _print_last(entry: dict[str, Any]) -> None:
     from deadneuron.render.timeline import timeline_frame
 
     frame = timeline_frame([entry])
+    sites = [s for s in (entry.get("sites") or {}).values() if isinstance(s, dict)]
     columns = [c for c in ("site", "channels", "dead", "dormant", "tau_dormant", "not_learning", "flat_fraction",
-                           "grad_nonzero") if c in frame and not frame[c].isna().all()]  # fmt: skip
+                           "grad_nonzero") if c in frame and (not frame[c].isna().all() or any(c in s for s in sites))]  # fmt: skip
     typer.echo(f"step {entry.get('step')}: {len(frame)} sites")
-    typer.echo(frame[columns].to_string(index=False))
+    typer.echo(frame[columns].to_string(index=False, na_rep="n/a"))  # n/a: not measured (no gradient reached it)

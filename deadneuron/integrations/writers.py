@@ -35,19 +35,23 @@ SCALARS = ("dead", "dormant", "tau_dormant", "not_learning", "flat_fraction", "s
 
 def snapshot_metrics(snapshot: Snapshot, *, prefix: str = "deadneuron",
                      keys: Sequence[str] = SCALARS) -> dict[str, float]:  # fmt: skip
-    """Flat ``{"<prefix>/<figure>/<site>": value}`` of a snapshot for the figures ``keys`` (finite values
-    only), with the totals over all sites under ``<prefix>/<figure>/all`` for the channel counts."""
+    """Flat ``{"<prefix>/<figure>/<site>": value}`` of a snapshot for the figures ``keys`` (measured, finite
+    values only: a figure not measured, as ``not_learning`` where no gradient reached a site, is left out,
+    never logged as 0), with the totals over all sites under ``<prefix>/<figure>/all`` for the channel
+    counts (left out where some site's count was not measured)."""
     unknown = [k for k in keys if k not in SCALARS]
     if unknown:
         raise UsageError(f"unknown monitor figure {unknown[0]!r}; choose from {', '.join(SCALARS)}")
     out: dict[str, float] = {}
     for site, s in snapshot.sites.items():
         for key in keys:
-            value = float(getattr(s, key))
-            if math.isfinite(value):
-                out[f"{prefix}/{key}/{site}"] = value
+            value = getattr(s, key)
+            if value is not None and math.isfinite(float(value)):
+                out[f"{prefix}/{key}/{site}"] = float(value)
     for key in (k for k in ("dead", "dormant", "tau_dormant", "not_learning") if k in keys):
-        out[f"{prefix}/{key}/all"] = float(sum(getattr(s, key) for s in snapshot.sites.values()))
+        counts = [getattr(s, key) for s in snapshot.sites.values()]
+        if None not in counts:
+            out[f"{prefix}/{key}/all"] = float(sum(counts))
     return out
 
 

@@ -2,8 +2,10 @@
 
 A mask is a bool (or 0/1) tensor of shape (N, positions...) over one batch, True where the batch holds
 data. It applies at a site whose tensor, once the channel dim (the site's axis) is removed, has dims
-that begin with exactly the mask's shape (and unambiguously, see `mask_applies`): token activations
-(N, L, C) under an (N, L) attention mask, conv maps (N, C, H, W) under an (N, H, W) validity mask.
+that begin with exactly the mask's shape, or with its positions then N (sequence first: (L, N, C) under
+an (N, L) mask); where both fit, `deadneuron.probe.placement` says how the placement is decided:
+token activations (N, L, C) under an (N, L) attention mask, conv maps (N, C, H, W) under an (N, H, W)
+validity mask.
 Elsewhere (attention scores (N, heads, L, L), pooled (N, C) features) the site is not masked. At a
 masked site the statistics see only the valid positions, so they equal those of the same data unpadded.
 
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from deadneuron.errors import UsageError
+from deadneuron.probe.placement import Placement, placements
 from deadneuron.stats import channel_view
 
 MaskSpec = str | Callable[[Any], Any] | None
@@ -64,50 +67,39 @@ class BatchMask:
         return math.prod(self.shape)
 
 
-def covered_dims(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> int | None:
-    """How many dims of a tensor of ``shape`` (channel dim ``axis``) a mask of ``mask_shape`` covers, or
-    None where it does not apply. The other dims, in order, must begin with exactly the mask's shape
-    (covering ``len(mask_shape)`` dims), or with (N, product of the position dims) where the positions
-    were flattened into one dim (a (N, H*W, C) token view of an (N, H, W) grid: 2 dims). The position
-    dims (after N) must not fit one or more dims further on as well: where they do, which dims are the
-    positions cannot be told from the shape (attention scores (N, heads, L, L) read on heads; a decoder's
-    (N, K, H, W, C) whose K slots happen to equal H = W), and such a site is not masked rather than
-    masked on the wrong dims."""
-    if not shape or not mask_shape:
-        return None
-    axis %= len(shape)
-    rest = tuple(shape[:axis]) + tuple(shape[axis + 1 :])
-    k = len(mask_shape)
-    positions = tuple(mask_shape[1:])
-    if len(rest) >= k and rest[:k] == tuple(mask_shape):
-        ambiguous = any(rest[1 + s : 1 + s + len(positions)] == positions for s in range(1, len(rest) - len(positions)))
-        return None if positions and ambiguous else k
-    if len(positions) > 1 and len(rest) >= 2 and rest[:2] == (mask_shape[0], math.prod(positions)):
-        return 2
-    return None
-
-
 def mask_applies(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> bool:
-    """Whether a mask of ``mask_shape`` applies to a tensor of ``shape`` with channel dim ``axis``
-    (see `covered_dims`)."""
-    return covered_dims(shape, axis, mask_shape) is not None
+    """Whether a mask of ``mask_shape`` fits a tensor of ``shape`` with channel dim ``axis`` in some placement
+    (see `deadneuron.probe.placement.placements`)."""
+    return bool(placements(shape, axis, mask_shape))
 
 
-def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None) -> tuple[torch.Tensor, int | None]:
+def _aligned(x: torch.Tensor, axis: int, place: Placement) -> tuple[torch.Tensor, int, int]:
+    """``x`` with the mask's dims first, in the mask's order (as it is where they lead), its channel dim
+    then, and the number of mask dims."""
+    axis %= x.dim()
+    k = len(place.dims)
+    if place.leading:
+        return x, axis, k
+    moved = x.movedim(place.dims, tuple(range(k)))
+    return moved, k + sum(1 for d in range(axis) if d not in place.dims), k
+
+
+def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None,
+                        place: Placement | None) -> tuple[torch.Tensor, int | None]:  # fmt: skip
     """``x`` as the (outer, C, inner) view the statistics take, over the valid positions only where
-    ``mask`` applies, and the number of elements per channel the mask excluded (None: not masked).
+    ``mask`` applies (``place``: where it lies on ``x``, None: it does not fit), and the number of elements
+    per channel the mask excluded (None: not masked).
 
     The valid positions are gathered (no host synchronisation, see `BatchMask.of`) into the layout the
     unmasked view has: channels last (tokens (N, L, C)) -> (valid positions, C, inner); the channel
     before the positions (conv maps (N, C, H, W)) -> (1, C, valid positions x inner), so that each
     channel's values stay one run, as the statistics kernels sum them unmasked.
     """
-    k = None if mask is None else covered_dims(x.shape, axis, mask.shape)
-    if mask is None or k is None:
+    if mask is None or place is None:
         return channel_view(x, axis), None
     if mask.index is None:
         return channel_view(x, axis), 0
-    axis %= x.dim()
+    x, axis, k = _aligned(x, axis, place)
     channels = x.shape[axis]
     inner = x.numel() // max(channels * mask.positions, 1)
     excluded = (mask.positions - mask.valid) * inner
@@ -119,15 +111,17 @@ def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None) -> t
     return runs.reshape(1, channels, mask.valid * inner), excluded
 
 
-def masked_rows(x: torch.Tensor, axis: int, mask: BatchMask) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """Where ``mask`` applies to ``x`` with some positions left out and the channel comes after every
-    position dim (tokens (N, L, C)): ``x`` as (positions, C, inner) with the indices of its valid rows and
-    the elements per channel excluded, which `masked_channel_view` would gather (the statistics read
-    those rows in place); else None."""
-    k = covered_dims(x.shape, axis, mask.shape)
-    if k is None or mask.index is None or axis % x.dim() < k:
+def masked_rows(x: torch.Tensor, axis: int, mask: BatchMask,
+                place: Placement | None) -> tuple[torch.Tensor, torch.Tensor, int] | None:  # fmt: skip
+    """Where ``mask`` applies to ``x`` (at ``place``) with some positions left out and the channel comes
+    after every position dim (tokens (N, L, C)): ``x`` as (positions, C, inner) with the indices of its
+    valid rows and the elements per channel excluded, which `masked_channel_view` would gather (the
+    statistics read those rows in place); else None."""
+    if place is None or mask.index is None:
         return None
-    axis %= x.dim()
+    x, axis, k = _aligned(x, axis, place)
+    if axis < k:
+        return None
     channels = x.shape[axis]
     inner = x.numel() // max(channels * mask.positions, 1)
     index = mask.index if mask.index.device == x.device else mask.index.to(x.device)
@@ -305,5 +299,6 @@ def unmatched_error(source: str, shape: tuple[int, ...], site_shapes: Mapping[st
     examples = "; ".join(f"{name} {shape_}" for name, shape_ in list(site_shapes.items())[:4])
     return UsageError(
         f"mask {source!r} of shape {shape} applied at no activation site (their shapes: {examples}): a site is "
-        "masked where its dims other than the channel begin with the mask's shape; pass a mask that fits, or none"
+        "masked where its dims other than the channel begin with the mask's shape (or with its positions, then N); "
+        "pass a mask that fits, or none"
     )

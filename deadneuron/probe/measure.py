@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from deadneuron.probe.masks import BatchMask, covered_dims, masked_channel_view, masked_rows
+from deadneuron.probe.masks import BatchMask, masked_channel_view, masked_rows
+from deadneuron.probe.placement import Placement
 from deadneuron.probe.site import Site
 
 
@@ -32,10 +33,11 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
         return
     if site.flat_from_z_first(inplace):
         region = site.region
-        if not isinstance(region.lo, torch.Tensor) and _whole(site, z, mask):
+        place = place_of(site, z, mask)[0]
+        if not isinstance(region.lo, torch.Tensor) and _whole(mask, place):
             site.stats.update_flat_along(region.tested(z), site.axis, region.lo, region.hi)
             return
-        z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask)[0]
+        z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask, place)[0]
         site.stats.update_flat(z3, region.lo, region.hi)
 
 
@@ -48,26 +50,28 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
         site.taken = False
         return
     region = site.region
-    if site.histogram is None and _whole(site, a, mask):  # every position read: no gathered copy
+    place, options = place_of(site, a, mask)
+    if site.histogram is None and _whole(mask, place):  # every position read: no gathered copy
         if mask is not None:  # it applies with every position valid, or does not fit this site
-            site.masked, site.unfitted = (True, site.unfitted) if _cover(site, a, mask) is not None else \
-                (site.masked, site.unfitted + 1)
+            site.masked, site.unfitted = (True, site.unfitted) if place is not None else (site.masked, site.unfitted + 1)
         if z is not None and not isinstance(region.lo, torch.Tensor):
             site.stats.update_output_along(a, site.axis, eps, flat=(region.lo, region.hi), z=region.tested(z))
         else:  # `measure_input` took the flat count before the call
             site.stats.update_output_along(a, site.axis, eps)
         site.shape = tuple(a.shape)
         return
-    if mask is not None and site.histogram is None and _rows(site, a, z, eps=eps, mask=mask):
+    if options and place is not None and mask is not None and mask.index is not None:
+        site.placement.guessed(place, options)  # a guess that decides what is left out
+    if mask is not None and site.histogram is None and _rows(site, a, z, eps=eps, mask=mask, place=place):
         return
-    a3, excluded = masked_channel_view(a.detach(), site.axis, mask)
+    a3, excluded = masked_channel_view(a.detach(), site.axis, mask, place)
     if excluded is not None:
         site.masked = True
         site.excluded += excluded
     elif mask is not None:
         site.unfitted += 1
     if z is not None and not isinstance(region.lo, torch.Tensor):
-        z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask)[0]
+        z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask, place)[0]
         site.stats.update_output(a3, eps, flat=(region.lo, region.hi), z3=z3)
     else:  # `measure_input` took the flat count before the call
         site.stats.update_output(a3, eps)
@@ -76,16 +80,17 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     site.shape = tuple(a.shape)
 
 
-def _rows(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask) -> bool:
+def _rows(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask,
+          place: Placement | None) -> bool:  # fmt: skip
     """`measure_output` of tokens (N, L, C) under an (N, L) mask that leaves some out: the valid rows are
     read in place rather than gathered (`masked_rows`). False where that does not apply."""
     region, lo = site.region, site.region.lo
-    rows = masked_rows(a, site.axis, mask)
+    rows = masked_rows(a, site.axis, mask, place)
     if rows is None:
         return False
     a3, index, excluded = rows
     if z is not None and not isinstance(lo, torch.Tensor):  # else `measure_input` took the flat count
-        zrows = masked_rows(region.tested(z), site.axis, mask)
+        zrows = masked_rows(region.tested(z), site.axis, mask, place)
         if zrows is None:
             return False
         site.stats.update_output_rows(a3, index, eps, flat=(lo, region.hi), z3=zrows[0])
@@ -97,18 +102,13 @@ def _rows(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, ma
     return True
 
 
-def _cover(site: Site, x: torch.Tensor, mask: BatchMask) -> int | None:
-    """`covered_dims` of ``x`` at ``site`` under ``mask``, remembered per shape (it is asked every call)."""
-    key = (x.shape, mask.shape)
-    covers = site.covers
-    if key not in covers:
-        if len(covers) >= 16:
-            covers.clear()
-        covers[key] = covered_dims(x.shape, site.axis, mask.shape)
-    return covers[key]
+def place_of(site: Site, x: torch.Tensor, mask: BatchMask | None) -> tuple[Placement | None, tuple[Placement, ...]]:
+    """Where the batch's ``mask`` lies on ``x`` at ``site``, None where it does not fit, and the placements
+    it was guessed among (`SitePlacement.choose`)."""
+    return (None, ()) if mask is None else site.placement.choose(x.shape, site.axis, mask.shape)
 
 
-def _whole(site: Site, x: torch.Tensor, mask: BatchMask | None) -> bool:
-    """Whether the statistics read every position of ``x``: no mask, one that does not fit the site, or
-    one that fits with every position valid."""
-    return mask is None or mask.index is None or _cover(site, x, mask) is None
+def _whole(mask: BatchMask | None, place: Placement | None) -> bool:
+    """Whether the statistics read every position: no mask, one that does not fit the site (``place``
+    None), or one that fits with every position valid."""
+    return mask is None or mask.index is None or place is None

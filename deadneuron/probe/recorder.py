@@ -3,13 +3,11 @@
 A *site* is one place in the forward pass where an activation runs: an activation module at one of its
 call places, or a functional activation (``F.relu``, ``torch.tanh``, ``x.relu()``...) found at run time
 through a `TorchFunctionMode`. The seed's encoder applies one shared ``self.relu`` after four BatchNorm
-layers: that is four sites, because they are four different sets of neurons.
-
-Sites are named as `deadneuron.probe.site` says (stable across batches: ``mlp.act``, ``conv1>relu``).
-
-Statistics are computed inside the hooks (never from stored tensors: an in-place ReLU overwrites both
-its input and the conv/BN output before any later hook could read them) and stay on the tensor's
-device. The pre-activation z is read in a forward *pre*-hook where the flat region must be tested on z.
+layers: that is four sites, because they are four different sets of neurons. Sites are named as
+`deadneuron.probe.site` says (stable across batches: ``mlp.act``, ``conv1>relu``). Statistics are
+computed inside the hooks (never from stored tensors: an in-place ReLU overwrites both its input and the
+conv/BN output before any later hook could read them) and stay on the tensor's device. The
+pre-activation z is read in a forward *pre*-hook where the flat region must be tested on z.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output
 from deadneuron.probe.modestack import on_stack, pop_if_top, remove_mode
 from deadneuron.probe.observer import SiteObserver
+from deadneuron.probe.placement import StatedDims
 from deadneuron.probe.site import Site, SiteResult, shown_name, site_globs, site_names
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
@@ -60,6 +59,7 @@ class Recorder:
     DDP wrapper as usual, but a compiled model through ``rec.model`` (hooks cannot run in its graph).
     ``observer`` (see `deadneuron.probe.observer`) sees every site's z and output; with
     ``restore_modes=False`` the train/eval flags are left to the caller (a training loop owns them).
+    ``mask_dims``: per site glob, the dims a padding mask lies on (`deadneuron.probe.placement`).
     """
 
     def __init__(
@@ -73,6 +73,7 @@ class Recorder:
         compile: bool = True,
         histograms: bool = False,
         channel_axis: Mapping[str, int] | None = None,
+        mask_dims: Mapping[str, Sequence[int]] | None = None,
         activations: ActivationRegistry | None = None,
         observer: SiteObserver | None = None,
         restore_modes: bool = True,
@@ -87,6 +88,7 @@ class Recorder:
         self.kernels = Kernels(compile=compile)
         self.histograms = histograms
         self.axes = AxisTracker(channel_axis)
+        self.mask_dims = StatedDims(mask_dims)  # where the padding mask lies, per site glob (`placement`)
         self.activations = activations if activations is not None else default_registry
         self.coverage = Coverage()
         self.observer = observer
@@ -180,16 +182,14 @@ class Recorder:
 
     def start_batch(self, mask: torch.Tensor | BatchMask | None = None, *, wrapped: bool = False) -> None:
         """Forget per-forward bookkeeping (occurrence counters, producers, the module stack) and take the
-        batch's padding mask: bool (or 0/1) of shape (N, positions...), True where the batch holds data,
-        on the model's device (or that mask prepared: `BatchMask.of`), or None. Statistics then cover valid
-        positions only, at every site whose dims other than the channel begin with the mask's shape.
-        ``wrapped``: the model's next call runs a whole training step (a trainer reaching its step through
-        the model's forward): that call is no forward pass, only the module calls inside it are."""
+        batch's padding mask (bool or 0/1, (N, positions...), True where the batch holds data, on the model's
+        device; or `BatchMask.of` it; or None): statistics then cover valid positions only, at every site
+        it fits (`deadneuron.probe.masks`). ``wrapped``: the model's next call runs a whole training step
+        (a trainer reaching its step through the model's forward): only the module calls inside it count."""
         self._mask = BatchMask.of(mask) if isinstance(mask, torch.Tensor) else mask
         self.wrapped = wrapped
         self._forget_forward()
-        self._last = None
-        self.last_module = None
+        self._last, self.last_module = None, None
 
     def _forget_forward(self) -> None:
         self._counts.clear()
@@ -331,10 +331,9 @@ class Recorder:
         """Flat regions are derived once per distinct activation (PReLU: per weight tensor)."""
         if spec.prelu_weight is not None:
             return flat_region(spec, self.delta, in_hook=in_hook)
-        region = self._region_cache.get(spec)
-        if region is None:
-            region = self._region_cache[spec] = flat_region(spec, self.delta)
-        return region
+        if spec not in self._region_cache:
+            self._region_cache[spec] = flat_region(spec, self.delta)
+        return self._region_cache[spec]
 
     def _site(self, owner_key: tuple[Any, ...], owner: str, leaf: str, functional: bool, spec: ActivationSpec,
               region: FlatRegion, z: torch.Tensor) -> Site:  # fmt: skip
@@ -347,13 +346,14 @@ class Recorder:
         key = (*count_key, occurrence)
         site = self._sites.get(key)
         if site is None:
-            axis, axis_source = self.axes.axis_of(z, site_globs(self._sites.values(), owner, leaf, producer, functional))
+            axis, axis_source = self.axes.axis_of(z, names := site_globs(self._sites.values(), owner, leaf, producer, functional))
             channels = z.shape[axis] if z.dim() else 1
             site = Site(
                 owner, leaf, functional, producer, occurrence, spec, region, axis, axis_source,
                 ChannelStats(channels, z.device, kernels=self.kernels), tuple(z.shape),
                 histogram=ValueHistogram(z.device) if self.histograms else None,
             )
+            site.placement.stated, site.placement.site = self.mask_dims.of(names, tuple(z.shape), axis), names[0]
             self._sites[key] = site
         elif not fits(z, site.axis, site.stats.channels):  # the message only where it is needed
             raise UsageError(str(axis_mismatch(shown_name(self._sites.values(), site), z, site.axis, site.axis_source, site.stats.channels)))
@@ -392,8 +392,8 @@ class Recorder:
         return list(zip(self.site_names(), self._sites.values(), strict=True))
 
     def warnings(self) -> list[str]:
-        """Unknown activations no site measured (see `deadneuron.probe.coverage`)."""
-        return self.coverage.warnings(self._sites.values(), self.select)
+        """Unknown activations no site measured (`deadneuron.probe.coverage`), mask placements guessed."""
+        return [*self.coverage.warnings(self._sites.values(), self.select), *self.mask_dims.warnings(self.named_sites())]
 
     def results(self) -> list[SiteResult]:
         with torch._C.DisableTorchFunction():

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from deadneuron.activations import ActivationSpec, FlatRegion
 from deadneuron.probe.axisrules import AxisSource
+from deadneuron.probe.placement import MaskPlacement, SitePlacement
 from deadneuron.stats import ChannelStats, ChannelSummary, ValueHistogram
 
 
@@ -41,7 +41,7 @@ class Site:
     masked: bool = False  # the batch's padding mask applied here (on some call)
     excluded: int = 0  # elements per channel the mask excluded, over all calls
     unfitted: int = 0  # calls where the batch had a mask that did not fit this site
-    covers: dict[tuple[Any, ...], int | None] = field(default_factory=dict, repr=False, compare=False)  # see measure
+    placement: SitePlacement = field(default_factory=SitePlacement, repr=False, compare=False)  # of the mask
     taken: bool = field(default=False, repr=False, compare=False)  # this call measured whole before it ran
 
     def flat_from_z_first(self, inplace: bool) -> bool:
@@ -67,6 +67,7 @@ class Site:
             calls=self.calls, summary=self.stats.compute(),
             histogram=tuple(self.histogram.compute()) if self.histogram is not None else None,
             masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
+            mask_placement=self.placement.result(),
         )  # fmt: skip
 
 
@@ -90,6 +91,7 @@ class SiteResult:
     masked: bool = False  # a padding mask applied at this site
     excluded: int = 0  # elements per channel the mask excluded, over all calls
     unfitted: int = 0  # calls where the batch had a mask that did not fit the site's shape
+    mask_placement: MaskPlacement | None = None  # where a choice of the mask's dims was made (`placement`)
 
 
 def site_names(sites: Sequence[Site]) -> list[str]:

@@ -7,6 +7,7 @@ text, so that the three renderings of one report never disagree.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from deadneuron.report import Report, SiteHealth
 from deadneuron.rules.finding import Finding
@@ -83,7 +84,22 @@ def mask_text(report: Report) -> str | None:
     others = [s.name for s in sites if not s.masked]
     if len(others) == 1:
         text += f"; not {others[0]} (its shape does not fit)"
-    return text
+    return text + placement_text(report.meta.get("mask_dims"))
+
+
+_HOW = {"stated": " (as set)", "guessed": " (a guess: see the warnings)",
+        "misplaced": " (wrong on some batches: see the warnings)"}  # fmt: skip
+
+
+def placement_text(placed: Any) -> str:
+    """Where the mask lay on the sites whose placement was a choice (``report.meta["mask_dims"]``): the
+    other sites were read batch first, as the shapes said."""
+    if not isinstance(placed, Mapping) or not placed:
+        return ""
+    items = [f"{site} on dims ({', '.join(map(str, p.get('dims', ())))}){_HOW.get(str(p.get('how')), '')}"
+             for site, p in placed.items() if isinstance(p, Mapping)]  # fmt: skip
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return "; " + ", ".join(items[:3]) + more
 
 
 def summary_facts(report: Report) -> list[tuple[str, str]]:

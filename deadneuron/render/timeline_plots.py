@@ -52,9 +52,11 @@ def _panel(ax: Axes, rows: Sequence[Mapping[str, Any]], sites: Sequence[str], pa
     colours = colormaps["tab10"]
     drawn = False
     totals: dict[float, float] = {}
+    unmeasured = []
     for i, site in enumerate(sites):
         xs, ys = _series(rows, site, column, scale, per_channel)
         if all(math.isnan(y) for y in ys):
+            unmeasured.append(site)
             continue
         drawn = True
         ax.plot(xs, ys, label=short_name(site, 36), color=colours(i % 10), ls=("-", "--", ":")[i // 10 % 3], lw=1.2,
@@ -62,8 +64,12 @@ def _panel(ax: Axes, rows: Sequence[Mapping[str, Any]], sites: Sequence[str], pa
         for x, y in zip(xs, ys, strict=True):
             totals[x] = totals.get(x, 0.0) + (0.0 if math.isnan(y) else y)
     if not drawn:
-        ax.text(0.5, 0.5, f"no {column.replace('_', ' ')} in the timeline", ha="center", va="center",
+        ax.text(0.5, 0.5, f"{column.replace('_', ' ')}: n/a (not measured)", ha="center", va="center",
                 transform=ax.transAxes)  # fmt: skip
+    elif unmeasured:  # a site without the figure is not at 0: it was not measured (no gradient reached it)
+        more = f" and {len(unmeasured) - 2} more" if len(unmeasured) > 2 else ""
+        ax.text(0.01, 0.01, f"n/a (not measured): {', '.join(short_name(s, 24) for s in unmeasured[:2])}{more}",
+                fontsize=7, ha="left", va="bottom", transform=ax.transAxes)  # fmt: skip
     elif column == "dead" and len(sites) > 1:
         xs = sorted(totals)
         ax.plot(xs, [totals[x] for x in xs], color="black", lw=2, label="all sites")

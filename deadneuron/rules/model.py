@@ -9,15 +9,18 @@ no I/O.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shlex
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import PurePath
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from deadneuron.errors import DeadneuronError, UsageError
-from deadneuron.ops import Op
+from deadneuron.ops import DEFAULT_CHECKPOINT, Op
 
 if TYPE_CHECKING:
     from deadneuron.report import Report
@@ -122,11 +125,44 @@ class Fix:
 
     def command(self, subject: str | Sequence[str] | None, *, adapter_model: bool = False) -> str:
         """The shell command, every word quoted where needed (site names hold ``>``). ``subject``: the
-        checkpoint path, or the words naming the subject (the path and flags such as ``--model``)."""
+        checkpoint path, or the words naming the subject (the path and flags such as ``--model``). The
+        command writes its own ``--out`` beside the checkpoint (without a subject: the default one),
+        named after the fix (`patched_out`), so that the commands suggested for one checkpoint run as
+        printed in any order."""
         words = [subject] if isinstance(subject, str) else list(subject or ())
-        for op in self.ops:
-            words.extend(op.flags(adapter_model=adapter_model))
-        return " ".join(["deadneuron", "patch", *(shlex.quote(w) for w in words)])
+        flags = [w for op in self.ops for w in op.flags(adapter_model=adapter_model)]
+        out = ["--out", patched_out(words[0] if words else DEFAULT_CHECKPOINT, flags)]
+        return " ".join(["deadneuron", "patch", *(shlex.quote(w) for w in [*words, *flags, *out])])
+
+
+_NAMED = {"--activation": "", "--negative-slope": "slope", "--lr": "lr", "--lr-scale": "lrx", "--epochs": "epochs",
+          "--dropout-between-convs": "dropout", "--reinit-dead": "reinit", "--add-batchnorm": "batchnorm"}  # fmt: skip
+
+
+def patched_out(checkpoint: str, flags: Sequence[str]) -> str:
+    """Where a suggested ``deadneuron patch`` command writes: beside ``checkpoint``, named after the fix's
+    ``flags`` (``net.pth`` + ``--activation leaky --lr 5e-5`` -> ``net_leaky_lr5e-5.pth``), with a digest
+    of the ``--select`` globs where it selects sites (``--reinit-dead --select 'conv2>relu'`` ->
+    ``net_reinit_1a2b3c.pth``), so that two fixes never share a file. Short enough to stay one word
+    where a terminal wraps the command."""
+    words, sites = [], []
+    it = iter(flags)
+    for word in it:
+        if word == "--select":
+            sites.append(next(it, ""))
+        elif word == "--init":  # --init checkpoint comes with --reinit-dead: it names nothing new
+            next(it, "")
+        elif word in _NAMED and word not in ("--reinit-dead", "--add-batchnorm"):
+            words.append(_NAMED[word] + next(it, ""))
+        else:
+            words.append(_NAMED.get(word, word.lstrip("-")))
+    if sites:  # the command lists them; a digest keeps the name short and apart from other sites' fixes
+        words.append(hashlib.sha256(chr(0).join(sites).encode()).hexdigest()[:6])
+    slug = re.sub(r"[^A-Za-z0-9.+_-]+", "-", "_".join(words)) or "fix"
+    path = PurePath(checkpoint)
+    if not path.name:
+        path = PurePath(path, "checkpoint")
+    return str(path.with_name(f"{path.stem}_{slug}{path.suffix or '.pth'}"))
 
 
 def freeze_channels(channels: Mapping[str, Sequence[int]]) -> Mapping[str, tuple[int, ...]]:

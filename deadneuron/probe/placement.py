@@ -1,0 +1,228 @@
+"""Where a padding mask lies on a site's tensor: which of its dims are the mask's (N, positions...).
+
+A mask of shape (N, positions...) is placed on the dims of an activation other than its channel dim:
+
+* batch first (the common case): those dims begin with exactly the mask's shape (tokens (N, L, C) under
+  an (N, L) mask, conv maps (N, C, H, W) under (N, H, W)), or with (N, product of the positions) where a
+  grid was flattened into tokens ((N, H*W, C) under (N, H, W));
+* sequence first: they begin with the positions, then N (``nn.TransformerEncoder(batch_first=False)``
+  and ``nn.MultiheadAttention`` read (L, N, C) under an (N, L) mask).
+
+A placement is read off the shapes only where one of them fits. Where both fit (a sequence-first model
+whose batch holds as many samples as positions: N == L), the shapes cannot tell. A placement then comes
+from the user (``mask_dims``: per site glob, the tensor dims the mask's dims lie on, in the mask's order),
+else from another call of the same site whose shapes told it, else it is a guess (batch first) that the
+report names, with the way to state it (`placement_warning`). Pure: shapes in, placements out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from deadneuron.errors import UsageError
+from deadneuron.select import matches
+
+How = Literal["shape", "stated", "guessed", "misplaced"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The tensor dims the mask's dims lie on, in the mask's order (where the positions were flattened
+    into one dim: the batch dim, then that dim), and whether they are the first dims other than the
+    channel, in order (batch first: the tensor is read as it is laid out)."""
+
+    dims: tuple[int, ...]
+    leading: bool
+
+
+@dataclass(frozen=True)
+class MaskPlacement:
+    """How a site's mask placement was decided, where a choice was made (reported): ``shape`` (one
+    placement fitted, other than batch first), ``stated`` (``mask_dims``), ``guessed`` (several fitted and no
+    call told which; ``options`` lists them) or ``misplaced`` (guessed on some calls, and a later call's
+    shapes fitted another placement, ``options[0]``: the guessed calls were masked on the wrong dims)."""
+
+    dims: tuple[int, ...]
+    how: How
+    options: tuple[tuple[int, ...], ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return {"dims": list(self.dims), "how": self.how, "options": [list(o) for o in self.options]}
+
+
+def _rest(ndim: int, axis: int) -> list[int]:
+    return [d for d in range(ndim) if d != axis]
+
+
+def placements(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> tuple[Placement, ...]:
+    """Every placement of a mask of ``mask_shape`` on a tensor of ``shape`` whose channel dim is ``axis``
+    (batch first before sequence first). The positions must not fit dims further on as well: where they
+    do, which dims are the positions cannot be told (attention scores (N, heads, L, L) read on heads; a
+    decoder's (N, K, H, W, C) whose K slots equal H = W), and that placement is left out, so that such a
+    site is not masked rather than masked on the wrong dims."""
+    if not shape or not mask_shape:
+        return ()
+    axis %= len(shape)
+    index = _rest(len(shape), axis)
+    rest = tuple(shape[d] for d in index)
+    k, positions = len(mask_shape), tuple(mask_shape[1:])
+    found = []
+    if len(rest) >= k and rest[:k] == tuple(mask_shape):
+        repeated = any(rest[1 + s : 1 + s + len(positions)] == positions for s in range(1, len(rest) - len(positions)))
+        if not (positions and repeated):
+            found.append(Placement(tuple(index[:k]), True))
+    elif len(positions) > 1 and len(rest) >= 2 and rest[:2] == (mask_shape[0], math.prod(positions)):
+        found.append(Placement(tuple(index[:2]), True))
+    if positions and len(rest) >= k and rest[:k] == (*positions, mask_shape[0]):
+        repeated = any(rest[s : s + len(positions)] == positions for s in range(k, len(rest) - len(positions) + 1))
+        if not repeated:
+            found.append(Placement((index[k - 1], *index[: k - 1]), False))
+    return tuple(found)
+
+
+def stated_placement(dims: tuple[int, ...], shape: tuple[int, ...] | torch.Size, axis: int,
+                     mask_shape: tuple[int, ...]) -> Placement | None:  # fmt: skip
+    """The user's ``dims`` as a placement on ``shape``, or None where the sizes there are not the mask's."""
+    axis %= len(shape)
+    if any(d >= len(shape) for d in dims) or tuple(shape[d] for d in dims) != tuple(mask_shape):
+        return None
+    return Placement(dims, tuple(_rest(len(shape), axis)[: len(dims)]) == dims)
+
+
+def check_stated(dims: tuple[int, ...], *, site: str, glob: str, shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """``dims`` set for ``glob`` as dims of a site's tensor of ``shape`` (channel dim ``axis``): distinct,
+    in range (negative counts from the end), not the channel dim; a UsageError naming them otherwise."""
+    n = len(shape)
+    where = f"mask dims {','.join(map(str, dims))} set for {glob!r} at site {site!r} (input {tuple(shape)})"
+    if not dims or any(not -n <= d < n for d in dims):
+        raise UsageError(f"{where}: give dims in [-{n}, {n - 1}], one per dim of the mask (N first)")
+    out = tuple(d % n for d in dims)
+    if len(set(out)) != len(out) or axis % n in out:
+        raise UsageError(f"{where}: the dims must differ from each other and from the channel dim {axis % n}")
+    return out
+
+
+@dataclass
+class SitePlacement:
+    """A site's mask placement across calls (kept for the site's life, across monitor windows)."""
+
+    stated: tuple[int, ...] | None = None  # the user's dims for this site
+    site: str = ""  # its name, for messages
+    known: Placement | None = None  # the placement a call's shapes told
+    guess: Placement | None = None  # the placement used on calls whose shapes could not tell
+    options: tuple[Placement, ...] = ()  # the placements those shapes allowed
+    _cache: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[Placement, ...]] = field(default_factory=dict, repr=False)
+
+    def choose(self, shape: tuple[int, ...] | torch.Size, axis: int,
+               mask_shape: tuple[int, ...]) -> tuple[Placement | None, tuple[Placement, ...]]:  # fmt: skip
+        """The placement of a call's tensor of ``shape`` (None: the mask does not fit it) and, where it is a
+        guess, the placements the shapes allowed (else ``()``). Host arithmetic on shapes only (it runs
+        inside the hooks)."""
+        if self.stated is not None:
+            if len(self.stated) != len(mask_shape):
+                raise UsageError(f"mask dims {','.join(map(str, self.stated))} set for site {self.site!r} name "
+                                 f"{len(self.stated)} dims, but the mask has shape {tuple(mask_shape)}: give one "
+                                 "dim of the site's input per mask dim, N first")  # fmt: skip
+            return stated_placement(self.stated, shape, axis, mask_shape), ()
+        key = (tuple(shape), tuple(mask_shape))
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= 16:
+                self._cache.clear()
+            found = self._cache[key] = placements(shape, axis, mask_shape)
+        if len(found) == 1:
+            self.known = self.known or found[0]
+            return found[0], ()
+        if not found:
+            return None, ()
+        if self.known in found:
+            return self.known, ()
+        return found[0], found
+
+    def guessed(self, used: Placement, options: tuple[Placement, ...]) -> None:
+        """Note a call placed by a guess (one that left padding out: elsewhere the placement changes nothing)."""
+        self.guess = self.guess or used
+        self.options = self.options or options
+
+    def result(self) -> MaskPlacement | None:
+        """What the report says of this site's placement: None where the shapes placed it batch first."""
+        if self.stated is not None:
+            return MaskPlacement(self.stated, "stated")
+        if self.guess is not None and self.known != self.guess:
+            if self.known is not None:
+                return MaskPlacement(self.guess.dims, "misplaced", (self.known.dims,))
+            return MaskPlacement(self.guess.dims, "guessed", tuple(p.dims for p in self.options))
+        if self.known is not None and not self.known.leading:
+            return MaskPlacement(self.known.dims, "shape")
+        return None
+
+
+class StatedDims:
+    """The user's ``mask_dims`` (site glob -> the tensor dims the mask's dims lie on, in the mask's order),
+    matched against each new site's names, as channel-axis overrides are."""
+
+    def __init__(self, mask_dims: Mapping[str, Sequence[int]] | None = None) -> None:
+        if mask_dims is not None and not isinstance(mask_dims, Mapping):
+            raise UsageError(f"mask_dims takes {{site glob: (dim, ...)}}, not a {type(mask_dims).__name__}")
+        self.dims: dict[str, tuple[int, ...]] = {}
+        for glob, dims in (mask_dims or {}).items():
+            ints = isinstance(dims, Sequence) and not isinstance(dims, str) and all(
+                isinstance(d, int) and not isinstance(d, bool) for d in dims)  # fmt: skip
+            if not isinstance(glob, str) or not ints or not dims:
+                raise UsageError(f"mask_dims[{glob!r}] = {dims!r}: give a site glob -> its dims under the mask's "
+                                 "dims, in the mask's order (N first), e.g. {'encoder.*': (1, 0)} for (L, N, C)")
+            self.dims[glob] = tuple(dims)
+        self.matched: set[str] = set()
+
+    def of(self, names: tuple[str, ...], shape: tuple[int, ...], axis: int) -> tuple[int, ...] | None:
+        """The dims set for the site called ``names`` (first matching glob), checked against its input's
+        ``shape`` and channel dim; None where no glob matches."""
+        for glob, dims in self.dims.items():
+            if matches(names, (glob,)):
+                self.matched.add(glob)
+                return check_stated(dims, site=names[0], glob=glob, shape=shape, axis=axis)
+        return None
+
+    def warnings(self, named: Sequence[tuple[str, Any]]) -> list[str]:
+        """The globs that matched no site, and a warning per site whose placement was guessed or wrong
+        (``named``: each site's name and running state, `deadneuron.probe.site.Site`)."""
+        out = [f"mask dims set for {glob!r} matched no site: check the name against the site table"
+               for glob in self.dims if glob not in self.matched]  # fmt: skip
+        for name, site in named:
+            placed = site.placement.result()
+            warning = placement_warning(name, site.shape, placed) if placed is not None else None
+            out += [warning] if warning is not None else []
+        return out
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return f"({', '.join(map(str, dims))})"
+
+
+def placement_warning(site: str, shape: tuple[int, ...], placed: MaskPlacement) -> str | None:
+    """The warning of a guessed or wrong placement at ``site`` (one per site), naming the dims used and
+    how to state the placement; None for the other placements."""
+    if placed.how not in ("guessed", "misplaced"):
+        return None
+    others = [o for o in placed.options if o != placed.dims] or [placed.dims]
+    other, used = others[0], placed.dims
+    state = (f"mask_dims={{{site!r}: {_dims(other)}}} (deadneuron.audit, Monitor) or --mask-dims "
+             f"'{site}={','.join(map(str, other))}' (deadneuron audit); '{site}={','.join(map(str, used))}' keeps "
+             f"dims {_dims(used)} and silences this")
+    if placed.how == "misplaced":
+        return (f"site {site!r} (input {tuple(shape)}): on batches whose shapes could not tell where the padding "
+                f"mask lies, it was placed on dims {_dims(used)}, but other batches fit it on dims {_dims(other)} "
+                f"only, so the figures of those batches left out the wrong elements; state it: {state}")
+    listed = " or ".join(_dims(o) for o in placed.options)
+    return (f"site {site!r} (input {tuple(shape)}): the padding mask fits dims {listed} (batch first or "
+            f"sequence first) and no batch's shapes told which; dims {_dims(used)} were used: if the layer reads "
+            f"its input the other way, its figures left out the wrong elements; state it: {state}")
+
+
+__all__ = ["MaskPlacement", "Placement", "SitePlacement", "StatedDims", "check_stated", "placement_warning", "placements",
+           "stated_placement"]
