@@ -165,3 +165,71 @@ def test_a_relu_subclass_with_its_own_forward_is_measured_through_what_it_calls(
                              channel_axis={"*": 1})  # fmt: skip
     (same,) = plain.sites.values()
     assert not same.functional and same.kind == "relu" and same.channel_flat == site.channel_flat
+
+
+class Tokens(nn.Module):
+    """A ReLU on (N, L, C) tokens (the batch's (N, L) mask fits it) and one on the tokens flattened and
+    repeated, (2 * N * L, C) (the mask fits no dim of it); each stores its pre-activation."""
+
+    def __init__(self, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.lin, self.tok, self.flat = nn.Linear(5, 6), act(), act()
+        self.seen: dict[str, list[np.ndarray]] = {"tok": [], "flat": []}
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.lin(x)
+        self.seen["tok"].append(z.detach().numpy().copy())
+        h = self.tok(z)
+        y = torch.cat([h, h - 0.5]).reshape(-1, h.shape[-1])
+        self.seen["flat"].append(y.detach().numpy().copy())
+        return self.flat(y)
+
+
+@needs_native
+@pytest.mark.parametrize("valid", ["all", "padded"])
+def test_a_padding_mask_that_leaves_nothing_out_keeps_the_one_read(valid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a padding mask with every token valid (or one that fits no dim of the site) the exact ReLU is
+    still measured from z alone; the figures are numpy's over the stored z (padded tokens left out where
+    the mask fits), and the report says the same of the mask as where the output is read (a ReLU
+    subclass: measured on its output)."""
+
+    class Subclass(nn.ReLU):
+        pass
+
+    read_once: list[tuple[int, ...]] = []
+    relu_along = ChannelStats.update_relu_along
+
+    def spy(self: ChannelStats, z: torch.Tensor, *args: object, **kwargs: object) -> bool:
+        done = relu_along(self, z, *args, **kwargs)  # type: ignore[arg-type]
+        read_once.extend([tuple(z.shape)] if done else [])
+        return done
+
+    monkeypatch.setattr(ChannelStats, "update_relu_along", spy)
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for _ in range(3):
+        mask = torch.ones(3, 7, dtype=torch.bool)
+        if valid == "padded":
+            mask[1, 4:] = False
+        batches.append({"x": torch.randn(3, 7, 5, generator=g), "mask": mask})
+    reports = {}
+    for act in (nn.ReLU, Subclass):
+        torch.manual_seed(0)
+        model = Tokens(act)
+        reports[act] = deadneuron.audit(model, batches, progress=False, rules=False, mask="mask")
+        if act is nn.ReLU:
+            seen = model.seen
+    fast, slow = reports[nn.ReLU], reports[Subclass]
+    assert read_once == ([(3, 7, 6), (42, 6)] if valid == "all" else [(42, 6)]) * 3
+    assert [s.masked for s in fast.sites.values()] == [s.masked for s in slow.sites.values()]
+    assert fast.meta.get("mask") == slow.meta.get("mask") and fast.warnings == slow.warnings
+    keep = np.concatenate([b["mask"].numpy().reshape(-1) for b in batches])
+    for name, zs in seen.items():
+        site = next(s for key, s in fast.sites.items() if key.endswith(name))
+        rows = np.concatenate([t.reshape(-1, 6) for t in zs])
+        want = _oracle([rows[keep]] if name == "tok" else [rows], 1)
+        assert site.n == int(want["n"]) and site.masked == (name == "tok")
+        np.testing.assert_array_equal(np.round(np.array(site.channel_zero) * site.n), want["zero"])
+        np.testing.assert_array_equal(np.round(np.array(site.channel_flat) * site.n), want["flat"])
+        for key in ("mean", "std", "min", "max"):
+            np.testing.assert_allclose(getattr(site, f"channel_{key}"), want[key], rtol=1e-9, atol=1e-12)

@@ -21,14 +21,19 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
     ``relu``: the call computes exactly ``torch.relu(z)`` (an ``nn.ReLU``, ``F.relu``...). Then the whole
     measurement is taken here from ``z`` alone where the C kernel reads it (`ChannelStats.update_relu_along`:
     relu's values, the flat region tested on ``z``), one read instead of reading ``z`` and the output, and
-    `measure_output` skips the call (``site.taken``). Not with a padding mask or a histogram."""
+    `measure_output` skips the call (``site.taken``). Not with a histogram, nor with a padding mask that
+    leaves positions of this call out (one that does not fit the site, or has every position valid, is
+    noted as `measure_output` notes it)."""
     region = site.region
+    place = None if mask is None or not relu else place_of(site, z, mask)[0]
     site.taken = (
-        relu and mask is None and site.histogram is None and region.center is None
+        relu and _whole(mask, place) and site.histogram is None and region.center is None
         and not isinstance(region.lo, torch.Tensor)
         and site.stats.update_relu_along(z, site.axis, eps, (region.lo, region.hi))
     )  # fmt: skip
     if site.taken:
+        if mask is not None:
+            site.masked, site.unfitted = (True, site.unfitted) if place is not None else (site.masked, site.unfitted + 1)
         site.shape = tuple(z.shape)
         return
     if site.flat_from_z_first(inplace):
