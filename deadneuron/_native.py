@@ -6,8 +6,8 @@ the pass itself on a ResNet's later layers. This kernel does the one pass with a
 microseconds and merges straight into the accumulators.
 
 `load()` returns a `NativeStats` or None with the reason in `load_error()`: no compiler, a failed build, or
-a self-check against the torch reference that disagreed (only the fast path: not needed for correctness). Builds are cached per source, compiler and CPU under
-``$DEADNEURON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/deadneuron`` or ``~/.cache/deadneuron``), each
+a self-check against the torch reference that disagreed (it is only the fast path). Builds are cached per
+source, compiler and CPU under ``$DEADNEURON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/deadneuron`` or ``~/.cache/deadneuron``), each
 with the SHA-256 of its bytes recorded when it was built, and written atomically, so concurrent first
 runs are safe. A cache entry is loaded only if nobody but this user could have written it or the
 folders above it, and its bytes match the recorded digest (`deadneuron._cache`); otherwise it is built
@@ -355,7 +355,7 @@ def _self_check(native: NativeStats) -> None:
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
         layouts = (((3, 5, 37), None), ((9, 2, 300), None), ((9, 3, 70), None), ((4, 6, 3), None), ((7, 9, 1), None),
-                   ((2, 3, 4), (0, 2, 1)), ((2, 2, 4100), None))  # 4100: rows longer than the lanes take
+                   ((2, 3, 4), (0, 2, 1)), ((2, 2, 4100), None), ((260, 17, 1), None))  # long rows, tiled columns too
         for shape, perm in layouts:
             x = torch.randn(shape, generator=g, dtype=dtype) + 3.0
             x.view(-1)[::7] = 0.0
@@ -366,8 +366,7 @@ def _self_check(native: NativeStats) -> None:
             if perm is not None:  # channels contiguous: (outer, C, inner) with sc == 1
                 x = x.permute(*perm).contiguous().permute(*perm)
             for f3 in (None, f):
-                acc = fresh_accumulator(x.shape[1])
-                counts = torch.zeros(2, dtype=torch.float64)
+                acc, counts = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)
                 native.update(x, f3, 0.0, -0.5, 0.5, True, acc, counts)
                 want = torch.stack(fused_moments(x, x if f3 is None else f3, 0.0, -0.5, 0.5))
                 exact = torch.equal(acc[[0, 1, 2, 5, 6]], want[[0, 1, 2, 5, 6]])
@@ -375,7 +374,8 @@ def _self_check(native: NativeStats) -> None:
                     raise _Unavailable(f"the built kernel disagreed with the torch reference ({native.path}); using torch")
                 if counts.tolist() != [x.shape[0] * x.shape[2]] * 2:
                     raise _Unavailable("the built kernel miscounted elements; using torch")
-            for z3, lo, hi in ((f, -0.5, 0.5), (x - 3.0 if perm is None else x, -0.5, 0.5), (f, 0.0, math.inf)):
+            finite = torch.nan_to_num(f, 0.0, 1.0, -1.0)  # relu's default thresholds: the fast pass and the checks
+            for z3, lo, hi in ((f, -0.5, 0.5), (x - 3.0 if perm is None else x, -0.5, 0.5), (f, 0, math.inf), (finite, 0, math.inf)):
                 relu, rc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)  # relu(z)'s, from z
                 native.plan(z3, 0.0, lo, hi, True, relu, rc, relu=True)(z3.data_ptr(), None)
                 want = torch.stack(fused_moments(torch.relu(z3), z3, 0.0, lo, hi))

@@ -431,6 +431,58 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
+    /* `tile` in RELU0's step (relu(z), default thresholds), its own function so that tile's other loops\
+     * keep their registers: sl/sh track z's range here (block_ makes relu's of it). */               \
+    __attribute__((noinline)) static void tile_relu0_##SUFFIX(const T *restrict a, int64_t inner,     \
+            const int64_t *restrict rows, int64_t so, int64_t si, int64_t r0, int64_t r1, int64_t kk, int64_t tn,\
+            const double *restrict Kb, T *restrict zb, double *restrict sb, double *restrict qb,      \
+            T *restrict slb, T *restrict shb) {                                                       \
+        const int check = 0;                                                                          \
+        const T *f = a;                                                                               \
+        T z[TILE], sl[TILE], sh[TILE];                                                                \
+        double s[TILE], q[TILE], K[TILE];                                                             \
+        for (int64_t k = 0; k < TILE; ++k) {                                                          \
+            const int in = k < tn;                                                                    \
+            z[k] = in ? zb[k] : 0; s[k] = in ? sb[k] : 0; q[k] = in ? qb[k] : 0; K[k] = in ? Kb[k] : 0;\
+            sl[k] = in ? slb[k] : (T)INFINITY; sh[k] = in ? shb[k] : -(T)INFINITY;                    \
+        }                                                                                             \
+        int64_t o = r0 / inner, i = r0 % inner;                                                       \
+        if (tn == TILE) {                                                                             \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                TILE_AHEAD();                                                                         \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < TILE; ++k) {                                                  \
+                    T w = pa[k];                                                                      \
+                    ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], sl[k], sh[k]);                        \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        } else {                                                                                      \
+            for (int64_t r = r0; r < r1; ++r) {                                                       \
+                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
+                TILE_AHEAD();                                                                         \
+                _Pragma("omp simd")                                                                   \
+                for (int64_t k = 0; k < tn; ++k) {                                                    \
+                    T w = pa[k];                                                                      \
+                    ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], sl[k], sh[k]);                        \
+                }                                                                                     \
+                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
+                if (++i == inner) {                                                                   \
+                    i = 0;                                                                            \
+                    ++o;                                                                              \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int64_t k = 0; k < tn; ++k) {                                                            \
+            zb[k] = z[k]; sb[k] = s[k]; qb[k] = q[k]; slb[k] = sl[k]; shb[k] = sh[k];                 \
+        }                                                                                             \
+    }                                                                                                 \
+                                                                                                      \
     /* Rows [r0, r1) of columns [kk, kk + tn) (tn <= TILE) finite-only (ELEMENT_FAST), added into the \
      * block's per-column sums z, fl, nw, s, q and range sl/sh: each column row after row as the block's \
      * own loop would (the same values), with the TILE columns' sums in locals that stay in registers \
@@ -515,8 +567,8 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                const double *restrict K, Sums *restrict out, T *restrict l,           \
                                T *restrict h) {                                                       \
         const int64_t total = outer * inner;                                                          \
-        const int check = (f != a) | TRANSFORMED;                                                     \
-        T z[BLOCK], fl[BLOCK], nf[BLOCK], nw[BLOCK], sl[BLOCK], sh[BLOCK];                            \
+        const int check = (f != a) | TRANSFORMED, relu0 = RELU0(TRANSFORMED);                         \
+        T z[BLOCK], fl[BLOCK], nf[BLOCK], nw[BLOCK], sl[BLOCK], sh[BLOCK], lz[BLOCK], hz[BLOCK];      \
         double s[BLOCK], q[BLOCK];                                                                    \
         for (int64_t k = 0; k < nk; ++k) {                                                            \
             out[k] = (Sums){0, 0, 0, 0, 0};                                                           \
@@ -531,14 +583,21 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     s[k] = q[k] = 0;                                                                  \
                     sl[k] = k < nk ? l[k] : (T)INFINITY;                                              \
                     sh[k] = k < nk ? h[k] : -(T)INFINITY;                                             \
+                    lz[k] = (T)INFINITY;                                                              \
+                    hz[k] = -(T)INFINITY;                                                             \
                 }                                                                                     \
+                const int fast0 = pass == 0 && relu0; /* RELU0: lz/hz take z's range */               \
                 if (pass == 0 && tiles && r1 - r0 >= TILE_ROWS) { /* finite-only, TILE columns at a time over */ \
                     for (int64_t c = r0; c < r1; c += TILE_ROWS) { /* rows few enough to stay in cache */ \
                         const int64_t e = r1 - c < TILE_ROWS ? r1 : c + TILE_ROWS;                    \
                         for (int64_t t = 0; t < nk; t += TILE)                                        \
-                            tile_##SUFFIX(a, f, inner, rows, so, si, c, e, k0 + t, nk - t < TILE ? nk - t : TILE, \
-                                          check, eps, lo, hi, K + t, z + t, fl + t, nw + t, s + t, q + t, sl + t, \
-                                          sh + t);                                                    \
+                            if (fast0)                                                                \
+                                tile_relu0_##SUFFIX(a, inner, rows, so, si, c, e, k0 + t, nk - t < TILE ? nk - t : TILE,\
+                                                    K + t, z + t, s + t, q + t, lz + t, hz + t);      \
+                            else                                                                      \
+                                tile_##SUFFIX(a, f, inner, rows, so, si, c, e, k0 + t, nk - t < TILE ? nk - t : TILE,\
+                                              check, eps, lo, hi, K + t, z + t, fl + t, nw + t, s + t, q + t, sl + t,\
+                                              sh + t);                                                \
                     }                                                                                 \
                 } else {                                                                              \
                     int64_t o = r0 / inner, i = r0 % inner;                                           \
@@ -555,6 +614,12 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                             for (int64_t k = 0; k < nk; ++k) {                                        \
                                 T w = pf[k], v = TR(pa[k]);                                           \
                                 ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
+                        } else if (fast0) {                                                           \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T w = pa[k];                                                          \
+                                ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], lz[k], hz[k]);            \
                             }                                                                         \
                         } else if (check) {                                                           \
                             _Pragma("omp simd")                                                       \
@@ -576,6 +641,16 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     }                                                                                 \
                 }                                                                                     \
                 if (pass == 1) break;                                                                 \
+                if (fast0) /* zero and flat are one count; relu's range is relu of z's; a -inf in z: again */\
+                    for (int64_t k = 0; k < nk; ++k) {                                                \
+                        fl[k] = z[k];                                                                 \
+                        nw[k] = lz[k] == -(T)INFINITY;                                                \
+                        if (lz[k] <= hz[k]) {                                                         \
+                            const T rl = RELU_OF(lz[k]), rh = RELU_OF(hz[k]);                         \
+                            sl[k] = rl < sl[k] ? rl : sl[k];                                          \
+                            sh[k] = rh > sh[k] ? rh : sh[k];                                          \
+                        }                                                                             \
+                    }                                                                                 \
                 int finite = 1;                                                                       \
                 for (int64_t k = 0; k < nk; ++k)                                                      \
                     finite &= (s[k] - s[k] == 0) & (q[k] - q[k] == 0) & (nw[k] == 0);                 \

@@ -1,7 +1,9 @@
 """The row kernel's short-row lanes: batches that fit in cache with rows of 16 to 4095 contiguous elements
 are summed channel by channel, 16 lanes kept in registers from row to row, each row's last inner % 16
-elements in the first lanes, counts moved into double every 2**20 elements. Checked against numpy over the
-same values: tails, non-finite values in a tail, the count move, relu taken from z, two threads."""
+elements in the first lanes, counts moved into double every 2**20 elements. And relu(z) with the default
+thresholds (one comparison counts zero and flat; relu's range from z's) in every kernel: the long-row pass,
+the lanes, the column kernel's tiles (batches in cache) and its plain loop. Checked against numpy over the
+same values: tails, non-finite values in a tail, the count move, -inf in z, two threads."""
 
 from __future__ import annotations
 
@@ -70,15 +72,23 @@ def _relu_acc(z: torch.Tensor, threads: int) -> np.ndarray:
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(16, 64, 49), (16, 128, 64), (4, 300, 256), (3, 3, 5000)], ids=str)
-def test_relu_from_z_and_two_threads_give_numpy_s_figures(shape: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(
+    "shape", [(16, 64, 49), (16, 128, 64), (4, 300, 256), (3, 3, 5000), (300, 40), (200_000, 24)], ids=str
+)
+def test_relu_from_z_and_two_threads_give_numpy_s_figures(shape: tuple[int, ...]) -> None:
     """relu(z)'s statistics read from z alone, flat tested on z (z = -inf: a 0 that is not flat), in the
     short-row lanes and (rows of 5000) the long-row pass; with the default thresholds both count zero and
     flat with one comparison and take the range from z's. One thread and two give the same figures to the
     bit (each thread sums whole channels)."""
-    z = _planted(shape, 7) - 0.3
-    z[0, 0, 5], z[1, 1, shape[2] - 1], z[2, 2, 0] = -math.inf, math.nan, math.inf
-    z[0, 1] = -1.0  # a channel-row all below 0: relu's zeros only
+    if len(shape) == 2:  # channels last, (rows, C) as (rows, C, 1): the column kernel, tiled (in cache) or not
+        rows, c = shape
+        z = _planted((rows, c, 1), 7) - 0.3
+        z[5, 0, 0], z[7, 1, 0], z[rows - 1, 2, 0] = -math.inf, math.nan, math.inf
+        z[:, 3] = -1.0  # a channel all below 0: relu's zeros only
+    else:
+        z = _planted(shape, 7) - 0.3
+        z[0, 0, 5], z[1, 1, shape[2] - 1], z[2, 2, 0] = -math.inf, math.nan, math.inf
+        z[0, 1] = -1.0  # a channel-row all below 0: relu's zeros only
     one, two = _relu_acc(z, 1), _relu_acc(z, 2)
     assert np.array_equal(one, two, equal_nan=True)
     want = _oracle(torch.relu(z), z, 0.0, 0.0, math.inf)
