@@ -225,6 +225,7 @@ def _pass(
                         raise
                     except Exception as exc:
                         raise _forward_error(exc, rec, batches, batch) from exc
+                    rec.idle()  # the probe off until the next forward: what follows is the audit's, not the model's
                     if adapter is not None:
                         slot_stats = _update_slots(adapter, outputs, batch, slot_stats)
                         for k, v in adapter.metric_sums(outputs, batch).items():
