@@ -202,6 +202,18 @@ class ChannelStats:
         self._plans[key] = None  # strides no kernel reads: the caller's general path
         return False
 
+    def update_relu_rows(self, z3: torch.Tensor, rows: torch.Tensor, eps: float, flat: tuple[float, float]) -> bool:
+        """`update_relu_along` of ``z3.index_select(0, rows)`` (an (outer, C, inner) view), the valid rows read
+        in place by the C kernel as `update_output_rows` reads them: True where it ran, else nothing added."""
+        if not rows.is_cpu or type(z3) is not torch.Tensor:
+            return False
+        key = (z3.shape, z3.stride(), z3.dtype, z3.is_cpu, "relu-rows", eps, flat)
+        run = self._lookup(key, z3, 1, eps, flat, None, relu=True)
+        if run is not None and run.rows(z3.data_ptr(), None, (rows.to(torch.int64) * z3.stride(0)).contiguous()) == 0:
+            return True
+        self._plans[key] = None
+        return False
+
     def update_flat_along(self, z: torch.Tensor, axis: int, lo: float, hi: float) -> None:
         """`update_flat` of ``channel_view(z, axis)`` with scalar thresholds, prepared as `update_output_along`."""
         if type(z) is torch.Tensor:

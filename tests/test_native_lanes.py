@@ -97,3 +97,22 @@ def test_relu_from_z_and_two_threads_give_numpy_s_figures(shape: tuple[int, ...]
     spread = np.sqrt(want[4] / np.maximum(want[2], 1))
     assert (np.abs(one[3] - want[3]) <= 1e-12 * (np.abs(want[3]) + spread)).all()
     assert (np.abs(one[4] - want[4]) <= 2e-12 * want[4]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("channels", [6, 40])
+def test_relu_of_valid_rows_read_in_place_matches_numpy(channels: int) -> None:
+    """Tokens (positions, C, 1) under a padding mask: relu(z)'s statistics over the valid rows, read in
+    place; a NaN and a -inf in left-out rows change nothing, a -inf in a kept row is a 0 that is not flat."""
+    from deadneuron.stats import ChannelStats, Kernels
+
+    z = _planted((300, channels, 1), 5) - 0.3
+    keep = torch.arange(300)[torch.arange(300) % 3 != 1]
+    z[1, 0, 0], z[4, 1, 0], z[6, 2, 0] = math.nan, -math.inf, -math.inf  # rows 1 and 4 left out, 6 kept
+    stats = ChannelStats(channels, kernels=Kernels(compile=True))
+    assert stats.update_relu_rows(z, keep, 0.0, (0.0, math.inf))
+    got, kept = stats.acc.numpy(), z.index_select(0, keep)
+    want = _oracle(torch.relu(kept), kept, 0.0, 0.0, math.inf)
+    for row in (0, 1, 2, 5, 6):
+        assert np.array_equal(got[row], want[row]), row
+    np.testing.assert_allclose(got[3:5], want[3:5], rtol=1e-12)

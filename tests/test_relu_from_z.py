@@ -167,6 +167,26 @@ def test_a_relu_subclass_with_its_own_forward_is_measured_through_what_it_calls(
     assert not same.functional and same.kind == "relu" and same.channel_flat == site.channel_flat
 
 
+def _spy_relu_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, ...]]]:
+    """The one-read relu passes that ran, with the shape of the z they read (``rows``: valid rows in place)."""
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    along, rows = ChannelStats.update_relu_along, ChannelStats.update_relu_rows
+
+    def spy_along(self: ChannelStats, z: torch.Tensor, *args: object, **kwargs: object) -> bool:
+        done = along(self, z, *args, **kwargs)  # type: ignore[arg-type]
+        seen.extend([("along", tuple(z.shape))] if done else [])
+        return done
+
+    def spy_rows(self: ChannelStats, z3: torch.Tensor, *args: object, **kwargs: object) -> bool:
+        done = rows(self, z3, *args, **kwargs)  # type: ignore[arg-type]
+        seen.extend([("rows", tuple(z3.shape))] if done else [])
+        return done
+
+    monkeypatch.setattr(ChannelStats, "update_relu_along", spy_along)
+    monkeypatch.setattr(ChannelStats, "update_relu_rows", spy_rows)
+    return seen
+
+
 class Tokens(nn.Module):
     """A ReLU on (N, L, C) tokens (the batch's (N, L) mask fits it) and one on the tokens flattened and
     repeated, (2 * N * L, C) (the mask fits no dim of it); each stores its pre-activation."""
@@ -187,24 +207,16 @@ class Tokens(nn.Module):
 
 @needs_native
 @pytest.mark.parametrize("valid", ["all", "padded"])
-def test_a_padding_mask_that_leaves_nothing_out_keeps_the_one_read(valid: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under a padding mask with every token valid (or one that fits no dim of the site) the exact ReLU is
-    still measured from z alone; the figures are numpy's over the stored z (padded tokens left out where
+def test_a_padding_mask_keeps_the_one_read(valid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a padding mask (every token valid, some padded, or one that fits no dim of the site) the exact
+    ReLU is still measured from z alone; the figures are numpy's over the stored z (padded tokens left out where
     the mask fits), and the report says the same of the mask as where the output is read (a ReLU
     subclass: measured on its output)."""
 
     class Subclass(nn.ReLU):
         pass
 
-    read_once: list[tuple[int, ...]] = []
-    relu_along = ChannelStats.update_relu_along
-
-    def spy(self: ChannelStats, z: torch.Tensor, *args: object, **kwargs: object) -> bool:
-        done = relu_along(self, z, *args, **kwargs)  # type: ignore[arg-type]
-        read_once.extend([tuple(z.shape)] if done else [])
-        return done
-
-    monkeypatch.setattr(ChannelStats, "update_relu_along", spy)
+    read_once = _spy_relu_reads(monkeypatch)
     g = torch.Generator().manual_seed(4)
     batches = []
     for _ in range(3):
@@ -220,7 +232,8 @@ def test_a_padding_mask_that_leaves_nothing_out_keeps_the_one_read(valid: str, m
         if act is nn.ReLU:
             seen = model.seen
     fast, slow = reports[nn.ReLU], reports[Subclass]
-    assert read_once == ([(3, 7, 6), (42, 6)] if valid == "all" else [(42, 6)]) * 3
+    # every call read z alone: in place where every token is valid, the valid rows in place where some are not
+    assert read_once == [("along", (3, 7, 6)) if valid == "all" else ("rows", (21, 6, 1)), ("along", (42, 6))] * 3
     assert [s.masked for s in fast.sites.values()] == [s.masked for s in slow.sites.values()]
     assert fast.meta.get("mask") == slow.meta.get("mask") and fast.warnings == slow.warnings
     keep = np.concatenate([b["mask"].numpy().reshape(-1) for b in batches])
@@ -233,3 +246,55 @@ def test_a_padding_mask_that_leaves_nothing_out_keeps_the_one_read(valid: str, m
         np.testing.assert_array_equal(np.round(np.array(site.channel_flat) * site.n), want["flat"])
         for key in ("mean", "std", "min", "max"):
             np.testing.assert_allclose(getattr(site, f"channel_{key}"), want[key], rtol=1e-9, atol=1e-12)
+
+
+class Grid(nn.Module):
+    """A conv ReLU on (N, C, H, W) maps under an (N, H, W) valid-cell mask; stores its pre-activation."""
+
+    def __init__(self, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(2, 5, 3, padding=1), act()
+        self.seen: list[np.ndarray] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        self.seen.append(z.detach().numpy().copy())
+        return self.act(z)
+
+
+@needs_native
+def test_a_conv_map_s_valid_cells_are_read_from_z_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grids padded to the batch's size: the ReLU's figures are numpy's over the valid cells of the stored z,
+    the padding left out, as where its output is read (a ReLU subclass); z's valid cells gathered, not the
+    output's and z's."""
+
+    class Subclass(nn.ReLU):
+        pass
+
+    read_once = _spy_relu_reads(monkeypatch)
+    g = torch.Generator().manual_seed(9)
+    batches = []
+    for h in (4, 6, 3):
+        mask = torch.zeros(3, 6, 6, dtype=torch.bool)
+        mask[0, :h, :h], mask[1, :6, :2], mask[2] = True, True, True
+        batches.append({"x": torch.randn(3, 2, 6, 6, generator=g), "mask": mask})
+    reports = {}
+    for act in (nn.ReLU, Subclass):
+        torch.manual_seed(0)
+        model = Grid(act)
+        reports[act] = deadneuron.audit(model, batches, progress=False, rules=False, mask="mask")
+        if act is nn.ReLU:
+            seen = model.seen
+    assert [kind for kind, _ in read_once] == ["along"] * 3
+    (fast,), (slow,) = reports[nn.ReLU].sites.values(), reports[Subclass].sites.values()
+    assert fast.masked and slow.masked and fast.n == slow.n
+    keep = [b["mask"].numpy() for b in batches]
+    cells = np.concatenate([np.moveaxis(z, 1, -1)[k] for z, k in zip(seen, keep, strict=True)])
+    want = _oracle([cells], 1)
+    assert fast.n == int(want["n"])
+    for key in ("zero", "flat"):
+        np.testing.assert_array_equal(np.round(np.array(getattr(fast, f"channel_{key}")) * fast.n), want[key])
+        assert getattr(fast, f"channel_{key}") == getattr(slow, f"channel_{key}")
+    for key in ("mean", "std", "min", "max"):
+        np.testing.assert_allclose(getattr(fast, f"channel_{key}"), want[key], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(getattr(fast, f"channel_{key}"), getattr(slow, f"channel_{key}"), rtol=1e-9)

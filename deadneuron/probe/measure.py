@@ -36,6 +36,10 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
             site.masked, site.unfitted = (True, site.unfitted) if place is not None else (site.masked, site.unfitted + 1)
         site.shape = tuple(z.shape)
         return
+    lo = region.lo
+    if relu and place is not None and z.is_cpu and site.histogram is None and region.center is None \
+            and not isinstance(lo, torch.Tensor) and _masked_relu(site, z, mask, place, eps, (lo, region.hi)):  # fmt: skip
+        return
     if site.flat_from_z_first(inplace):
         region = site.region
         place = place_of(site, z, mask)[0]
@@ -44,6 +48,28 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
             return
         z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask, place)[0]
         site.stats.update_flat(z3, region.lo, region.hi)
+
+
+def _masked_relu(site: Site, z: torch.Tensor, mask: BatchMask | None, place: Placement, eps: float,
+                 flat: tuple[float, float]) -> bool:  # fmt: skip
+    """`measure_input`'s one read of z where the mask leaves positions out: the valid rows of tokens read in
+    place, or conv maps' valid positions gathered (z alone, where reading the output gathered both)."""
+    assert mask is not None
+    options = place_of(site, z, mask)[1]
+    rows = masked_rows(z, site.axis, mask, place)
+    if rows is not None:
+        z3, index, excluded = rows
+        done = site.stats.update_relu_rows(z3, index, eps, flat)
+    else:
+        z3, gathered = masked_channel_view(z.detach(), site.axis, mask, place)
+        done = site.stats.update_relu_along(z3, 1, eps, flat)
+        excluded = gathered or 0
+    if done:
+        if options:
+            site.placement.guessed(place, options)  # a guess that decides what is left out
+        site.masked, site.taken, site.shape = True, True, tuple(z.shape)
+        site.excluded += excluded
+    return done
 
 
 def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, mask: BatchMask | None) -> None:
