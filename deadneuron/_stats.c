@@ -39,6 +39,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define FLUSH 4096 /* elements per count run in the row kernel, rows per stretch in the column kernel */
 #define BLOCK 64   /* columns per block in the column kernel: the partial arrays stay in L1 */
@@ -557,26 +558,15 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
     }                                                                                                 \
                                                                                                       \
-    /* One block of the column kernel: rows (o, i) at a + o*so + i*si, of which columns               \
-     * [k0, k0 + nk) are read, column k shifted by K[k - k0]. Over stretches of FLUSH rows, run       \
-     * finite-only first, again with the checks if that came out non-finite. Each column's sums go    \
-     * to out[k - k0] and its range to l/h; a column's result does not depend on the others. */       \
-    static void block_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner, \
-                               const int64_t *restrict rows, int tiles,                               \
-                               int64_t so, int64_t si, int64_t k0, int64_t nk, T eps, T lo, T hi,     \
-                               const double *restrict K, Sums *restrict out, T *restrict l,           \
-                               T *restrict h) {                                                       \
-        const int64_t total = outer * inner;                                                          \
+    /* Rows [r0, r1) (at most FLUSH) of the column block: finite-only first, again with the checks if that\
+     * came out non-finite; the stretch's sums added into out[k - k0] and its range into l/h. */      \
+    static void stretch_cols_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner,\
+                                      const int64_t *restrict rows, int tiles, int64_t so, int64_t si, int64_t k0,\
+                                      int64_t nk, T eps, T lo, T hi, const double *restrict K, int64_t r0,\
+                                      int64_t r1, Sums *restrict out, T *restrict l, T *restrict h) { \
         const int check = (f != a) | TRANSFORMED, relu0 = RELU0(TRANSFORMED);                         \
         T z[BLOCK], fl[BLOCK], nf[BLOCK], nw[BLOCK], sl[BLOCK], sh[BLOCK], lz[BLOCK], hz[BLOCK];      \
         double s[BLOCK], q[BLOCK];                                                                    \
-        for (int64_t k = 0; k < nk; ++k) {                                                            \
-            out[k] = (Sums){0, 0, 0, 0, 0};                                                           \
-            l[k] = (T)INFINITY;                                                                       \
-            h[k] = -(T)INFINITY;                                                                      \
-        }                                                                                             \
-        for (int64_t r0 = 0; r0 < total; r0 += FLUSH) {                                               \
-            const int64_t r1 = total - r0 < FLUSH ? total : r0 + FLUSH;                               \
             for (int pass = 0; pass < 2; ++pass) {                                                    \
                 for (int64_t k = 0; k < BLOCK; ++k) {                                                 \
                     z[k] = fl[k] = nf[k] = nw[k] = 0;                                                 \
@@ -662,13 +652,67 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 l[k] = sl[k];                                                                         \
                 h[k] = sh[k];                                                                         \
             }                                                                                         \
+    }                                                                                                 \
+                                                                                                      \
+    /* One block of the column kernel: rows (o, i) at a + o*so + i*si, of which columns [k0, k0 + nk) are\
+     * read, column k shifted by K[k - k0]; stretch after stretch of FLUSH rows (`stretch_cols`), each\
+     * column's sums into out[k - k0] and its range into l/h; a column's result does not depend on the\
+     * others. With split > 1 (a batch whose rows are too narrow to share by channels) the stretches are\
+     * spread over `split` threads, each into its own sums, added in stretch order after: the same sums\
+     * as one thread's, bit for bit. */                                                               \
+    static void block_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner,\
+                               const int64_t *restrict rows, int tiles, int split, int64_t so, int64_t si,\
+                               int64_t k0, int64_t nk, T eps, T lo, T hi, const double *restrict K,   \
+                               Sums *restrict out, T *restrict l, T *restrict h) {                    \
+        const int64_t total = outer * inner, stretches = (total + FLUSH - 1) / FLUSH;                 \
+        for (int64_t k = 0; k < nk; ++k) {                                                            \
+            out[k] = (Sums){0, 0, 0, 0, 0};                                                           \
+            l[k] = (T)INFINITY;                                                                       \
+            h[k] = -(T)INFINITY;                                                                      \
         }                                                                                             \
+        Sums *ps = NULL;                                                                              \
+        T *pr = NULL;                                                                                 \
+        if (split > 1 && stretches > 1) {                                                             \
+            ps = (Sums *)malloc((size_t)(stretches * nk) * sizeof(Sums));                             \
+            pr = (T *)malloc((size_t)(2 * stretches * nk) * sizeof(T));                               \
+        }                                                                                             \
+        if (!ps || !pr) { /* one thread (or no memory for the stretches' sums) */                     \
+            free(ps);                                                                                 \
+            free(pr);                                                                                 \
+            for (int64_t r0 = 0; r0 < total; r0 += FLUSH)                                             \
+                stretch_cols_##SUFFIX(a, f, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, K, r0,\
+                                      total - r0 < FLUSH ? total : r0 + FLUSH, out, l, h);            \
+            return;                                                                                   \
+        }                                                                                             \
+        _Pragma("omp parallel for num_threads(split) schedule(static)")                               \
+        for (int64_t st = 0; st < stretches; ++st) {                                                  \
+            Sums *o = ps + st * nk;                                                                   \
+            T *sl = pr + 2 * st * nk, *sh = sl + nk;                                                  \
+            for (int64_t k = 0; k < nk; ++k) {                                                        \
+                o[k] = (Sums){0, 0, 0, 0, 0};                                                         \
+                sl[k] = (T)INFINITY;                                                                  \
+                sh[k] = -(T)INFINITY;                                                                 \
+            }                                                                                         \
+            const int64_t r0 = st * FLUSH;                                                            \
+            stretch_cols_##SUFFIX(a, f, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, K, r0,\
+                                  total - r0 < FLUSH ? total : r0 + FLUSH, o, sl, sh);                \
+        }                                                                                             \
+        for (int64_t st = 0; st < stretches; ++st)                                                    \
+            for (int64_t k = 0; k < nk; ++k) {                                                        \
+                const Sums *o = ps + st * nk + k;                                                     \
+                const T sl = pr[2 * st * nk + k], sh = pr[(2 * st + 1) * nk + k];                     \
+                out[k].z += o->z; out[k].fl += o->fl; out[k].nf += o->nf; out[k].s += o->s; out[k].q += o->q;\
+                l[k] = sl < l[k] ? sl : l[k];                                                         \
+                h[k] = sh > h[k] ? sh : h[k];                                                         \
+            }                                                                                         \
+        free(ps);                                                                                     \
+        free(pr);                                                                                     \
     }                                                                                                 \
                                                                                                       \
     /* Channels [c, c + m), each `group` consecutive columns (m = 1 where group > BLOCK): each        \
      * channel's columns' sums added in column order into sums[j], its range into l[j]/h[j]. */       \
     static void columns_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,    \
-                                 const int64_t *rows, int tiles,                                      \
+                                 const int64_t *rows, int tiles, int split,                           \
                                  int64_t si, int64_t c, int64_t m, int64_t group, T eps, T lo, T hi,  \
                                  const double *K, Sums *sums, T *l, T *h) {                           \
         double kc[BLOCK];                                                                             \
@@ -686,7 +730,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t j0 = k0 / group - c, first = group - k0 % group;                            \
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group)                    \
                 for (int64_t e = k; e < k + n && e < nk; ++e) kc[e] = K[j];                           \
-            block_##SUFFIX(a, f, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch); \
+            block_##SUFFIX(a, f, outer, inner, rows, tiles, split, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch); \
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group) {                  \
                 Sums t = sums[j];                                                                     \
                 T tl = l[j], th = h[j];                                                               \
@@ -705,7 +749,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Columns: channels [c0, c1), each `group` consecutive columns of rows (o, i); blocks hold whole \
      * channels (as many as fit in BLOCK columns), or BLOCK columns of one channel at a time. */      \
     static void cols_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,       \
-                              const int64_t *rows, int tiles,                                         \
+                              const int64_t *rows, int tiles, int split,                              \
                               int64_t si, int64_t c0, int64_t c1, int64_t group, T eps, T lo, T hi,   \
                               int64_t C, double *acc) {                                               \
         const int64_t per = group <= BLOCK ? BLOCK / group : 1;                                       \
@@ -716,7 +760,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t m = c1 - c < per ? c1 - c : per;                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
                 K[j] = first_##SUFFIX(a, outer, inner, so, rows, si, (c + j) * group, group);         \
-            columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+            columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, split, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             const double seen = (double)outer * (double)inner * (double)group;                        \
             int again = 0;                                                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
@@ -725,7 +769,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     again = 1;                                                                        \
                 }                                                                                     \
             if (again) /* the other channels' sums come out the same again */                         \
-                columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+                columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, split, si, c, m, group, eps, lo, hi, K, sums, l, h); \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
                 acc[R_FLAT * C + c + j] += sums[j].fl;                                                \
@@ -746,7 +790,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         return -1;                                                                                    \
     }                                                                                                 \
                                                                                                       \
-    static void channels_##SUFFIX(int kind, int tiles, const T *a, const T *f, int64_t outer, const int64_t *rows, \
+    static void channels_##SUFFIX(int kind, int tiles, int split, const T *a, const T *f, int64_t outer, const int64_t *rows, \
                                   int64_t C,                                                          \
                                   int64_t inner, int64_t so, int64_t sc, int64_t si, T eps, T lo,     \
                                   T hi, double *acc, int64_t c0, int64_t c1) {                        \
@@ -754,9 +798,9 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         if (kind == 0)                                                                                \
             rows_##SUFFIX(a, f, outer, C, inner, rows, tiles, so, sc, c0, c1, eps, lo, hi, acc);             \
         else if (kind == 1)                                                                           \
-            cols_##SUFFIX(a, f, outer, inner, so, rows, tiles, si, c0, c1, 1, eps, lo, hi, C, acc);   \
+            cols_##SUFFIX(a, f, outer, inner, so, rows, tiles, split, si, c0, c1, 1, eps, lo, hi, C, acc);   \
         else                                                                                          \
-            cols_##SUFFIX(a, f, outer, 1, so, rows, tiles, 0, c0, c1, inner, eps, lo, hi, C, acc);    \
+            cols_##SUFFIX(a, f, outer, 1, so, rows, tiles, split, 0, c0, c1, inner, eps, lo, hi, C, acc);    \
     }                                                                                                 \
                                                                                                       \
     /* Adds channels [c0, c1) of the batch (all of them: 0, C), split over `threads` OpenMP threads   \
@@ -778,13 +822,18 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             if (kind < 0) return 1;                                                                   \
             const int64_t n = c1 - c0;                                                                \
             /* channels-last rows split by channels: each thread's share of a row at least NARROW bytes  \
-             * (narrower shares have both threads pull the same cache lines: slower than one thread) */ \
+             * (narrower shares have both threads pull the same cache lines: slower than one thread);   \
+             * narrower rows are split by stretches of FLUSH rows instead (`block`) */                  \
             const int narrow = kind == 1 && n * (int64_t)sizeof(T) < NARROW * (int64_t)threads;        \
-            const int parts = threads < 1 || narrow ? 1 : (n < threads ? (int)n : threads);            \
-            _Pragma("omp parallel for num_threads(parts) schedule(static) if (parts > 1)")            \
-            for (int t = 0; t < parts; ++t)                                                           \
-                channels_##SUFFIX(kind, tiles, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi, acc, \
-                                  c0 + n * t / parts, c0 + n * (t + 1) / parts);                      \
+            const int parts = threads < 1 || narrow ? 1 : (n < threads ? (int)n : threads);           \
+            if (parts > 1) {                                                                          \
+                _Pragma("omp parallel for num_threads(parts) schedule(static)")                       \
+                for (int t = 0; t < parts; ++t)                                                       \
+                    channels_##SUFFIX(kind, tiles, 1, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi,\
+                                      acc, c0 + n * t / parts, c0 + n * (t + 1) / parts);             \
+            } else /* no region around it: block's own (narrow rows) is then the top level, torch's threads */\
+                channels_##SUFFIX(kind, tiles, narrow ? threads : 1, a, f, outer, rows, C, inner, so, sc, si, (T)eps,\
+                                  (T)lo, (T)hi, acc, c0, c1);                                         \
         }                                                                                             \
         if (c0 == 0) {                                                                                \
             counts[0] += (double)(outer * inner);                                                     \

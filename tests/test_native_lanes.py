@@ -116,3 +116,29 @@ def test_relu_of_valid_rows_read_in_place_matches_numpy(channels: int) -> None:
     for row in (0, 1, 2, 5, 6):
         assert np.array_equal(got[row], want[row]), row
     np.testing.assert_allclose(got[3:5], want[3:5], rtol=1e-12)
+
+
+def _acc(a3: torch.Tensor, f3: torch.Tensor | None, threads: int) -> np.ndarray:
+    assert _native.load() is not None
+    acc, counts = _native.fresh_accumulator(a3.shape[1]), torch.zeros(2, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _native.load().update(a3, f3, 0.01, -0.5, 0.5, True, acc, counts)
+    finally:
+        torch.set_num_threads(before)
+    return acc.numpy().copy()
+
+
+@needs_native
+@pytest.mark.parametrize("channels", [8, 24, 64])
+def test_narrow_channels_last_rows_split_over_threads_sum_as_one_thread(channels: int) -> None:
+    """Rows too narrow to share by channels (under 512 bytes per thread) are split by stretches of 4096
+    rows over the threads, each stretch summed on its own and added in stretch order: two threads give one
+    thread's figures to the bit, and numpy's; a NaN in one stretch sends only that stretch to the checks."""
+    a = _planted((50_000, channels, 1), channels)
+    f = a - 0.2
+    a[9000, 1, 0], f[30_000, 2, 0], a[49_999, 0, 0] = math.nan, -math.inf, math.inf
+    one, two = _acc(a, f, 1), _acc(a, f, 2)
+    assert np.array_equal(one, two, equal_nan=True)
+    _check(a, f, 0.01, -0.5, 0.5)
