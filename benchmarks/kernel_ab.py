@@ -1,13 +1,15 @@
 """A/B of two builds of the C statistics kernel inside one process, on the suite's models.
 
-    python -m benchmarks.kernel_ab OTHER_stats.c [--models bert,transformer] [--pairs 14] [--threads 1]
+    python -m benchmarks.kernel_ab OTHER_stats.c [--models bert,transformer] [--pairs 14] [--threads 1] [--audit]
         (from the repository root; OTHER_stats.c: e.g. `git show COMMIT:deadneuron/_stats.c > /tmp/old.c`)
 
 Separate runs of `benchmarks/overhead.py` differ by several points on a shared machine, more than a kernel
 change moves the ratio. Here the current `deadneuron/_stats.c` and OTHER are built the same way and
 self-checked, each given to its own Recorder on the same model, and the model's batches are run plain, with
 A and with B, the order of A and B alternating from pair to pair; printed: the median over pairs of each
-side's time over the plain time of its pair (wall clock). Both sources must take the Python side's call
+side's time over the plain time of its pair (wall clock). ``--audit``: each side is a whole
+`deadneuron.audit` call over the batches as the suite audits them (the slot model through its adapter, with
+its masks and metrics; BERT with its attention mask), set-up and report included, with that kernel. Both sources must take the Python side's call
 layout (`deadneuron._native`); nothing is asserted.
 """
 
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.suite_models import CASE_KEYS, build_case
+import deadneuron
+from benchmarks.suite_models import CASE_KEYS, Case, build_case
 from deadneuron import _native
 from deadneuron.probe import Recorder
 
@@ -43,7 +46,22 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def compare(key: str, kernels: dict[str, _native.NativeStats], pairs: int) -> dict[str, float]:
+def audited(case: Case, native: _native.NativeStats) -> Callable[[], None]:
+    """One `deadneuron.audit` of the case's batches whose kernel is ``native`` (what `_native.load` gives the
+    audit's Recorder while it runs)."""
+
+    def run() -> None:
+        load = _native.load
+        _native.load = lambda: native
+        try:
+            deadneuron.audit(case.model, case.batches, progress=None, rules=False, **case.audit_kwargs)
+        finally:
+            _native.load = load
+
+    return run
+
+
+def compare(key: str, kernels: dict[str, _native.NativeStats], pairs: int, *, audit: bool = False) -> dict[str, float]:
     case = build_case(key, quick=False)
     model, batches = case.model, case.batches
 
@@ -63,6 +81,9 @@ def compare(key: str, kernels: dict[str, _native.NativeStats], pairs: int) -> di
 
     sides = {}
     for name, native in kernels.items():
+        if audit:
+            sides[name] = audited(case, native)
+            continue
         rec = Recorder(model)
         rec.kernels.native = native
         sides[name] = recorded(rec)
@@ -84,12 +105,13 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(CASE_KEYS))
     ap.add_argument("--pairs", type=int, default=14)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--audit", action="store_true", help="whole deadneuron.audit calls (adapter, masks, report)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     here = Path(__file__).resolve().parents[1] / "deadneuron" / "_stats.c"
     kernels = {"current": build(here), str(args.other): build(args.other)}
     for key in args.models.split(","):
-        result = compare(key, kernels, args.pairs)
+        result = compare(key, kernels, args.pairs, audit=args.audit)
         print(f"{key}: " + ", ".join(f"{name} {ratio:.3f}x" for name, ratio in result.items()), flush=True)
 
 
