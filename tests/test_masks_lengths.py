@@ -198,3 +198,18 @@ def test_the_monitor_measures_the_valid_positions_only() -> None:
         assert set(site.dead_channels) == set(np.flatnonzero((z <= 0).all(0)).tolist())
         assert site.sparsity == pytest.approx((z <= 0).mean(), rel=1e-12)
     assert mon.last_health["act"].masked and not mon.warnings
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lengths_on_the_host_give_a_mask_on_the_model_s_device() -> None:
+    from deadneuron.probe.masks import choose_mask
+
+    b = batches()[0]
+    on_gpu = {"x": b["x"].cuda(), "lengths": b["lengths"]}
+    choice = choose_mask("len:lengths", on_gpu, batch_size=3, device=torch.device("cuda"))
+    assert choice.mask is not None and choice.mask.is_cuda
+    want = np.arange(b["x"].shape[1])[None, :] < b["lengths"].numpy()[:, None]
+    assert np.array_equal(choice.mask.cpu().numpy(), want)
+    model, data = PackedLSTM().cuda(), batches()
+    report = deadneuron.audit(model, data, rules=False, progress=None, mask="len:lengths", device="cuda")
+    assert_matches(report.sites["act"], valid_rows([z.cpu() for z in model.seen], data))
