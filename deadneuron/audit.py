@@ -72,8 +72,9 @@ def audit(
     ``"attention_mask"`` when its shape (N, L) is the leading shape of ``"input_ids"`` (else of
     ``"inputs_embeds"``, else of the batch's first other tensor) and it holds only 0/1; else none.
     A ``str``: that key of dict batches; ``"~key"`` inverts a mask that is True at padding (PyTorch's
-    ``src_key_padding_mask``). A callable: ``batch -> tensor``, bool or 0/1 of shape
-    (N, positions...), True where the batch holds data. ``None``: no mask, padding counts as data.
+    ``src_key_padding_mask``); ``"len:key"`` builds the (N, L) mask from that key's (N,) per-sample
+    lengths, L read from the batch's data tensor (`deadneuron.probe.lengths`). A callable:
+    ``batch -> tensor``, bool or 0/1 of shape (N, positions...), True where the batch holds data. ``None``: no mask, padding counts as data.
     A mask applies at every site whose dims other than the channel begin with the mask's shape
     (tokens (N, L, C) under (N, L); conv maps (N, C, H, W) under (N, H, W)), or with its positions then
     N (sequence first: (L, N, C) under (N, L)); statistics there cover the valid positions only and

@@ -70,7 +70,8 @@ class Monitor:
     snapshots and the rules. ``tau``: the tau-dormant threshold (Sokar et al. 2023). ``writers`` get every
     snapshot (`deadneuron.integrations.writers`). ``gradients=False`` skips the gradient-flow hooks.
     ``mask``: the padding of each training batch, left out of every figure (see `forward_mask`: ``"auto"``
-    finds an ``attention_mask`` keyword beside ``input_ids``; a keyword's name; a callable of the forward's
+    finds an ``attention_mask`` keyword beside ``input_ids``; a keyword's name; ``"len:KEY"``: the (N,)
+    per-sample lengths of that keyword; a callable of the forward's
     arguments); it costs one host synchronisation per measured forward pass, to count the valid positions;
     ``mask_dims``: where it lies at sequence-first sites, as for `deadneuron.audit`.
     ``start_step``: the steps done before (a resumed run), where the step count starts. ``distributed``:

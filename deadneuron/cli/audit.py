@@ -5,7 +5,8 @@ and feeds it its held-out data. A plain state_dict needs --model MODULE:FACTORY 
 MODULE:FACTORY (an iterable of batches) or --input-shape N,C,H,W (random inputs, flagged as such).
 Padding is left out of every statistic where a mask fits the site: by default the attention_mask of
 dict batches, or the adapter's valid grid cells; --mask KEY names another key (True where the batch holds
-data; --mask '~KEY' inverts one True at padding, as PyTorch's key_padding_mask is), --no-mask counts padding.
+data; --mask '~KEY' inverts one True at padding, as PyTorch's key_padding_mask is; --mask 'len:KEY' builds
+it from per-sample lengths), --no-mask counts padding.
 A sequence-first site ((L, N, C) under an (N, L) mask) is masked on its dims 1,0; where N == L the shapes
 cannot tell, and --mask-dims 'GLOB=1,0' says it.
 Under torchrun (``torchrun --nproc-per-node N -m deadneuron audit ...``) each rank audits every N-th
@@ -45,7 +46,7 @@ def audit_command(
     eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = EPS,
     delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = DELTA,
     select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
-    mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches, True (1) where the batch holds data; ~KEY inverts one that is True at padding, as PyTorch's key_padding_mask is (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
+    mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches, True (1) where the batch holds data; ~KEY inverts one that is True at padding, as PyTorch's key_padding_mask is; len:KEY builds it from the (N,) per-sample lengths in KEY (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
     channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
     mask_dims: Annotated[list[str] | None, typer.Option("--mask-dims", metavar="GLOB=DIMS", help="Where the padding mask lies at the sites matching GLOB: their dims under the mask's (N, positions...), e.g. 1,0 for (L, N, C) sequence-first activations; repeatable.")] = None,

@@ -14,8 +14,10 @@ Where the mask comes from, per batch (`choose_mask`):
 * ``"auto"`` (the default): an adapter's ``position_mask(batch)`` where the adapter has one; else the
   ``attention_mask`` of a dict batch when its shape is the leading shape of the token tensor
   (``input_ids``, else ``inputs_embeds``, else the batch's first other tensor) and it holds 0/1 only;
-  else no mask (an ``attention_mask`` that does not fit is named in a warning);
-* a ``str``: that key of dict batches (or that attribute of batch objects);
+  else no mask (an ``attention_mask`` that does not fit, or a key that looks like a mask or lengths, is named
+  in a warning);
+* a ``str``: that key of dict batches (or that attribute of batch objects); ``"~KEY"`` inverts a mask True
+  at padding; ``"len:KEY"`` builds the mask from per-sample lengths (`deadneuron.probe.lengths`);
 * a callable ``batch -> tensor``;
 * ``None``: no mask.
 """
@@ -30,13 +32,18 @@ from typing import Any
 import torch
 
 from deadneuron.errors import UsageError
+from deadneuron.probe.lengths import (
+    ATTENTION_MASK,
+    TOKEN_KEYS,
+    is_lengths_spec,
+    lengths_mask,
+    unused_lengths_warning,
+)
 from deadneuron.probe.placement import Placement, placements
 from deadneuron.stats import channel_view
 
 MaskSpec = str | Callable[[Any], Any] | None
 AUTO = "auto"
-ATTENTION_MASK = "attention_mask"
-TOKEN_KEYS = ("input_ids", "inputs_embeds")
 
 
 @dataclass(frozen=True)
@@ -155,9 +162,11 @@ def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.de
     if callable(spec):
         return MaskChoice(_checked(spec(batch), "the mask callable's result", batch, batch_size, device), "callable")
     if not isinstance(spec, str):
-        raise UsageError(f"mask must be 'auto', a batch key, a callable or None, not {type(spec).__name__}")
+        raise UsageError(f"mask must be 'auto', a batch key, 'len:KEY', a callable or None, not {type(spec).__name__}")
     if spec == AUTO:
         return _auto(batch, batch_size=batch_size, device=device, adapter=adapter)
+    if is_lengths_spec(spec):
+        return MaskChoice(lengths_mask(spec, batch), spec)
     if spec.startswith("~") and len(spec) > 1:  # a mask True at padding (PyTorch's key_padding_mask), inverted
         return MaskChoice(~_keyed(spec[1:], batch, batch_size, device), spec)
     return MaskChoice(_keyed(spec, batch, batch_size, device), spec, _polarity_warning(spec))
@@ -198,7 +207,7 @@ def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) ->
     if not isinstance(batch, Mapping):
         return MaskChoice(None, None)
     if ATTENTION_MASK not in batch:
-        return MaskChoice(None, None, _unused_mask_warning(batch))
+        return MaskChoice(None, None, _unused_mask_warning(batch) or unused_lengths_warning(batch))
     mask, tokens = batch[ATTENTION_MASK], _token_tensor(batch)
     problem = _auto_problem(mask, tokens)
     if problem is not None:
