@@ -216,8 +216,8 @@ def _pass(
                     choice = choose_mask(mask, batch, batch_size=size, device=dev, adapter=adapter)
                     if choice.warning is not None and choice.warning not in warnings:
                         warnings.append(choice.warning)
-                    if choice.mask is not None:
-                        used_mask = (str(choice.source), tuple(choice.mask.shape))
+                    if choice.mask is not None:  # (N, positions...): its N also where the data is sequence first
+                        used_mask, size = (str(choice.source), tuple(choice.mask.shape)), int(choice.mask.shape[0])
                     rec.start_batch(mask=choice.mask)
                     try:
                         outputs = forward(model, batch)

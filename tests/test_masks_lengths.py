@@ -46,7 +46,7 @@ class PackedLSTM(nn.Module):
         self.double()
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         total = x.shape[1] if self.batch_first else x.shape[0]
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=self.batch_first, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=self.batch_first, total_length=total)
@@ -89,6 +89,18 @@ def test_lengths_leave_the_padding_out_exactly(batch_first: bool) -> None:
     assert_matches(report.sites["act"], z)
     assert PAD_ONLY in report.sites["act"].dead_channels
     assert report.meta["mask"] == "len:lengths"
+    assert report.meta["samples"] == sum(len(lengths) for lengths, _ in BATCHES)  # N, also from (L, N, C) data
+
+
+def test_a_mask_key_on_sequence_first_data_is_taken_as_lengths_are() -> None:
+    """An (N, L) bool mask beside (L, N, C) data (N != L): accepted (the data's leading dim is L, not N), the same
+    figures as the lengths give, and N samples."""
+    model, data = PackedLSTM(batch_first=False), batches(batch_first=False)
+    for b in data:
+        b["valid"] = torch.arange(b["x"].shape[0])[None, :] < b["lengths"][:, None]
+    report = deadneuron.audit(model, data, rules=False, progress=None, mask="valid")
+    assert_matches(report.sites["act"], valid_rows(model.seen, data))
+    assert report.meta["samples"] == sum(len(lengths) for lengths, _ in BATCHES)
 
 
 def test_auto_warns_about_a_lengths_key_and_counts_the_padding() -> None:

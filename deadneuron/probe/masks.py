@@ -268,7 +268,7 @@ def _checked(mask: Any, what: str, batch: Any, batch_size: int, device: torch.de
     """``mask`` as a bool tensor on ``device``; a UsageError naming the shapes where it cannot be one."""
     if not isinstance(mask, torch.Tensor):
         raise UsageError(f"{what} is a {type(mask).__name__}: a mask is a bool or 0/1 tensor of shape (N, positions...)")
-    if mask.dim() == 0 or (batch_size and mask.shape[0] != batch_size):
+    if mask.dim() == 0 or (batch_size and mask.shape[0] != batch_size and not _sequence_first(mask, batch)):
         raise UsageError(
             f"{what} has shape {tuple(mask.shape)}, which does not fit a batch of {batch_size} samples "
             f"(input {batch_shapes(batch)}): a mask is (N, positions...)"
@@ -277,6 +277,16 @@ def _checked(mask: Any, what: str, batch: Any, batch_size: int, device: torch.de
         raise UsageError(f"{what} (dtype {mask.dtype}) holds values other than 0 and 1: pass a bool mask, True where "
                          "the batch holds data")
     return mask.to(device=device, dtype=torch.bool)
+
+
+def _sequence_first(mask: torch.Tensor, batch: Any) -> bool:
+    """Whether the batch's first tensor is sequence first under an (N, L, ...) ``mask``: (L, N, ...), its first
+    two dims the mask's swapped (its leading dim is then not the batch's N)."""
+    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch) if isinstance(batch, (tuple, list)) \
+        else [batch]  # fmt: skip
+    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    return first is not None and mask.dim() >= 2 and first.dim() >= 2 and \
+        (first.shape[0], first.shape[1]) == (mask.shape[1], mask.shape[0])
 
 
 def _zero_one(mask: torch.Tensor) -> bool:
