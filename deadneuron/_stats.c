@@ -143,6 +143,23 @@ enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
         LANE_STEP(T, ABS, TMAX, TR, MODE, n)                                                          \
     }
 
+/* `tile_relu0`'s loop over rows r0..r1 of N columns in RELU0's step (sl/sh: z's range). */
+#define RELU0_TILE_ROWS(T, N)                                                                         \
+    for (int64_t r = r0; r < r1; ++r) {                                                               \
+        const T *restrict pa = a + ROW(o) + i * si + kk;                                              \
+        TILE_AHEAD();                                                                                 \
+        _Pragma("omp simd")                                                                           \
+        for (int64_t k = 0; k < (N); ++k) {                                                           \
+            T w = pa[k];                                                                              \
+            ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], sl[k], sh[k]);                                \
+        }                                                                                             \
+        __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */                   \
+        if (++i == inner) {                                                                           \
+            i = 0;                                                                                    \
+            ++o;                                                                                      \
+        }                                                                                             \
+    }
+
 /* A channel's sums over one batch: counts in double, moments shifted by K. */
 typedef struct {
     double z, fl, nf, s, q;
@@ -448,36 +465,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             sl[k] = in ? slb[k] : (T)INFINITY; sh[k] = in ? shb[k] : -(T)INFINITY;                    \
         }                                                                                             \
         int64_t o = r0 / inner, i = r0 % inner;                                                       \
-        if (tn == TILE) {                                                                             \
-            for (int64_t r = r0; r < r1; ++r) {                                                       \
-                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
-                TILE_AHEAD();                                                                         \
-                _Pragma("omp simd")                                                                   \
-                for (int64_t k = 0; k < TILE; ++k) {                                                  \
-                    T w = pa[k];                                                                      \
-                    ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], sl[k], sh[k]);                        \
-                }                                                                                     \
-                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
-                if (++i == inner) {                                                                   \
-                    i = 0;                                                                            \
-                    ++o;                                                                              \
-                }                                                                                     \
-            }                                                                                         \
+        if (tn == TILE) { /* a constant trip count: the sums stay in registers */                     \
+            RELU0_TILE_ROWS(T, TILE)                                                                  \
         } else {                                                                                      \
-            for (int64_t r = r0; r < r1; ++r) {                                                       \
-                const T *restrict pa = a + ROW(o) + i * si + kk;                                      \
-                TILE_AHEAD();                                                                         \
-                _Pragma("omp simd")                                                                   \
-                for (int64_t k = 0; k < tn; ++k) {                                                    \
-                    T w = pa[k];                                                                      \
-                    ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], sl[k], sh[k]);                        \
-                }                                                                                     \
-                __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */           \
-                if (++i == inner) {                                                                   \
-                    i = 0;                                                                            \
-                    ++o;                                                                              \
-                }                                                                                     \
-            }                                                                                         \
+            RELU0_TILE_ROWS(T, tn)                                                                    \
         }                                                                                             \
         for (int64_t k = 0; k < tn; ++k) {                                                            \
             zb[k] = z[k]; sb[k] = s[k]; qb[k] = q[k]; slb[k] = sl[k]; shb[k] = sh[k];                 \

@@ -5,6 +5,8 @@ flat), on every layout the kernel reads; and a ReLU whose forward is not relu's 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -187,6 +189,14 @@ def _spy_relu_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[in
     return seen
 
 
+def _masked_audit(model_type: Any, act: type[nn.Module], batches: list[dict[str, torch.Tensor]]) -> tuple[Any, Any]:
+    """The audit of ``model_type(act)`` (same seed, same weights for every act) under the batches' "mask", and
+    the pre-activations the model stored."""
+    torch.manual_seed(0)
+    model = model_type(act)
+    return deadneuron.audit(model, batches, progress=False, rules=False, mask="mask"), model.seen
+
+
 class Tokens(nn.Module):
     """A ReLU on (N, L, C) tokens (the batch's (N, L) mask fits it) and one on the tokens flattened and
     repeated, (2 * N * L, C) (the mask fits no dim of it); each stores its pre-activation."""
@@ -224,14 +234,7 @@ def test_a_padding_mask_keeps_the_one_read(valid: str, monkeypatch: pytest.Monke
         if valid == "padded":
             mask[1, 4:] = False
         batches.append({"x": torch.randn(3, 7, 5, generator=g), "mask": mask})
-    reports = {}
-    for act in (nn.ReLU, Subclass):
-        torch.manual_seed(0)
-        model = Tokens(act)
-        reports[act] = deadneuron.audit(model, batches, progress=False, rules=False, mask="mask")
-        if act is nn.ReLU:
-            seen = model.seen
-    fast, slow = reports[nn.ReLU], reports[Subclass]
+    (fast, seen), (slow, _) = (_masked_audit(Tokens, act, batches) for act in (nn.ReLU, Subclass))
     # every call read z alone: in place where every token is valid, the valid rows in place where some are not
     assert read_once == [("along", (3, 7, 6)) if valid == "all" else ("rows", (21, 6, 1)), ("along", (42, 6))] * 3
     assert [s.masked for s in fast.sites.values()] == [s.masked for s in slow.sites.values()]
@@ -278,15 +281,9 @@ def test_a_conv_map_s_valid_cells_are_read_from_z_alone(monkeypatch: pytest.Monk
         mask = torch.zeros(3, 6, 6, dtype=torch.bool)
         mask[0, :h, :h], mask[1, :6, :2], mask[2] = True, True, True
         batches.append({"x": torch.randn(3, 2, 6, 6, generator=g), "mask": mask})
-    reports = {}
-    for act in (nn.ReLU, Subclass):
-        torch.manual_seed(0)
-        model = Grid(act)
-        reports[act] = deadneuron.audit(model, batches, progress=False, rules=False, mask="mask")
-        if act is nn.ReLU:
-            seen = model.seen
+    (fast_report, seen), (slow_report, _) = (_masked_audit(Grid, act, batches) for act in (nn.ReLU, Subclass))
     assert [kind for kind, _ in read_once] == ["along"] * 3
-    (fast,), (slow,) = reports[nn.ReLU].sites.values(), reports[Subclass].sites.values()
+    (fast,), (slow,) = fast_report.sites.values(), slow_report.sites.values()
     assert fast.masked and slow.masked and fast.n == slow.n
     keep = [b["mask"].numpy() for b in batches]
     cells = np.concatenate([np.moveaxis(z, 1, -1)[k] for z, k in zip(seen, keep, strict=True)])
