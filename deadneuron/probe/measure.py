@@ -37,8 +37,9 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
         site.shape = tuple(z.shape)
         return
     lo = region.lo
-    if relu and place is not None and z.is_cpu and site.histogram is None and region.center is None \
-            and not isinstance(lo, torch.Tensor) and _masked_relu(site, z, mask, place, eps, (lo, region.hi)):  # fmt: skip
+    if relu and place is not None and not _whole(mask, place) and z.is_cpu and site.histogram is None \
+            and region.center is None and not isinstance(lo, torch.Tensor) \
+            and _masked_relu(site, z, mask, place, eps, (lo, region.hi)):  # fmt: skip
         return
     if site.flat_from_z_first(inplace):
         region = site.region
