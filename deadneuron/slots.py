@@ -75,13 +75,14 @@ def batch_state(masks: torch.Tensor, valid: torch.Tensor | None, params: SlotPar
     pixels = v.sum(1)
     ok = (pixels > 0).double()  # images without valid pixels are skipped
     top, winner = m.max(dim=1)
-    wins = torch.nn.functional.one_hot(winner, num_slots).transpose(1, 2).double() * v.unsqueeze(1)
-    argmax_count = wins.sum(2)
-    owned = (wins * top.ge(params.confidence).double().unsqueeze(1)).sum(2)
+    # per image and slot: valid pixels it wins by argmax, and those it wins with confidence (it owns)
+    argmax_count = _per_slot(winner, v, num_slots)
+    owned = _per_slot(winner, v * top.ge(params.confidence).double(), num_slots)
     active = owned.ge(params.min_pixels).double() * ok.unsqueeze(1)
-    mass = (m * v.unsqueeze(1)).sum(2) / pixels.clamp_min(1).unsqueeze(1)
-    heavy = mass.ge(params.mass_threshold).double() * ok.unsqueeze(1)
-    inter, union = _soft_overlap(m * v.unsqueeze(1))
+    mv = m * v.unsqueeze(1)
+    mass = mv.sum(2)
+    heavy = (mass / pixels.clamp_min(1).unsqueeze(1)).ge(params.mass_threshold).double() * ok.unsqueeze(1)
+    inter, union = _soft_overlap(mv, mass)
     both = heavy.unsqueeze(2) * heavy.unsqueeze(1)
     entropy = -torch.xlogy(m, m).sum(1) / math.log(num_slots) if num_slots > 1 else torch.zeros_like(v)
     return {
@@ -98,6 +99,11 @@ def batch_state(masks: torch.Tensor, valid: torch.Tensor | None, params: SlotPar
     }
 
 
+def _per_slot(winner: torch.Tensor, weight: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(N, K): per image, the sum of ``weight`` (N, P) over the pixels whose winning slot is k."""
+    return torch.zeros(winner.shape[0], num_slots, dtype=weight.dtype, device=weight.device).scatter_add_(1, winner, weight)
+
+
 def _valid_weights(valid: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
     if valid is None:
         return torch.ones(m.shape[0], m.shape[2], dtype=m.dtype, device=m.device)
@@ -112,10 +118,16 @@ def _histogram(counts: torch.Tensor, weights: torch.Tensor, num_slots: int) -> t
     return bins.index_add_(0, counts.long(), weights)
 
 
-def _soft_overlap(mv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K, K) sums of min and max of every pair of masks; one slot at a time to bound memory."""
-    inter = torch.stack([torch.minimum(mv[:, j : j + 1], mv).sum(2) for j in range(mv.shape[1])], dim=1)
-    union = torch.stack([torch.maximum(mv[:, j : j + 1], mv).sum(2) for j in range(mv.shape[1])], dim=1)
+def _soft_overlap(mv: torch.Tensor, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, K) sums of min and max of every pair of masks ``mv`` (N, K, P), whose sums over P are ``mass``.
+    The min is summed for the pairs j < k only (one slot against the later ones at a time, to bound memory);
+    the max from it (max(a, b) = a + b - min(a, b)), the lower half by symmetry, the diagonal is the mass."""
+    inter = torch.diag_embed(mass)
+    for j in range(mv.shape[1] - 1):
+        inter[:, j, j + 1 :] = torch.minimum(mv[:, j : j + 1], mv[:, j + 1 :]).sum(2)
+    upper = torch.triu(inter, diagonal=1)
+    inter = inter + upper.transpose(1, 2)
+    union = mass.unsqueeze(2) + mass.unsqueeze(1) - inter
     return inter, union
 
 
