@@ -98,16 +98,25 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 def batch_size(batch: Any) -> int:
-    """The number of samples in ``batch`` (its first tensor's leading dim; 0 where none is found)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        first = next(iter(batch.values()), None)
-        return batch_size(first) if first is not None else 0
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch_size(batch[0])
-    x = getattr(batch, "x", None)
-    return batch_size(x) if isinstance(x, torch.Tensor) else 0
+    """The number of samples in ``batch``: its first batched tensor's leading dim (a dict's values and a
+    tuple's items in order, past strings, numbers and 0-dim tensors); 1 for a 0-dim tensor batch; 0 where
+    none is found."""
+    if isinstance(batch, torch.Tensor) and not batch.dim():
+        return 1
+    return _leading(batch)
 
+
+def _leading(batch: Any) -> int:
+    """The leading dim of the first tensor in ``batch`` that has one; 0 where there is none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 0
+    if isinstance(batch, Mapping):
+        items: Iterable[Any] = batch.values()
+    elif isinstance(batch, (tuple, list)):
+        items = batch
+    else:
+        x = getattr(batch, "x", None)
+        return _leading(x) if isinstance(x, torch.Tensor) else 0
+    return next((n for n in map(_leading, items) if n), 0)
 
 __all__ = ["batch_size", "batches_of", "default_forward", "model_device", "resolve_device", "to_device"]

@@ -31,7 +31,8 @@ COPY_LIMIT = 64 << 20  # bytes of buffers copied on entry, to put back values wr
 def kept_tensors(model: nn.Module) -> Iterator[None]:
     """Inside: ``model`` runs as it likes; after: its buffers and tensor attributes are those it had before,
     holding the values they held (buffers written in place: within `COPY_LIMIT`)."""
-    found = [(m, dict(m._buffers), dict(vars(m))) for m in model.modules()]
+    found = [(m, dict(m._buffers), dict(vars(m))) for m in model.modules()
+             if not isinstance(m, torch.jit.ScriptModule)]  # whose forward stores nothing in Python  # fmt: skip
     values = _values(model)
     try:
         yield

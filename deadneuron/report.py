@@ -111,10 +111,10 @@ class SiteHealth:
         seen = finite > 0
         fin_total = float(finite.sum())
         ch_mean, ch_std = arr["mean"], arr["std"]
-        if fin_total:
-            mean = float((ch_mean[seen] * finite[seen]).sum() / fin_total)
-            ex2 = float(((ch_std[seen] ** 2 + ch_mean[seen] ** 2) * finite[seen]).sum() / fin_total)
-            std = math.sqrt(max(ex2 - mean**2, 0.0))
+        if fin_total:  # the channels' moments pooled about the site's mean (no E[a^2] - E[a]^2 cancellation)
+            weight = finite[seen] / fin_total
+            mean = float((ch_mean[seen] * weight).sum())
+            std = math.sqrt(float(((ch_std[seen] ** 2 + (ch_mean[seen] - mean) ** 2) * weight).sum()))
         else:
             mean = std = math.nan
         ch_min, ch_max = arr["min"], arr["max"]

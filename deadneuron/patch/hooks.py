@@ -29,6 +29,8 @@ class BatchNormHook:
 
 
 def has_added_batchnorm(module: nn.Module) -> bool:
+    if isinstance(module, torch.jit.ScriptModule):  # takes no Python hooks
+        return False
     return isinstance(module._modules.get(CHILD), nn.modules.batchnorm._BatchNorm) and any(
         isinstance(h, BatchNormHook) for h in module._forward_hooks.values()
     )

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from deadneuron.activations import ActivationSpec
@@ -31,6 +32,10 @@ _ANYWHERE = ("relu", "gelu", "swish", "silu", "mish", "sigmoid", "tanh", "softpl
 _WORDS = frozenset({"act", "sin", "sine", "elu", "snake"})
 _NOT = ("norm", "loss", "softmax", "softmin", "attention")  # ActNorm, SigmoidFocalLoss...
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+# torch.nn's activation classes (a TorchScript module keeps their names only), less those that are none
+_TORCH_ACTIVATIONS = frozenset(nn.modules.activation.__all__) - {
+    "MultiheadAttention", "Softmax", "Softmin", "Softmax2d", "LogSoftmax"}
+Named = tuple[str, nn.Module, ActivationSpec | None]
 
 
 @functools.lru_cache(maxsize=1024)  # a pure function of the name, asked once per module of every audit
@@ -62,11 +67,17 @@ class Coverage:
     unknown: dict[str, tuple[str, str]] = field(default_factory=dict)  # module name -> (class, reason)
     calls: dict[tuple[str, str], str] = field(default_factory=dict)  # (owner, function) -> reason
     unselected: dict[str, None] = field(default_factory=dict)  # activations select left out (ordered)
+    scripted: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # TorchScript module -> (class, acts)
 
-    def scan(self, named: Sequence[tuple[str, nn.Module, ActivationSpec | None]]) -> None:
+    def scan(self, named: Sequence[Named]) -> list[Named]:
         """Note the unknown activation modules among ``named`` (name, module, recognised spec): a module
-        holding a recognised activation module is made of it, so it is not one."""
+        holding a recognised activation module is made of it, so it is not one. Note the TorchScript modules
+        too (no forward hook runs inside them): the others, which can be hooked, are returned."""
         self.modules = len(named)
+        for name, m, _ in named:
+            if isinstance(m, torch.jit.ScriptModule) and not any(_inside(name, s) for s in self.scripted):
+                self.scripted[name] = (getattr(m, "original_name", type(m).__name__), _scripted_activations(name, m))
+        named = [(name, m, spec) for name, m, spec in named if not isinstance(m, torch.jit.ScriptModule)]
         recognised = {m for _, m, spec in named if spec is not None}
         inside = tuple(f"{name}." for name, _, spec in named if spec is not None and name)
         for name, m, spec in named:
@@ -75,6 +86,7 @@ class Coverage:
             reason = unknown_reason(m)
             if reason is not None and (isinstance(m, nn.GLU) or not any(s in recognised for s in m.modules())):
                 self.unknown[name] = (type(m).__name__, reason)
+        return named
 
     def unmeasured_call(self, owner: str, function: str, reason: str) -> None:
         self.calls.setdefault((owner, function), reason)
@@ -88,7 +100,7 @@ class Coverage:
         those modules."""
         sites = [(s.owner, s.spec.kind_name if s.functional else None) for s in measured]
         owners = [owner for owner, _ in sites]
-        out = []
+        out = [_scripted_warning(name, cls, inside) for name, (cls, inside) in self.scripted.items()]
         for name, (cls, reason) in self.unknown.items():
             if select and not _matches(name, cls, select):
                 continue
@@ -101,6 +113,10 @@ class Coverage:
                 continue
             out.append(f"{function}() called in {owner or 'the model'!r} {reason}")
         return out
+
+
+def _inside(name: str, outer: str) -> bool:
+    return outer == "" or name == outer or name.startswith(f"{outer}.")
 
 
 def _covered(name: str, owners: list[str]) -> bool:
@@ -117,6 +133,23 @@ def _foreign_kinds(name: str, cls: str, sites: list[tuple[str, str | None]]) -> 
     if any(kind is None for kind in inside) or "glu" in cls.lower():
         return []
     return sorted({kind for kind in inside if kind is not None and kind.lower() not in cls.lower()})
+
+
+def _scripted_activations(name: str, m: nn.Module) -> list[str]:
+    """The activation modules inside TorchScript module ``m`` (as ``ReLU '2.1'``), from their original class names."""
+    found = []
+    for sub_name, sub in m.named_modules():
+        cls = getattr(sub, "original_name", type(sub).__name__)
+        if cls in _TORCH_ACTIVATIONS or looks_like_activation(cls):
+            found.append(f"{cls} {'.'.join(p for p in (name, sub_name) if p)!r}")
+    return found
+
+
+def _scripted_warning(name: str, cls: str, inside: list[str]) -> str:
+    shown = f"{', '.join(inside[:4])}{' and more' if len(inside) > 4 else ''}"
+    what = f"its activations ({shown}) are" if inside else "any activation it computes is"
+    return (f"module {name or '(the model)'!r} ({cls}) is TorchScript: no forward hook runs inside it, so {what} "
+            "not measured: audit the Python module (before torch.jit.script)")
 
 
 def _measured_through(name: str, cls: str, kinds: list[str]) -> str:

@@ -59,6 +59,13 @@ LAYOUT_KEEPING: tuple[type[nn.Module], ...] = (
     *((nn.modules.padding._CircularPadNd,) if hasattr(nn.modules.padding, "_CircularPadNd") else ()),
 )
 RESHAPING: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
+# Channel-first producers that also take unbatched inputs ((C, L), (C, H, W)): their channel dim is the one
+# before their spatial dims (conv: as many as its kernel has), dim 0 where no batch dim is in front.
+_SPATIAL: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
+    *((tuple(getattr(nn, f"{name}{k}d") for name in ("MaxPool", "AvgPool", "AdaptiveMaxPool", "AdaptiveAvgPool",
+                                                    "InstanceNorm")), k) for k in (1, 2, 3)),
+    ((nn.PixelShuffle, nn.PixelUnshuffle), 2),
+)  # fmt: skip
 _PRODUCERS = (*CHANNEL_FIRST, *CHANNEL_LAST)
 _MULTI_DIM_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
@@ -101,9 +108,16 @@ def producer_axis(x: torch.Tensor, producer: nn.Module | None) -> int | None:
         return None
     if x.dim() <= 1:
         return 0
-    if isinstance(producer, nn.modules.conv._ConvNd):  # unbatched inputs have no batch dim in front
-        return max(x.dim() - len(producer.kernel_size) - 1, 0)
+    if (spatial := _spatial_dims(producer)) is not None:  # unbatched inputs have no batch dim in front
+        return max(x.dim() - spatial - 1, 0)
     return 1 if isinstance(producer, CHANNEL_FIRST) else x.dim() - 1
+
+
+def _spatial_dims(m: nn.Module) -> int | None:
+    """How many spatial dims follow the channel dim of ``m``'s output (see `_SPATIAL`); None: not known."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return len(m.kernel_size)
+    return next((k for types, k in _SPATIAL if isinstance(m, types)), None)
 
 
 def output_info(m: nn.Module, *, keeps_layout: bool = False) -> tuple[OutputLayout | None, int | None]:
@@ -116,8 +130,8 @@ def producer_code(m: nn.Module) -> int | None:
     dim 1, else the axis counted back from the rank (-1: the last dim; a conv: before its kernel dims)."""
     if not _fixes_axis(m):
         return None
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return -len(m.kernel_size) - 1
+    if (spatial := _spatial_dims(m)) is not None:
+        return -spatial - 1
     return 1 if isinstance(m, CHANNEL_FIRST) else -1
 
 

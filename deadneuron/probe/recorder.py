@@ -152,8 +152,7 @@ class Recorder:
 
     def _register(self) -> None:
         named = [(name, m, self.activations.spec_for_module(m)) for name, m in user_named_modules(self.model)]
-        self.coverage.scan(named)
-        for name, m, spec in named:
+        for name, m, spec in self.coverage.scan(named):  # TorchScript modules left out: they take no hooks
             self._names[m] = name
             self._by_name[name] = m
             measured = spec is not None and self._module_selected(name, spec)
