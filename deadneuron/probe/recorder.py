@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from deadneuron.activations import ActivationSpec, FlatRegion, check_delta, check_eps, flat_region, is_inplace
 from deadneuron.errors import UsageError
+from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_info
@@ -100,7 +101,7 @@ class Recorder:
         self._by_name: dict[str, nn.Module] = {}
         self._specs: dict[nn.Module, _Activation] = {}  # the activation modules measured
         self._sites: dict[tuple[Any, ...], Site] = {}
-        self._counts: dict[tuple[Any, ...], int] = {}
+        self._order = CallOrder()  # occurrence numbers of the calls of one place (`callorder`)
         self._producers: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self._stack: list[tuple[str, bool]] = []
         self._mode: FunctionalProbe | None = None
@@ -191,7 +192,7 @@ class Recorder:
         self._last, self.last_module = None, None
 
     def _forget_forward(self) -> None:
-        self._counts.clear()
+        self._order.end_forward()
         self._producers.clear()
         self.axes.reset()
         self._stack.clear()
@@ -340,15 +341,13 @@ class Recorder:
         if producer == owner:
             producer = None
         count_key = (*owner_key, producer)
-        occurrence = self._counts.get(count_key, 0)
-        self._counts[count_key] = occurrence + 1
-        key = (*count_key, occurrence)
+        key = (*count_key, self._order.next(count_key))
         site = self._sites.get(key)
         if site is None:
             axis, axis_source = self.axes.axis_of(z, names := site_globs(self._sites.values(), owner, leaf, producer, functional))
             channels = z.shape[axis] if z.dim() else 1
             site = Site(
-                owner, leaf, functional, producer, occurrence, spec, region, axis, axis_source,
+                owner, leaf, functional, producer, key[-1], spec, region, axis, axis_source,
                 ChannelStats(channels, z.device, kernels=self.kernels), tuple(z.shape),
                 histogram=ValueHistogram(z.device) if self.histograms else None,
             )
@@ -392,7 +391,8 @@ class Recorder:
 
     def warnings(self) -> list[str]:
         """Unknown activations no site measured (`deadneuron.probe.coverage`), mask placements guessed."""
-        return [*self.coverage.warnings(self._sites.values(), self.select), *self.mask_dims.warnings(self.named_sites())]
+        return [*self.coverage.warnings(self._sites.values(), self.select), *self.mask_dims.warnings(self.named_sites()),
+                *self._order.warnings(self.keyed_sites())]
 
     def results(self) -> list[SiteResult]:
         with torch._C.DisableTorchFunction():
