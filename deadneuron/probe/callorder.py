@@ -30,16 +30,11 @@ class CallOrder:
 
     def end_forward(self) -> None:
         """Fold the running forward pass's counts into the spread and start the next pass's."""
-        for place, (low, high) in self._folded().items():
-            self._spread[place] = (low, high)
+        _fold(self._spread, self._counts)
         self._counts.clear()
 
     def _folded(self) -> dict[Hashable, tuple[int, int]]:
-        out = dict(self._spread)
-        for place, count in self._counts.items():
-            low, high = out.get(place, (count, count))
-            out[place] = (min(low, count), max(high, count))
-        return out
+        return _fold(dict(self._spread), self._counts)
 
     def warnings(self, keyed_sites: Sequence[tuple[tuple[Any, ...], str, Any]]) -> list[str]:
         """One line per place whose call count changed between forward passes (the running one included),
@@ -57,6 +52,15 @@ class CallOrder:
                 "module, or a module before it, to keep them apart"
             )
         return out
+
+
+def _fold(spread: dict[Hashable, tuple[int, int]], counts: dict[Hashable, int]) -> dict[Hashable, tuple[int, int]]:
+    """``spread`` (changed in place and returned) widened by one forward pass's ``counts``."""
+    for place, count in counts.items():
+        low, high = spread.get(place, (count, count))
+        if count < low or count > high or place not in spread:
+            spread[place] = (min(low, count), max(high, count))
+    return spread
 
 
 __all__ = ["CallOrder"]
