@@ -13,6 +13,7 @@ which can build the model. Pure: values in, values out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -81,6 +82,9 @@ class PatchTarget:
 
     def command(self, fix: Fix) -> str | None:
         return None if self.words is None else fix.command(self.words, adapter_model=self.config or self.retrains)
+
+
+_LITERAL = re.compile(r"[^*?\[]*")  # a glob without wildcards matches only itself
 
 
 def surgery_preview(report: Report, ops: tuple[Op, ...]) -> Preview:
@@ -154,25 +158,36 @@ def _swapped_sites(report: Report, patterns: Sequence[str]) -> set[str]:
     if not patterns:
         return set(_sites_of_kind(report, "relu"))
     sites = list(report.sites.values())
-    picked_modules = {s.module for s in sites if not s.functional and _any_match(_module_names(s, sites), patterns)}
-    picked_owners = {s.module for s in sites if s.functional and _any_match(_function_names(s, sites), patterns)}
+    modules: dict[str, list[SiteHealth]] = {}  # module -> its sites (the functional ones: of its own code)
+    owners: dict[str, list[SiteHealth]] = {}
+    for s in sites:
+        (owners if s.functional else modules).setdefault(s.module, []).append(s)
+    picked_modules = {m for m, own in modules.items() if _any_match(_module_names(m, own), patterns)}
+    picked_owners = {m for m, own in owners.items() if any(_any_match(_function_names(s, own), patterns) for s in own)}
     return {s.name for s in sites if (s.module in picked_owners if s.functional else s.module in picked_modules)}
 
 
-def _module_names(site: SiteHealth, sites: Sequence[SiteHealth]) -> tuple[str, ...]:
-    own = tuple(s.name for s in sites if s.module == site.module and not s.functional)
-    return (site.module, f"module:{site.module}", site.kind, f"kind:{site.kind}", *own)
+def _module_names(module: str, own: Sequence[SiteHealth]) -> tuple[str, ...]:
+    """What a swap's --select may name to take an activation module: the module, its kind, its sites."""
+    kinds = dict.fromkeys(k for s in own for k in (s.kind, f"kind:{s.kind}"))
+    return (module, f"module:{module}", *kinds, *(s.name for s in own))
 
 
-def _function_names(site: SiteHealth, sites: Sequence[SiteHealth]) -> tuple[str, ...]:
+def _function_names(site: SiteHealth, named: Sequence[SiteHealth]) -> tuple[str, ...]:
+    """What a swap's --select may name to take a functional site: the function in its owner's code, its kind,
+    the owner's functional sites (``named``)."""
     fname = site.name.rsplit(">", 1)[-1].rsplit(".", 1)[-1].split("#", 1)[0]
     owner = site.module
-    named = tuple(s.name for s in sites if s.functional and s.module == owner)
-    return (f"{owner}.{fname}", f"function:{owner or '<root>'}.{fname}", site.kind, f"kind:{site.kind}", *named)
+    return (f"{owner}.{fname}", f"function:{owner or '<root>'}.{fname}", site.kind, f"kind:{site.kind}",
+            *(s.name for s in named))  # fmt: skip
 
 
 def _any_match(names: Iterable[str], patterns: Sequence[str]) -> bool:
-    return any(fnmatchcase(n, p) for n in names if n for p in patterns)
+    names = tuple(n for n in names if n)
+    for p in patterns:
+        if p in names if _LITERAL.fullmatch(p) else any(fnmatchcase(n, p) for n in names):
+            return True
+    return False
 
 
 def _sites_of_kind(report: Report, kind: str) -> list[str]:
