@@ -50,6 +50,26 @@ def looks_like_activation(class_name: str) -> bool:
     return any(w in _WORDS or w.endswith("elu") for w in words)
 
 
+# Words of a class name that say what a parameter-free, shape-keeping module is when it is no activation.
+_NOT_ACTING = frozenset({
+    "drop", "dropout", "droppath", "identity", "noop", "scale", "noise", "pos", "position", "positional",
+    "embed", "embedding", "encoding", "pad", "shift", "roll", "perm", "permute", "transpose", "reshape", "view",
+    "flatten", "squeeze", "unsqueeze", "cast", "contiguous", "clone", "copy", "detach", "quant", "dequant",
+    "stub", "fake", "observer", "grad", "reverse", "checkpoint", "stochastic", "depth", "mask", "rearrange",
+    "channel", "shuffle", "residual", "skip", "print", "debug", "log", "trace", "hook", "barrier",
+})  # fmt: skip
+
+
+def suspect(m: nn.Module) -> bool:
+    """Whether ``m`` could be an activation written as a module of the user's own class though its name does
+    not say so (``Squash``): a leaf of a class from outside torch, holding no parameters and no buffers,
+    whose class name has no word of `_NOT_ACTING`. It is named in a warning once it is seen acting as one."""
+    cls = type(m)
+    if m._modules or m._parameters or m._buffers or cls.__module__.startswith("torch."):
+        return False
+    return not any(w.lower() in _NOT_ACTING for w in _WORD.findall(cls.__name__))
+
+
 def unknown_reason(m: nn.Module) -> str | None:
     """Why module ``m`` (not a recognised kind) is named in a warning, or None if it is not."""
     if isinstance(m, nn.GLU):
@@ -68,6 +88,10 @@ class Coverage:
     calls: dict[tuple[str, str], str] = field(default_factory=dict)  # (owner, function) -> reason
     unselected: dict[str, None] = field(default_factory=dict)  # activations select left out (ordered)
     scripted: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # TorchScript module -> (class, acts)
+    # modules of the user's own classes that could be an activation by what they hold (see `suspect`), and
+    # those of them seen acting as one (one tensor in, a floating tensor of its shape out)
+    suspects: dict[nn.Module, str] = field(default_factory=dict)
+    acting: dict[str, str] = field(default_factory=dict)  # module name -> class
 
     def scan(self, named: Sequence[Named]) -> list[Named]:
         """Note the unknown activation modules among ``named`` (name, module, recognised spec): a module
@@ -86,7 +110,16 @@ class Coverage:
             reason = unknown_reason(m)
             if reason is not None and (isinstance(m, nn.GLU) or not any(s in recognised for s in m.modules())):
                 self.unknown[name] = (type(m).__name__, reason)
+            elif reason is None and suspect(m):
+                self.suspects[m] = name
         return named
+
+    def saw(self, m: nn.Module, args: tuple[object, ...], out: object) -> None:
+        """A suspect module returned: noted where it acted as an elementwise function would (see `suspect`)."""
+        x = args[0] if len(args) == 1 else None
+        if (type(out) is torch.Tensor and isinstance(x, torch.Tensor) and out.is_floating_point()
+                and out.shape == x.shape and out is not x):  # fmt: skip
+            self.acting.setdefault(self.suspects[m], type(m).__name__)
 
     def unmeasured_call(self, owner: str, function: str, reason: str) -> None:
         self.calls.setdefault((owner, function), reason)
@@ -112,6 +145,13 @@ class Coverage:
             if owner in self.unknown or (select and not _matches(owner, function, select)):
                 continue
             out.append(f"{function}() called in {owner or 'the model'!r} {reason}")
+        acting = [(name, cls) for name, cls in self.acting.items() if not _covered(name, owners)]
+        if acting and not select:
+            shown = ", ".join(f"{name!r} ({cls})" for name, cls in acting[:4]) + (" and more" if len(acting) > 4 else "")
+            out.append(f"module{'s' if len(acting) > 1 else ''} {shown} of your own class{'es' if len(acting) > 1 else ''}"
+                       " hold no parameters and return a tensor shaped as their input, as an activation does, but are "
+                       "no recognised kind, so they are not measured: if one is an activation, register it with "
+                       "deadneuron.register_activation(cls, fn) (fn: its elementwise function)")
         return out
 
 

@@ -2,12 +2,11 @@
 
 A *site* is one place in the forward pass where an activation runs: an activation module at one of its
 call places, or a functional activation (``F.relu``, ``torch.tanh``, ``x.relu()``...) found at run time
-through a `TorchFunctionMode`. The seed's encoder applies one shared ``self.relu`` after four BatchNorm
-layers: that is four sites, because they are four different sets of neurons. Sites are named as
-`deadneuron.probe.site` says (stable across batches: ``mlp.act``, ``conv1>relu``). Statistics are
-computed inside the hooks (never from stored tensors: an in-place ReLU overwrites both its input and the
-conv/BN output before any later hook could read them) and stay on the tensor's device. The
-pre-activation z is read in a forward *pre*-hook where the flat region must be tested on z.
+through a `TorchFunctionMode`. One shared ``self.relu`` after four BatchNorm layers is four sites (four
+sets of neurons), named as `deadneuron.probe.site` says (``mlp.act``, ``conv1>relu``; call order where
+nothing else tells them apart: `deadneuron.probe.callorder`). Statistics are computed inside the hooks
+(never from stored tensors: an in-place ReLU overwrites its input before a later hook could read it) and
+stay on the tensor's device; z is read in a forward *pre*-hook where the flat region is tested on it.
 """
 
 from __future__ import annotations
@@ -240,6 +239,8 @@ class Recorder:
         if self._stack:
             self._stack.pop()
         self._note_output(m, args, out)
+        if m in self.coverage.suspects:
+            self.coverage.saw(m, args, out)
         if not self._stack and m is not self.model:  # a part called on its own returned: no module runs now
             self.idle()
 
