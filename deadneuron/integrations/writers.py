@@ -192,7 +192,7 @@ def _skip_cut(path: Path, what: str, warn: Callable[[str], None] | None) -> None
 
 def _read_jsonl(path: Path, text: str, warn: Callable[[str], None] | None) -> list[dict[str, Any]]:
     lines = text.splitlines()
-    entries = []
+    entries: list[dict[str, Any]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
