@@ -73,6 +73,11 @@ def _panel(ax: Axes, rows: Sequence[Mapping[str, Any]], sites: Sequence[str], pa
     elif column == "dead" and len(sites) > 1:
         xs = sorted(totals)
         ax.plot(xs, [totals[x] for x in xs], color="black", lw=2, label="all sites")
+    if column == "dead":  # a count: whole channels from 0 (all-zero lines would get ticks at +-0.02)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_monitor_timeline(entries: Sequence[Mapping[str, Any]], *, title: str = "Health over training") -> Figure:

@@ -1,0 +1,33 @@
+"""Axes that count channels show whole numbers from 0: no 0.2-channel ticks and no negative counts when
+nothing is dead (the monitor's timeline figure, the audit's per-site health figure)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import deadneuron
+from deadneuron.render.plots import plot_site_health
+from deadneuron.render.timeline_plots import plot_monitor_timeline
+
+
+def _whole_from_zero(axis_ticks: list[float], low: float) -> bool:
+    return low >= 0 and all(float(t).is_integer() for t in axis_ticks)
+
+
+def test_the_timeline_s_dead_channel_panel_counts_whole_channels_from_zero() -> None:
+    site = {"kind": "relu", "channels": 16, "n": 80, "dead": 0, "dead_channels": [], "flat_fraction": 0.5,
+            "tau_dormant": 0, "grad_nonzero": 0.5}  # fmt: skip
+    entries = [{"step": s, "first_step": s - 10, "sites": {"a": dict(site), "b": dict(site)}} for s in (10, 20)]
+    dead_ax = plot_monitor_timeline(entries).axes[0]
+    ticks = [t for t in dead_ax.get_yticks() if dead_ax.get_ylim()[0] <= t <= dead_ax.get_ylim()[1]]
+    assert _whole_from_zero(ticks, dead_ax.get_ylim()[0]), (ticks, dead_ax.get_ylim())
+
+
+def test_the_site_health_channel_axis_counts_whole_channels() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    report = deadneuron.audit(model, [torch.randn(8, 3)])
+    assert report.summary.dead == 0 and report.summary.dormant == 0
+    right = plot_site_health(report).axes[1]
+    ticks = [t for t in right.get_xticks() if right.get_xlim()[0] <= t <= right.get_xlim()[1]]
+    assert _whole_from_zero(ticks, right.get_xlim()[0]), ticks
