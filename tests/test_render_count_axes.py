@@ -28,8 +28,11 @@ def test_the_timeline_s_dead_channel_panel_counts_whole_channels_from_zero() -> 
 
 
 def test_the_site_health_channel_axis_counts_whole_channels() -> None:
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
-    report = deadneuron.audit(model, [torch.randn(8, 3)])
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU())
+    with torch.no_grad():  # each channel fires on one of the inputs: none dead, none dormant
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+        model[0].bias.zero_()
+    report = deadneuron.audit(model, [torch.tensor([[1.0, 1.0], [-1.0, -1.0]])])
     assert report.summary.dead == 0 and report.summary.dormant == 0
     right = plot_site_health(report).axes[1]
     ticks = [t for t in right.get_xticks() if right.get_xlim()[0] <= t <= right.get_xlim()[1]]
