@@ -67,16 +67,35 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any], *, s
     weights = dict(state_dict) if set(state_dict) == set(expected) else strip_common_prefix(state_dict)
     problems = _mismatches(expected, weights)
     if problems:
-        raise ModelMismatchError(
-            f"{source}: checkpoint does not match the model: {problems}; "
-            "check that --model / the config build the model this checkpoint was trained as"
+        prefix = _wrapper_prefix(expected, weights)
+        advice = (
+            f"the checkpoint holds this model's weights under the prefix {prefix!r} (saved from a wrapper, such "
+            f"as a LightningModule's self.{prefix[:-1]}): give --model a factory of the wrapper, or save the "
+            f"inner model's weights with torch.save(wrapper.{prefix[:-1]}.state_dict(), PATH)"
+            if prefix else "check that --model / the config build the model this checkpoint was trained as"
         )
+        raise ModelMismatchError(f"{source}: checkpoint does not match the model: {problems}; {advice}")
     try:
         model.load_state_dict(weights, strict=True)
     except (RuntimeError, ValueError, TypeError) as err:
         raise ModelMismatchError(
             f"{source}: checkpoint does not match the model ({_one_line(err)})"
         ) from None
+
+
+def _wrapper_prefix(expected: Mapping[str, Any], weights: Mapping[str, Any]) -> str | None:
+    """``"model."`` where every weight of the model is in ``weights`` under that one prefix, same shape."""
+    if not expected:
+        return None
+    first = next(iter(expected))
+    for key in weights:
+        prefix = key[: -len(first)] if key.endswith(f".{first}") else ""
+        if prefix and all(
+            isinstance(w := weights.get(prefix + k), torch.Tensor) and isinstance(v, torch.Tensor) and w.shape == v.shape
+            for k, v in expected.items()
+        ):
+            return prefix
+    return None
 
 
 def _mismatches(expected: Mapping[str, Any], weights: Mapping[str, Any]) -> str:

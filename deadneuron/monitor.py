@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from deadneuron._monitor_args import module_arg, optimizer_arg, positive_int
 from deadneuron.errors import UsageError
 from deadneuron.gradflow import FlowObserver
 from deadneuron.probe import Recorder
@@ -52,13 +53,6 @@ class SnapshotWriter(Protocol):
     def write(self, snapshot: Snapshot, channels: Mapping[str, ChannelDetail]) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _positive_int(value: object, name: str, *, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
-        raise UsageError(f"Monitor: {name} must be {what}, got {value!r}")
-    return value
 
 
 class Monitor:
@@ -103,15 +97,15 @@ class Monitor:
         start_step: int = 0,
         distributed: bool = True,
     ) -> None:
-        self.every = None if every is None else _positive_int(every, "every")
-        self.sample_every = _positive_int(sample_every, "sample_every")
+        self.every = None if every is None else positive_int(every, "every")
+        self.sample_every = positive_int(sample_every, "sample_every")
         if self.every is not None and self.sample_every > self.every:
             raise UsageError(f"Monitor: sample_every ({sample_every}) must not exceed every ({every}): "
                              "a window would measure no step")  # fmt: skip
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1:
             raise UsageError(f"Monitor: tau must be a number in [0, 1), got {tau!r}")
-        self.model = model
-        self.optimizer = optimizer
+        self.model = module_arg(model)
+        self.optimizer = optimizer_arg(optimizer)
         self.tau = float(tau)
         self.writers = tuple(writers)
         self.gradients = gradients
@@ -126,7 +120,7 @@ class Monitor:
         self._last_window: WindowFigures | None = None  # its figures on the host (`last_health` reads them)
         self._last_health: dict[str, SiteHealth] | None = None
         self.warnings: list[str] = []
-        self._step = self._window_start = _positive_int(start_step, "start_step", lo=0)
+        self._step = self._window_start = positive_int(start_step, "start_step", lo=0)
         self._rec: Recorder | None = None
         self._observer: FlowObserver | None = None
         self._attached = False

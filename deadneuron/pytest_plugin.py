@@ -29,6 +29,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    folder = config.getoption("--deadneuron-report-dir", default=None)
+    if folder and Path(folder).exists() and not Path(folder).is_dir():
+        raise pytest.UsageError(f"--deadneuron-report-dir {folder}: is a file; give a folder (created if missing) "
+                                "to keep the reports in")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def deadneuron_audit_cache(pytestconfig: pytest.Config) -> Any:
     """The session's AuditCache (one audit per model, weights, data and options)."""

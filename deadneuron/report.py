@@ -278,6 +278,10 @@ class Report:
 
     @classmethod
     def from_json(cls, text: str) -> Report:
+        """The report from its JSON text (what `to_json` returns and `deadneuron.save_report` writes)."""
+        if not text.lstrip().startswith(("{", "[")) and text.rstrip().endswith(".json"):
+            raise ValueError(f"Report.from_json takes the report's JSON text, not a path: "
+                             f"Report.from_json(Path({text.strip()!r}).read_text())")  # fmt: skip
         return cls.from_dict(json.loads(text))
 
 

@@ -45,7 +45,8 @@ def _root(
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """A DeadneuronError becomes one line on stderr and its documented exit code, never a traceback."""
+    """A DeadneuronError becomes one line on stderr and its documented exit code, never a traceback; so
+    does Ctrl-C (exit 130; `train` says itself what its checkpoint holds then)."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -54,6 +55,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except DeadneuronError as err:
             typer.echo(f"deadneuron: error: {err}", err=True)
             raise typer.Exit(int(err.exit_code)) from None
+        except KeyboardInterrupt:
+            typer.echo("deadneuron: interrupted by Ctrl-C before the command finished", err=True)
+            raise typer.Exit(130) from None
 
     return run
 

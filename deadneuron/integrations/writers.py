@@ -3,8 +3,9 @@ JSONL or CSV log back as health-timeline entries (``deadneuron timeline LOG`` dr
 
 The plain-file writers append each snapshot with a single ``write`` to a file opened ``O_APPEND``, so an
 interrupted run leaves whole lines before, at most, one cut last line, which `read_log` skips with a
-warning. They open the file per snapshot: a log can be resumed by another run (JSONL), and nothing is
-held open between snapshots.
+warning. They open the file per snapshot: a log can be resumed by another run, and nothing is held open
+between snapshots. A run that appends to a log whose last line was cut ends that line first, so the cut
+record stays a line of its own, which `read_log` skips with a warning wherever it lies.
 
 * JSONL: one line per snapshot, the health-timeline entry (`deadneuron.snapshot.Snapshot.to_dict`).
 * CSV: one row per (snapshot step, site): the columns of `deadneuron.render.timeline`, and the dead
@@ -55,7 +56,19 @@ def snapshot_metrics(snapshot: Snapshot, *, prefix: str = "deadneuron",
     return out
 
 
+def _ends_cut(path: Path) -> bool:
+    """Whether the file at ``path`` ends inside a line (a write cut by a crash): not empty, no final newline."""
+    try:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # missing or empty
+        return False
+
+
 def _append(path: Path, data: str) -> None:
+    if _ends_cut(path):  # a crashed run's last line: end it, so that this record is not glued to it
+        data = "\n" + data
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -169,21 +182,27 @@ def read_log(path: str | os.PathLike[str], *, warn: Callable[[str], None] | None
         raise UnreadableInputError(f"{path}: the monitor log is empty")
     if text.lstrip().startswith("{"):
         return _read_jsonl(path, text, warn)
-    return _read_csv(path, text)
+    return _read_csv(path, text, warn)
+
+
+def _skip_cut(path: Path, what: str, warn: Callable[[str], None] | None) -> None:
+    if warn is not None:
+        warn(f"{path}: {what} is cut short (an interrupted write); it is skipped")
 
 
 def _read_jsonl(path: Path, text: str, warn: Callable[[str], None] | None) -> list[dict[str, Any]]:
     lines = text.splitlines()
-    entries = []
+    entries: list[dict[str, Any]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
         except ValueError:
-            if number == len(lines) and not text.endswith("\n"):  # a run cut short while appending
-                if warn is not None:
-                    warn(f"{path}: line {number} is cut short (an interrupted write); it is skipped")
+            # a run cut short while appending: the last line, or (a resumed run appended after it) a
+            # record begun and not finished
+            if (number == len(lines) and not text.endswith("\n")) or (entries and line.startswith("{")):
+                _skip_cut(path, f"line {number}", warn)
                 continue
             raise UnreadableInputError(f"{path}: line {number} is not JSON: not a deadneuron monitor log") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("sites"), dict) or "step" not in entry:
@@ -199,13 +218,26 @@ def _number(text: str) -> float | int | None:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
-def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
+def _cut_row(row: Mapping[Any, Any], *, last: bool, text: str) -> bool:
+    """A row that a crash cut short: missing or extra fields (a resumed run's row glued on), the file's last
+    row without its newline, or fewer dead channel ids than its dead count."""
+    if None in row or any(v is None for v in row.values()) or (last and not text.endswith("\n")):
+        return True
+    ids, dead = (row.get("dead_channels") or "").split(), row.get("dead") or ""
+    return "dead_channels" in row and dead.isdigit() and len(ids) != int(dead)
+
+
+def _read_csv(path: Path, text: str, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in ("step", "site", "dead") if c not in (reader.fieldnames or ())]
     if missing:
         raise UnreadableInputError(f"{path}: not a deadneuron monitor log (no column {', '.join(missing)})")
+    rows = list(reader)
     entries: dict[int, dict[str, Any]] = {}
-    for number, row in enumerate(reader, 2):
+    for number, row in enumerate(rows, 2):
+        if _cut_row(row, last=number == len(rows) + 1, text=text):
+            _skip_cut(path, f"row {number}", warn)
+            continue
         try:
             step = int(float(row["step"]))
             values = {k: (v if k in ("kind", "site") else _number(v or "")) for k, v in row.items()

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 def plot_site_health(report: Report) -> Figure:
     """Sparsity beside flat fraction, and dead beside dormant channel counts, one row per site."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     sites = list(report.sites.values())
     fig = new_figure(11, max(3.0, 0.36 * len(sites) + 1.8))
@@ -59,6 +60,7 @@ def plot_site_health(report: Report) -> Figure:
     right.barh(y + h / 2, [len(s.dormant_channels) for s in sites], h, color=DORMANT, label="dormant (flat >= 99%)")
     right.set(xlabel="channels", title="Dead and dormant channels")
     right.set_xlim(0, max(1, *dead, *(len(s.dormant_channels) for s in sites)) * 1.3)  # room for "k/C" labels
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole channels
     for yi, s in zip(y, sites, strict=True):
         right.text(len(s.dead_channels), yi - h / 2, f" {len(s.dead_channels)}/{s.channels}", va="center", fontsize=7)
     for ax in (left, right):

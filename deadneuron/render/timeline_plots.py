@@ -73,6 +73,12 @@ def _panel(ax: Axes, rows: Sequence[Mapping[str, Any]], sites: Sequence[str], pa
     elif column == "dead" and len(sites) > 1:
         xs = sorted(totals)
         ax.plot(xs, [totals[x] for x in xs], color="black", lw=2, label="all sites")
+    top = max(1.0, ax.get_ylim()[1])  # counts and shares from 0 (all-zero lines got ticks at +-0.04), a line at 0
+    ax.set_ylim(-0.02 * top, top)  # kept clear of the frame
+    if column == "dead":  # whole channels
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_monitor_timeline(entries: Sequence[Mapping[str, Any]], *, title: str = "Health over training") -> Figure:
