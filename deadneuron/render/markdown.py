@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from deadneuron.report import Report, SiteHealth
+from deadneuron.rules.common import plural
 from deadneuron.rules.finding import Finding
 
 
@@ -78,7 +79,7 @@ def mask_text(report: Report) -> str | None:
         return None
     sites = list(report.sites.values())
     masked = [s for s in sites if s.masked]
-    text = f"{source} masked {len(masked)} of {len(sites)} sites"
+    text = f"{source} masked {len(masked)} of {plural(len(sites), 'site')}"
     if masked:
         text += f" (<= {max(s.excluded for s in masked)} padded elements/channel)"
     others = [s.name for s in sites if not s.masked]
@@ -102,10 +103,17 @@ def placement_text(placed: Any) -> str:
     return "; " + ", ".join(items[:3]) + more
 
 
+def dead_where(report: Report) -> str:
+    """`` in 2 of 11 sites`` where channels are dead, else `` (of 11 sites)`` (`` (of 1 site)``)."""
+    sm = report.summary
+    of = plural(sm.sites, "site")
+    return f" in {len(sm.dead_sites)} of {of}" if sm.dead else f" (of {of})"
+
+
 def summary_facts(report: Report) -> list[tuple[str, str]]:
     """(label, text) rows of the headline figures."""
     sm = report.summary
-    where = f" in {len(sm.dead_sites)} of {sm.sites} sites" if sm.dead else f" (of {sm.sites} sites)"
+    where = dead_where(report)
     rows = [
         ("sparsity", f"{pct(sm.sparsity)} (exact zeros over all activation elements)"),
         ("flat", f"{pct(sm.flat_fraction)} (pre-activations in the flat region)"),

@@ -25,6 +25,7 @@ from deadneuron.render.markdown import (
     accuracy_text,
     axis_legend,
     channels_cell,
+    dead_where,
     ids_text,
     mask_text,
     pct,
@@ -49,7 +50,7 @@ def _facts_grid(report: Report) -> Table:
 
 def _summary_rows(report: Report) -> list[tuple[str, Text]]:
     sm = report.summary
-    where = f" in {len(sm.dead_sites)} of {sm.sites} sites" if sm.dead else f" (of {sm.sites} sites)"
+    where = dead_where(report)
     rows = [
         ("sparsity", Text.assemble(pct(sm.sparsity), " exact zeros; ", ("flat ", "bold"), pct(sm.flat_fraction),
                                    (" (pre-activations in the flat region)", "dim"))),
