@@ -90,7 +90,7 @@ def test_dormant_leaky_counts_dead_and_dormant_as_dormant() -> None:
     report = make_report(make_site("s", kind="leaky_relu", dead=(0,), dormant=(4,)), meta={"source": "c.pth"})
     (f,) = fired(report, "dormant-leaky", RuleContext(learning_rate=1e-4))
     assert f.channels == {"s": (0, 4)}
-    assert metric(f, "dormant_channels").observed == 2
+    assert metric(f, "dead_or_dormant_channels").observed == 2
     assert "dormant, not dead" in f.message and "1 of them is negative on every element" in f.message
     assert all_without_out(f.commands) == ("deadneuron patch c.pth --activation gelu --select module:s",
                           "deadneuron patch c.pth --reinit-dead --select module:s",

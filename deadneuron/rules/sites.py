@@ -134,7 +134,7 @@ def _dormant_ids(site: SiteHealth) -> tuple[int, ...]:
 
 
 def _dormant_leaky(report: Report, context: RuleContext, t: Mapping[str, float]) -> list[Hit]:
-    hits = _channel_hits(report, t, family=is_leaky, pick=_dormant_ids, metric="dormant_channels")
+    hits = _channel_hits(report, t, family=is_leaky, pick=_dormant_ids, metric="dead_or_dormant_channels")
     out = []
     for hit in hits:
         always = sum(len(report.sites[s].dead_channels) for s in hit.sites)
