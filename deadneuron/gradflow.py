@@ -50,11 +50,12 @@ _MAX_PLANS = 16  # prepared calls kept per site (layouts that keep changing: var
 
 def _channel_sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel of an (outer, C, inner) view: (sum |x|, count of x != 0), float64, one scratch tensor.
-    Inner dims are reduced first (faster for NCHW); NaN elements make both sums NaN."""
+    Inner dims are reduced first (faster for NCHW); NaN elements make both sums NaN (as the C kernel's:
+    ``sign`` maps NaN to 0, so the count is set to NaN where the sum of |x| is)."""
     a = x3.abs() if x3.dtype not in _LOW_PRECISION else x3.float().abs()
     l1 = a.sum(2).sum(0, dtype=torch.float64)
     nonzero = a.sign_().sum(2).sum(0, dtype=torch.float64)
-    return l1, nonzero
+    return l1, nonzero.masked_fill_(l1.isnan(), math.nan)
 
 
 class SiteFlow:

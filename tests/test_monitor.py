@@ -45,9 +45,9 @@ def test_dead_channels_rise_and_match_a_numpy_count_at_every_snapshot() -> None:
 def test_findings_say_channels_are_dying_since_a_step() -> None:
     model, mon = _dying_run()
     assert model.stash is not None
-    windows = [(s.step, dead_oracle(model.stash["bn>relu"], s.first_step, s.step)) for s in mon.snapshots]
+    windows = [(s.first_step, dead_oracle(model.stash["bn>relu"], s.first_step, s.step)) for s in mon.snapshots]
     died = windows[-1][1] - windows[0][1]
-    since = min(step for step, dead in windows if dead & died)
+    since = min(first for first, dead in windows if dead & died)  # the first step of the first window seeing one dead
     findings = {f.rule: f for f in mon.findings()}
     dying = findings["channels-dying"]
     assert dying.severity is Severity.WARNING

@@ -35,7 +35,8 @@ def test_dying_since_the_first_step_that_saw_each_channel_dead() -> None:
     ]
     found = _findings(entries)
     assert dict(found["channels-dying"].channels) == {"a": (1, 2, 3)}
-    assert "dying since step 20" in found["channels-dying"].message
+    assert "dying since step 10" in found["channels-dying"].message  # the entry of step 20 covers steps 10-19
+    assert "alive over steps 0-9, dead over steps 20-29" in found["channels-dying"].message
     assert dict(found["channels-revived"].channels) == {"a": (7,)}
     assert "dead-from-start" not in found  # channel 7 revived: not dead at the last entry
 
@@ -44,7 +45,7 @@ def test_dead_from_start_and_no_dying_when_nothing_changes() -> None:
     entries = [_entry(s, a={"channels": 4, "dead_channels": [0]}) for s in (10, 20)]
     found = _findings(entries)
     assert set(found) == {"dead-from-start"}
-    assert "step 10" in found["dead-from-start"].message
+    assert "(over steps 0-9) and still are over steps 10-19" in found["dead-from-start"].message
 
 
 @pytest.mark.parametrize(("first", "last", "fires"), [(0.1, 5.0, True), (0.1, 0.5, False), (2.0, 10.0, False)])
@@ -81,3 +82,38 @@ def test_a_monitor_that_measures_nothing_warns_once() -> None:
             model(torch.randn(2, 3))
             mon.step()
     assert mon.snapshots == [] and len(mon.warnings) == 1
+
+
+def _planted_death_run(every: int, die_at: int, steps: int) -> deadneuron.Monitor:
+    """A BatchNorm + ReLU MLP whose channels 2 and 5 are killed (BatchNorm bias -100) before step ``die_at``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with deadneuron.Monitor(model, every=every, optimizer=opt) as mon:
+        for step in range(steps):
+            if step == die_at:
+                with torch.no_grad():
+                    model[1].bias[[2, 5]] = -100.0
+            x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            mon.step()
+    return mon
+
+
+def test_the_steps_quoted_are_those_of_the_windows_that_saw_the_channels() -> None:
+    """Each snapshot is labelled by its end (``step``: steps done) and covers steps first_step..step-1. Channels
+    killed before step 10 are dead over the window of steps 10-14 (the snapshot labelled 15): they have been
+    dying since step 10, not 15; the timeline covers steps 0-19, its first window steps 0-4, its last 15-19."""
+    mon = _planted_death_run(every=5, die_at=10, steps=20)
+    assert [(s.first_step, s.step) for s in mon.snapshots] == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    assert [s.sites["2"].dead_channels for s in mon.snapshots] == [(), (), (2, 5), (2, 5)]
+    found = {f.rule: f for f in mon.findings()}
+    dying = found["channels-dying"].message
+    assert "dying since step 10:" in dying
+    assert "alive over steps 0-4, dead over steps 15-19" in dying
+    assert "first seen dead over steps 10-14" in dying
+    history = found["dead-relu"].message
+    assert "Over the health timeline (steps 0-19, on the training batches)" in history
+    assert "first seen dead over steps 10-14" in history

@@ -12,6 +12,7 @@ from deadneuron.patch.verify import (
     TASK_METRICS,
     Sample,
     Verdict,
+    Verification,
     compare,
     sample_from,
     verdict,
@@ -107,3 +108,53 @@ def test_a_site_renamed_by_a_swap_is_compared_with_itself() -> None:
         row = by[(name, "flat_fraction")]
         assert row.baseline == pytest.approx((flat,), abs=1e-12) and row.patched == pytest.approx((flat,), abs=1e-12)
         assert by[(name, "sparsity")].verdict is Verdict.BY_DEFINITION
+
+
+def _losses(values: list[float], nonfinite: list[float] | None = None) -> list[Sample]:
+    out = []
+    for i, loss in enumerate(values):
+        v = {("overall", "dead"): 3.0, ("task", "loss"): loss}
+        if nonfinite is not None:
+            v[("overall", "nonfinite")] = nonfinite[i]
+        out.append(Sample(v, {}))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("baseline", "patched", "expected"),
+    [
+        ([1.0, 1.1, 1.2], [float("nan"), float("inf"), 0.5], Verdict.WORSE),  # 2 of 3 patched runs diverged
+        ([float("nan"), 1.1, 1.2], [0.9, 1.0, 1.1], Verdict.IMPROVED),  # a diverged baseline run
+        ([float("nan"), 1.1], [float("nan"), 1.0], Verdict.NOT_AVAILABLE),  # both arms: nothing to compare
+    ],
+)
+def test_a_diverged_run_is_not_left_out_of_the_verdict(baseline: list[float], patched: list[float],
+                                                       expected: Verdict) -> None:  # fmt: skip
+    """A run whose final loss is NaN or Inf diverged: the other runs' mean must not speak for its arm (0.5
+    alone would read 'improved' for a fix that blew up two runs of three)."""
+    v = compare(_losses(baseline), _losses(patched), seeds=tuple(range(len(baseline))), budget={})
+    (row,) = [r for r in v.rows if r.spec.key == "loss"]
+    assert row.verdict is expected
+    assert "non-finite" in row.note
+
+
+def test_non_finite_activations_get_a_row_where_a_run_had_them() -> None:
+    """NaN activations are never flat, so a diverged run shows no dead channel: its non-finite count must
+    stand beside that (and say worse), while arms without any get no such row."""
+    v = compare(_losses([1.0, 1.0], [0, 0]), _losses([1.0, 1.0], [0, 2048]), seeds=(0, 1), budget={})
+    by = {(r.group, r.spec.key): r for r in v.rows}
+    assert by[("overall", "nonfinite")].verdict is Verdict.WORSE
+    assert by[("overall", "nonfinite")].patched == (0, 2048)
+    assert Verification.from_dict(v.to_dict()) == v  # as a patched checkpoint stores it
+    quiet = compare(_losses([1.0], [0]), _losses([1.0], [0]), seeds=(0,), budget={})
+    assert ("overall", "nonfinite") not in {(r.group, r.spec.key) for r in quiet.rows}
+
+
+def test_an_audited_run_records_its_non_finite_activations() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].weight[1] = float("nan")
+    x = torch.randn(5, 3)
+    s = sample_from(deadneuron.audit(model, [x], rules=False))
+    site = next(n for n in s.kinds)
+    assert s.values[("overall", "nonfinite")] == 5 == s.values[(site, "nonfinite")]  # channel 1 on 5 rows

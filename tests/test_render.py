@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 from rich.console import Console
 
 from deadneuron.render.compare import change, diff_reports, render_diff, render_diff_markdown
@@ -195,6 +196,50 @@ def test_diff_does_not_match_channels_of_a_resized_site(report_a: Report) -> Non
     renamed = Report.build([*sites[:1], grown.__class__(**{**grown.__dict__, "name": sites[1].name})])
     row = next(s for s in diff_reports(report_a, renamed).sites if s.name == sites[1].name)
     assert row.reshaped and row.revived == ()
+
+
+class _SharedMlp(torch.nn.Module):
+    """One (Linear, activation, Linear) applied twice: its two sites are named after the activation's kind
+    (``mlp.0>relu#0``, ``mlp.0>relu#1``), so a ReLU -> LeakyReLU swap renames both."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), act, torch.nn.Linear(6, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp(x))
+
+
+def test_diff_compares_a_site_that_a_swap_renamed_with_itself() -> None:
+    """A before (ReLU, channels 0 and 1 killed) and after (LeakyReLU, those channels revived) of the same
+    model: each renamed site is one row, and its newly dead and revived channels are the set differences of
+    the channels whose pre-activation (computed here by hand) is <= 0 (ReLU) or < 0 (LeakyReLU) everywhere."""
+    import deadneuron
+
+    torch.manual_seed(0)
+    relu, leaky = _SharedMlp(torch.nn.ReLU()), _SharedMlp(torch.nn.LeakyReLU(0.01))
+    with torch.no_grad():
+        relu.mlp[0].bias[:2] = -50.0
+    leaky.load_state_dict(relu.state_dict())
+    with torch.no_grad():
+        leaky.mlp[0].bias[:2] = 0.0
+    xs = torch.randn(24, 4)
+    a, b = (deadneuron.audit(m, [xs[:12], xs[12:]], rules=False) for m in (relu, leaky))
+    assert list(b.sites) == ["mlp.0>leaky_relu#0", "mlp.0>leaky_relu#1"]  # the names did change
+
+    def dead(model: _SharedMlp, flat: str) -> list[set[int]]:
+        with torch.no_grad():
+            zs = [model.mlp[0](xs), model.mlp[0](model.mlp(xs))]
+        return [set(torch.nonzero((z <= 0 if flat == "<=" else z < 0).all(0)).flatten().tolist()) for z in zs]
+
+    dead_a, dead_b = dead(relu, "<="), dead(leaky, "<")
+    diff = diff_reports(a, b)
+    assert [(s.name, s.name_b, s.presence) for s in diff.sites] == [
+        ("mlp.0>relu#0", "mlp.0>leaky_relu#0", "both"), ("mlp.0>relu#1", "mlp.0>leaky_relu#1", "both")]
+    for row, da, db in zip(diff.sites, dead_a, dead_b, strict=True):
+        assert row.new_dead == tuple(sorted(db - da)) and row.revived == tuple(sorted(da - db))
+    assert diff.revived == sum(len(da - db) for da, db in zip(dead_a, dead_b, strict=True)) >= 2
+    assert "`mlp.0>relu#0` (B: `mlp.0>leaky_relu#0`)" in render_diff_markdown(diff)
 
 
 @pytest.mark.parametrize(

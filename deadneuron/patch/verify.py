@@ -14,7 +14,9 @@ largest-slot share) and 0.01 for the mask entropy (0..1), 0.1 for active slots p
 no better direction (sparsity, mask entropy) get "higher" or "lower". Sparsity where the baseline
 activation outputs exact zeros (ReLU) and the patched one cannot (LeakyReLU, GELU, ...) is "lower by
 definition": compare the flat fraction. This is a screening rule, not a significance test: with one
-seed a verdict is an anecdote, and three seeds are the least for a claim.
+seed a verdict is an anecdote, and three seeds are the least for a claim. Diverged runs are not averaged
+away: a NaN/Inf loss or metric in one arm's runs only makes that arm "worse" there, and so do NaN/Inf
+activations (a row of their own, shown only where a run had them).
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ SITE_METRICS = (
     MetricSpec("sparsity", "sparsity (zeros)", "neutral", "share"),
     MetricSpec("flat_fraction", "flat fraction", "lower", "share"),
 )
+# NaN/Inf activation elements (a diverged run: NaN is never flat, so it shows no dead channel); a row only
+# where some run had them
+NONFINITE = MetricSpec("nonfinite", "non-finite activations", "lower", "count")
 SLOT_METRICS = (
     MetricSpec("mean_active", "active slots/image", "higher", "slots"),
     MetricSpec("largest_slot_share", "largest-slot share", "lower", "share"),
@@ -135,7 +140,7 @@ class Verification:
         def spec(r: Mapping[str, Any]) -> MetricSpec:
             if r["group"] == METRIC_GROUP:
                 return MetricSpec(r["metric"], r.get("label", r["metric"]), r.get("direction", "higher"), r.get("unit", "value"))
-            family = {"slots": SLOT_METRICS, "task": TASK_METRICS}.get(r["group"], SITE_METRICS)
+            family = {"slots": SLOT_METRICS, "task": TASK_METRICS}.get(r["group"], (*SITE_METRICS, NONFINITE))
             return next(s for s in family if s.key == r["metric"])
 
         rows = tuple(
@@ -154,8 +159,8 @@ class Verification:
 
 RULE_TEXT = (
     "verdict: d = mean(patched) - mean(baseline); a change counts when |d| > max(tolerance, larger per-arm "
-    "sample std); tolerances: 1 channel, 1 point for shares, 0.1 slots, 2% of the loss, 1% of a --metric; 1 seed "
-    "is not a claim"
+    "sample std); tolerances: 1 channel, 1 point for shares, 0.1 slots, 2% of the loss, 1% of a --metric; an arm "
+    "whose runs alone diverged (NaN/Inf) is worse; 1 seed is not a claim"
 )
 
 
@@ -165,10 +170,12 @@ def sample_from(report: Any, *, loss: float | None = None, metrics: Mapping[str,
     values: dict[tuple[str, str], float] = {}
     summary = report.summary
     values.update({("overall", "dead"): summary.dead, ("overall", "dormant"): summary.dormant,
-                   ("overall", "sparsity"): summary.sparsity, ("overall", "flat_fraction"): summary.flat_fraction})  # fmt: skip
+                   ("overall", "sparsity"): summary.sparsity, ("overall", "flat_fraction"): summary.flat_fraction,
+                   ("overall", "nonfinite"): summary.nonfinite})  # fmt: skip
     for name, s in report.sites.items():
         values.update({(name, "dead"): len(s.dead_channels), (name, "dormant"): len(s.dormant_channels),
-                       (name, "sparsity"): s.sparsity, (name, "flat_fraction"): s.flat_fraction})  # fmt: skip
+                       (name, "sparsity"): s.sparsity, (name, "flat_fraction"): s.flat_fraction,
+                       (name, "nonfinite"): s.nonfinite})  # fmt: skip
     if report.slots is not None:
         for spec in SLOT_METRICS:
             values[("slots", spec.key)] = float(getattr(report.slots, spec.key))
@@ -236,16 +243,19 @@ def compare(
         raise ValueError("compare needs the same number (>= 1) of baseline and patched runs")
     patched = paired_sites(baseline, patched)
     user = tuple(metric_spec(k) for k in dict.fromkeys(k for s in (*baseline, *patched) for g, k in s.values if g == METRIC_GROUP))
+    site_specs = (*SITE_METRICS, NONFINITE)
     groups: list[tuple[str, tuple[MetricSpec, ...]]] = [
-        ("overall", SITE_METRICS), ("slots", SLOT_METRICS), ("task", TASK_METRICS), (METRIC_GROUP, user)]  # fmt: skip
+        ("overall", site_specs), ("slots", SLOT_METRICS), ("task", TASK_METRICS), (METRIC_GROUP, user)]  # fmt: skip
     sites = list(dict.fromkeys(n for s in (*baseline, *patched) for n in s.kinds))
-    groups += [(name, SITE_METRICS) for name in sites]
+    groups += [(name, site_specs) for name in sites]
     rows: list[Row] = []
     for group, specs in groups:
         for spec in specs:
             key = (group, spec.key)
             if not any(key in s.values for s in (*baseline, *patched)):
                 continue
+            if spec is NONFINITE and not any(s.values.get(key) for s in (*baseline, *patched)):
+                continue  # no run had a NaN/Inf activation here
             rows.append(_row(group, spec, baseline, patched, reference))
     return Verification(tuple(seeds), tuple(rows), dict(budget), labels)
 
@@ -274,6 +284,9 @@ def _row(group: str, spec: MetricSpec, baseline: Sequence[Sample], patched: Sequ
     ref = reference.values.get(key) if reference is not None else None
     if spec.key in REFERENCE_KEYS:
         return Row(group, spec, b, p, ref, Verdict.REFERENCE, "painting each grid its most common colour, on the same grids")
+    diverged = _nonfinite_row(group, spec, baseline, patched, b, p)
+    if diverged is not None:
+        return Row(group, spec, b, p, None if ref is None else float(ref), *diverged)
     result = verdict(b, p, spec)
     note = ""
     if spec.key == "sparsity" and result is Verdict.LOWER:
@@ -283,6 +296,29 @@ def _row(group: str, spec: MetricSpec, baseline: Sequence[Sample], patched: Sequ
         elif switched:
             note = f"partly by definition: {switched} of {total} sites now {kinds}, which has no exact zeros; see flat"
     return Row(group, spec, b, p, None if ref is None else float(ref), result, note)
+
+
+def _nonfinite_row(group: str, spec: MetricSpec, baseline: Sequence[Sample], patched: Sequence[Sample],
+                   b: Sequence[float], p: Sequence[float]) -> tuple[Verdict, str] | None:  # fmt: skip
+    """The verdict where runs measured a NaN/Inf value (a diverged run: its loss, its metric) or had NaN/Inf
+    activations in one arm only, None where none did. A missing value (a site absent from a run) is not one: `verdict` leaves those out. The
+    finite runs' mean never speaks for an arm with diverged runs: the arm with them is worse (with
+    runs of both arms diverged, there is nothing to compare)."""
+    key = (group, spec.key)
+    if spec is NONFINITE:  # any NaN/Inf activation is a failed run, not noise about a mean
+        bad_b, bad_p = sum(v > 0 for v in b), sum(v > 0 for v in p)
+        if bool(bad_b) == bool(bad_p):
+            return None
+        runs = f"{bad_b} of {len(b)} baseline and {bad_p} of {len(p)} patched runs had NaN/Inf activations"
+        return (Verdict.WORSE if bad_p else Verdict.IMPROVED), runs
+    bad_b = sum(key in s.values and not math.isfinite(v) for s, v in zip(baseline, b, strict=True))
+    bad_p = sum(key in s.values and not math.isfinite(v) for s, v in zip(patched, p, strict=True))
+    if not bad_b and not bad_p:
+        return None
+    note = f"non-finite (NaN/Inf) in {bad_b} of {len(b)} baseline and {bad_p} of {len(p)} patched runs"
+    if (bad_b and bad_p) or spec.direction == "neutral":
+        return Verdict.NOT_AVAILABLE, note
+    return (Verdict.WORSE if bad_p else Verdict.IMPROVED), note
 
 
 def _switched_sites(baseline: Sequence[Sample], patched: Sequence[Sample], group: str) -> tuple[int, int, str]:

@@ -1,6 +1,8 @@
 """The diff of two Reports (pure: ``diff_reports``) and its renderings (rich terminal and Markdown).
 
-Sites are matched by name. A channel is **newly dead** when it is dead in B and was not in A, **revived**
+Sites are matched by name, and a site that an activation swap renamed (``mlp.0>relu#1`` in A,
+``mlp.0>leaky_relu#1`` in B: the same module, producer and call, under the new kind's name) with itself,
+as the patch table pairs them. A channel is **newly dead** when it is dead in B and was not in A, **revived**
 when the reverse; where a site's channel count changed between the reports, its channel indices do not
 correspond, so every dead channel of B counts as new and none as revived (and the row says so).
 """
@@ -16,6 +18,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from deadneuron.patch.verify import renamed_sites, site_positions
 from deadneuron.render.markdown import ids_text, pct, source_of
 from deadneuron.report import Report, SiteHealth
 
@@ -34,7 +37,7 @@ Kind = Literal["share", "count", "value"]  # shown as 45.7% / 3 / 1.60
 
 @dataclass(frozen=True)
 class SiteDiff:
-    """One site in A and/or B."""
+    """One site in A and/or B (``name_b``: its name in B, another where a swap renamed it)."""
 
     name: str
     presence: Presence
@@ -46,6 +49,16 @@ class SiteDiff:
     new_dead: tuple[int, ...]
     revived: tuple[int, ...]
     reshaped: bool  # channel count differs: indices do not correspond
+    name_b: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name_b:
+            object.__setattr__(self, "name_b", self.name)
+
+    @property
+    def label(self) -> str:
+        """The name, and B's where a swap renamed the site."""
+        return self.name if self.name_b == self.name else f"{self.name} (B: {self.name_b})"
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ def _pair(a: SiteHealth | None, b: SiteHealth | None, value: str) -> Pair:
     return get(a), get(b)
 
 
-def _site_diff(name: str, a: SiteHealth | None, b: SiteHealth | None) -> SiteDiff:
+def _site_diff(name: str, a: SiteHealth | None, b: SiteHealth | None, name_b: str = "") -> SiteDiff:
     presence: Presence = "both" if a and b else ("only_a" if a else "only_b")
     reshaped = bool(a and b and a.channels != b.channels)
     dead_a = set(a.dead_channels) if a and not reshaped else set()
@@ -89,13 +102,14 @@ def _site_diff(name: str, a: SiteHealth | None, b: SiteHealth | None) -> SiteDif
         dormant=_pair(a, b, "dormant_channels"),
         new_dead=tuple(sorted(dead_b - dead_a)) if b and a else (),
         revived=tuple(sorted(dead_a - dead_b)) if a and b else (),
-        reshaped=reshaped,
+        reshaped=reshaped, name_b=name_b,
     )  # fmt: skip
 
 
 def diff_reports(a: Report, b: Report) -> ReportDiff:
     """Site-by-site and overall differences from ``a`` to ``b``."""
-    names = list(dict.fromkeys([*a.sites, *b.sites]))
+    renamed = {old: new for new, old in renamed_sites([site_positions(a)], site_positions(b)).items()}
+    names = list(dict.fromkeys([*a.sites, *(n for n in b.sites if n not in renamed.values())]))
     sa, sb = a.summary, b.summary
     overall = {k: (float(getattr(sa, k)), float(getattr(sb, k))) for k in ("sparsity", "flat_fraction", "dead", "dormant", "channels")}
     slots: dict[str, Pair] = {}
@@ -105,7 +119,7 @@ def diff_reports(a: Report, b: Report) -> ReportDiff:
     metrics = {k: (a.metrics.get(k), b.metrics.get(k)) for k in dict.fromkeys([*a.metrics, *b.metrics])}
     return ReportDiff(
         a=source_of(a), b=source_of(b), overall=overall,
-        sites=tuple(_site_diff(n, a.sites.get(n), b.sites.get(n)) for n in names),
+        sites=tuple(_site_diff(n, a.sites.get(n), b.sites.get(renamed.get(n, n)), renamed.get(n, n)) for n in names),
         slots=slots, metrics=metrics,
     )  # fmt: skip
 
@@ -185,7 +199,7 @@ def render_diff(diff: ReportDiff, console: Console) -> None:
     table.add_column("dead channels", no_wrap=True)
     for s in diff.sites:
         table.add_row(
-            Text(s.name, style=_site_style(s)), _arrow(s.sparsity, 100), _arrow(s.flat_fraction, 100),
+            Text(s.label, style=_site_style(s)), _arrow(s.sparsity, 100), _arrow(s.flat_fraction, 100),
             _arrow(s.dead, 1), Text(_channel_note(s, ids=False), style=_site_style(s)),
         )  # fmt: skip
     console.print(table)
@@ -194,9 +208,9 @@ def render_diff(diff: ReportDiff, console: Console) -> None:
     listed.add_column(overflow="fold")
     for s in diff.sites:
         if s.new_dead:
-            listed.add_row(Text("new dead", style="bold red"), f"{s.name}: channels {ids_text(s.new_dead)}")
+            listed.add_row(Text("new dead", style="bold red"), f"{s.label}: channels {ids_text(s.new_dead)}")
         if s.revived:
-            listed.add_row(Text("revived", style="green"), f"{s.name}: channels {ids_text(s.revived)}")
+            listed.add_row(Text("revived", style="green"), f"{s.label}: channels {ids_text(s.revived)}")
     if listed.row_count:
         console.print(listed)
 
@@ -212,7 +226,8 @@ def render_diff_markdown(diff: ReportDiff) -> str:
     lines += ["", "## Sites", "", "| site | sparsity | flat | dead | dead channels |", "|---|---|---|---|---|"]
     for s in diff.sites:
         cells = (change(s.sparsity, kind="share"), change(s.flat_fraction, kind="share"), change(s.dead, kind="count"))
-        lines.append(f"| `{_md(s.name)}` | " + " | ".join(_md(c) for c in cells) + f" | {_md(_channel_note(s))} |")
+        name = f"`{_md(s.name)}`" + (f" (B: `{_md(s.name_b)}`)" if s.name_b != s.name else "")
+        lines.append(f"| {name} | " + " | ".join(_md(c) for c in cells) + f" | {_md(_channel_note(s))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ from deadneuron.rules.common import (
 )
 from deadneuron.rules.context import RuleContext
 from deadneuron.rules.model import Evidence, Fix, Hit, Rule, Severity, Threshold
-from deadneuron.rules.timeline import dead_history
+from deadneuron.rules.timeline import at_steps, dead_history
 
 MIN_CHANNELS = Threshold("min_channels", 1, "fire at a site with at least this many such channels", integer=True, lo=1)
 # Below 5% of a site, dead channels stay in the table but get no advice: a few are common in trained ReLU
@@ -73,11 +73,11 @@ def _history_note(context: RuleContext, channels: Mapping[str, Sequence[int]]) -
     at_init = sum(len(h.at_init) for h in histories)
     died = sum(len(h.died) for h in histories)
     revived = sum(len(h.revived) for h in histories)
-    steps = sorted(s for h in histories for s in h.died_steps)
+    windows = sorted({w for h in histories for w in h.died_windows})
     when = ""
-    if steps:
-        when = f" (first seen dead at step {steps[0]})" if steps[0] == steps[-1] else \
-            f" (first seen dead between steps {steps[0]} and {steps[-1]})"
+    if windows:
+        when = f" (first seen dead {at_steps(windows[0])})" if len(windows) == 1 else \
+            f" (first seen dead between steps {windows[0][0]} and {windows[-1][1]})"
     span = f"steps {histories[0].first_step}-{histories[0].last_step}"
     measured = context.timeline[0].get("measured_on")
     span += f", on the {measured}" if isinstance(measured, str) else ", on its own probe set"

@@ -18,16 +18,36 @@ _TRAIN_ACC = ("train_accuracy", "train_valid_pixel_accuracy", "train_acc", "accu
 _HELDOUT_ACC = ("heldout_accuracy", "heldout_valid_pixel_accuracy", "val_accuracy", "valid_accuracy", "val_acc")
 
 
+Window = tuple[int, int]  # the steps an entry covers, both ends included
+
+
 @dataclass(frozen=True)
 class DeadHistory:
-    """Fate of one site's channels over the timeline: dead at init, died in training, revived."""
+    """Fate of one site's channels over the timeline: dead at init, died in training, revived.
+
+    Steps are those an entry measured: a monitor's snapshot covers its window, steps ``first_step`` to
+    ``step - 1`` (``step`` counts the steps done when it was taken); an entry without ``first_step`` (a
+    probe-set point) covers its ``step`` only."""
 
     at_init: tuple[int, ...]  # dead at the first entry and still dead at the last
     died: tuple[int, ...]  # dead at the last entry, not at the first
     revived: tuple[int, ...]  # dead at some entry, alive at the last
-    died_steps: tuple[int, ...]  # the step each channel of ``died`` was first seen dead
-    first_step: int
-    last_step: int
+    died_windows: tuple[Window, ...]  # the window of the entry that first saw each channel of ``died`` dead
+    first_window: Window
+    last_window: Window
+
+    @property
+    def died_steps(self) -> tuple[int, ...]:
+        """The first step of the window that first saw each channel of ``died`` dead: dead since then."""
+        return tuple(lo for lo, _ in self.died_windows)
+
+    @property
+    def first_step(self) -> int:
+        return self.first_window[0]
+
+    @property
+    def last_step(self) -> int:
+        return self.last_window[1]
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,20 @@ class AccuracyPoint:
 def _step(entry: Mapping[str, Any], index: int) -> int:
     step = entry.get("step", entry.get("epoch", index))
     return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else index
+
+
+def window_of(entry: Mapping[str, Any], index: int) -> Window:
+    """The steps ``entry`` measured: first_step..step-1 for a monitor's window, else its step alone."""
+    step, first = _step(entry, index), entry.get("first_step")
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and int(first) < step:
+        return int(first), step - 1
+    return step, step
+
+
+def at_steps(window: Window) -> str:
+    """``"at step 40"`` for a point, ``"over steps 10-14"`` for a window."""
+    lo, hi = window
+    return f"at step {lo}" if lo == hi else f"over steps {lo}-{hi}"
 
 
 def _site_entry(entry: Mapping[str, Any], site: str) -> Mapping[str, Any] | None:
@@ -87,20 +121,20 @@ def dead_history(timeline: Sequence[Mapping[str, Any]], site: str) -> DeadHistor
     first, last = entries[0][2], entries[-1][2]
     assert first is not None and last is not None
     ever: set[int] = set()
-    first_seen: dict[int, int] = {}
+    first_seen: dict[int, Window] = {}
     for i, e, dead in entries:
         assert dead is not None
         ever |= dead
         for c in dead:
-            first_seen.setdefault(c, _step(e, i))
+            first_seen.setdefault(c, window_of(e, i))
     died = tuple(sorted(last - first))
     return DeadHistory(
         at_init=tuple(sorted(first & last)),
         died=died,
         revived=tuple(sorted(ever - last)),
-        died_steps=tuple(first_seen[c] for c in died),
-        first_step=_step(entries[0][1], entries[0][0]),
-        last_step=_step(entries[-1][1], entries[-1][0]),
+        died_windows=tuple(first_seen[c] for c in died),
+        first_window=window_of(entries[0][1], entries[0][0]),
+        last_window=window_of(entries[-1][1], entries[-1][0]),
     )
 
 

@@ -19,7 +19,7 @@ from deadneuron.report import Report
 from deadneuron.rules.common import ids_text, lr_change_text, plural
 from deadneuron.rules.context import RuleContext, bn_scales
 from deadneuron.rules.model import Evidence, Hit, Rule, RuleSet, Severity, Threshold
-from deadneuron.rules.timeline import DeadHistory, dead_history, timeline_sites
+from deadneuron.rules.timeline import DeadHistory, at_steps, dead_history, timeline_sites, window_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -102,11 +102,11 @@ def _dying(report: Report, context: RuleContext, t: Mapping[str, float]) -> list
     if not picked:
         return []
     since = min(min(h.died_steps) for h in histories.values())
-    first_seen = {site: f", first seen dead at step {min(h.died_steps)}" for site, h in histories.items()}
+    first_seen = {site: f", first seen dead {at_steps(min(h.died_windows))}" for site, h in histories.items()}
     first = next(iter(histories.values()))
     values = {
-        "count": sum(len(v) for v in picked.values()), "since": since, "first": first.first_step,
-        "last": first.last_step, "per_site": _per_site(picked, sizes, first_seen),
+        "count": sum(len(v) for v in picked.values()), "since": since, "first": at_steps(first.first_window),
+        "last": at_steps(first.last_window), "per_site": _per_site(picked, sizes, first_seen),
         "lr_change": lr_change_text(context, 0.5),
     }  # fmt: skip
     return [Hit(_evidence(picked, sizes, t, "died_channels"), values, tuple(picked), picked)]
@@ -119,7 +119,7 @@ CHANNELS_DYING = Rule(
     reads=("context.health_timeline: dead_channels per site and step",),
     thresholds=(MIN_CHANNELS, MIN_FRACTION),
     predicate=_dying,
-    message=("{count} channels have been dying since step {since}: alive at step {first}, dead at step {last} "
+    message=("{count} channels have been dying since step {since}: alive {first}, dead {last} "
              "(their pre-activation in the flat region on every element): {per_site}."),
     suggestion=("Lower the {lr_change}; where the activation is a ReLU, LeakyReLU(0.01) keeps a gradient "
                 "flowing through channels that go negative; or re-initialise them (ReDo)."),
@@ -133,7 +133,7 @@ def _revived(report: Report, context: RuleContext, t: Mapping[str, float]) -> li
     picked, sizes, histories = _history_hits(report, context, t, "revived")
     if not picked:
         return []
-    last = next(iter(histories.values())).last_step
+    last = at_steps(next(iter(histories.values())).last_window)
     values = {"count": sum(len(v) for v in picked.values()), "last": last, "per_site": _per_site(picked, sizes, {})}
     return [Hit(_evidence(picked, sizes, t, "revived_channels"), values, tuple(picked), picked)]
 
@@ -145,7 +145,7 @@ CHANNELS_REVIVED = Rule(
     reads=("context.health_timeline: dead_channels per site and step",),
     thresholds=(MIN_CHANNELS, MIN_FRACTION),
     predicate=_revived,
-    message="{count} channels were dead at some timeline point and fire again at step {last}: {per_site}.",
+    message="{count} channels were dead at some timeline point and fire again {last}: {per_site}.",
     suggestion=("A dead window is not always death: what feeds them changed. Judge a channel by the last "
                 "points of the timeline."),
 )
@@ -156,8 +156,8 @@ def _dead_from_start(report: Report, context: RuleContext, t: Mapping[str, float
     if not picked:
         return []
     first = next(iter(histories.values()))
-    values = {"count": sum(len(v) for v in picked.values()), "first": first.first_step, "last": first.last_step,
-              "per_site": _per_site(picked, sizes, {})}  # fmt: skip
+    values = {"count": sum(len(v) for v in picked.values()), "first": at_steps(first.first_window),
+              "last": at_steps(first.last_window), "per_site": _per_site(picked, sizes, {})}  # fmt: skip
     return [Hit(_evidence(picked, sizes, t, "dead_from_start_channels"), values, tuple(picked), picked)]
 
 
@@ -168,8 +168,8 @@ DEAD_FROM_START = Rule(
     reads=("context.health_timeline: dead_channels at the first and last step",),
     thresholds=(MIN_CHANNELS, MIN_FRACTION),
     predicate=_dead_from_start,
-    message=("{count} channels were dead at the first timeline point (step {first}) and still are at step "
-             "{last}: {per_site}. Training did not kill them; initialisation or the data left them dead."),
+    message=("{count} channels were dead at the first timeline point ({first}) and still are {last}: "
+             "{per_site}. Training did not kill them; initialisation or the data left them dead."),
     suggestion="Re-initialise them (ReDo), or check the initialisation and the scale of the layer's input.",
 )
 
@@ -233,7 +233,8 @@ def _growth(report: Report, context: RuleContext, t: Mapping[str, float]) -> lis
     evidence = tuple(Evidence("abs_mean_growth", a1 / a0, t["factor"], ">=", site) for site, (a0, a1, _) in grown.items())
     per_site = "; ".join(f"{site} {compact(a0)} -> {compact(a1)} ({a1 / a0:.0f}x, largest |a| {compact(m)})"
                          for site, (a0, a1, m) in grown.items())  # fmt: skip
-    values = {"where": plural(len(grown), "site"), "first": first.get("step"), "last": last.get("step"),
+    values = {"where": plural(len(grown), "site"), "first": at_steps(window_of(first, 0)),
+              "last": at_steps(window_of(last, len(context.timeline) - 1)),
               "per_site": per_site, "lr_change": lr_change_text(context, 0.5)}  # fmt: skip
     return [Hit(evidence, values, tuple(grown))]
 
@@ -246,7 +247,7 @@ ACTIVATION_GROWTH = Rule(
     thresholds=(Threshold("factor", 10.0, "growth of mean |a| from the first to the last entry", lo=1.0),
                 Threshold("min_abs_mean", 1.0, "and mean |a| at the last entry at least", lo=0.0)),  # fmt: skip
     predicate=_growth,
-    message="Mean |activation| grew at {where} from step {first} to step {last}: {per_site}.",
+    message="Mean |activation| grew at {where} from the first timeline point ({first}) to the last ({last}): {per_site}.",
     suggestion=("Activations that keep growing end in Inf/NaN: lower the {lr_change}, clip gradients "
                 "(torch.nn.utils.clip_grad_norm_), or normalise before the activation."),
 )
