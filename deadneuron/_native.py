@@ -200,7 +200,7 @@ _tried = False
 
 
 def load() -> NativeStats | None:
-    """The kernel, built on the first call of the process (about 0.3 s; cached on disk after)."""
+    """The kernel, built on the first call of the process (5-6 s of compiling on a 2-core CPU, once: cached on disk after)."""
     global _loaded, _error, _tried
     if not _tried:
         _tried = True
