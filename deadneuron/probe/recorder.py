@@ -25,7 +25,7 @@ from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_info
-from deadneuron.probe.leaves import quiet_leaf
+from deadneuron.probe.leaves import hooked_modules, quiet_leaf
 from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output
 from deadneuron.probe.modestack import on_stack, pop_if_top, remove_mode
@@ -35,7 +35,7 @@ from deadneuron.probe.site import Site, SiteResult, shown_name, site_globs, site
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
-from deadneuron.wrappers import unwrap, user_named_modules
+from deadneuron.wrappers import unwrap
 
 # The autograd graph task on this thread (-1 outside backward). A forward pass inside backward is checkpointing
 # recomputing a segment (torch.utils.checkpoint), not a batch: every hook ignores it.
@@ -151,7 +151,7 @@ class Recorder:
                     m.train(training)
 
     def _register(self) -> None:
-        named = [(name, m, self.activations.spec_for_module(m)) for name, m in user_named_modules(self.model)]
+        named = [(name, m, self.activations.spec_for_module(m)) for name, m in hooked_modules(self.model)]
         for name, m, spec in self.coverage.scan(named):  # TorchScript modules left out: they take no hooks
             self._names[m] = name
             self._by_name[name] = m
