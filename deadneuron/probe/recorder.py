@@ -161,7 +161,8 @@ class Recorder:
                 leaf = name.rsplit(".", 1)[-1]
                 leaf = leaf if leaf and not leaf.isdigit() else spec.kind_name  # an index says less
                 self._specs[m] = (spec, self._region(spec), name, leaf, (name,), (name, True), [])
-                self._hook(m, self._activation_pre_hook, self._activation_hook)
+                # its output as its forward returned it, before forward hooks of the model's own change it
+                self._hook(m, self._activation_pre_hook, self._activation_hook, first=bool(m._forward_hooks))
                 if m is not self.model:
                     continue
             elif m is not self.model and (spec is not None or quiet_leaf(m)):  # incl. a select's left-outs
@@ -169,9 +170,8 @@ class Recorder:
                 continue
             self._hook(m, self._enter_hook, self._exit_hook)  # the model, and every other module
 
-    def _hook(self, m: nn.Module, pre: Callable[..., None], post: Callable[..., None]) -> None:
-        self._handles.append(m.register_forward_pre_hook(pre))
-        self._handles.append(m.register_forward_hook(post))
+    def _hook(self, m: nn.Module, pre: Callable[..., None], post: Callable[..., None], *, first: bool = False) -> None:
+        self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post, prepend=first)]
 
     def _module_selected(self, name: str, spec: ActivationSpec) -> bool:
         if self.select is None or matches((name, spec.kind_name, f"kind:{spec.kind_name}"), self.select):
