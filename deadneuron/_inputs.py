@@ -68,6 +68,17 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def refuse_meta(model: nn.Module) -> None:
+    """A UsageError for a model whose parameters or buffers are on the meta device (built under
+    ``torch.device("meta")`` or an empty-weights context): they hold shapes, no values to measure."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_meta:
+            raise UsageError(f"{'parameter' if isinstance(t, nn.Parameter) else 'buffer'} {name!r} of the model "
+                             f"({type(model).__name__}) is on the meta device: it holds no values to measure; load "
+                             "the weights first (model.to_empty(device='cpu') then model.load_state_dict(state), or "
+                             "model.load_state_dict(state, assign=True))")  # fmt: skip
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     """A batch on ``device``: tensors moved, mappings, tuples, lists and named tuples walked, objects with a
     ``.to`` method asked to move, anything else as it is."""

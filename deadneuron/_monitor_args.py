@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from deadneuron._inputs import refuse_meta
 from deadneuron.errors import UsageError
 
 
@@ -20,6 +21,7 @@ def positive_int(value: object, name: str, *, lo: int = 1) -> int:
 def module_arg(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UsageError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_meta(model)
     return model
 
 

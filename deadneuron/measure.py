@@ -24,6 +24,7 @@ from deadneuron._inputs import (
     batches_of,
     default_forward,
     model_device,
+    refuse_meta,
     resolve_device,
     to_device,
 )
@@ -105,6 +106,7 @@ def measure(
     check_delta(delta)
     model, notes = unwrap(model)
     _refuse_lazy(model)
+    refuse_meta(model)
     notes += wrapper_notes(model)  # FSDP / checkpoint wrappers: their forward runs, their names go
     dev = resolve_device(device) if device is not None else model_device(model)
     across_ranks = distributed and distributed_active()

@@ -187,6 +187,19 @@ def test_a_lazy_batchnorm_without_affine_parameters_is_refused_too() -> None:
         deadneuron.audit(model, [torch.randn(2, 3, 4, 4)], progress=False)
 
 
+def test_a_model_on_the_meta_device_is_refused_with_one_clear_line() -> None:
+    # built under torch.device("meta") (or an init_empty_weights context): shapes, no values to measure
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    for batch in (torch.randn(5, 4), torch.randn(5, 4, device="meta")):
+        with pytest.raises(deadneuron.DeadneuronError, match=r"'0\.weight'.*meta device.*load_state_dict"):
+            deadneuron.audit(model, [batch], progress=False)
+    with pytest.raises(deadneuron.DeadneuronError, match=r"'0\.weight'.*meta device"):
+        deadneuron.Monitor(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.is_meta and p.requires_grad for p in model.parameters()) and model.training
+
+
 class CachingModel(nn.Module):
     """Caches in its forward, as rotary embeddings do: a buffer grown to the sequence length, a plain attribute."""
 

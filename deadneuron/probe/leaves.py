@@ -1,8 +1,18 @@
-"""torch.nn leaves that never call an activation: the functional probe is suspended inside them."""
+"""torch.nn leaves that never call an activation: the functional probe is suspended inside them.
+
+So it is inside a parametrization (`torch.nn.utils.parametrize`: weight_norm, spectral_norm, a user's
+``Symmetric`` or ``softplus`` of a weight): what runs there transforms a parameter, never an activation, so
+the modules inside it are no sites, no unknown activations, and the functions they call are not measured.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
+
+from deadneuron.wrappers import user_named_modules
 
 # torch.nn leaves that never call an activation: no functional activation can run inside them, so
 # they stay off the module stack and the functional probe is suspended while they run (their hooks
@@ -32,8 +42,20 @@ _QUIET = (
 
 
 def quiet_leaf(m: nn.Module) -> bool:
-    return (
+    return isinstance(m, ParametrizationList) or (
         isinstance(m, _QUIET)
         and not m._modules
         and getattr(type(m).forward, "__module__", "").startswith("torch.nn.modules.")
     )
+
+
+def hooked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules the probe hooks, under the user's names (`user_named_modules`), less those inside a
+    parametrization's `ParametrizationList` (which stays: a quiet leaf, the functional probe off inside it)."""
+    inside: tuple[str, ...] = ()
+    for name, m in user_named_modules(model):
+        if name.startswith(inside):
+            continue
+        if isinstance(m, ParametrizationList):
+            inside = (*inside, f"{name}.")
+        yield name, m

@@ -25,7 +25,7 @@ from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_info
-from deadneuron.probe.leaves import quiet_leaf
+from deadneuron.probe.leaves import hooked_modules, quiet_leaf
 from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output
 from deadneuron.probe.modestack import on_stack, pop_if_top, remove_mode
@@ -35,7 +35,7 @@ from deadneuron.probe.site import Site, SiteResult, shown_name, site_globs, site
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
-from deadneuron.wrappers import unwrap, user_named_modules
+from deadneuron.wrappers import unwrap
 
 # The autograd graph task on this thread (-1 outside backward). A forward pass inside backward is checkpointing
 # recomputing a segment (torch.utils.checkpoint), not a batch: every hook ignores it.
@@ -151,7 +151,7 @@ class Recorder:
                     m.train(training)
 
     def _register(self) -> None:
-        named = [(name, m, self.activations.spec_for_module(m)) for name, m in user_named_modules(self.model)]
+        named = [(name, m, self.activations.spec_for_module(m)) for name, m in hooked_modules(self.model)]
         for name, m, spec in self.coverage.scan(named):  # TorchScript modules left out: they take no hooks
             self._names[m] = name
             self._by_name[name] = m
@@ -161,7 +161,8 @@ class Recorder:
                 leaf = name.rsplit(".", 1)[-1]
                 leaf = leaf if leaf and not leaf.isdigit() else spec.kind_name  # an index says less
                 self._specs[m] = (spec, self._region(spec), name, leaf, (name,), (name, True), [])
-                self._hook(m, self._activation_pre_hook, self._activation_hook)
+                # its output as its forward returned it, before forward hooks of the model's own change it
+                self._hook(m, self._activation_pre_hook, self._activation_hook, first=bool(m._forward_hooks))
                 if m is not self.model:
                     continue
             elif m is not self.model and (spec is not None or quiet_leaf(m)):  # incl. a select's left-outs
@@ -169,9 +170,8 @@ class Recorder:
                 continue
             self._hook(m, self._enter_hook, self._exit_hook)  # the model, and every other module
 
-    def _hook(self, m: nn.Module, pre: Callable[..., None], post: Callable[..., None]) -> None:
-        self._handles.append(m.register_forward_pre_hook(pre))
-        self._handles.append(m.register_forward_hook(post))
+    def _hook(self, m: nn.Module, pre: Callable[..., None], post: Callable[..., None], *, first: bool = False) -> None:
+        self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post, prepend=first)]
 
     def _module_selected(self, name: str, spec: ActivationSpec) -> bool:
         if self.select is None or matches((name, spec.kind_name, f"kind:{spec.kind_name}"), self.select):
