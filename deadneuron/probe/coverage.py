@@ -75,8 +75,15 @@ def unknown_reason(m: nn.Module) -> str | None:
     if isinstance(m, nn.GLU):
         return GLU_REASON
     if looks_like_activation(type(m).__name__):
-        return "looks like an activation but is not a recognised kind, so it is not measured"
+        return _QUANTIZED_REASON if type(m).__module__.startswith("torch.ao.") else \
+            "looks like an activation but is not a recognised kind, so it is not measured"
     return None
+
+
+# torch.ao's quantized fused modules (LinearReLU, ConvReLU2d after quantize_dynamic / convert): no elementwise
+# function of theirs could be registered, the activation runs inside their own kernel.
+_QUANTIZED_REASON = ("is a quantized module that applies its activation inside its own kernel, so the activation is "
+                     "not measured: audit the float model, before quantization")
 
 
 @dataclass
@@ -208,6 +215,6 @@ def _matches(name: str, other: str, select: Sequence[str]) -> bool:
 
 
 def _advice(cls: str, reason: str) -> str:
-    if reason == GLU_REASON:
+    if reason in (GLU_REASON, _QUANTIZED_REASON):
         return ""
     return f": register it with deadneuron.register_activation({cls}, fn) (fn: its elementwise function)"
