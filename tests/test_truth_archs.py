@@ -1,7 +1,8 @@
 """Truth on more architectures: each audit equals an oracle computed with numpy from the pre-activations
 the model produced (stored by forward hooks of the test's own, not deadneuron's), or says why it cannot.
 
-Covered: Hugging Face T5, whose batches hold an encoder mask and a decoder mask.
+Covered: a mixture of experts whose expert gets no token; Hugging Face T5, whose batches hold an encoder
+mask and a decoder mask.
 """
 
 from __future__ import annotations
@@ -128,6 +129,49 @@ def by_module(report: deadneuron.Report, module: str) -> list[deadneuron.SiteHea
 
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1)
+
+
+# --- a mixture of experts: an expert that gets no token ----------------------------------------------
+
+
+class MoE(nn.Module):
+    """Top-1 routing over Linear + GELU experts; the router never picks the last expert."""
+
+    def __init__(self, d: int = 6, hidden: int = 8, experts: int = 3) -> None:
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+                                     for _ in range(experts))  # fmt: skip
+        with torch.no_grad():
+            self.router.bias[-1] = -100.0
+            self.experts[0][0].bias[3] = -50.0  # planted: dead wherever expert 0 runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        choice = self.router(tokens).argmax(-1)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            picked = (choice == e).nonzero().squeeze(-1)
+            out.index_add_(0, picked, expert(tokens[picked]))
+        return out.view_as(x)
+
+
+def test_moe_experts_match_the_oracle_and_an_expert_without_tokens_is_named() -> None:
+    torch.manual_seed(0)
+    model, g = MoE(), gen()
+    batches = [torch.randn(2, 5, 6, generator=g), torch.randn(3, 4, 6, generator=g)]
+    calls = recorded(model, batches, (nn.GELU,))
+    report = audit(model, batches)
+    for name in ("experts.0.1", "experts.1.1"):
+        assert sum(z.shape[0] for z, _ in calls.calls[name]) > 0
+        (site,) = by_module(report, name)
+        assert_site(site, oracle(calls.calls[name], -1, "gelu"), "gelu")
+    assert 3 in by_module(report, "experts.0.1")[0].dead_channels
+    assert all(z.shape[0] == 0 for z, _ in calls.calls["experts.2.1"])  # the oracle: it never saw a token
+    (empty,) = by_module(report, "experts.2.1")
+    assert empty.n == 0 and empty.dead_channels == () and empty.dormant_channels == ()
+    named = [w for w in report.meta["warnings"] if empty.name in w]
+    assert named and "no element" in named[0], report.meta["warnings"]
 
 
 # --- Hugging Face T5: an encoder mask and a decoder mask ---------------------------------------------
