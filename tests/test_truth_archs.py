@@ -240,3 +240,17 @@ def test_t5_each_side_audited_with_its_own_mask_matches_the_oracle() -> None:
         (site,) = by_module(side, name)
         assert site.masked
         assert_site(site, figures, "relu")
+
+
+def test_t5_gated_feed_forward_block_is_not_named_as_an_activation() -> None:
+    """T5's gated-gelu: its tanh-approximated GELU (NewGELUActivation) is named as measured through tanh; the
+    feed-forward block around it (T5DenseGatedActDense: two Linear layers, dropout, the activation) is no
+    activation, and registering it as one (what a warning naming it advises) would measure the whole block."""
+    model = _t5("gated-gelu")
+    report = audit(model, _t5_batches([(2, 5, 4)]))
+    acts = {n for n, m in model.named_modules() if type(m).__name__ == "NewGELUActivation"}
+    blocks = {n for n, m in model.named_modules() if type(m).__name__ == "T5DenseGatedActDense"}
+    assert acts and blocks
+    warned = report.meta["warnings"]
+    assert all(any(f"module {name!r}" in w for w in warned) for name in acts), warned
+    assert not any(f"module {name!r}" in w for name in blocks for w in warned), warned
