@@ -137,7 +137,8 @@ def measure(
     results = part.results()
     if not results:
         raise UsageError(_nothing_measured(rec, select, functional))
-    warnings = [*part.warnings, *_unmatched_select(results, select), *_mask_warnings(results, part.mask, mask)]
+    warnings = [*part.warnings, *_unmatched_select(results, select), *_mask_warnings(results, part.mask, mask),
+                *_empty_sites(results)]
     metrics: dict[str, float] = {}
     if adapter is not None and part.metric_sums:
         metrics = dict(adapter.summarize_metrics({k: float(v.sum()) for k, v in part.metric_sums.items()}))
@@ -261,6 +262,17 @@ def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ..
             "only (their shape did not fit it on the others): their figures count padding on those batches"
         )
     return out
+
+
+def _empty_sites(results: Sequence[SiteResult]) -> list[str]:
+    """Sites that ran but saw no element (an expert no token was routed to, every position padding): their
+    figures (sparsity 0, no dead channel) say nothing."""
+    empty = [r.name for r in results if r.summary.n == 0]
+    if not empty:
+        return []
+    shown = ", ".join(empty[:4]) + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
+    return [f"site{'s' if len(empty) > 1 else ''} {shown} ran but saw no element on the audit set (every call had an "
+            "empty input, or padding alone): nothing was measured there; audit on data that reaches them"]
 
 
 def _placements(results: Sequence[SiteResult]) -> dict[str, Any]:

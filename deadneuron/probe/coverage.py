@@ -111,11 +111,14 @@ class Coverage:
         named = [(name, m, spec) for name, m, spec in named if not isinstance(m, torch.jit.ScriptModule)]
         recognised = {m for _, m, spec in named if spec is not None}
         inside = tuple(f"{name}." for name, _, spec in named if spec is not None and name)
+        # a module holding an activation module (recognised, or one named here itself) is made of it, so it is
+        # not one (T5's T5DenseGatedActDense holding its NewGELUActivation)
+        acts = recognised | {m for _, m, spec in named if spec is None and unknown_reason(m) is not None}
         for name, m, spec in named:
             if spec is not None or (name == "" and m._modules) or name.startswith(inside):
                 continue  # a model is no activation unless a leaf; nor is what a measured one holds
             reason = unknown_reason(m)
-            if reason is not None and (isinstance(m, nn.GLU) or not any(s in recognised for s in m.modules())):
+            if reason is not None and (isinstance(m, nn.GLU) or not any(s in acts for s in m.modules() if s is not m)):
                 self.unknown[name] = (type(m).__name__, reason)
             elif reason is None and suspect(m):
                 self.suspects[m] = name

@@ -213,7 +213,7 @@ def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) ->
     if problem is not None:
         return MaskChoice(None, None, f"attention_mask {problem}: padding positions are counted as data "
                                       "(pass mask=KEY / --mask KEY, or a callable)")
-    return MaskChoice(mask.to(device=device, dtype=torch.bool), ATTENTION_MASK)
+    return MaskChoice(mask.to(device=device, dtype=torch.bool), ATTENTION_MASK, _decoder_warning(batch))
 
 
 def _auto_problem(mask: Any, tokens: tuple[str, torch.Tensor] | None) -> str | None:
@@ -246,7 +246,7 @@ def _keyed(key: str, batch: Any, batch_size: int, device: torch.device) -> torch
             keys = ", ".join(repr(k) for k in batch) or "none"
             raise UsageError(f"mask key {key!r} is not in the batch (its keys: {keys}); pass one of them, or no mask")
         mask = batch[key]
-        for name in TOKEN_KEYS:
+        for name in _tokens_of(key):
             tokens = batch.get(name)
             if isinstance(tokens, torch.Tensor) and isinstance(mask, torch.Tensor) and (
                 mask.dim() == 0 or tuple(tokens.shape[: mask.dim()]) != tuple(mask.shape)
@@ -262,6 +262,29 @@ def _keyed(key: str, batch: Any, batch_size: int, device: torch.device) -> torch
     fields = [k for k, v in vars(batch).items() if isinstance(v, torch.Tensor)] if hasattr(batch, "__dict__") else []
     has = f" (its tensors: {', '.join(fields)})" if fields else ""
     raise UsageError(f"mask key {key!r} needs dict batches, got a {type(batch).__name__}{has}")
+
+
+def _tokens_of(key: str) -> tuple[str, ...]:
+    """The token keys a mask key is checked against: ``decoder_attention_mask`` against ``decoder_input_ids``
+    (an encoder-decoder batch's other sequence), any other key against ``input_ids`` / ``inputs_embeds``."""
+    prefix = key[: -len(ATTENTION_MASK)] if key.endswith(ATTENTION_MASK) else ""
+    return tuple(prefix + name for name in TOKEN_KEYS)
+
+
+def _decoder_warning(batch: Mapping[Any, Any]) -> str | None:
+    """A warning where a dict batch feeds a decoder too (``decoder_input_ids``): the default mask, the encoder's
+    ``attention_mask``, also applies at decoder sites whose length is the encoder's, and leaves the decoder's own
+    padding counted as data."""
+    tokens = next((k for k in _tokens_of("decoder_" + ATTENTION_MASK) if isinstance(batch.get(k), torch.Tensor)), None)
+    if tokens is None:
+        return None
+    own = "decoder_" + ATTENTION_MASK
+    side = (f"mask={own!r} / --mask {own}" if isinstance(batch.get(own), torch.Tensor)
+            else "a mask of the decoder's positions (mask=KEY or a callable)")  # fmt: skip
+    return (f"the batches feed a decoder too ({tokens!r}): the default mask, 'attention_mask', is the encoder's; it "
+            "applies at every site whose shape fits it, decoder sites as long as the encoder's input included, and "
+            f"the decoder's padding counts as data: audit each side on its own, the encoder's sites (select, e.g. "
+            f"'encoder.*') with the default mask and the decoder's (e.g. 'decoder.*') with {side}")
 
 
 def _checked(mask: Any, what: str, batch: Any, batch_size: int, device: torch.device) -> torch.Tensor:
