@@ -220,7 +220,7 @@ def test_gpt2_left_and_right_padding_is_left_out() -> None:
         (site,) = by_module(report, name)
         assert site.masked
         want = oracle(cs, -1, "gelu", valid)
-        assert site.channel_axis == 2  # GPT-2's Conv1D (addmm) fixes no axis: the guess is marked and right
-        assert_site(site, want, "gelu", guessed_ok=True)
-        assert site.axis_source == "producer" or any(f.rule == "axis-guessed" and site.name in f.sites
-                                                     for f in report.findings)  # fmt: skip
+        assert site.channel_axis == 2  # GPT-2's Conv1D (addmm on the last dim) is a channel-last producer
+        assert_site(site, want, "gelu")
+        assert site.axis_source == "producer"
+    assert not [f for f in report.findings if f.rule == "axis-guessed"]

@@ -80,10 +80,13 @@ class OutputLayout(Enum):
 
 def _fixes_axis(m: nn.Module) -> bool:
     """Whether ``m``'s type fixes its output's channel axis: a layer norm over several trailing dims
-    (``LayerNorm([C, H, W])`` on a conv map) keeps its input's instead, its last dim being no channel dim."""
+    (``LayerNorm([C, H, W])`` on a conv map) keeps its input's instead, its last dim being no channel dim.
+    Hugging Face's ``Conv1D`` (GPT-2's linear layer, ``addmm`` on its input's last dim) is a channel-last
+    producer as ``nn.Linear`` is; it is told by its class, transformers not imported."""
     if isinstance(m, _MULTI_DIM_NORMS) and len(getattr(m, "normalized_shape", ())) > 1:
         return False
-    return isinstance(m, _PRODUCERS)
+    cls = type(m)
+    return isinstance(m, _PRODUCERS) or (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."))
 
 
 def output_layout(m: nn.Module, *, keeps_layout: bool = False) -> OutputLayout | None:
