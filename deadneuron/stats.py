@@ -49,9 +49,9 @@ def channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
         return x.reshape(1, 1, 1)
     axis = axis % x.dim()
     c = x.shape[axis]
-    if axis == x.dim() - 1:
-        return x.reshape(-1, c, 1)
-    return x.reshape(int(torch.Size(x.shape[:axis]).numel()), c, -1)
+    outer = int(torch.Size(x.shape[:axis]).numel())
+    # every size given: a -1 is ambiguous where the tensor holds no element (a batch of 0, a width of 0)
+    return x.reshape(outer, c, int(torch.Size(x.shape[axis + 1 :]).numel()))
 
 
 @dataclass(frozen=True)

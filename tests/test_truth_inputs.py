@@ -1,0 +1,72 @@
+"""Tensors researchers feed an audit: empty dims, dtypes no activation statistic is defined for, nested
+tensors. Figures are checked against numpy over the tensors the model's own activation saw (a forward hook
+of the test's, not deadneuron's); unsupported input gets one clear line and leaves the model as found."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import deadneuron
+
+
+class Seen:
+    """The (z, a) pairs an activation module saw, stored by a forward hook of the test's own."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        self.pairs.append((args[0].detach().double().numpy().copy(), out.detach().double().numpy().copy()))
+
+    def rows(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """z and a as (elements, channels)."""
+        def flat(t: np.ndarray) -> np.ndarray:
+            return np.moveaxis(t, axis % t.ndim, -1).reshape(-1, t.shape[axis % t.ndim])
+        return (np.concatenate([flat(z) for z, _ in self.pairs]), np.concatenate([flat(a) for _, a in self.pairs]))
+
+
+def _run_model(model: nn.Module, batches: list[torch.Tensor], act: nn.Module) -> Seen:
+    seen = Seen(act)
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    seen.handle.remove()
+    return seen
+
+
+def _hooks(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+
+
+def test_conv_batches_with_an_empty_batch_match_the_oracle() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+    batches = [torch.randn(0, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(0, 3, 5, 5), torch.randn(1, 3, 2, 3)]
+    z, a = _run_model(model, batches, model[1]).rows(1)
+    for compile in (True, False):
+        report = deadneuron.audit(model, batches, rules=False, compile=compile)
+        site = report.sites["1"]
+        assert site.n == z.shape[0] == 2 * 16 + 6
+        np.testing.assert_array_equal(np.round(np.array(site.channel_zero) * site.n), (a == 0).sum(0))
+        np.testing.assert_array_equal(np.round(np.array(site.channel_flat) * site.n), (z <= 0).sum(0))
+        np.testing.assert_allclose(site.channel_mean, a.mean(0), rtol=1e-6)
+        assert report.meta["batches"] == 4 and report.meta["samples"] == 3
+
+
+def test_a_site_with_no_channel_is_measured_as_empty_not_a_crash() -> None:
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(x[:, :0])  # a width-0 slice (a config with no extra features)
+
+    model = Split().eval()
+    report = deadneuron.audit(model, [torch.randn(4, 3)], rules=False)
+    assert report.sites["relu"].channels == 0
+    assert report.sites["relu"].dead_channels == ()
+    assert _hooks(model) == [0, 0]
