@@ -302,7 +302,8 @@ def _nothing_measured(rec: Recorder, select: Sequence[str] | None, functional: b
     if select and left_out:
         shown = ", ".join(left_out[:6]) + (f" and {len(left_out) - 6} more" if len(left_out) > 6 else "")
         return f"select {globs} matched no activation site (sites: {shown}); check the globs against these names"
-    found = f"{rec.coverage.modules} modules, no recognised activation module"
+    found = f"{rec.coverage.modules} modules, " + ("no activation module called on floating-point input"
+                                                 if rec.coverage.dtypes else "no recognised activation module")
     found += ", no functional activation called" if functional else " (functional activations not probed)"
     unknown = rec.warnings()
     tail = f"; {'; '.join(unknown)}" if unknown else "; declare your own with deadneuron.register_activation"

@@ -5,10 +5,12 @@ of the test's, not deadneuron's); unsupported input gets one clear line and leav
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import deadneuron
+from deadneuron.errors import AuditRuntimeError, UsageError
 
 
 class Seen:
@@ -70,3 +72,45 @@ def test_a_site_with_no_channel_is_measured_as_empty_not_a_crash() -> None:
     assert report.sites["relu"].channels == 0
     assert report.sites["relu"].dead_channels == ()
     assert _hooks(model) == [0, 0]
+
+
+def test_complex_input_to_an_activation_module_is_named_not_called_unrecognised() -> None:
+    model = nn.Sequential(nn.Linear(6, 5).to(torch.complex64), nn.Tanh()).eval()
+    with pytest.raises(UsageError) as err:
+        deadneuron.audit(model, [torch.randn(4, 6, dtype=torch.complex64)], rules=False)
+    line = str(err.value)
+    assert "'1'" in line and "complex64" in line and "\n" not in line
+    assert "no recognised activation module" not in line  # there is one: Tanh, fed complex numbers
+    assert _hooks(model) == [0, 0, 0]
+
+
+def test_an_integer_site_beside_measured_ones_is_named_in_a_warning() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act, self.codes = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(x) + self.codes((x * 4).to(torch.int8)).float()
+
+    model = Mixed().eval()
+    x = torch.randn(5, 3)
+    report = deadneuron.audit(model, [x], rules=False)
+    assert list(report.sites) == ["act"]
+    assert report.sites["act"].n == 5
+    assert any("'codes'" in w and "int8" in w for w in report.meta["warnings"]), report.meta["warnings"]
+
+
+def test_nested_jagged_input_is_one_usage_line_and_the_model_is_left_as_found() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    nt = torch.nested.nested_tensor([torch.randn(3, 6), torch.randn(5, 6)], layout=torch.jagged)
+    with torch.no_grad():
+        model(nt)  # the model itself runs on it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UsageError) as err:
+        deadneuron.audit(model, [nt], rules=False)
+    line = str(err.value)
+    assert "nested" in line and "'1'" in line and "to_padded_tensor" in line and "\n" not in line
+    assert not isinstance(err.value, AuditRuntimeError)
+    assert _hooks(model) == [0, 0, 0, 0] and not model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

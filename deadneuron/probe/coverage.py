@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from deadneuron.activations import ActivationSpec
+from deadneuron.errors import UsageError
 from deadneuron.functional_kinds import GLU_REASON
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class Coverage:
     # those of them seen acting as one (one tensor in, a floating tensor of its shape out)
     suspects: dict[nn.Module, str] = field(default_factory=dict)
     acting: dict[str, str] = field(default_factory=dict)  # module name -> class
+    dtypes: dict[str, tuple[str, str]] = field(default_factory=dict)  # activation module -> (class, input dtype)
 
     def scan(self, named: Sequence[Named]) -> list[Named]:
         """Note the unknown activation modules among ``named`` (name, module, recognised spec): a module
@@ -131,6 +133,15 @@ class Coverage:
                 and out.shape == x.shape and out is not x):  # fmt: skip
             self.acting.setdefault(self.suspects[m], type(m).__name__)
 
+    def readable(self, name: str, m: nn.Module, z: torch.Tensor) -> bool:
+        """Whether activation module ``m``'s input ``z`` is measured: a real floating tensor. Other dtypes
+        (complex, integer, bool) are noted for a warning; a nested tensor stops the audit (`refuse_nested`)."""
+        refuse_nested(z, name)
+        if z.is_floating_point():
+            return True
+        self.dtypes.setdefault(name, (type(m).__name__, str(z.dtype).removeprefix("torch.")))
+        return False
+
     def unmeasured_call(self, owner: str, function: str, reason: str) -> None:
         self.calls.setdefault((owner, function), reason)
 
@@ -155,6 +166,10 @@ class Coverage:
             if owner in self.unknown or (select and not _matches(owner, function, select)):
                 continue
             out.append(f"{function}() called in {owner or 'the model'!r} {reason}")
+        for name, (cls, dtype) in self.dtypes.items():
+            if not select or _matches(name, cls, select):
+                out.append(f"module {name or '(the model)'!r} ({cls}) was called on {dtype} input: not measured there "
+                           "(the figures are defined for real floating-point activations)")
         acting = [(name, cls) for name, cls in self.acting.items() if not _covered(name, owners)]
         if acting and not select:
             shown = ", ".join(f"{name!r} ({cls})" for name, cls in acting[:4]) + (" and more" if len(acting) > 4 else "")
@@ -163,6 +178,15 @@ class Coverage:
                        "no recognised kind, so they are not measured: if one is an activation, register it with "
                        "deadneuron.register_activation(cls, fn) (fn: its elementwise function)")
         return out
+
+
+def refuse_nested(z: torch.Tensor, name: str) -> None:
+    """A UsageError for a nested (jagged) tensor reaching activation ``name``: its figures are read on
+    strided tensors, and the padded equivalent with a mask gives the same figures."""
+    if z.is_nested:
+        raise UsageError(f"activation {name or '(the model)'!r} got a nested tensor of shape {tuple(z.shape)}: "
+                         "deadneuron reads strided tensors; pad the batch (torch.nested.to_padded_tensor(x, 0.0)) "
+                         "and leave the padding out with a mask (mask=... in deadneuron.audit, --mask KEY)")
 
 
 def _inside(name: str, outer: str) -> bool:

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
 from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
+from deadneuron.probe.coverage import refuse_nested
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
@@ -140,6 +141,8 @@ class FunctionalProbe(TorchFunctionMode):
             return func(*args, **kwargs)
         z = first_tensor(args, kwargs) if spec is not None else None
         site = None
+        if z is not None:
+            refuse_nested(z, f"{self._stack[-1][0] if self._stack else ''}.{entry.name}".lstrip("."))
         if z is not None and z.is_floating_point():
             if isinstance(spec, Unmeasured):
                 rec.coverage.unmeasured_call(self._stack[-1][0], entry.name, spec.reason)

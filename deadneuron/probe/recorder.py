@@ -297,7 +297,7 @@ class Recorder:
         z = args[0] if args and isinstance(args[0], torch.Tensor) else None
         site = None
         with torch._C.DisableTorchFunction():
-            if z is not None and z.is_floating_point():
+            if z is not None and self.coverage.readable(name, m, z):
                 site = self._site(key, name, leaf, False, spec, region, z)
                 self._before(site, z, is_inplace(m), relu=type(m) is nn.ReLU)
         pending.append(site)
