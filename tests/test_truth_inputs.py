@@ -114,3 +114,13 @@ def test_nested_jagged_input_is_one_usage_line_and_the_model_is_left_as_found() 
     assert not isinstance(err.value, AuditRuntimeError)
     assert _hooks(model) == [0, 0, 0, 0] and not model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.xfail(strict=True, reason="eps is rounded to the activation's dtype before abs(a) <= eps: float32(1e-30) "
+                   "is above 1e-30, so an activation equal to it counts as zero")
+def test_eps_is_compared_as_given_not_rounded_to_the_activation_dtype() -> None:
+    model = nn.Sequential(nn.ReLU()).eval()
+    x = torch.tensor([[0.0, 1e-30, 2e-30]], dtype=torch.float32)
+    a = torch.relu(x).double().numpy()
+    report = deadneuron.audit(model, [x], rules=False, eps=1e-30)
+    np.testing.assert_array_equal(np.array(report.sites["0"].channel_zero), (np.abs(a) <= 1e-30).sum(0))
