@@ -116,11 +116,15 @@ def test_nested_jagged_input_is_one_usage_line_and_the_model_is_left_as_found() 
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.xfail(strict=True, reason="eps is rounded to the activation's dtype before abs(a) <= eps: float32(1e-30) "
-                   "is above 1e-30, so an activation equal to it counts as zero")
-def test_eps_is_compared_as_given_not_rounded_to_the_activation_dtype() -> None:
-    model = nn.Sequential(nn.ReLU()).eval()
-    x = torch.tensor([[0.0, 1e-30, 2e-30]], dtype=torch.float32)
-    a = torch.relu(x).double().numpy()
-    report = deadneuron.audit(model, [x], rules=False, eps=1e-30)
-    np.testing.assert_array_equal(np.array(report.sites["0"].channel_zero), (np.abs(a) <= 1e-30).sum(0))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_eps_is_compared_as_given_not_rounded_to_the_activation_dtype(dtype: torch.dtype) -> None:
+    """float32(1e-30) is above 1e-30 (and float16(1e-3) above 1e-3): an activation equal to it is not within eps."""
+    eps = 1e-30 if dtype != torch.float16 else 1e-3
+    model = nn.Sequential(nn.ReLU(), nn.Tanh()).eval()  # the one-read ReLU and a two-tensor site
+    x = torch.tensor([[0.0, eps, 2 * eps, -eps]], dtype=torch.float32).to(dtype)
+    for compile in (True, False):
+        report = deadneuron.audit(model, [x], rules=False, eps=eps, compile=compile)
+        a = torch.relu(x).double().numpy()
+        np.testing.assert_array_equal(np.array(report.sites["0"].channel_zero), (np.abs(a) <= eps).sum(0))
+        t = torch.tanh(torch.relu(x)).double().numpy()
+        np.testing.assert_array_equal(np.array(report.sites["1"].channel_zero), (np.abs(t) <= eps).sum(0))

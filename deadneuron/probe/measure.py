@@ -6,6 +6,9 @@ the functional probe. Nothing here keeps a tensor or synchronises with the host.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from deadneuron.probe.masks import BatchMask, masked_channel_view, masked_rows
@@ -24,6 +27,7 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
     `measure_output` skips the call (``site.taken``). Not with a histogram, nor with a padding mask that
     leaves positions of this call out (one that does not fit the site, or has every position valid, is
     noted as `measure_output` notes it)."""
+    eps = eps_in(eps, z.dtype)
     region = site.region
     place = None if mask is None or not relu else place_of(site, z, mask)[0]
     site.taken = (
@@ -81,6 +85,7 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     if site.taken:  # `measure_input` measured the call from z
         site.taken = False
         return
+    eps = eps_in(eps, a.dtype)
     region = site.region
     place, options = place_of(site, a, mask)
     if site.histogram is None and _whole(mask, place):  # every position read: no gathered copy
@@ -144,3 +149,16 @@ def _whole(mask: BatchMask | None, place: Placement | None) -> bool:
     """Whether the statistics read every position: no mask, one that does not fit the site (``place``
     None), or one that fits with every position valid."""
     return mask is None or mask.index is None or place is None
+
+
+@functools.lru_cache(maxsize=64)
+def eps_in(eps: float, dtype: torch.dtype) -> float:
+    """``eps`` for the zero test ``abs(a) <= eps`` on activations of ``dtype``, which every kernel runs in
+    float32 (float16, bfloat16 and float32 activations) or float64: the largest value of that type not above
+    ``eps``, so that the test counts exactly the elements within ``eps`` (float32(1e-30) is above 1e-30)."""
+    if dtype == torch.float64 or eps == 0 or not math.isfinite(eps):
+        return eps
+    e = torch.tensor(eps, dtype=torch.float32)
+    if float(e) > eps:
+        e = torch.nextafter(e, torch.zeros((), dtype=torch.float32))
+    return float(e)
