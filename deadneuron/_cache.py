@@ -40,6 +40,48 @@ def untrusted_reason(folder: Path) -> str | None:
     return None
 
 
+def untrusted_file_reason(path: Path) -> str | None:
+    """Why another user could have written the file ``path`` (which must exist), or None if nobody can:
+    it must be a regular file owned by this user or root, below folders owned by this user or root,
+    none writable by others, nor by a group other than this user's private one (the user-private-group
+    convention, where umask 002 makes everything group-writable), except sticky folders such as /tmp."""
+    if not hasattr(os, "getuid"):
+        return None  # no POSIX owners to judge (Windows)
+    real = Path(os.path.realpath(path))
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{real} is not a regular file"
+    if st.st_uid not in (os.getuid(), 0):
+        return f"{real} is owned by uid {st.st_uid}, not this user (uid {os.getuid()})"
+    if _shared_write(st):
+        return f"{real} is writable by {_writers(st.st_mode)}"
+    for parent in real.parents:
+        st = os.lstat(parent)
+        if st.st_uid not in (os.getuid(), 0):
+            return f"{parent} (above {real.name}) is owned by uid {st.st_uid}"
+        if _shared_write(st) and not st.st_mode & stat.S_ISVTX:
+            return f"{parent} (above {real.name}) is writable by {_writers(st.st_mode)}"
+    return None
+
+
+def _shared_write(st: os.stat_result) -> bool:
+    """Whether someone besides the owner may write: others, or a group that is not the owner's own."""
+    return bool(st.st_mode & stat.S_IWOTH) or (bool(st.st_mode & stat.S_IWGRP) and not _private_group(st.st_gid))
+
+
+def _private_group(gid: int) -> bool:
+    """Whether ``gid`` is this user's private group: named as the user, no other member."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user}
+
+
 def _writers(mode: int) -> str:
     return " and ".join(w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if mode & bit)
 

@@ -1,13 +1,20 @@
 """The rule settings in files: ``[tool.deadneuron]`` in the nearest pyproject.toml, then ``--config FILE``,
-then the flags, parsed by `deadneuron.rules.config` (whose doc shows the tables)."""
+then the flags, parsed by `deadneuron.rules.config` (whose doc shows the tables).
+
+The pyproject.toml is found implicitly, by walking up from the working folder, so it is read only where
+nobody else could have written it (`deadneuron._cache.untrusted_file_reason`): a file in a shared folder
+(``/tmp``, a group-writable checkout) or owned by another user is ignored with a warning, and the walk
+stops there. A ``--config`` file is named explicitly and always read."""
 
 from __future__ import annotations
 
+import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deadneuron._cache import untrusted_file_reason
 from deadneuron.errors import UsageError
 from deadneuron.rules.config import RulesConfig, check_rule_ids, parse_deadneuron_table, parse_overrides
 from deadneuron.rules.model import RuleSet
@@ -19,6 +26,32 @@ def find_pyproject(start: Path) -> Path | None:
         candidate = folder / "pyproject.toml"
         if candidate.is_file():
             return candidate
+    return None
+
+
+def _warn_to_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _trusted_pyproject(path: Path | None, warn: Callable[[str], None]) -> Path | None:
+    """``path`` if nobody but this user (or root) could have written it; else None, with a warning where
+    it holds a [tool.deadneuron] table (another project's file is skipped quietly)."""
+    if path is None:
+        return None
+    try:
+        reason = untrusted_file_reason(path)
+    except OSError as exc:
+        reason = f"cannot check who owns it ({exc.strerror or exc})"
+    if reason is None:
+        return path
+    try:
+        with path.open("rb") as handle:
+            tool = tomllib.load(handle).get("tool")
+    except (OSError, tomllib.TOMLDecodeError):
+        tool = None  # unreadable or malformed: not ours to judge, and it must not stop the command
+    if isinstance(tool, Mapping) and "deadneuron" in tool:
+        warn(f"{path}: [tool.deadneuron] ignored: another user could have written it ({reason}); the built-in "
+             "thresholds apply: pass --config FILE to use a file anyway")  # fmt: skip
     return None
 
 
@@ -52,10 +85,12 @@ def load_config(
     disable: Sequence[str] = (),
     overrides: Sequence[str] = (),
     enabled: bool = True,
+    warn: Callable[[str], None] = _warn_to_stderr,
 ) -> RulesConfig:
-    """Defaults, then pyproject.toml above ``cwd``, then ``config_file``, then the flags."""
+    """Defaults, then pyproject.toml above ``cwd`` (if nobody else could have written it: else ``warn``
+    says it is ignored), then ``config_file``, then the flags."""
     config = RulesConfig(enabled=enabled)
-    pyproject = find_pyproject(cwd if cwd is not None else Path.cwd())
+    pyproject = _trusted_pyproject(find_pyproject(cwd if cwd is not None else Path.cwd()), warn)
     if pyproject is not None:
         tool = read_toml(pyproject).get("tool", {})
         table = tool.get("deadneuron") if isinstance(tool, Mapping) else None

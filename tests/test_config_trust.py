@@ -35,17 +35,38 @@ def collect(messages: list[str]):  # noqa: ANN201
     return messages.append
 
 
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+OTHER_ID = 65534
+
+
 @pytest.mark.parametrize(
     ("folder_mode", "file_mode", "why"),
-    [(0o777, 0o644, "writable by"), (0o775, 0o644, "its group"), (0o755, 0o666, "writable by")],
+    [(0o777, 0o644, "writable by"), (0o755, 0o666, "writable by"), (0o1777, 0o646, "writable by")],
 )
 def test_a_pyproject_others_could_write_is_ignored(tmp_path: Path, folder_mode: int, file_mode: int, why: str) -> None:
+    work = planted(tmp_path, folder_mode=folder_mode, file_mode=file_mode)
     warned: list[str] = []
-    config = load_config(rules=RULES, cwd=planted(tmp_path, folder_mode=folder_mode, file_mode=file_mode),
-                         warn=collect(warned))  # fmt: skip
+    config = load_config(rules=RULES, cwd=work, warn=collect(warned))
     assert not config.disabled
     assert config.thresholds_for(RULES.get("dead-relu"))["min_channels"] == 1
     assert len(warned) == 1 and "pyproject.toml" in warned[0] and why in warned[0] and "ignored" in warned[0]
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="giving a folder to another group needs root")
+def test_a_folder_writable_by_a_shared_group_is_not_trusted(tmp_path: Path) -> None:
+    work = planted(tmp_path, folder_mode=0o775)
+    os.chown(work.parent, -1, OTHER_ID)
+    warned: list[str] = []
+    config = load_config(rules=RULES, cwd=work, warn=collect(warned))
+    assert not config.disabled and len(warned) == 1 and "writable by its group" in warned[0]
+
+
+def test_a_pyproject_without_a_deadneuron_table_is_skipped_quietly(tmp_path: Path) -> None:
+    work = planted(tmp_path, folder_mode=0o777)
+    (work.parent / "pyproject.toml").write_text("this is [not toml")
+    warned: list[str] = []
+    config = load_config(rules=RULES, cwd=work, warn=collect(warned))
+    assert not config.disabled and not warned
 
 
 def test_a_sticky_world_writable_folder_keeps_ones_own_pyproject(tmp_path: Path) -> None:
@@ -54,10 +75,10 @@ def test_a_sticky_world_writable_folder_keeps_ones_own_pyproject(tmp_path: Path)
     assert config.disabled == {"dead-relu"} and not warned
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.skipif(not AS_ROOT, reason="chown to another user needs root")
 def test_a_pyproject_owned_by_another_user_is_ignored(tmp_path: Path) -> None:
     work = planted(tmp_path, folder_mode=0o1777)
-    os.chown(work.parent / "pyproject.toml", 65534, -1)
+    os.chown(work.parent / "pyproject.toml", OTHER_ID, -1)
     warned: list[str] = []
     config = load_config(rules=RULES, cwd=work, warn=collect(warned))
     assert not config.disabled and len(warned) == 1 and "owned by uid 65534" in warned[0]
