@@ -1,0 +1,29 @@
+"""A hostile or damaged report.json given to `report` or `compare` is one line and exit 4, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deadneuron", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_deeply_nested_report_is_one_line_exit_4(tmp_path: Path, command: str) -> None:
+    deep = tmp_path / "report.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # json.loads recurses once per level
+    args = [command, str(deep)] + ([str(deep)] if command == "compare" else [])
+    done = run(*args, cwd=tmp_path)
+    assert done.returncode == 4, done.stderr[-300:]
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert str(deep) in done.stderr and "nested" in done.stderr
