@@ -31,6 +31,9 @@ def load_report(path: Path) -> Report:
     except (ValueError, KeyError, TypeError) as exc:
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
         raise UnreadableInputError(f"{path}: not a readable deadneuron report ({detail})") from None
+    except RecursionError:  # json.loads recurses once per nesting level: hostile or damaged
+        raise UnreadableInputError(f"{path}: nested too deeply for a deadneuron report (corrupt or hostile?); "
+                                   "not loaded: give the report.json an audit wrote") from None  # fmt: skip
 
 
 def compare_command(
