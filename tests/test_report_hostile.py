@@ -27,3 +27,13 @@ def test_a_deeply_nested_report_is_one_line_exit_4(tmp_path: Path, command: str)
     assert done.returncode == 4, done.stderr[-300:]
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert str(deep) in done.stderr and "nested" in done.stderr
+
+
+def test_a_deeply_nested_timeline_beside_a_report_is_skipped_as_unreadable(tmp_path: Path) -> None:
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    (folder / "report.json").write_text((ROOT / "tests" / "golden" / "report_a.json").read_text())
+    (folder / "timeline.json").write_text("[" * 100_000 + "]" * 100_000)
+    done = run("report", str(folder), "--format", "md", "--out", str(tmp_path / "again"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-300:]
+    assert "Traceback" not in done.stderr and (tmp_path / "again" / "report.md").is_file()
