@@ -192,7 +192,7 @@ def read_timeline(folder: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than json.loads can go
         return {}
     return data if isinstance(data, dict) else {}
 
