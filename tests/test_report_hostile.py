@@ -37,3 +37,18 @@ def test_a_deeply_nested_timeline_beside_a_report_is_skipped_as_unreadable(tmp_p
     done = run("report", str(folder), "--format", "md", "--out", str(tmp_path / "again"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-300:]
     assert "Traceback" not in done.stderr and (tmp_path / "again" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"step": ' + "[" * 100_000 + "]" * 100_000 + "}\n",  # JSONL: json.loads recurses once per level
+     "step," + "x" * 200_000 + "\n1,2\n"],  # CSV: a field beyond the csv module's limit
+    ids=["jsonl-deep", "csv-huge-field"],
+)
+def test_a_hostile_monitor_log_is_one_line_exit_4(tmp_path: Path, text: str) -> None:
+    log = tmp_path / "monitor.log"
+    log.write_text(text)
+    done = run("timeline", str(log), cwd=tmp_path)
+    assert done.returncode == 4, done.stderr[-300:]
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert str(log) in done.stderr
