@@ -180,9 +180,13 @@ def read_log(path: str | os.PathLike[str], *, warn: Callable[[str], None] | None
         raise UnreadableInputError(f"{path}: cannot read it ({exc})") from None
     if not text.strip():
         raise UnreadableInputError(f"{path}: the monitor log is empty")
-    if text.lstrip().startswith("{"):
-        return _read_jsonl(path, text, warn)
-    return _read_csv(path, text, warn)
+    try:
+        if text.lstrip().startswith("{"):
+            return _read_jsonl(path, text, warn)
+        return _read_csv(path, text, warn)
+    except (RecursionError, csv.Error) as exc:  # a record deeper than json.loads goes, a field beyond csv's limit
+        raise UnreadableInputError(f"{path}: not a deadneuron monitor log ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:120]}); give the log a Monitor wrote") from None  # fmt: skip
 
 
 def _skip_cut(path: Path, what: str, warn: Callable[[str], None] | None) -> None:
