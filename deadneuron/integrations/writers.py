@@ -185,8 +185,8 @@ def read_log(path: str | os.PathLike[str], *, warn: Callable[[str], None] | None
             return _read_jsonl(path, text, warn)
         return _read_csv(path, text, warn)
     except (RecursionError, csv.Error) as exc:  # a record deeper than json.loads goes, a field beyond csv's limit
-        raise UnreadableInputError(f"{path}: not a deadneuron monitor log ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:120]}); give the log a Monitor wrote") from None  # fmt: skip
+        why = "a record nested too deeply" if isinstance(exc, RecursionError) else f"csv: {str(exc)[:120]}"
+        raise UnreadableInputError(f"{path}: not a deadneuron monitor log ({why}); give the log a Monitor wrote") from None
 
 
 def _skip_cut(path: Path, what: str, warn: Callable[[str], None] | None) -> None:
