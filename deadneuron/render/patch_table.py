@@ -87,7 +87,8 @@ def has_reference(v: Verification) -> bool:
 
 def header(v: Verification) -> list[str]:
     n = len(v.seeds)
-    arms = [f"{v.labels[0]} ({n} seed{'s' if n > 1 else ''})", v.labels[1], "change", "verdict"]
+    count = f" ({n} seed{'s' if n > 1 else ''})" if _trained(v) else ""
+    arms = [f"{v.labels[0]}{count}", v.labels[1], "change", "verdict"]
     return ["where", "metric", *(["input"] if has_reference(v) else []), *arms]
 
 
@@ -195,10 +196,15 @@ def _rows_table(widths: list[int], names: list[str] | None, rows: list[tuple[Row
     return table
 
 
+def _trained(v: Verification) -> bool:
+    """Whether the arms were trained (a step budget): seeds mean something only then."""
+    return v.budget.get("steps") is not None
+
+
 def _caption(v: Verification) -> str:
     counts = v.counts()
     tally = ", ".join(f"{counts[k.value]} {k.value}" for k in Verdict if k.value in counts)
-    claim = " One seed is not a claim: use --seeds 3." if len(v.seeds) < 2 else ""
+    claim = " One seed is not a claim: use --seeds 3." if len(v.seeds) < 2 and _trained(v) else ""
     lines = [f"{tally}.{claim} A change counts when |mean difference| > max(tolerance, larger per-arm std)."]
     if has_reference(v):
         lines.append("input: the checkpoint as it was trained (its own budget).")
