@@ -33,6 +33,7 @@ from deadneuron.render.markdown import (
     source_of,
 )
 from deadneuron.report import Report, SiteHealth
+from deadneuron.rules.common import plural
 from deadneuron.rules.model import Severity
 
 SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
@@ -120,7 +121,7 @@ def group_block(group: FindingGroup, *, seen: set[str], verbose: bool = False, m
     if shown:
         items.append(Padding(_commands_grid(shown), (0, 0, 0, 2)))
     if len(new) > len(shown):
-        items.append(Padding(Text(f"and {len(new) - len(shown)} more commands (--verbose)", style="dim"), (0, 0, 0, 2)))
+        items.append(Padding(Text(f"and {plural(len(new) - len(shown), 'more command', 'more commands')} (--verbose)", style="dim"), (0, 0, 0, 2)))
     return Group(*items)
 
 
