@@ -336,3 +336,18 @@ def test_a_saved_patched_model_rebuilds_from_factory_plan_and_state(tmp_path: Pa
     rebuilt = load_patched(tmp_path / "p.pth", Functional)
     assert torch.equal(rebuilt(x), result.model(x))
     assert copy.deepcopy(rebuilt) is not rebuilt
+
+
+def test_reinit_draws_rows_other_than_those_the_model_was_built_with() -> None:
+    """A model built right after torch.manual_seed(0), its first layer's channel 1 planted dead by its bias: the
+    re-initialised rows are fresh, not the rows it was built with (drawn again under the same seed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[0].bias[1] = -50.0
+    x = torch.randn(16, 4)
+    report = audit(model, [x], progress=False, compile=False)
+    assert report.sites["1"].dead_channels == (1,)
+    new = apply_plan(model, Plan((ReinitDead((("1", (1,)),)),)), report=report, example=x).model
+    assert not torch.equal(new[0].weight[1], model[0].weight[1])
+    assert torch.equal(new[0].weight[[0, 2]], model[0].weight[[0, 2]])

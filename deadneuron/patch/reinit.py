@@ -177,6 +177,11 @@ def _names_of(call: _Call) -> set[str]:
     return names
 
 
+# Fresh rows are drawn under the seed plus this salt: under the seed itself (0 by default, the seed most models
+# are built under) a first layer built right after torch.manual_seed(0) would get its own rows back.
+_FRESH_SALT = 0x5EED
+
+
 def reinit_dead(
     model: nn.Module,
     channels: Mapping[str, Sequence[int]],
@@ -188,7 +193,7 @@ def reinit_dead(
     result = ReinitResult()
     params = {id(p): n for n, p in model.named_parameters()}
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(_FRESH_SALT + seed)
         for site, ids in channels.items():
             ids = sorted({int(c) for c in ids})
             calls = site_calls(flow, site)
