@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from deadneuron.report import Report
+from deadneuron.rules.common import pct
 from deadneuron.rules.finding import Finding
 from deadneuron.rules.model import Severity
 
@@ -58,7 +59,7 @@ def number_text(metric: str, value: float) -> str:
     if not math.isfinite(value):
         return str(value)
     if _is_share(metric):
-        return f"{100 * value:.1f}%"
+        return pct(value)
     if float(value).is_integer() and abs(value) < 1e6:
         return str(int(value))
     return f"{value:.2f}" if 0.01 <= abs(value) < 100 else f"{value:.3g}"

@@ -96,7 +96,7 @@ def _slots(report: Report) -> str:
     sl = report.slots
     if sl is None:
         return ""
-    usage = "".join(f'<tr><td class="num">{k}</td><td class="num">{pct(u)}</td></tr>' for k, u in enumerate(sl.slot_usage))
+    usage = "".join(f'<tr><td class="num">{k}</td><td class="num">{escape(pct(u))}</td></tr>' for k, u in enumerate(sl.slot_usage))
     return (
         f"<h2>Slots</h2><p>{escape(slots_text(report) or '')}</p>"
         f'<table><tr><th class="num">slot</th><th class="num">active in images</th></tr>{usage}</table>'

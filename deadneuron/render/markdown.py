@@ -10,12 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from deadneuron.report import Report, SiteHealth
+from deadneuron.rules.common import pct as share_text
 from deadneuron.rules.common import plural
 from deadneuron.rules.finding import Finding
 
 
 def pct(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+    return "n/a" if x is None or x != x else share_text(x)
 
 
 def ids_text(ids: Sequence[int], limit: int = 24) -> str:

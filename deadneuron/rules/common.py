@@ -43,6 +43,12 @@ def ids_text(ids: Sequence[int], limit: int = 12) -> str:
 
 
 def pct(x: float) -> str:
+    """A share in % to one decimal; a share that is not exactly 0 or 1 never reads as 0.0% or 100.0%
+    (1 dead channel of 2500 is "<0.1%", a site flat on all but 1 of 5000 elements ">99.9%")."""
+    if 0 < x < 0.0005:
+        return "<0.1%"
+    if 0.9995 <= x < 1:
+        return ">99.9%"
     return f"{100 * x:.1f}%"
 
 
