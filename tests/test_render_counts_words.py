@@ -29,6 +29,7 @@ def test_one_site_is_one_site() -> None:
         for text in (render_markdown(report), out.getvalue()):
             assert "1 sites" not in text
             assert ("in 1 of 1 site" if dead else "(of 1 site)") in text
+            assert "8 samples in 1 batch;" in text
 
 
 

@@ -132,12 +132,20 @@ def summary_facts(report: Report) -> list[tuple[str, str]]:
     mask = mask_text(report)
     if mask is not None:
         rows.append(("mask", mask))
-    meta = report.meta
-    rows.append(
-        ("data", f"{meta.get('samples', '?')} samples in {meta.get('batches', '?')} batches; "
-                 f"eps={meta.get('eps')}, delta={meta.get('delta')}")
-    )  # fmt: skip
+    rows.append(("data", data_text(report)))
     return rows
+
+
+def data_text(report: Report) -> str:
+    """``3528 samples in 111 batches; eps=0.0, delta=0.05`` ("1 batch" for one)."""
+    meta = report.meta
+
+    def count(key: str, word: str, many: str) -> str:
+        n = meta.get(key)
+        return plural(n, word, many) if isinstance(n, int) else f"? {many}"
+
+    return f"{count('samples', 'sample', 'samples')} in {count('batches', 'batch', 'batches')}; " \
+           f"eps={meta.get('eps')}, delta={meta.get('delta')}"
 
 
 def by_severity(findings: Sequence[Finding]) -> list[Finding]:

@@ -25,6 +25,7 @@ from deadneuron.render.markdown import (
     accuracy_text,
     axis_legend,
     channels_cell,
+    data_text,
     dead_where,
     ids_text,
     mask_text,
@@ -70,10 +71,7 @@ def _summary_rows(report: Report) -> list[tuple[str, Text]]:
     mask = mask_text(report)
     if mask is not None:
         rows.append(("mask", Text(mask)))
-    meta = report.meta
-    data = (f"{meta.get('samples', '?')} samples in {meta.get('batches', '?')} batches; eps={meta.get('eps')}, "
-            f"delta={meta.get('delta')}")  # fmt: skip
-    rows.append(("data", Text(data, style="dim")))
+    rows.append(("data", Text(data_text(report), style="dim")))
     return rows
 
 
