@@ -30,6 +30,7 @@ from deadneuron._inputs import (
 )
 from deadneuron._kept import kept_tensors
 from deadneuron._parse import check_count
+from deadneuron._text import few
 from deadneuron.activations import check_delta, check_eps
 from deadneuron.adapters import Feed
 from deadneuron.distributed import active as distributed_active
@@ -270,8 +271,7 @@ def _empty_sites(results: Sequence[SiteResult]) -> list[str]:
     empty = [r.name for r in results if r.summary.n == 0]
     if not empty:
         return []
-    shown = ", ".join(empty[:4]) + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
-    return [f"site{'s' if len(empty) > 1 else ''} {shown} ran but saw no element on the audit set (every call had an "
+    return [f"site{'s' if len(empty) > 1 else ''} {few(empty)} ran but saw no element on the audit set (every call had an "
             "empty input, or padding alone): nothing was measured there; audit on data that reaches them"]
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+from deadneuron._text import few
+
 
 class CallOrder:
     """Per place (a hashable key), the number of calls in the running forward pass, and the least and
@@ -44,9 +46,8 @@ class CallOrder:
             if low == high:
                 continue
             names = [name for key, name, _ in keyed_sites if key[:-1] == place]
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             out.append(
-                f"sites {shown} are told apart by the order of their calls, and the number of calls changed "
+                f"sites {few(names)} are told apart by the order of their calls, and the number of calls changed "
                 f"between forward passes ({low} to {high}): a site may merge "
                 "calls from different layers on different batches; give each place its own activation "
                 "module, or a module before it, to keep them apart"

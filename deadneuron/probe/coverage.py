@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from deadneuron._text import few
 from deadneuron.activations import ActivationSpec
 from deadneuron.errors import UsageError
 from deadneuron.functional_kinds import GLU_REASON
@@ -172,7 +173,7 @@ class Coverage:
                            "(the figures are defined for real floating-point activations)")
         acting = [(name, cls) for name, cls in self.acting.items() if not _covered(name, owners)]
         if acting and not select:
-            shown = ", ".join(f"{name!r} ({cls})" for name, cls in acting[:4]) + (" and more" if len(acting) > 4 else "")
+            shown = few([f"{name!r} ({cls})" for name, cls in acting])
             out.append(f"module{'s' if len(acting) > 1 else ''} {shown} of your own class{'es' if len(acting) > 1 else ''}"
                        " hold no parameters and return a tensor shaped as their input, as an activation does, but are "
                        "no recognised kind, so they are not measured: if one is an activation, register it with "
@@ -220,8 +221,7 @@ def _scripted_activations(name: str, m: nn.Module) -> list[str]:
 
 
 def _scripted_warning(name: str, cls: str, inside: list[str]) -> str:
-    shown = f"{', '.join(inside[:4])}{' and more' if len(inside) > 4 else ''}"
-    what = f"its activations ({shown}) are" if inside else "any activation it computes is"
+    what = f"its activations ({few(inside)}) are" if inside else "any activation it computes is"
     return (f"module {name or '(the model)'!r} ({cls}) is TorchScript: no forward hook runs inside it, so {what} "
             "not measured: audit the Python module (before torch.jit.script)")
 
