@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 import deadneuron
 import deadneuron.measure as measure_mod
@@ -45,6 +46,8 @@ PARTS: tuple[tuple[Any, str, str], ...] = (
     (probe_measure, "_masked_relu", "masked ReLU (valid positions)"),
     (measure_mod, "choose_mask", "choosing the batch's mask"),
     (measure_mod, "_update_slots", "slot occupancy"),
+    # not deadneuron's: the model's own relu, the most a kernel computing relu while it measures could save
+    (nn.ReLU, "forward", "the model's nn.ReLU calls (relu itself, not the audit)"),
 )
 
 

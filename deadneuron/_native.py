@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -33,8 +32,9 @@ from pathlib import Path
 import torch
 
 from deadneuron import _cache
-from deadneuron._native_flow import FlowPlan, check_flow
-from deadneuron.moments import fused_flat, fused_moments
+from deadneuron._native_check import fresh_accumulator as fresh_accumulator  # re-exported
+from deadneuron._native_check import self_check
+from deadneuron._native_flow import FlowPlan
 
 _FLAGS = ("-fPIC", "-shared", "-std=c99")
 # tried in order: tuned for this CPU, portable, and plain (for a compiler that knows no OpenMP simd)
@@ -139,7 +139,9 @@ class NativeStats:
         tensor passed with it has its strides), merging into ``acc``/``counts`` (see `update`). With
         ``flat_only`` it adds the flat counts of ``a3`` alone (into row 1 of ``acc`` and ``counts[1]``).
         With ``relu`` ``a3`` is a pre-activation z: the statistics are those of ``torch.relu(z)``, the flat
-        region tested on z, in one read of z (no flat-region tensor is passed to the call)."""
+        region tested on z, in one read of z; the call's second pointer is then None, or a tensor of z's
+        strides that the same pass writes ``torch.relu(z)`` into (relu's default thresholds only; status 3
+        elsewhere, nothing done: `_stats.c` WRITES)."""
         plan = _Plan(*a3.shape, *a3.stride(), eps, lo, hi, (acc[1] if flat_only else acc).data_ptr(),
                      counts.data_ptr(), _DTYPES[a3.dtype], int(flat_only), int(count_flat), 1, None,
                      int(relu and not flat_only))  # fmt: skip
@@ -241,7 +243,9 @@ def _load() -> NativeStats:
             if isinstance(exc, subprocess.TimeoutExpired):
                 break  # a compiler that hangs will hang again
             continue
-        _self_check(native)
+        failed = self_check(native)
+        if failed is not None:
+            raise _Unavailable(f"{failed} ({native.path}); using torch")
         return native
     raise _Unavailable("could not build the C statistics kernel (" + "; ".join(errors) + ")")
 
@@ -348,53 +352,3 @@ def _compile(cc: str, flags: tuple[str, ...], source: bytes, workdir: Path) -> P
     if done.returncode != 0:
         raise OSError(f"{cc} failed: {(done.stderr.strip().splitlines() or ['(no output)'])[-1]}")
     return workdir / "stats.so"
-
-
-def _self_check(native: NativeStats) -> None:
-    """Compare the kernel with the torch reference on awkward values and every memory layout."""
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float64):
-        layouts = (((3, 5, 37), None), ((9, 2, 300), None), ((9, 3, 70), None), ((4, 6, 3), None), ((7, 9, 1), None),
-                   ((2, 3, 4), (0, 2, 1)), ((2, 2, 4100), None), ((260, 17, 1), None))  # long rows, tiled columns too
-        for shape, perm in layouts:
-            x = torch.randn(shape, generator=g, dtype=dtype) + 3.0
-            x.view(-1)[::7] = 0.0
-            x.view(-1)[3], x.view(-1)[5] = float("nan"), float("inf")
-            x.view(-1)[-2] = -float("inf")
-            f = x - 3.0
-            f.view(-1)[0] = float("inf")  # a non-finite pre-activation beside a finite activation: not flat
-            if perm is not None:  # channels contiguous: (outer, C, inner) with sc == 1
-                x = x.permute(*perm).contiguous().permute(*perm)
-            for f3 in (None, f):
-                acc, counts = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)
-                native.update(x, f3, 0.0, -0.5, 0.5, True, acc, counts)
-                want = torch.stack(fused_moments(x, x if f3 is None else f3, 0.0, -0.5, 0.5))
-                exact = torch.equal(acc[[0, 1, 2, 5, 6]], want[[0, 1, 2, 5, 6]])
-                if not (exact and torch.allclose(acc[3:5], want[3:5], rtol=1e-10, atol=1e-12)):
-                    raise _Unavailable(f"the built kernel disagreed with the torch reference ({native.path}); using torch")
-                if counts.tolist() != [x.shape[0] * x.shape[2]] * 2:
-                    raise _Unavailable("the built kernel miscounted elements; using torch")
-            finite = torch.nan_to_num(f, 0.0, 1.0, -1.0)  # relu's default thresholds: the fast pass and the checks
-            for z3, lo, hi in ((f, -0.5, 0.5), (x - 3.0 if perm is None else x, -0.5, 0.5), (f, 0, math.inf), (finite, 0, math.inf)):
-                relu, rc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)  # relu(z)'s, from z
-                native.plan(z3, 0.0, lo, hi, True, relu, rc, relu=True)(z3.data_ptr(), None)
-                want = torch.stack(fused_moments(torch.relu(z3), z3, 0.0, lo, hi))
-                if not (torch.equal(relu[[0, 1, 2, 5, 6]], want[[0, 1, 2, 5, 6]])
-                        and torch.allclose(relu[3:5], want[3:5], rtol=1e-10, atol=1e-12)):  # fmt: skip
-                    raise _Unavailable(f"the built kernel's relu statistics disagreed with the torch reference ({native.path})")
-            for z3 in (f, x, f[:, :, ::2]):  # the flat counts alone, on every layout (strided rows too)
-                flat, fc = fresh_accumulator(x.shape[1]), torch.zeros(2, dtype=torch.float64)
-                native.flat(z3, -0.5, 0.5, flat, fc)
-                if not torch.equal(flat[1], fused_flat(z3, -0.5, 0.5)) or fc.tolist() != [0, z3.shape[0] * z3.shape[2]]:
-                    raise _Unavailable(f"the built kernel's flat counts disagreed with the torch reference ({native.path})")
-    failed = check_flow(native)
-    if failed is not None:
-        raise _Unavailable(f"{failed} ({native.path}); using torch")
-
-
-def fresh_accumulator(channels: int) -> torch.Tensor:
-    """An empty (7, C) accumulator in the kernel's layout (zero, flat, finite, mean, m2, min, max)."""
-    acc = torch.zeros(7, channels, dtype=torch.float64)
-    acc[5] = float("inf")
-    acc[6] = -float("inf")
-    return acc

@@ -34,6 +34,13 @@
  * Compiled with -fopenmp, a batch is split by channel ranges over `threads` threads of the OpenMP
  * runtime torch has loaded (deadneuron/_native.py checks that there is only that one); each thread
  * reduces whole channels, in the same order as one thread would, so the result does not change.
+ *
+ * WRITES: the relu variants can also write relu(z) into `out` (a tensor of z's strides, not z itself) as
+ * they read z, so that the model's own relu call is that pass (deadneuron/probe/measure.py `fused_relu`):
+ * torch.relu's values bit for bit (RELU_OF: x < 0 gives 0; -0.0 and NaN pass through). Only with relu's
+ * default thresholds, whose fast pass (RELU0) reads every element of every stretch before any check:
+ * the pass writes them all, and a pass run again (the checks, a far shift) reads z, which it left alone.
+ * Elsewhere (other thresholds, chosen rows, out == z) the call returns 3 and does nothing.
  */
 #include <float.h>
 #include <math.h>
@@ -106,7 +113,7 @@ enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
 
 /* One step of the short-row lanes: elements i + k (k < N) of the rows at pa (and pf) into lane k, in MODE
  * (a constant: the other branches fold away) 0 finite-only, f is a; 1 finite-only, f read; 2 with the
- * checks; 3 ELEMENT_RELU0. */
+ * checks; 3 ELEMENT_RELU0; 4 ELEMENT_RELU0 with relu's value written to po (the output, see WRITES). */
 #define LANE_STEP(T, ABS, TMAX, TR, MODE, N)                                                          \
     _Pragma("omp simd")                                                                               \
     for (int64_t k = 0; k < (N); ++k) {                                                               \
@@ -122,13 +129,16 @@ enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
         } else {                                                                                      \
             T w = pa[i + k];                                                                          \
             ELEMENT_RELU0(T, w, K, z[k], s[k], q[k], l[k], h[k]);                                     \
+            if ((MODE) == 4) po[i + k] = RELU_OF(w);                                                  \
         }                                                                                             \
     }
 /* Rows [o0, o1), their first `full` elements LANES at a time (the loop over rows stays a loop). */
 #define LANE_ROWS(T, ABS, TMAX, TR, MODE)                                                             \
     for (int64_t o = o0; o < o1; ++o) {                                                               \
         const T *restrict pa = a + ROW(o) + off, *restrict pf = f + ROW(o) + off;                     \
+        T *restrict po = (MODE) == 4 ? wo + ROW(o) + off : NULL;                                     \
         (void)pf;                                                                                     \
+        (void)po;                                                                                     \
         LANE_AHEAD();                                                                                 \
         for (int64_t i = 0; i < full; i += LANES) {                                                   \
             LANE_STEP(T, ABS, TMAX, TR, MODE, LANES)                                                  \
@@ -139,19 +149,25 @@ enum { R_ZERO, R_FLAT, R_FIN, R_MEAN, R_M2, R_MIN, R_MAX };
 #define LANE_TAILS(T, ABS, TMAX, TR, MODE)                                                            \
     for (int64_t o = o0; o < o1; ++o) {                                                               \
         const T *restrict pa = a + ROW(o) + off, *restrict pf = f + ROW(o) + off;                     \
+        T *restrict po = (MODE) == 4 ? wo + ROW(o) + off : NULL;                                     \
         (void)pf;                                                                                     \
+        (void)po;                                                                                     \
         LANE_STEP(T, ABS, TMAX, TR, MODE, n)                                                          \
     }
 
-/* `tile_relu0`'s loop over rows r0..r1 of N columns in RELU0's step (sl/sh: z's range). */
-#define RELU0_TILE_ROWS(T, N)                                                                         \
+/* `tile_relu0`'s loop over rows r0..r1 of N columns in RELU0's step (sl/sh: z's range); W (a constant):
+ * relu's values written to `out` too. */
+#define RELU0_TILE_ROWS(T, N, W)                                                                      \
     for (int64_t r = r0; r < r1; ++r) {                                                               \
         const T *restrict pa = a + ROW(o) + i * si + kk;                                              \
+        T *restrict po = (W) ? wo + ROW(o) + i * si + kk : NULL;                                     \
+        (void)po;                                                                                     \
         TILE_AHEAD();                                                                                 \
         _Pragma("omp simd")                                                                           \
         for (int64_t k = 0; k < (N); ++k) {                                                           \
             T w = pa[k];                                                                              \
             ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], sl[k], sh[k]);                                \
+            if (W) po[k] = RELU_OF(w);                                                                \
         }                                                                                             \
         __asm__ volatile(""); /* the loop over rows stays a loop: not vectorised */                   \
         if (++i == inner) {                                                                           \
@@ -235,16 +251,25 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
 #define DEFINE_KERNELS(T, TMAX, ABS, SUFFIX, TR, TRANSFORMED)                                         \
     /* A stretch of n contiguous elements: counts in the input's precision, moments in double;        \
      * finite-only first, again with the checks if s or q came out non-finite. */                     \
-    static void stretch_##SUFFIX(const T *restrict xa, const T *restrict xf, int64_t n, int check,    \
-                                 T eps, T lo, T hi, double K, Sums *sums, T *rl, T *rh) {             \
+    static void stretch_##SUFFIX(const T *restrict xa, const T *restrict xf, T *restrict xo, int64_t n,\
+                                 int check, T eps, T lo, T hi, double K, Sums *sums, T *rl, T *rh) {  \
         T z = 0, fl = 0, nf = 0, nw = 0, l = *rl, h = *rh;                                            \
         double s = 0, q = 0;                                                                          \
         if (RELU0(TRANSFORMED)) { /* relu(z), default thresholds: l and h track z, the flat count is z's */ \
             T lz = (T)INFINITY, hz = -(T)INFINITY;                                                    \
-            _Pragma("omp simd reduction(+ : z, s, q) reduction(min : lz) reduction(max : hz)")        \
-            for (int64_t i = 0; i < n; ++i) {                                                         \
-                T w = xa[i];                                                                          \
-                ELEMENT_RELU0(T, w, K, z, s, q, lz, hz);                                              \
+            if (xo) { /* relu's values written too (WRITES) */                                        \
+                _Pragma("omp simd reduction(+ : z, s, q) reduction(min : lz) reduction(max : hz)")    \
+                for (int64_t i = 0; i < n; ++i) {                                                     \
+                    T w = xa[i];                                                                      \
+                    ELEMENT_RELU0(T, w, K, z, s, q, lz, hz);                                          \
+                    xo[i] = RELU_OF(w);                                                               \
+                }                                                                                     \
+            } else {                                                                                  \
+                _Pragma("omp simd reduction(+ : z, s, q) reduction(min : lz) reduction(max : hz)")    \
+                for (int64_t i = 0; i < n; ++i) {                                                     \
+                    T w = xa[i];                                                                      \
+                    ELEMENT_RELU0(T, w, K, z, s, q, lz, hz);                                          \
+                }                                                                                     \
             }                                                                                         \
             fl = z;                                                                                   \
             nw = lz == -(T)INFINITY; /* a -inf in z: again, with the checks */                         \
@@ -302,7 +327,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * that stay in registers from row to row. Not inlined (inlined, -O3 fuses it with the caller's loops\
      * and the sums go through memory for every vector). */                                           \
     __attribute__((noinline)) static void lane_rows_##SUFFIX(const T *restrict a, const T *restrict f,\
-            const int64_t *restrict rows, int64_t so, int64_t off, int64_t o0, int64_t o1, int64_t full,\
+            T *restrict wo, const int64_t *restrict rows, int64_t so, int64_t off, int64_t o0, int64_t o1, int64_t full,\
             int mode, T eps, T lo, T hi, double K, T *restrict zb, T *restrict flb, T *restrict nb,   \
             double *restrict sb, double *restrict qb, T *restrict lb, T *restrict hb) {               \
         const int check = mode != 0;                                                                  \
@@ -315,7 +340,8 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             case 0: LANE_ROWS(T, ABS, TMAX, TR, 0); break;                                            \
             case 1: LANE_ROWS(T, ABS, TMAX, TR, 1); break;                                            \
             case 2: LANE_ROWS(T, ABS, TMAX, TR, 2); break;                                            \
-            default: LANE_ROWS(T, ABS, TMAX, TR, 3); break;                                           \
+            case 3: LANE_ROWS(T, ABS, TMAX, TR, 3); break;                                            \
+            default: LANE_ROWS(T, ABS, TMAX, TR, 4); break;                                           \
         }                                                                                             \
         for (int k = 0; k < LANES; ++k) {                                                             \
             zb[k] = z[k]; flb[k] = fl[k]; nb[k] = nx[k]; sb[k] = s[k]; qb[k] = q[k]; lb[k] = l[k]; hb[k] = h[k];\
@@ -328,7 +354,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * into the first lanes; the lanes summed once at the end. Counts are moved from the lanes into   \
      * double every LANE_FLUSH elements (exact). Finite-only first (for relu(z) with the default      \
      * thresholds RELU0's shorter step), again with the checks where that came out non-finite. */     \
-    static void lanes_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner,\
+    static void lanes_##SUFFIX(const T *restrict a, const T *restrict f, T *restrict wo, int64_t outer, int64_t inner,\
                                int64_t so, const int64_t *restrict rows, int64_t off, T eps, T lo,    \
                                T hi, double K, Sums *sums, T *rl, T *rh) {                            \
         const int check = (f != a) | TRANSFORMED, relu0 = RELU0(TRANSFORMED);                         \
@@ -337,7 +363,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         T z[LANES], fl[LANES], nx[LANES], l[LANES], h[LANES];                                         \
         double s[LANES], q[LANES], zs = 0, fls = 0, nfs = 0;                                          \
         for (int pass = 0; pass < 2; ++pass) {                                                        \
-            const int mode = pass ? 2 : relu0 ? 3 : check;                                            \
+            const int mode = pass ? 2 : relu0 ? (wo ? 4 : 3) : check;                                \
             zs = fls = nfs = 0;                                                                       \
             for (int k = 0; k < LANES; ++k) {                                                         \
                 z[k] = fl[k] = nx[k] = 0;                                                             \
@@ -348,18 +374,19 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             for (int64_t o0 = 0; o0 < outer; o0 += step) {                                            \
                 const int64_t o1 = outer - o0 < step ? outer : o0 + step;                             \
                 if (full)                                                                             \
-                    lane_rows_##SUFFIX(a, f, rows, so, off, o0, o1, full, mode, eps, lo, hi, K, z, fl, nx, s, q, l, h);\
+                    lane_rows_##SUFFIX(a, f, wo, rows, so, off, o0, o1, full, mode, eps, lo, hi, K, z, fl, nx, s, q, l, h);\
                 if (n) {                                                                              \
                     const int64_t i = full;                                                           \
                     switch (mode) {                                                                   \
                         case 0: LANE_TAILS(T, ABS, TMAX, TR, 0); break;                               \
                         case 1: LANE_TAILS(T, ABS, TMAX, TR, 1); break;                               \
                         case 2: LANE_TAILS(T, ABS, TMAX, TR, 2); break;                               \
-                        default: LANE_TAILS(T, ABS, TMAX, TR, 3); break;                              \
+                        case 3: LANE_TAILS(T, ABS, TMAX, TR, 3); break;                               \
+                        default: LANE_TAILS(T, ABS, TMAX, TR, 4); break;                              \
                     }                                                                                 \
                 }                                                                                     \
                 for (int k = 0; k < LANES; ++k) {                                                     \
-                    zs += z[k]; fls += mode == 3 ? z[k] : fl[k]; /* RELU0: the same count */          \
+                    zs += z[k]; fls += mode >= 3 ? z[k] : fl[k]; /* RELU0: the same count */          \
                     if (mode == 2) nfs += nx[k];                                                      \
                     z[k] = fl[k] = 0;                                                                 \
                     if (mode == 2) nx[k] = 0;                                                         \
@@ -370,7 +397,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             for (int k = 0; k < LANES; ++k)                                                           \
                 finite &= (s[k] - s[k] == 0) & (q[k] - q[k] == 0) & (nx[k] == 0) & (l[k] != -(T)INFINITY);\
             if (!finite) continue;                                                                    \
-            if (mode == 3) /* the lanes' range was z's: relu's is relu of it (lanes that saw an element) */\
+            if (mode >= 3) /* the lanes' range was z's: relu's is relu of it (lanes that saw an element) */\
                 for (int k = 0; k < LANES; ++k)                                                       \
                     if (l[k] <= h[k]) {                                                               \
                         l[k] = RELU_OF(l[k]);                                                         \
@@ -394,7 +421,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
     /* Rows: channels [c, c + m), the (o, c) rows of `inner` contiguous elements: short rows (under    \
      * FLUSH) channel by channel through `lanes`; long ones read in memory order (o, then c), each    \
      * channel's stretches summed in order into sums[j], range into l/h. */                           \
-    static void row_sums_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,   \
+    static void row_sums_##SUFFIX(const T *a, const T *f, T *wo, int64_t outer, int64_t inner, int64_t so,\
                                   const int64_t *rows, int lanes,                                     \
                                   int64_t sc, int64_t c, int64_t m, T eps, T lo, T hi,                \
                                   const double *K, Sums *sums, T *l, T *h) {                          \
@@ -406,22 +433,23 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         }                                                                                             \
         if (lanes && inner < FLUSH) {                                                                 \
             for (int64_t j = 0; j < m; ++j)                                                           \
-                lanes_##SUFFIX(a, f, outer, inner, so, rows, (c + j) * sc, eps, lo, hi, K[j], sums + j, \
+                lanes_##SUFFIX(a, f, wo, outer, inner, so, rows, (c + j) * sc, eps, lo, hi, K[j], sums + j, \
                                l + j, h + j);                                                         \
             return;                                                                                   \
         }                                                                                             \
         for (int64_t o = 0; o < outer; ++o)                                                           \
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 const T *pa = a + ROW(o) + (c + j) * sc, *pf = f + ROW(o) + (c + j) * sc;             \
+                T *po = wo ? wo + ROW(o) + (c + j) * sc : NULL;                                     \
                 for (int64_t i0 = 0; i0 < inner; i0 += FLUSH)                                         \
-                    stretch_##SUFFIX(pa + i0, pf + i0, inner - i0 < FLUSH ? inner - i0 : FLUSH,       \
+                    stretch_##SUFFIX(pa + i0, pf + i0, po ? po + i0 : NULL, inner - i0 < FLUSH ? inner - i0 : FLUSH,\
                                      check, eps, lo, hi, K[j], sums + j, l + j, h + j);               \
             }                                                                                         \
     }                                                                                                 \
                                                                                                       \
     /* Rows: channels [c0, c1) a chunk of ROW_CHANNELS at a time; a channel whose shift was far from  \
      * its mean is summed again alone (its sums do not depend on the other channels'). */             \
-    static void rows_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t C, int64_t inner,        \
+    static void rows_##SUFFIX(const T *a, const T *f, T *wo, int64_t outer, int64_t C, int64_t inner,\
                               const int64_t *rows, int lanes,                                         \
                               int64_t so, int64_t sc, int64_t c0, int64_t c1, T eps, T lo, T hi,      \
                               double *acc) {                                                          \
@@ -433,11 +461,11 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t m = c1 - c < ROW_CHANNELS ? c1 - c : ROW_CHANNELS;                          \
             for (int64_t j = 0; j < m; ++j)                                                           \
                 K[j] = first_##SUFFIX(a + (c + j) * sc, outer, inner, so, rows, 1, 0, 1);             \
-            row_sums_##SUFFIX(a, f, outer, inner, so, rows, lanes, sc, c, m, eps, lo, hi, K, sums, l, h);    \
+            row_sums_##SUFFIX(a, f, wo, outer, inner, so, rows, lanes, sc, c, m, eps, lo, hi, K, sums, l, h);\
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 if (far_shift(seen - sums[j].nf, sums[j].s, sums[j].q)) {                             \
                     K[j] += sums[j].s / (seen - sums[j].nf);                                          \
-                    row_sums_##SUFFIX(a, f, outer, inner, so, rows, lanes, sc, c + j, 1, eps, lo, hi, K + j, \
+                    row_sums_##SUFFIX(a, f, wo, outer, inner, so, rows, lanes, sc, c + j, 1, eps, lo, hi, K + j, \
                                       sums + j, l + j, h + j);                                        \
                 }                                                                                     \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
@@ -451,7 +479,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                                                                                       \
     /* `tile` in RELU0's step (relu(z), default thresholds), its own function so that tile's other loops\
      * keep their registers: sl/sh track z's range here (block_ makes relu's of it). */               \
-    __attribute__((noinline)) static void tile_relu0_##SUFFIX(const T *restrict a, int64_t inner,     \
+    __attribute__((noinline)) static void tile_relu0_##SUFFIX(const T *restrict a, T *restrict wo, int64_t inner,\
             const int64_t *restrict rows, int64_t so, int64_t si, int64_t r0, int64_t r1, int64_t kk, int64_t tn,\
             const double *restrict Kb, T *restrict zb, double *restrict sb, double *restrict qb,      \
             T *restrict slb, T *restrict shb) {                                                       \
@@ -465,10 +493,14 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             sl[k] = in ? slb[k] : (T)INFINITY; sh[k] = in ? shb[k] : -(T)INFINITY;                    \
         }                                                                                             \
         int64_t o = r0 / inner, i = r0 % inner;                                                       \
-        if (tn == TILE) { /* a constant trip count: the sums stay in registers */                     \
-            RELU0_TILE_ROWS(T, TILE)                                                                  \
+        if (tn == TILE && wo) { /* a constant trip count: the sums stay in registers */              \
+            RELU0_TILE_ROWS(T, TILE, 1)                                                               \
+        } else if (tn == TILE) {                                                                      \
+            RELU0_TILE_ROWS(T, TILE, 0)                                                               \
+        } else if (wo) {                                                                             \
+            RELU0_TILE_ROWS(T, tn, 1)                                                                 \
         } else {                                                                                      \
-            RELU0_TILE_ROWS(T, tn)                                                                    \
+            RELU0_TILE_ROWS(T, tn, 0)                                                                 \
         }                                                                                             \
         for (int64_t k = 0; k < tn; ++k) {                                                            \
             zb[k] = z[k]; sb[k] = s[k]; qb[k] = q[k]; slb[k] = sl[k]; shb[k] = sh[k];                 \
@@ -551,7 +583,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                                                                                       \
     /* Rows [r0, r1) (at most FLUSH) of the column block: finite-only first, again with the checks if that\
      * came out non-finite; the stretch's sums added into out[k - k0] and its range into l/h. */      \
-    static void stretch_cols_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner,\
+    static void stretch_cols_##SUFFIX(const T *restrict a, const T *restrict f, T *restrict wo, int64_t outer, int64_t inner,\
                                       const int64_t *restrict rows, int tiles, int64_t so, int64_t si, int64_t k0,\
                                       int64_t nk, T eps, T lo, T hi, const double *restrict K, int64_t r0,\
                                       int64_t r1, Sums *restrict out, T *restrict l, T *restrict h) { \
@@ -573,7 +605,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                         const int64_t e = r1 - c < TILE_ROWS ? r1 : c + TILE_ROWS;                    \
                         for (int64_t t = 0; t < nk; t += TILE)                                        \
                             if (fast0)                                                                \
-                                tile_relu0_##SUFFIX(a, inner, rows, so, si, c, e, k0 + t, nk - t < TILE ? nk - t : TILE,\
+                                tile_relu0_##SUFFIX(a, wo, inner, rows, so, si, c, e, k0 + t, nk - t < TILE ? nk - t : TILE,\
                                                     K + t, z + t, s + t, q + t, lz + t, hz + t);      \
                             else                                                                      \
                                 tile_##SUFFIX(a, f, inner, rows, so, si, c, e, k0 + t, nk - t < TILE ? nk - t : TILE,\
@@ -595,6 +627,14 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                             for (int64_t k = 0; k < nk; ++k) {                                        \
                                 T w = pf[k], v = TR(pa[k]);                                           \
                                 ELEMENT(T, ABS, TMAX, v, w, K[k], z[k], fl[k], nf[k], s[k], q[k], sl[k], sh[k]); \
+                            }                                                                         \
+                        } else if (fast0 && wo) { /* relu's values written too (WRITES) */           \
+                            T *restrict po = wo + ROW(o) + i * si + k0;                              \
+                            _Pragma("omp simd")                                                       \
+                            for (int64_t k = 0; k < nk; ++k) {                                        \
+                                T w = pa[k];                                                          \
+                                ELEMENT_RELU0(T, w, K[k], z[k], s[k], q[k], lz[k], hz[k]);            \
+                                po[k] = RELU_OF(w);                                                   \
                             }                                                                         \
                         } else if (fast0) {                                                           \
                             _Pragma("omp simd")                                                       \
@@ -651,7 +691,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * others. With split > 1 (a batch whose rows are too narrow to share by channels) the stretches are\
      * spread over `split` threads, each into its own sums, added in stretch order after: the same sums\
      * as one thread's, bit for bit. */                                                               \
-    static void block_##SUFFIX(const T *restrict a, const T *restrict f, int64_t outer, int64_t inner,\
+    static void block_##SUFFIX(const T *restrict a, const T *restrict f, T *restrict wo, int64_t outer, int64_t inner,\
                                const int64_t *restrict rows, int tiles, int split, int64_t so, int64_t si,\
                                int64_t k0, int64_t nk, T eps, T lo, T hi, const double *restrict K,   \
                                Sums *restrict out, T *restrict l, T *restrict h) {                    \
@@ -671,7 +711,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             free(ps);                                                                                 \
             free(pr);                                                                                 \
             for (int64_t r0 = 0; r0 < total; r0 += FLUSH)                                             \
-                stretch_cols_##SUFFIX(a, f, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, K, r0,\
+                stretch_cols_##SUFFIX(a, f, wo, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, K, r0,\
                                       total - r0 < FLUSH ? total : r0 + FLUSH, out, l, h);            \
             return;                                                                                   \
         }                                                                                             \
@@ -685,7 +725,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                 sh[k] = -(T)INFINITY;                                                                 \
             }                                                                                         \
             const int64_t r0 = st * FLUSH;                                                            \
-            stretch_cols_##SUFFIX(a, f, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, K, r0,\
+            stretch_cols_##SUFFIX(a, f, wo, outer, inner, rows, tiles, so, si, k0, nk, eps, lo, hi, K, r0,\
                                   total - r0 < FLUSH ? total : r0 + FLUSH, o, sl, sh);                \
         }                                                                                             \
         for (int64_t st = 0; st < stretches; ++st)                                                    \
@@ -702,7 +742,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                                                                                       \
     /* Channels [c, c + m), each `group` consecutive columns (m = 1 where group > BLOCK): each        \
      * channel's columns' sums added in column order into sums[j], its range into l[j]/h[j]. */       \
-    static void columns_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,    \
+    static void columns_##SUFFIX(const T *a, const T *f, T *wo, int64_t outer, int64_t inner, int64_t so,\
                                  const int64_t *rows, int tiles, int split,                           \
                                  int64_t si, int64_t c, int64_t m, int64_t group, T eps, T lo, T hi,  \
                                  const double *K, Sums *sums, T *l, T *h) {                           \
@@ -721,7 +761,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t j0 = k0 / group - c, first = group - k0 % group;                            \
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group)                    \
                 for (int64_t e = k; e < k + n && e < nk; ++e) kc[e] = K[j];                           \
-            block_##SUFFIX(a, f, outer, inner, rows, tiles, split, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch); \
+            block_##SUFFIX(a, f, wo, outer, inner, rows, tiles, split, so, si, k0, nk, eps, lo, hi, kc, cs, cl, ch);\
             for (int64_t k = 0, j = j0, n = first; k < nk; k += n, ++j, n = group) {                  \
                 Sums t = sums[j];                                                                     \
                 T tl = l[j], th = h[j];                                                               \
@@ -739,7 +779,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                                                                                       \
     /* Columns: channels [c0, c1), each `group` consecutive columns of rows (o, i); blocks hold whole \
      * channels (as many as fit in BLOCK columns), or BLOCK columns of one channel at a time. */      \
-    static void cols_##SUFFIX(const T *a, const T *f, int64_t outer, int64_t inner, int64_t so,       \
+    static void cols_##SUFFIX(const T *a, const T *f, T *wo, int64_t outer, int64_t inner, int64_t so,\
                               const int64_t *rows, int tiles, int split,                              \
                               int64_t si, int64_t c0, int64_t c1, int64_t group, T eps, T lo, T hi,   \
                               int64_t C, double *acc) {                                               \
@@ -751,7 +791,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int64_t m = c1 - c < per ? c1 - c : per;                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
                 K[j] = first_##SUFFIX(a, outer, inner, so, rows, si, (c + j) * group, group);         \
-            columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, split, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+            columns_##SUFFIX(a, f, wo, outer, inner, so, rows, tiles, split, si, c, m, group, eps, lo, hi, K, sums, l, h);\
             const double seen = (double)outer * (double)inner * (double)group;                        \
             int again = 0;                                                                            \
             for (int64_t j = 0; j < m; ++j)                                                           \
@@ -760,7 +800,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                     again = 1;                                                                        \
                 }                                                                                     \
             if (again) /* the other channels' sums come out the same again */                         \
-                columns_##SUFFIX(a, f, outer, inner, so, rows, tiles, split, si, c, m, group, eps, lo, hi, K, sums, l, h); \
+                columns_##SUFFIX(a, f, wo, outer, inner, so, rows, tiles, split, si, c, m, group, eps, lo, hi, K, sums, l, h);\
             for (int64_t j = 0; j < m; ++j) {                                                         \
                 acc[R_ZERO * C + c + j] += sums[j].z;                                                 \
                 acc[R_FLAT * C + c + j] += sums[j].fl;                                                \
@@ -781,17 +821,18 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
         return -1;                                                                                    \
     }                                                                                                 \
                                                                                                       \
-    static void channels_##SUFFIX(int kind, int tiles, int split, const T *a, const T *f, int64_t outer, const int64_t *rows, \
+    static void channels_##SUFFIX(int kind, int tiles, int split, const T *a, const T *f, T *wo, int64_t outer,\
+                                  const int64_t *rows,                                                \
                                   int64_t C,                                                          \
                                   int64_t inner, int64_t so, int64_t sc, int64_t si, T eps, T lo,     \
                                   T hi, double *acc, int64_t c0, int64_t c1) {                        \
         if (c1 <= c0) return;                                                                         \
         if (kind == 0)                                                                                \
-            rows_##SUFFIX(a, f, outer, C, inner, rows, tiles, so, sc, c0, c1, eps, lo, hi, acc);             \
+            rows_##SUFFIX(a, f, wo, outer, C, inner, rows, tiles, so, sc, c0, c1, eps, lo, hi, acc);        \
         else if (kind == 1)                                                                           \
-            cols_##SUFFIX(a, f, outer, inner, so, rows, tiles, split, si, c0, c1, 1, eps, lo, hi, C, acc);   \
+            cols_##SUFFIX(a, f, wo, outer, inner, so, rows, tiles, split, si, c0, c1, 1, eps, lo, hi, C, acc);\
         else                                                                                          \
-            cols_##SUFFIX(a, f, outer, 1, so, rows, tiles, split, 0, c0, c1, inner, eps, lo, hi, C, acc);    \
+            cols_##SUFFIX(a, f, wo, outer, 1, so, rows, tiles, split, 0, c0, c1, inner, eps, lo, hi, C, acc);\
     }                                                                                                 \
                                                                                                       \
     /* Adds channels [c0, c1) of the batch (all of them: 0, C), split over `threads` OpenMP threads   \
@@ -799,12 +840,13 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
      * by the call that has c0 == 0, so that ranges added by separate calls count once. Built         \
      * without OpenMP the ranges simply run one after the other. Returns 0; 1 when the strides fit    \
      * no kernel (nothing written: the caller passes contiguous copies); 2 for a bad range. */        \
-    static int stats_rows_##SUFFIX(const T *a, const T *f, int64_t outer, const int64_t *rows, int64_t C, \
+    static int stats_rows_##SUFFIX(const T *a, const T *f, T *wo, int64_t outer, const int64_t *rows, int64_t C,\
                                    int64_t inner, int64_t so, int64_t sc, int64_t si, double eps, double lo, \
                                    double hi, int count_flat, double *acc, double *counts,            \
                                    int64_t c0, int64_t c1, int threads) {                             \
         if (!f) f = a;                                                                                \
         if (c0 < 0 || c1 > C || c0 > c1) return 2;                                                    \
+        if (wo && (!RELU0(TRANSFORMED) || rows || c0 != 0 || c1 != C || wo == a)) return 3; /* WRITES */ \
         if (outer > 0 && c1 > c0 && inner > 0) {                                                      \
             /* the batch's bytes read: the tiled column pass and the short-row lanes (channel by channel,  \
              * not in memory order) only pay while they stay in cache */                              \
@@ -820,10 +862,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             if (parts > 1) {                                                                          \
                 _Pragma("omp parallel for num_threads(parts) schedule(static)")                       \
                 for (int t = 0; t < parts; ++t)                                                       \
-                    channels_##SUFFIX(kind, tiles, 1, a, f, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi,\
+                    channels_##SUFFIX(kind, tiles, 1, a, f, wo, outer, rows, C, inner, so, sc, si, (T)eps, (T)lo, (T)hi,\
                                       acc, c0 + n * t / parts, c0 + n * (t + 1) / parts);             \
             } else /* no region around it: block's own (narrow rows) is then the top level, torch's threads */\
-                channels_##SUFFIX(kind, tiles, narrow ? threads : 1, a, f, outer, rows, C, inner, so, sc, si, (T)eps,\
+                channels_##SUFFIX(kind, tiles, narrow ? threads : 1, a, f, wo, outer, rows, C, inner, so, sc, si, (T)eps,\
                                   (T)lo, (T)hi, acc, c0, c1);                                         \
         }                                                                                             \
         if (c0 == 0) {                                                                                \
@@ -841,7 +883,7 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                                   int64_t so, int64_t sc, int64_t si, double eps, double lo,          \
                                   double hi, int count_flat, double *acc, double *counts,             \
                                   int64_t c0, int64_t c1, int threads) {                              \
-        return stats_rows_##SUFFIX(a, f, outer, NULL, C, inner, so, sc, si, eps, lo, hi, count_flat, acc, counts, \
+        return stats_rows_##SUFFIX(a, f, NULL, outer, NULL, C, inner, so, sc, si, eps, lo, hi, count_flat, acc, counts, \
                                    c0, c1, threads);                                                  \
     }                                                                                                 \
     /* Flat counts only (what a pre-hook takes before an in-place call overwrites z): channels        \
@@ -969,19 +1011,19 @@ int deadneuron_planned(const void *a, const void *f, const deadneuron_plan *p) {
         return flat_all_f64((const double *)a, p->outer, p->C, p->inner, p->so, p->sc, p->si, p->lo, p->hi,
                             p->acc, p->counts, p->threads);
     }
-    if (p->relu) {
+    if (p->relu) { /* f: NULL, or where relu(a) is written (WRITES) */
         if (p->dtype == 0)
-            return stats_rows_f32_relu((const float *)a, (const float *)a, p->outer, p->rows, p->C, p->inner, p->so,
+            return stats_rows_f32_relu((const float *)a, (const float *)a, (float *)f, p->outer, p->rows, p->C, p->inner, p->so,
                                        p->sc, p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C,
                                        p->threads);
-        return stats_rows_f64_relu((const double *)a, (const double *)a, p->outer, p->rows, p->C, p->inner, p->so,
+        return stats_rows_f64_relu((const double *)a, (const double *)a, (double *)f, p->outer, p->rows, p->C, p->inner, p->so,
                                    p->sc, p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C,
                                    p->threads);
     }
     if (p->dtype == 0)
-        return stats_rows_f32((const float *)a, (const float *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
+        return stats_rows_f32((const float *)a, (const float *)f, NULL, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
                               p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
-    return stats_rows_f64((const double *)a, (const double *)f, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
+    return stats_rows_f64((const double *)a, (const double *)f, NULL, p->outer, p->rows, p->C, p->inner, p->so, p->sc,
                           p->si, p->eps, p->lo, p->hi, p->count_flat, p->acc, p->counts, 0, p->C, p->threads);
 }
 

@@ -283,6 +283,22 @@ def check_delta(delta: float) -> None:
         raise UsageError(f"delta (--delta) must be in [0, 1), got {delta}")
 
 
+class FlatRegions:
+    """`flat_region` of each activation for one ``delta``, derived once per distinct activation (a PReLU's
+    each call: its region is per weight tensor)."""
+
+    def __init__(self, delta: float) -> None:
+        self.delta = delta
+        self._cache: dict[ActivationSpec, FlatRegion] = {}
+
+    def __call__(self, spec: ActivationSpec, *, in_hook: bool = False) -> FlatRegion:
+        if spec.prelu_weight is not None:
+            return flat_region(spec, self.delta, in_hook=in_hook)
+        if spec not in self._cache:
+            self._cache[spec] = flat_region(spec, self.delta)
+        return self._cache[spec]
+
+
 def flat_region(spec: ActivationSpec, delta: float, *, in_hook: bool = False) -> FlatRegion:
     """Derive the flat region of ``spec`` for ``delta`` from the function itself.
 

@@ -189,17 +189,21 @@ class ChannelStats:
         z3 = None if z3 is None else z3.detach().index_select(0, rows)
         self.update_output(a3.detach().index_select(0, rows), eps, flat=flat, z3=z3)
 
-    def update_relu_along(self, z: torch.Tensor, axis: int, eps: float, flat: tuple[float, float]) -> bool:
+    def update_relu_along(self, z: torch.Tensor, axis: int, eps: float, flat: tuple[float, float],
+                          out: torch.Tensor | None = None) -> bool:  # fmt: skip
         """`update_output_along` of ``torch.relu(z)`` with the flat region ``flat`` tested on ``z``, in one
         read of ``z`` by the C kernel (no output read, no second tensor): True where it ran; False where
-        the kernel does not take ``z`` (then nothing was added: the caller measures the output)."""
+        the kernel does not take ``z`` (then nothing was added: the caller measures the output). With
+        ``out`` (a tensor of z's strides, not z) the same pass writes ``torch.relu(z)`` into it, under relu's
+        default thresholds only: True where it did both, else False with nothing done (`_stats.c` WRITES)."""
         if type(z) is not torch.Tensor:
             return False
         key = (z.shape, z.stride(), z.dtype, z.is_cpu, axis, eps, flat, "relu")
         run = self._lookup(key, z, axis, eps, flat, None, relu=True)
-        if run is not None and run(z.data_ptr(), None) == 0:
+        if run is not None and run(z.data_ptr(), None if out is None else out.data_ptr()) == 0:
             return True
-        self._plans[key] = None  # strides no kernel reads: the caller's general path
+        if out is None:
+            self._plans[key] = None  # strides no kernel reads: the caller's general path
         return False
 
     def update_relu_rows(self, z3: torch.Tensor, rows: torch.Tensor, eps: float, flat: tuple[float, float]) -> bool:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 # Functions whose output is exactly torch.relu of their input: measured from the input alone (`measure_input`).
 _EXACT_RELU = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
+# ... of which those that return a new tensor: answered with relu's values where the kernel wrote them
+_NEW_RELU = frozenset({F.relu, torch.relu, torch.Tensor.relu})
 
 
 def tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -112,6 +114,10 @@ class FunctionalProbe(TorchFunctionMode):
         kwargs = kwargs or {}
         stack = self._stack
         if not stack or stack[-1][1]:  # outside the model's forward, or inside an activation module
+            fused = self._recorder.fused  # an nn.ReLU's call, whose values its pre-hook's kernel pass wrote
+            if fused is not None and func in _NEW_RELU and args and args[0] is fused[0] and not kwargs.get("inplace"):
+                self._recorder.fused = None
+                return fused[1]
             return func(*args, **kwargs)
         if entry.make is not None:
             return self._activation(entry, func, args, kwargs)
@@ -153,9 +159,10 @@ class FunctionalProbe(TorchFunctionMode):
             self._carry(entry, args, kwargs, out)
             return out
         inplace = entry.inplace or bool(kwargs.get("inplace", False))
-        with torch._C.DisableTorchFunction():
-            rec._before(site, z, inplace, relu=func in _EXACT_RELU)  # type: ignore[arg-type]
-        out = func(*args, **kwargs)
+        with torch._C.DisableTorchFunction():  # relu's values, where the statistics pass wrote them
+            out = rec._before(site, z, inplace, relu=func in _EXACT_RELU, write=func in _NEW_RELU)  # type: ignore[arg-type]
+        if out is None:
+            out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             with torch._C.DisableTorchFunction():
                 rec._after(site, out, None if inplace else z)

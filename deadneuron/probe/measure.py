@@ -15,9 +15,11 @@ from deadneuron.probe.masks import BatchMask, masked_channel_view, masked_rows
 from deadneuron.probe.placement import Placement
 from deadneuron.probe.site import Site
 
+_WRITTEN = (torch.float32, torch.float64)  # the dtypes the C kernel reads (and writes relu's values in)
+
 
 def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask | None, eps: float,
-                  relu: bool = False) -> None:  # fmt: skip
+                  relu: bool = False, write: bool = False) -> torch.Tensor | None:  # fmt: skip
     """Before the call: the flat count on the pre-activation ``z``, where it must be taken before the
     call overwrites ``z`` (in place) or needs a per-channel region (PReLU); else `measure_output` takes it.
 
@@ -26,33 +28,59 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
     relu's values, the flat region tested on ``z``), one read instead of reading ``z`` and the output, and
     `measure_output` skips the call (``site.taken``). Not with a histogram, nor with a padding mask that
     leaves positions of this call out (one that does not fit the site, or has every position valid, is
-    noted as `measure_output` notes it)."""
+    noted as `measure_output` notes it). ``write``: the caller can answer the call with relu's values
+    (`writable`); returned where the same pass computed them (`fused_relu`), else None."""
     eps = eps_in(eps, z.dtype)
     region = site.region
     place = None if mask is None or not relu else place_of(site, z, mask)[0]
-    site.taken = (
-        relu and _whole(mask, place) and site.histogram is None and region.center is None
-        and not isinstance(region.lo, torch.Tensor)
-        and site.stats.update_relu_along(z, site.axis, eps, (region.lo, region.hi))
-    )  # fmt: skip
+    out = None
+    if relu and _whole(mask, place) and site.histogram is None and region.center is None \
+            and not isinstance(region.lo, torch.Tensor):  # fmt: skip
+        flat = (region.lo, region.hi)
+        out = fused_relu(site, z, eps, flat) if write else None
+        site.taken = out is not None or site.stats.update_relu_along(z, site.axis, eps, flat)
+    else:
+        site.taken = False
     if site.taken:
         if mask is not None:
             site.masked, site.unfitted = (True, site.unfitted) if place is not None else (site.masked, site.unfitted + 1)
         site.shape = tuple(z.shape)
-        return
+        return out
     lo = region.lo
     if relu and place is not None and not _whole(mask, place) and z.is_cpu and site.histogram is None \
             and region.center is None and not isinstance(lo, torch.Tensor) \
             and _masked_relu(site, z, mask, place, eps, (lo, region.hi)):  # fmt: skip
-        return
+        return None
     if site.flat_from_z_first(inplace):
         region = site.region
         place = place_of(site, z, mask)[0]
         if not isinstance(region.lo, torch.Tensor) and _whole(mask, place):
             site.stats.update_flat_along(region.tested(z), site.axis, region.lo, region.hi)
-            return
+            return None
         z3 = masked_channel_view(region.tested(z).detach(), site.axis, mask, place)[0]
         site.stats.update_flat(z3, region.lo, region.hi)
+    return None
+
+
+def writable(z: torch.Tensor) -> bool:
+    """Whether a relu call on ``z`` (not in place) can be answered with values the statistics pass wrote:
+    a plain CPU tensor of the kernel's dtypes, with elements, that autograd does not follow (an audit under
+    `torch.inference_mode`, a monitor's eval batches; never a training step's graph)."""
+    return (type(z) is torch.Tensor and z.is_cpu and z.dtype in _WRITTEN and z.numel() > 0
+            and not (z.requires_grad and torch.is_grad_enabled()))  # fmt: skip
+
+
+def fused_relu(site: Site, z: torch.Tensor, eps: float, flat: tuple[float | torch.Tensor, float]) -> torch.Tensor | None:
+    """``torch.relu(z)``, written by the C kernel in the pass that adds relu(z)'s statistics to ``site`` (one
+    pass where the model's relu and the statistics made two): relu's default thresholds only (eps 0, flat
+    where z <= 0), else None with nothing added. The values are torch.relu's bit for bit (-0.0 and NaN kept;
+    checked when the kernel is loaded), in a new tensor laid out as torch.relu lays out its result."""
+    if eps != 0 or flat != (0.0, math.inf):
+        return None
+    out = torch.empty_like(z)
+    if out.stride() != z.stride() or not site.stats.update_relu_along(z, site.axis, eps, flat, out):
+        return None
+    return out
 
 
 def _masked_relu(site: Site, z: torch.Tensor, mask: BatchMask | None, place: Placement, eps: float,

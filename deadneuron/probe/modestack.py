@@ -22,6 +22,12 @@ def on_stack(mode: TorchFunctionMode) -> bool:
     return any(torch._C._get_function_stack_at(i) is mode for i in range(torch._C._len_torch_function_stack()))
 
 
+def is_top(mode: TorchFunctionMode) -> bool:
+    """Whether ``mode`` is on top of the stack (the next torch call reaches it first)."""
+    depth = torch._C._len_torch_function_stack()
+    return bool(depth) and torch._C._get_function_stack_at(depth - 1) is mode
+
+
 def pop_if_top(mode: TorchFunctionMode) -> bool:
     """Take ``mode`` off the stack if it is on top; whether it was."""
     depth = torch._C._len_torch_function_stack()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from deadneuron.activations import ActivationSpec, FlatRegion, check_delta, check_eps, flat_region, is_inplace
+from deadneuron.activations import ActivationSpec, FlatRegion, FlatRegions, check_delta, check_eps, is_inplace
 from deadneuron.errors import UsageError
 from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
@@ -27,8 +27,8 @@ from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_info
 from deadneuron.probe.leaves import hooked_modules, quiet_leaf
 from deadneuron.probe.masks import BatchMask
-from deadneuron.probe.measure import measure_input, measure_output
-from deadneuron.probe.modestack import on_stack, pop_if_top, remove_mode
+from deadneuron.probe.measure import measure_input, measure_output, writable
+from deadneuron.probe.modestack import is_top, on_stack, pop_if_top, remove_mode
 from deadneuron.probe.observer import SiteObserver
 from deadneuron.probe.placement import StatedDims
 from deadneuron.probe.site import Site, SiteResult, shown_name, site_globs, site_names
@@ -106,8 +106,9 @@ class Recorder:
         self._mode: FunctionalProbe | None = None
         self._probe: FunctionalProbe | None = None  # kept across re-entries (building one is not free)
         self._suspended: list[bool] = []
-        self._region_cache: dict[ActivationSpec, FlatRegion] = {}
+        self._region = FlatRegions(delta)  # derived once per distinct activation
         self._last: Site | None = None
+        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # (z, relu(z)) written by the kernel, for the call
         self.last_module: str | None = None
         self._mask: BatchMask | None = None
         self.wrapped = False  # the model's next call wraps a whole training step (see `start_batch`)
@@ -191,6 +192,7 @@ class Recorder:
         self._last, self.last_module = None, None
 
     def _forget_forward(self) -> None:
+        self.fused = None
         self._order.end_forward()
         self._producers.clear()
         self.axes.reset()
@@ -295,14 +297,16 @@ class Recorder:
             return
         spec, region, name, leaf, key, entry, pending = self._specs[m]
         z = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        site = None
+        site = out = None
         with torch._C.DisableTorchFunction():
             if z is not None and self.coverage.readable(name, m, z):
                 site = self._site(key, name, leaf, False, spec, region, z)
-                self._before(site, z, is_inplace(m), relu=type(m) is nn.ReLU)
+                relu = type(m) is nn.ReLU  # the probe stays on to answer its F.relu call with the values written
+                out = self._before(site, z, is_inplace(m), relu=relu, write=relu and self._mode is not None and is_top(self._mode))
         pending.append(site)
         self._stack.append(entry)
-        self._suspended.append(self._suspend())
+        self.fused = None if out is None else (z, out)  # type: ignore[assignment]
+        self._suspended.append(False if out is not None else self._suspend())
 
     def _activation_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if _graph_task() != -1:  # recomputed inside backward (checkpointing)
@@ -310,6 +314,7 @@ class Recorder:
         suspended = self._suspended.pop() if self._suspended else False
         pending = self._specs[m][-1]
         site = pending.pop() if pending else None
+        self.fused = None  # answered, or never asked for (a hook of the model's own changed the input)
         with torch._C.DisableTorchFunction():
             if site is not None and isinstance(out, torch.Tensor):
                 self._after(site, out, None if is_inplace(m) else first_tensor(args, None))
@@ -327,14 +332,6 @@ class Recorder:
             self.coverage.left_out(f"{producer}>{fname}" if producer else f"{owner}.{fname}".lstrip("."))
             return None
         return self._site(("F", fname, owner), owner, fname, True, spec, self._region(spec, in_hook=True), z)
-
-    def _region(self, spec: ActivationSpec, *, in_hook: bool = False) -> FlatRegion:
-        """Flat regions are derived once per distinct activation (PReLU: per weight tensor)."""
-        if spec.prelu_weight is not None:
-            return flat_region(spec, self.delta, in_hook=in_hook)
-        if spec not in self._region_cache:
-            self._region_cache[spec] = flat_region(spec, self.delta)
-        return self._region_cache[spec]
 
     def _site(self, owner_key: tuple[Any, ...], owner: str, leaf: str, functional: bool, spec: ActivationSpec,
               region: FlatRegion, z: torch.Tensor) -> Site:  # fmt: skip
@@ -362,11 +359,13 @@ class Recorder:
 
     # Statistics run with __torch_function__ handling off: our own ops must not pass through the
     # functional probe (that would cost a Python call per op, and is never what it looks for).
-    def _before(self, site: Site, z: torch.Tensor, inplace: bool, *, relu: bool = False) -> None:
-        """``relu``: the call computes exactly ``torch.relu(z)`` (see `measure_input`)."""
+    def _before(self, site: Site, z: torch.Tensor, inplace: bool, *, relu: bool = False, write: bool = False) -> torch.Tensor | None:
+        """``relu``: the call computes exactly ``torch.relu(z)``; ``write``: the caller can answer it with relu's
+        values, returned where the statistics pass wrote them (`measure_input`)."""
         if self.observer is not None:
             self.observer.before(site, z)
-        measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu)
+        write = write and not inplace and writable(z)
+        return measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu, write=write)
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
         measure_output(site, a, z, eps=self.eps, mask=self._mask)
