@@ -111,23 +111,35 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 def batch_size(batch: Any) -> int:
     """The number of samples in ``batch``: its first batched tensor's leading dim (a dict's values and a
     tuple's items in order, past strings, numbers and 0-dim tensors); 1 for a 0-dim tensor batch; 0 where
-    none is found."""
+    none is found. `unbatched` says, after the forward pass, where that tensor held one sample."""
     if isinstance(batch, torch.Tensor) and not batch.dim():
         return 1
-    return _leading(batch)
+    counted = counted_tensor(batch)
+    return int(counted.shape[0]) if counted is not None else 0
 
 
-def _leading(batch: Any) -> int:
-    """The leading dim of the first tensor in ``batch`` that has one; 0 where there is none."""
+def counted_tensor(batch: Any) -> torch.Tensor | None:
+    """The tensor whose leading dim `batch_size` counts: the first in ``batch`` with a non-empty leading dim."""
     if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 0
+        return batch if batch.dim() and batch.shape[0] else None
     if isinstance(batch, Mapping):
         items: Iterable[Any] = batch.values()
     elif isinstance(batch, (tuple, list)):
         items = batch
     else:
         x = getattr(batch, "x", None)
-        return _leading(x) if isinstance(x, torch.Tensor) else 0
-    return next((n for n in map(_leading, items) if n), 0)
+        return counted_tensor(x) if isinstance(x, torch.Tensor) else None
+    return next((t for t in map(counted_tensor, items) if t is not None), None)
 
-__all__ = ["batch_size", "batches_of", "default_forward", "model_device", "resolve_device", "to_device"]
+
+def unbatched(batch: Any, first_input: tuple[int, int | None] | None) -> bool:
+    """Whether ``batch`` was one sample fed without a batch dim: the tensor `batch_size` counts has the rank
+    of the input of the first activation site the forward pass reached (``first_input``: that rank and the
+    dim the site read its channels on, `deadneuron.probe.Recorder.first_input`), and that site read them on
+    dim 0, with nothing in front: a (6,) fed to ``nn.Linear(6, 4)``, a (C, L) to ``nn.Conv1d``. Anything
+    else (the rank changed on the way, the channels are not in front) keeps the leading dim as the count."""
+    counted = counted_tensor(batch)
+    return counted is not None and first_input == (counted.dim(), 0)
+
+__all__ = ["batch_size", "batches_of", "counted_tensor", "default_forward", "model_device", "resolve_device",
+           "to_device", "unbatched"]

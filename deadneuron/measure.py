@@ -27,6 +27,7 @@ from deadneuron._inputs import (
     refuse_meta,
     resolve_device,
     to_device,
+    unbatched,
 )
 from deadneuron._kept import kept_tensors
 from deadneuron._parse import check_count
@@ -116,14 +117,16 @@ def measure(
                                  mask_dims=mask_dims)  # fmt: skip
     try:
         with kept_tensors(model):  # what the forward caches (as inference tensors) is not left on the model
-            part, rec, example = _pass(model, data, recorder, max_batches=max_batches, dev=dev, progress=progress,
-                                       adapter=adapter, mask=mask, forward=forward)  # fmt: skip
+            part, rec, example, single = _pass(model, data, recorder, max_batches=max_batches, dev=dev,
+                                               progress=progress, adapter=adapter, mask=mask, forward=forward)  # fmt: skip
     except Exception as exc:
         if across_ranks:  # the other ranks are waiting for this rank's statistics: they raise too, naming it
             with contextlib.suppress(Exception):  # a broken group: this rank's own error says more
                 share_failure(exc)
         raise
     kernels = rec.kernels.name
+    if single:
+        notes.append(_unbatched_note(single))
     if compile and rec.kernels.fallback_reason:
         kernels = f"{kernels} ({rec.kernels.fallback_reason})"
     world = None
@@ -191,9 +194,10 @@ def _nothing() -> None:
 def _pass(
     model: nn.Module, data: Iterable[Any], recorder: Callable[[nn.Module], Recorder], *, max_batches: int | None,
     dev: torch.device, progress: ProgressBar | None, adapter: Feed | None, mask: MaskSpec, forward: Forward | None,
-) -> tuple[Part, Recorder, Any]:  # fmt: skip
+) -> tuple[Part, Recorder, Any, int]:  # fmt: skip
     """This process's pass: every batch through the hooked model; its statistics as a Part, the Recorder,
-    and the first batch (fixes are checked on it)."""
+    the first batch (fixes are checked on it) and the number of batches fed without a batch dim (each one
+    sample: `deadneuron._inputs.unbatched`)."""
     if forward is None:
         forward = adapter.forward if adapter is not None else default_forward
     total = max_batches if max_batches is not None else (len(data) if isinstance(data, Sized) else None)
@@ -205,7 +209,7 @@ def _pass(
     slot_stats: SlotStats | None = None
     used_mask: tuple[str, tuple[int, ...]] | None = None
     metric_sums: dict[str, torch.Tensor] = {}
-    batches = samples = 0
+    batches = samples = single = 0
     example: Any = None  # the first batch: fixes are checked on it
     moved = _move_model(model, dev)
     try:
@@ -230,6 +234,8 @@ def _pass(
                     except Exception as exc:
                         raise _forward_error(exc, rec, batches, batch) from exc
                     rec.idle()  # the probe off until the next forward: what follows is the audit's, not the model's
+                    if choice.mask is None and size > 1 and unbatched(batch, rec.first_input):
+                        size, single = 1, single + 1
                     if adapter is not None:
                         slot_stats = _update_slots(adapter, outputs, batch, slot_stats)
                         for k, v in adapter.metric_sums(outputs, batch).items():
@@ -244,7 +250,13 @@ def _pass(
     finally:
         if moved is not None:
             model.to(moved)
-    return part, rec, example
+    return part, rec, example, single
+
+
+def _unbatched_note(count: int) -> str:
+    """How the sample count treated batches fed without a batch dim (`deadneuron._inputs.unbatched`)."""
+    return (f"{count} batch{'es' if count > 1 else ''} counted as one sample each: the input had no batch dim (the "
+            "first activation site it reached read its channels on the input's dim 0, with the input's rank)")
 
 
 def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ...]] | None, mask: MaskSpec) -> list[str]:
@@ -269,10 +281,15 @@ def _empty_sites(results: Sequence[SiteResult]) -> list[str]:
     """Sites that ran but saw no element (an expert no token was routed to, every position padding): their
     figures (sparsity 0, no dead channel) say nothing."""
     empty = [r.name for r in results if r.summary.n == 0]
-    if not empty:
-        return []
-    return [f"site{'s' if len(empty) > 1 else ''} {few(empty)} ran but saw no element on the audit set (every call had an "
-            "empty input, or padding alone): nothing was measured there; audit on data that reaches them"]
+    return [empty_sites_warning(empty)] if empty else []
+
+
+def empty_sites_warning(names: Sequence[str], *, where: str = "on the audit set",
+                        advice: str = "audit on data that reaches them") -> str:  # fmt: skip
+    """The warning for the sites ``names`` that ran but saw no element ``where``: the audit's, and the
+    training monitor's (`deadneuron.Monitor`, with its window and its own ``advice``)."""
+    return (f"site{'s' if len(names) > 1 else ''} {few(names)} ran but saw no element {where} (every call had an "
+            f"empty input, or padding alone): nothing was measured there; {advice}")
 
 
 def _placements(results: Sequence[SiteResult]) -> dict[str, Any]:
@@ -371,4 +388,4 @@ def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> Aud
     )
 
 
-__all__ = ["Advance", "Forward", "Measurement", "ProgressBar", "measure", "untracked_batchnorms"]
+__all__ = ["Advance", "Forward", "Measurement", "ProgressBar", "empty_sites_warning", "measure", "untracked_batchnorms"]

@@ -34,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from deadneuron._monitor_args import module_arg, optimizer_arg, positive_int
 from deadneuron.errors import UsageError
 from deadneuron.gradflow import FlowObserver
+from deadneuron.measure import empty_sites_warning
 from deadneuron.probe import Recorder
 from deadneuron.probe.masks import BatchMask, MaskSpec
 from deadneuron.registry import ActivationRegistry
@@ -129,6 +130,7 @@ class Monitor:
         self._running = False
         self._gates: list[RemovableHandle] = []
         self._mask_shape: tuple[int, ...] | None = None  # of a padding mask the loop's batches had
+        self._empty_noted: set[str] = set()  # sites already warned about for a window in which they saw nothing
 
     # -- the with block ---------------------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -308,7 +310,7 @@ class Monitor:
         self.snapshots.append(snap)
         self._last_window, self._last_health = figures, None
         self.last_channels = details
-        for w in [*figures.warnings, *([unmeasured_flow(snap)] if self.gradients else [])]:
+        for w in [*figures.warnings, *([unmeasured_flow(snap)] if self.gradients else []), self._empty_sites(snap)]:
             if w is not None:
                 self._note(w)
         if self._mask_shape is not None and not any(s.masked for s in figures.sites):
@@ -318,6 +320,16 @@ class Monitor:
         for writer in self.writers:
             writer.write(snap, details)
         return snap
+
+    def _empty_sites(self, snap: Snapshot) -> str | None:
+        """The audit's warning for the sites that ran in the window but saw no element, once per site (an
+        expert no token was routed to in a window is routine); None where no new site did."""
+        empty = [name for name, s in snap.sites.items() if not s.n and name not in self._empty_noted]
+        self._empty_noted.update(empty)
+        first, last = snap.first_step, snap.step - 1
+        window = f"steps {first}-{last}" if last > first else f"step {first}"
+        return empty_sites_warning(empty, where=f"in the window of {window}", advice="train on data that reaches "
+                                   "them (said once per site, not per window)") if empty else None  # fmt: skip
 
     def _note(self, message: str) -> None:
         if message not in self.warnings:

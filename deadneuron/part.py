@@ -143,7 +143,7 @@ def states_and_host(sites: Sequence[SiteState],
 def _state(key: tuple[Any, ...], name: str, site: Any) -> SiteState:
     info = SiteInfo(
         key=key, name=name, module=site.owner, producer=site.producer, functional=site.functional,
-        kind=site.spec.kind_name, label=site.spec.label, channel_axis=site.axis,
+        kind=site.spec.kind_name, label=site.spec.label, channel_axis=site.shown_axis,
         axis_source=site.axis_source.value, flat_region=site.region.describe(), channels=site.stats.channels,
         shape=tuple(site.shape), mask_placement=site.placement.result(),
     )  # fmt: skip

@@ -78,7 +78,8 @@ def _dims(value: Any, ndim: int) -> list[int] | None:
 class Producer:
     """A rule that fixes the axis whatever the input: conv, pooling, batch/instance/group norm and
     interpolation put channels before their ``spatial`` dims (unbatched inputs have none in front;
-    ``None``: dim 1, or 0 for a 1-D result); linear, embedding and layer norm (``last``) on the last dim."""
+    ``None``: dim 1, or 0 for a 1-D result); linear, embedding and layer norm (``last``) on the last dim.
+    An axis counted from the end is returned negative (the form that holds at any rank: `layout`)."""
 
     def __init__(self, spatial: int | None = None, *, last: bool = False) -> None:
         self.spatial = spatial
@@ -88,10 +89,13 @@ class Producer:
         t = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(t, torch.Tensor):
             return None
-        if self.last or t.dim() <= 1:
-            return max(t.dim() - 1, 0), AxisSource.PRODUCER
-        axis = t.dim() - self.spatial - 1 if self.spatial is not None else 1
-        return (axis, AxisSource.PRODUCER) if axis >= 0 else None
+        if self.last:
+            return (-1 if t.dim() else 0), AxisSource.PRODUCER
+        if t.dim() <= 1:
+            return 0, AxisSource.PRODUCER
+        if self.spatial is None:
+            return 1, AxisSource.PRODUCER
+        return (-self.spatial - 1, AxisSource.PRODUCER) if t.dim() > self.spatial else None
 
 
 def layer_norm(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:

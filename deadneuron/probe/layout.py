@@ -8,6 +8,12 @@ outputs here, torch ops seen by the functional probe through `produce`/`carry` a
 and the Recorder asks it for the axis of each activation's input. A tensor of rank 2 or less has one
 candidate, its last dim (`AxisSource.RANK`). Where nothing is known the axis is guessed and the site says
 so (`AxisSource.GUESSED`); the user can set it per site glob (`AxisSource.USER`).
+
+Axes are kept in the form that holds whatever the rank of the tensor: negative (counted from the end) where
+the layout counts the channel dim from the end (linear, embedding, attention: the last dim; conv and pooling:
+the dim before their spatial dims, so that an unbatched (C, L) and a batched (N, C, L) agree), non-negative
+where it counts from the front (batch and group norm: dim 1). `known` answers the dim of the tensor at hand;
+`axis_of` answers the form a site keeps, and `refit` checks a call whose input has another rank against it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +29,9 @@ from torch import nn
 from deadneuron.errors import UsageError
 from deadneuron.probe.axisrules import AxisRule, AxisSource, reshaped_axis
 from deadneuron.select import matches
+
+if TYPE_CHECKING:
+    from deadneuron.probe.site import Site
 
 CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,
@@ -98,22 +107,21 @@ def output_layout(m: nn.Module, *, keeps_layout: bool = False) -> OutputLayout |
     return OutputLayout.RESHAPES if isinstance(m, RESHAPING) else None
 
 
-def guess_axis(x: torch.Tensor) -> int:
-    """The fallback when nothing is known: 1 for (N, C, H, W...), the last dim otherwise."""
-    if x.dim() <= 2:
-        return x.dim() - 1 if x.dim() else 0
-    return 1 if x.dim() >= 4 else x.dim() - 1
+def _raw_axis(n: int, code: int) -> int:
+    """The channel axis a `producer_code` of ``code`` gives an ``n``-D tensor, in the rank-robust form: a code
+    counted from the end stays negative where the tensor has that dim (a (C,) linear output: -1, as for its
+    (N, C) output); dim 0 where it has no such dim."""
+    if code == 1:
+        return 1 if n >= 2 else 0
+    return code if n + code >= 0 else 0
 
 
-def producer_axis(x: torch.Tensor, producer: nn.Module | None) -> int | None:
-    """The channel dim of ``x`` if ``producer`` (the module that returned it) fixes it, else None."""
-    if producer is None or not _fixes_axis(producer):
-        return None
-    if x.dim() <= 1:
-        return 0
-    if (spatial := _spatial_dims(producer)) is not None:  # unbatched inputs have no batch dim in front
-        return max(x.dim() - spatial - 1, 0)
-    return 1 if isinstance(producer, CHANNEL_FIRST) else x.dim() - 1
+def dim_of(n: int, axis: int) -> int | None:
+    """The dim ``axis`` (negative: counted from the end) names in an ``n``-D tensor, None where it has none;
+    a 0-dim tensor is read as one channel (dim 0)."""
+    if n == 0:
+        return 0 if axis in (0, -1) else None
+    return axis % n if -n <= axis < n else None
 
 
 def _spatial_dims(m: nn.Module) -> int | None:
@@ -129,8 +137,9 @@ def output_info(m: nn.Module, *, keeps_layout: bool = False) -> tuple[OutputLayo
 
 
 def producer_code(m: nn.Module) -> int | None:
-    """`producer_axis` of ``m`` as a number decided once per module (None: its type fixes no axis): 1 for
-    dim 1, else the axis counted back from the rank (-1: the last dim; a conv: before its kernel dims)."""
+    """The channel axis ``m``'s type fixes for its output, decided once per module (None: it fixes none): 1
+    for dim 1, else the axis counted back from the rank (-1: the last dim; a conv, pooling: before its spatial
+    dims, so that unbatched inputs, with no batch dim in front, are read right). See `_raw_axis`."""
     if not _fixes_axis(m):
         return None
     if (spatial := _spatial_dims(m)) is not None:
@@ -160,14 +169,23 @@ class AxisTracker:
     def _note(self, t: torch.Tensor, axis: int, source: AxisSource) -> None:
         self._axes[id(t)] = (weakref.ref(t), (axis, source))
 
-    def known(self, t: torch.Tensor) -> tuple[int, AxisSource] | None:
+    def stored(self, t: torch.Tensor) -> tuple[int, AxisSource] | None:
+        """The axis noted for ``t`` in its rank-robust form (negative: counted from the end), or None."""
         entry = self._axes.get(id(t))
         return entry[1] if entry is not None and entry[0]() is t else None
+
+    def known(self, t: torch.Tensor) -> tuple[int, AxisSource] | None:
+        """The channel dim of ``t`` (non-negative) and how it was decided, or None where nothing is known."""
+        entry = self._axes.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        axis, source = entry[1]
+        return (axis % t.dim() if t.dim() else 0, source) if axis < 0 else entry[1]
 
     def _note_pieces(self, out: Any, axis: int, source: AxisSource) -> None:
         """The tensors of a tuple/list ``out`` (split pieces, pooling values and indices)."""
         for t in out if isinstance(out, (tuple, list)) else ():
-            if isinstance(t, torch.Tensor) and t.dim() > axis and self.known(t) is None:
+            if isinstance(t, torch.Tensor) and dim_of(t.dim(), axis) is not None and self.known(t) is None:
                 self._note(t, axis, source)
 
     def produce(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
@@ -195,8 +213,7 @@ class AxisTracker:
         tensor ``t`` (``ref``: a weak reference to it): the axis its type fixes, unless one is known."""
         entry = self._axes.get(id(t))
         if entry is None or entry[0]() is not t:
-            n = t.dim()
-            self._axes[id(t)] = (ref, (0 if n <= 1 else 1 if code == 1 else max(n + code, 0), AxisSource.PRODUCER))
+            self._axes[id(t)] = (ref, (_raw_axis(t.dim(), code), AxisSource.PRODUCER))
 
     def layout_output(self, layout: OutputLayout, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """Module ``m``, whose type says ``layout`` (`output_layout`, decided once per module), returned
@@ -209,26 +226,27 @@ class AxisTracker:
         if t is None or self.known(t) is not None:
             return
         if layout is OutputLayout.PRODUCER:
-            axis = producer_axis(t, m)
-            if axis is not None:
-                self._note(t, axis, AxisSource.PRODUCER)
+            code = producer_code(m)
+            if code is not None:
+                self._note(t, _raw_axis(t.dim(), code), AxisSource.PRODUCER)
             return
         x = _first_tensor(args)
-        found = self.known(x) if x is not None else None
-        if found is None:
+        found = self.stored(x) if x is not None else None
+        if x is None or found is None:
             return
-        a = found[0]
+        a = dim_of(x.dim(), found[0]) or 0
         if layout is OutputLayout.KEEPS:
-            if t.dim() == x.dim() and t.shape[a] == x.shape[a]:  # type: ignore[union-attr]
-                self._note(t, a, AxisSource.TRACED)
+            if t.dim() == x.dim() and (not x.dim() or t.shape[a] == x.shape[a]):  # the form kept, as noted
+                self._note(t, found[0], AxisSource.TRACED)
         else:
-            j = reshaped_axis(tuple(x.shape), tuple(t.shape), a)  # type: ignore[union-attr]
+            j = reshaped_axis(tuple(x.shape), tuple(t.shape), a)
             if j is not None:
                 self._note(t, j, AxisSource.TRACED)
 
     def axis_of(self, z: torch.Tensor, names: tuple[str, ...]) -> tuple[int, AxisSource]:
         """The channel axis of an activation's input ``z`` at the site called ``names`` (globs of
-        the user's overrides are matched against each of them)."""
+        the user's overrides are matched against each of them), in the form the site keeps: negative where
+        it is counted from the end (a user's negative axis; a last dim that is no channel-first producer's)."""
         for glob, axis in self.overrides.items():
             if matches(names, (glob,)):
                 self.matched.add(glob)
@@ -237,13 +255,14 @@ class AxisTracker:
                         f"channel axis {axis} set for {glob!r} does not fit site {names[0]!r}, whose input has "
                         f"shape {tuple(z.shape)}: give a dim in [-{max(z.dim(), 1)}, {max(z.dim(), 1) - 1}]"
                     )
-                return axis % max(z.dim(), 1), AxisSource.USER
-        found = self.known(z)
-        if found is not None:
-            return found
-        if z.dim() <= 2:
-            return guess_axis(z), AxisSource.RANK
-        return guess_axis(z), AxisSource.GUESSED
+                return axis, AxisSource.USER
+        found = self.stored(z)
+        if found is not None:  # a traced last dim is counted from the end, as channel-last layouts count it
+            last = found[1] is AxisSource.TRACED and z.dim() >= 2 and found[0] == z.dim() - 1
+            return (-1, found[1]) if last else found
+        if z.dim() <= 2:  # the last dim is the only candidate
+            return (-1 if z.dim() else 0), AxisSource.RANK
+        return (1 if z.dim() >= 4 else -1), AxisSource.GUESSED  # (N, C, H, W...): dim 1; (N, L, C): the last
 
     def unmatched(self) -> list[str]:
         """Override globs that matched no site (so far)."""
@@ -251,18 +270,44 @@ class AxisTracker:
 
 
 def fits(z: torch.Tensor, axis: int, channels: int) -> bool:
-    """Whether ``z`` can be read at a site whose axis ``axis`` held ``channels`` channels before."""
+    """Whether ``z`` can be read at a site whose axis ``axis`` (negative: counted from the end) held
+    ``channels`` channels before."""
     n = z.dim()
-    return z.shape[axis] == channels if n > axis else n == 0 and channels == 1
+    return z.shape[axis] == channels if -n <= axis < n else n == 0 and channels == 1
 
 
 def axis_mismatch(name: str, z: torch.Tensor, axis: int, source: AxisSource, channels: int) -> str | None:
     """Why ``z`` cannot be read at a site whose axis ``axis`` held ``channels`` channels before, or None."""
     if fits(z, axis, channels):
         return None
-    got = f"has {z.shape[axis]} entries" if z.dim() > axis else "does not exist"
+    dim = dim_of(z.dim(), axis)
+    got = f"has {z.shape[axis]} entries" if dim is not None and z.dim() else "does not exist"
     why = "the axis is not the channel dim" if source in (AxisSource.GUESSED, AxisSource.RANK) else \
         "a channel count must not change between batches"
-    return (f"site {name!r}: its channel axis {axis} ({source.value}) {got} in input {tuple(z.shape)} but held "
-            f"{channels} channels before, so {why}; set it with --channel-axis '{name}=AXIS' "
+    return (f"site {name!r}: its channel axis {axis if dim is None else dim} ({source.value}) {got} in input "
+            f"{tuple(z.shape)} but held {channels} channels before, so {why}; set it with --channel-axis '{name}=AXIS' "
             f"(channel_axis={{{name!r}: AXIS}} in deadneuron.audit)")
+
+
+def refit(axes: AxisTracker, site: Site, z: torch.Tensor, name: str) -> None:
+    """A call of ``site`` (shown as ``name``) whose input ``z`` has another rank than its last call's, or does
+    not fit its axis: the axis derived for ``z`` itself must be the dim the site's axis names in ``z`` (counted
+    as the site counts it) and hold as many channels, else one line says why. A call whose axis was guessed
+    makes the site's axis guessed."""
+    axis, source = axes.axis_of(z, site.names)
+    mine, theirs = dim_of(z.dim(), site.axis), dim_of(z.dim(), axis)
+    if z.dim() != site.rank and mine != theirs:
+        counted = f"dim {site.axis} counted from the end" if site.axis < 0 else f"dim {site.axis}"
+        raise UsageError(
+            f"site {name!r}: its channel axis, {counted} ({site.axis_source.value}, input rank {site.rank}), is "
+            f"{'missing from' if mine is None else f'dim {mine} of'} input {tuple(z.shape)}, whose channel dim is "
+            f"dim {theirs} ({source.value}): inputs of another rank must keep the channel dim at the same place "
+            f"counted from the front or from the end; set it with --channel-axis '{name}=AXIS' (negative: counted "
+            f"from the end; channel_axis={{{name!r}: AXIS}} in deadneuron.audit)"
+        )
+    problem = axis_mismatch(name, z, site.axis, site.axis_source, site.stats.channels)
+    if problem is not None:
+        raise UsageError(problem)
+    site.rank = z.dim()
+    if source is AxisSource.GUESSED and site.axis_source is not AxisSource.USER:
+        site.axis_source = AxisSource.GUESSED

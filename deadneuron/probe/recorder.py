@@ -20,11 +20,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deadneuron.activations import ActivationSpec, FlatRegion, FlatRegions, check_delta, check_eps, is_inplace
-from deadneuron.errors import UsageError
 from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
-from deadneuron.probe.layout import AxisTracker, OutputLayout, axis_mismatch, fits, output_info
+from deadneuron.probe.layout import AxisTracker, OutputLayout, dim_of, fits, output_info, refit
 from deadneuron.probe.leaves import hooked_modules, quiet_leaf
 from deadneuron.probe.masks import BatchMask
 from deadneuron.probe.measure import measure_input, measure_output, writable
@@ -109,6 +108,7 @@ class Recorder:
         self._region = FlatRegions(delta)  # derived once per distinct activation
         self._last: Site | None = None
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # (z, relu(z)) written by the kernel, for the call
+        self.first_input: tuple[int, int | None] | None = None  # the batch's first site: rank, channel dim of z
         self.last_module: str | None = None
         self._mask: BatchMask | None = None
         self.wrapped = False  # the model's next call wraps a whole training step (see `start_batch`)
@@ -189,7 +189,7 @@ class Recorder:
         self._mask = BatchMask.of(mask) if isinstance(mask, torch.Tensor) else mask
         self.wrapped = wrapped
         self._forget_forward()
-        self._last, self.last_module = None, None
+        self._last, self.last_module, self.first_input = None, None, None
 
     def _forget_forward(self) -> None:
         self.fused = None
@@ -285,9 +285,7 @@ class Recorder:
 
     def _producer_of(self, z: torch.Tensor) -> str | None:
         entry = self._producers.get(id(z))
-        if entry is None or entry[0]() is not z:
-            return None
-        return entry[1]
+        return entry[1] if entry is not None and entry[0]() is z else None
 
     # -- activation module hooks (they also do what _enter_hook/_exit_hook do for other modules) ------
     # They run with __torch_function__ handling off (each tensor method they call would otherwise pass
@@ -350,10 +348,12 @@ class Recorder:
                 histogram=ValueHistogram(z.device) if self.histograms else None,
             )
             site.placement.stated, site.placement.site = self.mask_dims.of(names, tuple(z.shape), axis), names[0]
-            self._sites[key] = site
-        elif not fits(z, site.axis, site.stats.channels):  # the message only where it is needed
-            raise UsageError(str(axis_mismatch(shown_name(self._sites.values(), site), z, site.axis, site.axis_source, site.stats.channels)))
+            site.rank, site.names, self._sites[key] = z.dim(), names, site
+        elif z.dim() != site.rank or not fits(z, site.axis, site.stats.channels):  # another rank, or a mismatch
+            refit(self.axes, site, z, shown_name(self._sites.values(), site))
         site.calls += 1
+        if self._last is None:  # the batch's first site (`deadneuron._inputs.unbatched`)
+            self.first_input = (z.dim(), dim_of(z.dim(), site.axis))
         self._last = site
         return site
 

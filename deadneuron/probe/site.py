@@ -32,11 +32,13 @@ class Site:
     occurrence: int
     spec: ActivationSpec
     region: FlatRegion
-    axis: int
+    axis: int  # the channel axis, negative where counted from the end (the form that holds at any rank: `layout`)
     axis_source: AxisSource
     stats: ChannelStats
     shape: tuple[int, ...] = ()
     calls: int = 0
+    rank: int = 0  # the rank of the input of the last call (a call of another rank is checked: `layout.refit`)
+    names: tuple[str, ...] = field(default=(), repr=False, compare=False)  # what per-site settings match
     histogram: ValueHistogram | None = None
     masked: bool = False  # the batch's padding mask applied here (on some call)
     excluded: int = 0  # elements per channel the mask excluded, over all calls
@@ -51,6 +53,11 @@ class Site:
         return inplace or isinstance(self.region.lo, torch.Tensor)
 
     @property
+    def shown_axis(self) -> int:
+        """The channel axis as a dim of the last call's input (``shape``): what reports show."""
+        return self.axis % len(self.shape) if self.shape and self.axis < 0 else max(self.axis, 0)
+
+    @property
     def base_name(self) -> str:
         if self.producer is not None:
             return f"{self.producer}>{self.leaf}"
@@ -62,7 +69,7 @@ class Site:
         """What was measured here, as host values (one synchronisation: `ChannelStats.compute`)."""
         return SiteResult(
             name=name, module=self.owner, producer=self.producer, functional=self.functional,
-            kind=self.spec.kind_name, label=self.spec.label, channel_axis=self.axis,
+            kind=self.spec.kind_name, label=self.spec.label, channel_axis=self.shown_axis,
             axis_source=self.axis_source.value, flat_region=self.region.describe(), example_shape=self.shape,
             calls=self.calls, summary=self.stats.compute(),
             histogram=tuple(self.histogram.compute()) if self.histogram is not None else None,
