@@ -196,3 +196,33 @@ def test_the_probe_is_off_the_stack_after_the_audit() -> None:
     with torch.inference_mode():
         out = model(_batches(1)[0])
     assert out.shape[0] == 4
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tokens"])
+def test_batches_split_over_threads_are_written_whole(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches large enough to be split over two threads (by channels; channels-last rows too narrow to
+    share, by stretches of rows): every element written, torch.relu's bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU()).eval()
+        if layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        elif layout == "tokens":
+            model = nn.Sequential(nn.Linear(3, 64), nn.ReLU()).eval()
+        g = torch.Generator().manual_seed(2)
+        batches = [torch.randn(8, 3, 32, 32, generator=g) if layout != "tokens" else torch.randn(8, 1024, 3, generator=g)]
+        if layout == "channels_last":
+            batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+        with torch.inference_mode():
+            want = [model(b) for b in batches]
+        got: list[torch.Tensor] = []
+        model.register_forward_hook(lambda m, a, o: got.append(o.clone()))
+        written = _written(monkeypatch)
+        deadneuron.audit(model, batches, progress=False, rules=False)
+        assert want[0].numel() >= 1 << 16 and len(written) == 1
+        assert got[0].stride() == want[0].stride() and torch.equal(_bits(got[0]), _bits(want[0]))
+    finally:
+        torch.set_num_threads(threads)
