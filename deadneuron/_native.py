@@ -74,21 +74,28 @@ class Planned:
     writes into (the caller checks they are still the ones it holds; the gradient-flow call's sums of |x|
     and its non-zero counts, None where not counted)."""
 
-    __slots__ = ("_address", "_fn", "_parallel", "_plan", "_threaded", "acc", "counts", "shape")
+    __slots__ = ("_address", "_fn", "_parallel", "_plan", "_threaded", "acc", "counts", "shape", "writes")
 
     def __init__(self, fn: Callable[..., int], plan: _Plan | FlowPlan, *, parallel: bool, threaded: bool,
                  acc: torch.Tensor, counts: torch.Tensor | None, shape: tuple[int, ...]) -> None:  # fmt: skip
         self._fn, self._plan, self._address, self._parallel = fn, plan, ctypes.addressof(plan), parallel
         self._threaded, self.acc, self.counts, self.shape = threaded, acc, counts, shape
+        self.writes = True  # a relu plan: whether the kernel writes relu's values for this layout
 
     def __call__(self, a_ptr: int, f_ptr: int | None) -> int:
-        """Run on the batch at ``a_ptr`` (and the flat-region tensor at ``f_ptr``, same strides); the
-        kernel's status: 0 done, 1 strides no kernel reads (nothing written)."""
+        """Run on the batch at ``a_ptr`` (and the flat-region tensor at ``f_ptr``, same strides; a relu
+        plan's: where relu's values are written, `NativeStats.plan`); the kernel's status: 0 done, 1 strides
+        no kernel reads, 3 relu's values not written for this layout (nothing done either way)."""
+        if f_ptr is not None and not self.writes:
+            return 3
         if self._parallel:  # threads follow torch's setting; the result does not depend on them
             threads = torch.get_num_threads()
             if threads != self._plan.threads:
                 self._plan.threads = threads
-        return int(self._fn(a_ptr, f_ptr, self._address))
+        status = int(self._fn(a_ptr, f_ptr, self._address))
+        if status == 3:  # decided by the layout and thresholds alone: asked once
+            self.writes = False
+        return status
 
     def rows(self, a_ptr: int, f_ptr: int | None, offsets: torch.Tensor) -> int:
         """`__call__` on the outer rows that start at the int64 element ``offsets`` (contiguous, CPU) of the

@@ -40,7 +40,8 @@
  * torch.relu's values bit for bit (RELU_OF: x < 0 gives 0; -0.0 and NaN pass through). Only with relu's
  * default thresholds, whose fast pass (RELU0) reads every element of every stretch before any check:
  * the pass writes them all, and a pass run again (the checks, a far shift) reads z, which it left alone.
- * Elsewhere (other thresholds, chosen rows, out == z) the call returns 3 and does nothing.
+ * Elsewhere (other thresholds, chosen rows, out == z, a large batch read a block of columns at a time)
+ * the call returns 3 and does nothing.
  */
 #include <float.h>
 #include <math.h>
@@ -853,6 +854,10 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
             const int tiles = (double)outer * (double)inner * (double)C * sizeof(T) * (f != a ? 2 : 1) <= TILE_BYTES; \
             const int kind = layout_##SUFFIX(outer, inner, sc, si, tiles);                            \
             if (kind < 0) return 1;                                                                   \
+            /* WRITES where every element is read once: not where a batch too large for the tiles is   \
+             * read a block of BLOCK columns at a time down its rows, the rows again for each block (the \
+             * output's lines, written a block at a time, then cost more than torch's pass: measured) */\
+            if (wo && kind > 0 && !tiles && (kind == 1 ? C : C * inner) > BLOCK) return 3;            \
             const int64_t n = c1 - c0;                                                                \
             /* channels-last rows split by channels: each thread's share of a row at least NARROW bytes  \
              * (narrower shares have both threads pull the same cache lines: slower than one thread);   \

@@ -226,3 +226,23 @@ def test_batches_split_over_threads_are_written_whole(layout: str, monkeypatch: 
         assert got[0].stride() == want[0].stride() and torch.equal(_bits(got[0]), _bits(want[0]))
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_native
+def test_a_batch_read_a_block_of_columns_at_a_time_is_not_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels-last batches too large for the tiled pass, of more channels than one block of columns, are
+    read a block at a time down their rows: there the kernel declines to write (torch's relu was faster),
+    the statistics are taken from z as before and the model's relu runs, once per layout asked."""
+    model = nn.Sequential(nn.Linear(8, 96), nn.ReLU()).eval()
+    batch = torch.randn(16, 3136, 8)
+    with torch.inference_mode():
+        want = model(batch)
+    written = _written(monkeypatch)
+    got: list[torch.Tensor] = []
+    model.register_forward_hook(lambda m, a, o: got.append(o.clone()))
+    report = deadneuron.audit(model, [batch, batch], progress=False, rules=False)
+    assert written == [] and torch.equal(_bits(got[0]), _bits(want))
+    (site,) = report.sites.values()
+    z = model[0](batch).detach().reshape(-1, 96).numpy()  # what the model's own Linear gives
+    assert site.n == 2 * z.shape[0]
+    np.testing.assert_array_equal(np.round(np.array(site.channel_zero) * site.n), 2 * (z <= 0).sum(0))
