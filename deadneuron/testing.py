@@ -52,10 +52,12 @@ def assert_healthy(
     adapter: Any = None,
     max_nonfinite: int | None = 0,
 ) -> Report:
-    """Fail unless every site in ``sites`` (globs; default all) is within the limits. Returns the Report.
+    """Fail unless every site in ``sites`` (globs, or one glob as a string; default all) is within the limits.
+    Returns the Report.
 
-    Defaults: no dead channel and no NaN/Inf activation anywhere (``max_nonfinite=None`` allows them). ``max_sparsity`` bounds each site's exact-zero share,
-    ``min_active_slots`` the mean number of active slots per image (slot models only).
+    Defaults: no dead channel and no NaN/Inf activation anywhere (``max_nonfinite=None`` allows them).
+    ``max_sparsity`` bounds each site's exact-zero share; shares are fractions (0.05) or percentages ("5%").
+    ``min_active_slots`` bounds the mean number of active slots per image (slot models only).
     """
     report = _report_of(model_or_report, data, adapter)
     limits = GateLimits(
