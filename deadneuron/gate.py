@@ -25,29 +25,48 @@ class GateLimits:
     """Limits; None means "not checked". ``sites`` are globs scoping the per-site checks (empty: all)."""
 
     max_dead: int | None = None  # dead channels allowed in any one site
-    max_dead_fraction: float | None = None  # share of a site's channels allowed to be dead
-    max_sparsity: float | None = None  # a site's exact-zero share
+    max_dead_fraction: float | None = None  # share of a site's channels allowed to be dead (0.05, or "5%")
+    max_sparsity: float | None = None  # a site's exact-zero share (0.6, or "60%")
     min_active_slots: float | None = None  # mean active slots per image
     sites: tuple[str, ...] = ()
     max_nonfinite: int | None = None  # NaN/Inf activations allowed in any one site
 
     def __post_init__(self) -> None:
         for name in ("max_dead", "max_nonfinite"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_dead_fraction", "max_sparsity"):
             value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise UsageError(f"{name} must be a fraction in [0, 1], got {value}")
-        if self.min_active_slots is not None and self.min_active_slots < 0:
-            raise UsageError(f"min_active_slots must be >= 0, got {self.min_active_slots}")
-        object.__setattr__(self, "sites", tuple(self.sites))
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise UsageError(f"{name} must be >= 0 (a whole number), got {value!r}")
+        for name in ("max_dead_fraction", "max_sparsity"):  # 0.05 or "5%"
+            object.__setattr__(self, name, fraction(getattr(self, name), name))
+        slots = self.min_active_slots
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, (int, float)) or not slots >= 0):
+            raise UsageError(f"min_active_slots must be a number >= 0, got {slots!r}")
+        object.__setattr__(self, "sites", (self.sites,) if isinstance(self.sites, str) else tuple(self.sites))
 
     @property
     def active(self) -> bool:
         """True when at least one limit is set."""
         limits = (self.max_dead, self.max_dead_fraction, self.max_sparsity, self.min_active_slots, self.max_nonfinite)
         return any(v is not None for v in limits)
+
+
+def fraction(value: object, name: str) -> float | None:
+    """A share limit as a fraction in [0, 1]: a number (0.05) or a percentage string ("5%"; "0.05" is read too).
+    UsageError for anything else, saying how 5% is written."""
+    if value is None:
+        return None
+    number: object = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise UsageError(f"{name} must be a fraction in [0, 1] or a percentage, got {value!r} (5% is 0.05 or '5%')")
+    if not 0.0 <= number <= 1.0:
+        raise UsageError(f"{name} must be a fraction in [0, 1], got {float(number)} (5% is 0.05 or '5%')")
+    return float(number)
 
 
 @dataclass(frozen=True)
@@ -158,4 +177,4 @@ def failure_message(violations: Sequence[Violation], *, header: str = "activatio
     return "\n".join(lines)
 
 
-__all__ = ["Check", "GateLimits", "Violation", "check", "failure_message", "scoped_sites"]
+__all__ = ["Check", "GateLimits", "Violation", "check", "failure_message", "fraction", "scoped_sites"]

@@ -3,18 +3,17 @@
     with deadneuron.Monitor(model, every=100, optimizer=opt) as mon:
         for batch in loader:
             loss = ...; opt.zero_grad(); loss.backward(); opt.step()
-            mon.step()                     # a snapshot every 100 steps
+            mon.step()                     # a snapshot every 100 steps (a step: one optimizer step)
     mon.timeline                           # pandas DataFrame, one row per (snapshot step, site)
     mon.findings()                         # the rules over the last window and the timeline
 
-The statistics are the audit's (a `deadneuron.probe.Recorder`), accumulated over the training batches
-themselves in train mode: no extra forward pass. Each snapshot covers the steps since the previous one
-(one copy of every figure to the host, merged over the ranks of a process group first: see
-`deadneuron.window`), then the window starts afresh on the same hooks. With ``sample_every=k`` only
-every k-th step's forward passes are measured; between them no hook is attached at all. Forward passes
-in eval mode (a validation loop inside the training loop) are not measured. Beside the Recorder's figures, a `deadneuron.gradflow.FlowObserver`
-reads dL/dz per channel in the backward pass (tensor hooks that return None: the gradients are those of a
-run without the monitor) and sums |a| for the tau-dormant score.
+The statistics are the audit's (a `deadneuron.probe.Recorder`) over the training batches themselves in
+train mode: no extra forward pass. Each snapshot covers the steps since the previous one (one copy to the
+host, merged over the ranks of a process group: `deadneuron.window`), then the window starts afresh on the
+same hooks. With ``sample_every=k`` only every k-th step's forward passes are measured; between them no
+hook is attached at all. Eval-mode passes (a validation loop, through the model or a part of it:
+`deadneuron._monitor_parts`) are not measured. A `deadneuron.gradflow.FlowObserver` reads dL/dz per channel
+in the backward pass (tensor hooks that return None) and sums |a| for the tau-dormant score.
 
 Nothing is left on the model: hooks are removed when the ``with`` block ends, also on an exception, and
 the model's modes, parameters and gradients are never touched. The host synchronises only at snapshots
@@ -31,10 +30,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from deadneuron._monitor_args import module_arg, optimizer_arg, positive_int
+from deadneuron import _monitor_args as checks
+from deadneuron._monitor_notes import EmptySites, never_stepped
+from deadneuron._monitor_parts import PartGates
 from deadneuron.errors import UsageError
 from deadneuron.gradflow import FlowObserver
-from deadneuron.measure import empty_sites_warning
 from deadneuron.probe import Recorder
 from deadneuron.probe.masks import BatchMask, MaskSpec
 from deadneuron.registry import ActivationRegistry
@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from deadneuron.rules import Finding, RulesConfig, RuleSet
+
+
+_NOTHING = ("a window of training steps measured no activation site: no forward pass in train mode "
+            "ran, the model has no recognised activation, or none matches the select; nothing was recorded for it")
 
 
 class SnapshotWriter(Protocol):
@@ -66,9 +70,8 @@ class Monitor:
     snapshot (`deadneuron.integrations.writers`). ``gradients=False`` skips the gradient-flow hooks.
     ``mask``: the padding of each training batch, left out of every figure (see `forward_mask`: ``"auto"``
     finds an ``attention_mask`` keyword beside ``input_ids``; a keyword's name; ``"len:KEY"``: the (N,)
-    per-sample lengths of that keyword; a callable of the forward's
-    arguments); it costs one host synchronisation per measured forward pass, to count the valid positions;
-    ``mask_dims``: where it lies at sequence-first sites, as for `deadneuron.audit`.
+    per-sample lengths of that keyword; a callable of the forward's arguments): one host synchronisation per
+    measured forward pass; ``mask_dims``: where it lies at sequence-first sites, as for `deadneuron.audit`.
     ``start_step``: the steps done before (a resumed run), where the step count starts. ``distributed``:
     under an initialised process group of more than one rank, every snapshot merges the ranks' figures
     (each rank gets the same snapshot, as `deadneuron.audit` merges); every rank must then take its
@@ -98,16 +101,9 @@ class Monitor:
         start_step: int = 0,
         distributed: bool = True,
     ) -> None:
-        self.every = None if every is None else positive_int(every, "every")
-        self.sample_every = positive_int(sample_every, "sample_every")
-        if self.every is not None and self.sample_every > self.every:
-            raise UsageError(f"Monitor: sample_every ({sample_every}) must not exceed every ({every}): "
-                             "a window would measure no step")  # fmt: skip
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1:
-            raise UsageError(f"Monitor: tau must be a number in [0, 1), got {tau!r}")
-        self.model = module_arg(model)
-        self.optimizer = optimizer_arg(optimizer)
-        self.tau = float(tau)
+        self.every, self.sample_every, self.tau = checks.window_args(every, sample_every, tau)
+        self.model = checks.module_arg(model)
+        self.optimizer = checks.optimizer_arg(optimizer)
         self.writers = tuple(writers)
         self.gradients = gradients
         self.distributed = distributed
@@ -121,7 +117,7 @@ class Monitor:
         self._last_window: WindowFigures | None = None  # its figures on the host (`last_health` reads them)
         self._last_health: dict[str, SiteHealth] | None = None
         self.warnings: list[str] = []
-        self._step = self._window_start = positive_int(start_step, "start_step", lo=0)
+        self._step = self._window_start = self._start_step = checks.positive_int(start_step, "start_step", lo=0)
         self._rec: Recorder | None = None
         self._observer: FlowObserver | None = None
         self._attached = False
@@ -129,8 +125,9 @@ class Monitor:
         self._held = False  # `pause` called: nothing is measured until `resume`
         self._running = False
         self._gates: list[RemovableHandle] = []
+        self._parts: PartGates | None = None  # on the model's parts: one called on its own in eval mode is no training
         self._mask_shape: tuple[int, ...] | None = None  # of a padding mask the loop's batches had
-        self._empty_noted: set[str] = set()  # sites already warned about for a window in which they saw nothing
+        self._empty_sites = EmptySites()  # says once per site which saw nothing in a window
 
     # -- the with block ---------------------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -172,7 +169,7 @@ class Monitor:
             for handle in self._gates:
                 handle.remove()
             self._gates.clear()
-            self._rec = self._observer = None
+            self._rec, self._observer, self._parts = None, None, None
             self._running = False
             for writer in self.writers:
                 writer.close()
@@ -201,9 +198,6 @@ class Monitor:
         if not self._running:
             raise UsageError("Monitor.snapshot() called outside the monitor's with block")
         snap = self._take_snapshot()
-        if snap is None and self._step > self._window_start:
-            self._note("a window of training steps measured no activation site: no forward pass in train "
-                       "mode ran, or no activation matches the select")  # fmt: skip
         self._new_window()
         return snap
 
@@ -221,6 +215,7 @@ class Monitor:
         if self._rec is None or self._observer is None:
             self._observer = FlowObserver(gradients=self.gradients)
             self._rec = Recorder(self.model, observer=self._observer, restore_modes=False, **self._recorder_options)
+            self._parts = PartGates(self._rec.model, pause=lambda: self._detach(gates=False), resume=self._after_part)
         else:
             reset_window(self._rec, self._observer)
         self._sync()
@@ -228,6 +223,8 @@ class Monitor:
     # -- attaching the Recorder around sampled steps; eval-mode forward passes are not measured -----
     def _sync(self) -> None:
         self._paused = False
+        if self._parts is not None:  # (what a forward pass that raised left set)
+            self._parts.in_model, self._parts.paused = False, None
         if self._sampled(self._step):
             self._attach()
         else:
@@ -237,13 +234,29 @@ class Monitor:
         if not self._attached and not self._held and self._rec is not None:
             self._rec.__enter__()
             self._attached = True
+            if self._parts is not None:
+                self._parts.on()
 
-    def _detach(self) -> None:
+    def _detach(self, *, gates: bool = True) -> None:
         if self._attached and self._rec is not None:
             self._attached = False
             self._rec.__exit__(None, None, None)
+        if gates and self._parts is not None:
+            self._parts.off()
+
+    def _after_part(self) -> None:
+        """A part called on its own in eval mode returned: measure again, forgetting what that call began."""
+        self._attach()
+        if self._attached and self._rec is not None:
+            self._rec.start_batch(None)
+            self._rec.idle()
 
     def _gate_enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._parts is not None:
+            self._parts.in_model = True
+            if self._parts.paused is not None:  # that part's call raised: its return never came
+                self._parts.paused = None
+                self._after_part()
         if not self._attached or self._rec is None or self._observer is None:
             return
         if not module.training:
@@ -258,6 +271,8 @@ class Monitor:
             self._mask_shape = self._mask_shape or (tuple(choice.mask.shape) if choice.mask is not None else None)
 
     def _gate_exit(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if self._parts is not None:
+            self._parts.in_model = False
         if self._paused:
             self._paused = False
             self._attach()
@@ -278,29 +293,28 @@ class Monitor:
 
     def begin_batch(self, *, wrapped: bool = False) -> None:
         """A training batch begins, where the loop calls parts of the model rather than the model itself (a
-        training_step that calls ``self.net``): site names count the calls of one batch, as the model's own
-        forward pass counts them otherwise (no padding mask: that is read from the model's arguments).
-        ``wrapped``: the model's next call runs the whole training step (a trainer's strategy that reaches
-        ``training_step`` through the model's forward, as Lightning's DDP does): that call is no forward
-        pass, the module calls inside it are (a functional activation in the loss is no site)."""
+        training_step calling ``self.net``): site names count the calls of one batch (no padding mask).
+        ``wrapped``: the model's next call runs the whole training step (Lightning's DDP reaches ``training_step``
+        through the model's forward): that call is no forward pass, the module calls inside it are."""
         if self._attached and self._rec is not None and self._observer is not None:
             self._observer.mask = None
             self._rec.start_batch(None, wrapped=wrapped)
 
     def end_forward(self) -> None:
-        """The batch's forward passes are done: the loss's backward and the optimizer step run without the
-        functional probe (what the end of the model's own forward pass does otherwise)."""
+        """The batch's forward passes are done: the backward and optimizer step run without the functional probe."""
         if self._attached and self._rec is not None:
             self._rec.idle()
 
     # -- snapshots ------------------------------------------------------------------------------------
     def _take_snapshot(self) -> Snapshot | None:
-        """The window's snapshot (one copy to the host; merged over the ranks of a process group, see
-        ``distributed``), None when no rank measured a site."""
+        """The window's snapshot (one copy to the host, merged over ``distributed`` ranks), None if no site was measured."""
         if self._rec is None or self._observer is None:
             return None
         figures = read_window(self._rec, self._observer, distributed=self.distributed)
         if not figures.sites:
+            if self._step > self._window_start:  # (also when the block ends: nothing recorded is said)
+                for line in [_NOTHING, *figures.warnings]:
+                    self._note(line)
             return None
         sites, details = {}, {}
         for site, state, flow in zip(figures.sites, figures.states, figures.flows, strict=True):
@@ -310,7 +324,8 @@ class Monitor:
         self.snapshots.append(snap)
         self._last_window, self._last_health = figures, None
         self.last_channels = details
-        for w in [*figures.warnings, *([unmeasured_flow(snap)] if self.gradients else []), self._empty_sites(snap)]:
+        for w in [*figures.warnings, *([unmeasured_flow(snap)] if self.gradients else []), self._empty_sites(snap),
+                  *([never_stepped(snap)] if self._step == self._start_step else [])]:  # fmt: skip
             if w is not None:
                 self._note(w)
         if self._mask_shape is not None and not any(s.masked for s in figures.sites):
@@ -321,16 +336,6 @@ class Monitor:
             writer.write(snap, details)
         return snap
 
-    def _empty_sites(self, snap: Snapshot) -> str | None:
-        """The audit's warning for the sites that ran in the window but saw no element, once per site (an
-        expert no token was routed to in a window is routine); None where no new site did."""
-        empty = [name for name, s in snap.sites.items() if not s.n and name not in self._empty_noted]
-        self._empty_noted.update(empty)
-        first, last = snap.first_step, snap.step - 1
-        window = f"steps {first}-{last}" if last > first else f"step {first}"
-        return empty_sites_warning(empty, where=f"in the window of {window}", advice="train on data that reaches "
-                                   "them (said once per site, not per window)") if empty else None  # fmt: skip
-
     def _note(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
@@ -340,20 +345,12 @@ class Monitor:
     @property
     def learning_rate(self) -> float | None:
         """The optimizer's current learning rate (its first parameter group), if one was given."""
-        if self.optimizer is None or not self.optimizer.param_groups:
-            return None
-        lr = self.optimizer.param_groups[0].get("lr")
-        return float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None
+        return checks.optimizer_lr(self.optimizer)
 
     @property
     def optimizer_name(self) -> str | None:
         """``adam``, ``sgd``...: the class of ``optimizer`` (inside a trainer's wrapper, if any)."""
-        opt: Any = self.optimizer
-        for attr in ("optimizer", "_optimizer"):  # accelerate's and Lightning's wrappers
-            inner = getattr(opt, attr, None)
-            if isinstance(inner, torch.optim.Optimizer):
-                opt = inner
-        return type(opt).__name__.lower() if opt is not None else None
+        return checks.optimizer_kind(self.optimizer)
 
     @property
     def last_health(self) -> dict[str, SiteHealth]:
@@ -378,11 +375,13 @@ class Monitor:
     def report(self) -> Report:
         """The last window as a Report (what an audit of those training batches would have said)."""
         if not self.snapshots:
-            raise UsageError("Monitor: no snapshot yet (call step() after each optimizer step; a snapshot "
-                             f"comes every {self.every} steps and when the with block ends)")  # fmt: skip
+            raise UsageError(f"Monitor: no snapshot: the {self._step} steps counted measured no activation site (no "
+                             "forward pass in train mode ran, no recognised activation, or none matching the select); see mon.warnings"
+                             if self._step else "Monitor: no snapshot yet (call step() after each optimizer step; a "
+                             f"snapshot comes every {self.every} steps and when the with block ends)")  # fmt: skip
         last = self.snapshots[-1]
         meta = {"model": type(self.model).__name__, "monitor": True, "warnings": list(self.warnings),
-                "samples": f"the training batches of steps {last.first_step}-{last.step - 1}"}  # fmt: skip
+                "samples": f"the training batches of {checks.steps_text(last.first_step, last.step)}"}  # fmt: skip
         return Report.build(self.last_health.values(), meta=meta)
 
     def findings(self, *, rules: RuleSet | None = None, config: RulesConfig | None = None) -> list[Finding]:

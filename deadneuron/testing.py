@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deadneuron.gate import GateLimits, check, failure_message
+from deadneuron.gate import GateLimits, check, failure_message, fraction
 from deadneuron.report import Report
 
 
@@ -45,22 +45,24 @@ def assert_healthy(
     model_or_report: nn.Module | Report,
     data: Iterable[Any] | None = None,
     *,
-    sites: Sequence[str] | None = None,
-    max_dead_fraction: float | None = 0.0,
-    max_sparsity: float | None = None,
+    sites: Sequence[str] | str | None = None,
+    max_dead_fraction: float | str | None = 0.0,
+    max_sparsity: float | str | None = None,
     min_active_slots: float | None = None,
     adapter: Any = None,
     max_nonfinite: int | None = 0,
 ) -> Report:
-    """Fail unless every site in ``sites`` (globs; default all) is within the limits. Returns the Report.
+    """Fail unless every site in ``sites`` (globs, or one glob as a string; default all) is within the limits.
+    Returns the Report.
 
-    Defaults: no dead channel and no NaN/Inf activation anywhere (``max_nonfinite=None`` allows them). ``max_sparsity`` bounds each site's exact-zero share,
-    ``min_active_slots`` the mean number of active slots per image (slot models only).
+    Defaults: no dead channel and no NaN/Inf activation anywhere (``max_nonfinite=None`` allows them).
+    ``max_sparsity`` bounds each site's exact-zero share; shares are fractions (0.05) or percentages ("5%").
+    ``min_active_slots`` bounds the mean number of active slots per image (slot models only).
     """
     report = _report_of(model_or_report, data, adapter)
     limits = GateLimits(
-        max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
-        min_active_slots=min_active_slots, sites=tuple(sites or ()), max_nonfinite=max_nonfinite,
+        max_dead_fraction=fraction(max_dead_fraction, "max_dead_fraction"), max_sparsity=fraction(max_sparsity, "max_sparsity"),
+        min_active_slots=min_active_slots, sites=_globs(sites), max_nonfinite=max_nonfinite,
     )  # fmt: skip
     violations = check(report, limits)
     if violations:
@@ -70,10 +72,10 @@ def assert_healthy(
 
 def assert_sparsity_below(
     model_or_report: nn.Module | Report,
-    max_sparsity: float,
+    max_sparsity: float | str,
     *,
     data: Iterable[Any] | None = None,
-    sites: Sequence[str] | None = None,
+    sites: Sequence[str] | str | None = None,
     adapter: Any = None,
 ) -> Report:
     """Fail unless each site in ``sites`` (default all) has sparsity <= ``max_sparsity``.
@@ -81,10 +83,15 @@ def assert_sparsity_below(
     ``assert_sparsity_below(report, 0.4)`` or, auditing a model, ``assert_sparsity_below(model, 0.4, data=batches)``.
     """
     report = _report_of(model_or_report, data, adapter)
-    violations = check(report, GateLimits(max_sparsity=max_sparsity, sites=tuple(sites or ())))
+    violations = check(report, GateLimits(max_sparsity=fraction(max_sparsity, "max_sparsity"), sites=_globs(sites)))
     if violations:
         raise AssertionError(failure_message(violations, header=f"{_subject(report)} is too sparse"))
     return report
+
+
+def _globs(sites: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``sites`` as globs: one string is one glob (not one per character)."""
+    return (sites,) if isinstance(sites, str) else tuple(sites or ())
 
 
 def _subject(report: Report) -> str:

@@ -58,8 +58,8 @@ def audit_command(
     device: Annotated[str | None, typer.Option("--device", help="Run on this device (default: where the model is).")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
     max_dead: Annotated[int | None, typer.Option("--max-dead", help="Gate: exit 1 if any site has more than N dead channels.")] = None,
-    max_dead_fraction: Annotated[float | None, typer.Option("--max-dead-fraction", help="Gate: exit 1 if any site has a larger share of dead channels.")] = None,
-    max_sparsity: Annotated[float | None, typer.Option("--max-sparsity", help="Gate: exit 1 if any site's sparsity (0-1) is higher.")] = None,
+    max_dead_fraction: Annotated[str | None, typer.Option("--max-dead-fraction", metavar="SHARE", help="Gate: exit 1 if any site has a larger share of dead channels (0.05 or 5%).")] = None,
+    max_sparsity: Annotated[str | None, typer.Option("--max-sparsity", metavar="SHARE", help="Gate: exit 1 if any site's sparsity is higher (0.6 or 60%).")] = None,
     min_active_slots: Annotated[float | None, typer.Option("--min-active-slots", help="Gate: exit 1 if fewer slots are active per image on average.")] = None,
     gate_sites: Annotated[list[str] | None, typer.Option("--sites", help="Gate only the sites matching this glob (name or module); repeatable.")] = None,
     no_rules: Annotated[bool, typer.Option("--no-rules", help="Measure only: evaluate no rule, list no finding.")] = False,
@@ -85,7 +85,7 @@ def audit_command(
         peek_data,
         subject_limits,
     )
-    from deadneuron.gate import GateLimits
+    from deadneuron.gate import GateLimits, fraction
     from deadneuron.render.progress import terminal_bar
 
     if fmt not in ("table", "json"):
@@ -99,8 +99,9 @@ def audit_command(
     if mask is not None and not mask.strip():
         raise UsageError("--mask takes the key of the mask in dict batches (e.g. attention_mask), got an empty string")
     try:
-        limits = GateLimits(max_dead=max_dead, max_dead_fraction=max_dead_fraction, max_sparsity=max_sparsity,
-                            min_active_slots=min_active_slots, sites=tuple(gate_sites or ()))  # fmt: skip
+        limits = GateLimits(max_dead=max_dead, max_dead_fraction=fraction(max_dead_fraction, "max_dead_fraction"),
+                            max_sparsity=fraction(max_sparsity, "max_sparsity"), min_active_slots=min_active_slots,
+                            sites=tuple(gate_sites or ()))  # fmt: skip
     except UsageError as exc:  # named as the user typed them: --max-sparsity, not max_sparsity
         raise UsageError(re.sub(r"\b(max_dead_fraction|max_dead|max_sparsity|min_active_slots)\b",
                                 lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) from None  # fmt: skip

@@ -58,7 +58,7 @@ def patch_command(
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the comparison as a Markdown table here.")] = None,
     figure: Annotated[Path | None, typer.Option("--figure", help="Also write the before/after figure (PNG) here.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads per training run (default 1: runs go in parallel, see --workers).")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Processes the arms x seeds runs spread over (default: the cores available); the same table for any N.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Processes the arms x seeds runs of a deadneuron checkpoint spread over (default: the cores available); the same table for any N. A model of your own (--model) trains in this process.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="MODULE:FACTORY building the model (plain state_dicts).")] = None,
     model_arg: Annotated[list[str] | None, typer.Option("--model-arg", help="KEY=VALUE passed to the factory; repeatable.")] = None,
@@ -85,7 +85,7 @@ def patch_command(
         raise UsageError("nothing to patch: pass --activation, --add-batchnorm, --lr, --lr-scale, "
                          "--dropout-between-convs, --epochs, --reinit-dead or --apply-suggestions")  # fmt: skip
     _check_combination(model=model, train=train, metric=metric, seeds=seeds, max_steps=max_steps, init=init,
-                       reinit_dead=reinit_dead, verify=verify, audit_grids=audit_grids)  # fmt: skip
+                       reinit_dead=reinit_dead, verify=verify, audit_grids=audit_grids, workers=workers)  # fmt: skip
     target = out if out is not None else default_out(checkpoint)
     if not dry_run:
         from deadneuron.cli._outputs import check_outputs
@@ -124,8 +124,13 @@ def patch_command(
 
 
 def _check_combination(*, model: str | None, train: str | None, metric: str | None, seeds: int, max_steps: int | None,
-                       init: str | None, reinit_dead: bool, verify: bool, audit_grids: int | None) -> None:  # fmt: skip
+                       init: str | None, reinit_dead: bool, verify: bool, audit_grids: int | None,
+                       workers: int | None = None) -> None:  # fmt: skip
     """Flags that mean nothing together, refused before any work: every flag given is honoured."""
+    if model is not None and workers is not None and workers > 1:
+        raise UsageError(f"--workers {workers} spreads the runs of a deadneuron checkpoint over processes; a model of "
+                         "your own (--model) is patched and its runs trained one after another in this process: "
+                         "drop --workers")  # fmt: skip
     if train is not None and model is None:
         raise UsageError("--train trains a model of your own: add --model MODULE:FACTORY and --data MODULE:FACTORY "
                          "(a deadneuron checkpoint retrains through its adapter without --train)")  # fmt: skip

@@ -196,10 +196,10 @@ def _check_out(out: Path, *, force: bool, resume: Path | None) -> None:
 
     if resume is not None and out.exists() and resume.exists() and out.resolve() == resume.resolve():
         raise UsageError(f"{out}: is the --resume input and is never overwritten; write to a new path")
+    if out.is_dir():  # before the --force advice, which would not help
+        raise WriteError(f"{out}: is a folder; give a file path to write to")
     if out.exists() and not force:
         raise UsageError(f"{out}: already exists; pass --force to overwrite it, or choose another path")
-    if out.is_dir():
-        raise WriteError(f"{out}: is a folder; give a file path to write to")
     if not out.parent.is_dir():
         raise WriteError(f"{out}: folder {out.parent} does not exist; create it or choose another path")
 

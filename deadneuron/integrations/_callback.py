@@ -11,6 +11,7 @@ from deadneuron.integrations.writers import snapshot_metrics
 from deadneuron.snapshot import ChannelDetail, Snapshot
 
 if TYPE_CHECKING:
+    from deadneuron.monitor import Monitor
     from deadneuron.rules import Finding
 
 # Figures a callback logs per site by default (every figure: `deadneuron.integrations.writers.SCALARS`).
@@ -41,6 +42,19 @@ class MetricsWriter:
 
     def close(self) -> None:
         return None
+
+
+def end_of_training(monitor: Monitor, logger: logging.Logger) -> list[Finding]:
+    """The findings over the monitor's timeline, logged (`log_findings`); where no snapshot was recorded, one
+    warning saying so (an empty list of findings is no clean bill of health)."""
+    if monitor.snapshots:
+        findings = monitor.findings()
+        log_findings(findings, logger)
+        return findings
+    why = "; ".join(monitor.warnings) or "no training forward pass ran (no optimizer step, or every batch was skipped)"
+    logger.warning("deadneuron: no health snapshot was recorded over this run (%d optimizer steps): %s",
+                   monitor.steps, why)  # fmt: skip
+    return []
 
 
 def log_findings(findings: Sequence[Finding], logger: logging.Logger) -> None:

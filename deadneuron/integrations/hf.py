@@ -11,7 +11,10 @@ A step is one optimizer step (``on_step_end``; with gradient accumulation every 
 of a sampled step is measured). Snapshots are logged with ``trainer.log`` (so they reach ``log_history``
 and every ``report_to`` integration: TensorBoard, Weights & Biases...) when the callback knows its trainer
 (`attach`), and always go to the monitor's own ``writers``. Evaluation runs in eval mode and is not
-measured. At the end of training the findings are logged on the ``deadneuron`` logger and kept.
+measured. At the end of training the findings are logged on the ``deadneuron`` logger and kept, or a
+warning says that no snapshot was recorded. A run resumed from a checkpoint keeps its step numbers, but its
+timeline starts afresh there (the Trainer keeps no callback state by default; a ``JsonlWriter`` on one path
+in both runs keeps the whole run).
 
 The Trainer has no event for a training run that raises: leave ``trainer.train()`` inside the ``with``
 block (or call `close`) so the hooks are removed then too.
@@ -26,7 +29,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from deadneuron.integrations._callback import LOGGED, MetricsWriter, checked_options, log_findings
+from deadneuron.integrations._callback import LOGGED, MetricsWriter, checked_options, end_of_training
 from deadneuron.monitor import Monitor
 from deadneuron.rules import Finding
 from deadneuron.snapshot import Snapshot
@@ -90,9 +93,7 @@ class DeadneuronCallback(TrainerCallback):
         if self.monitor is None:
             return
         self.monitor.close(snapshot=True)
-        if self.monitor.snapshots:
-            self._findings = self.monitor.findings()
-            log_findings(self._findings, LOGGER)
+        self._findings = end_of_training(self.monitor, LOGGER)
 
     def _log(self, metrics: dict[str, float], snapshot: Snapshot) -> None:
         self.trainer.log(metrics)

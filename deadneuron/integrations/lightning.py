@@ -12,8 +12,9 @@ every micro-batch of the step are measured). Snapshots go to every logger of the
 (``logger.log_metrics`` at the global step) and to the monitor's own ``writers``; validation is not
 measured. A training_step may call the LightningModule itself or its parts (``self.net(x)``): each
 training batch is one forward pass for the site names either way. At the end of training the findings
-are logged on the ``deadneuron`` logger and kept (`findings`). Hooks are removed at the end of training,
-also when it raises.
+are logged on the ``deadneuron`` logger and kept (`findings`), or a warning says that no snapshot was
+recorded. The timeline is the callback's state in Lightning's checkpoints: ``fit(..., ckpt_path=...)``
+continues it. Hooks are removed at the end of training, also when it raises.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ else:
 
 from torch import nn
 
-from deadneuron.integrations._callback import LOGGED, MetricsWriter, log_findings
+from deadneuron.integrations._callback import LOGGED, MetricsWriter, end_of_training
 from deadneuron.integrations._callback import checked_options as _checked
 from deadneuron.monitor import Monitor
 from deadneuron.rules import Finding
@@ -55,9 +56,12 @@ class DeadneuronCallback(Callback):
         self.monitor: Monitor | None = None
         self._findings: list[Finding] = []
         self._global_step = 0
+        self._restored: list[Snapshot] | None = None  # the timeline of the checkpoint a run resumes from
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._close(snapshot=False)
+        earlier = self._restored if self._restored is not None else self.snapshots  # a resumed run's, or a fit's before
+        self._restored = None
         options = dict(self.monitor_options)
         writers = list(options.pop("writers", ()))
         if self.log:
@@ -66,6 +70,7 @@ class DeadneuronCallback(Callback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.monitor = Monitor(pl_module, every=self.every, sample_every=self.sample_every, optimizer=optimizer,
                                writers=writers, start_step=trainer.global_step, **options).start()  # fmt: skip
+        self.monitor.snapshots[:0] = [s for s in earlier if s.step <= trainer.global_step]  # the timeline goes on
         self._global_step = trainer.global_step
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -91,19 +96,27 @@ class DeadneuronCallback(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._close(snapshot=True)
-        if self.monitor is not None and self.monitor.snapshots:
-            self._findings = self.monitor.findings()
-            log_findings(self._findings, LOGGER)
+        if self.monitor is not None:
+            self._findings = end_of_training(self.monitor, LOGGER)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close(snapshot=False)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._close(snapshot=False)
+        if stage == "fit" and self.monitor is None:  # Lightning starts no training at all for max_steps=0
+            LOGGER.warning("deadneuron: no health snapshot was recorded: the fit ran no training (max_steps=0?)")
 
     def _close(self, *, snapshot: bool) -> None:
         if self.monitor is not None:
             self.monitor.close(snapshot=snapshot)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The health timeline so far, kept in Lightning's checkpoints: a run resumed from one continues it."""
+        return {"timeline": [s.to_dict() for s in self.snapshots]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = [Snapshot.from_dict(e) for e in state_dict.get("timeline") or ()]
 
     @property
     def snapshots(self) -> list[Snapshot]:

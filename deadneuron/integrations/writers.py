@@ -175,7 +175,7 @@ def read_log(path: str | os.PathLike[str], *, warn: Callable[[str], None] | None
     except FileNotFoundError:
         raise UnreadableInputError(f"{path}: no such monitor log") from None
     except IsADirectoryError:
-        raise UsageError(f"{path} is a folder: give a JSONL or CSV monitor log") from None
+        raise UnreadableInputError(f"{path}: is a folder, not a monitor log; give the JSONL or CSV file inside it") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UnreadableInputError(f"{path}: cannot read it ({exc})") from None
     if not text.strip():

@@ -5,8 +5,10 @@
     print(verification_markdown(result.verification))
 
 ``train(model, steps=N, seed=S)`` trains ``model`` in place for N optimizer steps with its randomness
-seeded by S; if it returns an ``nn.Module`` that model is used instead, if it returns a number that is
-taken as its final training loss. Both arms, baseline and patched, run once per seed on the same budget:
+seeded by S; if it returns an ``nn.Module`` that model is used instead, a number (or a one-element tensor) is
+its final training loss, a dict of numbers gives that loss as "loss" and its other entries as rows "train:
+NAME"; anything else is refused. A run that raises stops the verification, naming the run. Both arms,
+baseline and patched, run once per seed on the same budget:
 
 - ``init="scratch"``: each run starts from ``model_factory()`` built under ``torch.manual_seed(seed)``,
   so both arms of a seed start from the same weights wherever the patch leaves them alone; the patched
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deadneuron.errors import UsageError
+from deadneuron.errors import DeadneuronError, UsageError
 from deadneuron.ops import ReinitDead, SetHyperParameter
 from deadneuron.patch.apply import Forward, PatchResult, apply_plan, audit_batches
 from deadneuron.patch.config import Init
@@ -186,13 +188,28 @@ def _run_all(setup: _Setup, model_factory: Callable[[], nn.Module], train: Train
             index = len(ARMS) * i + j
             say(f"[{index + 1}/{estimate.runs}] training the {arm} model, seed {seed}")
             estimate.run_started(index)
-            model = _start_model(setup, model_factory, plan, probe, arm=arm, seed=seed, init=init, start=start)
-            started = time.monotonic()
-            model, loss = _train(model, train, steps=steps, seed=seed, kwargs=hparams[arm], estimate=estimate)
-            report = audit_batches(model, setup.sample, setup.forward)
-            runs.append(OwnRun(arm, seed, model, report, loss, _score(metric, model), time.monotonic() - started))
+            try:
+                model = _start_model(setup, model_factory, plan, probe, arm=arm, seed=seed, init=init, start=start)
+                started = time.monotonic()
+                model, loss, trained = _train(model, train, steps=steps, seed=seed, kwargs=hparams[arm],
+                                              estimate=estimate)  # fmt: skip
+                report = audit_batches(model, setup.sample, setup.forward)
+                metrics = {**trained, **_score(metric, model)}
+            except DeadneuronError as exc:  # its one line says which run failed, and what became of the others
+                raise type(exc)(f"{exc} ({_failed_run(arm, seed, index, estimate.runs, done=len(runs))})") from exc
+            except Exception as exc:
+                exc.add_note(f"deadneuron patch: {_failed_run(arm, seed, index, estimate.runs, done=len(runs))}")
+                raise
+            runs.append(OwnRun(arm, seed, model, report, loss, metrics, time.monotonic() - started))
             estimate.run_finished(index)
     return runs
+
+
+def _failed_run(arm: str, seed: int, index: int, total: int, *, done: int) -> str:
+    """'in the baseline run of seed 1, run 3 of 4; the 2 runs trained before it are discarded and nothing is written'."""
+    dropped = f"the {done} run{'s' if done != 1 else ''} trained before it {'are' if done != 1 else 'is'} discarded" \
+        if done else "no run had finished"
+    return f"in the {arm} run of seed {seed}, run {index + 1} of {total}; {dropped} and nothing is written"
 
 
 def _start_model(setup: _Setup, model_factory: Callable[[], nn.Module], plan: Plan, probe: PatchResult, *,
@@ -212,7 +229,7 @@ def _start_model(setup: _Setup, model_factory: Callable[[], nn.Module], plan: Pl
 
 
 def _train(model: nn.Module, train: TrainFn, *, steps: int, seed: int, kwargs: Mapping[str, Any],
-           estimate: Estimator) -> tuple[nn.Module, float | None]:  # fmt: skip
+           estimate: Estimator) -> tuple[nn.Module, float | None, dict[str, float]]:  # fmt: skip
     count = [0]
 
     def tick(module: nn.Module, args: Any) -> None:
@@ -227,10 +244,26 @@ def _train(model: nn.Module, train: TrainFn, *, steps: int, seed: int, kwargs: M
     finally:
         handle.remove()
     if isinstance(result, nn.Module):
-        return result, None
+        return result, None, {}
+    return (model, *train_result(result, name=getattr(train, "__name__", "train")))
+
+
+def train_result(result: Any, *, name: str) -> tuple[float | None, dict[str, float]]:
+    """What ``train`` returned, as (final training loss, metrics): None; a number or a one-element tensor (the
+    loss); or a mapping of names to numbers (its "loss" the loss, the others rows named "train: NAME").
+    UsageError for anything else, rather than dropping it silently."""
+    if result is None:
+        return None, {}
+    if isinstance(result, torch.Tensor) and result.numel() == 1:
+        result = result.detach().item()
     if isinstance(result, numbers.Real) and not isinstance(result, bool):
-        return model, float(result)
-    return model, None
+        return float(result), {}
+    if isinstance(result, Mapping):
+        values = metric_values(result, name=name, what="train function")
+        loss = values.pop("loss", None)
+        return loss, {f"train: {key}": value for key, value in values.items()}
+    raise UsageError(f"the train function {name!r} returned {type(result).__name__}: return None, the trained model, "
+                     "its final loss (a number) or a dict of numbers ({'loss': ..., 'accuracy': ...})")  # fmt: skip
 
 
 def _score(metric: MetricFn | None, model: nn.Module) -> dict[str, float]:
@@ -246,15 +279,18 @@ def _score(metric: MetricFn | None, model: nn.Module) -> dict[str, float]:
     return metric_values(value, name=getattr(metric, "__name__", "metric"))
 
 
-def metric_values(value: Any, *, name: str) -> dict[str, float]:
-    """A metric's return value as ``{name: float}``; UsageError for anything but numbers."""
+def metric_values(value: Any, *, name: str, what: str = "metric") -> dict[str, float]:
+    """A metric's return value as ``{name: float}`` (one-element tensors read as numbers); UsageError for
+    anything but numbers."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+        value = value.detach().item()
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return {name if name != "<lambda>" else "metric": float(value)}
-    if isinstance(value, Mapping) and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value.values()):
-        return {str(k): float(v) for k, v in value.items()}
-    raise UsageError(f"the metric {name!r} returned {type(value).__name__}: return a number or a mapping of names "
+    if isinstance(value, Mapping):
+        values = {k: v.detach().item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in value.items()}
+        if all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values.values()):
+            return {str(k): float(v) for k, v in values.items()}
+    raise UsageError(f"the {what} {name!r} returned {type(value).__name__}: return a number or a mapping of names "
                      "to numbers")  # fmt: skip
 
 
@@ -266,4 +302,5 @@ def _seconds(runs: Sequence[OwnRun]) -> float:
     return round(sum(r.seconds for r in runs), 1)
 
 
-__all__ = ["MetricFn", "OwnRun", "OwnVerification", "TrainFn", "metric_values", "train_keywords", "verify_own"]
+__all__ = ["MetricFn", "OwnRun", "OwnVerification", "TrainFn", "metric_values", "train_keywords", "train_result",
+           "verify_own"]
