@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from deadneuron.slots import SlotParams
 
 _BINS = len(HISTOGRAM_EDGES) + 2  # `ValueHistogram.counts`: the bins and the non-finite bin
-_COUNTERS = 5  # per site: calls, excluded, unfitted, masked, histogram sampled
+_COUNTERS = 6  # per site: calls, excluded, unfitted, masked, histogram sampled, reordered
 _GATHER_BUDGET = 1 << 24  # float64 elements gathered at a time (128 MiB), whatever the world size
 
 
@@ -195,7 +195,7 @@ def pack(part: Part, layout: Layout, device: torch.device) -> Packed:
         acc = s.stats.acc.to(device)
         sampled = s.histogram is not None and s.histogram.sampled
         sums += [acc[0], acc[1], s.stats.counts.to(device),
-                 torch.tensor([s.calls, s.excluded, s.unfitted, s.masked, sampled], **f64)]  # fmt: skip
+                 torch.tensor([s.calls, s.excluded, s.unfitted, s.masked, sampled, s.reordered], **f64)]  # fmt: skip
         if layout.histograms:
             sums.append(s.histogram.counts.to(device).double() if s.histogram is not None else torch.zeros(_BINS, **f64))
         mins += [acc[5], -acc[6]]
@@ -236,7 +236,7 @@ def unpack(packed: Packed, layout: Layout, headers: Sequence[Header]) -> Part:
     for info in layout.sites:
         c = info.channels
         zero, flat, counts, counters = sums.take(c), sums.take(c), sums.take(2), sums.take(_COUNTERS).tolist()
-        calls, excluded, unfitted, masked, sampled = (round(x) for x in counters)
+        calls, excluded, unfitted, masked, sampled, reordered = (round(x) for x in counters)
         stats = ChannelStats(c, packed.sums.device)
         moments = packed.moments[:, offset : offset + c]
         offset += c
@@ -246,7 +246,7 @@ def unpack(packed: Packed, layout: Layout, headers: Sequence[Header]) -> Part:
         if layout.histograms:
             histogram = ValueHistogram(packed.sums.device)
             histogram.counts, histogram.sampled = sums.take(_BINS).round().long(), sampled > 0
-        sites.append(SiteState(info, stats, histogram, calls, masked > 0, excluded, unfitted))
+        sites.append(SiteState(info, stats, histogram, calls, masked > 0, excluded, unfitted, reordered))
     slots = None
     if layout.slots is not None:
         slots = SlotStats(layout.slots[0], params=layout.slots[1], device=packed.sums.device)

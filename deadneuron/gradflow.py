@@ -193,14 +193,20 @@ class FlowObserver:
 
     def before(self, site: Site, z: torch.Tensor) -> None:
         if self.gradients and z.requires_grad and torch.is_grad_enabled():
-            flow = self._flow(site)
-            place = place_of(site, z, self.mask)[0]  # the site's placement (`deadneuron.probe.placement`)
-            z.register_hook(functools.partial(flow.add_grad, mask=self.mask, place=place, window=flow.window))
+            flow, mask = self._flow(site), self._mask(site)
+            place = place_of(site, z, mask)[0]  # the site's placement (`deadneuron.probe.placement`)
+            z.register_hook(functools.partial(flow.add_grad, mask=mask, place=place, window=flow.window))
 
     def after(self, site: Site, a: torch.Tensor) -> None:
         flow = self._flow(site)
         if flow.track_abs:
-            flow.add_output(a, self.mask, place_of(site, a, self.mask)[0])
+            mask = self._mask(site)
+            flow.add_output(a, mask, place_of(site, a, mask)[0])
+
+    def _mask(self, site: Site) -> BatchMask | None:
+        """The mask of this call: the batch's, or the one the Recorder measured it under where the site's
+        positions were reordered (`deadneuron.probe.order`)."""
+        return site.call_mask if site.reordering else self.mask
 
     def flow_of(self, site: Site) -> SiteFlow | None:
         return self._flows.get(id(site))

@@ -263,7 +263,7 @@ def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ..
     """A padding mask that applied at no site (an error where it was asked for), or at some sites on
     some batches only."""
     out = []
-    if used is not None and not any(r.masked for r in results):
+    if used is not None and not any(r.masked or r.reordered for r in results):  # reordered: a warning of its own
         source, shape = used
         if mask != AUTO or source.startswith("adapter:"):
             raise unmatched_error(source, shape, {r.name: r.example_shape for r in results})

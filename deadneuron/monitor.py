@@ -328,7 +328,7 @@ class Monitor:
                   *([never_stepped(snap)] if self._step == self._start_step else [])]:  # fmt: skip
             if w is not None:
                 self._note(w)
-        if self._mask_shape is not None and not any(s.masked for s in figures.sites):
+        if self._mask_shape is not None and not any(s.masked or s.reordered for s in figures.sites):
             self._note(f"the padding mask (shape {self._mask_shape}) applied at no activation site, so the figures "
                        "count the padding: a site is masked where its dims other than the channel begin with the "
                        "mask's shape (or with its positions, then N)")  # fmt: skip

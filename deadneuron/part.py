@@ -55,6 +55,7 @@ class SiteState:
     masked: bool = False  # a padding mask applied here on some call
     excluded: int = 0  # elements per channel the mask excluded
     unfitted: int = 0  # calls where the batch's mask did not fit this site
+    reordered: int = 0  # calls where it fitted, but the positions reordered kept it off (`probe.order`)
 
     def tensors(self) -> list[torch.Tensor]:
         """The state `result` reads, on its device: the statistics, and the histogram's counts if any."""
@@ -75,7 +76,7 @@ class SiteState:
             label=i.label, channel_axis=i.channel_axis, axis_source=i.axis_source, flat_region=i.flat_region,
             example_shape=i.shape, calls=self.calls, summary=summary_of(host[0], i.channels),
             histogram=histogram, masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
-            mask_placement=i.mask_placement,
+            mask_placement=i.mask_placement, reordered=self.reordered,
         )  # fmt: skip
 
 
@@ -147,4 +148,5 @@ def _state(key: tuple[Any, ...], name: str, site: Any) -> SiteState:
         axis_source=site.axis_source.value, flat_region=site.region.describe(), channels=site.stats.channels,
         shape=tuple(site.shape), mask_placement=site.placement.result(),
     )  # fmt: skip
-    return SiteState(info, site.stats, site.histogram, site.calls, site.masked, site.excluded, site.unfitted)
+    return SiteState(info, site.stats, site.histogram, site.calls, site.masked, site.excluded, site.unfitted,
+                     site.reordered)

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
 from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
 from deadneuron.probe.coverage import refuse_nested
+from deadneuron.probe.order import REORDERING
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
@@ -63,12 +64,13 @@ class Entry:
     make: Maker | None = None
     name: str = ""
     inplace: bool = False
+    reorders: bool = False  # it reorders positions (flip, roll: `deadneuron.probe.order`)
 
 
 def _entry(func: Any, rule: AxisRule | None, make: Maker | None) -> Entry:
     producer = isinstance(rule, Producer)
     if make is None:
-        return Entry(rule, producer)
+        return Entry(rule, producer, reorders=func in REORDERING)
     return Entry(rule, producer, make, FunctionalActivations.site_name(func), FunctionalActivations.inplace(func, None))
 
 
@@ -102,6 +104,7 @@ class FunctionalProbe(TorchFunctionMode):
         self._recorder = recorder
         self._stack = recorder._stack  # (name, is an activation module) of the modules running now
         self._axes = recorder.axes
+        self._order = recorder.axes.order
         self._entries = entries(recorder.activations)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -110,7 +113,11 @@ class FunctionalProbe(TorchFunctionMode):
         except TypeError:  # an unhashable callable: not one of ours
             entry = None
         if entry is None:
-            return func(*args, **kwargs) if kwargs else func(*args)
+            if not self._order.marks:
+                return func(*args, **kwargs) if kwargs else func(*args)
+            out = func(*args, **kwargs) if kwargs else func(*args)
+            self._order.carry(args, kwargs, out)
+            return out
         kwargs = kwargs or {}
         stack = self._stack
         if not stack or stack[-1][1]:  # outside the model's forward, or inside an activation module
@@ -122,6 +129,10 @@ class FunctionalProbe(TorchFunctionMode):
         if entry.make is not None:
             return self._activation(entry, func, args, kwargs)
         out = func(*args, **kwargs)
+        if entry.reorders:
+            self._order.reorder(func, args, kwargs, out, self._axes.known)
+        elif self._order.marks:
+            self._order.carry(args, kwargs, out)
         if entry.producer:  # (torch pops this mode while it runs: the rules' own tensor calls stay in C)
             self._axes.produce(entry.rule, args, kwargs, out)  # type: ignore[arg-type]
         else:
@@ -130,7 +141,9 @@ class FunctionalProbe(TorchFunctionMode):
 
     def _carry(self, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Note the channel axis of ``out`` where the function has an axis rule. (Torch pops this mode
-        while its handler runs, so the rule's own tensor calls do not come back here.)"""
+        while its handler runs, so the rule's own tensor calls do not come back here.) The positions
+        reordered in ``args``, if any, are carried too."""
+        self._order.carry(args, kwargs, out)
         if entry.rule is not None:
             if entry.producer:
                 self._axes.produce(entry.rule, args, kwargs, out)

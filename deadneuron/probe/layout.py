@@ -28,6 +28,7 @@ from torch import nn
 
 from deadneuron.errors import UsageError
 from deadneuron.probe.axisrules import AxisRule, AxisSource, reshaped_axis
+from deadneuron.probe.order import PositionOrder
 from deadneuron.select import matches
 
 if TYPE_CHECKING:
@@ -161,10 +162,12 @@ class AxisTracker:
         self.overrides = dict(overrides or {})
         self.matched: set[str] = set()  # override globs that matched a site
         self._axes: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, AxisSource]]] = {}
+        self.order = PositionOrder()  # their positions reordered (flip, roll), against a padding mask
 
     def reset(self) -> None:
         """Forget the tensors of the previous forward pass."""
         self._axes.clear()
+        self.order.reset()
 
     def _note(self, t: torch.Tensor, axis: int, source: AxisSource) -> None:
         self._axes[id(t)] = (weakref.ref(t), (axis, source))

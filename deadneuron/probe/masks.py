@@ -25,7 +25,7 @@ Where the mask comes from, per batch (`choose_mask`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,21 @@ class BatchMask:
     @property
     def positions(self) -> int:
         return math.prod(self.shape)
+
+
+def moved_mask(mask: BatchMask, steps: Sequence[tuple[int, int]]) -> BatchMask:
+    """``mask`` with its positions moved as the data's were (`deadneuron.probe.order`): per step, its dim ``j``
+    flipped (``shift`` -1) or rolled by ``shift``. Index arithmetic on the mask's device, no host sync: the
+    number of valid positions is the mask's."""
+    if mask.index is None or not steps:
+        return mask
+    shape = mask.shape
+    strides = [math.prod(shape[j + 1 :]) for j in range(len(shape))]
+    coords = [mask.index // strides[j] % shape[j] for j in range(len(shape))]
+    for j, shift in steps:
+        coords[j] = shape[j] - 1 - coords[j] if shift < 0 else (coords[j] + shift) % shape[j]
+    index = sum(c * stride for c, stride in zip(coords, strides, strict=True))
+    return BatchMask(shape, torch.sort(index).values, mask.valid)  # type: ignore[arg-type]
 
 
 def mask_applies(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> bool:

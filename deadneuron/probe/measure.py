@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from deadneuron.probe.masks import BatchMask, masked_channel_view, masked_rows
+from deadneuron.probe.masks import BatchMask, masked_channel_view, masked_rows, moved_mask
+from deadneuron.probe.order import PositionOrder
 from deadneuron.probe.placement import Placement
 from deadneuron.probe.site import Site
 
@@ -19,7 +20,7 @@ _WRITTEN = (torch.float32, torch.float64)  # the dtypes the C kernel reads (and 
 
 
 def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask | None, eps: float,
-                  relu: bool = False, write: bool = False) -> torch.Tensor | None:  # fmt: skip
+                  relu: bool = False, write: bool = False, order: PositionOrder | None = None) -> torch.Tensor | None:  # fmt: skip
     """Before the call: the flat count on the pre-activation ``z``, where it must be taken before the
     call overwrites ``z`` (in place) or needs a per-channel region (PReLU); else `measure_output` takes it.
 
@@ -29,7 +30,11 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
     `measure_output` skips the call (``site.taken``). Not with a histogram, nor with a padding mask that
     leaves positions of this call out (one that does not fit the site, or has every position valid, is
     noted as `measure_output` notes it). ``write``: the caller can answer the call with relu's values
-    (`writable`); returned where the same pass computed them (`fused_relu`), else None."""
+    (`writable`); returned where the same pass computed them (`fused_relu`), else None.
+
+    ``order``: the positions reordered in this forward pass; where ``z``'s were, the mask is moved as they
+    were, or not applied where that cannot be told, on this call and in `measure_output` (`unordered`)."""
+    mask = unordered(site, z, mask, order)
     eps = eps_in(eps, z.dtype)
     region = site.region
     place = None if mask is None or not relu else place_of(site, z, mask)[0]
@@ -113,6 +118,7 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     if site.taken:  # `measure_input` measured the call from z
         site.taken = False
         return
+    mask = site.call_mask if site.reordering else mask
     eps = eps_in(eps, a.dtype)
     region = site.region
     place, options = place_of(site, a, mask)
@@ -165,6 +171,22 @@ def _rows(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: float, ma
     site.excluded += excluded
     site.shape = tuple(a.shape)
     return True
+
+
+def unordered(site: Site, z: torch.Tensor, mask: BatchMask | None, order: PositionOrder | None) -> BatchMask | None:
+    """The mask a call is measured under (kept in ``site.call_mask`` for `measure_output`): where ``z``'s
+    positions were reordered inside the forward pass (a flip, a roll), the mask moved as they were; where how
+    cannot be told, none (the padding counts: ``site.reordered`` counts those calls, which the report names)."""
+    site.reordering = False
+    if mask is None or mask.index is None or order is None or not order.marks:
+        return mask
+    steps = order.on_mask(z, mask.shape)
+    if steps == () or place_of(site, z, mask)[0] is None:
+        return mask
+    site.reordering, site.call_mask = True, None if steps is None else moved_mask(mask, steps)
+    if steps is None:
+        site.reordered += 1
+    return site.call_mask
 
 
 def place_of(site: Site, x: torch.Tensor, mask: BatchMask | None) -> tuple[Placement | None, tuple[Placement, ...]]:

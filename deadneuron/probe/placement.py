@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from deadneuron.errors import UsageError
+from deadneuron.probe.order import reorder_warnings
 from deadneuron.select import matches
 
 How = Literal["shape", "stated", "guessed", "misplaced"]
@@ -189,15 +190,16 @@ class StatedDims:
         return None
 
     def warnings(self, named: Sequence[tuple[str, Any]]) -> list[str]:
-        """The globs that matched no site, and a warning per site whose placement was guessed or wrong
-        (``named``: each site's name and running state, `deadneuron.probe.site.Site`)."""
+        """The globs that matched no site, and a warning per site whose placement was guessed or wrong, or
+        where positions reordered kept the mask off (``named``: each site's name and running state,
+        `deadneuron.probe.site.Site`)."""
         out = [f"mask dims set for {glob!r} matched no site: check the name against the site table"
                for glob in self.dims if glob not in self.matched]  # fmt: skip
         for name, site in named:
             placed = site.placement.result()
             warning = placement_warning(name, site.shape, placed) if placed is not None else None
             out += [warning] if warning is not None else []
-        return out
+        return out + reorder_warnings(named)
 
 
 def _dims(dims: tuple[int, ...]) -> str:

@@ -186,7 +186,7 @@ class Recorder:
         device; or `BatchMask.of` it; or None): statistics then cover valid positions only, at every site
         it fits (`deadneuron.probe.masks`). ``wrapped``: the model's next call runs a whole training step
         (a trainer reaching its step through the model's forward): only the module calls inside it count."""
-        self._mask = BatchMask.of(mask) if isinstance(mask, torch.Tensor) else mask
+        self._mask = self.axes.order.mask = BatchMask.of(mask) if isinstance(mask, torch.Tensor) else mask
         self.wrapped = wrapped
         self._forget_forward()
         self._last, self.last_module, self.first_input = None, None, None
@@ -200,9 +200,9 @@ class Recorder:
         self._suspended.clear()
         self._ensure_mode()
 
-    # -- the functional probe is suspended inside activation modules and torch's own leaves, where each
-    # torch call would pass through its Python __torch_function__ for nothing. A module that raises leaves
-    # it suspended; the next forward pass (or start_batch) puts it back; teardown removes it anywhere.
+    # -- the functional probe is suspended inside activation modules and torch's own leaves (each torch call
+    # would pass through its Python __torch_function__ for nothing); a module that raises leaves it suspended
+    # until the next forward pass (or start_batch), or teardown.
     def _suspend(self) -> bool:
         return self._mode is not None and pop_if_top(self._mode)
 
@@ -255,8 +255,7 @@ class Recorder:
         if _graph_task() != -1:  # recomputed inside backward (checkpointing)
             return
         suspended = self._suspended.pop() if self._suspended else False
-        # before the probe is back: its tensor calls stay in C (with no DisableTorchFunction where the
-        # probe was the only mode)
+        # the probe not back yet: its tensor calls stay in C (no DisableTorchFunction if it was the only mode)
         self._note_output(m, args, out, quiet=suspended and not torch._C._len_torch_function_stack())
         self._resume(suspended)
 
@@ -266,6 +265,7 @@ class Recorder:
         Hooks run after every module, so this is kept short: one lookup, one weak reference."""
         name, layout, code = self._outs[m]
         self.last_module = name
+        self.axes.order.carry_module(args, out)  # the positions' order through what the probe did not see
         if type(out) is torch.Tensor:
             ref = weakref.ref(out)
             self._producers[id(out)] = (ref, name)
@@ -362,10 +362,11 @@ class Recorder:
     def _before(self, site: Site, z: torch.Tensor, inplace: bool, *, relu: bool = False, write: bool = False) -> torch.Tensor | None:
         """``relu``: the call computes exactly ``torch.relu(z)``; ``write``: the caller can answer it with relu's
         values, returned where the statistics pass wrote them (`measure_input`)."""
-        if self.observer is not None:
-            self.observer.before(site, z)
         write = write and not inplace and writable(z)
-        return measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu, write=write)
+        out = measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu, write=write, order=self.axes.order)
+        if self.observer is not None:  # after: the call's mask is decided (`site.call_mask`)
+            self.observer.before(site, z)
+        return out
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
         measure_output(site, a, z, eps=self.eps, mask=self._mask)
@@ -390,7 +391,7 @@ class Recorder:
         return list(zip(self.site_names(), self._sites.values(), strict=True))
 
     def warnings(self) -> list[str]:
-        """Unknown activations no site measured (`deadneuron.probe.coverage`), mask placements guessed."""
+        """Unknown activations no site measured (`coverage`), mask placements guessed or refused (`order`)."""
         return [*self.coverage.warnings(self._sites.values(), self.select), *self.mask_dims.warnings(self.named_sites()),
                 *self._order.warnings(self.keyed_sites())]
 

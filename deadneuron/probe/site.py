@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from deadneuron.activations import ActivationSpec, FlatRegion
 from deadneuron.probe.axisrules import AxisSource
 from deadneuron.probe.placement import MaskPlacement, SitePlacement
 from deadneuron.stats import ChannelStats, ChannelSummary, ValueHistogram
+
+if TYPE_CHECKING:
+    from deadneuron.probe.masks import BatchMask
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Site:
     unfitted: int = 0  # calls where the batch had a mask that did not fit this site
     placement: SitePlacement = field(default_factory=SitePlacement, repr=False, compare=False)  # of the mask
     taken: bool = field(default=False, repr=False, compare=False)  # this call measured whole before it ran
+    reordered: int = 0  # calls whose positions were reordered (`deadneuron.probe.order`) as no mask could follow
+    reordering: bool = field(default=False, repr=False, compare=False)  # this call's positions were reordered,
+    call_mask: BatchMask | None = field(default=None, repr=False, compare=False)  # so it is measured under this
 
     def flat_from_z_first(self, inplace: bool) -> bool:
         """The flat region must be tested on z before the call: the call overwrites z (the output
@@ -74,7 +81,7 @@ class Site:
             calls=self.calls, summary=self.stats.compute(),
             histogram=tuple(self.histogram.compute()) if self.histogram is not None else None,
             masked=self.masked, excluded=self.excluded, unfitted=self.unfitted,
-            mask_placement=self.placement.result(),
+            mask_placement=self.placement.result(), reordered=self.reordered,
         )  # fmt: skip
 
 
@@ -99,6 +106,7 @@ class SiteResult:
     excluded: int = 0  # elements per channel the mask excluded, over all calls
     unfitted: int = 0  # calls where the batch had a mask that did not fit the site's shape
     mask_placement: MaskPlacement | None = None  # where a choice of the mask's dims was made (`placement`)
+    reordered: int = 0  # calls where the mask fitted, but the positions reordered kept it off (`order`)
 
 
 def site_names(sites: Sequence[Site]) -> list[str]:
