@@ -26,7 +26,7 @@ class Relus(nn.Module):
 
     def __init__(self, layout: str, *, inplace: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
         self.act = nn.ReLU(inplace=inplace)
         self.layout, self.seen = layout, []  # type: list[np.ndarray]
 
@@ -51,7 +51,7 @@ class Relus(nn.Module):
 
 def _batches(n: int = 3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(2, 3, 5, 5, generator=g) for _ in range(n)]
+    return [torch.randn(8, 3, 24, 24, generator=g) for _ in range(n)]  # z of 73,728 elements: written
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,7 @@ def test_a_recorded_graph_gets_torch_relu_and_its_gradients() -> None:
     """Under autograd (a monitor's training step) relu's output must carry its grad_fn: not answered."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    x = torch.randn(16, 4)
+    x = torch.randn(16384, 4)
     model(x).sum().backward()
     want = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     model.zero_grad()
@@ -179,7 +179,7 @@ def test_a_pre_hook_that_replaces_the_input_still_gets_relu_of_it() -> None:
     forward's relu is of the tensor it was given."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval()
     model[1].register_forward_pre_hook(lambda m, a: (a[0] - 1.0,))
-    x = torch.randn(5, 4)
+    x = torch.randn(8192, 4)
     with torch.inference_mode():
         want = model(x)
     got: list[torch.Tensor] = []
@@ -246,3 +246,12 @@ def test_a_batch_read_a_block_of_columns_at_a_time_is_not_written(monkeypatch: p
     z = model[0](batch).detach().reshape(-1, 96).numpy()  # what the model's own Linear gives
     assert site.n == 2 * z.shape[0]
     np.testing.assert_array_equal(np.round(np.array(site.channel_zero) * site.n), 2 * (z <= 0).sum(0))
+
+
+@needs_native
+def test_small_relu_calls_are_not_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under 2**16 elements, answering a call costs more Python than the relu it saves: torch's relu runs."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval()
+    written = _written(monkeypatch)
+    report = deadneuron.audit(model, [torch.randn(64, 4)], progress=False, rules=False)
+    assert written == [] and report.sites

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
 from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
 from deadneuron.probe.coverage import refuse_nested
+from deadneuron.probe.measure import writable
 from deadneuron.probe.order import REORDERING
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ class FunctionalProbe(TorchFunctionMode):
             return out
         inplace = entry.inplace or bool(kwargs.get("inplace", False))
         with torch._C.DisableTorchFunction():  # relu's values, where the statistics pass wrote them
-            out = rec._before(site, z, inplace, relu=func in _EXACT_RELU, write=func in _NEW_RELU)  # type: ignore[arg-type]
+            out = rec._before(site, z, inplace, relu=func in _EXACT_RELU, write=func in _NEW_RELU and writable(z))  # type: ignore[arg-type]
         if out is None:
             out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):

@@ -17,6 +17,9 @@ from deadneuron.probe.placement import Placement
 from deadneuron.probe.site import Site
 
 _WRITTEN = (torch.float32, torch.float64)  # the dtypes the C kernel reads (and writes relu's values in)
+# Calls of fewer elements are not answered with written values: answering an nn.ReLU's call through the
+# functional probe costs 3-5 us of Python (measured), more than such a relu saves; at 2**16 in cache about even.
+_WRITE_MIN = 1 << 16
 
 
 def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask | None, eps: float,
@@ -69,9 +72,9 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
 
 def writable(z: torch.Tensor) -> bool:
     """Whether a relu call on ``z`` (not in place) can be answered with values the statistics pass wrote:
-    a plain CPU tensor of the kernel's dtypes, with elements, that autograd does not follow (an audit under
+    a plain CPU tensor of the kernel's dtypes, of at least ``_WRITE_MIN`` elements, that autograd does not follow (an audit under
     `torch.inference_mode`, a monitor's eval batches; never a training step's graph)."""
-    return (type(z) is torch.Tensor and z.is_cpu and z.dtype in _WRITTEN and z.numel() > 0
+    return (type(z) is torch.Tensor and z.numel() >= _WRITE_MIN and z.is_cpu and z.dtype in _WRITTEN
             and not (z.requires_grad and torch.is_grad_enabled()))  # fmt: skip
 
 

@@ -300,7 +300,7 @@ class Recorder:
             if z is not None and self.coverage.readable(name, m, z):
                 site = self._site(key, name, leaf, False, spec, region, z)
                 relu = type(m) is nn.ReLU  # the probe stays on to answer its F.relu call with the values written
-                out = self._before(site, z, is_inplace(m), relu=relu, write=relu and self._mode is not None and is_top(self._mode))
+                out = self._before(site, z, is_inplace(m), relu=relu, write=relu and writable(z) and self._mode is not None and is_top(self._mode))
         pending.append(site)
         self._stack.append(entry)
         self.fused = None if out is None else (z, out)  # type: ignore[assignment]
@@ -361,8 +361,8 @@ class Recorder:
     # functional probe (that would cost a Python call per op, and is never what it looks for).
     def _before(self, site: Site, z: torch.Tensor, inplace: bool, *, relu: bool = False, write: bool = False) -> torch.Tensor | None:
         """``relu``: the call computes exactly ``torch.relu(z)``; ``write``: the caller can answer it with relu's
-        values, returned where the statistics pass wrote them (`measure_input`)."""
-        write = write and not inplace and writable(z)
+        values (`writable`), returned where the statistics pass wrote them (`measure_input`)."""
+        write = write and not inplace
         out = measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu, write=write, order=self.axes.order)
         if self.observer is not None:  # after: the call's mask is decided (`site.call_mask`)
             self.observer.before(site, z)
