@@ -7,7 +7,6 @@ train function itself returned, recorded by the test."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,33 +14,16 @@ import pytest
 import torch
 import typer
 from torch import nn
-from typer.testing import CliRunner
 
 from deadneuron.cli import app
 from deadneuron.errors import UsageError
 from deadneuron.gate import GateLimits
 from deadneuron.patch import plan_from_flags, verify_own
 from deadneuron.testing import assert_healthy, assert_sparsity_below
+from tests.test_patch_own import OWN, OWN_CNN, run
 
 TESTS = Path(__file__).resolve().parent
-OWN = TESTS / "own_cnn.py"
 SMALL_CNN = TESTS.parent / "examples" / "small_cnn.py"  # 2 of 16 channels dead at its second ReLU: 12.5%
-
-
-def own_module() -> Any:
-    spec = importlib.util.spec_from_file_location("own_cnn_for_clients6", OWN)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-OWN_CNN = own_module()
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def one_line(stderr: str, *says: str, after_progress: bool = False) -> None:
