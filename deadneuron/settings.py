@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deadneuron._cache import untrusted_file_reason
-from deadneuron.errors import UsageError
+from deadneuron.errors import UnreadableInputError, UsageError
 from deadneuron.rules.config import RulesConfig, check_rule_ids, parse_deadneuron_table, parse_overrides
 from deadneuron.rules.model import RuleSet
 
@@ -67,13 +67,34 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid TOML: {exc}") from exc
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The ``--config`` file as TOML. A file that is missing, a folder, unreadable or not valid TOML is
+    unreadable input (UnreadableInputError, exit 4): one line naming the option and the path."""
+    where = f"--config {path}"
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UnreadableInputError(f"{where}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise UnreadableInputError(f"{where}: is a folder, not a TOML file; give the file inside it") from None
+    except PermissionError:
+        raise UnreadableInputError(f"{where}: permission denied; make the file readable (chmod +r)") from None
+    except OSError as exc:
+        raise UnreadableInputError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UnreadableInputError(f"{where}: not a text file (not UTF-8): not valid TOML; give a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UnreadableInputError(f"{where}: not valid TOML ({exc}); fix the file") from None
+
+
 def _config_file_table(path: Path) -> Mapping[str, Any]:
-    data = read_toml(path)
+    data = read_config_file(path)
     if "tool" not in data:
         return data
     table = data["tool"].get("deadneuron") if isinstance(data["tool"], Mapping) else None
     if not isinstance(table, Mapping):
-        raise UsageError(f"{path} has a [tool] table but no [tool.deadneuron] table")
+        raise UsageError(f"--config {path}: has a [tool] table but no [tool.deadneuron] table")
     return table
 
 
@@ -105,4 +126,4 @@ def load_config(
     return config.then(parse_overrides(overrides, rules=rules))
 
 
-__all__ = ["find_pyproject", "load_config", "read_toml"]
+__all__ = ["find_pyproject", "load_config", "read_config_file", "read_toml"]

@@ -48,7 +48,7 @@ def listing(folder: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
-        (("--figure", "{tmp}"), 2, "--figure {tmp}: is a folder; give a file path"),
+        (("--figure", "{tmp}"), 7, "--figure {tmp}: is a folder; give a file path"),
         (("--markdown", "{tmp}/in/own.pth"), 2, "is an input of this run"),
         (("--markdown", "{tmp}/old.md"), 2, "--markdown {tmp}/old.md: already exists; pass --force"),
         (("--figure", "{tmp}/missing/f.png"), 7, "folder {tmp}/missing does not exist"),
@@ -154,7 +154,7 @@ def test_report_and_compare_check_their_outputs_before_reading(ckpt: Path, tmp_p
     code, _, stderr = run("report", folder, "--format", "json", "--out", a_file)
     assert code == 2 and "is a file; give a folder" in stderr
     code, _, stderr = run("compare", folder, folder, "--out", tmp_path)
-    assert code == 2 and "is a folder; give a file path" in stderr
+    assert code == 7 and "is a folder; give a file path" in stderr
     code, _, stderr = run("compare", folder, folder, "--out", folder / "report.json")
     assert code == 2 and "is an input of this run" in stderr
     assert a_file.read_text() == "x"

@@ -107,7 +107,7 @@ def test_terminal_verdict_panel_is_above_the_figures_and_the_site_table(report_a
         "│ verdict: 140 dead channels at 10 sites"
     )
     for words in ("[warning] Dead channels at a ReLU site (10 sites)",
-                  "encoder.bn_layers.3>relu  dead channels 15, dead fraction 23.4%",
+                  "encoder.bn_layers.3>relu  15 of 64 channels dead (23.4%)",
                   "and 7 more sites (--verbose)",
                   "[warning] Dead channels in a conv stack without normalisation (4 sites)",
                   "[info] Sparse but healthy"):  # fmt: skip

@@ -71,9 +71,10 @@ def test_demo_report_leads_with_the_verdict_and_the_task_findings(demo: dict[str
     )
     panel = text[: text.index("╰")]
     first = [
-        panel.index(t) for t in ("Task accuracy not above", "Slot collapse", "Dead channels at a ReLU site",
-                                 "encoder.bn_layers.1>relu  dead channels")
+        panel.index(t) for t in ("Task accuracy not above", "Slot collapse", "Dead channels at a ReLU site")
     ]
+    encoder = re.search(r"encoder\.bn_layers\.1>relu  \d+ of 64 channels dead", panel)
+    first.append(encoder.start() if encoder else -1)
     assert first == sorted(first)  # task-level findings before the per-site warning, which names the encoder
     assert panel.count("[warning]") + panel.count("[info]") + panel.count("[error]") == 3
 
@@ -87,7 +88,7 @@ def test_one_line_per_site_and_each_command_once(demo: dict[str, str]) -> None:
     assert demo["table"].count("Dead channels at a ReLU site") == 1  # one group, not a paragraph per site
     lines = [(site, len(f["channels"][site])) for f in dead_relu for site in f["sites"]]
     shown = [site for site, n in lines
-             if re.search(rf"^│\s+{re.escape(site)}\s+dead channels {n}, dead fraction", demo["table"], re.M)]
+             if re.search(rf"^│\s+{re.escape(site)}\s+{n} of \d+ channels dead \(", demo["table"], re.M)]
     assert shown == [site for site, _ in lines[:3]]  # the first three sites, one line each (the table has all)
     assert f"and {len(lines) - 3} more sites (--verbose)" in demo["table"]
     flat = " ".join(text.replace("│", " ").split())  # commands wrap at 80 columns, inside the panel too
@@ -141,8 +142,8 @@ def test_groups_rank_severity_then_task_level_findings() -> None:
     groups = group_findings(FINDINGS)
     assert [g.rule for g in groups] == ["nonfinite", "below-baseline", "dead-relu", "sparse-healthy"]
     dead = groups[2]
-    assert [(line.site, line.text) for line in dead.lines] == [("a", "dead channels 3"), ("b", "dead channels 4"),
-                                                                ("c", "dead channels 5")]  # fmt: skip
+    assert [(line.site, line.text) for line in dead.lines] == [("a", "3 dead channels"), ("b", "4 dead channels"),
+                                                                ("c", "5 dead channels")]  # fmt: skip
     assert dead.commands == ("fix a", "fix b") and dead.headline == "title of dead-relu (3 sites)"
     assert [line.text for line in groups[1].lines] == ["valid pixel accuracy 50.0% <= 65.0%"]
 
@@ -153,7 +154,7 @@ def test_groups_read_findings_built_in_python() -> None:
     finding = Finding(rule="dead-relu", severity=Severity.WARNING, title="t", message="m", sites=("x",),
                       evidence=(Evidence("dead_channels", 2, 1, ">=", "x"),), commands=("c",))  # fmt: skip
     (group,) = group_findings([finding])
-    assert (group.severity, group.lines[0].text, group.commands) == (Severity.WARNING, "dead channels 2", ("c",))
+    assert (group.severity, group.lines[0].text, group.commands) == (Severity.WARNING, "2 dead channels", ("c",))
 
 
 @pytest.mark.parametrize(("metric", "value", "text"), [("dead_fraction", 0.609375, "60.9%"), ("dead_channels", 39, "39"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deadneuron.errors import UsageError
+from deadneuron.errors import UnreadableInputError, UsageError
 from deadneuron.rules import builtin_rules, parse_overrides
 from deadneuron.settings import load_config
 
@@ -99,7 +99,7 @@ def test_bad_pyproject_is_a_clear_usage_error(tmp_path: Path, text: str, match: 
 
 
 def test_bad_config_file(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(UnreadableInputError, match=f"--config {tmp_path / 'nope.toml'}: no such file"):
         load_config(rules=RULES, cwd=tmp_path, config_file=tmp_path / "nope.toml")
     cfg = write(tmp_path / "c.toml", "[tool.black]\nline-length = 1\n")
     with pytest.raises(UsageError, match=r"no \[tool\.deadneuron\] table"):

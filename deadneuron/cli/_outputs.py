@@ -1,8 +1,9 @@
 """Output paths: checked before any work, written together at the end, never left half done.
 
-``check_outputs`` refuses, before anything is loaded or trained: a path that is a folder, one of the
-inputs, two options naming the same file, an existing file without ``--force`` (usage errors, exit 2),
-and a folder that does not exist or cannot be written to (exit 7). ``Outputs`` collects what a run
+``check_outputs`` refuses, before anything is loaded or trained: one of the inputs, two options naming
+the same file, an existing file without ``--force`` (usage errors, exit 2), and a path that is a folder, a
+folder that does not exist or cannot be written to (write failures, exit 7, as `deadneuron train` and
+`deadneuron.checkpoint.atomic_save` say of them). ``Outputs`` collects what a run
 produces (every payload rendered in memory first, so a figure that cannot be drawn fails before any file
 is written) and writes it at the end, each file atomically; if one write fails, the files this run
 created before it are removed again, so a run leaves all its outputs or none of them.
@@ -26,7 +27,7 @@ def check_output(path: Path, *, option: str, inputs: Sequence[Path] = (), force:
         if _same(path, source):
             raise UsageError(f"{option} {path}: is an input of this run and is never overwritten; choose another path")
     if path.is_dir():
-        raise UsageError(f"{option} {path}: is a folder; give a file path to write to (for example {path / 'out'}"
+        raise WriteError(f"{option} {path}: is a folder; give a file path to write to (for example {path / 'out'}"
                          f"{_suffix(option)})")  # fmt: skip
     if path.exists() and not force:
         raise UsageError(f"{option} {path}: already exists; pass --force to overwrite it, or choose another path")

@@ -184,15 +184,34 @@ def _check_budget(*, train: str | None, max_steps: int | None) -> None:
 
 
 def _gate(report: Report, limits: GateLimits, *, quiet: bool = False) -> None:
-    """After the report is out: list every violated check on stderr (unless ``quiet``: a rank other than
-    the first under torchrun) and exit 1."""
+    """After the report is out: a --sites glob that matches no site is a usage error (exit 2); else list
+    every violated check on stderr (unless ``quiet``: a rank other than the first under torchrun) and exit 1."""
     from deadneuron.gate import check, failure_message
 
+    unmatched = _unmatched_sites(report, limits.sites)
+    if unmatched:  # a gate on a glob that matches nothing guards nothing: a usage error, not a violation
+        if quiet:
+            raise typer.Exit(int(ExitCode.USAGE))
+        raise UsageError(unmatched)
     violations = check(report, limits)
     if violations:
         if not quiet:
             typer.echo("deadneuron: " + failure_message(violations, header="health gate failed"), err=True)
         raise typer.Exit(int(ExitCode.GATE_FAILED))
+
+
+def _unmatched_sites(report: Report, globs: tuple[str, ...]) -> str:
+    """One line for the --sites globs that match no site of ``report`` (empty when every glob matches)."""
+    from deadneuron.gate import scoped_sites
+
+    missed = [g for g in globs if not scoped_sites(report, (g,))]
+    if not missed:
+        return ""
+    names = list(report.sites)
+    known = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    said = ", ".join(f"--sites {g!r}" for g in missed) + (" matches" if len(missed) == 1 else " match")
+    return (f"{said} no site, so a gate on {'it' if len(missed) == 1 else 'them'} checks nothing "
+            f"(sites: {known or 'none'}); give a glob of site or module names")
 
 
 def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None) -> tuple[RuleSet, RulesConfig] | None:

@@ -11,7 +11,7 @@ verdict. Pure: values in, values out; the renderers decide how the lines look.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from deadneuron.report import Report
@@ -65,18 +65,72 @@ def number_text(metric: str, value: float) -> str:
     return f"{value:.2f}" if 0.01 <= abs(value) < 100 else f"{value:.3g}"
 
 
+_COUNT_SUFFIXES = ("_channels", "_sites", "_warnings")  # evidence metrics that count things
+_COUNT_WORDS = {"nonfinite": "non-finite activations"}
+
+
+def _count_words(metric: str) -> str | None:
+    """``"dead channels"`` for a metric that counts things, None for any other measurement."""
+    if metric in _COUNT_WORDS:
+        return _COUNT_WORDS[metric]
+    return metric.replace("_", " ") if metric.endswith(_COUNT_SUFFIXES) else None
+
+
+def _count_text(metric: str, value: float) -> str:
+    """``"2 dead channels"``, ``"1 dead channel"``: the count first, so that it never reads as an id."""
+    words = _count_words(metric) or metric.replace("_", " ")
+    text = number_text(metric, value)
+    return f"{text} {words.removesuffix('s') if text == '1' else words}"
+
+
+def _share_of(metric: str, measured: Mapping[str, float]) -> str | None:
+    """The metric giving the share of the site's channels beside the channel count ``metric``
+    (``dead_fraction`` beside ``dead_channels``, ``died_channels_fraction`` beside ``died_channels``)."""
+    if not metric.endswith("_channels") or not float(measured[metric]).is_integer():
+        return None
+    for name in (f"{metric}_fraction", f"{metric.removesuffix('_channels')}_fraction"):
+        share = measured.get(name)
+        if share is not None and math.isfinite(share) and share > 0:
+            return name
+    return None
+
+
+def _site_text(measured: Mapping[str, float]) -> str:
+    """A site's evidence: ``"14 of 64 channels dead (21.9%)"`` for a channel count with its share (the
+    site's channel count is count / share), ``"0 dead or dormant channels"`` for a bare count, ``"sparsity
+    55.2%"`` for any other measurement."""
+    shares = {metric: _share_of(metric, measured) for metric in measured}
+    said = {name for name in shares.values() if name is not None}
+    texts = []
+    for metric, value in measured.items():
+        share = shares[metric]
+        if share is not None:
+            adjective = metric.removesuffix("_channels").replace("_", " ")
+            texts.append(f"{int(value)} of {round(value / measured[share])} channels {adjective} ({pct(measured[share])})")
+        elif metric in said:
+            continue  # said with its count
+        elif _count_words(metric) is not None:
+            texts.append(_count_text(metric, value))
+        else:
+            texts.append(f"{metric.replace('_', ' ')} {number_text(metric, value)}")
+    return ", ".join(texts)
+
+
 def evidence_lines(findings: Sequence[Finding]) -> list[SiteLine]:
     """One line per site (its observed values) and one line for the model-wide evidence (with the limits
-    that made the rule fire: ``observed <comparison> threshold``)."""
-    per_site: dict[str, list[str]] = {}
+    that made the rule fire: ``observed <comparison> threshold``). Counts come before their words (``"2 dead
+    channels"``, never ``"dead channels 2"``, which reads as channel 2)."""
+    per_site: dict[str, dict[str, float]] = {}
     overall: list[str] = []
     for e in (e for f in findings for e in f.evidence):
-        name = e.metric.replace("_", " ")
-        if e.site is None:
-            overall.append(f"{name} {number_text(e.metric, e.observed)} {e.comparison} {number_text(e.metric, e.threshold)}")
+        if e.site is not None:
+            per_site.setdefault(e.site, {})[e.metric] = e.observed
+        elif _count_words(e.metric) is not None:
+            overall.append(f"{_count_text(e.metric, e.observed)} {e.comparison} {number_text(e.metric, e.threshold)}")
         else:
-            per_site.setdefault(e.site, []).append(f"{name} {number_text(e.metric, e.observed)}")
-    lines = [SiteLine(site, ", ".join(texts)) for site, texts in per_site.items()]
+            name = e.metric.replace("_", " ")
+            overall.append(f"{name} {number_text(e.metric, e.observed)} {e.comparison} {number_text(e.metric, e.threshold)}")
+    lines = [SiteLine(site, _site_text(measured)) for site, measured in per_site.items()]
     return ([SiteLine("", "; ".join(overall))] if overall else []) + lines
 
 

@@ -27,7 +27,7 @@ from deadneuron.rules.common import (
 )
 from deadneuron.rules.context import RuleContext
 from deadneuron.rules.model import Evidence, Fix, Hit, Rule, Severity, Threshold
-from deadneuron.rules.timeline import at_steps, dead_history
+from deadneuron.rules.timeline import at_steps, dead_from_start_text, dead_history
 
 MIN_CHANNELS = Threshold("min_channels", 1, "fire at a site with at least this many such channels", integer=True, lo=1)
 # Below 5% of a site, dead channels stay in the table but get no advice: a few are common in trained ReLU
@@ -66,7 +66,8 @@ def _channel_hits(report: Report, t: Mapping[str, float], *, family: Callable[[S
 
 
 def _history_note(context: RuleContext, channels: Mapping[str, Sequence[int]]) -> str:
-    """' Over the health timeline ...: 14 dead at init, 72 died in training (...), 30 revived.'"""
+    """' Over the health timeline ...: 14 dead at init, 72 died in training (...), 30 revived.' ("dead since
+    the first window measured (step N)" for a timeline that starts at step N > 0: a resumed run)."""
     histories = [h for h in (dead_history(context.timeline, s) for s in channels) if h is not None]
     if not histories:
         return ""
@@ -81,7 +82,8 @@ def _history_note(context: RuleContext, channels: Mapping[str, Sequence[int]]) -
     span = f"steps {histories[0].first_step}-{histories[0].last_step}"
     measured = context.timeline[0].get("measured_on")
     span += f", on the {measured}" if isinstance(measured, str) else ", on its own probe set"
-    return (f" Over the health timeline ({span}): {at_init} dead at init, "
+    start = dead_from_start_text(histories[0].first_window)
+    return (f" Over the health timeline ({span}): {at_init} {start}, "
             f"{died} died in training{when}, {revived} revived.")
 
 

@@ -29,7 +29,7 @@ class DeadHistory:
     ``step - 1`` (``step`` counts the steps done when it was taken); an entry without ``first_step`` (a
     probe-set point) covers its ``step`` only."""
 
-    at_init: tuple[int, ...]  # dead at the first entry and still dead at the last
+    at_init: tuple[int, ...]  # dead at the first entry and still dead at the last (at init if it starts at step 0)
     died: tuple[int, ...]  # dead at the last entry, not at the first
     revived: tuple[int, ...]  # dead at some entry, alive at the last
     died_windows: tuple[Window, ...]  # the window of the entry that first saw each channel of ``died`` dead
@@ -74,6 +74,16 @@ def at_steps(window: Window) -> str:
     """``"at step 40"`` for a point, ``"over steps 10-14"`` for a window."""
     lo, hi = window
     return f"at step {lo}" if lo == hi else f"over steps {lo}-{hi}"
+
+
+def dead_from_start_text(window: Window) -> str:
+    """How channels dead at a timeline's first entry are named: ``"dead at init"`` where that entry starts
+    at step 0; else ``"dead since the first window measured (step N)"`` (a resumed run, a monitor started at
+    ``start_step`` N): what happened to them before step N is not known."""
+    lo, hi = window
+    if lo == 0:
+        return "dead at init"
+    return f"dead since the first {'point' if lo == hi else 'window'} measured (step {lo})"
 
 
 def _site_entry(entry: Mapping[str, Any], site: str) -> Mapping[str, Any] | None:

@@ -157,8 +157,18 @@ def _dead_from_start(report: Report, context: RuleContext, t: Mapping[str, float
         return []
     first = next(iter(histories.values()))
     values = {"count": sum(len(v) for v in picked.values()), "first": at_steps(first.first_window),
-              "last": at_steps(first.last_window), "per_site": _per_site(picked, sizes, {})}  # fmt: skip
+              "last": at_steps(first.last_window), "per_site": _per_site(picked, sizes, {}),
+              "cause": _start_cause(first.first_step)}  # fmt: skip
     return [Hit(_evidence(picked, sizes, t, "dead_from_start_channels"), values, tuple(picked), picked)]
+
+
+def _start_cause(step: int) -> str:
+    """Why channels dead at the first entry are dead: at step 0 training had not begun; a timeline that
+    starts later (a resumed run, a monitor's ``start_step``) did not see the steps before it."""
+    if step == 0:
+        return "Training did not kill them; initialisation or the data left them dead."
+    return (f"The timeline starts at step {step}, not at initialisation (a resumed run): they may have died in "
+            "the steps before it, or initialisation or the data left them dead.")
 
 
 DEAD_FROM_START = Rule(
@@ -168,8 +178,7 @@ DEAD_FROM_START = Rule(
     reads=("context.health_timeline: dead_channels at the first and last step",),
     thresholds=(MIN_CHANNELS, MIN_FRACTION),
     predicate=_dead_from_start,
-    message=("{count} channels were dead at the first timeline point ({first}) and still are {last}: "
-             "{per_site}. Training did not kill them; initialisation or the data left them dead."),
+    message="{count} channels were dead at the first timeline point ({first}) and still are {last}: {per_site}. {cause}",
     suggestion="Re-initialise them (ReDo), or check the initialisation and the scale of the layer's input.",
 )
 
