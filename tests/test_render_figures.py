@@ -171,6 +171,14 @@ def test_timeline_fates_follow_the_channel_lists() -> None:
     assert counts == [[0, 1], [0, 1], [0, 1]]  # channel 2 at init, channel 0 died, channel 1 revived
 
 
+def test_a_timeline_resumed_after_step_0_does_not_say_dead_at_init() -> None:
+    """A monitor resumed at step 70 did not see the model's init: the legend says what it saw."""
+    resumed = [e for e in timeline(channel_lists=True) if e["step"] > 0]
+    fate = _panels(plots.plot_health_timeline(resumed))["Fate of each site's channels over the timeline"]
+    first = fate.containers[0].get_label()
+    assert "at init" not in first and first.startswith("dead since the first point measured (step 70)")
+
+
 def test_timeline_without_slots_or_entries() -> None:
     bare = [{k: v for k, v in e.items() if k != "slots"} for e in timeline()]
     fig = plots.plot_health_timeline(bare)

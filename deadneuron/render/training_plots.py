@@ -160,7 +160,7 @@ def _dead_panels(total_ax: Axes, dead_ax: Axes, sparse_ax: Axes, timeline: Seque
 
 def _fate_panel(ax: Axes, timeline: Sequence[Mapping[str, Any]], sites: Sequence[str]) -> None:
     """Per site, how many channels were dead at init, died in training, revived (the findings' words)."""
-    from deadneuron.rules.timeline import dead_history
+    from deadneuron.rules.timeline import dead_from_start_text, dead_history, window_of
 
     histories = [(site, dead_history(timeline, site)) for site in sites]
     known = [(site, h) for site, h in histories if h is not None]
@@ -170,7 +170,9 @@ def _fate_panel(ax: Axes, timeline: Sequence[Mapping[str, Any]], sites: Sequence
         ax.set_axis_off()
         return
     left = [0] * len(known)
+    start = dead_from_start_text(window_of(timeline[0], 0))  # "dead at init" only where it starts at step 0
     for key, label, colour in FATES:
+        label = label.replace("dead at init", start, 1)
         counts = [len(getattr(h, key)) for _, h in known]
         ax.barh(range(len(known)), counts, 0.7, left=left, color=colour, label=label)
         left = [a + b for a, b in zip(left, counts, strict=True)]
