@@ -104,7 +104,7 @@ def test_the_cli_gate_takes_a_percentage(limit: str, code: int) -> None:
                          f"{SMALL_CNN}:batches", "--batches", "2", "--no-progress", "--max-dead-fraction", limit)  # fmt: skip
     assert got == code, stderr
     if code == 1:
-        assert "2 of 16 channels dead (12.5%: 3, 7) > max_dead_fraction 10.0%" in stderr
+        assert "2 of 16 channels dead (12.5%: 3, 7) > --max-dead-fraction 10.0%" in stderr
     if code == 2:
         one_line(stderr, "--max-dead-fraction must be a fraction in [0, 1], got 12.0")
 

@@ -134,9 +134,9 @@ def test_cli_gate_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Activation sites" in out  # the report is printed before the verdict
     lines = err.splitlines()
     assert lines[0] == "deadneuron: health gate failed: 4 violated checks"
-    assert any(line.startswith("  5: 2 of 16 channels dead (3, 7) > max_dead 0") for line in lines)
-    assert sum("max_sparsity 40.0%" in line for line in lines) == 2
-    assert any("min_active_slots cannot pass" in line for line in lines)
+    assert any(line.startswith("  5: 2 of 16 channels dead (3, 7) > --max-dead 0") for line in lines)  # as typed
+    assert sum("--max-sparsity 40.0%" in line for line in lines) == 2
+    assert any("--min-active-slots cannot pass" in line for line in lines)
 
 
 def test_cli_gate_passes_and_scopes(capsys: pytest.CaptureFixture[str]) -> None:

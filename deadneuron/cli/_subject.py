@@ -111,6 +111,9 @@ def import_object(spec: str, *, option: str) -> Any:
     if not sep or not target or not attr:
         raise UsageError(f"{option} takes MODULE:NAME (e.g. mypkg.models:build or models.py:build), got {spec!r}")
     is_file = target.endswith(".py")
+    if is_file and not Path(target).is_file():
+        what = "is a folder, not a Python file" if Path(target).is_dir() else "no such Python file"
+        raise UsageError(f"{option} {spec!r}: {target}: {what}; check the path (relative to the working folder)")
     folder = Path(target).resolve().parent if is_file else Path.cwd()
     try:
         with importable(folder):
@@ -119,6 +122,9 @@ def import_object(spec: str, *, option: str) -> Any:
         raise
     except ImportError as exc:
         raise UsageError(_import_failure(option, spec, target, exc, is_file=is_file)) from exc
+    except SyntaxError as exc:  # its text names the file and line already, maybe another file than target's
+        raise UsageError(f"{option} {spec!r}: importing {target!r} raised {type(exc).__name__}: "
+                         f"{exc.msg}{_syntax_where(exc, Path(target) if is_file else None)}") from exc  # fmt: skip
     except Exception as exc:
         where = _line_in(exc, Path(target)) if is_file else ""
         raise UsageError(f"{option} {spec!r}: importing {target!r} raised {type(exc).__name__}: "
@@ -164,6 +170,15 @@ def _line_in(exc: BaseException, path: Path) -> str:
     if not found and isinstance(exc, SyntaxError) and exc.lineno is not None:
         found = f" ({path}, line {exc.lineno})"
     return found
+
+
+def _syntax_where(exc: SyntaxError, target: Path | None) -> str:
+    """`` (models.py, line 3)``: the file the syntax error is in (as the user named it, if it is the
+    target) and its line."""
+    if exc.filename is None:
+        return ""
+    shown = str(target) if target is not None and Path(exc.filename).resolve() == target.resolve() else exc.filename
+    return f" ({shown}, line {exc.lineno})" if exc.lineno is not None else f" ({shown})"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,24 +36,24 @@ if TYPE_CHECKING:
 
 def audit_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: a deadneuron .pth, a state_dict, or .safetensors.")],
-    model: Annotated[str | None, typer.Option("--model", help="MODULE:FACTORY building the model (for plain state_dicts).")] = None,
-    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", help="KEY=VALUE passed to the factory; repeatable.")] = None,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Audit on random N,C,H,W inputs (flagged in the report).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="MODULE:FACTORY returning an iterable of batches.")] = None,
+    model: Annotated[str | None, typer.Option("--model", metavar="MODULE:FACTORY", help="MODULE:FACTORY or file.py:FACTORY building the model (for plain state_dicts).")] = None,
+    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", metavar="KEY=VALUE", help="KEY=VALUE passed to the factory; repeatable.")] = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W", help="Audit on random N,C,H,W inputs (flagged in the report).")] = None,
+    data: Annotated[str | None, typer.Option("--data", metavar="MODULE:FACTORY", help="MODULE:FACTORY or file.py:FACTORY returning an iterable of batches.")] = None,
     batches: Annotated[int | None, typer.Option("--batches", help="Audit at most N batches (default: all; 8 with --input-shape).")] = None,
     train: Annotated[str | None, typer.Option("--train", metavar="MODULE:FN", help="train(model, steps=N, seed=S) for your model: the suggested patch commands retrain with it.")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="With --train: steps of every run of the suggested patch commands (both arms).")] = None,
     eps: Annotated[float, typer.Option("--eps", help="An activation with |a| <= eps counts as zero.")] = EPS,
     delta: Annotated[float, typer.Option("--delta", help="Flat region: derivative <= delta x its maximum.")] = DELTA,
-    select: Annotated[list[str] | None, typer.Option("--select", help="Only sites matching this glob or kind; repeatable.")] = None,
+    select: Annotated[list[str] | None, typer.Option("--select", metavar="GLOB", help="Only sites matching this glob or kind; repeatable.")] = None,
     mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches, True (1) where the batch holds data; ~KEY inverts one that is True at padding, as PyTorch's key_padding_mask is; len:KEY builds it from the (N,) per-sample lengths in KEY (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
     channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
     mask_dims: Annotated[list[str] | None, typer.Option("--mask-dims", metavar="GLOB=DIMS", help="Where the padding mask lies at the sites matching GLOB: their dims under the mask's (N, positions...), e.g. 1,0 for (L, N, C) sequence-first activations; repeatable.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Table: also the dead/dormant channel ids, slot usage and every finding's full text.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the report files into this folder.")] = None,
-    allow_global: Annotated[list[str] | None, typer.Option("--allow-global", help="Allow one more type (module.Name) when unpickling.")] = None,
+    allow_global: Annotated[list[str] | None, typer.Option("--allow-global", metavar="MODULE.NAME", help="Allow one more type (module.Name) when unpickling.")] = None,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Open code-carrying formats (TorchScript, .pt2, pickled modules). Runs their code.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="Run on this device (default: where the model is).")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
@@ -61,7 +61,7 @@ def audit_command(
     max_dead_fraction: Annotated[str | None, typer.Option("--max-dead-fraction", metavar="SHARE", help="Gate: exit 1 if any site has a larger share of dead channels (0.05 or 5%).")] = None,
     max_sparsity: Annotated[str | None, typer.Option("--max-sparsity", metavar="SHARE", help="Gate: exit 1 if any site's sparsity is higher (0.6 or 60%).")] = None,
     min_active_slots: Annotated[float | None, typer.Option("--min-active-slots", help="Gate: exit 1 if fewer slots are active per image on average.")] = None,
-    gate_sites: Annotated[list[str] | None, typer.Option("--sites", help="Gate only the sites matching this glob (name or module); repeatable.")] = None,
+    gate_sites: Annotated[list[str] | None, typer.Option("--sites", metavar="GLOB", help="Gate only the sites matching this glob (name or module); repeatable.")] = None,
     no_rules: Annotated[bool, typer.Option("--no-rules", help="Measure only: evaluate no rule, list no finding.")] = False,
     disable: Annotated[list[str] | None, typer.Option("--disable", metavar="RULE_ID", help="Skip this rule (see `deadneuron rules`); repeatable.")] = None,
     rules_config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file of rule thresholds ([rules] table), read after pyproject.toml.")] = None,
@@ -103,8 +103,7 @@ def audit_command(
                             max_sparsity=fraction(max_sparsity, "max_sparsity"), min_active_slots=min_active_slots,
                             sites=tuple(gate_sites or ()))  # fmt: skip
     except UsageError as exc:  # named as the user typed them: --max-sparsity, not max_sparsity
-        raise UsageError(re.sub(r"\b(max_dead_fraction|max_dead|max_sparsity|min_active_slots)\b",
-                                lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) from None  # fmt: skip
+        raise UsageError(_as_flags(str(exc))) from None
     if gate_sites and not limits.active:
         raise UsageError("--sites scopes the gate options: add --max-dead, --max-sparsity or --min-active-slots")
     if device is not None:
@@ -163,14 +162,15 @@ def audit_command(
 
 def _publish(report: Report, out: Path | None, subject: Subject, fmt: str, *, verbose: bool) -> None:
     """Write the report files and print the report (one rank does this under torchrun)."""
-    if out is not None:
-        _write(report, out, subject)
+    written = _write(report, out, subject) if out is not None else []
     if fmt == "json":
         typer.echo(report.to_json(indent=1))
     else:
         from deadneuron.render.terminal import render
 
         render(report, Console(), verbose=verbose)
+    if out is not None:  # on stderr: stdout holds the report alone (JSON with --format json)
+        typer.echo(f"wrote {_written_text(written, out)}", err=True)
 
 
 def _check_budget(*, train: str | None, max_steps: int | None) -> None:
@@ -196,8 +196,14 @@ def _gate(report: Report, limits: GateLimits, *, quiet: bool = False) -> None:
     violations = check(report, limits)
     if violations:
         if not quiet:
-            typer.echo("deadneuron: " + failure_message(violations, header="health gate failed"), err=True)
+            typer.echo("deadneuron: " + _as_flags(failure_message(violations, header="health gate failed")), err=True)
         raise typer.Exit(int(ExitCode.GATE_FAILED))
+
+
+def _as_flags(text: str) -> str:
+    """The gate's limits named as the user typed them: --max-sparsity, not max_sparsity."""
+    return re.sub(r"(?<![\w.])(max_dead_fraction|max_dead|max_sparsity|min_active_slots)\b",
+                  lambda m: "--" + m.group(1).replace("_", "-"), text)  # fmt: skip
 
 
 def _unmatched_sites(report: Report, globs: tuple[str, ...]) -> str:
@@ -225,10 +231,20 @@ def _rules_config(no_rules: bool, disable: list[str], config_file: Path | None) 
     return rules, load_config(rules=rules, config_file=config_file, disable=disable)
 
 
-def _write(report: Report, out: Path, subject: Subject) -> None:
+def _write(report: Report, out: Path, subject: Subject) -> list[Path]:
     from deadneuron.render.files import write_report
 
-    write_report(report, out, model=subject.model, adapter=subject.adapter, checkpoint=subject.checkpoint)
+    return write_report(report, out, model=subject.model, adapter=subject.adapter, checkpoint=subject.checkpoint)
+
+
+def _written_text(written: list[Path], out: Path) -> str:
+    """``reports/mine/: report.json, report.md, report.html and 4 figures (PNG)``."""
+    names = [p.name for p in written if p.suffix != ".png"]
+    figures = sum(1 for p in written if p.suffix == ".png")
+    if figures:
+        names.append(f"{figures} figure{'s' if figures != 1 else ''} (PNG)")
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+    return f"{out}{'' if str(out).endswith('/') else '/'}: {listed}"
 
 
 __all__ = ["DeadneuronError", "ExitCode", "audit_command"]

@@ -24,8 +24,11 @@ def load_report(path: Path) -> Report:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UnreadableInputError(f"{path}: no such report file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UnreadableInputError(f"{path}: cannot read it ({exc})") from None
+    except UnicodeDecodeError:
+        raise UnreadableInputError(f"{path}: not a deadneuron report but a binary file (a checkpoint?); give the "
+                                   "report.json that `deadneuron audit --out DIR` wrote") from None  # fmt: skip
+    except OSError as exc:
+        raise UnreadableInputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:
         return Report.from_json(text)
     except (ValueError, KeyError, TypeError) as exc:
@@ -39,7 +42,7 @@ def load_report(path: Path) -> Report:
 def compare_command(
     a: Annotated[Path, typer.Argument(help="Report A (the baseline): report.json or its folder.")],
     b: Annotated[Path, typer.Argument(help="Report B (the candidate): report.json or its folder.")],
-    fmt: Annotated[str, typer.Option("--format", help="table (terminal) or md (Markdown on stdout).")] = "table",
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table (terminal) or md (Markdown on stdout).")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Also write the Markdown diff to this file.")] = None,
 ) -> None:
     from deadneuron.render.compare import diff_reports, render_diff, render_diff_markdown

@@ -17,7 +17,7 @@ from deadneuron.errors import UsageError
 
 def report_command(
     report_path: Annotated[Path, typer.Argument(metavar="REPORT", help="A report.json (or the folder holding it).")],
-    fmt: Annotated[str, typer.Option("--format", help="table, or one or more of md,html,png,json (comma-separated), or all.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table, or one or more of md,html,png,json (comma-separated), or all.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Folder to write into (needed for html, png, json; md prints to stdout without it).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Table: also the dead/dormant channel ids, slot usage and every finding's full text.")] = False,
 ) -> None:

@@ -16,7 +16,7 @@ from deadneuron.errors import UsageError
 
 
 def rules_command(
-    fmt: Annotated[str, typer.Option("--format", help="table (rich) or json.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table (rich) or json.")] = "table",
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of thresholds (a [rules] table), read after pyproject.toml.")] = None,
 ) -> None:
     from deadneuron.rules import load_rules

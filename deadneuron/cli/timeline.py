@@ -71,5 +71,11 @@ def _print_last(entry: dict[str, Any]) -> None:
     sites = [s for s in (entry.get("sites") or {}).values() if isinstance(s, dict)]
     columns = [c for c in ("site", "channels", "dead", "dormant", "tau_dormant", "not_learning", "flat_fraction",
                            "grad_nonzero") if c in frame and (not frame[c].isna().all() or any(c in s for s in sites))]  # fmt: skip
+    from deadneuron.render.markdown import pct
+
+    table = frame[columns].copy()
+    for share in ("flat_fraction", "grad_nonzero"):  # shares of elements, in % as every other report says them
+        if share in table:
+            table[share] = [pct(v) for v in table[share]]
     typer.echo(f"step {entry.get('step')}: {len(frame)} sites")
-    typer.echo(frame[columns].to_string(index=False, na_rep="n/a"))  # n/a: not measured (no gradient reached it)
+    typer.echo(table.to_string(index=False, na_rep="n/a"))  # n/a: not measured (no gradient reached it)

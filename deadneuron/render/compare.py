@@ -80,6 +80,14 @@ class ReportDiff:
     def revived(self) -> int:
         return sum(len(s.revived) for s in self.sites)
 
+    @property
+    def note(self) -> str | None:
+        """What a reader must know before reading the counts: that no site is in both reports."""
+        if not self.sites or any(s.presence == "both" for s in self.sites):
+            return None
+        return ("A and B have no activation site in common (reports of different models?): no channel is "
+                "compared, so 0 newly dead and 0 revived say nothing")  # fmt: skip
+
 
 def _pair(a: SiteHealth | None, b: SiteHealth | None, value: str) -> Pair:
     def get(s: SiteHealth | None) -> float | None:
@@ -182,6 +190,22 @@ def _arrow(p: Pair, scale: float) -> str:
     return " → ".join("-" if v is None or v != v else f"{scale * v:.{digits}f}" for v in p)
 
 
+def _site_table(diff: ReportDiff, *, fold_names: bool) -> Table:
+    """Site by site; the notes wrap before a site name is broken (``fold_names``: names may fold too)."""
+    table = Table(title="Sites (A -> B)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, collapse_padding=True)  # fmt: skip
+    table.add_column("site", overflow="fold", min_width=20, no_wrap=not fold_names)
+    for name in ("sparsity %", "flat %", "dead"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("dead channels")
+    for s in diff.sites:
+        table.add_row(
+            Text(s.label, style=_site_style(s)), _arrow(s.sparsity, 100), _arrow(s.flat_fraction, 100),
+            _arrow(s.dead, 1), Text(_channel_note(s, ids=False), style=_site_style(s)),
+        )  # fmt: skip
+    return table
+
+
 def render_diff(diff: ReportDiff, console: Console) -> None:
     """Print the diff: headline figures, then the site table."""
     head = Table.grid(padding=(0, 1))
@@ -190,18 +214,12 @@ def render_diff(diff: ReportDiff, console: Console) -> None:
     for label, text in _headline_rows(diff):
         head.add_row(label, text)
     items: list[RenderableType] = [Text.assemble(("A ", "bold"), diff.a), Text.assemble(("B ", "bold"), diff.b), head]
+    if diff.note is not None:
+        items.append(Text.assemble(("note: ", "yellow"), diff.note))
     console.print(Group(*items))
-    table = Table(title="Sites (A -> B)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  pad_edge=False, collapse_padding=True)  # fmt: skip
-    table.add_column("site", overflow="fold", min_width=20)
-    for name in ("sparsity %", "flat %", "dead"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("dead channels", no_wrap=True)
-    for s in diff.sites:
-        table.add_row(
-            Text(s.label, style=_site_style(s)), _arrow(s.sparsity, 100), _arrow(s.flat_fraction, 100),
-            _arrow(s.dead, 1), Text(_channel_note(s, ids=False), style=_site_style(s)),
-        )  # fmt: skip
+    table = _site_table(diff, fold_names=False)  # a site name whole where the table fits the width so
+    if console.measure(table).minimum > console.width:
+        table = _site_table(diff, fold_names=True)
     console.print(table)
     listed = Table.grid(padding=(0, 1))
     listed.add_column(no_wrap=True)
@@ -223,6 +241,7 @@ def _md(text: object) -> str:
 def render_diff_markdown(diff: ReportDiff) -> str:
     lines = ["# deadneuron compare", "", f"- A: `{diff.a}`", f"- B: `{diff.b}`", "", "| | A -> B |", "|---|---|"]
     lines += [f"| {label} | {_md(text)} |" for label, text in _headline_rows(diff)]
+    lines += ["", f"Note: {diff.note}"] if diff.note is not None else []
     lines += ["", "## Sites", "", "| site | sparsity | flat | dead | dead channels |", "|---|---|---|---|---|"]
     for s in diff.sites:
         cells = (change(s.sparsity, kind="share"), change(s.flat_fraction, kind="share"), change(s.dead, kind="count"))

@@ -116,6 +116,9 @@ def _site_text(measured: Mapping[str, float]) -> str:
     return ", ".join(texts)
 
 
+_SAID_IN_FULL = {"report_warnings": lambda n: f"{_count(n, 'warning')} about how the audit ran: see the warning lines"}
+
+
 def evidence_lines(findings: Sequence[Finding]) -> list[SiteLine]:
     """One line per site (its observed values) and one line for the model-wide evidence (with the limits
     that made the rule fire: ``observed <comparison> threshold``). Counts come before their words (``"2 dead
@@ -125,6 +128,8 @@ def evidence_lines(findings: Sequence[Finding]) -> list[SiteLine]:
     for e in (e for f in findings for e in f.evidence):
         if e.site is not None:
             per_site.setdefault(e.site, {})[e.metric] = e.observed
+        elif e.metric in _SAID_IN_FULL:  # a limit of 1 says nothing: what they are is printed with the report
+            overall.append(_SAID_IN_FULL[e.metric](int(e.observed)))
         elif _count_words(e.metric) is not None:
             overall.append(f"{_count_text(e.metric, e.observed)} {e.comparison} {number_text(e.metric, e.threshold)}")
         else:

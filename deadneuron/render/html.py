@@ -87,9 +87,17 @@ def _findings(report: Report) -> str:
         tries = "".join(f"<br>try: <code>{escape(c)}</code>" for c in commands)
         items.append(
             f'<li><span class="sev sev-{escape(severity)}">[{escape(severity)}]</span> <strong>{escape(title)}</strong>'
-            f"{': ' + escape(message) if message else ''}{tries}</li>"
+            f"{': ' + _with_code(message) if message else ''}{tries}</li>"
         )
     return f"<h2>Findings</h2><ul>{''.join(items)}</ul>"
+
+
+def _with_code(text: str) -> str:
+    """Escaped text whose `backquoted` spans (flags, commands in a finding's message) are set as code."""
+    parts = text.split("`")
+    if len(parts) % 2 == 0:  # an unpaired backquote: the text as it is
+        return escape(text)
+    return "".join(f"<code>{escape(p)}</code>" if i % 2 else escape(p) for i, p in enumerate(parts))
 
 
 def _slots(report: Report) -> str:

@@ -20,8 +20,10 @@ def pct(x: float | None) -> str:
 
 
 def ids_text(ids: Sequence[int], limit: int = 24) -> str:
-    shown = ", ".join(map(str, ids[:limit]))
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+    """The first ``limit`` ids and how many more; never "and 1 more", which takes the room of the id."""
+    if len(ids) <= limit + 1:
+        return ", ".join(map(str, ids))
+    return ", ".join(map(str, ids[:limit])) + f" and {len(ids) - limit} more"
 
 
 GUESSED_MARK = "?"

@@ -203,7 +203,7 @@ def _moment_scale(ax: Axes, values: list[float]) -> str:
     import math
 
     import numpy as np
-    from matplotlib.ticker import FixedLocator, MaxNLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 
     spread = np.abs(np.asarray(values)) if values else np.zeros(1)
     typical, top = float(np.percentile(spread, 90)), float(spread.max())
@@ -213,9 +213,10 @@ def _moment_scale(ax: Axes, values: list[float]) -> str:
         label = f"activation value (linear to {typical:.2g}, log beyond)"
         # decades only from the linear threshold up: the default also ticks inside it, on top of the 0
         decades = [10.0**k for k in range(math.floor(math.log10(typical)), math.ceil(math.log10(top)) + 1)]
-        ticks = [d for d in decades if d >= 0.5 * typical]
+        ticks = [d for d in decades if d >= 0.2 * typical]  # one inside the linear part where one fits
         ticks = [0.0, *ticks, *(-d for d in ticks if values and -d >= min(values) * 1.5)]
         ax.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, 1, 10: not 10^0 beside 0
     else:
         ax.xaxis.set_major_locator(MaxNLocator(4))
     if values and min(values) >= 0:  # ReLU-like outputs: no room for negative values that do not occur
@@ -232,8 +233,8 @@ def plot_active_slots(slots: SlotHealth) -> Figure:
     ax.bar(range(len(counts)), counts, color=SPARSITY, width=0.75)
     for k, c in enumerate(counts):
         if c:
-            ax.text(k, c, str(c), ha="center", va="bottom", fontsize=8, zorder=4,
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
+            ax.annotate(str(c), (k, c), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=8, zorder=4, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # above the bar, not on it
     ax.axvline(slots.mean_active, color=DEAD, ls="--", lw=1.2, label=f"mean {slots.mean_active:.2f} active")
     ax.axvline(slots.mean_argmax_active, color="#555555", ls=":", lw=1.2,
                label=f"mean {slots.mean_argmax_active:.2f} by bare argmax")  # fmt: skip

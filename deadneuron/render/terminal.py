@@ -11,6 +11,7 @@ reads in plain text (counts and words, never colour alone) and fits 80 columns b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from rich import box
@@ -186,17 +187,33 @@ def _site_style(s: SiteHealth) -> str:
     return "yellow" if s.dormant_channels else ""
 
 
-def site_table(report: Report) -> Table:
-    """One row per site; the nonfinite column only when some site has NaN/Inf."""
+def kind_cell(label: str) -> str:
+    """A site's kind as the narrow table shows it: the parameters' values without their names, GELU's
+    default approximation left out (``leaky_relu(0.01)``, ``gelu``, ``gelu(tanh)``); the reports keep the
+    whole label."""
+    label = label.replace("(approximate=none)", "")
+    return re.sub(r"(?<=[(,\s])[A-Za-z_]\w*=", "", label)
+
+
+def site_table(report: Report, *, console: Console | None = None) -> Table:
+    """One row per site; the nonfinite column only when some site has NaN/Inf. A site name is never
+    broken over two lines where the table fits the ``console``'s width with every name whole."""
+    table = _site_table(report, fold_names=False)
+    if console is not None and console.measure(table).minimum <= console.width:
+        return table
+    return _site_table(report, fold_names=True)
+
+
+def _site_table(report: Report, *, fold_names: bool) -> Table:
     with_nonfinite = any(s.nonfinite for s in report.sites.values())
     table = Table(title="Activation sites", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
-    table.add_column("site", overflow="fold", min_width=20)
+    table.add_column("site", overflow="fold", min_width=20, no_wrap=not fold_names)
     table.add_column("kind", overflow="fold", max_width=16)
     for name in ("ch", "sparsity", "flat", "dead", "dormant", *(("nonfinite",) if with_nonfinite else ())):
         table.add_column(name, justify="right", no_wrap=True)
     for s in report.sites.values():
         row: list[RenderableType] = [
-            Text(s.name, style=_site_style(s)), s.label, channels_cell(s), pct(s.sparsity), pct(s.flat_fraction),
+            Text(s.name, style=_site_style(s)), kind_cell(s.label), channels_cell(s), pct(s.sparsity), pct(s.flat_fraction),
             _count_cell(len(s.dead_channels), "bold red"), _count_cell(len(s.dormant_channels), "yellow"),
         ]  # fmt: skip
         if with_nonfinite:
@@ -241,7 +258,7 @@ def render(report: Report, console: Console, *, verbose: bool = False) -> None:
     for w in report.warnings:
         console.print(Text.assemble(("warning: ", "yellow"), w))
     console.print(_facts_grid(report))
-    console.print(site_table(report))
+    console.print(site_table(report, console=console))
     legend = axis_legend(report)
     if legend is not None:
         console.print(Text(legend, style="yellow"))
