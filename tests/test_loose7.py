@@ -242,7 +242,8 @@ def test_a_channel_count_reads_as_a_count_of_the_site_s_channels() -> None:
 def test_bare_counts_come_before_their_words() -> None:
     lines = _group_lines(Evidence("sparsity", 0.552, 0.5, ">=", "x"), Evidence("dead_or_dormant_channels", 0, 0, "<=", "x"),
                          Evidence("nonfinite", 1, 1, ">=", "y"), Evidence("guessed_axis_sites", 3, 1, ">="))  # fmt: skip
-    assert lines == [("", "3 guessed axis sites >= 1"), ("x", "sparsity 55.2%, 0 dead or dormant channels"),
+    assert lines == [("", "3 sites whose channel axis was guessed: marked ? in the site table"),
+                     ("x", "sparsity 55.2%, 0 dead or dormant channels"),
                      ("y", "1 non-finite activation")]  # fmt: skip
 
 

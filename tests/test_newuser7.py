@@ -192,6 +192,41 @@ def test_the_caveats_finding_counts_warnings_in_words() -> None:
     assert "report warning" not in out  # not the metric's name and a threshold of 1
 
 
+GUESSED = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Parameter(torch.full((1,), 0.5))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x - self.shift)
+
+
+def build():
+    return Net()
+
+
+def batches():
+    return [torch.rand(4, 6, 10, generator=torch.Generator().manual_seed(0))]
+"""
+
+
+def test_a_guessed_axis_is_said_in_words_pointing_at_the_table(tmp_path: Path) -> None:
+    (tmp_path / "guess.py").write_text(GUESSED)
+    torch.save({"shift": torch.full((1,), 0.5)}, tmp_path / "guess.pth")
+    spec = tmp_path / "guess.py"
+    code, out, err = run("audit", tmp_path / "guess.pth", "--model", f"{spec}:build", "--data", f"{spec}:batches")
+    assert code == 0, err
+    assert "1 site whose channel axis was guessed: marked ? in the site table" in out
+    assert re.search(r"^act\s+relu\s+10\?", out, flags=re.M), out  # the mark it points at
+    assert "guessed axis site" not in out
+
+
 def test_a_channel_list_never_hides_one_id() -> None:
     assert ids_text(list(range(25))) == ", ".join(map(str, range(25)))
     assert ids_text(list(range(26))).endswith("23 and 2 more")

@@ -116,7 +116,10 @@ def _site_text(measured: Mapping[str, float]) -> str:
     return ", ".join(texts)
 
 
-_SAID_IN_FULL = {"report_warnings": lambda n: f"{_count(n, 'warning')} about how the audit ran: see the warning lines"}
+_SAID_IN_FULL = {
+    "report_warnings": lambda n: f"{_count(n, 'warning')} about how the audit ran: see the warning lines",
+    "guessed_axis_sites": lambda n: f"{_count(n, 'site')} whose channel axis was guessed: marked ? in the site table",
+}
 
 
 def evidence_lines(findings: Sequence[Finding]) -> list[SiteLine]:
