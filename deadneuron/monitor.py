@@ -386,13 +386,15 @@ class Monitor:
 
     def findings(self, *, rules: RuleSet | None = None, config: RulesConfig | None = None) -> list[Finding]:
         """The built-in rules and the timeline rules over the last window and the whole timeline, with the
-        learning rate and optimizer read from ``optimizer``. Most severe first."""
-        from deadneuron.rules import evaluate
+        learning rate and optimizer read from ``optimizer``. Most severe first. Their fixes are checked against
+        the model; no ``deadneuron patch`` command is written (none names a model trained in a loop)."""
+        from deadneuron.rules import PatchTarget, evaluate
         from deadneuron.rules.timeline_rules import monitor_context, monitor_rules
 
         context = monitor_context(self.entries, learning_rate=self.learning_rate, optimizer=self.optimizer_name,
                                   steps=self._step, model=self.model)  # fmt: skip
-        return evaluate(self.report(), context, rules=rules if rules is not None else monitor_rules(), config=config)
+        return evaluate(self.report(), context, rules=rules if rules is not None else monitor_rules(), config=config,
+                        target=PatchTarget())  # fmt: skip
 
 
 __all__ = ["Monitor", "SnapshotWriter"]
