@@ -199,6 +199,10 @@ class StatedDims:
             placed = site.placement.result()
             warning = placement_warning(name, site.shape, placed) if placed is not None else None
             out += [warning] if warning is not None else []
+            stated = site.placement.stated
+            if stated is not None and site.unfitted and not site.masked:  # as set, and never where it fits
+                out.append(f"site {name!r} (input {tuple(site.shape)}): the mask dims set for it, {_dims(stated)}, fit "
+                           "no batch's padding mask, so its padding is counted; check them against its input's shape")
         return out + reorder_warnings(named)
 
 
