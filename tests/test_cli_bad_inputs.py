@@ -187,7 +187,7 @@ CASES = [
                  "--input-shape", id="patch-malformed-input-shape"),  # fmt: skip
     pytest.param(lambda env: dry_patch(small_cnn_state(env.d), *MODEL, "--data", env.factory("nothing")), 2,
                  "no batches", id="patch-data-yields-nothing"),  # fmt: skip
-    pytest.param(_wrong_shape, 6, "(2, 3, 10, 10)) after site '0>relu', last module run '2'", id="patch-batches-of-the-wrong-shape"),
+    pytest.param(_wrong_shape, 6, "(2, 3, 10, 10)) after site '1', last module run '2'", id="patch-batches-of-the-wrong-shape"),  # the site table's name,
     pytest.param(lambda env: dry_patch(small_cnn_state(env.d), *MODEL, *DATA, "--batches", "0"), 2, "--batches",
                  id="patch-batches-0"),  # fmt: skip
     pytest.param(_mismatch, 5, "missing", id="patch-state-dict-mismatch"),

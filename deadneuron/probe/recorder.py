@@ -115,8 +115,8 @@ class Recorder:
 
     @property
     def last_site(self) -> str | None:
-        """The base name of the site measured last in this batch (error messages), or None."""
-        return self._last.base_name if self._last is not None else None
+        """The site measured last in this batch, named as the site table names it (error messages), or None."""
+        return shown_name(self._sites.values(), self._last) if self._last is not None else None
 
     # -- context management -----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
