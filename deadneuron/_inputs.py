@@ -4,11 +4,13 @@ batch reaches the model (`default_forward`, `to_device`, `batch_size`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from deadneuron.errors import AuditRuntimeError, UsageError
 
@@ -59,6 +61,17 @@ def batches_of(data: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
         index += 1
 
 
+def batch_count(data: Iterable[Any]) -> int | None:
+    """How many batches ``data`` holds where it says (``len``), else None: a generator, or a DataLoader over an
+    ``IterableDataset`` without ``__len__`` (whose ``len`` raises TypeError)."""
+    if not isinstance(data, Sized):
+        return None
+    try:
+        return len(data)
+    except (TypeError, NotImplementedError):
+        return None
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s first parameter (else buffer) lives; CPU for a model without either."""
     for param in model.parameters():
@@ -81,9 +94,12 @@ def refuse_meta(model: nn.Module) -> None:
 
 def to_device(obj: Any, device: torch.device) -> Any:
     """A batch on ``device``: tensors moved, mappings, tuples, lists and named tuples walked, objects with a
-    ``.to`` method asked to move, anything else as it is."""
+    ``.to`` method asked to move (a PackedSequence so, its ``batch_sizes`` staying on the CPU), anything else
+    as it is."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, PackedSequence):
+        return cast(Any, obj).to(device)  # (its typed overloads name dtypes only)
     if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
@@ -95,41 +111,64 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """A tensor is the input; a tuple/list's first element is; a dict is passed as keyword arguments."""
-    if isinstance(batch, torch.Tensor):
+    """A tensor (or a PackedSequence) is the input; a tuple/list's first element is; a dict (any mapping,
+    a Hugging Face ``BatchEncoding`` too) is passed as keyword arguments."""
+    if isinstance(batch, (torch.Tensor, PackedSequence)):
         return model(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)) and batch:
         return model(batch[0])
-    raise UsageError(
-        f"cannot feed a batch of type {type(batch).__name__} to the model: "
-        "yield tensors, (input, ...) tuples, or dicts of keyword arguments"
-    )
+    raise UsageError(_unfed(batch))
+
+
+def _unfed(batch: Any) -> str:
+    """The one line for a batch `default_forward` cannot feed: what it is, and what to yield instead."""
+    kind = type(batch).__name__
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = ", ".join(f.name for f in dataclasses.fields(batch))
+        return (f"cannot feed a batch of type {kind} (a dataclass: {fields}) to the model: yield dicts of keyword "
+                "arguments (e.g. vars(batch)), (input, ...) tuples or tensors")
+    return f"cannot feed a batch of type {kind} to the model: yield tensors, (input, ...) tuples, or dicts of keyword arguments"
 
 
 def batch_size(batch: Any) -> int:
     """The number of samples in ``batch``: its first batched tensor's leading dim (a dict's values and a
-    tuple's items in order, past strings, numbers and 0-dim tensors); 1 for a 0-dim tensor batch; 0 where
-    none is found. `unbatched` says, after the forward pass, where that tensor held one sample."""
+    tuple's items in order, those of the batch itself before those inside nested dicts and lists, past
+    strings, numbers and 0-dim tensors), or a PackedSequence's number of sequences where that comes first;
+    1 for a 0-dim tensor batch; 0 where none is found. `unbatched` says, after the forward pass, where that
+    tensor held one sample."""
     if isinstance(batch, torch.Tensor) and not batch.dim():
         return 1
-    counted = counted_tensor(batch)
+    counted = _counted(batch)
+    if isinstance(counted, PackedSequence):  # batch_sizes lives on the CPU: no device sync
+        return int(counted.batch_sizes[0]) if counted.batch_sizes.numel() else 0
     return int(counted.shape[0]) if counted is not None else 0
 
 
 def counted_tensor(batch: Any) -> torch.Tensor | None:
-    """The tensor whose leading dim `batch_size` counts: the first in ``batch`` with a non-empty leading dim."""
+    """The tensor whose leading dim `batch_size` counts (None where a PackedSequence is counted)."""
+    counted = _counted(batch)
+    return counted if isinstance(counted, torch.Tensor) else None
+
+
+def _counted(batch: Any) -> torch.Tensor | PackedSequence | None:
+    """What `batch_size` counts: the first tensor of ``batch`` with a non-empty leading dim, or PackedSequence,
+    looked for among the batch's own values first, then inside its nested dicts, tuples and lists."""
+    if isinstance(batch, PackedSequence):
+        return batch
     if isinstance(batch, torch.Tensor):
         return batch if batch.dim() and batch.shape[0] else None
     if isinstance(batch, Mapping):
-        items: Iterable[Any] = batch.values()
+        items: list[Any] = list(batch.values())
     elif isinstance(batch, (tuple, list)):
-        items = batch
+        items = list(batch)
     else:
         x = getattr(batch, "x", None)
-        return counted_tensor(x) if isinstance(x, torch.Tensor) else None
-    return next((t for t in map(counted_tensor, items) if t is not None), None)
+        return _counted(x) if isinstance(x, torch.Tensor) else None
+    direct = (v for v in items if isinstance(v, (torch.Tensor, PackedSequence)))
+    nested = (v for v in items if not isinstance(v, (torch.Tensor, PackedSequence)))
+    return next((t for t in map(_counted, (*direct, *nested)) if t is not None), None)
 
 
 def unbatched(batch: Any, first_input: tuple[int, int | None] | None) -> bool:
@@ -141,5 +180,5 @@ def unbatched(batch: Any, first_input: tuple[int, int | None] | None) -> bool:
     counted = counted_tensor(batch)
     return counted is not None and first_input == (counted.dim(), 0)
 
-__all__ = ["batch_size", "batches_of", "counted_tensor", "default_forward", "model_device", "resolve_device",
+__all__ = ["batch_count", "batch_size", "batches_of", "counted_tensor", "default_forward", "model_device", "resolve_device",
            "to_device", "unbatched"]

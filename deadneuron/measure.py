@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deadneuron._inputs import (
+    batch_count,
     batch_size,
     batches_of,
     default_forward,
@@ -39,7 +40,8 @@ from deadneuron.distributed import all_reduce_part, share_failure
 from deadneuron.errors import AuditRuntimeError, UsageError
 from deadneuron.part import Part
 from deadneuron.probe import Recorder, SiteResult
-from deadneuron.probe.masks import AUTO, MaskSpec, batch_shapes, choose_mask, unmatched_error
+from deadneuron.probe.masks import AUTO, PACKED, MaskSpec, batch_shapes, choose_mask, unmatched_error
+from deadneuron.probe.tuples import tuple_mask_warning
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
 from deadneuron.select import matches
@@ -184,11 +186,7 @@ def untracked_batchnorms(model: nn.Module) -> list[str]:
 
 
 def _silent(total: int | None) -> AbstractContextManager[Advance]:
-    return nullcontext(_nothing)
-
-
-def _nothing() -> None:
-    return None
+    return nullcontext(lambda: None)
 
 
 def _pass(
@@ -200,7 +198,7 @@ def _pass(
     sample: `deadneuron._inputs.unbatched`)."""
     if forward is None:
         forward = adapter.forward if adapter is not None else default_forward
-    total = max_batches if max_batches is not None else (len(data) if isinstance(data, Sized) else None)
+    total = max_batches if max_batches is not None else batch_count(data)
     warnings = [
         f"BatchNorm {name!r} has never been updated (num_batches_tracked == 0): in eval mode it "
         "normalises with its initial statistics, so channels can look dead that are not"
@@ -209,7 +207,8 @@ def _pass(
     slot_stats: SlotStats | None = None
     used_mask: tuple[str, tuple[int, ...]] | None = None
     metric_sums: dict[str, torch.Tensor] = {}
-    batches = samples = single = 0
+    batches = samples = single = unused_batches = 0
+    unused: tuple[int, Any, int] | None = None  # the first batch with an item that looks like a mask: index, batch, item
     example: Any = None  # the first batch: fixes are checked on it
     moved = _move_model(model, dev)
     try:
@@ -222,7 +221,9 @@ def _pass(
                     example = batch if example is None else example
                     size = batch_size(batch)
                     choice = choose_mask(mask, batch, batch_size=size, device=dev, adapter=adapter)
-                    if choice.warning is not None and choice.warning not in warnings:
+                    if choice.unused is not None:  # one warning at the end, counting the batches
+                        unused, unused_batches = unused or (batches, batch, choice.unused), unused_batches + 1
+                    elif choice.warning is not None and choice.warning not in warnings:
                         warnings.append(choice.warning)
                     if choice.mask is not None:  # (N, positions...): its N also where the data is sequence first
                         used_mask, size = (str(choice.source), tuple(choice.mask.shape)), int(choice.mask.shape[0])
@@ -245,6 +246,9 @@ def _pass(
                     advance()
             warnings += [f"channel axis set for {glob!r} matched no site: check the name against the site table"
                          for glob in rec.axes.unmatched()]
+            if unused is not None:
+                seen = f" (on {unused_batches} of {batches} batch{'es' if batches > 1 else ''}, from batch {unused[0]})"
+                warnings.append(tuple_mask_warning(unused[1], unused[2], seen=seen))
             part = Part.of_recorder(rec, batches=batches, samples=samples, slots=slot_stats, metric_sums=metric_sums,
                                     warnings=[*warnings, *rec.warnings()], mask=used_mask)  # fmt: skip
     finally:
@@ -265,6 +269,8 @@ def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ..
     out = []
     if used is not None and not any(r.masked or r.reordered for r in results):  # reordered: a warning of its own
         source, shape = used
+        if source == PACKED:  # no site read the sequences padded again: the packed data holds no padding
+            return []
         if mask != AUTO or source.startswith("adapter:"):
             raise unmatched_error(source, shape, {r.name: r.example_shape for r in results})
         out.append(f"{source} of shape {shape} applied at no activation site: padding is counted")

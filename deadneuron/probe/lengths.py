@@ -9,6 +9,11 @@ L is read from the batch's data tensor (``input_ids``, else ``inputs_embeds``, e
 tensor, else the first other tensor of two or more dims): its dim 1 where its dim 0 is N (batch first,
 (N, L, ...)), its dim 0 where its dim 1 is N (sequence first, (L, N, ...)). Where both are N, or neither
 is, the spec is a usage error rather than a guess.
+
+A batch that is (or holds, beside other values) a ``PackedSequence`` states its lengths itself: under
+``"auto"`` its (N, T) mask (`packed_mask`, T its longest sequence, the samples in the order
+``pad_packed_sequence`` gives back) leaves out the padding of the sites reading ``pad_packed_sequence``'s
+output (batch first or not). Sites reading the packed data itself, (sum of lengths, C), hold no padding.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from deadneuron.errors import UsageError
 
@@ -40,8 +46,9 @@ def lengths_mask(spec: str, batch: Any) -> torch.Tensor:
         raise UsageError(f"mask {spec!r} names no lengths key: pass mask='len:KEY' / --mask 'len:KEY', "
                          "KEY being the (N,) integer tensor of valid positions per sample")
     if not isinstance(batch, Mapping):
+        index = " (a tuple batch's item is named by its index: mask='len:1')" if isinstance(batch, (tuple, list)) else ""
         raise UsageError(f"mask {spec!r} needs dict batches (in a Monitor: a forward called with keywords) holding "
-                         f"{key!r} beside the data, got a {type(batch).__name__}")
+                         f"{key!r} beside the data, got a {type(batch).__name__}{index}")
     if key not in batch:
         keys = ", ".join(repr(k) for k in batch) or "none"
         raise UsageError(f"lengths key {key!r} (mask {spec!r}) is not in the batch (its keys: {keys}); pass one of them")
@@ -114,10 +121,33 @@ def unused_lengths_warning(batch: Mapping[Any, Any]) -> str | None:
     return None
 
 
+def packed_of(batch: Any) -> PackedSequence | None:
+    """The PackedSequence ``batch`` is, else the first one among its own items (a tuple's, a list's) or values
+    (a dict's), else None."""
+    if isinstance(batch, PackedSequence):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    return next((v for v in items if isinstance(v, PackedSequence)), None)
+
+
+def packed_mask(packed: PackedSequence) -> torch.Tensor:
+    """The (N, T) bool mask of ``packed``, True where position < the sample's length, the samples in their
+    order before packing (as ``pad_packed_sequence`` returns them), on the packed data's device. The lengths
+    are counted on the CPU, where ``batch_sizes`` lives, then copied over: no device sync."""
+    sizes = packed.batch_sizes
+    n = int(sizes[0]) if sizes.numel() else 0
+    device = packed.data.device
+    lengths = (sizes[None, :] > torch.arange(n)[:, None]).sum(1).to(device)  # in the packed (sorted) order
+    if packed.unsorted_indices is not None:
+        lengths = lengths[packed.unsorted_indices.to(device)]
+    mask: torch.Tensor = torch.arange(sizes.numel(), device=device)[None, :] < lengths[:, None]
+    return mask
+
+
 def _integer_vector(value: Any) -> bool:
     return (isinstance(value, torch.Tensor) and value.dim() == 1 and value.dtype != torch.bool
             and not value.is_floating_point() and not value.is_complex())  # fmt: skip
 
 
-__all__ = ["LENGTHS_PREFIX", "data_tensor", "is_lengths_spec", "lengths_mask", "sequence_length",
-           "unused_lengths_warning"]  # fmt: skip
+__all__ = ["LENGTHS_PREFIX", "data_tensor", "is_lengths_spec", "lengths_mask", "packed_mask", "packed_of",
+           "sequence_length", "unused_lengths_warning"]  # fmt: skip

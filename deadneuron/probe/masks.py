@@ -15,9 +15,12 @@ Where the mask comes from, per batch (`choose_mask`):
   ``attention_mask`` of a dict batch when its shape is the leading shape of the token tensor
   (``input_ids``, else ``inputs_embeds``, else the batch's first other tensor) and it holds 0/1 only;
   else no mask (an ``attention_mask`` that does not fit, or a key that looks like a mask or lengths, is named
-  in a warning);
-* a ``str``: that key of dict batches (or that attribute of batch objects); ``"~KEY"`` inverts a mask True
-  at padding; ``"len:KEY"`` builds the mask from per-sample lengths (`deadneuron.probe.lengths`);
+  in a warning). A batch that is or holds a ``PackedSequence`` is masked by its lengths
+  (`deadneuron.probe.lengths.packed_mask`); a named tuple is read as the dict of its fields; a tuple batch's
+  item that looks like an attention mask of item 0 is named in a warning (`deadneuron.probe.tuples`);
+* a ``str``: that key of dict batches (or that attribute of batch objects, that field of named tuples, that
+  index of tuple batches: ``"1"``); ``"~KEY"`` inverts a mask True at padding; ``"len:KEY"`` builds the mask
+  from per-sample lengths (`deadneuron.probe.lengths`);
 * a callable ``batch -> tensor``;
 * ``None``: no mask.
 """
@@ -30,20 +33,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from deadneuron.errors import UsageError
 from deadneuron.probe.lengths import (
     ATTENTION_MASK,
+    LENGTHS_PREFIX,
     TOKEN_KEYS,
     is_lengths_spec,
     lengths_mask,
+    packed_mask,
+    packed_of,
     unused_lengths_warning,
 )
 from deadneuron.probe.placement import Placement, placements
+from deadneuron.probe.tuples import BY_INDEX, is_named_tuple, keyed, mask_like, tuple_mask_warning
 from deadneuron.stats import channel_view
 
 MaskSpec = str | Callable[[Any], Any] | None
 AUTO = "auto"
+PACKED = "PackedSequence"
 
 
 @dataclass(frozen=True)
@@ -155,11 +164,14 @@ def masked_rows(x: torch.Tensor, axis: int, mask: BatchMask,
 @dataclass(frozen=True)
 class MaskChoice:
     """The mask of one batch (bool, on the batch's device) or None, what it is called in the report's
-    meta (``"attention_mask"``, the key, ``"callable"``, ``"adapter:NAME"``), and a warning, if any."""
+    meta (``"attention_mask"``, the key, ``"callable"``, ``"adapter:NAME"``, ``"PackedSequence"``), and a
+    warning, if any; ``unused``: the index of a tuple batch's item that looks like an attention mask, not used
+    (``warning`` says so)."""
 
     mask: torch.Tensor | None
     source: str | None
     warning: str | None = None
+    unused: int | None = None
 
 
 def describe_spec(spec: MaskSpec) -> str:
@@ -180,6 +192,7 @@ def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.de
         raise UsageError(f"mask must be 'auto', a batch key, 'len:KEY', a callable or None, not {type(spec).__name__}")
     if spec == AUTO:
         return _auto(batch, batch_size=batch_size, device=device, adapter=adapter)
+    batch = keyed(batch, spec.removeprefix(LENGTHS_PREFIX).removeprefix("~"))
     if is_lengths_spec(spec):
         return MaskChoice(lengths_mask(spec, batch), spec)
     if spec.startswith("~") and len(spec) > 1:  # a mask True at padding (PyTorch's key_padding_mask), inverted
@@ -219,6 +232,14 @@ def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) ->
         return MaskChoice(None, None) if found is None else MaskChoice(
             _checked(found, what, batch, batch_size, device), source
         )
+    packed = packed_of(batch)
+    if packed is not None:
+        return MaskChoice(packed_mask(packed).to(device), PACKED)
+    if is_named_tuple(batch) and ATTENTION_MASK in batch._fields:
+        return _auto(batch._asdict(), batch_size=batch_size, device=device, adapter=None)
+    if isinstance(batch, (tuple, list)):
+        index = mask_like(batch)
+        return MaskChoice(None, None) if index is None else MaskChoice(None, None, tuple_mask_warning(batch, index), index)
     if not isinstance(batch, Mapping):
         return MaskChoice(None, None)
     if ATTENTION_MASK not in batch:
@@ -275,7 +296,7 @@ def _keyed(key: str, batch: Any, batch_size: int, device: torch.device) -> torch
     if isinstance(value, torch.Tensor):
         return _checked(value, f"mask {key!r}", batch, batch_size, device)
     fields = [k for k, v in vars(batch).items() if isinstance(v, torch.Tensor)] if hasattr(batch, "__dict__") else []
-    has = f" (its tensors: {', '.join(fields)})" if fields else ""
+    has = f" (its tensors: {', '.join(fields)})" if fields else BY_INDEX if isinstance(batch, (tuple, list)) else ""
     raise UsageError(f"mask key {key!r} needs dict batches, got a {type(batch).__name__}{has}")
 
 
@@ -340,6 +361,9 @@ def batch_shapes(batch: Any) -> str:
     """The shapes of a batch's tensors, for messages."""
     if isinstance(batch, torch.Tensor):
         return str(tuple(batch.shape))
+    if isinstance(batch, PackedSequence):
+        sequences = int(batch.batch_sizes[0]) if batch.batch_sizes.numel() else 0
+        return f"PackedSequence of {sequences} sequences, data {tuple(batch.data.shape)}"
     if isinstance(batch, Mapping):
         return "{" + ", ".join(f"{k}: {batch_shapes(v)}" for k, v in batch.items()) + "}"
     if isinstance(batch, (tuple, list)):
