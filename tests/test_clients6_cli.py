@@ -20,9 +20,11 @@ from deadneuron.errors import UsageError
 from deadneuron.gate import GateLimits
 from deadneuron.patch import plan_from_flags, verify_own
 from deadneuron.testing import assert_healthy, assert_sparsity_below
+from tests import test_patch_own
 from tests.test_patch_own import OWN, OWN_CNN, run
 
 TESTS = Path(__file__).resolve().parent
+own_ckpt = test_patch_own.own_ckpt  # the fixture: the own CNN's state dict, saved once per module
 SMALL_CNN = TESTS.parent / "examples" / "small_cnn.py"  # 2 of 16 channels dead at its second ReLU: 12.5%
 
 
@@ -134,14 +136,6 @@ def test_a_train_function_returning_something_else_is_refused_not_dropped(value:
 
     with pytest.raises(UsageError, match=rf"returned {type(value).__name__}: return None, the trained model, its final loss"):
         verify_own(OWN_CNN.build, OWN_CNN.batches(), train, plan_from_flags(activation="leaky"), seeds=1, steps=1)
-
-
-@pytest.fixture(scope="module")
-def own_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("own") / "own.pth"
-    torch.manual_seed(0)
-    torch.save(OWN_CNN.build().state_dict(), path)
-    return path
 
 
 def test_a_train_function_raising_on_the_second_seed_names_the_run_and_discards_the_others(

@@ -21,10 +21,10 @@ from deadneuron.rules import RuleContext, evaluate
 from deadneuron.rules.finding import Finding
 from deadneuron.rules.model import Evidence, RuleSet, Severity
 from deadneuron.rules.timeline_rules import TIMELINE_RULES, monitor_context
+from tests.test_patch_own import OWN, OWN_CNN
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_CNN = ROOT / "examples" / "small_cnn.py"
-OWN = Path(__file__).resolve().parent / "own_cnn.py"
 AT_INIT = re.compile(r"\bat init\b")
 EXIT_TABLE = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
 
@@ -189,15 +189,9 @@ def test_a_monitor_started_at_a_later_step_words_its_first_window_as_such() -> N
 # -- 3. an output that is a folder: exit 7, as docs/cli.md says, for train, patch and compare --------------
 @pytest.fixture
 def own_ckpt(tmp_path: Path) -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("own_cnn_for_loose7", OWN)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     path = tmp_path / "in" / "own.pth"
     path.parent.mkdir()
-    torch.save(module.build().state_dict(), path)
+    torch.save(OWN_CNN.build().state_dict(), path)
     return path
 
 
