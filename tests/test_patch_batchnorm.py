@@ -130,7 +130,7 @@ def test_already_normalised_sites_change_nothing() -> None:
 
 
 def findings(model: nn.Module) -> list[Any]:
-    report = audit(model, batches(), progress=False, compile=False)
+    report = audit(model, batches(), progress=False, compile=False, meta={"source": "plain.pth"})
     return [f for f in evaluate(report, context_from(None, model)) if f.rule == "no-normalisation"]
 
 
@@ -144,7 +144,7 @@ def test_rule_fires_on_a_conv_stack_without_normalisation_with_dead_channels() -
     assert "of a conv stack with no normalisation (2 sites fed directly by c1, c2)" in finding.message
     assert finding.sites == ("c1>relu", "c2>relu"), "the whole stack: the fix normalises every conv of it"
     assert finding.to_dict()["patch_ops"] == [[{"op": "add_batchnorm", "sites": ["c1>relu", "c2>relu"]}]]
-    assert all_without_out(finding.commands) == ("deadneuron patch --add-batchnorm --select 'c1>relu' --select 'c2>relu'",)
+    assert all_without_out(finding.commands) == ("deadneuron patch plain.pth --add-batchnorm --select 'c1>relu' --select 'c2>relu'",)
 
 
 def test_rule_stays_silent_with_batchnorm_without_dead_channels_and_after_the_patch() -> None:

@@ -94,7 +94,7 @@ def _rule(rule_id: str = "custom", **kw: Any) -> Rule:
 
 def test_a_custom_rule_renders_from_its_evidence() -> None:
     (f,) = evaluate(make_report(make_site("a"), make_site("b")), rules=builtin_rules().plus([_rule()]).without(builtin_rules().ids))
-    assert (f.rule, f.message, f.sites, all_without_out(f.commands)) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch --reinit-dead --select module:a",))
+    assert (f.rule, f.message, f.sites, all_without_out(f.commands)) == ("custom", "2 sites.", ("a", "b"), ("deadneuron patch ck.pth --reinit-dead --select module:a",))
 
 
 def test_a_rule_that_raises_is_named() -> None:

@@ -73,7 +73,8 @@ def make_report(
     metrics: Mapping[str, float] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> Report:
-    base_meta: dict[str, Any] = {"samples": 64, "batches": 4, "eps": 0.0, "delta": 0.05, "warnings": []}
+    base_meta: dict[str, Any] = {"samples": 64, "batches": 4, "eps": 0.0, "delta": 0.05, "warnings": [],
+                                 "source": "ck.pth"}  # the checkpoint suggested commands name  # fmt: skip
     return Report.build(sites, slots=slots, metrics=metrics, meta={**base_meta, **(meta or {})})
 
 

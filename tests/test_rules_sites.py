@@ -116,7 +116,7 @@ def test_dormant_relu_channels_are_not_a_leaky_finding() -> None:
 
 def test_dormant_leaky_without_known_lr_scales_it() -> None:
     (f,) = fired(make_report(make_site(kind="prelu", dormant=(1,))), "dormant-leaky")
-    assert without_out(f.commands[-1]) == "deadneuron patch --lr-scale 0.5"
+    assert without_out(f.commands[-1]) == "deadneuron patch ck.pth --lr-scale 0.5"
 
 
 # -- stuck-smooth ----------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_nonfinite_threshold(count: int, fires: bool) -> None:
     if fires:
         (f,) = findings
         assert f.severity is Severity.ERROR and f.sites == ("b",)
-        assert all_without_out(f.commands) == ("deadneuron patch --lr 1e-4",) and "clip" in f.message
+        assert all_without_out(f.commands) == ("deadneuron patch ck.pth --lr 1e-4",) and "clip" in f.message
 
 
 def test_nonfinite_is_the_most_severe_finding() -> None:

@@ -27,7 +27,7 @@ def test_lr_dying_on_timeline_growth(last: list[int], fires: bool) -> None:
     if fires:
         (f,) = findings
         assert metric(f, "dead_growth_fraction").observed == 1 / 8
-        assert without_out(f.commands[0]) == "deadneuron patch --lr-scale 0.5"
+        assert without_out(f.commands[0]) == "deadneuron patch ck.pth --lr-scale 0.5"
         assert "--activation leaky" in f.commands[1]
 
 
@@ -61,7 +61,7 @@ def test_lr_dying_on_a_high_adam_rate(lr: float, optimizer: str, dead: tuple[int
 def test_lr_dying_halves_the_users_rate_exactly() -> None:
     report = make_report(make_site("s", dead=(1,)))
     (f,) = fired(report, "lr-dying", RuleContext(learning_rate=1e-4, optimizer="adam"), **{"lr-dying": {"adam_lr_max": 5e-5}})
-    assert without_out(f.commands[0]) == "deadneuron patch --lr 5e-5" and "1e-4 -> 5e-5" in f.message
+    assert without_out(f.commands[0]) == "deadneuron patch ck.pth --lr 5e-5" and "1e-4 -> 5e-5" in f.message
 
 
 # -- over-training ---------------------------------------------------------------------------------------------
@@ -93,14 +93,14 @@ def test_over_training(heldout: list[float], train: list[float], fires: bool) ->
         (f,) = findings
         assert metric(f, "heldout_accuracy_drop").observed == 0.25
         assert metric(f, "train_accuracy_rise").observed == 0.125
-        assert all_without_out(f.commands) == ("deadneuron patch --epochs 20", "deadneuron patch --dropout-between-convs 0.1")
+        assert all_without_out(f.commands) == ("deadneuron patch ck.pth --epochs 20", "deadneuron patch ck.pth --dropout-between-convs 0.1")
         assert "200 training samples" in f.message
 
 
 def test_over_training_does_not_suggest_dropout_already_there() -> None:
     ctx = RuleContext(history=_history([0.5, 0.75, 0.5], [0.5, 0.5, 0.625]), dropout_between_convs=True)
     (f,) = fired(make_report(make_site()), "over-training", ctx, **OVER)
-    assert all_without_out(f.commands) == ("deadneuron patch --epochs 20",)
+    assert all_without_out(f.commands) == ("deadneuron patch ck.pth --epochs 20",)
 
 
 # -- below-baseline --------------------------------------------------------------------------------------------

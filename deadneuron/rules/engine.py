@@ -29,7 +29,8 @@ def evaluate(
     Sorted by severity, most severe first; rule order, then the predicate's order, break ties. With a
     ``target`` (the subject ``deadneuron patch`` would patch) a finding keeps only the fixes that apply to
     it exactly, its commands name the subject in full, and it says why any other fix is not suggested;
-    without one every fix is kept and its command names ``report.meta["source"]``."""
+    without one every fix is kept and its command names ``report.meta["source"]``; a report that names no
+    source (the Python API's) gets no command: none could name its model."""
     if rules is None:
         from deadneuron.rules.plugins import load_rules
 
@@ -85,8 +86,8 @@ def make_finding(rule: Rule, hit: Hit, context: RuleContext, thresholds: Mapping
         fixes, commands, withheld = _checked(fixes, target, report)
         if withheld:
             text = f"{text} Not suggested for this model: {'; '.join(withheld)}."
-    else:
-        commands = tuple(fix.command(source, adapter_model=context.adapter is not None) for fix in fixes)
+    else:  # no subject known (a report of the Python API): no command could name it
+        commands = tuple(fix.command(source, adapter_model=context.adapter is not None) for fix in fixes) if source else ()
     return Finding(
         rule=rule.id,
         severity=rule.severity,
