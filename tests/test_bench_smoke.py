@@ -133,3 +133,45 @@ def test_docs_tables_are_the_committed_results_rendered() -> None:
         assert render.replace_block(text, name, render.RENDERERS[name](data, path.name)) == text, (
             f"{target.name} is not {path.name} rendered: run `make bench-docs`"
         )
+
+
+ABLATION_CHECK = """
+import json, torch
+from benchmarks import ablation
+from benchmarks.suite_models import build_case
+from deadneuron.probe.recorder import Recorder
+from deadneuron.stats import ChannelStats
+before = {(o.__name__, a): o.__dict__[a] for v in ablation.VARIANTS.values() for o, a, _ in v[1]}
+case = build_case("arc_cnn", quick=True)
+counted = {name: ablation.elements_counted(case, name) for name in ablation.VARIANTS}
+after = {(o.__name__, a): o.__dict__[a] for v in ablation.VARIANTS.values() for o, a, _ in v[1]}
+x, m, per_channel = case.batches[0], case.model, 0
+with torch.inference_mode():
+    for conv, bn in zip(m.conv_layers, m.bn_layers):
+        z = bn(conv(x))
+        per_channel += z.numel() // z.shape[1]
+        x = torch.relu(z)
+print(json.dumps({"counted": counted, "restored": before == after, "per_channel": per_channel}))
+"""
+
+
+def test_ablation_variants_switch_off_what_they_say_and_put_it_back() -> None:
+    """Each variant of benchmarks/ablation.py that says it measures nothing counts no element, the audit counts
+    every position of the batch's four ReLU inputs (their shapes computed here from the model's own layers), and every
+    method a variant replaced is the original again afterwards; then the script runs end to end."""
+    proc = subprocess.run([sys.executable, "-c", ABLATION_CHECK], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    counted = found["counted"]
+    assert found["restored"]
+    for name in ("no kernel", "no statistics", "no functional probe", "torch's hook calls"):
+        assert counted[name] == 0, (name, counted)
+    assert counted["audit"] == counted["model's ReLU skipped"] == found["per_channel"] > 0
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ablation", "--quick", "--models", "arc_cnn", "--pairs", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    for name in counted:
+        assert f"x  {name}" in run.stdout
+    assert "C kernel" in run.stdout and "torch's hook dispatch" in run.stdout
