@@ -310,6 +310,7 @@ _SAME = """
     contiguous clone detach to float double half bfloat16 type type_as cpu cuda requires_grad_
     dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout pad constant_pad_nd
     softmax log_softmax softmin normalize cumsum cumprod flip fliplr flipud roll
+    gather index_select take_along_dim scatter scatter_ index_copy index_copy_
 """
 _MOVES: Mapping[str, AxisRule] = MappingProxyType({
     "permute": permute, "transpose": transpose, "swapaxes": transpose, "swapdims": transpose,

@@ -65,7 +65,7 @@ class Entry:
     make: Maker | None = None
     name: str = ""
     inplace: bool = False
-    reorders: bool = False  # it reorders positions (flip, roll: `deadneuron.probe.order`)
+    reorders: bool = False  # it reorders positions (flip, roll, gather...: `deadneuron.probe.order`)
 
 
 def _entry(func: Any, rule: AxisRule | None, make: Maker | None) -> Entry:
@@ -81,6 +81,8 @@ def _torch_entries() -> Mapping[Any, Entry]:
     table = {func: _entry(func, rule, None) for func, rule in rules.items()}
     for func, make in FunctionalActivations(None).makers().items():
         table[func] = _entry(func, rules.get(func), make)
+    for func in REORDERING:  # those no axis rule names (__setitem__)
+        table.setdefault(func, _entry(func, None, None))
     return MappingProxyType(table)
 
 
@@ -136,8 +138,8 @@ class FunctionalProbe(TorchFunctionMode):
             self._order.carry(args, kwargs, out)
         if entry.producer:  # (torch pops this mode while it runs: the rules' own tensor calls stay in C)
             self._axes.produce(entry.rule, args, kwargs, out)  # type: ignore[arg-type]
-        else:
-            self._axes.carry(entry.rule, args, kwargs, out)  # type: ignore[arg-type]
+        elif entry.rule is not None:
+            self._axes.carry(entry.rule, args, kwargs, out)
         return out
 
     def _carry(self, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:

@@ -39,8 +39,15 @@ Mark = tuple[Step, ...]
 MaskStep = tuple[int, int]  # a mask dim and how its positions moved: -1 flipped, else rolled by that shift
 Known = Callable[[torch.Tensor], "tuple[int, Any] | None"]
 
+# Ops that move positions by a tensor of indices (a gather, an index_select, advanced indexing, a scatter):
+# where they move them along a dim of the mask's sizes in a tensor of the batch's samples, the mask cannot
+# follow without reading the indices (a host sync), so the result is marked mixed there.
+INDEXING = frozenset({torch.gather, torch.Tensor.gather, torch.index_select, torch.Tensor.index_select,
+                      torch.take_along_dim, torch.Tensor.take_along_dim, torch.Tensor.__getitem__,
+                      torch.Tensor.__setitem__, torch.scatter, torch.Tensor.scatter, torch.Tensor.scatter_,
+                      torch.index_copy, torch.Tensor.index_copy, torch.Tensor.index_copy_})  # fmt: skip
 REORDERING = frozenset({torch.flip, torch.Tensor.flip, torch.fliplr, torch.Tensor.fliplr, torch.flipud,
-                        torch.Tensor.flipud, torch.roll, torch.Tensor.roll})  # fmt: skip
+                        torch.Tensor.flipud, torch.roll, torch.Tensor.roll}) | INDEXING  # fmt: skip
 
 
 def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -100,8 +107,12 @@ class PositionOrder:
         off where it undoes the last one. A step along the channel dim alone (``known``: the channel axis
         of a tensor) reorders no position."""
         x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input")
-        if self.mask is None or self.mask.index is None or not isinstance(x, torch.Tensor) \
-                or not isinstance(out, torch.Tensor):  # fmt: skip
+        if self.mask is None or self.mask.index is None or not isinstance(x, torch.Tensor):
+            return
+        if func in INDEXING:
+            self._indexed(func, x, args, kwargs, out, known)
+            return
+        if not isinstance(out, torch.Tensor):
             return
         before = self.mark_of(x) or ()
         step = _step(func, x, args, kwargs, known)
@@ -113,6 +124,31 @@ class PositionOrder:
             self._set(out, before[:-1])
         else:
             self._set(out, (*before, step))
+
+    def _indexed(self, func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any,
+                 known: Known) -> None:  # fmt: skip
+        """``func`` (one of `INDEXING`) read ``x`` and returned ``out`` (``x`` itself for ``__setitem__``, which
+        returns None, and the in-place ops): where it moved positions by a tensor of indices along a dim of ``x``
+        of one of the mask's sizes, ``x`` holding the batch's data (floating point, as many samples in its first
+        or second dim: not a bool or integer mask indexed to build an attention mask), the result is mixed on
+        those sizes; else it carries its inputs' marks as any op does. Moving whole samples (the samples' dim:
+        the first where it has as many, else the second) is left alone: samples sorted by length are put back
+        before a layer reads them (``pad_packed_sequence``)."""
+        target = x if func is torch.Tensor.__setitem__ else out
+        if not isinstance(target, torch.Tensor):
+            return
+        assert self.mask is not None
+        shape = self.mask.shape
+        sizes = {*shape[1:], math.prod(shape[1:])} if len(shape) > 2 else set(shape[1:])
+        channel = known(x)
+        # the samples' own dim left out: samples sorted by length and put back (pad_packed_sequence), not positions
+        samples = 0 if x.shape[0] == shape[0] else 1
+        dims = [d for d in _index_dims(func, x, args, kwargs) if d != samples and (channel is None or d != channel[0])]
+        moved = {x.shape[d] for d in dims if x.shape[d] > 1}
+        if x.is_floating_point() and shape[0] in x.shape[:2] and moved & sizes:
+            self._set(target, _mixed(self.mark_of(x) or (), (("mixed", tuple(sorted(moved))),)))
+        elif self.marks:
+            self.carry(args, kwargs, target)
 
     def carry(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None, out: Any) -> None:
         """An op (or a module whose insides are not seen) read ``args`` and returned ``out``: where a marked
@@ -201,6 +237,58 @@ def _step(func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: Mapping[str
     return "flip", tuple(sorted(x.shape[d] for d in dims if x.shape[d] > 1 and (channel is None or d % n != channel[0])))
 
 
+def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
+def _index_dims(func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[int]:
+    """The dims of ``x`` along which ``func`` (one of `INDEXING`) moves positions by a tensor of indices
+    (every dim where it reads ``x`` flattened; none for basic indexing: ints, slices, None, Ellipsis)."""
+    n = x.dim()
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__":
+        value = _arg(args, kwargs, 2, "value")
+        if not (isinstance(value, torch.Tensor) and value.dim()):
+            return []  # a value set (x[~mask] = 0): no position of another tensor lands in x
+    if name in ("__getitem__", "__setitem__"):
+        return _advanced_dims(_arg(args, kwargs, 1, "index"), n)
+    if name == "take_along_dim":
+        dim = _arg(args, kwargs, 2, "dim")
+    else:
+        dim = _arg(args, kwargs, 1, "dim")
+        if name.startswith("scatter") and not isinstance(_arg(args, kwargs, 3, "src"), torch.Tensor):
+            return []  # a value scattered: no position of another tensor lands in x
+    if dim is None:
+        return list(range(n))
+    return [dim % n] if isinstance(dim, int) and -n <= dim < max(n, 1) else list(range(n))
+
+
+def _advanced_dims(index: Any, n: int) -> list[int]:
+    """The dims of an ``n``-D tensor that ``index`` (an indexing expression) indexes with integer tensors or
+    lists. A bool index selects positions in their order (packing valid tokens): it moves none."""
+    items = index if isinstance(index, tuple) else (index,)
+
+    def span(i: Any) -> int:  # dims of x an item consumes (Ellipsis: counted apart)
+        if i is None or i is Ellipsis:
+            return 0
+        if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+            return max(i.dim(), 1)
+        return 1
+
+    rest = n - sum(span(i) for i in items)
+    dims: list[int] = []
+    pos = 0
+    for i in items:
+        if i is Ellipsis:
+            pos += max(rest, 0)
+            continue
+        k = span(i)
+        if (isinstance(i, torch.Tensor) and i.dim() > 0 and i.dtype != torch.bool) or isinstance(i, (list, range)):
+            dims += [d for d in range(pos, pos + k) if d < n]
+        pos += k
+    return dims
+
+
 def _inverse(step: Step) -> Step:
     if step[0] == "roll":
         return "roll", tuple(sorted((size, -shift % size) for size, shift in step[1]))
@@ -211,9 +299,10 @@ def reorder_warnings(named: Iterable[tuple[str, Any]]) -> list[str]:
     """A warning per site (``named``: each site's name and running state) where the padding mask was not
     applied on some calls because the site's positions were reordered."""
     return [f"site {name!r} (input {tuple(site.shape)}): its input's positions were reordered inside the forward pass "
-            f"(torch.flip or torch.roll not undone before it), so the padding mask, laid out in the batch's order, "
+            f"(a torch.flip or torch.roll not undone before it, or positions moved by a tensor of indices: a gather, "
+            f"an index_select, x[:, idx]), so the padding mask, laid out in the batch's order, "
             f"was not applied on {site.reordered} of its {site.calls} calls: its figures count the padding there"
             for name, site in named if site.reordered]  # fmt: skip
 
 
-__all__ = ["REORDERING", "PositionOrder", "reorder_warnings"]
+__all__ = ["INDEXING", "REORDERING", "PositionOrder", "reorder_warnings"]
