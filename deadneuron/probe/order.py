@@ -134,6 +134,10 @@ class PositionOrder:
         those sizes; else it carries its inputs' marks as any op does. Moving whole samples (the samples' dim:
         the first where it has as many, else the second) is left alone: samples sorted by length are put back
         before a layer reads them (``pad_packed_sequence``)."""
+        if func is torch.Tensor.__getitem__ and len(args) > 1 and _basic(args[1]):  # most indexing: first, cheaply
+            if self.marks:
+                self.carry(args, kwargs, out)
+            return
         target = x if func is torch.Tensor.__setitem__ else out
         if not isinstance(target, torch.Tensor):
             return
@@ -235,6 +239,14 @@ def _step(func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: Mapping[str
         return None
     channel = known(x)
     return "flip", tuple(sorted(x.shape[d] for d in dims if x.shape[d] > 1 and (channel is None or d % n != channel[0])))
+
+
+_BASIC = (int, slice, type(None), type(Ellipsis))
+
+
+def _basic(index: Any) -> bool:
+    """Whether an indexing expression is basic indexing alone (ints, slices, None, Ellipsis): it moves no position."""
+    return type(index) in _BASIC or (type(index) is tuple and all(type(i) in _BASIC for i in index))
 
 
 def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str) -> Any:
