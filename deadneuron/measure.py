@@ -384,10 +384,12 @@ def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> Aud
     where = f"after site {rec.last_site!r}" if rec.last_site else "before any activation site ran"
     module = f", last module run {rec.last_module!r}" if rec.last_module else ""
     hint = ""
-    if isinstance(exc, TypeError) and "required positional argument" in first_line and \
-            isinstance(batch, (tuple, list)) and len(batch) > 1:  # fmt: skip
-        hint = (" (a tuple batch feeds its first element alone, the rest being targets: for a model of several "
-                "inputs yield dicts of keyword arguments)")
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        # the first element alone was fed: a model of several inputs, or of a list of per-sample tensors (a
+        # detection model's images), fails on it with an error about shapes or arguments that does not say so
+        hint = (f" (a {type(batch).__name__} batch feeds its first element alone, the rest being targets: for a model "
+                "of several inputs, or of the whole list (per-sample images), yield dicts of keyword arguments, e.g. "
+                "{'images': [...]})")
     return AuditRuntimeError(
         f"forward pass failed on batch {index} (input {batch_shapes(batch)}) {where}{module}: "
         f"{type(exc).__name__}: {first_line}{hint}"

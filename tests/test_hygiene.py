@@ -247,6 +247,30 @@ def test_a_tuple_batch_for_a_model_of_two_inputs_says_how_to_feed_both() -> None
     assert report.sites["act"].sparsity == pytest.approx(float((z <= 0).double().mean()))
 
 
+class _PerImage(nn.Module):
+    """Takes a list of per-sample images of different sizes, as torchvision's detection models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 8, 3), nn.ReLU()
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.act(self.conv(im[None])) for im in images]
+
+
+def test_a_list_of_per_sample_images_that_fails_says_how_to_feed_the_whole_list() -> None:
+    """A list batch feeds its first element alone (one image, read as a batch of its channels): the forward's
+    own error says nothing of that, so the message does; fed as the message says, every image is measured."""
+    model = _PerImage().eval()
+    images = [torch.randn(3, 16, 16), torch.randn(3, 20, 12), torch.randn(3, 9, 9)]
+    with pytest.raises(AuditRuntimeError, match=r"list batch feeds its first element alone.*whole list.*'images'"):
+        deadneuron.audit(model, [images], progress=False)
+    report = deadneuron.audit(model, [{"images": images}], progress=False)
+    # one site per call of the module (its k-th call: the k-th image), each image's positions
+    assert [s.n for s in report.sites.values() if s.module == "act"] == [(h - 2) * (w - 2) for _, h, w in (im.shape for im in images)]
+    assert report.meta["samples"] == 3
+
+
 class Counting(nn.Module):
     """Counts its forward passes and keeps a running mean of its input in buffers it updates in place."""
 
