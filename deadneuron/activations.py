@@ -185,14 +185,20 @@ _FUNCTIONS: dict[ActivationKind, Callable[[ActivationSpec], Callable[[torch.Tens
 
 
 def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """|f'(z)| by autograd (z: float64, 1-D)."""
+    """|f'(z)| by autograd (z: float64, 1-D). Inside a functorch transform (a site first called inside
+    ``torch.func.vmap``), where ``requires_grad_`` is refused, by ``torch.func.grad``, which composes with it."""
     with torch.inference_mode(False), torch.enable_grad():
-        z = z.clone().requires_grad_(True)
+        inside = torch._C._functorch.maybe_current_level() is not None
+        z = z.clone() if inside else z.clone().requires_grad_(True)
         out = fn(z)
         if not isinstance(out, torch.Tensor) or out.shape != z.shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the function is not elementwise: {tuple(z.shape)} in, {shape} out")
-        (grad,) = torch.autograd.grad(out.sum(), z)
+        grad: torch.Tensor
+        if inside:
+            grad = torch.func.grad(lambda t: fn(t).sum())(z)
+        else:
+            (grad,) = torch.autograd.grad(out.sum(), z)
     return grad.detach().abs()
 
 

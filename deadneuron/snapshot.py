@@ -147,7 +147,8 @@ def unmeasured_flow(snapshot: Snapshot) -> str | None:
             "their gradient flow and channels not learning are not measured (n/a, not 0). A forward pass under "
             "torch.no_grad, no backward before the snapshot, or reentrant activation checkpointing "
             "(checkpoint(..., use_reentrant=True) runs the forward without autograd and recomputes it inside "
-            "backward, which is not measured) does this; use_reentrant=False measures the gradient")
+            "backward, which is not measured) does this; use_reentrant=False measures the gradient. Inside "
+            "torch.func.vmap the gradient is not followed")
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def reset_window(rec: Recorder, observer: FlowObserver) -> None:
         site.stats.reset()
         if site.histogram is not None:
             site.histogram.reset()
-        site.calls = site.excluded = site.unfitted = site.reordered = 0
+        site.calls = site.excluded = site.unfitted = site.reordered = site.vmapped = 0
         site.masked = False
     observer.reset()
 

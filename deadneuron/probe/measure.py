@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from deadneuron.probe.batched import is_batched, measured_unbatched
 from deadneuron.probe.masks import BatchMask, masked_channel_view, masked_rows, moved_mask
 from deadneuron.probe.order import PositionOrder
 from deadneuron.probe.placement import Placement
@@ -36,7 +37,12 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
     (`writable`); returned where the same pass computed them (`fused_relu`), else None.
 
     ``order``: the positions reordered in this forward pass; where ``z``'s were, the mask is moved as they
-    were, or not applied where that cannot be told, on this call and in `measure_output` (`unordered`)."""
+    were, or not applied where that cannot be told, on this call and in `measure_output` (`unordered`).
+    Inside ``torch.func.vmap`` the plain tensor of every mapped example is measured (`batched`)."""
+    if is_batched(z):
+        site.vmapped += 1
+        return measured_unbatched(site, z, mask, lambda plain: measure_input(site, plain(z), inplace=inplace, mask=None,
+                                                                             eps=eps, relu=relu))  # fmt: skip
     mask = unordered(site, z, mask, order)
     eps = eps_in(eps, z.dtype)
     region = site.region
@@ -120,6 +126,10 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     (``relu(-inf)`` is 0, ``sigmoid(inf)`` is 1), and a non-finite pre-activation is never flat."""
     if site.taken:  # `measure_input` measured the call from z
         site.taken = False
+        return
+    if is_batched(a):  # inside torch.func.vmap (`batched`)
+        measured_unbatched(site, a, None, lambda plain: measure_output(site, plain(a), None if z is None else plain(z),
+                                                                       eps=eps, mask=None))  # fmt: skip
         return
     mask = site.call_mask if site.reordering else mask
     eps = eps_in(eps, a.dtype)

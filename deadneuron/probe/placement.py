@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from deadneuron.errors import UsageError
+from deadneuron.probe.batched import vmap_warnings
 from deadneuron.probe.order import reorder_warnings
 from deadneuron.select import matches
 
@@ -203,7 +204,7 @@ class StatedDims:
             if stated is not None and site.unfitted and not site.masked:  # as set, and never where it fits
                 out.append(f"site {name!r} (input {tuple(site.shape)}): the mask dims set for it, {_dims(stated)}, fit "
                            "no batch's padding mask, so its padding is counted; check them against its input's shape")
-        return out + reorder_warnings(named)
+        return out + reorder_warnings(named) + vmap_warnings(named)
 
 
 def _dims(dims: tuple[int, ...]) -> str:

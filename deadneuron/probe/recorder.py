@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deadneuron.activations import ActivationSpec, FlatRegion, FlatRegions, check_delta, check_eps, is_inplace
+from deadneuron.probe.batched import is_batched
 from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
@@ -200,9 +201,8 @@ class Recorder:
         self._suspended.clear()
         self._ensure_mode()
 
-    # -- the functional probe is suspended inside activation modules and torch's own leaves (each torch call
-    # would pass through its Python __torch_function__ for nothing); a module that raises leaves it suspended
-    # until the next forward pass (or start_batch), or teardown.
+    # -- the functional probe is suspended inside activation modules and torch's own leaves (each torch call would pass
+    # through its Python __torch_function__ for nothing); a module that raises leaves it so until the next forward.
     def _suspend(self) -> bool:
         return self._mode is not None and pop_if_top(self._mode)
 
@@ -364,13 +364,13 @@ class Recorder:
         values (`writable`), returned where the statistics pass wrote them (`measure_input`)."""
         write = write and not inplace
         out = measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu, write=write, order=self.axes.order)
-        if self.observer is not None:  # after: the call's mask is decided (`site.call_mask`)
+        if self.observer is not None and not is_batched(z):  # after: the call's mask is decided (`site.call_mask`)
             self.observer.before(site, z)
         return out
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
         measure_output(site, a, z, eps=self.eps, mask=self._mask)
-        if self.observer is not None:
+        if self.observer is not None and not is_batched(a):  # (not inside torch.func.vmap: `batched`)
             self.observer.after(site, a)
 
     def state_bytes(self) -> int:
