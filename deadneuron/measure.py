@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deadneuron._forward_failure import AUTOGRAD_NOTE, NeedsAutograd, forward_error, needs_autograd
 from deadneuron._inputs import (
     batch_count,
     batch_size,
@@ -37,10 +39,10 @@ from deadneuron.activations import check_delta, check_eps
 from deadneuron.adapters import Feed
 from deadneuron.distributed import active as distributed_active
 from deadneuron.distributed import all_reduce_part, share_failure
-from deadneuron.errors import AuditRuntimeError, UsageError
+from deadneuron.errors import UsageError
 from deadneuron.part import Part
 from deadneuron.probe import Recorder, SiteResult
-from deadneuron.probe.masks import AUTO, PACKED, MaskSpec, batch_shapes, choose_mask, unmatched_error
+from deadneuron.probe.masks import AUTO, PACKED, MaskSpec, choose_mask, unmatched_error
 from deadneuron.probe.tuples import tuple_mask_warning
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
@@ -117,10 +119,15 @@ def measure(
     recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
                                  histograms=histograms, activations=activations, channel_axis=overrides,
                                  mask_dims=mask_dims)  # fmt: skip
+    run = functools.partial(_pass, model, recorder=recorder, dev=dev, progress=progress, adapter=adapter, mask=mask,
+                            forward=forward)  # fmt: skip
     try:
         with kept_tensors(model):  # what the forward caches (as inference tensors) is not left on the model
-            part, rec, example, single = _pass(model, data, recorder, max_batches=max_batches, dev=dev,
-                                               progress=progress, adapter=adapter, mask=mask, forward=forward)  # fmt: skip
+            try:
+                part, rec, example, single = run(data, max_batches=max_batches)
+            except NeedsAutograd as need:  # the first batch again, then the rest (`_forward_failure`)
+                part, rec, example, single = run(itertools.chain([need.batch], need.rest), max_batches=None, grad=True)
+                notes.append(AUTOGRAD_NOTE)
     except Exception as exc:
         if across_ranks:  # the other ranks are waiting for this rank's statistics: they raise too, naming it
             with contextlib.suppress(Exception):  # a broken group: this rank's own error says more
@@ -192,10 +199,12 @@ def _silent(total: int | None) -> AbstractContextManager[Advance]:
 def _pass(
     model: nn.Module, data: Iterable[Any], recorder: Callable[[nn.Module], Recorder], *, max_batches: int | None,
     dev: torch.device, progress: ProgressBar | None, adapter: Feed | None, mask: MaskSpec, forward: Forward | None,
+    grad: bool = False,
 ) -> tuple[Part, Recorder, Any, int]:  # fmt: skip
     """This process's pass: every batch through the hooked model; its statistics as a Part, the Recorder,
     the first batch (fixes are checked on it) and the number of batches fed without a batch dim (each one
-    sample: `deadneuron._inputs.unbatched`)."""
+    sample: `deadneuron._inputs.unbatched`). Under torch.inference_mode, or ``grad``: torch.no_grad, where a
+    model's own torch.enable_grad() blocks run (`deadneuron._forward_failure`)."""
     if forward is None:
         forward = adapter.forward if adapter is not None else default_forward
     total = max_batches if max_batches is not None else batch_count(data)
@@ -215,8 +224,8 @@ def _pass(
         with recorder(model) as rec:
             if any(m.training for m in model.modules()):
                 model.eval()
-            with gradients_off(model), eager(model), (progress or _silent)(total) as advance:
-                for batch in batches_of(data, max_batches):
+            with gradients_off(model, grad), eager(model), (progress or _silent)(total) as advance:
+                for batch in (it := iter(batches_of(data, max_batches))):
                     batch = to_device(batch, dev)
                     example = batch if example is None else example
                     size = batch_size(batch)
@@ -233,7 +242,9 @@ def _pass(
                     except (UsageError, KeyboardInterrupt):
                         raise
                     except Exception as exc:
-                        raise _forward_error(exc, rec, batches, batch) from exc
+                        if not grad and batches == 0 and needs_autograd(exc):
+                            raise NeedsAutograd(batch, it) from exc
+                        raise forward_error(exc, rec, batches, batch) from exc
                     rec.idle()  # the probe off until the next forward: what follows is the audit's, not the model's
                     if choice.mask is None and size > 1 and unbatched(batch, rec.first_input):
                         size, single = 1, single + 1
@@ -377,23 +388,6 @@ def _move_model(model: nn.Module, dev: torch.device) -> torch.device | None:
         return None
     model.to(dev)
     return current
-
-
-def _forward_error(exc: Exception, rec: Recorder, index: int, batch: Any) -> AuditRuntimeError:
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    where = f"after site {rec.last_site!r}" if rec.last_site else "before any activation site ran"
-    module = f", last module run {rec.last_module!r}" if rec.last_module else ""
-    hint = ""
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        # the first element alone was fed: a model of several inputs, or of a list of per-sample tensors (a
-        # detection model's images), fails on it with an error about shapes or arguments that does not say so
-        hint = (f" (a {type(batch).__name__} batch feeds its first element alone, the rest being targets: for a model "
-                "of several inputs, or of the whole list (per-sample images), yield dicts of keyword arguments, e.g. "
-                "{'images': [...]})")
-    return AuditRuntimeError(
-        f"forward pass failed on batch {index} (input {batch_shapes(batch)}) {where}{module}: "
-        f"{type(exc).__name__}: {first_line}{hint}"
-    )
 
 
 __all__ = ["Advance", "Forward", "Measurement", "ProgressBar", "empty_sites_warning", "measure", "untracked_batchnorms"]

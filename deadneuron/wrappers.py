@@ -97,12 +97,13 @@ def sharded(model: nn.Module) -> bool:
     return bool(_sharded2(model)) or (fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()))
 
 
-def gradients_off(model: nn.Module) -> AbstractContextManager[object]:
-    """``torch.inference_mode``, or ``torch.no_grad`` for an FSDP-sharded model: FSDP keeps the parameters
-    it gathers, and tensors made in inference mode cannot be used outside it."""
+def gradients_off(model: nn.Module, grad: bool = False) -> AbstractContextManager[object]:
+    """``torch.inference_mode``, or ``torch.no_grad`` for an FSDP-sharded model (FSDP keeps the parameters
+    it gathers, and tensors made in inference mode cannot be used outside it) or with ``grad`` (a model that
+    computes gradients in its forward: inference mode forbids them even under ``torch.enable_grad``)."""
     import torch
 
-    return torch.no_grad() if sharded(model) else torch.inference_mode()
+    return torch.no_grad() if grad or sharded(model) else torch.inference_mode()
 
 
 @contextmanager

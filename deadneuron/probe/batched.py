@@ -13,6 +13,7 @@ the mask does not fit, which the report names). Nothing here reads a tensor's da
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -25,40 +26,59 @@ _functorch = torch._C._functorch
 R = TypeVar("R")
 
 
+def outside_transforms() -> AbstractContextManager[object]:
+    """functorch's interpreter stack cleared while entered (torch's own helper) where a transform runs, so that
+    ops on the plain tensors under the wrappers, and tensors made there, stay plain (inside ``torch.func.grad``
+    a view of a plain tensor, or a tensor set in place, would be wrapped again)."""
+    if _functorch.maybe_current_level() is None:
+        return nullcontext()
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
+
+
 def is_batched(t: torch.Tensor) -> bool:
-    """Whether ``t`` is vmap's batched tensor (its data lie in the plain tensor it wraps)."""
-    return bool(_functorch.is_batchedtensor(t))
+    """Whether ``t`` is wrapped by functorch: vmap's batched tensor, or ``torch.func.grad``'s (its data lie in
+    the plain tensor it wraps)."""
+    return bool(_functorch.is_functorch_wrapped_tensor(t))
 
 
 def unbatched(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The plain tensor under ``t``'s vmap levels, each level's mapped dim moved in front (the outermost
-    first), and the number of levels: the logical dim d of ``t`` is dim d + levels of the result."""
-    levels = 0
-    while is_batched(t):
-        bdim = _functorch.maybe_get_bdim(t)
-        t = _functorch.get_unwrapped(t).movedim(bdim, 0)
-        levels += 1
-    return t, levels
+    """The plain tensor under ``t``'s functorch wrappers, every vmap level's mapped dim moved in front (a view;
+    a ``torch.func.grad`` level maps none), and the number of vmap levels: the logical dim d of ``t`` is dim
+    d + levels of the result. Run with functorch's interpreters off (`outside_transforms`): inside a transform a view of
+    the plain tensor would be wrapped again."""
+    order: list[int] = list(range(t.dim()))  # the dims one level down: the logical ones, the mapped ones < 0
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            order.insert(_functorch.maybe_get_bdim(t), -1 - len(order))
+        t = _functorch.get_unwrapped(t)
+    mapped = [i for i, d in enumerate(order) if d < 0]
+    return t.permute(mapped + [i for i, d in enumerate(order) if d >= 0]), len(mapped)
 
 
-def measured_unbatched(site: Site, t: torch.Tensor, mask: BatchMask | None,
-                       measure: Callable[[Callable[[torch.Tensor], torch.Tensor]], R]) -> R:  # fmt: skip
-    """``measure(plain)`` with ``site``'s axis counted on the plain tensors under vmap's wrappers for the call
-    (``plain(x)``: ``x`` unwrapped as ``t`` is; the axis put back after); a padding mask that leaves positions
-    out counts the call as unfitted (it is not applied: ``measure`` passes none)."""
-    levels = unbatched(t)[1]
+def measured_unbatched(site: Site, t: torch.Tensor, mask: BatchMask | None, *, call: bool,
+                       measure: Callable[[Callable[[torch.Tensor], torch.Tensor], BatchMask | None], R]) -> R:  # fmt: skip
+    """``measure(plain, mask)`` with ``site``'s axis counted on the plain tensors under functorch's wrappers for
+    the call (``plain(x)``: ``x`` unwrapped as ``t`` is; the axis put back after), functorch's interpreters off
+    meanwhile. Under vmap (``call``: the call's first measurement, which counts it) the call counts in
+    ``site.vmapped`` and a padding mask that leaves positions out is not applied (it counts as unfitted); under
+    ``torch.func.grad`` alone it is."""
     axis, n = site.axis, t.dim()
-    if mask is not None and mask.index is not None:
-        site.unfitted += 1
+    with outside_transforms():
+        levels = unbatched(t)[1]
+        if levels and call:
+            site.vmapped += 1
+            site.unfitted += mask is not None and mask.index is not None
 
-    def plain(x: torch.Tensor) -> torch.Tensor:
-        return unbatched(x)[0]
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            return unbatched(x)[0]
 
-    site.axis = (axis % n if n else 0) + levels  # counted from the front: the plain tensor's rank differs
-    try:
-        return measure(plain)
-    finally:
-        site.axis = axis
+        site.axis = (axis % n if n else 0) + levels  # counted from the front: the plain tensor's rank differs
+        try:
+            return measure(plain, None if levels else mask)
+        finally:
+            site.axis = axis
 
 
 def vmap_warnings(named: Iterable[tuple[str, Site]]) -> list[str]:
@@ -71,4 +91,4 @@ def vmap_warnings(named: Iterable[tuple[str, Site]]) -> list[str]:
             for name, site in named if site.vmapped]  # fmt: skip
 
 
-__all__ = ["is_batched", "measured_unbatched", "unbatched", "vmap_warnings"]
+__all__ = ["is_batched", "measured_unbatched", "outside_transforms", "unbatched", "vmap_warnings"]

@@ -38,11 +38,10 @@ def measure_input(site: Site, z: torch.Tensor, *, inplace: bool, mask: BatchMask
 
     ``order``: the positions reordered in this forward pass; where ``z``'s were, the mask is moved as they
     were, or not applied where that cannot be told, on this call and in `measure_output` (`unordered`).
-    Inside ``torch.func.vmap`` the plain tensor of every mapped example is measured (`batched`)."""
+    Inside ``torch.func.vmap`` (or ``torch.func.grad``) the plain tensor under its wrapper is measured (`batched`)."""
     if is_batched(z):
-        site.vmapped += 1
-        return measured_unbatched(site, z, mask, lambda plain: measure_input(site, plain(z), inplace=inplace, mask=None,
-                                                                             eps=eps, relu=relu))  # fmt: skip
+        return measured_unbatched(site, z, mask, call=True, measure=lambda plain, m: measure_input(
+            site, plain(z), inplace=inplace, mask=m, eps=eps, relu=relu))  # fmt: skip
     mask = unordered(site, z, mask, order)
     eps = eps_in(eps, z.dtype)
     region = site.region
@@ -127,9 +126,9 @@ def measure_output(site: Site, a: torch.Tensor, z: torch.Tensor | None, *, eps: 
     if site.taken:  # `measure_input` measured the call from z
         site.taken = False
         return
-    if is_batched(a):  # inside torch.func.vmap (`batched`)
-        measured_unbatched(site, a, None, lambda plain: measure_output(site, plain(a), None if z is None else plain(z),
-                                                                       eps=eps, mask=None))  # fmt: skip
+    if is_batched(a):  # inside torch.func.vmap or torch.func.grad (`batched`)
+        measured_unbatched(site, a, mask, call=False, measure=lambda plain, m: measure_output(
+            site, plain(a), None if z is None else plain(z), eps=eps, mask=m))  # fmt: skip
         return
     mask = site.call_mask if site.reordering else mask
     eps = eps_in(eps, a.dtype)

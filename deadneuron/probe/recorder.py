@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deadneuron.activations import ActivationSpec, FlatRegion, FlatRegions, check_delta, check_eps, is_inplace
-from deadneuron.probe.batched import is_batched
+from deadneuron.probe.batched import is_batched, outside_transforms
 from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
@@ -334,19 +334,16 @@ class Recorder:
     def _site(self, owner_key: tuple[Any, ...], owner: str, leaf: str, functional: bool, spec: ActivationSpec,
               region: FlatRegion, z: torch.Tensor) -> Site:  # fmt: skip
         producer = self._producer_of(z)
-        if producer == owner:
-            producer = None
-        count_key = (*owner_key, producer)
+        count_key = (*owner_key, producer := None if producer == owner else producer)
         key = (*count_key, self._order.next(count_key))
         site = self._sites.get(key)
         if site is None:
             axis, axis_source = self.axes.axis_of(z, names := site_globs(self._sites.values(), owner, leaf, producer, functional))
             channels = z.shape[axis] if z.dim() else 1
-            site = Site(
-                owner, leaf, functional, producer, key[-1], spec, region, axis, axis_source,
-                ChannelStats(channels, z.device, kernels=self.kernels), tuple(z.shape),
-                histogram=ValueHistogram(z.device) if self.histograms else None,
-            )
+            with outside_transforms():  # its accumulators made as plain tensors inside torch.func.grad too
+                site = Site(owner, leaf, functional, producer, key[-1], spec, region, axis, axis_source,
+                            ChannelStats(channels, z.device, kernels=self.kernels), tuple(z.shape),
+                            histogram=ValueHistogram(z.device) if self.histograms else None)  # fmt: skip
             site.placement.stated, site.placement.site = self.mask_dims.of(names, tuple(z.shape), axis), names[0]
             site.rank, site.names, self._sites[key] = z.dim(), names, site
         elif z.dim() != site.rank or not fits(z, site.axis, site.stats.channels):  # another rank, or a mismatch
