@@ -13,6 +13,7 @@ tests/test_truth_archs6.py's, over the (z, a) the model's own ReLU produced, sto
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -74,17 +75,18 @@ class Moves(nn.Module):
         return self.act(self.fc(self.move(x))), self.act2(self.fc2(x))
 
 
-def _batches() -> list[dict[str, torch.Tensor]]:
+def _audited(move: Move) -> tuple[Any, list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """The report of `Moves` under ``move`` on padded batches, the batches, and the (z, a) its ReLUs produced."""
+    torch.manual_seed(0)
     g = gen()
-    return [_padded(3, 7, left=False, g=g), _padded(2, 9, left=True, g=g)]
+    model, batches = Moves(move).eval(), [_padded(3, 7, left=False, g=g), _padded(2, 9, left=True, g=g)]
+    calls = recorded(model, batches, (nn.ReLU,)).calls
+    return audit(model, batches), batches, calls
 
 
 @pytest.mark.parametrize("how", list(MOVED))
 def test_positions_moved_by_indices_are_named_and_counted_whole(how: str) -> None:
-    torch.manual_seed(0)
-    model, batches = Moves(MOVED[how]).eval(), _batches()
-    calls = recorded(model, batches, (nn.ReLU,)).calls
-    report = audit(model, batches)
+    report, batches, calls = _audited(MOVED[how])
     (moved,) = by_module(report, "act")
     assert not moved.masked
     check(moved, figures(calls["act"], -1, "relu"))  # every position: the padding counted, as the warning says
@@ -98,10 +100,7 @@ def test_positions_moved_by_indices_are_named_and_counted_whole(how: str) -> Non
 
 @pytest.mark.parametrize("how", list(KEPT))
 def test_what_moves_no_position_keeps_the_mask_exact(how: str) -> None:
-    torch.manual_seed(0)
-    model, batches = Moves(KEPT[how]).eval(), _batches()
-    calls = recorded(model, batches, (nn.ReLU,)).calls
-    report = audit(model, batches)
+    report, batches, calls = _audited(KEPT[how])
     valid = [b["attention_mask"].bool().numpy() for b in batches]
     for name in ("act", "act2"):
         (site,) = by_module(report, name)
@@ -130,7 +129,8 @@ class Unpadded(nn.Module):
 
 def test_bool_indexing_and_values_set_through_a_mask_keep_the_mask_exact() -> None:
     torch.manual_seed(0)
-    model, batches = Unpadded().eval(), _batches()
+    g = gen()
+    model, batches = Unpadded().eval(), [_padded(3, 7, left=False, g=g), _padded(2, 9, left=True, g=g)]
     calls = recorded(model, batches, (nn.ReLU,)).calls
     report = audit(model, batches)
     (site,) = by_module(report, "act2")
