@@ -1,13 +1,15 @@
-"""Activations computed inside ``torch.func.vmap`` (an ensemble of models stacked with
-``torch.func.stack_module_state``, a per-example function mapped over a batch).
+"""Activations computed inside functorch's transforms: ``torch.func.vmap`` (an ensemble of models stacked with
+``torch.func.stack_module_state``, a per-example function mapped over a batch) and ``torch.func.grad`` (forces
+as -dE/dx taken in the forward pass).
 
 Inside vmap an activation's input is a batched tensor: it shows one example (its logical shape) and wraps
-the plain tensor of every example, the mapped dim somewhere in it (one wrapper per vmap level). It has no
-storage, so the statistics cannot read it in place. The site's channel axis is decided on the logical tensor
-(what the layers say of it, as everywhere); the statistics are then taken on the plain tensor, every mapped
-example included, each level's mapped dim moved in front (a view) and the axis counted past them. A padding
-mask is laid out on the batch, not on the mapped dims: it is not applied there (the call counts as one where
-the mask does not fit, which the report names). Nothing here reads a tensor's data.
+the plain tensor of every example, the mapped dim somewhere in it (one wrapper per vmap level); inside
+``torch.func.grad`` it wraps the plain tensor of the same shape. Neither has storage, so the statistics cannot
+read it in place. The site's channel axis is decided on the logical tensor (what the layers say of it, as
+everywhere); the statistics are then taken on the plain tensor, every mapped example included, each level's
+mapped dim moved in front (a view) and the axis counted past them, with functorch's interpreters off. A
+padding mask is laid out on the batch, not on the mapped dims: under vmap it is not applied (the call counts
+as one where the mask does not fit, which the report names). Nothing here reads a tensor's data.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def is_batched(t: torch.Tensor) -> bool:
 def unbatched(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The plain tensor under ``t``'s functorch wrappers, every vmap level's mapped dim moved in front (a view;
     a ``torch.func.grad`` level maps none), and the number of vmap levels: the logical dim d of ``t`` is dim
-    d + levels of the result. Run with functorch's interpreters off (`outside_transforms`): inside a transform a view of
-    the plain tensor would be wrapped again."""
+    d + levels of the result. Run with functorch's interpreters off (`outside_transforms`): inside a transform a
+    view of the plain tensor would be wrapped again."""
     order: list[int] = list(range(t.dim()))  # the dims one level down: the logical ones, the mapped ones < 0
     while _functorch.is_functorch_wrapped_tensor(t):
         if _functorch.is_batchedtensor(t):
