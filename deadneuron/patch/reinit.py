@@ -246,7 +246,7 @@ def _channels(call: _Call) -> int:
     x = call.inputs[0]
     source = call.source.module if call.source is not None else None
     first = isinstance(source, (nn.modules.conv._ConvNd, _BATCHNORM)) or (x.dim() >= 4 and not isinstance(source, nn.Linear))
-    return int(x.shape[1] if first and x.dim() > 1 else x.shape[-1])
+    return int(x.shape[1] if first and x.dim() > 1 else x.shape[-1] if x.dim() else 1)  # a 0-dim input: one channel
 
 
 def _upstream(call: _Call | None, len_channels: int) -> tuple[_Call | None, list[_Call]]:
