@@ -21,9 +21,11 @@ class Head(nn.Module):
         self.raw_scale = nn.Parameter(torch.full((16,), -30.0))
         self.gate = nn.Parameter(torch.tensor(-20.0))
         self.w = nn.Parameter(torch.randn(4, 16))
+        self.gate_act = nn.Sigmoid()  # an activation module, on a parameter and on data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.fc(x)) * F.softplus(self.raw_scale) * torch.sigmoid(self.gate)
+        h = self.act(self.fc(x)) * F.softplus(self.raw_scale) * torch.sigmoid(self.gate) * self.gate_act(self.gate)
+        h = h * self.gate_act(h[:, :1])
         h = F.linear(h, F.relu(self.w.view(4, 16)))  # a view of a parameter: non-negative weights
         return torch.tanh(h * self.raw_scale[:4].exp())  # data computed with a parameter: an activation
 
@@ -32,15 +34,20 @@ def test_activations_of_parameters_are_no_sites_and_are_named() -> None:
     torch.manual_seed(0)
     model, x = Head().eval(), torch.randn(5, 8)
     report = deadneuron.audit(model, [x], progress=False)
-    assert sorted(s.kind for s in report.sites.values()) == ["relu", "tanh"]
+    assert sorted(s.kind for s in report.sites.values()) == ["relu", "sigmoid", "tanh"]
     with torch.no_grad():
-        z = F.linear(torch.relu(model.fc(x)) * F.softplus(model.raw_scale) * torch.sigmoid(model.gate), F.relu(model.w))
-        z = z * model.raw_scale[:4].exp()
+        h = torch.relu(model.fc(x)) * F.softplus(model.raw_scale) * torch.sigmoid(model.gate) ** 2
+        gate = h[:, :1]
+        z = F.linear(h * torch.sigmoid(gate), F.relu(model.w)) * model.raw_scale[:4].exp()
+    (on_data,) = [s for s in report.sites.values() if s.kind == "sigmoid"]  # the module's call on data only
+    assert (on_data.n, on_data.channels) == (5, 1)
+    assert abs(on_data.channel_mean[0] - float(torch.sigmoid(gate).mean())) < 1e-6
     (tanh,) = [s for s in report.sites.values() if s.kind == "tanh"]
     assert tanh.n == 5 and tanh.channels == 4
     assert abs(tanh.channel_mean[0] - float(torch.tanh(z)[:, 0].mean())) < 1e-6
-    named = [w for w in report.meta["warnings"] if "on one of the model's parameters" in w]
+    named = [w for w in report.meta["warnings"] if "() called in" in w and "on one of the model's parameters" in w]
     assert [w.split("()")[0] for w in named] == ["softplus", "sigmoid", "relu"]
+    assert [w for w in report.meta["warnings"] if w.startswith("module 'gate_act' (Sigmoid) was called on one of the")]
     assert not [f for f in report.findings if any("softplus" in s or "sigmoid" in s for s in f.sites)]
 
 

@@ -102,6 +102,7 @@ class Coverage:
     suspects: dict[nn.Module, str] = field(default_factory=dict)
     acting: dict[str, str] = field(default_factory=dict)  # module name -> class
     dtypes: dict[str, tuple[str, str]] = field(default_factory=dict)  # activation module -> (class, input dtype)
+    weights: dict[str, str] = field(default_factory=dict)  # activation module called on a parameter -> class
 
     def scan(self, named: Sequence[Named]) -> list[Named]:
         """Note the unknown activation modules among ``named`` (name, module, recognised spec): a module
@@ -138,6 +139,9 @@ class Coverage:
         """Whether activation module ``m``'s input ``z`` is measured: a real floating tensor. Other dtypes
         (complex, integer, bool) are noted for a warning; a nested tensor stops the audit (`refuse_nested`)."""
         refuse_nested(z, name)
+        if is_weight(z):  # a weight transform (`is_weight`): named, not measured
+            self.weights.setdefault(name, type(m).__name__)
+            return False
         if z.is_floating_point():
             return True
         self.dtypes.setdefault(name, (type(m).__name__, str(z.dtype).removeprefix("torch.")))
@@ -167,6 +171,10 @@ class Coverage:
             if owner in self.unknown or (select and not _matches(owner, function, select)):
                 continue
             out.append(f"{function}() called in {owner or 'the model'!r} {reason}")
+        for name, cls in self.weights.items():
+            if not select or _matches(name, cls, select):
+                out.append(f"module {name or '(the model)'!r} ({cls}) was called on one of the model's parameters: those "
+                           "calls are weight transforms, not activations of data, and are not measured")
         for name, (cls, dtype) in self.dtypes.items():
             if not select or _matches(name, cls, select):
                 out.append(f"module {name or '(the model)'!r} ({cls}) was called on {dtype} input: not measured there "
@@ -179,6 +187,16 @@ class Coverage:
                        "no recognised kind, so they are not measured: if one is an activation, register it with "
                        "deadneuron.register_activation(cls, fn) (fn: its elementwise function)")
         return out
+
+
+WEIGHT_REASON = ("on one of the model's parameters (a weight transform, as softplus of a scale or sigmoid of a gate "
+                 "is: its entries are no activations of data), so it is not measured")  # fmt: skip
+
+
+def is_weight(z: torch.Tensor) -> bool:
+    """Whether ``z`` is a parameter, or a view of one: an activation applied to it is a weight transform
+    (softplus of a scale, sigmoid of a gate), as a parametrization is, not an activation of data."""
+    return isinstance(z, nn.Parameter) or isinstance(z._base, nn.Parameter)
 
 
 def refuse_nested(z: torch.Tensor, name: str) -> None:

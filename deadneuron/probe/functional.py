@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
 from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
-from deadneuron.probe.coverage import refuse_nested
+from deadneuron.probe.coverage import WEIGHT_REASON, is_weight, refuse_nested
 from deadneuron.probe.measure import writable
 from deadneuron.probe.order import REORDERING
 
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
     from deadneuron.registry import ActivationRegistry
 
-WEIGHT_REASON = ("on one of the model's parameters (a weight transform, as softplus of a scale or sigmoid of a gate "
-                 "is: its entries are no activations of data), so it is not measured")  # fmt: skip
 # Functions whose output is exactly torch.relu of their input: measured from the input alone (`measure_input`).
 _EXACT_RELU = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
 # ... of which those that return a new tensor: answered with relu's values where the kernel wrote them
@@ -144,12 +142,6 @@ class FunctionalProbe(TorchFunctionMode):
             self._axes.carry(entry.rule, args, kwargs, out)
         return out
 
-    @staticmethod
-    def _weight(z: torch.Tensor) -> bool:
-        """Whether ``z`` is a parameter, or a view of one: an activation function applied to it is a weight
-        transform (softplus of a scale, sigmoid of a gate), as a parametrization is, not an activation."""
-        return isinstance(z, torch.nn.Parameter) or isinstance(z._base, torch.nn.Parameter)
-
     def _carry(self, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Note the channel axis of ``out`` where the function has an axis rule. (Torch pops this mode
         while its handler runs, so the rule's own tensor calls do not come back here.) The positions
@@ -176,7 +168,7 @@ class FunctionalProbe(TorchFunctionMode):
         if z is not None and z.is_floating_point():
             if isinstance(spec, Unmeasured):
                 rec.coverage.unmeasured_call(self._stack[-1][0], entry.name, spec.reason)
-            elif self._weight(z):
+            elif is_weight(z):  # a weight transform, not an activation of data
                 rec.coverage.unmeasured_call(self._stack[-1][0], entry.name, WEIGHT_REASON)
             else:
                 site = rec._functional_site(spec, entry.name, z)  # type: ignore[arg-type]
