@@ -136,8 +136,9 @@ class Coverage:
             self.acting.setdefault(self.suspects[m], type(m).__name__)
 
     def readable(self, name: str, m: nn.Module, z: torch.Tensor) -> bool:
-        """Whether activation module ``m``'s input ``z`` is measured: a real floating tensor. Other dtypes
-        (complex, integer, bool) are noted for a warning; a nested tensor stops the audit (`refuse_nested`)."""
+        """Whether activation module ``m``'s input ``z`` is measured: a real floating tensor of data. Other dtypes
+        (complex, integer, bool) and parameters (`is_weight`) are noted for a warning; a nested tensor stops the
+        audit (`refuse_nested`)."""
         refuse_nested(z, name)
         if is_weight(z):  # a weight transform (`is_weight`): named, not measured
             self.weights.setdefault(name, type(m).__name__)
