@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 SCHEMA = "deadneuron.report"
 SCHEMA_VERSION = 2
 DORMANT_FRACTION = 0.99
+# Says, in a warning, that a part of the model runs where no hook reaches (a recurrent layer's gates): the
+# warning bounds what the figures cover, the figures themselves are intact (`rules.training`'s caveats skip it).
+UNREACHED = "where no hook or probe runs"
 
 
 def flat_channels(flat: np.ndarray, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

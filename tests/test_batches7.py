@@ -278,6 +278,11 @@ class Recurrent(nn.Module):
         return self.act(self.lin(padded_out))
 
 
+def recurrent_only(warnings: list[str]) -> bool:
+    """Whether the audit's one warning is that the LSTM's own gates are not measured (nothing about the batch)."""
+    return len(warnings) == 1 and warnings[0].startswith("module 'lstm' (LSTM)") and "recurrent kernel" in warnings[0]
+
+
 def sequences(batch_first: bool, lengths: list[int]) -> tuple[PackedSequence, np.ndarray]:
     """A PackedSequence of random sequences of ``lengths`` (unsorted) and its (N, T) valid positions."""
     gen = torch.Generator().manual_seed(len(lengths))
@@ -302,12 +307,12 @@ def test_a_packed_sequence_is_fed_whole_and_its_padding_left_out(batch_first: bo
     for compile in COMPILE:
         report = deadneuron.audit(model, batches, rules=False, compile=compile)
         assert report.meta["samples"] == 7 and report.meta["mask"] == "PackedSequence"
-        assert not report.meta["warnings"]
+        assert recurrent_only(report.meta["warnings"])
         check_site(report.sites["act"], z, a, relu_flat)
     assert hooks(model) == 0
 
 
-def test_a_recurrent_classifier_on_packed_input_measures_its_head_without_a_warning() -> None:
+def test_a_recurrent_classifier_on_packed_input_measures_its_head_without_a_warning_about_the_batch() -> None:
     class Classifier(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -322,7 +327,7 @@ def test_a_recurrent_classifier_on_packed_input_measures_its_head_without_a_warn
     packed, _ = sequences(False, [4, 2, 3])
     (z, a), = stored(model.act, lambda: model(packed))
     report = deadneuron.audit(model, [packed], rules=False)
-    assert report.meta["samples"] == 3 and not report.meta["warnings"]
+    assert report.meta["samples"] == 3 and recurrent_only(report.meta["warnings"])
     check_site(report.sites["act"], z, a, relu_flat)
 
 
@@ -532,6 +537,6 @@ def test_the_monitor_leaves_out_the_padding_of_a_packed_sequence() -> None:
         model(packed).sum().backward()
         opt.step()
         mon.step()
-    assert not mon.warnings
+    assert recurrent_only(mon.warnings)
     (z, a), = stored(model.act, lambda: model(packed))
     check_site(mon.report().sites["act"], rows(z, valid), rows(a, valid), relu_flat)

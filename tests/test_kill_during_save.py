@@ -265,7 +265,8 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_the_last_complete_checkpoint(
     exit_code, stderr, seconds = finish(proc, sig)
     assert exit_code == code, stderr
     assert seconds < 30, "stops promptly"
-    lines = stderr.strip().splitlines()
+    # the Monitor's one line about the GRU cell's gates (not measured) may come before: one line each
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("deadneuron: warning: module ")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
     assert lines[0].startswith(f"deadneuron: interrupted by {name}: {out} holds the last complete checkpoint"), lines[0]

@@ -330,7 +330,9 @@ def low_precision(dtype: torch.dtype) -> Callable[[], Net]:
 
 def _einsum(m: Net, x: torch.Tensor) -> torch.Tensor:
     m.tap("pre", m.pre(x), m.pre_act, -1)
-    return m.tap("act", torch.einsum("nlc,dc->ndl", x, m.mix.weight), m.act, 1)  # (N, D, L), from no layer
+    # (N, D, L), from no layer: a copy of the weight is no parameter, so nothing says which dim D is (with the
+    # parameter itself, the product fixes it: tests/test_axis_weight_products.py)
+    return m.tap("act", torch.einsum("nlc,dc->ndl", x, m.mix.weight.clone()), m.act, 1)
 
 
 def einsum_net() -> Net:

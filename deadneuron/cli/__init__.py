@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -81,8 +82,24 @@ def _register() -> None:
 _register()
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """deadneuron's own Python warnings (a Monitor's, under `deadneuron train`) as one line on stderr, without
+    the source line Python adds; any other warning as Python shows it."""
+    text = str(message)
+    if not text.startswith("deadneuron"):
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+        return
+    print(f"deadneuron: warning: {text.split(': ', 1)[-1]}", file=sys.stderr)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: a DeadneuronError becomes one line on stderr and its exit code."""
+    """Console entry point: a DeadneuronError becomes one line on stderr and its exit code, a warning of
+    deadneuron's one line too."""
+    shown, warnings.showwarning = warnings.showwarning, _warning_line
     try:
         app(args=argv, standalone_mode=True)
     except DeadneuronError as err:
@@ -91,3 +108,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("deadneuron: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.showwarning = shown

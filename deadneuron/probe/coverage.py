@@ -25,6 +25,7 @@ from deadneuron._text import few
 from deadneuron.activations import ActivationSpec
 from deadneuron.errors import UsageError
 from deadneuron.functional_kinds import GLU_REASON
+from deadneuron.report import UNREACHED
 
 if TYPE_CHECKING:
     from deadneuron.probe.site import Site
@@ -76,6 +77,8 @@ def unknown_reason(m: nn.Module) -> str | None:
     """Why module ``m`` (not a recognised kind) is named in a warning, or None if it is not."""
     if isinstance(m, nn.GLU):
         return GLU_REASON
+    if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+        return _recurrent_reason(m)
     if looks_like_activation(type(m).__name__):
         return _QUANTIZED_REASON if type(m).__module__.startswith("torch.ao.") else \
             "looks like an activation but is not a recognised kind, so it is not measured"
@@ -86,6 +89,17 @@ def unknown_reason(m: nn.Module) -> str | None:
 # function of theirs could be registered, the activation runs inside their own kernel.
 _QUANTIZED_REASON = ("is a quantized module that applies its activation inside its own kernel, so the activation is "
                      "not measured: audit the float model, before quantization")
+
+
+def _recurrent_reason(m: nn.RNNBase | nn.RNNCellBase) -> str:
+    """nn.RNN, LSTM, GRU and their cells run their time steps inside one torch kernel: no hook or probe sees
+    the gates' or the hidden state's activation, so their health is not measured (said, not skipped)."""
+    if isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)):
+        what, them = "its gates' sigmoid and its tanh", "they are"
+    else:
+        what, them = f"its {getattr(m, 'nonlinearity', 'tanh')}", "it is"
+    return (f"applies {what} inside torch's recurrent kernel, {UNREACHED}, so {them} not measured "
+            "(to measure them, write the time step in Python with torch's activation functions)")
 
 
 @dataclass
@@ -261,6 +275,6 @@ def _matches(name: str, other: str, select: Sequence[str]) -> bool:
 
 
 def _advice(cls: str, reason: str) -> str:
-    if reason in (GLU_REASON, _QUANTIZED_REASON):
+    if reason in (GLU_REASON, _QUANTIZED_REASON) or UNREACHED in reason:
         return ""
     return f": register it with deadneuron.register_activation({cls}, fn) (fn: its elementwise function)"

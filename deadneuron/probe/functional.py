@@ -25,6 +25,7 @@ from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
 from deadneuron.probe.coverage import WEIGHT_REASON, is_weight, refuse_nested
 from deadneuron.probe.measure import writable
 from deadneuron.probe.order import REORDERING
+from deadneuron.probe.products import product_rules
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
@@ -76,8 +77,14 @@ def _entry(func: Any, rule: AxisRule | None, make: Maker | None) -> Entry:
 
 
 @functools.cache
+def _rules() -> Mapping[Any, AxisRule]:
+    """The axis rules of torch's ops (`axis_rules`) and of matrix products with a weight (`product_rules`)."""
+    return MappingProxyType({**axis_rules(), **product_rules()})
+
+
+@functools.cache
 def _torch_entries() -> Mapping[Any, Entry]:
-    rules = axis_rules()
+    rules = _rules()
     table = {func: _entry(func, rule, None) for func, rule in rules.items()}
     for func, make in FunctionalActivations(None).makers().items():
         table[func] = _entry(func, rules.get(func), make)
@@ -92,7 +99,7 @@ def entries(registry: ActivationRegistry | None) -> Mapping[Any, Entry]:
     declared = registry.functions() if registry is not None else {}
     if not declared:
         return base
-    makers, rules = FunctionalActivations(registry).makers(), axis_rules()
+    makers, rules = FunctionalActivations(registry).makers(), _rules()
     table = dict(base)
     for func in declared:
         table[func] = _entry(func, rules.get(func), makers[func])

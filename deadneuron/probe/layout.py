@@ -213,9 +213,10 @@ class AxisTracker:
 
     def produced(self, t: torch.Tensor, ref: weakref.ref[torch.Tensor], code: int) -> None:
         """`layout_output` of a producer whose `producer_code` is ``code`` and whose output is the plain
-        tensor ``t`` (``ref``: a weak reference to it): the axis its type fixes, unless one is known."""
+        tensor ``t`` (``ref``: a weak reference to it): the axis its type fixes, unless one is known other than
+        traced through its own ops (Hugging Face's ``Conv1D``: ``addmm`` with its weight, then ``view``)."""
         entry = self._axes.get(id(t))
-        if entry is None or entry[0]() is not t:
+        if entry is None or entry[0]() is not t or entry[1][1] is AxisSource.TRACED:
             self._axes[id(t)] = (ref, (_raw_axis(t.dim(), code), AxisSource.PRODUCER))
 
     def layout_output(self, layout: OutputLayout, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 
 from deadneuron.ops import InsertDropout, SetHyperParameter, SwapActivation, compact
-from deadneuron.report import Report, SiteHealth
+from deadneuron.report import UNREACHED, Report, SiteHealth
 from deadneuron.rules.common import is_leaky, is_relu, lr_change_text, lr_op, pct
 from deadneuron.rules.context import RuleContext
 from deadneuron.rules.model import Evidence, Fix, Hit, Rule, Severity, Threshold
@@ -188,7 +188,7 @@ _ADVICE = (
 
 
 def _caveats(report: Report, context: RuleContext, t: Mapping[str, float]) -> list[Hit]:
-    warnings = list(report.warnings)
+    warnings = [w for w in report.warnings if UNREACHED not in w]  # what is not covered distorts nothing measured
     if report.meta.get("random_inputs") and not any("random inputs" in w for w in warnings):
         warnings.append("made on random inputs")
     if len(warnings) < t["min_warnings"]:
