@@ -192,10 +192,12 @@ class FlowObserver:
         return flow
 
     def before(self, site: Site, z: torch.Tensor) -> None:
+        """``z`` as the model has it (a hook on the unit-dim view of a site with no channel dim would never run)."""
         if self.gradients and z.requires_grad and torch.is_grad_enabled():
             flow, mask = self._flow(site), self._mask(site)
-            place = place_of(site, z, mask)[0]  # the site's placement (`deadneuron.probe.placement`)
-            z.register_hook(functools.partial(flow.add_grad, mask=mask, place=place, window=flow.window))
+            place = place_of(site, site.view(z), mask)[0]  # the site's placement (`deadneuron.probe.placement`)
+            add = functools.partial(flow.add_grad, mask=mask, place=place, window=flow.window)
+            z.register_hook((lambda g: add(g.unsqueeze(-1))) if site.single else add)
 
     def after(self, site: Site, a: torch.Tensor) -> None:
         flow = self._flow(site)

@@ -31,10 +31,14 @@ class AxisSource(StrEnum):
     RANK = "rank"
     GUESSED = "guessed"  # nothing known: dim 1 for 4-D and more, else the last dim
     USER = "user"  # set by the user (channel_axis={glob: axis})
+    # no channel dim: it was reduced (``.sum(-1)``), squeezed (a one-feature linear's ``.squeeze(-1)``) or
+    # indexed away (``x[..., 0]``): the tensor is one channel, read as a unit dim after its last
+    NONE = "none"
 
 
 Known = Callable[[torch.Tensor], "tuple[int, AxisSource] | None"]
 Found = tuple[int, AxisSource] | None
+SINGLE: Found = (0, AxisSource.NONE)  # what a rule returns where the op leaves no channel dim
 AxisRule = Callable[[tuple[Any, ...], Mapping[str, Any], Any, Known], Found]
 
 _TRACED = AxisSource.TRACED
@@ -49,7 +53,7 @@ def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, *names: str, 
     return default
 
 
-def _source(args: tuple[Any, ...], kwargs: Mapping[str, Any], known: Known) -> tuple[torch.Tensor, int] | None:
+def source_of(args: tuple[Any, ...], kwargs: Mapping[str, Any], known: Known) -> tuple[torch.Tensor, int] | None:
     """The op's first tensor argument and its known axis."""
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
     if not isinstance(x, torch.Tensor):
@@ -112,7 +116,7 @@ def layer_norm(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known
 
 def same(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
     """Copies, casts, dropout, padding, softmax over any dim: same rank, the channel dim keeps its size."""
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None or not isinstance(out, torch.Tensor):
         return None
     x, a = src
@@ -140,7 +144,7 @@ def elementwise(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, know
 
 
 def permute(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None:
         return None
     x, a = src
@@ -152,7 +156,7 @@ def permute(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: K
 
 
 def transpose(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None:
         return None
     x, a = src
@@ -164,7 +168,7 @@ def transpose(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known:
 
 
 def movedim(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None:
         return None
     x, a = src
@@ -182,13 +186,13 @@ def movedim(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: K
 
 def reverse_dims(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
     """``x.T`` (every dim reversed)."""
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     return None if src is None else (src[0].dim() - 1 - src[1], _TRACED)
 
 
 def swap_last_two(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
     """``x.mT`` / ``x.mH``."""
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None or src[0].dim() < 2:
         return None
     n, a = src[0].dim(), src[1]
@@ -214,10 +218,13 @@ def reshaped_axis(before: tuple[int, ...], after: tuple[int, ...], axis: int) ->
 
 def reshape(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
     """reshape/view/flatten/unflatten/squeeze/unsqueeze: wherever the channel dim survives whole."""
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None or not isinstance(out, torch.Tensor):
         return None
-    j = reshaped_axis(tuple(src[0].shape), tuple(out.shape), src[1])
+    x, a = src
+    j = reshaped_axis(tuple(x.shape), tuple(out.shape), a)
+    if j is None and x.shape[a] == 1 and (out.shape == x.shape[:a] + x.shape[a + 1 :] or 1 not in out.shape):
+        return SINGLE  # a one-channel dim squeezed away (``.squeeze(-1)``, ``.view(-1)``)
     return None if j is None else (j, _TRACED)
 
 
@@ -250,24 +257,26 @@ def stack(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Kno
 
 
 def unbind(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None:
         return None
     d = _dims(_arg(args, kwargs, 1, "dim", default=0), src[0].dim())
-    if d is None or d[0] == src[1]:
+    if d is None:
         return None
+    if d[0] == src[1]:
+        return SINGLE  # one piece per channel
     return (src[1] if src[1] < d[0] else src[1] - 1), _TRACED
 
 
 def split(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
     """split/chunk/tensor_split: every piece keeps the layout (along the channel dim, fewer channels)."""
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     return None if src is None else (src[1], _TRACED)
 
 
 def getitem(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
     """Basic indexing (ints, slices, None, Ellipsis) maps dims one to one; anything else gives up."""
-    src = _source(args, kwargs, known)
+    src = source_of(args, kwargs, known)
     if src is None or len(args) < 2 or not isinstance(out, torch.Tensor):
         return None
     x, a = src
@@ -282,7 +291,7 @@ def getitem(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: K
             continue
         span = x.dim() - consumed if i is Ellipsis else 1
         if pos_in <= a < pos_in + span:
-            return None if type(i) is int else (pos_out + a - pos_in, _TRACED)
+            return SINGLE if type(i) is int else (pos_out + a - pos_in, _TRACED)  # one channel taken
         pos_in += span
         pos_out += 0 if type(i) is int else span
     j = pos_out + a - pos_in
@@ -312,6 +321,7 @@ _SAME = """
     softmax log_softmax softmin normalize cumsum cumprod flip fliplr flipud roll
     gather index_select take_along_dim scatter scatter_ index_copy index_copy_
 """
+KEEPING_RULES = (elementwise, same)  # a tensor with no channel dim keeps none through them (`AxisTracker.carry`)
 _MOVES: Mapping[str, AxisRule] = MappingProxyType({
     "permute": permute, "transpose": transpose, "swapaxes": transpose, "swapdims": transpose,
     "movedim": movedim, "moveaxis": movedim, "reshape": reshape, "view": reshape, "view_as": reshape,

@@ -26,6 +26,7 @@ from deadneuron.probe.coverage import WEIGHT_REASON, is_weight, refuse_nested
 from deadneuron.probe.measure import writable
 from deadneuron.probe.order import REORDERING
 from deadneuron.probe.products import product_rules
+from deadneuron.probe.reductions import reduction_rules
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
@@ -78,8 +79,9 @@ def _entry(func: Any, rule: AxisRule | None, make: Maker | None) -> Entry:
 
 @functools.cache
 def _rules() -> Mapping[Any, AxisRule]:
-    """The axis rules of torch's ops (`axis_rules`) and of matrix products with a weight (`product_rules`)."""
-    return MappingProxyType({**axis_rules(), **product_rules()})
+    """The axis rules of torch's ops (`axis_rules`), of matrix products with a weight (`product_rules`) and of
+    reductions (`reduction_rules`)."""
+    return MappingProxyType({**axis_rules(), **product_rules(), **reduction_rules()})
 
 
 @functools.cache

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from deadneuron.errors import UsageError
-from deadneuron.probe.axisrules import AxisRule, AxisSource, reshaped_axis
+from deadneuron.probe.axisrules import KEEPING_RULES, AxisRule, AxisSource, reshaped_axis
 from deadneuron.probe.order import PositionOrder
 from deadneuron.select import matches
 
@@ -162,12 +162,19 @@ class AxisTracker:
         self.overrides = dict(overrides or {})
         self.matched: set[str] = set()  # override globs that matched a site
         self._axes: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, AxisSource]]] = {}
+        self._single: dict[int, weakref.ref[torch.Tensor]] = {}  # tensors with no channel dim (`AxisSource.NONE`)
         self.order = PositionOrder()  # their positions reordered (flip, roll), against a padding mask
 
     def reset(self) -> None:
         """Forget the tensors of the previous forward pass."""
         self._axes.clear()
+        self._single.clear()
         self.order.reset()
+
+    def single(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` has no channel dim (reduced, squeezed or indexed away): one channel."""
+        ref = self._single.get(id(t))
+        return ref is not None and ref() is t
 
     def _note(self, t: torch.Tensor, axis: int, source: AxisSource) -> None:
         self._axes[id(t)] = (weakref.ref(t), (axis, source))
@@ -199,14 +206,23 @@ class AxisTracker:
             self._found(out, found)
 
     def carry(self, rule: AxisRule, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> None:
-        """`produce` for a rule that carries a known input axis: nothing to do while nothing is known."""
+        """`produce` for a rule that carries a known input axis: nothing to do while nothing is known. A tensor
+        with no channel dim stays so through the ops that keep the layout (elementwise, casts), shape kept."""
         if self._axes:
             found = rule(args, kwargs, out, self.known)
             if found is not None:
                 self._found(out, found)
+                return
+        if self._single and rule in KEEPING_RULES and isinstance(out, torch.Tensor) and self.known(out) is None and any(
+                isinstance(t, torch.Tensor) and t.shape == out.shape and self.single(t) for t in args):  # fmt: skip
+            self._single[id(out)] = weakref.ref(out)
 
     def _found(self, out: Any, found: tuple[int, AxisSource]) -> None:
-        if not isinstance(out, torch.Tensor):
+        if found[1] is AxisSource.NONE:  # no channel dim left: one channel (each piece of an unbind)
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and self.known(t) is None:
+                    self._single[id(t)] = weakref.ref(t)
+        elif not isinstance(out, torch.Tensor):
             self._note_pieces(out, *found)
         elif self.known(out) is None:
             self._axes[id(out)] = (weakref.ref(out), found)
@@ -236,6 +252,8 @@ class AxisTracker:
             return
         x = _first_tensor(args)
         found = self.stored(x) if x is not None else None
+        if x is not None and layout is OutputLayout.KEEPS and t.shape == x.shape and self.single(x):
+            self._single[id(t)] = weakref.ref(t)  # dropout of a tensor with no channel dim
         if x is None or found is None:
             return
         a = dim_of(x.dim(), found[0]) or 0
@@ -260,6 +278,8 @@ class AxisTracker:
                         f"shape {tuple(z.shape)}: give a dim in [-{max(z.dim(), 1)}, {max(z.dim(), 1) - 1}]"
                     )
                 return axis, AxisSource.USER
+        if self.single(z):
+            return -1, AxisSource.NONE  # of z read with a unit dim after its last (`Site.view`)
         found = self.stored(z)
         if found is not None:  # a traced last dim is counted from the end, as channel-last layouts count it
             last = found[1] is AxisSource.TRACED and z.dim() >= 2 and found[0] == z.dim() - 1
@@ -313,5 +333,5 @@ def refit(axes: AxisTracker, site: Site, z: torch.Tensor, name: str) -> None:
     if problem is not None:
         raise UsageError(problem)
     site.rank = z.dim()
-    if source is AxisSource.GUESSED and site.axis_source is not AxisSource.USER:
+    if source is AxisSource.GUESSED and site.axis_source not in (AxisSource.USER, AxisSource.NONE):
         site.axis_source = AxisSource.GUESSED

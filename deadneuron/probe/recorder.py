@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deadneuron.activations import ActivationSpec, FlatRegion, FlatRegions, check_delta, check_eps, is_inplace
+from deadneuron.probe.axisrules import AxisSource
 from deadneuron.probe.batched import is_batched, outside_transforms
 from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
@@ -339,6 +340,7 @@ class Recorder:
         site = self._sites.get(key)
         if site is None:
             axis, axis_source = self.axes.axis_of(z, names := site_globs(self._sites.values(), owner, leaf, producer, functional))
+            z = z.unsqueeze(-1) if axis_source is AxisSource.NONE else z  # no channel dim: as `Site.view` reads it
             channels = z.shape[axis] if z.dim() else 1
             with outside_transforms():  # its accumulators made as plain tensors inside torch.func.grad too
                 site = Site(owner, leaf, functional, producer, key[-1], spec, region, axis, axis_source,
@@ -346,7 +348,7 @@ class Recorder:
                             histogram=ValueHistogram(z.device) if self.histograms else None)  # fmt: skip
             site.placement.stated, site.placement.site = self.mask_dims.of(names, tuple(z.shape), axis), names[0]
             site.rank, site.names, self._sites[key] = z.dim(), names, site
-        elif z.dim() != site.rank or not fits(z, site.axis, site.stats.channels):  # another rank, or a mismatch
+        elif (z := site.view(z)).dim() != site.rank or not fits(z, site.axis, site.stats.channels):  # a mismatch
             refit(self.axes, site, z, shown_name(self._sites.values(), site))
         site.calls += 1
         if self._last is None:  # the batch's first site (`deadneuron._inputs.unbatched`)
@@ -359,13 +361,14 @@ class Recorder:
     def _before(self, site: Site, z: torch.Tensor, inplace: bool, *, relu: bool = False, write: bool = False) -> torch.Tensor | None:
         """``relu``: the call computes exactly ``torch.relu(z)``; ``write``: the caller can answer it with relu's
         values (`writable`), returned where the statistics pass wrote them (`measure_input`)."""
-        write = write and not inplace
-        out = measure_input(site, z, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu, write=write, order=self.axes.order)
+        write, view = write and not inplace and not site.single, site.view(z)  # (values shaped as z only)
+        out = measure_input(site, view, inplace=inplace, mask=self._mask, eps=self.eps, relu=relu, write=write, order=self.axes.order)
         if self.observer is not None and not is_batched(z):  # after: the call's mask is decided (`site.call_mask`)
             self.observer.before(site, z)
         return out
 
     def _after(self, site: Site, a: torch.Tensor, z: torch.Tensor | None) -> None:
+        a, z = site.view(a), z if z is None else site.view(z)
         measure_output(site, a, z, eps=self.eps, mask=self._mask)
         if self.observer is not None and not is_batched(a):  # (not inside torch.func.vmap: `batched`)
             self.observer.after(site, a)

@@ -61,6 +61,16 @@ class Site:
         return inplace or isinstance(self.region.lo, torch.Tensor)
 
     @property
+    def single(self) -> bool:
+        """Whether the input has no channel dim (`AxisSource.NONE`): one channel over every element."""
+        return self.axis_source is AxisSource.NONE
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as this site reads it: with a unit dim after its last where it has no channel dim (so that
+        the channel axis, -1, holds the one channel and a padding mask still fits its leading dims)."""
+        return t.unsqueeze(-1) if self.axis_source is AxisSource.NONE else t
+
+    @property
     def shown_axis(self) -> int:
         """The channel axis as a dim of the last call's input (``shape``): what reports show."""
         return self.axis % len(self.shape) if self.shape and self.axis < 0 else max(self.axis, 0)

@@ -1,0 +1,57 @@
+"""The channel axis through reductions (DESIGN section 3: "derived, never guessed silently").
+
+A reduction over other dims keeps the channel dim (a global average pool, ``x.mean((2, 3))``: the channels
+move to where the reduced dims leave them); one over the channel dim itself leaves a tensor with no channel
+dim (a per-token score ``(h * w).sum(-1)``, a norm over features): every element of it belongs to the one
+channel that remains, which is how a site reading it is measured (`AxisSource.NONE`). With ``keepdim`` the
+channel dim stays where it was (of size 1 where it was reduced). A reduction over every dim gives a scalar,
+one channel already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from deadneuron.probe.axisrules import SINGLE, AxisSource, Found, Known, source_of
+
+
+class Reduction:
+    """``sum``, ``mean``, ``amax``... with their ``dim`` at argument ``at`` (``norm``: after ``p``)."""
+
+    def __init__(self, at: int = 1) -> None:
+        self.at = at
+
+    def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
+        src = source_of(args, kwargs, known)
+        if src is None or not isinstance(out, torch.Tensor):
+            return None
+        x, a = src
+        dim = args[self.at] if len(args) > self.at else kwargs.get("dim")
+        items = (dim,) if isinstance(dim, int) else dim if isinstance(dim, (tuple, list)) else None
+        if not items or not x.dim() or any(type(d) is not int or not -x.dim() <= d < x.dim() for d in items):
+            return None  # every dim (a scalar), or arguments read another way
+        dims = {d % x.dim() for d in items}
+        keep = args[self.at + 1] if len(args) > self.at + 1 else kwargs.get("keepdim", False)
+        if keep is True:
+            return (a, AxisSource.TRACED) if out.dim() == x.dim() else None
+        if a in dims:
+            return SINGLE if out.dim() == x.dim() - len(dims) else None
+        j = a - sum(1 for d in dims if d < a)
+        return (j, AxisSource.TRACED) if out.dim() == x.dim() - len(dims) and out.shape[j] == x.shape[a] else None
+
+
+_AT_ONE = ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std", "var", "prod")
+
+
+def reduction_rules() -> dict[Any, Reduction]:
+    """Each torch function and Tensor method of a reduction, to its rule."""
+    table: dict[Any, Reduction] = {}
+    for name in _AT_ONE:
+        for ns in (torch, torch.Tensor):
+            if callable(func := getattr(ns, name, None)):
+                table[func] = Reduction()
+    table[torch.norm] = table[torch.Tensor.norm] = table[torch.linalg.vector_norm] = Reduction(at=2)
+    return table
