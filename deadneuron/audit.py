@@ -41,7 +41,7 @@ def audit(
     meta: Mapping[str, Any] | None = None,
     activations: ActivationRegistry | None = None,
     mask: MaskSpec = AUTO,
-    channel_axis: Mapping[str, int] | None = None,
+    channel_axis: Mapping[str, int | None] | None = None,
     mask_dims: Mapping[str, Sequence[int]] | None = None,
     rules: bool | RuleSet = True,
     rules_config: RulesConfig | None = None,
@@ -88,7 +88,8 @@ def audit(
     by the shapes (sequence first, stated, guessed, or misplaced on some batches).
 
     ``channel_axis`` sets the channel dim of the sites matching each glob
-    (``{"block.relu": 1}``; negative dims count from the end) where it cannot be derived from a layer.
+    (``{"block.relu": 1}``; negative dims count from the end) where it cannot be derived from a layer;
+    None says the input has no channel dim (``{"gate": None}``: one channel over all its elements).
 
     ``rules``: evaluate the rule engine and put its findings (``deadneuron.rules.Finding``, most severe
     first) in ``report.findings`` -- True for the built-in and installed rules, a ``RuleSet`` for those,

@@ -98,7 +98,7 @@ def measure(
     meta: Mapping[str, Any] | None = None,
     activations: ActivationRegistry | None = None,
     mask: MaskSpec = AUTO,
-    channel_axis: Mapping[str, int] | None = None,
+    channel_axis: Mapping[str, int | None] | None = None,
     mask_dims: Mapping[str, Sequence[int]] | None = None,
     distributed: bool = True,
     forward: Forward | None = None,
@@ -359,15 +359,16 @@ def _leaf(site_name: str) -> str:
     return site_name.rsplit(">", 1)[-1].rsplit(".", 1)[-1].split("#", 1)[0]
 
 
-def _channel_axes(channel_axis: Mapping[str, int] | None) -> dict[str, int]:
-    """``channel_axis`` checked: site globs to integer dims."""
+def _channel_axes(channel_axis: Mapping[str, int | None] | None) -> dict[str, int | None]:
+    """``channel_axis`` checked: site globs to integer dims, or None (the input has no channel dim)."""
     if channel_axis is None:
         return {}
     if not isinstance(channel_axis, Mapping):
         raise UsageError(f"channel_axis takes a dict of site glob -> dim, got {type(channel_axis).__name__}")
     for glob, axis in channel_axis.items():
-        if not isinstance(glob, str) or not glob or isinstance(axis, bool) or not isinstance(axis, int):
-            raise UsageError(f"channel_axis takes site glob -> integer dim (e.g. {{'block.relu': 1}}), got {glob!r}: {axis!r}")
+        if not isinstance(glob, str) or not glob or isinstance(axis, bool) or not isinstance(axis, (int, type(None))):
+            raise UsageError(f"channel_axis takes site glob -> integer dim, or None where the input has no channel dim "
+                             f"(e.g. {{'block.relu': 1, 'gate': None}}), got {glob!r}: {axis!r}")
     return dict(channel_axis)
 
 

@@ -87,7 +87,7 @@ class Monitor:
         every: int | None = 100,
         sample_every: int = 1,
         select: Sequence[str] | None = None,
-        channel_axis: Mapping[str, int] | None = None,
+        channel_axis: Mapping[str, int | None] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         tau: float = 0.1,
         writers: Sequence[SnapshotWriter] = (),

@@ -8,13 +8,18 @@ satisfy. Oracle: the pre-activations the model stored itself, pooled whole by nu
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typer.testing import CliRunner
 
 import deadneuron
+from deadneuron.cli import app
 
 
 class Head(nn.Module):
@@ -163,3 +168,42 @@ def test_the_monitor_reads_the_gradient_of_a_single_channel() -> None:
     site = snap.sites["relu"]
     assert site.channels == 1 and site.grad_elements == 8
     assert site.grad_nonzero == pytest.approx((z > 0).double().mean().item())  # d relu(z).sum() / dz = [z > 0]
+
+
+class RawScores(nn.Module):
+    """A ReLU on the model's own 1-D input, (N,) scores: no layer says what its one dim is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.scale * x - 1.0)
+
+
+def test_the_user_can_say_an_input_has_no_channel_dim() -> None:
+    batches = [torch.randn(6), torch.randn(6)]
+    z = np.concatenate([(2.0 * b - 1.0).numpy() for b in batches]).astype(np.float64)
+    read = deadneuron.audit(RawScores().eval(), batches, progress=False).sites["relu"]
+    assert (read.channels, read.axis_source) == (6, "rank")  # read on its one dim: six "channels", as stated
+    site = deadneuron.audit(RawScores().eval(), batches, progress=False, channel_axis={"relu": None}).sites["relu"]
+    assert (site.channels, site.axis_source, site.n) == (1, "none", 12)
+    assert site.channel_zero[0] == pytest.approx((z <= 0).mean(), abs=1e-12)
+
+
+def test_cli_channel_axis_none(tmp_path: Path) -> None:
+    source = tmp_path / "scores.py"
+    source.write_text(
+        "import torch\nfrom tests.test_axis_none import RawScores\n\n"
+        "def build():\n    return RawScores()\n\n"
+        "def batches():\n    g = torch.Generator().manual_seed(0)\n    return [torch.randn(5, generator=g), torch.randn(3, generator=g)]\n"
+    )
+    torch.save(RawScores().state_dict(), weights := tmp_path / "scores.pth")
+    common = ["audit", str(weights), "--model", f"{source}:build", "--data", f"{source}:batches", "--no-rules",
+              "--format", "json"]  # fmt: skip
+    result = CliRunner().invoke(app, [*common, "--channel-axis", "relu=none"])
+    assert result.exit_code == 0, result.stderr
+    (site,) = json.loads(result.stdout)["sites"]
+    assert (site["channels"], site["axis_source"], site["n"]) == (1, "none", 8)
+    wrong = CliRunner().invoke(app, [*common, "--channel-axis", "relu=nothing"])
+    assert wrong.exit_code == 2 and "or none where the input has no channel dim" in wrong.stderr

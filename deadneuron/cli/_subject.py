@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -58,18 +59,17 @@ def parse_key_values(items: Sequence[str], *, option: str) -> dict[str, Any]:
     return out
 
 
-def parse_channel_axes(items: Sequence[str]) -> dict[str, int]:
-    """``["block.relu=1", "head.*=-1"]`` -> ``{"block.relu": 1, "head.*": -1}`` (--channel-axis GLOB=AXIS)."""
-    out: dict[str, int] = {}
+def parse_channel_axes(items: Sequence[str]) -> dict[str, int | None]:
+    """``["block.relu=1", "head.*=-1", "gate=none"]`` -> ``{"block.relu": 1, "head.*": -1, "gate": None}``
+    (--channel-axis GLOB=AXIS; ``none``: the input has no channel dim, one channel)."""
+    out: dict[str, int | None] = {}
     for item in items:
         glob, sep, raw = item.rpartition("=")
-        try:
-            axis = int(raw.strip())
-        except ValueError:
-            axis = None
-        if not sep or not glob.strip() or axis is None:
-            raise UsageError(f"--channel-axis takes GLOB=AXIS with an integer dim (e.g. 'block.relu=1'), got {item!r}")
-        out[glob.strip()] = axis
+        word = raw.strip()
+        if not sep or not glob.strip() or not (word.lower() == "none" or re.fullmatch(r"[+-]?[0-9]+", word)):
+            raise UsageError(f"--channel-axis takes GLOB=AXIS with an integer dim, or none where the input has no "
+                             f"channel dim (e.g. 'block.relu=1', 'gate=none'), got {item!r}")
+        out[glob.strip()] = None if word.lower() == "none" else int(word)
     return out
 
 

@@ -48,7 +48,7 @@ def audit_command(
     select: Annotated[list[str] | None, typer.Option("--select", metavar="GLOB", help="Only sites matching this glob or kind; repeatable.")] = None,
     mask: Annotated[str | None, typer.Option("--mask", metavar="KEY", help="Padding mask: this key of dict batches, True (1) where the batch holds data; ~KEY inverts one that is True at padding, as PyTorch's key_padding_mask is; len:KEY builds it from the (N,) per-sample lengths in KEY (default: the attention_mask of dict batches, or the adapter's valid cells).")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Use no padding mask: padded positions count as data.")] = False,
-    channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end); repeatable.")] = None,
+    channel_axis: Annotated[list[str] | None, typer.Option("--channel-axis", metavar="GLOB=AXIS", help="Channel dim of the sites matching GLOB, where no layer fixes it (negative: from the end; none: the input has no channel dim, one channel); repeatable.")] = None,
     mask_dims: Annotated[list[str] | None, typer.Option("--mask-dims", metavar="GLOB=DIMS", help="Where the padding mask lies at the sites matching GLOB: their dims under the mask's (N, positions...), e.g. 1,0 for (L, N, C) sequence-first activations; repeatable.")] = None,
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table (rich terminal report) or json (the Report on stdout).")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Table: also the dead/dormant channel ids, slot usage and every finding's full text.")] = False,

@@ -158,7 +158,7 @@ class AxisTracker:
     ``overrides`` maps site globs to a user-given axis (negative counts from the end).
     """
 
-    def __init__(self, overrides: Mapping[str, int] | None = None) -> None:
+    def __init__(self, overrides: Mapping[str, int | None] | None = None) -> None:
         self.overrides = dict(overrides or {})
         self.matched: set[str] = set()  # override globs that matched a site
         self._axes: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, AxisSource]]] = {}
@@ -272,6 +272,8 @@ class AxisTracker:
         for glob, axis in self.overrides.items():
             if matches(names, (glob,)):
                 self.matched.add(glob)
+                if axis is None:  # the user's word: no channel dim, one channel (`Site.view`)
+                    return -1, AxisSource.NONE
                 if not -max(z.dim(), 1) <= axis < max(z.dim(), 1):
                     raise UsageError(
                         f"channel axis {axis} set for {glob!r} does not fit site {names[0]!r}, whose input has "

@@ -73,7 +73,7 @@ class Recorder:
         functional: bool = True,
         compile: bool = True,
         histograms: bool = False,
-        channel_axis: Mapping[str, int] | None = None,
+        channel_axis: Mapping[str, int | None] | None = None,
         mask_dims: Mapping[str, Sequence[int]] | None = None,
         activations: ActivationRegistry | None = None,
         observer: SiteObserver | None = None,

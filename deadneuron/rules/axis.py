@@ -47,7 +47,8 @@ def _guessed_axis(report: Report, context: RuleContext, t: Mapping[str, float]) 
 def _dims(site: SiteHealth) -> str:
     """The dims AXIS can name, from the shape of the site's input."""
     n = max(len(site.shape), 1)
-    return f"AXIS: one of 0..{n - 1} for input {tuple(site.shape)}, or -{n}..-1 counting from the end"
+    return (f"AXIS: one of 0..{n - 1} for input {tuple(site.shape)}, or -{n}..-1 counting from the end, or none "
+            "(None from Python) where the input has no channel dim (every element one channel's)")
 
 
 def _how(site: str, audit_args: Any) -> dict[str, str]:
