@@ -211,7 +211,14 @@ WEIGHT_REASON = ("on one of the model's parameters (a weight transform, as softp
 def is_weight(z: torch.Tensor) -> bool:
     """Whether ``z`` is a parameter, or a view of one: an activation applied to it is a weight transform
     (softplus of a scale, sigmoid of a gate), as a parametrization is, not an activation of data."""
-    return isinstance(z, nn.Parameter) or isinstance(z._base, nn.Parameter)
+    base = z._base
+    return _parameter(z) or (base is not None and _parameter(base))
+
+
+def _parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)`` without its Python ``__instancecheck__`` for a plain tensor (every
+    activation input and matrix product asks)."""
+    return type(t) is not torch.Tensor and isinstance(t, nn.Parameter)
 
 
 def refuse_nested(z: torch.Tensor, name: str) -> None:
