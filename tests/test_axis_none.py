@@ -207,3 +207,39 @@ def test_cli_channel_axis_none(tmp_path: Path) -> None:
     assert (site["channels"], site["axis_source"], site["n"]) == (1, "none", 8)
     wrong = CliRunner().invoke(app, [*common, "--channel-axis", "relu=nothing"])
     assert wrong.exit_code == 2 and "or none where the input has no channel dim" in wrong.stderr
+
+
+class HandNorm(nn.Module):
+    """A linear layer, an RMS norm and a layer norm written as tensor ops, then a ReLU: the norms' statistics
+    (reduced over the channel dim, keepdim) broadcast back and the channel axis stays the linear's. Tokens
+    as many as channels, so that only a derived axis reads them right; channels 2 and 5 planted dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+        self.b = nn.Parameter(torch.zeros(8))
+        with torch.no_grad():
+            self.b[[2, 5]] = -100.0
+        self.seen: list[np.ndarray] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = (h - h.mean(dim=-1, keepdim=True)) / h.std(-1, keepdim=True) + self.b
+        self.seen.append(h.detach().numpy().copy())
+        return F.relu(h)
+
+
+def test_a_norm_written_as_tensor_ops_keeps_the_channel_axis() -> None:
+    torch.manual_seed(0)
+    model = HandNorm().eval()
+    batches = [torch.randn(3, 8, 4) for _ in range(2)]
+    report = deadneuron.audit(model, batches, progress=False)
+    model.seen.clear()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    z = np.concatenate(model.seen).reshape(-1, 8)
+    site = report.sites["relu"]
+    assert (site.channel_axis, site.axis_source, site.channels) == (2, "traced", 8)
+    assert list(site.dead_channels) == [c for c in range(8) if (z[:, c] <= 0).all()] == [2, 5]

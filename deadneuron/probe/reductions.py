@@ -4,8 +4,9 @@ A reduction over other dims keeps the channel dim (a global average pool, ``x.me
 move to where the reduced dims leave them); one over the channel dim itself leaves a tensor with no channel
 dim (a per-token score ``(h * w).sum(-1)``, a norm over features): every element of it belongs to the one
 channel that remains, which is how a site reading it is measured (`AxisSource.NONE`). With ``keepdim`` the
-channel dim stays where it was (of size 1 where it was reduced). A reduction over every dim gives a scalar,
-one channel already.
+channel dim stays where it was; reduced so, it is a statistic per position that broadcasts back over the
+channels (a hand-written layer or RMS norm's mean and variance), which carries no axis: the elementwise op
+that applies it keeps the data's. A reduction over every dim gives a scalar, one channel already.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class Reduction:
             return None  # every dim (a scalar), or arguments read another way
         dims = {d % x.dim() for d in items}
         keep = args[self.at + 1] if len(args) > self.at + 1 else kwargs.get("keepdim", False)
-        if keep is True:
-            return (a, AxisSource.TRACED) if out.dim() == x.dim() else None
+        if keep is True:  # over the channel dim: a statistic per position that broadcasts back (a norm's)
+            return (a, AxisSource.TRACED) if out.dim() == x.dim() and a not in dims else None
         if a in dims:
             return SINGLE if out.dim() == x.dim() - len(dims) else None
         j = a - sum(1 for d in dims if d < a)
