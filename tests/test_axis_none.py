@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,12 +56,17 @@ class Head(nn.Module):
 FORMS = ["squeeze", "view(-1)", "[:, 0]", "[..., 1] of 3", "sum(-1)", "unbind", "norm then scale"]
 
 
-def _stored(model: Head, batches: list[torch.Tensor]) -> np.ndarray:
+def _rerun(model: Any, batches: list[torch.Tensor]) -> list[np.ndarray]:
+    """The pre-activations ``model`` stores (its ``seen``) over ``batches``, run again outside the audit."""
     model.seen.clear()
     with torch.no_grad():
         for b in batches:
             model(b)
-    return np.concatenate([z.reshape(-1) for z in model.seen]).astype(np.float64)
+    return list(model.seen)
+
+
+def _stored(model: Head, batches: list[torch.Tensor]) -> np.ndarray:
+    return np.concatenate([z.reshape(-1) for z in _rerun(model, batches)]).astype(np.float64)
 
 
 # on (N, L, 1) tokens, [:, 0] takes the first token: its one channel stays, (N, 1)
@@ -143,11 +149,7 @@ def test_a_reduction_over_other_dims_keeps_the_channel_axis() -> None:
     model = PooledMap().eval()
     batches = [torch.randn(3, 2, 6, 5) for _ in range(2)]
     report = deadneuron.audit(model, batches, progress=False)
-    model.seen.clear()
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    z = np.moveaxis(np.concatenate(model.seen), 1, -1).reshape(-1, 6)
+    z = np.moveaxis(np.concatenate(_rerun(model, batches)), 1, -1).reshape(-1, 6)
     site = report.sites["relu"]
     assert (site.channel_axis, site.axis_source, site.channels) == (1, "traced", 6)
     assert list(site.dead_channels) == [c for c in range(6) if (z[:, c] <= 0).all()] == [4]
@@ -235,11 +237,7 @@ def test_a_norm_written_as_tensor_ops_keeps_the_channel_axis() -> None:
     model = HandNorm().eval()
     batches = [torch.randn(3, 8, 4) for _ in range(2)]
     report = deadneuron.audit(model, batches, progress=False)
-    model.seen.clear()
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    z = np.concatenate(model.seen).reshape(-1, 8)
+    z = np.concatenate(_rerun(model, batches)).reshape(-1, 8)
     site = report.sites["relu"]
     assert (site.channel_axis, site.axis_source, site.channels) == (2, "traced", 8)
     assert list(site.dead_channels) == [c for c in range(8) if (z[:, c] <= 0).all()] == [2, 5]
