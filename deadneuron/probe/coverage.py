@@ -25,6 +25,7 @@ from deadneuron._text import few
 from deadneuron.activations import ActivationSpec
 from deadneuron.errors import UsageError
 from deadneuron.functional_kinds import GLU_REASON
+from deadneuron.probe.scripted import script_functions
 from deadneuron.report import UNREACHED
 
 if TYPE_CHECKING:
@@ -111,6 +112,8 @@ class Coverage:
     calls: dict[tuple[str, str], str] = field(default_factory=dict)  # (owner, function) -> reason
     unselected: dict[str, None] = field(default_factory=dict)  # activations select left out (ordered)
     scripted: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # TorchScript module -> (class, acts)
+    # TorchScript functions the model's code calls: function -> (first module whose class names it, class, acts)
+    script_calls: dict[str, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
     # modules of the user's own classes that could be an activation by what they hold (see `suspect`), and
     # those of them seen acting as one (one tensor in, a floating tensor of its shape out)
     suspects: dict[nn.Module, str] = field(default_factory=dict)
@@ -127,6 +130,9 @@ class Coverage:
             if isinstance(m, torch.jit.ScriptModule) and not any(_inside(name, s) for s in self.scripted):
                 self.scripted[name] = (getattr(m, "original_name", type(m).__name__), _scripted_activations(name, m))
         named = [(name, m, spec) for name, m, spec in named if not isinstance(m, torch.jit.ScriptModule)]
+        for name, m, _ in named:
+            for function, called in script_functions(type(m)):
+                self.script_calls.setdefault(function, (name, type(m).__name__, called))
         recognised = {m for _, m, spec in named if spec is not None}
         inside = tuple(f"{name}." for name, _, spec in named if spec is not None and name)
         # a module holding an activation module (recognised, or one named here itself) is made of it, so it is
@@ -175,6 +181,9 @@ class Coverage:
         sites = [(s.owner, s.spec.kind_name if s.functional else None) for s in measured]
         owners = [owner for owner, _ in sites]
         out = [_scripted_warning(name, cls, inside) for name, (cls, inside) in self.scripted.items()]
+        out += [f"function {function}() called in {name or 'the model'!r} ({cls}) is TorchScript (torch.jit.script): the "
+                f"probe sees nothing inside it, so its activations ({', '.join(acts)}) are not measured: audit with "
+                "the Python function (without @torch.jit.script)" for function, (name, cls, acts) in self.script_calls.items()]
         for name, (cls, reason) in self.unknown.items():
             if select and not _matches(name, cls, select):
                 continue
