@@ -69,7 +69,8 @@ def _global_names(code: types.CodeType) -> Iterator[str]:
 
 def _graph_activations(fn: Any) -> tuple[str, ...]:  # a torch.jit.ScriptFunction
     try:
-        kinds = {node.kind().partition("::")[2].rstrip("_") for node in fn.inlined_graph.nodes()}
-    except RuntimeError:  # a graph torch cannot inline: said without the activations' names
-        return ("its activations",)
+        graph = fn.inlined_graph
+    except RuntimeError:  # a graph torch cannot inline: its own calls only
+        graph = fn.graph
+    kinds = {node.kind().partition("::")[2].rstrip("_") for node in graph.nodes()}
     return tuple(sorted(kinds & _activation_names()))
