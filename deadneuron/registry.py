@@ -39,6 +39,7 @@ from deadneuron.activations import (
     spec_for_module,
 )
 from deadneuron.errors import UsageError
+from deadneuron.known_modules import known_spec
 
 _TORCH_CALLABLES = (
     types.BuiltinFunctionType,
@@ -131,8 +132,9 @@ class ActivationRegistry:
         return None
 
     def spec_for_module(self, m: nn.Module) -> ActivationSpec | None:
-        """What module ``m`` computes: a registered kind first, else a built-in one, else None."""
-        return self.module_spec(m) or spec_for_module(m)
+        """What module ``m`` computes: a registered kind first, else a built-in one (or one of another library's
+        modules that computes a built-in kind: `deadneuron.known_modules`), else None."""
+        return self.module_spec(m) or spec_for_module(m) or known_spec(m)
 
     def functions(self) -> Mapping[Any, CustomActivation]:
         """The registered torch functions (a copy)."""

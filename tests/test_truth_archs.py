@@ -243,14 +243,15 @@ def test_t5_each_side_audited_with_its_own_mask_matches_the_oracle() -> None:
 
 
 def test_t5_gated_feed_forward_block_is_not_named_as_an_activation() -> None:
-    """T5's gated-gelu: its tanh-approximated GELU (NewGELUActivation) is named as measured through tanh; the
-    feed-forward block around it (T5DenseGatedActDense: two Linear layers, dropout, the activation) is no
-    activation, and registering it as one (what a warning naming it advises) would measure the whole block."""
+    """T5's gated-gelu: its tanh-approximated GELU (Hugging Face's NewGELUActivation) is measured as that GELU
+    (`deadneuron.known_modules`); the feed-forward block around it (T5DenseGatedActDense: two Linear layers,
+    dropout, the activation) is no activation, and registering it as one would measure the whole block."""
     model = _t5("gated-gelu")
     report = audit(model, _t5_batches([(2, 5, 4)]))
     acts = {n for n, m in model.named_modules() if type(m).__name__ == "NewGELUActivation"}
     blocks = {n for n, m in model.named_modules() if type(m).__name__ == "T5DenseGatedActDense"}
     assert acts and blocks
+    assert all(report.sites[name].label == "gelu(approximate=tanh)" for name in acts)
+    assert not [n for n in report.sites if "tanh" in n]
     warned = report.meta["warnings"]
-    assert all(any(f"module {name!r}" in w for w in warned) for name in acts), warned
-    assert not any(f"module {name!r}" in w for name in blocks for w in warned), warned
+    assert not any(f"module {name!r}" in w for name in blocks | acts for w in warned), warned

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
 from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
+from deadneuron.probe.composite import SCALES, SIGMOIDS, Pending, Scaled, among, defers, scaled, swish
 from deadneuron.probe.coverage import WEIGHT_REASON, is_weight, refuse_nested
 from deadneuron.probe.measure import writable
 from deadneuron.probe.order import REORDERING
@@ -118,8 +119,14 @@ class FunctionalProbe(TorchFunctionMode):
         self._axes = recorder.axes
         self._order = recorder.axes.order
         self._entries = entries(recorder.activations)
+        self.pending: Pending | Scaled | None = None  # a sigmoid call measured once the next call shows what it was,
+        self._scaled: Scaled | None = None  # or a product of a tensor and a number: a sigmoid's input, perhaps
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if self.pending is not None:
+            taken, result = self.settle(func, args, kwargs)
+            if taken:
+                return result
         try:
             entry = self._entries.get(func)
         except TypeError:  # an unhashable callable: not one of ours
@@ -141,6 +148,8 @@ class FunctionalProbe(TorchFunctionMode):
         if entry.make is not None:
             return self._activation(entry, func, args, kwargs)
         out = func(*args, **kwargs)
+        if func in SCALES:  # (hashable: it has an entry)
+            self.pending = scaled(func, args, kwargs, out)
         if entry.reorders:
             self._order.reorder(func, args, kwargs, out, self._axes.known)
         elif self._order.marks:
@@ -165,7 +174,7 @@ class FunctionalProbe(TorchFunctionMode):
     def _activation(self, entry: Entry, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A function that can be an activation: a site where this call is one (measured around the call),
         else a plain call whose axis is carried like any op's."""
-        rec = self._recorder
+        rec, before, self._scaled = self._recorder, self._scaled, None
         try:
             spec = entry.make(args, kwargs)  # type: ignore[misc]
         except TypeError:  # arguments no activation takes: not one
@@ -179,6 +188,13 @@ class FunctionalProbe(TorchFunctionMode):
                 rec.coverage.unmeasured_call(self._stack[-1][0], entry.name, spec.reason)
             elif is_weight(z):  # a weight transform, not an activation of data
                 rec.coverage.unmeasured_call(self._stack[-1][0], entry.name, WEIGHT_REASON)
+            elif defers(spec, entry.inplace or bool(kwargs.get("inplace", False))):  # type: ignore[arg-type]
+                out = func(*args, **kwargs)
+                self._carry(entry, args, kwargs, out)
+                if isinstance(out, torch.Tensor):
+                    x, beta = (before.x, before.beta) if before is not None and before.out is z else (z, 1.0)
+                    self.pending = Pending(spec, entry.name, z, out, x, beta)  # type: ignore[arg-type]
+                return out
             else:
                 site = rec._functional_site(spec, entry.name, z)  # type: ignore[arg-type]
         if site is None:
@@ -195,3 +211,31 @@ class FunctionalProbe(TorchFunctionMode):
                 rec._after(site, out, None if inplace else z)
                 self._carry(entry, args, kwargs, out)
         return out
+
+    def settle(self, func: Any = None, args: tuple[Any, ...] = (), kwargs: Any = None) -> tuple[bool, Any]:
+        """Measure the sigmoid call held in `pending` (`deadneuron.probe.composite`): as SiLU where ``func(*args)``,
+        the call after it, multiplies it by its own input, then run and return that call: (True, its result);
+        else as the sigmoid, before ``func`` runs (or a hook changes the module stack): (False, None)."""
+        pending, self.pending = self.pending, None
+        if type(pending) is Scaled:  # kept for the call after it, a sigmoid's, only
+            self._scaled = pending if among(func, SIGMOIDS) else None
+            return False, None
+        assert isinstance(pending, Pending)
+        rec = self._recorder
+        written = None if func is None else swish(pending, func, args, kwargs)
+        spec, name, z = (pending.spec, pending.name, pending.z) if written is None else (*pending.swish(), pending.x)
+        site = rec._functional_site(spec, name, z)
+        if site is None:  # left out by a select: the call runs as any other
+            return False, None
+        with torch._C.DisableTorchFunction():
+            rec._before(site, z, bool(written))
+            if written is None:
+                rec._after(site, pending.out, z)
+                return False, None
+        out = func(*args)  # (torch pops this mode while its handler runs: this runs in C)
+        with torch._C.DisableTorchFunction():
+            rec._after(site, out, None if written else z)
+            entry = self._entries.get(func)
+            if entry is not None:
+                self._carry(entry, args, {}, out)
+        return True, out

@@ -32,7 +32,8 @@ from deadneuron.probe.measure import measure_input, measure_output, writable
 from deadneuron.probe.modestack import is_top, on_stack, pop_if_top, remove_mode
 from deadneuron.probe.observer import SiteObserver
 from deadneuron.probe.placement import StatedDims
-from deadneuron.probe.site import Site, SiteResult, shown_name, site_globs, site_names
+from deadneuron.probe.site import Site, shown_name, site_globs
+from deadneuron.probe.sitetable import SiteTable
 from deadneuron.registry import ActivationRegistry, default_registry
 from deadneuron.select import matches
 from deadneuron.stats import ChannelStats, Kernels, ValueHistogram
@@ -47,7 +48,7 @@ _graph_task = torch._C._current_graph_task_id
 _Activation = tuple[ActivationSpec, FlatRegion, str, str, tuple[str], tuple[str, bool], list[Site | None]]
 
 
-class Recorder:
+class Recorder(SiteTable):
     """Hooks ``model``, records per-site activation statistics, and removes every hook on exit.
 
     Use as ``with Recorder(model) as rec: model(x)`` then ``rec.results()``. On exit (also after an
@@ -114,11 +115,6 @@ class Recorder:
         self.last_module: str | None = None
         self._mask: BatchMask | None = None
         self.wrapped = False  # the model's next call wraps a whole training step (see `start_batch`)
-
-    @property
-    def last_site(self) -> str | None:
-        """The site measured last in this batch, named as the site table names it (error messages), or None."""
-        return shown_name(self._sites.values(), self._last) if self._last is not None else None
 
     # -- context management -----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -195,6 +191,8 @@ class Recorder:
 
     def _forget_forward(self) -> None:
         self.fused = None
+        if self._probe is not None:
+            self._probe.pending = self._probe._scaled = None  # a forward pass that raised after a sigmoid call
         self._order.end_forward()
         self._producers.clear()
         self.axes.reset()
@@ -214,9 +212,15 @@ class Recorder:
     def idle(self) -> None:
         """Take the functional probe off the torch-function stack until the next forward pass puts it back,
         so that code between forward passes (a loss, an optimizer step) runs without it (the monitor)."""
+        self._settle()
         mode = self._mode
         if mode is not None and on_stack(mode):
             remove_mode(mode)
+
+    def _settle(self) -> None:
+        """Measure a sigmoid call the probe holds (`deadneuron.probe.composite`) before a hook changes the stack."""
+        if self._probe is not None and self._probe.pending is not None:
+            self._probe.settle()
 
     def _ensure_mode(self) -> None:
         mode = self._mode
@@ -227,6 +231,7 @@ class Recorder:
     def _enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         if _graph_task() != -1:  # recomputed inside backward (checkpointing)
             return
+        self._settle()
         if m is self.model and self.wrapped:  # not on the stack: what runs outside the parts is outside the model
             self.wrapped = False
             return
@@ -239,6 +244,7 @@ class Recorder:
     def _exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if _graph_task() != -1:  # recomputed inside backward (checkpointing)
             return
+        self._settle()
         if self._stack:
             self._stack.pop()
         self._note_output(m, args, out)
@@ -249,6 +255,7 @@ class Recorder:
 
     def _leaf_enter_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         if _graph_task() == -1:  # not recomputed inside backward (checkpointing)
+            self._settle()
             self._suspended.append(self._suspend())
 
     def _leaf_exit_hook(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -294,6 +301,7 @@ class Recorder:
     def _activation_pre_hook(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         if _graph_task() != -1:  # recomputed inside backward (checkpointing)
             return
+        self._settle()
         spec, region, name, leaf, key, entry, pending = self._specs[m]
         z = args[0] if args and isinstance(args[0], torch.Tensor) else None
         site = out = None
@@ -373,28 +381,8 @@ class Recorder:
         if self.observer is not None and not is_batched(a):  # (not inside torch.func.vmap: `batched`)
             self.observer.after(site, a)
 
-    def state_bytes(self) -> int:
-        """Memory held by the statistics of every site (O(channels), independent of batches)."""
-        return sum(s.stats.state_bytes() for s in self._sites.values())
-
     # -- results -----------------------------------------------------------------------------------
-    def site_names(self) -> list[str]:
-        """Final names of the sites, in order of first call."""
-        return site_names(list(self._sites.values()))
-
-    def keyed_sites(self) -> list[tuple[tuple[Any, ...], str, Site]]:
-        """Every site with its key (its call place: the same in every process) and final name, in call order."""
-        return list(zip(self._sites, self.site_names(), self._sites.values(), strict=True))
-
-    def named_sites(self) -> list[tuple[str, Site]]:
-        """(final name, running state) of every site, in order of first call (for observers)."""
-        return list(zip(self.site_names(), self._sites.values(), strict=True))
-
     def warnings(self) -> list[str]:
         """Unknown activations no site measured (`coverage`), mask placements guessed or refused (`order`)."""
         return [*self.coverage.warnings(self._sites.values(), self.select), *self.mask_dims.warnings(self.named_sites()),
                 *self._order.warnings(self.keyed_sites())]
-
-    def results(self) -> list[SiteResult]:
-        with torch._C.DisableTorchFunction():
-            return [s.result(name) for name, s in zip(self.site_names(), self._sites.values(), strict=True)]
