@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from deadneuron.registry import ActivationRegistry
 
 Args = tuple[Any, ...]
-Maker = Callable[[Args, Mapping[str, Any]], "ActivationSpec | Unmeasured | None"]
+Maker = Callable[[Args, Mapping[str, Any]], "ActivationSpec | Unmeasured | Part | None"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,15 @@ class Unmeasured:
     """A function that looks like an activation but is not measured, and why."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Part:
+    """A function that is no activation alone (``torch.erf``), measured only as part of one written out
+    (``x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))``: `deadneuron.probe.written`)."""
+
+
+PART = Part()
 
 
 GLU_REASON = "halves the channel dim (a * sigmoid(b) over two halves), so it is not measured as an activation"
@@ -127,6 +136,7 @@ def _functional_table() -> dict[Any, Maker]:
     add((torch.clamp_min, torch.clamp_min_, T.clamp_min, T.clamp_min_), _clamp_min)
     add((F.prelu, torch.prelu), lambda a, kw: ActivationSpec(K.PRELU, prelu_weight=_arg(a, kw, 1, "weight", None)))
     add((F.glu,), lambda a, kw: Unmeasured(GLU_REASON))
+    add((torch.erf, T.erf, torch.special.erf), lambda a, kw: PART)
     return table
 
 
@@ -145,9 +155,9 @@ class FunctionalActivations:
         arguments (the functional probe binds them once)."""
         return MappingProxyType(self._table)
 
-    def lookup(self, func: Any, args: Args, kwargs: Mapping[str, Any] | None) -> ActivationSpec | Unmeasured | None:
+    def lookup(self, func: Any, args: Args, kwargs: Mapping[str, Any] | None) -> ActivationSpec | Unmeasured | Part | None:
         """The activation ``func(*args, **kwargs)`` computes, `Unmeasured` if it is one that is not
-        measured, None if it is not an activation."""
+        measured, `Part` if only as part of one written out, None if it is not an activation."""
         make = self._table.get(func)
         if make is None:
             return None

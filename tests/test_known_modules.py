@@ -94,11 +94,14 @@ def test_a_hugging_face_activation_is_measured_as_the_function_it_computes(act: 
 
 
 def test_a_subclass_that_overrides_forward_is_left_to_the_probe() -> None:
+    """Its forward computes something else (GELU of its input minus 1): not matched as the class, the probe reads
+    the expression the parent's forward writes (`deadneuron.probe.written`), on the tensor it is written of."""
+
     class ShiftedGELU(transformers.activations.NewGELUActivation):
         def forward(self, input: torch.Tensor) -> torch.Tensor:
             return super().forward(input - 1.0)
 
     model = nn.Sequential(nn.Linear(4, 6), ShiftedGELU())
     report = deadneuron.audit(model.eval(), [torch.randn(5, 4)], progress=False)
-    assert [s.kind for s in report.sites.values()] == ["tanh"]
-    assert [w for w in report.meta["warnings"] if "ShiftedGELU" in w]
+    (site,) = report.sites.values()
+    assert site.name != "1" and site.kind == "gelu" and "written=" in site.label

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from deadneuron.functional_kinds import FunctionalActivations, Maker, Unmeasured
+from deadneuron.functional_kinds import FunctionalActivations, Maker, Part, Unmeasured
 from deadneuron.probe.axisrules import AxisRule, Producer, axis_rules
 from deadneuron.probe.composite import SCALES, SIGMOIDS, Pending, Scaled, among, defers, scaled, swish
 from deadneuron.probe.coverage import WEIGHT_REASON, is_weight, refuse_nested
@@ -28,6 +28,7 @@ from deadneuron.probe.measure import writable
 from deadneuron.probe.order import REORDERING
 from deadneuron.probe.products import product_rules
 from deadneuron.probe.reductions import reduction_rules
+from deadneuron.probe.written import SEED_SITES, Held, Written, WrittenActivation, input_of
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
@@ -119,7 +120,9 @@ class FunctionalProbe(TorchFunctionMode):
         self._axes = recorder.axes
         self._order = recorder.axes.order
         self._entries = entries(recorder.activations)
-        self.pending: Pending | Scaled | None = None  # a sigmoid call measured once the next call shows what it was,
+        self._written = Written()  # activations written as one expression (`deadneuron.probe.written`)
+        # a sigmoid call measured once the next call shows what it was, or a written activation until its last call,
+        self.pending: Pending | Scaled | Held | None = None
         self._scaled: Scaled | None = None  # or a product of a tensor and a number: a sigmoid's input, perhaps
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -148,7 +151,7 @@ class FunctionalProbe(TorchFunctionMode):
         if entry.make is not None:
             return self._activation(entry, func, args, kwargs)
         out = func(*args, **kwargs)
-        if func in SCALES:  # (hashable: it has an entry)
+        if func in SCALES and self.pending is None:  # (hashable: it has an entry)
             self.pending = scaled(func, args, kwargs, out)
         if entry.reorders:
             self._order.reorder(func, args, kwargs, out, self._axes.known)
@@ -175,6 +178,10 @@ class FunctionalProbe(TorchFunctionMode):
         """A function that can be an activation: a site where this call is one (measured around the call),
         else a plain call whose axis is carried like any op's."""
         rec, before, self._scaled = self._recorder, self._scaled, None
+        if type(self.pending) is Held:  # a call of the written activation under way (`written`)
+            out = func(*args, **kwargs)
+            self._carry(entry, args, kwargs, out)
+            return out
         try:
             spec = entry.make(args, kwargs)  # type: ignore[misc]
         except TypeError:  # arguments no activation takes: not one
@@ -183,6 +190,13 @@ class FunctionalProbe(TorchFunctionMode):
         site = None
         if z is not None:
             refuse_nested(z, f"{self._stack[-1][0] if self._stack else ''}.{entry.name}".lstrip("."))
+        if z is not None and z.is_floating_point() and entry.name in SEED_SITES and not is_weight(z) \
+                and (found := self._written.at()) is not None:  # fmt: skip
+            written = self._written_call(found, entry, func, args, kwargs, z)
+            if written is not None:
+                return written[0]
+        if isinstance(spec, Part):  # no activation alone
+            z = None
         if z is not None and z.is_floating_point():
             if isinstance(spec, Unmeasured):
                 rec.coverage.unmeasured_call(self._stack[-1][0], entry.name, spec.reason)
@@ -212,6 +226,51 @@ class FunctionalProbe(TorchFunctionMode):
                 self._carry(entry, args, kwargs, out)
         return out
 
+    def _written_call(self, found: tuple[WrittenActivation, Any], entry: Entry, func: Any, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], z: torch.Tensor) -> tuple[Any] | None:  # fmt: skip
+        """A call inside an activation written as one expression (`deadneuron.probe.written`), run: (its output,).
+        Where it is the expression's first such call, the expression is held (`pending`) with its input until its
+        last call. None where the input cannot be read (then the call is measured alone)."""
+        written, frame = found
+        x = input_of(written, frame, z) if written.first else None
+        if written.first and x is None:
+            return None
+        out = func(*args, **kwargs)
+        self._carry(entry, args, kwargs, out)
+        if x is not None:
+            self.pending = Held(written, frame, x)
+        return (out,)
+
+    def _settle_written(self, held: Held, func: Any, args: tuple[Any, ...], kwargs: Any) -> tuple[bool, Any]:
+        """`settle` for a written activation: the call made at the expression's own place is its last, measured
+        with its output; one inside the expression keeps it held; anything else measures it with the expression
+        computed again on its input."""
+        frame, place = self._written.place() if func is not None else (None, None)
+        if frame is held.frame and place is not None:
+            if place == held.written.span:
+                out = func(*args, **(kwargs or {}))
+                self._measure_written(held, out)
+                try:
+                    entry = self._entries.get(func)
+                except TypeError:
+                    entry = None
+                if entry is not None:
+                    self._carry(entry, args, kwargs or {}, out)
+                return True, out
+            if held.written.holds(place):
+                self.pending = held
+                return False, None
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            self._measure_written(held, held.written.fn(held.x))
+        return False, None
+
+    def _measure_written(self, held: Held, out: Any) -> None:
+        site = self._recorder._functional_site(held.written.spec, held.written.name, held.x)
+        if site is not None and isinstance(out, torch.Tensor) and out.shape == held.x.shape:
+            with torch._C.DisableTorchFunction():
+                self._recorder._before(site, held.x, False)
+                self._recorder._after(site, out, held.x)
+
     def settle(self, func: Any = None, args: tuple[Any, ...] = (), kwargs: Any = None) -> tuple[bool, Any]:
         """Measure the sigmoid call held in `pending` (`deadneuron.probe.composite`): as SiLU where ``func(*args)``,
         the call after it, multiplies it by its own input, then run and return that call: (True, its result);
@@ -220,6 +279,8 @@ class FunctionalProbe(TorchFunctionMode):
         if type(pending) is Scaled:  # kept for the call after it, a sigmoid's, only
             self._scaled = pending if among(func, SIGMOIDS) else None
             return False, None
+        if type(pending) is Held:
+            return self._settle_written(pending, func, args, kwargs)
         assert isinstance(pending, Pending)
         rec = self._recorder
         written = None if func is None else swish(pending, func, args, kwargs)
