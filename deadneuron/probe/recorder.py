@@ -24,6 +24,7 @@ from deadneuron.probe.axisrules import AxisSource
 from deadneuron.probe.batched import is_batched, outside_transforms
 from deadneuron.probe.callorder import CallOrder
 from deadneuron.probe.coverage import Coverage
+from deadneuron.probe.experts import experts_warnings, stacked_experts
 from deadneuron.probe.functional import FunctionalProbe, first_tensor, tensors
 from deadneuron.probe.layout import AxisTracker, OutputLayout, dim_of, fits, output_info, refit
 from deadneuron.probe.leaves import hooked_modules, quiet_leaf
@@ -356,6 +357,7 @@ class Recorder(SiteTable):
                             histogram=ValueHistogram(z.device) if self.histograms else None)  # fmt: skip
             site.placement.stated, site.placement.site = self.mask_dims.of(names, tuple(z.shape), axis), names[0]
             site.rank, site.names, self._sites[key] = z.dim(), names, site
+            site.experts = stacked_experts(owner, self._by_name, channels)
         elif (z := site.view(z)).dim() != site.rank or not fits(z, site.axis, site.stats.channels):  # a mismatch
             refit(self.axes, site, z, shown_name(self._sites.values(), site))
         site.calls += 1
@@ -385,4 +387,4 @@ class Recorder(SiteTable):
     def warnings(self) -> list[str]:
         """Unknown activations no site measured (`coverage`), mask placements guessed or refused (`order`)."""
         return [*self.coverage.warnings(self._sites.values(), self.select), *self.mask_dims.warnings(self.named_sites()),
-                *self._order.warnings(self.keyed_sites())]
+                *self._order.warnings(self.keyed_sites()), *experts_warnings(self.named_sites())]

@@ -51,6 +51,7 @@ class Site:
     taken: bool = field(default=False, repr=False, compare=False)  # this call measured whole before it ran
     reordered: int = 0  # calls whose positions were reordered (`deadneuron.probe.order`) as no mask could follow
     vmapped: int = 0  # calls inside torch.func.vmap (`deadneuron.probe.batched`): every mapped example pooled
+    experts: str | None = None  # the stacked expert weights it is computed with (`deadneuron.probe.experts`)
     reordering: bool = field(default=False, repr=False, compare=False)  # this call's positions were reordered,
     call_mask: BatchMask | None = field(default=None, repr=False, compare=False)  # so it is measured under this
 
