@@ -149,7 +149,8 @@ class PositionOrder:
         samples = 0 if x.shape[0] == shape[0] else 1
         dims = [d for d in _index_dims(func, x, args, kwargs) if d != samples and (channel is None or d != channel[0])]
         moved = {x.shape[d] for d in dims if x.shape[d] > 1}
-        if x.is_floating_point() and shape[0] in x.shape[:2] and moved & sizes:
+        rows = math.prod(shape)  # the samples' positions flattened into rows, (N*L, C), moved as rows
+        if x.is_floating_point() and ((shape[0] in x.shape[:2] and moved & sizes) or (x.shape[0] == rows and rows in moved)):
             self._set(target, _mixed(self.mark_of(x) or (), (("mixed", tuple(sorted(moved))),)))
         elif self.marks:
             self.carry(args, kwargs, target)
@@ -189,12 +190,14 @@ class PositionOrder:
         positions flattened into one dim, as grid cells into tokens, and reordered there)."""
         mark = self.mark_of(z) if self.marks else None
         flat = math.prod(mask_shape[1:]) if len(mask_shape) > 2 else None
+        rows = math.prod(mask_shape) if math.prod(mask_shape) not in mask_shape else None  # samples' positions as rows
         sizes = _sizes(mark) if mark is not None else set()
-        if not sizes.intersection(mask_shape) and flat not in sizes:
+        if not sizes.intersection(mask_shape) and flat not in sizes and rows not in sizes:
             return ()
         steps: list[MaskStep] = []
         for op, what in mark or ():
-            if op == "mixed" or (flat in _sizes(((op, what),)) and flat not in mask_shape):
+            moves = _sizes(((op, what),))
+            if op == "mixed" or (flat in moves and flat not in mask_shape) or rows in moves:
                 return None
             moved: dict[int, list[int]] = {}
             for size, shift in what if op == "roll" else ((s, -1) for s in what):

@@ -6,7 +6,10 @@ A mask of shape (N, positions...) is placed on the dims of an activation other t
   an (N, L) mask, conv maps (N, C, H, W) under (N, H, W)), or with (N, product of the positions) where a
   grid was flattened into tokens ((N, H*W, C) under (N, H, W));
 * sequence first: they begin with the positions, then N (``nn.TransformerEncoder(batch_first=False)``
-  and ``nn.MultiheadAttention`` read (L, N, C) under an (N, L) mask).
+  and ``nn.MultiheadAttention`` read (L, N, C) under an (N, L) mask);
+* flattened: where neither fits and the tensor is rows of channels, its rows are N x positions, as
+  ``reshape(-1, C)`` of a batch-first (N, L, C) lays them out (Hugging Face's OPT runs its feed-forward on (N*L, C)); the report says so (a
+  tensor flattened sequence first, (L, N, C).reshape(-1, C), would need the mask left out).
 
 A placement is read off the shapes only where one of them fits. Where both fit (a sequence-first model
 whose batch holds as many samples as positions: N == L), the shapes cannot tell. A placement then comes
@@ -29,7 +32,7 @@ from deadneuron.probe.batched import vmap_warnings
 from deadneuron.probe.order import reorder_warnings
 from deadneuron.select import matches
 
-How = Literal["shape", "stated", "guessed", "misplaced"]
+How = Literal["shape", "stated", "guessed", "misplaced", "flattened"]
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,13 @@ class Placement:
 
     dims: tuple[int, ...]
     leading: bool
+    flattened: bool = False  # one dim holding N x positions, batch first
 
 
 @dataclass(frozen=True)
 class MaskPlacement:
     """How a site's mask placement was decided, where a choice was made (reported): ``shape`` (one
-    placement fitted, other than batch first), ``stated`` (``mask_dims``), ``guessed`` (several fitted and no
+    placement fitted, other than batch first), ``flattened`` (the positions flattened into one dim), ``stated`` (``mask_dims``), ``guessed`` (several fitted and no
     call told which; ``options`` lists them) or ``misplaced`` (guessed on some calls, and a later call's
     shapes fitted another placement, ``options[0]``: the guessed calls were masked on the wrong dims)."""
 
@@ -84,6 +88,8 @@ def placements(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple
         repeated = any(rest[s : s + len(positions)] == positions for s in range(k, len(rest) - len(positions) + 1))
         if not repeated:
             found.append(Placement((index[k - 1], *index[: k - 1]), False))
+    if not found and k > 1 and len(rest) == 1 and rest[0] == math.prod(mask_shape):  # rows (N*L, C) only
+        found.append(Placement((index[0],), True, flattened=True))
     return tuple(found)
 
 
@@ -159,8 +165,8 @@ class SitePlacement:
             if self.known is not None:
                 return MaskPlacement(self.guess.dims, "misplaced", (self.known.dims,))
             return MaskPlacement(self.guess.dims, "guessed", tuple(p.dims for p in self.options))
-        if self.known is not None and not self.known.leading:
-            return MaskPlacement(self.known.dims, "shape")
+        if self.known is not None and (self.known.flattened or not self.known.leading):
+            return MaskPlacement(self.known.dims, "flattened" if self.known.flattened else "shape")
         return None
 
 

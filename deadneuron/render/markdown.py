@@ -92,6 +92,7 @@ def mask_text(report: Report) -> str | None:
 
 
 _HOW = {"stated": " (as set)", "guessed": " (a guess: see the warnings)",
+        "flattened": " (N x positions flattened there, batch first)",
         "misplaced": " (wrong on some batches: see the warnings)"}  # fmt: skip
 
 
