@@ -114,3 +114,21 @@ def test_rows_reordered_by_indices_are_not_masked_and_the_site_is_named() -> Non
     (s,) = report.sites.values()
     assert not s.masked and s.n == 42
     assert [w for w in report.meta["warnings"] if f"site {s.name!r}" in w and "reordered" in w]
+
+
+class SequenceFirstRows(nn.Module):
+    """A sequence-first (L, N, C) flattened into rows: its rows are not in a batch-first mask's order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x.transpose(0, 1).reshape(-1, 4)))
+
+
+def test_rows_of_a_sequence_first_tensor_are_not_masked_and_the_site_is_named() -> None:
+    report = deadneuron.audit(SequenceFirstRows().eval(), _batches(), progress=False)
+    (s,) = report.sites.values()
+    assert not s.masked and s.n == 42
+    assert [w for w in report.meta["warnings"] if f"site {s.name!r}" in w and "reordered" in w]

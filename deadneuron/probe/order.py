@@ -46,8 +46,10 @@ INDEXING = frozenset({torch.gather, torch.Tensor.gather, torch.index_select, tor
                       torch.take_along_dim, torch.Tensor.take_along_dim, torch.Tensor.__getitem__,
                       torch.Tensor.__setitem__, torch.scatter, torch.Tensor.scatter, torch.Tensor.scatter_,
                       torch.index_copy, torch.Tensor.index_copy, torch.Tensor.index_copy_})  # fmt: skip
+# reshapes: a sequence-first (L, N, ...) flattened into rows holds them in another order than a batch-first mask's
+FLATTENING = frozenset({torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.flatten, torch.Tensor.flatten})
 REORDERING = frozenset({torch.flip, torch.Tensor.flip, torch.fliplr, torch.Tensor.fliplr, torch.flipud,
-                        torch.Tensor.flipud, torch.roll, torch.Tensor.roll}) | INDEXING  # fmt: skip
+                        torch.Tensor.flipud, torch.roll, torch.Tensor.roll}) | INDEXING | FLATTENING  # fmt: skip
 
 
 def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -111,6 +113,14 @@ class PositionOrder:
             return
         if func in INDEXING:
             self._indexed(func, x, args, kwargs, out, known)
+            return
+        if func in FLATTENING:  # rows of a sequence-first tensor: mixed; else marks carried as by any op
+            n, length = self.mask.shape[0], math.prod(self.mask.shape[1:])
+            if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == n * length and n != length \
+                    and x.dim() > 2 and x.shape[1] == n and x.shape[0] * n == out.shape[0]:  # fmt: skip
+                self._set(out, _mixed(self.mark_of(x) or (), (("mixed", (n * length,)),)))
+            elif self.marks:
+                self.carry(args, kwargs, out)
             return
         if not isinstance(out, torch.Tensor):
             return
@@ -314,8 +324,9 @@ def reorder_warnings(named: Iterable[tuple[str, Any]]) -> list[str]:
     """A warning per site (``named``: each site's name and running state) where the padding mask was not
     applied on some calls because the site's positions were reordered."""
     return [f"site {name!r} (input {tuple(site.shape)}): its input's positions were reordered inside the forward pass "
-            f"(a torch.flip or torch.roll not undone before it, or positions moved by a tensor of indices: a gather, "
-            f"an index_select, x[:, idx]), so the padding mask, laid out in the batch's order, "
+            f"(a torch.flip or torch.roll not undone before it, positions moved by a tensor of indices: a gather, "
+            f"an index_select, x[:, idx], or a sequence-first tensor flattened into rows), so the padding mask, laid out "
+            f"in the batch's order, "
             f"was not applied on {site.reordered} of its {site.calls} calls: its figures count the padding there"
             for name, site in named if site.reordered]  # fmt: skip
 
