@@ -275,15 +275,18 @@ def split(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Kno
 
 
 def getitem(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
-    """Basic indexing (ints, slices, None, Ellipsis) maps dims one to one; anything else gives up."""
+    """Basic indexing (ints, slices, None, Ellipsis) maps dims one to one, as does one 1-D tensor of indices
+    along a dim other than the channel dim (``h[:, :, idx]``); anything else gives up."""
     src = source_of(args, kwargs, known)
     if src is None or len(args) < 2 or not isinstance(out, torch.Tensor):
         return None
     x, a = src
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
-    if not all(i is None or i is Ellipsis or type(i) in (int, slice) for i in index):
+    picks = [i for i in index if isinstance(i, torch.Tensor)]
+    if len(picks) > 1 or any(p.dim() != 1 for p in picks) or not all(
+            i is None or i is Ellipsis or type(i) in (int, slice) or isinstance(i, torch.Tensor) for i in index):  # fmt: skip
         return None
-    consumed = sum(1 for i in index if type(i) in (int, slice))
+    consumed = sum(1 for i in index if type(i) in (int, slice) or isinstance(i, torch.Tensor))
     pos_in = pos_out = 0
     for i in index:
         if i is None:
@@ -291,6 +294,8 @@ def getitem(args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: K
             continue
         span = x.dim() - consumed if i is Ellipsis else 1
         if pos_in <= a < pos_in + span:
+            if isinstance(i, torch.Tensor):  # channels picked in another order: not carried
+                return None
             return SINGLE if type(i) is int else (pos_out + a - pos_in, _TRACED)  # one channel taken
         pos_in += span
         pos_out += 0 if type(i) is int else span
@@ -316,7 +321,7 @@ _ELEMENTWISE = """
     __gt__ __ge__
 """
 _SAME = """
-    contiguous clone detach to float double half bfloat16 type type_as cpu cuda requires_grad_
+    contiguous clone detach to float double half bfloat16 type type_as cpu cuda requires_grad_ repeat tile
     dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout pad constant_pad_nd
     softmax log_softmax softmin normalize cumsum cumprod flip fliplr flipud roll
     gather index_select take_along_dim scatter scatter_ index_copy index_copy_
@@ -375,4 +380,7 @@ def _table() -> Mapping[Any, AxisRule]:
     table[tensor.mT.__get__] = swap_last_two
     table[tensor.mH.__get__] = swap_last_two
     table[tensor.H.__get__] = reverse_dims
+    for t in (torch.t, tensor.t, tensor.t_):  # a matrix transposed (a 1-D tensor kept)
+        table[t] = reverse_dims
+    table[torch.adjoint] = table[tensor.adjoint] = swap_last_two
     return MappingProxyType(table)

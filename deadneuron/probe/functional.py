@@ -28,6 +28,7 @@ from deadneuron.probe.measure import writable
 from deadneuron.probe.order import REORDERING
 from deadneuron.probe.products import product_rules
 from deadneuron.probe.reductions import reduction_rules
+from deadneuron.probe.scans import scan_rules
 from deadneuron.probe.written import SEED_SITES, Held, Written, WrittenActivation, input_of
 
 if TYPE_CHECKING:
@@ -81,9 +82,9 @@ def _entry(func: Any, rule: AxisRule | None, make: Maker | None) -> Entry:
 
 @functools.cache
 def _rules() -> Mapping[Any, AxisRule]:
-    """The axis rules of torch's ops (`axis_rules`), of matrix products with a weight (`product_rules`) and of
-    reductions (`reduction_rules`)."""
-    return MappingProxyType({**axis_rules(), **product_rules(), **reduction_rules()})
+    """The axis rules of torch's ops (`axis_rules`), of matrix products with a weight (`product_rules`), of
+    reductions (`reduction_rules`) and of ops along one dim (`scan_rules`)."""
+    return MappingProxyType({**axis_rules(), **product_rules(), **reduction_rules(), **scan_rules()})
 
 
 @functools.cache

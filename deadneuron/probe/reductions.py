@@ -16,18 +16,23 @@ from typing import Any
 
 import torch
 
-from deadneuron.probe.axisrules import SINGLE, AxisSource, Found, Known, source_of
+from deadneuron.probe.axisrules import SINGLE, AxisSource, Found, Known, elementwise, source_of
+from deadneuron.probe.scans import first_of
 
 
 class Reduction:
-    """``sum``, ``mean``, ``amax``... with their ``dim`` at argument ``at`` (``norm``: after ``p``)."""
+    """``sum``, ``mean``, ``amax``... with their ``dim`` at argument ``at`` (``norm``: after ``p``; ``kthvalue``,
+    ``quantile``: after ``k``, ``q``); a tuple result (``max(dim)``, ``median``, ``std_mean``) carries it on each
+    tensor. ``binary``: ``torch.max(a, b)`` with a tensor second is elementwise instead."""
 
-    def __init__(self, at: int = 1) -> None:
-        self.at = at
+    def __init__(self, at: int = 1, *, binary: bool = False) -> None:
+        self.at, self.binary = at, binary
 
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any, known: Known) -> Found:
-        src = source_of(args, kwargs, known)
-        if src is None or not isinstance(out, torch.Tensor):
+        if self.binary and (isinstance(args[1] if len(args) > 1 else kwargs.get("other"), torch.Tensor)):
+            return elementwise(args, kwargs, out, known)
+        src, out = source_of(args, kwargs, known), first_of(out)
+        if src is None or out is None:
             return None
         x, a = src
         dim = args[self.at] if len(args) > self.at else kwargs.get("dim")
@@ -44,7 +49,9 @@ class Reduction:
         return (j, AxisSource.TRACED) if out.dim() == x.dim() - len(dims) and out.shape[j] == x.shape[a] else None
 
 
-_AT_ONE = ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std", "var", "prod")
+_AT_ONE = ("sum", "mean", "nansum", "nanmean", "amax", "amin", "logsumexp", "std", "var", "prod", "median", "nanmedian",
+           "mode", "std_mean", "var_mean", "aminmax")  # fmt: skip
+_AT_TWO = ("kthvalue", "quantile", "nanquantile")
 
 
 def reduction_rules() -> dict[Any, Reduction]:
@@ -54,5 +61,11 @@ def reduction_rules() -> dict[Any, Reduction]:
         for ns in (torch, torch.Tensor):
             if callable(func := getattr(ns, name, None)):
                 table[func] = Reduction()
+    for name in _AT_TWO:
+        for ns in (torch, torch.Tensor):
+            if callable(func := getattr(ns, name, None)):
+                table[func] = Reduction(at=2)
+    for ns in (torch, torch.Tensor):
+        table[ns.max] = table[ns.min] = Reduction(binary=True)
     table[torch.norm] = table[torch.Tensor.norm] = table[torch.linalg.vector_norm] = Reduction(at=2)
     return table

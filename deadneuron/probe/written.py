@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import linecache
 import math
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -45,8 +46,7 @@ _ELEMENTWISE = frozenset({
     "clamp", "clip", "maximum", "minimum", "true_divide", "multiply", "expit", "erfc", "nn", "functional",
 })  # fmt: skip
 _MODULES = (torch, math, numpy, F, torch.nn, torch.special)
-_TORCH_DIR = torch.__path__[0]
-_OWN_DIR = __file__.rsplit("/", 2)[0]  # deadneuron/
+_SKIPPED = (os.path.join(torch.__path__[0], ""), os.path.join(os.path.dirname(os.path.dirname(__file__)), ""))  # torch, deadneuron
 _KNOWN: tuple[tuple[ActivationSpec, Callable[[T], T]], ...] = (
     (ActivationSpec(ActivationKind.GELU, (("approximate", "none"),)), F.gelu),
     (ActivationSpec(ActivationKind.GELU, (("approximate", "tanh"),)), lambda t: F.gelu(t, approximate="tanh")),
@@ -127,7 +127,7 @@ def input_of(written: WrittenActivation, frame: types.FrameType, z: T) -> T | No
 
 def _caller() -> types.FrameType | None:
     frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _OWN_DIR)):
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED):
         frame = frame.f_back
     return frame
 
