@@ -108,7 +108,9 @@ def test_the_site_table_keeps_every_site_name_whole_at_80_columns(tmp_path: Path
 @pytest.mark.parametrize(
     ("label", "shown"),
     [("relu", "relu"), ("gelu(approximate=none)", "gelu"), ("gelu(approximate=tanh)", "gelu(tanh)"),
-     ("leaky_relu(negative_slope=0.01)", "leaky_relu(0.01)"), ("hardtanh(min_val=-1.0, max_val=1.0)", "hardtanh(-1.0, 1.0)")],
+     ("leaky_relu(negative_slope=0.01)", "leaky_relu(0.01)"), ("hardtanh(min_val=-1.0, max_val=1.0)", "hardtanh(-1.0, 1.0)"),
+     ("silu(written=x*sigmoid(x))", "silu"), ("gelu(approximate=tanh, written=0.5 * x * (1 + torch.tanh(c * (x + ...)", "gelu(tanh)"),
+     ("gelu(approximate=none, written=x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))))", "gelu")],
 )  # fmt: skip
 def test_a_kind_is_shown_by_its_parameter_values(label: str, shown: str) -> None:
     from deadneuron.render.terminal import kind_cell

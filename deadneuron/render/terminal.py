@@ -190,7 +190,9 @@ def _site_style(s: SiteHealth) -> str:
 def kind_cell(label: str) -> str:
     """A site's kind as the narrow table shows it: the parameters' values without their names, GELU's
     default approximation left out (``leaky_relu(0.01)``, ``gelu``, ``gelu(tanh)``); the reports keep the
-    whole label."""
+    whole label, with what an activation written out was written as (``written=``, the last parameter), which
+    the narrow table leaves out."""
+    label = re.sub(r"(\(|, )written=.*\)$", lambda m: ")" if m.group(1) == ", " else "", label)
     label = label.replace("(approximate=none)", "")
     return re.sub(r"(?<=[(,\s])[A-Za-z_]\w*=", "", label)
 
