@@ -137,6 +137,8 @@ class Recorder(SiteTable):
 
     def _teardown(self) -> None:
         try:
+            if self._probe is not None:  # a call held by a forward pass that raised (`composite`, `written`)
+                self._probe.pending = self._probe._scaled = None
             if self._mode is not None:
                 mode, self._mode = self._mode, None
                 remove_mode(mode)
