@@ -26,10 +26,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from deadneuron.activations import spec_for_module
 from deadneuron.functional_kinds import FunctionalActivations
 from deadneuron.patch.hooks import CHILD, has_added_batchnorm
+from deadneuron.probe.composite import Pending, defers, swish
 from deadneuron.probe.functional import tensors as tensors_in
+from deadneuron.probe.written import SEED_SITES, Written, WrittenActivation, input_of
+from deadneuron.registry import default_registry
+
+spec_for_module = default_registry.spec_for_module  # built-in kinds, known modules, the user's registered ones
 
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -64,21 +68,63 @@ class ReinitResult:
 
 
 class _FunctionalCalls(TorchFunctionMode):
+    """Functional activation calls, named as the audit's probe names them: a sigmoid multiplied by its own input
+    is a SiLU (`deadneuron.probe.composite`), an activation written as one expression is that expression
+    (`deadneuron.probe.written`), each recorded once the call that completes it ran."""
+
     def __init__(self, flow: _Dataflow) -> None:
         super().__init__()
-        self.flow, self.lookup = flow, FunctionalActivations()
+        self.flow, self.lookup, self.written = flow, FunctionalActivations(), Written()
+        self.sigmoid: tuple[Pending, str] | None = None  # a sigmoid call and its owner, until the next call
+        self.expression: tuple[WrittenActivation, Any, torch.Tensor, str] | None = None  # with frame, input, owner
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if (self.sigmoid is not None or self.expression is not None) and (done := self.settle(func, args, kwargs)):
+            return done[0]
+        out = func(*args, **kwargs)
         try:
             spec = self.lookup.spec(func, args, kwargs)
         except TypeError:
             spec = None
-        if spec is not None and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            owner, inside_activation = self.flow.stack[-1] if self.flow.stack else ("", False)
-            if not inside_activation:  # nn.ReLU calls F.relu: that is the module's site, not another
-                self.flow.record(_Call(owner, FunctionalActivations.name(func), None, (args[0],), out, activation=True))
+        z = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        owner, inside_activation = self.flow.stack[-1] if self.flow.stack else ("", False)
+        if z is None or not isinstance(out, torch.Tensor) or inside_activation:  # nn.ReLU calls F.relu: the module's
+            return out
+        if FunctionalActivations.site_name(func) in SEED_SITES and (found := self.written.at()) is not None:
+            written, frame = found
+            x = input_of(written, frame, z) if written.first else None
+            if x is not None:
+                self.expression = (written, frame, x, owner)
+            if x is not None or not written.first:
+                return out
+        if spec is not None and defers(spec, FunctionalActivations.inplace(func, kwargs)):
+            self.sigmoid = (Pending(spec, "sigmoid", z, out, z), owner)
+        elif spec is not None:
+            self.flow.record(_Call(owner, FunctionalActivations.name(func), None, (z,), out, activation=True))
         return out
+
+    def settle(self, func: Any = None, args: tuple[Any, ...] = (), kwargs: Any = None) -> tuple[Any] | None:
+        """Record the held call: a written activation with the output of its last call (run here: (its output,)),
+        kept while calls inside it run; a sigmoid as SiLU where ``func(*args)`` multiplies it by its input (run
+        here: (its output,)), else as the sigmoid, before ``func`` runs (or a hook changes the stack): None."""
+        if self.expression is not None:
+            (written, frame, x, owner), self.expression = self.expression, None
+            there, place = self.written.place() if func is not None else (None, None)
+            if there is frame and place == written.span:
+                out = func(*args, **(kwargs or {}))
+                self.flow.record(_Call(owner, written.name, None, (x,), out, activation=True))
+                return (out,)
+            if there is frame and place is not None and written.holds(place):
+                self.expression = (written, frame, x, owner)
+        if self.sigmoid is not None:
+            (pending, owner), self.sigmoid = self.sigmoid, None
+            if func is not None and swish(pending, func, args, kwargs) is not None:
+                out = func(*args, **(kwargs or {}))
+                self.flow.record(_Call(owner, "silu", None, (pending.z,), out, activation=True))
+                return (out,)
+            self.flow.record(_Call(owner, "sigmoid", None, (pending.z,), pending.out, activation=True))
+        return None
 
 
 class _Dataflow:
@@ -127,11 +173,14 @@ def dataflow(model: nn.Module, run: Callable[[nn.Module], Any]) -> _Dataflow:
 
     names = {m: n for n, m in user_named_modules(model)}  # the Recorder's names: wrappers left out
     handles = []
+    calls = _FunctionalCalls(flow)
 
     def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
+        calls.settle()
         flow.stack.append((names[m], spec_for_module(m) is not None))
 
     def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        calls.settle()
         flow.stack.pop()
         if has_added_batchnorm(m):
             flow.link_added_batchnorm(names[m], m, args)
@@ -150,8 +199,9 @@ def dataflow(model: nn.Module, run: Callable[[nn.Module], Any]) -> _Dataflow:
         for m in names:
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
         model.eval()
-        with torch.no_grad(), _FunctionalCalls(flow):
+        with torch.no_grad(), calls:
             run(model)
+        calls.settle()
     finally:
         for h in handles:
             h.remove()
