@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,3 +48,27 @@ def test_dead_channels_of_written_sites_are_reinitialised_where_the_audit_names_
     assert (model.fc2.weight[3:, :10] == 0).all() and torch.equal(model.fc2.weight[3:, 10:], before["fc2.weight"][3:, 10:])
     assert not torch.equal(model.fc2.weight[:3], before["fc2.weight"][:3])
     assert (model.out.weight[:, :3] == 0).all() and torch.equal(model.out.weight[:, 3:], before["out.weight"][:, 3:])
+
+
+def test_a_gpt2_mlp_is_reinitialised_through_its_transposed_conv1d_layers() -> None:
+    """Hugging Face's Conv1D stores its weight as (inputs, outputs): fresh columns in c_fc, zero rows in c_proj."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40)).eval()
+    mlp = model.h[0].mlp
+    with torch.no_grad():
+        mlp.c_fc.bias[:5] = -40.0
+    batch = {"input_ids": torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(1))}
+    report = deadneuron.audit(model, [batch], progress=False)
+    dead = list(report.sites["h.0.mlp.act"].dead_channels)
+    assert dead == [0, 1, 2, 3, 4]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = reinit_dead(model, {"h.0.mlp.act": dead}, dataflow(model, lambda m: m(**batch)))
+    assert result.missing == []
+    w, b = mlp.c_fc.weight, mlp.c_fc.bias
+    assert not torch.equal(w[:, :5], before["h.0.mlp.c_fc.weight"][:, :5]) and (b[:5] == 0).all()  # its own init
+    assert torch.equal(w[:, 5:], before["h.0.mlp.c_fc.weight"][:, 5:]) and torch.equal(b[5:], before["h.0.mlp.c_fc.bias"][5:])
+    p = mlp.c_proj.weight
+    assert (p[:5] == 0).all() and torch.equal(p[5:], before["h.0.mlp.c_proj.weight"][5:])
+    assert {(s.param, s.dim) for s in result.slices} == {("h.0.mlp.c_fc.weight", 1), ("h.0.mlp.c_fc.bias", 0),
+                                                         ("h.0.mlp.c_proj.weight", 0)}  # fmt: skip

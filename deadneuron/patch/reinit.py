@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from deadneuron.functional_kinds import FunctionalActivations
 from deadneuron.patch.hooks import CHILD, has_added_batchnorm
+from deadneuron.patch.layers import fresh_rows, is_transposed, reads, writes, zero_inputs
 from deadneuron.probe.composite import Pending, defers, swish
 from deadneuron.probe.functional import tensors as tensors_in
 from deadneuron.probe.written import SEED_SITES, Written, WrittenActivation, input_of
@@ -278,7 +279,7 @@ def _reinit_call(call: _Call, ids: list[int], flow: _Dataflow, params: dict[int,
     if incoming is None:
         result.missing.append(f"{site}: no conv/linear layer feeds it directly; incoming weights left as they are")
     else:
-        _fresh_rows(incoming.module, ids, params, result)  # type: ignore[arg-type]
+        fresh_rows(incoming.module, ids, _noter(params, result, ids))  # type: ignore[arg-type]
         result.changed.append((incoming.name, f"fresh incoming weights for channels {_ids(ids)} of {site}"))
     for bn in norms:
         _reset_bn(bn.module, ids, params, result)  # type: ignore[arg-type]
@@ -288,14 +289,15 @@ def _reinit_call(call: _Call, ids: list[int], flow: _Dataflow, params: dict[int,
         result.missing.append(f"{site}: its output reaches no conv/linear layer directly (it goes through "
                               "non-module operations); outgoing weights left as they are")  # fmt: skip
     for layer in outgoing:
-        _zero_columns(layer.module, ids, params, result)  # type: ignore[arg-type]
+        zero_inputs(layer.module, ids, _noter(params, result, ids))  # type: ignore[arg-type]
         result.changed.append((layer.name, f"outgoing weights of channels {_ids(ids)} of {site} set to 0"))
 
 
 def _channels(call: _Call) -> int:
     x = call.inputs[0]
     source = call.source.module if call.source is not None else None
-    first = isinstance(source, (nn.modules.conv._ConvNd, _BATCHNORM)) or (x.dim() >= 4 and not isinstance(source, nn.Linear))
+    first = isinstance(source, (nn.modules.conv._ConvNd, _BATCHNORM)) or (x.dim() >= 4 and not isinstance(source, nn.Linear)
+                                                                         and not is_transposed(source))  # fmt: skip
     return int(x.shape[1] if first and x.dim() > 1 else x.shape[-1] if x.dim() else 1)  # a 0-dim input: one channel
 
 
@@ -305,7 +307,7 @@ def _upstream(call: _Call | None, len_channels: int) -> tuple[_Call | None, list
         m = call.module
         if isinstance(m, _BATCHNORM) and m.num_features == len_channels:
             norms.append(call)
-        elif _writes(m, len_channels):
+        elif writes(m, len_channels):
             return call, norms
         elif not isinstance(m, _PASS_THROUGH):
             return None, norms
@@ -326,34 +328,9 @@ def _downstream(flow: _Dataflow, t: torch.Tensor, channels: int) -> list[_Call]:
         for call in flow.consumers(tensor):
             if isinstance(call.module, _PASS_THROUGH) and call.output is not None:
                 frontier.append(call.output)
-            elif call.module is not None and _reads(call.module, channels):
+            elif call.module is not None and reads(call.module, channels):
                 found.append(call)
     return list({id(c.module): c for c in found}.values())
-
-
-def _writes(m: nn.Module, channels: int) -> bool:
-    """``m`` is a conv/linear layer with ``channels`` outputs (one weight row per output)."""
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return m.out_channels == channels and m.groups == 1
-    return isinstance(m, nn.Linear) and m.out_features == channels
-
-
-def _reads(m: nn.Module, channels: int) -> bool:
-    """``m`` is a conv/linear layer with ``channels`` inputs (one weight column per input)."""
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return m.in_channels == channels and m.groups == 1
-    return isinstance(m, nn.Linear) and m.in_features == channels
-
-
-def _fresh_rows(layer: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
-    fresh = copy.deepcopy(layer)
-    fresh.reset_parameters()  # type: ignore[operator]
-    for name in ("weight", "bias"):
-        p, q = getattr(layer, name, None), getattr(fresh, name, None)
-        if isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor):
-            index = torch.tensor(ids, device=p.device)
-            p[index] = q[index]
-            result.slices.append(Slice(params[id(p)], 0, tuple(ids)))
 
 
 def _reset_bn(bn: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
@@ -365,13 +342,6 @@ def _reset_bn(bn: nn.Module, ids: list[int], params: dict[int, str], result: Rei
         p = getattr(bn, name, None)
         if isinstance(p, torch.Tensor):
             result.slices.append(Slice(params[id(p)], 0, tuple(ids)))
-
-
-def _zero_columns(layer: nn.Module, ids: list[int], params: dict[int, str], result: ReinitResult) -> None:
-    weight = layer.weight
-    assert isinstance(weight, torch.Tensor)
-    weight[:, torch.tensor(ids, device=weight.device)] = 0.0
-    result.slices.append(Slice(params[id(weight)], 1, tuple(ids)))
 
 
 def reset_optimizer_rows(state: Mapping[str, Any], model: nn.Module, slices: Sequence[Slice]) -> dict[str, Any]:
@@ -389,6 +359,10 @@ def reset_optimizer_rows(state: Mapping[str, Any], model: nn.Module, slices: Seq
             if isinstance(value, torch.Tensor) and value.dim() > s.dim:
                 value.index_fill_(s.dim, torch.tensor(s.index, device=value.device), 0.0)
     return out
+
+
+def _noter(params: dict[int, str], result: ReinitResult, ids: list[int]) -> Callable[[torch.Tensor, int], None]:
+    return lambda p, dim: result.slices.append(Slice(params[id(p)], dim, tuple(ids)))
 
 
 def _ids(ids: Sequence[int]) -> str:
