@@ -273,9 +273,10 @@ class FunctionalProbe(TorchFunctionMode):
                 self._recorder._after(site, out, held.x)
 
     def settle(self, func: Any = None, args: tuple[Any, ...] = (), kwargs: Any = None) -> tuple[bool, Any]:
-        """Measure the sigmoid call held in `pending` (`deadneuron.probe.composite`): as SiLU where ``func(*args)``,
-        the call after it, multiplies it by its own input, then run and return that call: (True, its result);
-        else as the sigmoid, before ``func`` runs (or a hook changes the module stack): (False, None)."""
+        """Settle what `pending` holds before ``func`` runs (None: a hook changes the module stack). A sigmoid call
+        (`deadneuron.probe.composite`): measured as SiLU where ``func(*args)``, the call after it, multiplies it by
+        its own input, that call then run and returned, (True, its result); else as the sigmoid, (False, None). A
+        product with a number: kept for ``func`` if a sigmoid's. A written activation: `_settle_written`."""
         pending, self.pending = self.pending, None
         if type(pending) is Scaled:  # kept for the call after it, a sigmoid's, only
             self._scaled = pending if among(func, SIGMOIDS) else None

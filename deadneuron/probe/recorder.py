@@ -221,7 +221,7 @@ class Recorder(SiteTable):
             remove_mode(mode)
 
     def _settle(self) -> None:
-        """Measure a sigmoid call the probe holds (`deadneuron.probe.composite`) before a hook changes the stack."""
+        """Measure a call the probe holds (`composite`, `written`) before a hook changes the module stack."""
         if self._probe is not None and self._probe.pending is not None:
             self._probe.settle()
 
