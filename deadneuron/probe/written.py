@@ -3,7 +3,7 @@
 GELU written out (GPT-2's and BERT's reference code, minGPT's ``NewGELU``, a ``def gelu(x)`` of one's own), or
 Mish as ``x * torch.tanh(F.softplus(x))``, calls a tanh, an erf or a softplus that alone is not the activation:
 measured as the tanh, a channel far out on GELU's linear side reads saturated; the erf is no activation at all,
-so the GELU was skipped. The source says what was written, so at such a call (`SEEDS`) `Written.at` reads the
+so the GELU was skipped. The source says what was written, so at such a call (`SEED_NAMES`) `Written.at` reads the
 expression around it in the calling frame's source (`code.co_positions` gives its place, `ast` its shape) and
 takes the largest enclosing expression that is arithmetic and elementwise torch or math calls of one local
 variable ``x`` and numbers (module constants included), where ``x`` also appears outside the call. That
@@ -14,7 +14,7 @@ region derived from it like any kind's. It is named as the built-in kind it equa
 1e-6), else by the function it is the return value of (``nonlinearity``), else by its text. The other calls
 of the same expression (Mish's tanh) are no sites. What is not such an expression (a call of two variables,
 one whose source cannot be read, ``self.scale * torch.tanh(x)``) is measured as before: the call alone.
-Read once per call place; nothing of the frame is kept.
+Read once per call place; the frame is held only while its expression runs.
 """
 
 from __future__ import annotations
