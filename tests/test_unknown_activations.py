@@ -549,3 +549,22 @@ class MishActivation(nn.Module):
 def test_a_module_named_for_the_function_inside_or_a_gated_unit_gives_no_warning(act: nn.Module) -> None:
     report = deadneuron.audit(LinearInto(act).eval(), _batches(1), progress=False)
     assert len(report.sites) == 1 and report.meta["warnings"] == []
+
+
+class HoldsUnused(nn.Module):
+    """Builds an activation module of its own kind and never calls it (Hugging Face's Mamba mixer keeps an ``act``
+    its forward does not use): named, and said not to have been called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.unused, self.used = nn.Linear(6, 8), MyAct(), MyAct()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.used(self.fc(x)))
+
+
+def test_an_unknown_module_never_called_is_named_as_not_called() -> None:
+    report = deadneuron.audit(HoldsUnused().eval(), _batches(1), progress=False)
+    (unused,) = [w for w in report.meta["warnings"] if "'unused'" in w]
+    (used,) = [w for w in report.meta["warnings"] if "'used'" in w]
+    assert "not called by these batches" in unused and "not called" not in used

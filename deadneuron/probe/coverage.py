@@ -120,6 +120,8 @@ class Coverage:
     acting: dict[str, str] = field(default_factory=dict)  # module name -> class
     dtypes: dict[str, tuple[str, str]] = field(default_factory=dict)  # activation module -> (class, input dtype)
     weights: dict[str, str] = field(default_factory=dict)  # activation module called on a parameter -> class
+    watched: dict[nn.Module, str] = field(default_factory=dict)  # the unknown modules, to tell those that ran
+    ran: set[str] = field(default_factory=set)
 
     def scan(self, named: Sequence[Named]) -> list[Named]:
         """Note the unknown activation modules among ``named`` (name, module, recognised spec): a module
@@ -144,6 +146,7 @@ class Coverage:
             reason = unknown_reason(m)
             if reason is not None and (isinstance(m, nn.GLU) or not any(s in acts for s in m.modules() if s is not m)):
                 self.unknown[name] = (type(m).__name__, reason)
+                self.watched[m] = name
             elif reason is None and suspect(m):
                 self.suspects[m] = name
         return named
@@ -188,7 +191,8 @@ class Coverage:
             if select and not _matches(name, cls, select):
                 continue
             if not _covered(name, owners):
-                out.append(f"module {name or '(the model)'!r} ({cls}) {reason}{_advice(cls, reason)}")
+                idle = "" if name in self.ran else " (it was not called by these batches)"  # created, unused
+                out.append(f"module {name or '(the model)'!r} ({cls}) {reason}{idle}{_advice(cls, reason)}")
             elif foreign := _foreign_kinds(name, cls, sites):
                 out.append(_measured_through(name, cls, foreign))
         for (owner, function), reason in self.calls.items():

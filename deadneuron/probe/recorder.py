@@ -276,6 +276,8 @@ class Recorder(SiteTable):
         Hooks run after every module, so this is kept short: one lookup, one weak reference."""
         name, layout, code = self._outs[m]
         self.last_module = name
+        if m in self.coverage.watched:
+            self.coverage.ran.add(name)
         self.axes.order.carry_module(args, out)  # the positions' order through what the probe did not see
         if type(out) is torch.Tensor:
             ref = weakref.ref(out)
