@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import deadneuron
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +38,14 @@ def build(name: str) -> deadneuron.Report:
     config = {**ckpt["config"], "BATCH_SIZE": 25}
     batches = list(adapter.batches("heldout", config, max_grids=GRIDS))
     model = adapter.load(ckpt)
-    report = deadneuron.audit(
-        model, batches, adapter=adapter, progress=False, checkpoint=ckpt, meta={"source": source}
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model's own sums in one order, whatever the machine's cores: the figures to 1e-9
+    try:
+        report = deadneuron.audit(
+            model, batches, adapter=adapter, progress=False, checkpoint=ckpt, meta={"source": source}
+        )
+    finally:
+        torch.set_num_threads(threads)
     return report.with_meta(**{k: "-" for k in VOLATILE_META})
 
 
