@@ -278,11 +278,12 @@ def _mask_warnings(results: Sequence[SiteResult], used: tuple[str, tuple[int, ..
     """A padding mask that applied at no site (an error where it was asked for), or at some sites on
     some batches only."""
     out = []
-    if used is not None and not any(r.masked or r.reordered for r in results):  # reordered: a warning of its own
+    # no site masked, and some site neither masked nor named reordered (that has a warning of its own)
+    if used is not None and not any(r.masked for r in results) and not all(r.reordered for r in results):
         source, shape = used
         if source == PACKED:  # no site read the sequences padded again: the packed data holds no padding
             return []
-        if mask != AUTO or source.startswith("adapter:"):
+        if (mask != AUTO or source.startswith("adapter:")) and not any(r.reordered for r in results):
             raise unmatched_error(source, shape, {r.name: r.example_shape for r in results})
         out.append(f"{source} of shape {shape} applied at no activation site: padding is counted")
     mixed = [r.name for r in results if r.masked and r.unfitted]
