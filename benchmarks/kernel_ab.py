@@ -36,7 +36,9 @@ def build(source: Path) -> _native.NativeStats:
     flags = (*_native._FLAGS, *_native._ATTEMPTS[0][1])
     built = _native._compile(cc, flags, source.read_bytes(), Path(tempfile.mkdtemp(prefix="kernel-ab-")))
     native = _native.NativeStats(ctypes.CDLL(str(built)), built)
-    _native._self_check(native)
+    failed = _native.self_check(native)
+    if failed is not None:
+        raise SystemExit(f"{source}: the kernel's self-check failed: {failed}")
     return native
 
 

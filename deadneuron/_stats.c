@@ -631,6 +631,9 @@ static void merge_moments(double *acc, int64_t C, int64_t c, double nb, double K
                             }                                                                         \
                         } else if (fast0 && wo) { /* relu's values written too (WRITES) */           \
                             T *restrict po = wo + ROW(o) + i * si + k0;                              \
+                            if (inner == 1 && o + PF_ROWS < outer) /* its lines owned ahead of the stores */\
+                                for (int64_t k = k0; k < k0 + nk; k += 64 / (int64_t)sizeof(T))       \
+                                    __builtin_prefetch(wo + AHEAD(o) + k, 1);                         \
                             _Pragma("omp simd")                                                       \
                             for (int64_t k = 0; k < nk; ++k) {                                        \
                                 T w = pa[k];                                                          \
