@@ -5,7 +5,7 @@ entry adds. `arc_model.adapter.ArcSlotAdapter` adds building, loading, data and 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ class ArcFeed:
     """What an audit asks of the ARC slot autoencoder (`deadneuron.adapters.Feed`)."""
 
     name = "arc-slot"  # the audit's mask source: "adapter:arc-slot"
+    # The decoder runs every slot at every cell, (N, K, H, W, C): the grid's mask (N, H, W) lies on dims 0, 2, 3
+    # there, the same for every slot (`deadneuron.adapters`: an adapter's own mask placements).
+    mask_dims: ClassVar[dict[str, tuple[int, ...]]] = {"decoder.layers.*": (0, 2, 3)}
 
     def forward(self, model: nn.Module, batch: data.GridBatch) -> SlotOutput:
         out: SlotOutput = model(batch.x.to(_device_of(model)))
@@ -30,7 +33,7 @@ class ArcFeed:
 
     def position_mask(self, batch: data.GridBatch) -> torch.Tensor:
         """(N, H, W) bool, True on the grid's own cells: the audit leaves padding cells out of every
-        statistic at the sites of that shape (the encoder's conv maps)."""
+        statistic at the sites it fits (the encoder's conv maps and tokens; the decoder's, on ``mask_dims``)."""
         return batch.valid
 
     def slot_masks(self, outputs: SlotOutput, batch: data.GridBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from arc_model import data
 from arc_model.config import RECIPES, TrainConfig, recipe
+from arc_model.feed import ArcFeed
 from arc_model.loss import metric_sums, reconstruction_nll
 from arc_model.model import SlotAutoencoder, build_model
 from deadneuron.adapters import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
@@ -111,9 +112,10 @@ def train(
 
 def _monitor(model: SlotAutoencoder, optimizer: torch.optim.Optimizer, run: RunState) -> Monitor:
     """The health timeline's monitor: snapshots when `_snapshot` asks, padding cells left out (the pad
-    channel of the input is 1 exactly there, as the adapter's position mask), one process."""
+    channel of the input is 1 exactly there, as the adapter's position mask; at the decoder's slots too, as
+    the adapter places it), one process."""
     return Monitor(model, every=None, optimizer=optimizer, start_step=run.step, distributed=False,
-                   mask=lambda x: x[:, data.NUM_COLOURS] == 0)  # fmt: skip
+                   mask=lambda x: x[:, data.NUM_COLOURS] == 0, mask_dims=ArcFeed.mask_dims)  # fmt: skip
 
 
 def _step_cap(cfg: TrainConfig, per_epoch: int, max_steps: int | None) -> int:

@@ -15,6 +15,9 @@ Optional, looked up where present and documented here because the protocol canno
 - ``position_mask(batch) -> Tensor | None``: bool (N, positions...), True where the batch holds data (the
   ARC adapter: the valid grid cells). An audit then leaves the padding out of every statistic at the sites
   it fits (``mask="auto"``, see `deadneuron.probe.masks`).
+- ``mask_dims``: ``{site glob: dims}``, where that mask lies at sites it does not lead (`deadneuron.probe.placement`;
+  the ARC adapter: its decoder's (N, K, H, W, C), the mask on dims 0, 2, 3 for every slot), as a user's ``mask_dims``
+  would say it; the user's own take precedence.
 - ``batches(..., rank=, world_size=)``: under torchrun the command line asks each rank for its own share,
   batch i of the whole stream going to rank ``i % world_size`` (`deadneuron.cli._launch`).
 - ``batches(..., max_grids=N)``: at most N samples, the same ones every time (``deadneuron patch

@@ -122,7 +122,7 @@ def agree(headers: Sequence[Header]) -> Layout:
 def _placement(seen: Sequence[Header], key: tuple[Any, ...]) -> MaskPlacement | None:
     """A site's mask placement over the ranks: the one that most needs saying (a wrong or guessed one first)."""
     found = [i.mask_placement for h in seen for i in h.sites if i.key == key and i.mask_placement is not None]
-    order = ("misplaced", "guessed", "stated", "flattened", "shape")
+    order = ("misplaced", "guessed", "stated", "adapter", "flattened", "shape")
     return min(found, key=lambda p: order.index(p.how), default=None)
 
 

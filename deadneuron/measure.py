@@ -43,6 +43,7 @@ from deadneuron.errors import UsageError
 from deadneuron.part import Part
 from deadneuron.probe import Recorder, SiteResult
 from deadneuron.probe.masks import AUTO, PACKED, MaskSpec, choose_mask, unmatched_error
+from deadneuron.probe.placement import StatedDims
 from deadneuron.probe.tuples import tuple_mask_warning
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
@@ -118,7 +119,7 @@ def measure(
     across_ranks = distributed and distributed_active()
     recorder = functools.partial(Recorder, eps=eps, delta=delta, select=select, functional=functional, compile=compile,
                                  histograms=histograms, activations=activations, channel_axis=overrides,
-                                 mask_dims=mask_dims)  # fmt: skip
+                                 mask_dims=StatedDims(mask_dims, implied=getattr(adapter, "mask_dims", None)))  # fmt: skip
     run = functools.partial(_pass, model, recorder=recorder, dev=dev, progress=progress, adapter=adapter, mask=mask,
                             forward=forward)  # fmt: skip
     try:

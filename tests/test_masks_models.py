@@ -22,7 +22,7 @@ from tests.test_masks import GridNet, TokenModel, grid_batches, padded_batches, 
 
 # -- the ARC adapter's validity mask ---------------------------------------------------------------------
 
-def test_arc_adapter_masks_the_encoder_maps_and_keeps_the_slot_figures() -> None:
+def test_arc_adapter_masks_the_encoder_maps_and_the_decoder_and_keeps_the_slot_figures() -> None:
     from arc_model.adapter import ArcSlotAdapter
 
     adapter = ArcSlotAdapter()
@@ -31,12 +31,15 @@ def test_arc_adapter_masks_the_encoder_maps_and_keeps_the_slot_figures() -> None
     batches = list(adapter.batches("heldout", {**ckpt["config"], "BATCH_SIZE": 8}, max_grids=24))
     stored: list[tuple[np.ndarray, np.ndarray]] = []
     tokens: list[np.ndarray] = []  # the encoder MLP's pre-activation, (N, H*W, C) tokens of the grid
+    decoded: dict[int, list[np.ndarray]] = {1: [], 3: [], 5: []}  # the decoder's, (N, K, H, W, C): every slot
     handles = [
         model.encoder.relu.register_forward_hook(
             lambda m, args, out: stored.append((args[0].detach().clone().numpy(), out.detach().clone().numpy()))
         ),
         model.encoder.mlp[1].register_forward_pre_hook(lambda m, args: tokens.append(args[0].detach().clone().numpy())),
-    ]
+        *[model.decoder.layers[i].register_forward_pre_hook(
+            lambda m, args, i=i: decoded[i].append(args[0].detach().clone().numpy())) for i in decoded],
+    ]  # fmt: skip
     with torch.no_grad():
         for b in batches:
             adapter.forward(model, b)
@@ -47,10 +50,12 @@ def test_arc_adapter_masks_the_encoder_maps_and_keeps_the_slot_figures() -> None
     assert masked.meta["mask"] == "adapter:arc-slot" and plain.meta["mask"] is None
     assert masked.slots == plain.slots and masked.metrics == plain.metrics
     encoder = [f"encoder.bn_layers.{i}>relu" for i in range(4)]
-    assert [n for n, s in masked.sites.items() if s.masked] == [*encoder, "encoder.mlp.1"]
+    decoder = [f"decoder.layers.{i}" for i in decoded]
+    assert [n for n, s in masked.sites.items() if s.masked] == [*encoder, "encoder.mlp.1", *decoder]
+    assert not any("padding is counted" in w for w in masked.meta["warnings"])
     for name, site in masked.sites.items():
-        if name not in (*encoder, "encoder.mlp.1"):
-            assert site == plain.sites[name], name  # sites the mask does not fit are as before
+        if name not in (*encoder, "encoder.mlp.1", *decoder):
+            assert site == plain.sites[name], name  # sites the mask does not fit (the slots' MLP) are as before
     valid = [b.valid.numpy() for b in batches]
     for i, name in enumerate(encoder):
         calls = stored[i::4]
@@ -68,6 +73,14 @@ def test_arc_adapter_masks_the_encoder_maps_and_keeps_the_slot_figures() -> None
     assert got.n == z.shape[0] and got.excluded == sum(v.size for v in valid) - got.n
     np.testing.assert_array_equal(np.rint(np.array(got.channel_flat) * got.n), (z <= 0).sum(0))
     assert list(got.dead_channels) == np.flatnonzero((z <= 0).all(0)).tolist()
+    # the decoder runs every slot at every cell: the grid's mask at each slot (the adapter's mask_dims)
+    for i, name in zip(decoded, decoder, strict=True):
+        z = np.concatenate([d[np.broadcast_to(v[:, None], d.shape[:4])] for d, v in zip(decoded[i], valid, strict=True)])
+        got = masked.sites[name]
+        assert got.n == z.shape[0] == sum(int(v.sum()) for v in valid) * model.slot_attention.num_slots, name
+        np.testing.assert_array_equal(np.rint(np.array(got.channel_flat) * got.n), (z <= 0).sum(0), err_msg=name)
+        assert list(got.dead_channels) == np.flatnonzero((z <= 0).all(0)).tolist()
+        assert masked.meta["mask_dims"][name] == {"dims": [0, 2, 3], "how": "adapter", "options": []}
 
 
 # -- a real BERT, where the transformers package is installed ---------------------------------------------

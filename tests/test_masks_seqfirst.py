@@ -127,7 +127,7 @@ def test_sequence_first_sites_are_masked_on_dims_1_0_where_the_shapes_tell(user:
     placed = report.meta["mask_dims"]
     assert placed[ACT] == {"dims": [1, 0], "how": "shape", "options": []}
     assert placed["layer.activation"]["dims"] == [1, 0] and report.sites["layer.activation"].masked
-    assert "act on dims (1, 0)" in (mask_text(report) or "")
+    assert "; act, layer.activation on dims (1, 0)" in (mask_text(report) or "")  # placed alike: named together
 
 
 def test_a_square_batch_is_not_placed_quietly_and_mask_dims_states_it(user: tuple[Path, Any]) -> None:
@@ -139,7 +139,7 @@ def test_a_square_batch_is_not_placed_quietly_and_mask_dims_states_it(user: tupl
     assert "dims (0, 1) were used" in warning and "--mask-dims 'act=1,0'" in warning
     assert "mask_dims={'act': (1, 0)}" in warning
     assert guessed.meta["mask_dims"][ACT] == {"dims": [0, 1], "how": "guessed", "options": [[0, 1], [1, 0]]}
-    assert "act on dims (0, 1) (a guess: see the warnings)" in (mask_text(guessed) or "")
+    assert "; act, layer.activation on dims (0, 1) (a guess: see the warnings)" in (mask_text(guessed) or "")
     assert want["dead"].tolist() == [DEAD] and DEAD not in guessed.sites[ACT].dead_channels  # the guess read padding
 
     stated, seen = audit(module, batches, mask_dims={ACT: (1, 0), "layer.*": (-2, 0)})
@@ -147,7 +147,7 @@ def test_a_square_batch_is_not_placed_quietly_and_mask_dims_states_it(user: tupl
     assert mask_warnings(stated) == []
     assert stated.meta["mask_dims"][ACT]["how"] == "stated"
     assert stated.meta["mask_dims"]["layer.activation"]["dims"] == [1, 0]
-    assert "act on dims (1, 0) (as set)" in (mask_text(stated) or "")
+    assert "; act, layer.activation on dims (1, 0) (as set)" in (mask_text(stated) or "")
 
 
 def test_a_square_batch_takes_the_placement_other_batches_told(user: tuple[Path, Any]) -> None:

@@ -104,7 +104,7 @@ def test_terminal_verdict_panel_is_above_the_figures_and_the_site_table(report_a
     assert text.index("deadneuron audit: checkpoints/slot_attention.pth") < text.index("Activation sites")
     panel = text[: text.index("╰")]
     assert panel.splitlines()[1].startswith(
-        "│ verdict: 140 dead channels at 10 sites"
+        "│ verdict: 141 dead channels at 10 sites"
     )
     for words in ("[warning] Dead channels at a ReLU site (10 sites)",
                   "encoder.bn_layers.3>relu  15 of 64 channels dead (23.4%)",
@@ -113,7 +113,7 @@ def test_terminal_verdict_panel_is_above_the_figures_and_the_site_table(report_a
                   "[info] Sparse but healthy"):  # fmt: skip
         assert words in panel
     facts = text[text.index("╰") : text.index("Activation sites")]
-    for words in ("sparsity 61.3% exact zeros; flat 61.3%", "dead     140 of 896 channels in 10 of 11 sites; dormant 31",
+    for words in ("sparsity 61.4% exact zeros; flat 61.4%", "dead     141 of 896 channels in 10 of 11 sites; dormant 31",
                   "slots    1.27 active", "accuracy 70.8% of valid pixels (most-common-colour baseline 68.9%)"):  # fmt: skip
         assert words in facts
 
@@ -174,7 +174,7 @@ def test_diff_of_two_reports(report_a: Report, report_b: Report) -> None:
         assert row.revived == tuple(sorted(raw_a[name] - raw_b[name]))
     assert (diff.new_dead, diff.revived) == (
         sum(len(raw_b[n] - raw_a[n]) for n in raw_a), sum(len(raw_a[n] - raw_b[n]) for n in raw_a)
-    ) == (11, 123)
+    ) == (11, 124)
     stored = [json.loads((GOLDEN / f).read_text()) for f in ("report_a.json", "report_b.json")]
     assert diff.slots["mean_active"] == tuple(r["slots"]["mean_active"] for r in stored)
     assert diff.metrics["valid_pixel_accuracy"] == tuple(r["metrics"]["valid_pixel_accuracy"] for r in stored)

@@ -164,7 +164,7 @@ def test_compare_two_reports_that_differ(capsys: pytest.CaptureFixture[str], tmp
     a, b = str(GOLDEN / "report_a.json"), str(GOLDEN / "report_b.json")
     code, out, _ = run(capsys, "compare", a, b)
     assert code == 0
-    assert "dead channels                 140 -> 28 (-112); 11 newly dead, 123 revived" in out
+    assert "dead channels                 141 -> 28 (-113); 11 newly dead, 124 revived" in out
     assert "new dead decoder.layers.3: channels 15, 18, 27, 35" in out
     assert "revived  encoder.bn_layers.1>relu: channels 0, 2, 6, 10, 14, 21, 22, 38, 39, 47," in out
     code, out, _ = run(capsys, "compare", a, b, "--format", "md", "--out", str(tmp_path / "diff.md"))

@@ -32,7 +32,7 @@ from deadneuron.probe.batched import vmap_warnings
 from deadneuron.probe.order import reorder_warnings
 from deadneuron.select import matches
 
-How = Literal["shape", "stated", "guessed", "misplaced", "flattened"]
+How = Literal["shape", "stated", "adapter", "guessed", "misplaced", "flattened"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,23 @@ def placements(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple
     return tuple(found)
 
 
+def repeated_placement(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Where a mask that `placements` does not place lies on ``shape`` with other dims between its batch dim and
+    its positions (the mask repeated over them: a spatial-broadcast decoder's slots (N, K, H, W, C) under an
+    (N, H, W) mask, heads (N, heads, L, D) under (N, L)): the batch dim, then the one run of dims holding the
+    positions, not the next dim; None where there is no such run, or more than one (K == H == W, pairs (N, L, L,
+    C)). A suggestion for the user to state (`StatedDims`), never applied of itself: that the dims between
+    repeat the mask is what the shapes cannot tell."""
+    if len(mask_shape) < 2 or not shape:
+        return None
+    index = _rest(len(shape), axis % len(shape))
+    rest, positions = tuple(shape[d] for d in index), tuple(mask_shape[1:])
+    starts = [s for s in range(1, len(rest) - len(positions) + 1) if rest[s : s + len(positions)] == positions]
+    if not rest or rest[0] != mask_shape[0] or len(starts) != 1 or starts[0] == 1:
+        return None
+    return (index[0], *index[starts[0] : starts[0] + len(positions)])
+
+
 def stated_placement(dims: tuple[int, ...], shape: tuple[int, ...] | torch.Size, axis: int,
                      mask_shape: tuple[int, ...]) -> Placement | None:  # fmt: skip
     """The user's ``dims`` as a placement on ``shape``, or None where the sizes there are not the mask's."""
@@ -119,11 +136,13 @@ def check_stated(dims: tuple[int, ...], *, site: str, glob: str, shape: tuple[in
 class SitePlacement:
     """A site's mask placement across calls (kept for the site's life, across monitor windows)."""
 
-    stated: tuple[int, ...] | None = None  # the user's dims for this site
+    stated: tuple[int, ...] | None = None  # the user's dims for this site (or its adapter's: ``implied``)
+    implied: bool = False
     site: str = ""  # its name, for messages
     known: Placement | None = None  # the placement a call's shapes told
     guess: Placement | None = None  # the placement used on calls whose shapes could not tell
     options: tuple[Placement, ...] = ()  # the placements those shapes allowed
+    repeated: tuple[tuple[int, ...] | None, tuple[int, ...]] | None = None  # unplaced: dims to suggest, the mask's shape
     _cache: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[Placement, ...]] = field(default_factory=dict, repr=False)
 
     def choose(self, shape: tuple[int, ...] | torch.Size, axis: int,
@@ -147,6 +166,8 @@ class SitePlacement:
             self.known = self.known or found[0]
             return found[0], ()
         if not found:
+            if self.repeated is None:  # the dims to suggest, from the first such call (`repeated_placement`)
+                self.repeated = (repeated_placement(shape, axis, mask_shape), tuple(mask_shape))
             return None, ()
         if self.known in found:
             return self.known, ()
@@ -160,7 +181,7 @@ class SitePlacement:
     def result(self) -> MaskPlacement | None:
         """What the report says of this site's placement: None where the shapes placed it batch first."""
         if self.stated is not None:
-            return MaskPlacement(self.stated, "stated")
+            return MaskPlacement(self.stated, "adapter" if self.implied else "stated")
         if self.guess is not None and self.known != self.guess:
             if self.known is not None:
                 return MaskPlacement(self.guess.dims, "misplaced", (self.known.dims,))
@@ -174,11 +195,15 @@ class StatedDims:
     """The user's ``mask_dims`` (site glob -> the tensor dims the mask's dims lie on, in the mask's order),
     matched against each new site's names, as channel-axis overrides are."""
 
-    def __init__(self, mask_dims: Mapping[str, Sequence[int]] | None = None) -> None:
+    def __init__(self, mask_dims: Mapping[str, Sequence[int]] | None = None, *,
+                 implied: Mapping[str, Sequence[int]] | None = None) -> None:  # fmt: skip
+        """``implied``: an adapter's own placements (its ``mask_dims``), after the user's, not warned of where
+        they match no site (a ``select`` leaving those sites out)."""
         if mask_dims is not None and not isinstance(mask_dims, Mapping):
             raise UsageError(f"mask_dims takes {{site glob: (dim, ...)}}, not a {type(mask_dims).__name__}")
         self.dims: dict[str, tuple[int, ...]] = {}
-        for glob, dims in (mask_dims or {}).items():
+        self.quiet = {glob for glob in implied or {} if glob not in (mask_dims or {})}
+        for glob, dims in {**(mask_dims or {}), **{g: (implied or {})[g] for g in self.quiet}}.items():
             ints = isinstance(dims, Sequence) and not isinstance(dims, str) and all(
                 isinstance(d, int) and not isinstance(d, bool) for d in dims)  # fmt: skip
             if not isinstance(glob, str) or not ints or not dims:
@@ -187,21 +212,21 @@ class StatedDims:
             self.dims[glob] = tuple(dims)
         self.matched: set[str] = set()
 
-    def of(self, names: tuple[str, ...], shape: tuple[int, ...], axis: int) -> tuple[int, ...] | None:
+    def of(self, names: tuple[str, ...], shape: tuple[int, ...], axis: int) -> tuple[tuple[int, ...] | None, bool]:
         """The dims set for the site called ``names`` (first matching glob), checked against its input's
-        ``shape`` and channel dim; None where no glob matches."""
+        ``shape`` and channel dim, None where no glob matches; and whether the adapter set them."""
         for glob, dims in self.dims.items():
             if matches(names, (glob,)):
                 self.matched.add(glob)
-                return check_stated(dims, site=names[0], glob=glob, shape=shape, axis=axis)
-        return None
+                return check_stated(dims, site=names[0], glob=glob, shape=shape, axis=axis), glob in self.quiet
+        return None, False
 
     def warnings(self, named: Sequence[tuple[str, Any]]) -> list[str]:
         """The globs that matched no site, and a warning per site whose placement was guessed or wrong, or
         where positions reordered kept the mask off (``named``: each site's name and running state,
         `deadneuron.probe.site.Site`)."""
         out = [f"mask dims set for {glob!r} matched no site: check the name against the site table"
-               for glob in self.dims if glob not in self.matched]  # fmt: skip
+               for glob in self.dims if glob not in self.matched and glob not in self.quiet]  # fmt: skip
         for name, site in named:
             placed = site.placement.result()
             warning = placement_warning(name, site.shape, placed) if placed is not None else None
@@ -210,7 +235,29 @@ class StatedDims:
             if stated is not None and site.unfitted and not site.masked:  # as set, and never where it fits
                 out.append(f"site {name!r} (input {tuple(site.shape)}): the mask dims set for it, {_dims(stated)}, fit "
                            "no batch's padding mask, so its padding is counted; check them against its input's shape")
-        return out + reorder_warnings(named) + vmap_warnings(named)
+        return out + repeated_warnings(named) + reorder_warnings(named) + vmap_warnings(named)
+
+
+def repeated_warnings(named: Sequence[tuple[str, Any]]) -> list[str]:
+    """Per placement, the sites never masked where the mask's positions lie after other dims
+    (`repeated_placement`): their padding is counted; the warning names the dims that would leave it out."""
+    found: dict[tuple[tuple[int, ...], tuple[int, ...], int], list[tuple[str, Any]]] = {}
+    for name, site in named:
+        seen = site.placement.repeated
+        if seen is not None and seen[0] is not None and not site.masked and site.placement.stated is None:
+            found.setdefault((seen[0], tuple(site.shape), site.axis % len(site.shape)), []).append((name, seen[1]))
+    out = []
+    for (dims, shape, axis), sites in found.items():
+        first, mask_shape = sites[0]
+        names = ", ".join(repr(n) for n, _ in sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
+        between = [d for d in range(dims[0] + 1, dims[1]) if d != axis]
+        held = f"dim{'s' if len(between) > 1 else ''} {', '.join(map(str, between))}"
+        out.append(f"padding is counted at {names} (input {shape}): the mask ({', '.join(map(str, mask_shape))}) fits "
+                   f"dims {_dims(dims)}, with {held} between, and masks are placed on leading dims only; if it repeats "
+                   f"over {held} (as over a spatial-broadcast decoder's slots), state it: mask_dims={{{first!r}: "
+                   f"{_dims(dims)}}} (deadneuron.audit, Monitor) or --mask-dims '{first}={','.join(map(str, dims))}' "
+                   "(deadneuron audit), per site or glob")
+    return out
 
 
 def _dims(dims: tuple[int, ...]) -> str:
@@ -238,4 +285,4 @@ def placement_warning(site: str, shape: tuple[int, ...], placed: MaskPlacement) 
 
 
 __all__ = ["MaskPlacement", "Placement", "SitePlacement", "StatedDims", "check_stated", "placement_warning", "placements",
-           "stated_placement"]
+           "repeated_placement", "repeated_warnings", "stated_placement"]

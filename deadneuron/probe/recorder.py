@@ -76,7 +76,7 @@ class Recorder(SiteTable):
         compile: bool = True,
         histograms: bool = False,
         channel_axis: Mapping[str, int | None] | None = None,
-        mask_dims: Mapping[str, Sequence[int]] | None = None,
+        mask_dims: Mapping[str, Sequence[int]] | StatedDims | None = None,
         activations: ActivationRegistry | None = None,
         observer: SiteObserver | None = None,
         restore_modes: bool = True,
@@ -91,7 +91,7 @@ class Recorder(SiteTable):
         self.kernels = Kernels(compile=compile)
         self.histograms = histograms
         self.axes = AxisTracker(channel_axis)
-        self.mask_dims = StatedDims(mask_dims)  # where the padding mask lies, per site glob (`placement`)
+        self.mask_dims = mask_dims if isinstance(mask_dims, StatedDims) else StatedDims(mask_dims)  # (`placement`)
         self.activations = activations if activations is not None else default_registry
         self.coverage = Coverage()
         self.observer = observer
@@ -359,7 +359,8 @@ class Recorder(SiteTable):
                 site = Site(owner, leaf, functional, producer, key[-1], spec, region, axis, axis_source,
                             ChannelStats(channels, z.device, kernels=self.kernels), tuple(z.shape),
                             histogram=ValueHistogram(z.device) if self.histograms else None)  # fmt: skip
-            site.placement.stated, site.placement.site = self.mask_dims.of(names, tuple(z.shape), axis), names[0]
+            site.placement.site, (site.placement.stated, site.placement.implied) = names[0], self.mask_dims.of(
+                names, tuple(z.shape), axis)
             site.rank, site.names, self._sites[key] = z.dim(), names, site
             site.experts = stacked_experts(owner, self._by_name, channels)
         elif (z := site.view(z)).dim() != site.rank or not fits(z, site.axis, site.stats.channels):  # a mismatch

@@ -91,7 +91,7 @@ def mask_text(report: Report) -> str | None:
     return text + placement_text(report.meta.get("mask_dims"))
 
 
-_HOW = {"stated": " (as set)", "guessed": " (a guess: see the warnings)",
+_HOW = {"stated": " (as set)", "adapter": " (as its adapter sets it)", "guessed": " (a guess: see the warnings)",
         "flattened": " (N x positions flattened there, batch first)",
         "misplaced": " (wrong on some batches: see the warnings)"}  # fmt: skip
 
@@ -101,9 +101,12 @@ def placement_text(placed: Any) -> str:
     other sites were read batch first, as the shapes said."""
     if not isinstance(placed, Mapping) or not placed:
         return ""
-    items = [f"{site} on dims ({', '.join(map(str, p.get('dims', ())))}){_HOW.get(str(p.get('how')), '')}"
-             for site, p in placed.items() if isinstance(p, Mapping)]  # fmt: skip
-    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    said: dict[str, list[str]] = {}  # sites placed alike, named together
+    for site, p in placed.items():
+        if isinstance(p, Mapping):
+            said.setdefault(f"on dims ({', '.join(map(str, p.get('dims', ())))}){_HOW.get(str(p.get('how')), '')}", []).append(site)
+    items = [f"{', '.join(sites[:3])}{f' and {len(sites) - 3} more' if len(sites) > 3 else ''} {how}" for how, sites in said.items()]
+    more = f" and {len(items) - 3} more placements" if len(items) > 3 else ""
     return "; " + ", ".join(items[:3]) + more
 
 
