@@ -21,6 +21,7 @@ from deadneuron.probe.composite import scaled_swish
 _GELU = ActivationSpec(ActivationKind.GELU, (("approximate", "none"),))
 _TANH_GELU = ActivationSpec(ActivationKind.GELU, (("approximate", "tanh"),))
 _MISH = ActivationSpec(ActivationKind.MISH)
+_SILU = ActivationSpec(ActivationKind.SILU)
 
 
 def _always(spec: ActivationSpec) -> Callable[[nn.Module], ActivationSpec | None]:
@@ -46,6 +47,7 @@ _KNOWN: dict[tuple[str, str], Callable[[nn.Module], ActivationSpec | None]] = {
     (_HF, "GELUTanh"): _if_python("_gelu_tanh_python", _TANH_GELU),  # gelu_python_tanh
     (_HF, "MishActivation"): _if_python("_mish_python", _MISH),
     (_HF, "QuickGELUActivation"): _always(scaled_swish(1.702)),  # quick_gelu (CLIP): x * sigmoid(1.702 x)
+    (_HF, "SiLUActivation"): _always(_SILU),  # F.silu: measured as a module, also where no batch calls it
 }
 
 

@@ -34,6 +34,7 @@ def _tail(f: Callable[[np.ndarray], np.ndarray]) -> float:
 TANH_GELU = _tail(lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))))
 GELU = _tail(lambda x: 0.5 * x * (1 + ERF(x / math.sqrt(2))))
 QUICK = _tail(lambda x: x / (1 + np.exp(-1.702 * x)))
+SILU = _tail(lambda x: x / (1 + np.exp(-x)))
 DEAD, HIGH = 3, 7  # planted channels: far below the flat tail, far above it (linear there)
 
 
@@ -54,6 +55,12 @@ def _clip(act: str) -> nn.Module:
     return transformers.CLIPTextModel(cfg).eval()
 
 
+def _llama(act: str) -> nn.Module:
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50, hidden_act=act, mlp_bias=True)  # fmt: skip
+    return transformers.LlamaModel(cfg).eval()
+
+
 # activation name -> (model, the layer whose output the activation takes, the activation's module, kind, tail)
 CASES = {
     "gelu_new": (_gpt2, "h.0.mlp.c_fc", "h.0.mlp.act", "gelu(approximate=tanh)", TANH_GELU),
@@ -64,6 +71,7 @@ CASES = {
     "gelu_python_tanh": (_bert, "encoder.layer.0.intermediate.dense", "encoder.layer.0.intermediate.intermediate_act_fn",
                          "gelu(approximate=tanh)", TANH_GELU),  # fmt: skip
     "quick_gelu": (_clip, "encoder.layers.0.mlp.fc1", "encoder.layers.0.mlp.activation_fn", "x*sigmoid(1.702x)", QUICK),
+    "silu": (_llama, "layers.0.mlp.gate_proj", "layers.0.mlp.act_fn", "silu", SILU),  # SiLUActivation: F.silu
 }
 
 

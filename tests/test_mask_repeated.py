@@ -13,7 +13,7 @@ from torch import nn
 
 import deadneuron
 from deadneuron.cli._subject import parse_mask_dims
-from deadneuron.probe.placement import repeated_placement
+from deadneuron.probe.placement import folded_positions, repeated_placement
 
 
 @pytest.mark.parametrize(("shape", "axis", "mask", "want"), [
@@ -118,3 +118,37 @@ def test_a_pooled_sequence_is_not_named() -> None:
     valid[1, 5:] = False
     report = deadneuron.audit(Pooled(), [x], mask=lambda _: valid, progress=False)
     assert not any("padding is counted" in w for w in report.meta["warnings"])
+
+
+@pytest.mark.parametrize(("shape", "axis", "mask", "want"), [
+    ((12, 8, 6, 5), 1, (4, 6, 5), (2, 3)),  # (N*K, C, H, W): K = 3 slots folded into the batch
+    ((12, 6, 5, 8), -1, (4, 6, 5), (1, 2)),  # channels last
+    ((4, 8, 6, 5), 1, (4, 6, 5), None),  # N itself: a placement of its own
+    ((10, 8, 6, 5), 1, (4, 6, 5), None),  # not a multiple of N
+    ((12, 8, 5, 6), 1, (4, 6, 5), None),  # other positions
+])
+def test_folded_positions_from_the_shapes(shape: tuple[int, ...], axis: int, mask: tuple[int, ...],
+                                          want: tuple[int, ...] | None) -> None:  # fmt: skip
+    assert folded_positions(shape, axis, mask) == want
+
+
+def test_slots_folded_into_the_batch_are_named_as_counting_padding() -> None:
+    """A decoder run on (N*K, C, H, W), as many Slot Attention decoders run every slot: no placement of the
+    (N, H, W) mask is right there without knowing the order of the rows, so the audit says the padding is
+    counted."""
+
+    class Folded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.dec = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x))  # (N, 8, H, W): masked
+            slots = h.mean((2, 3))[:, None].expand(-1, 3, -1).reshape(-1, 8)  # (N*3, 8)
+            return torch.relu(self.dec(slots[:, :, None, None].expand(-1, -1, *x.shape[2:])))
+
+    report = _audit(Folded().eval())
+    assert report.sites["conv>relu"].masked and not report.sites["dec>relu"].masked
+    (warning,) = [w for w in report.meta["warnings"] if "dec>relu" in w]
+    assert "padding is counted at 'dec>relu' (input (12, 8, 6, 5))" in warning
+    assert "3 rows per sample (12 for the mask's 4" in warning

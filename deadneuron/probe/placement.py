@@ -110,6 +110,20 @@ def repeated_placement(shape: tuple[int, ...] | torch.Size, axis: int, mask_shap
     return (index[0], *index[starts[0] : starts[0] + len(positions)])
 
 
+def folded_positions(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The dims of ``shape`` holding a mask's positions, where its batch dim holds a multiple of the mask's N
+    (slots or views folded into the batch: a decoder's (N*K, C, H, W) under an (N, H, W) mask), the positions
+    once; None otherwise. No placement leaves the padding out there: the order of the folded rows is unknown."""
+    if len(mask_shape) < 2 or not shape:
+        return None
+    index = _rest(len(shape), axis % len(shape))
+    rest, positions, n = tuple(shape[d] for d in index), tuple(mask_shape[1:]), mask_shape[0]
+    starts = [s for s in range(1, len(rest) - len(positions) + 1) if rest[s : s + len(positions)] == positions]
+    if not rest or n < 1 or rest[0] <= n or rest[0] % n or len(starts) != 1:
+        return None
+    return tuple(index[starts[0] : starts[0] + len(positions)])
+
+
 def stated_placement(dims: tuple[int, ...], shape: tuple[int, ...] | torch.Size, axis: int,
                      mask_shape: tuple[int, ...]) -> Placement | None:  # fmt: skip
     """The user's ``dims`` as a placement on ``shape``, or None where the sizes there are not the mask's."""
@@ -246,7 +260,7 @@ def repeated_warnings(named: Sequence[tuple[str, Any]]) -> list[str]:
         seen = site.placement.repeated
         if seen is not None and seen[0] is not None and not site.masked and site.placement.stated is None:
             found.setdefault((seen[0], tuple(site.shape), site.axis % len(site.shape)), []).append((name, seen[1]))
-    out = []
+    out = _folded_warnings(named)
     for (dims, shape, axis), sites in found.items():
         first, mask_shape = sites[0]
         names = ", ".join(repr(n) for n, _ in sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
@@ -258,6 +272,28 @@ def repeated_warnings(named: Sequence[tuple[str, Any]]) -> list[str]:
                    f"{_dims(dims)}}} (deadneuron.audit, Monitor) or --mask-dims '{first}={','.join(map(str, dims))}' "
                    "(deadneuron audit), per site or glob")
     return out
+
+
+def _folded_warnings(named: Sequence[tuple[str, Any]]) -> list[str]:
+    """The sites never masked whose batch dim folds several rows per sample over the mask's positions
+    (`folded_positions`), one warning for all."""
+    found = []
+    for name, site in named:
+        seen = site.placement.repeated
+        if seen is not None and seen[0] is None and not site.masked and site.placement.stated is None:
+            dims = folded_positions(tuple(site.shape), site.axis, seen[1])
+            if dims is not None:
+                batch = next(size for d, size in enumerate(site.shape) if d != site.axis % len(site.shape))
+                found.append((name, tuple(site.shape), dims, seen[1], batch))
+    if not found:
+        return []
+    name, shape, dims, mask_shape, batch = found[0]
+    others = f" and {len(found) - 1} more site{'s' if len(found) > 2 else ''}" if len(found) > 1 else ""
+    return [f"padding is counted at {name!r} (input {shape}){others}: dims {_dims(dims)} have the sizes of the padding "
+            f"mask's positions ({', '.join(map(str, mask_shape[1:]))}), but the batch dim holds {batch // mask_shape[0]} "
+            f"rows per sample ({batch} for the mask's {mask_shape[0]}: slots or views folded into the batch), in an "
+            "order the shapes do not tell, so no mask placement leaves the padding out there; its figures count "
+            "every padded position"]
 
 
 def _dims(dims: tuple[int, ...]) -> str:
@@ -284,5 +320,5 @@ def placement_warning(site: str, shape: tuple[int, ...], placed: MaskPlacement) 
             f"its input the other way, its figures left out the wrong elements; state it: {state}")
 
 
-__all__ = ["MaskPlacement", "Placement", "SitePlacement", "StatedDims", "check_stated", "placement_warning", "placements",
-           "repeated_placement", "repeated_warnings", "stated_placement"]
+__all__ = ["MaskPlacement", "Placement", "SitePlacement", "StatedDims", "check_stated", "folded_positions",
+           "placement_warning", "placements", "repeated_placement", "repeated_warnings", "stated_placement"]
