@@ -152,3 +152,35 @@ def test_slots_folded_into_the_batch_are_named_as_counting_padding() -> None:
     (warning,) = [w for w in report.meta["warnings"] if "dec>relu" in w]
     assert "padding is counted at 'dec>relu' (input (12, 8, 6, 5))" in warning
     assert "3 rows per sample (12 for the mask's 4" in warning
+
+
+@pytest.mark.parametrize(("shape", "dims"), [
+    ((4, 3, 6, 5, 8), (0, 2, 3)),  # decoder (N, K, H, W, C)
+    ((6, 4, 8), (1, 0)),  # sequence first (L, N, C)
+    ((4, 2, 7, 3, 8), (0, 2)),  # two dims the mask does not cover, one on each side
+])
+def test_valid_rows_are_named_in_place_where_the_mask_does_not_lead(shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
+    """`spread_rows` reads the valid rows in place (no copy of the tensor): each channel holds exactly its
+    values at the valid positions, the mask repeated over the dims it does not cover (numpy oracle)."""
+    from deadneuron.probe.masks import BatchMask, masked_rows
+    from deadneuron.probe.placement import stated_placement
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g)
+    mask_shape = tuple(shape[d] for d in dims)
+    mask = torch.rand(mask_shape, generator=g) < 0.6
+    place = stated_placement(dims, shape, -1, mask_shape)
+    assert place is not None and not place.leading
+    found = masked_rows(x, -1, BatchMask.of(mask), place)
+    assert found is not None
+    rows, index, excluded = found
+    assert rows.data_ptr() == x.data_ptr()  # a view: nothing copied
+    got = rows[index].reshape(-1, shape[-1]).numpy()
+    # oracle: the mask broadcast over the other dims (moved to the mask's dims), numpy boolean indexing
+    full = np.moveaxis(np.broadcast_to(mask.numpy().reshape(mask_shape + (1,) * (len(shape) - 1 - len(dims))),
+                                       tuple(shape[d] for d in dims) + tuple(s for d, s in enumerate(shape[:-1]) if d not in dims)),
+                       range(len(dims)), dims)  # fmt: skip
+    want = x.numpy()[full]
+    assert got.shape == want.shape and excluded == int((~full).sum())
+    for c in range(shape[-1]):
+        np.testing.assert_array_equal(np.sort(got[:, c]), np.sort(want[:, c]))

@@ -47,6 +47,7 @@ from deadneuron.probe.lengths import (
     unused_lengths_warning,
 )
 from deadneuron.probe.placement import Placement, placements
+from deadneuron.probe.spread import spread_rows
 from deadneuron.probe.tuples import BY_INDEX, is_named_tuple, keyed, mask_like, tuple_mask_warning
 from deadneuron.stats import channel_view
 
@@ -150,6 +151,9 @@ def masked_rows(x: torch.Tensor, axis: int, mask: BatchMask,
     statistics read those rows in place); else None."""
     if place is None or mask.index is None:
         return None
+    spread = spread_rows(x, axis, mask, place)  # the mask on dims other than the leading ones: rows in place
+    if spread is not None:
+        return spread
     x, axis, k = _aligned(x, axis, place)
     if axis < k:
         return None
