@@ -44,6 +44,7 @@ from deadneuron.part import Part
 from deadneuron.probe import Recorder, SiteResult
 from deadneuron.probe.masks import AUTO, PACKED, MaskSpec, choose_mask, unmatched_error
 from deadneuron.probe.placement import StatedDims
+from deadneuron.probe.seq2seq import is_encoder_decoder
 from deadneuron.probe.tuples import tuple_mask_warning
 from deadneuron.registry import ActivationRegistry
 from deadneuron.report import Report, SiteHealth
@@ -220,7 +221,7 @@ def _pass(
     batches = samples = single = unused_batches = 0
     unused: tuple[int, Any, int] | None = None  # the first batch with an item that looks like a mask: index, batch, item
     example: Any = None  # the first batch: fixes are checked on it
-    moved = _move_model(model, dev)
+    moved, seq2seq = _move_model(model, dev), is_encoder_decoder(model)
     try:
         with recorder(model) as rec:
             if any(m.training for m in model.modules()):
@@ -230,7 +231,7 @@ def _pass(
                     batch = to_device(batch, dev)
                     example = batch if example is None else example
                     size = batch_size(batch)
-                    choice = choose_mask(mask, batch, batch_size=size, device=dev, adapter=adapter)
+                    choice = choose_mask(mask, batch, batch_size=size, device=dev, adapter=adapter, seq2seq=seq2seq)
                     if choice.unused is not None:  # one warning at the end, counting the batches
                         unused, unused_batches = unused or (batches, batch, choice.unused), unused_batches + 1
                     elif choice.warning is not None and choice.warning not in warnings:

@@ -263,7 +263,7 @@ class Monitor:
             self._detach()
             self._paused = True
         elif self.mask is not None and not self._rec.wrapped:  # (a wrapped call's arguments are a step's)
-            choice = forward_mask(self.mask, args, kwargs)
+            choice = forward_mask(self.mask, args, kwargs, model=module)
             if choice.warning:
                 self._note(choice.warning)
             self._observer.mask = BatchMask.of(choice.mask) if choice.mask is not None else None

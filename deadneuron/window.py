@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from deadneuron.gradflow import FlowHost, FlowObserver, flow_hosts, flow_rows
 from deadneuron.part import Part, SiteState, states_and_host
 from deadneuron.probe import Recorder
 from deadneuron.probe.functional import tensors
 from deadneuron.probe.masks import MaskChoice, MaskSpec, choose_mask
+from deadneuron.probe.seq2seq import is_encoder_decoder
 from deadneuron.probe.site import SiteResult
 
 
@@ -71,11 +73,12 @@ def _sum_over_ranks(row: torch.Tensor, group: Any) -> int:
     return dist.get_world_size(group)
 
 
-def forward_mask(spec: MaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MaskChoice:
+def forward_mask(spec: MaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *, model: nn.Module | None = None) -> MaskChoice:
     """The padding mask of one training forward pass, from its arguments: ``spec`` as for
     `deadneuron.audit`, where the batch is the forward's keyword arguments (a dict: ``"auto"`` finds an
     ``attention_mask`` beside ``input_ids``; a str names a keyword) or else its first argument; a
-    callable gets the forward's arguments themselves (``mask(*args, **kwargs)``)."""
+    callable gets the forward's arguments themselves (``mask(*args, **kwargs)``). ``model``: the module called
+    (an encoder-decoder's batches get the warning of `deadneuron.probe.seq2seq`)."""
     batch = kwargs if kwargs else (args[0] if len(args) == 1 else args)
     first = next(tensors(batch), None)
     if first is None:
@@ -83,7 +86,8 @@ def forward_mask(spec: MaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if callable(spec):
         call = spec
         spec = lambda _: call(*args, **kwargs)  # noqa: E731
-    return choose_mask(spec, batch, batch_size=first.shape[0] if first.dim() else 0, device=first.device)
+    return choose_mask(spec, batch, batch_size=first.shape[0] if first.dim() else 0, device=first.device,
+                       seq2seq=model is not None and is_encoder_decoder(model))
 
 
 def reset_window(rec: Recorder, observer: FlowObserver) -> None:

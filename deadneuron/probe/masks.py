@@ -47,6 +47,7 @@ from deadneuron.probe.lengths import (
     unused_lengths_warning,
 )
 from deadneuron.probe.placement import Placement, placements
+from deadneuron.probe.seq2seq import decoder_warning
 from deadneuron.probe.spread import spread_rows
 from deadneuron.probe.tuples import BY_INDEX, is_named_tuple, keyed, mask_like, tuple_mask_warning
 from deadneuron.stats import channel_view
@@ -185,9 +186,11 @@ def describe_spec(spec: MaskSpec) -> str:
     return spec if isinstance(spec, str) else "callable"
 
 
-def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.device, adapter: Any = None) -> MaskChoice:
+def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.device, adapter: Any = None,
+                seq2seq: bool = False) -> MaskChoice:
     """The mask of ``batch`` under ``spec`` (see the module docstring); a UsageError, with the shapes,
-    for a mask that was asked for and does not fit the batch."""
+    for a mask that was asked for and does not fit the batch. ``seq2seq``: the model is an encoder-decoder
+    (`deadneuron.probe.seq2seq`)."""
     if spec is None:
         return MaskChoice(None, None)
     if callable(spec):
@@ -195,7 +198,7 @@ def choose_mask(spec: MaskSpec, batch: Any, *, batch_size: int, device: torch.de
     if not isinstance(spec, str):
         raise UsageError(f"mask must be 'auto', a batch key, 'len:KEY', a callable or None, not {type(spec).__name__}")
     if spec == AUTO:
-        return _auto(batch, batch_size=batch_size, device=device, adapter=adapter)
+        return _auto(batch, batch_size=batch_size, device=device, adapter=adapter, seq2seq=seq2seq)
     batch = keyed(batch, spec.removeprefix(LENGTHS_PREFIX).removeprefix("~"))
     if is_lengths_spec(spec):
         return MaskChoice(lengths_mask(spec, batch), spec)
@@ -227,7 +230,7 @@ def _polarity_warning(key: str) -> str | None:
             f"mask='~{key}' / --mask '~{key}' to invert it")
 
 
-def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) -> MaskChoice:
+def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any, seq2seq: bool = False) -> MaskChoice:
     position_mask = getattr(adapter, "position_mask", None)
     if callable(position_mask):
         found = position_mask(batch)
@@ -253,7 +256,7 @@ def _auto(batch: Any, *, batch_size: int, device: torch.device, adapter: Any) ->
     if problem is not None:
         return MaskChoice(None, None, f"attention_mask {problem}: padding positions are counted as data "
                                       "(pass mask=KEY / --mask KEY, or a callable)")
-    return MaskChoice(mask.to(device=device, dtype=torch.bool), ATTENTION_MASK, _decoder_warning(batch))
+    return MaskChoice(mask.to(device=device, dtype=torch.bool), ATTENTION_MASK, decoder_warning(batch, seq2seq=seq2seq))
 
 
 def _auto_problem(mask: Any, tokens: tuple[str, torch.Tensor] | None) -> str | None:
@@ -309,22 +312,6 @@ def _tokens_of(key: str) -> tuple[str, ...]:
     (an encoder-decoder batch's other sequence), any other key against ``input_ids`` / ``inputs_embeds``."""
     prefix = key[: -len(ATTENTION_MASK)] if key.endswith(ATTENTION_MASK) else ""
     return tuple(prefix + name for name in TOKEN_KEYS)
-
-
-def _decoder_warning(batch: Mapping[Any, Any]) -> str | None:
-    """A warning where a dict batch feeds a decoder too (``decoder_input_ids``): the default mask, the encoder's
-    ``attention_mask``, also applies at decoder sites whose length is the encoder's, and leaves the decoder's own
-    padding counted as data."""
-    tokens = next((k for k in _tokens_of("decoder_" + ATTENTION_MASK) if isinstance(batch.get(k), torch.Tensor)), None)
-    if tokens is None:
-        return None
-    own = "decoder_" + ATTENTION_MASK
-    side = (f"mask={own!r} / --mask {own}" if isinstance(batch.get(own), torch.Tensor)
-            else "a mask of the decoder's positions (mask=KEY or a callable)")  # fmt: skip
-    return (f"the batches feed a decoder too ({tokens!r}): the default mask, 'attention_mask', is the encoder's; it "
-            "applies at every site whose shape fits it, decoder sites as long as the encoder's input included, and "
-            f"the decoder's padding counts as data: audit each side on its own, the encoder's sites (select, e.g. "
-            f"'encoder.*') with the default mask and the decoder's (e.g. 'decoder.*') with {side}")
 
 
 def _checked(mask: Any, what: str, batch: Any, batch_size: int, device: torch.device) -> torch.Tensor:
