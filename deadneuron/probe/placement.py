@@ -93,6 +93,14 @@ def placements(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple
     return tuple(found)
 
 
+def _runs(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> tuple[list[int], tuple[int, ...], list[int]]:
+    """The dims of ``shape`` other than the channel, their sizes, and where among them (after the first) a run
+    of the mask's positions' sizes starts."""
+    index = _rest(len(shape), axis % len(shape))
+    rest, positions = tuple(shape[d] for d in index), tuple(mask_shape[1:])
+    return index, rest, [s for s in range(1, len(rest) - len(positions) + 1) if rest[s : s + len(positions)] == positions]
+
+
 def repeated_placement(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """Where a mask that `placements` does not place lies on ``shape`` with other dims between its batch dim and
     its positions (the mask repeated over them: a spatial-broadcast decoder's slots (N, K, H, W, C) under an
@@ -102,12 +110,10 @@ def repeated_placement(shape: tuple[int, ...] | torch.Size, axis: int, mask_shap
     repeat the mask is what the shapes cannot tell."""
     if len(mask_shape) < 2 or not shape:
         return None
-    index = _rest(len(shape), axis % len(shape))
-    rest, positions = tuple(shape[d] for d in index), tuple(mask_shape[1:])
-    starts = [s for s in range(1, len(rest) - len(positions) + 1) if rest[s : s + len(positions)] == positions]
+    index, rest, starts = _runs(shape, axis, mask_shape)
     if not rest or rest[0] != mask_shape[0] or len(starts) != 1 or starts[0] == 1:
         return None
-    return (index[0], *index[starts[0] : starts[0] + len(positions)])
+    return (index[0], *index[starts[0] : starts[0] + len(mask_shape) - 1])
 
 
 def folded_positions(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -116,12 +122,11 @@ def folded_positions(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape:
     once; None otherwise. No placement leaves the padding out there: the order of the folded rows is unknown."""
     if len(mask_shape) < 2 or not shape:
         return None
-    index = _rest(len(shape), axis % len(shape))
-    rest, positions, n = tuple(shape[d] for d in index), tuple(mask_shape[1:]), mask_shape[0]
-    starts = [s for s in range(1, len(rest) - len(positions) + 1) if rest[s : s + len(positions)] == positions]
+    index, rest, starts = _runs(shape, axis, mask_shape)
+    n = mask_shape[0]
     if not rest or n < 1 or rest[0] <= n or rest[0] % n or len(starts) != 1:
         return None
-    return tuple(index[starts[0] : starts[0] + len(positions)])
+    return tuple(index[starts[0] : starts[0] + len(mask_shape) - 1])
 
 
 def stated_placement(dims: tuple[int, ...], shape: tuple[int, ...] | torch.Size, axis: int,
