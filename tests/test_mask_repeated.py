@@ -69,7 +69,7 @@ def _batches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def _audit(model: nn.Module, **kwargs: object) -> deadneuron.Report:
     xs, masks = _batches()
     lookup = {id(x): m for x, m in zip(xs, masks, strict=True)}
-    return deadneuron.audit(model, xs, mask=lambda x: lookup[id(x)], progress=False, **kwargs)  # type: ignore[arg-type]
+    return deadneuron.audit(model, xs, mask=lambda x: lookup[id(x)], progress=False, rules=False, **kwargs)  # type: ignore[arg-type]
 
 
 def test_the_site_the_mask_repeats_over_is_named_with_its_dims() -> None:
@@ -132,26 +132,49 @@ def test_folded_positions_from_the_shapes(shape: tuple[int, ...], axis: int, mas
     assert folded_positions(shape, axis, mask) == want
 
 
+class Folded(nn.Module):
+    """A decoder run on (N*K, C, H, W), as many Slot Attention decoders run every slot: K = 3 rows per sample,
+    sample n's at rows 3n, 3n+1, 3n+2 (a reshape of (N, K, ...))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.dec = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.stored: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))  # (N, 8, H, W): masked
+        slots = h.mean((2, 3))[:, None].expand(-1, 3, -1).reshape(-1, 8) * torch.tensor([1.0, -1.0, 0.5]).repeat(
+            x.shape[0])[:, None]  # (N*3, 8), the slots of a sample unalike  # fmt: skip
+        grid = torch.linspace(-1, 1, x.shape[2] * x.shape[3]).reshape(x.shape[2:])
+        z = self.dec(slots[:, :, None, None] * grid)  # (N*3, 8, H, W)
+        self.stored.append(z.detach().clone())
+        return torch.relu(z)
+
+
 def test_slots_folded_into_the_batch_are_named_as_counting_padding() -> None:
-    """A decoder run on (N*K, C, H, W), as many Slot Attention decoders run every slot: no placement of the
-    (N, H, W) mask is right there without knowing the order of the rows, so the audit says the padding is
-    counted."""
-
-    class Folded(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.dec = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.conv(x))  # (N, 8, H, W): masked
-            slots = h.mean((2, 3))[:, None].expand(-1, 3, -1).reshape(-1, 8)  # (N*3, 8)
-            return torch.relu(self.dec(slots[:, :, None, None].expand(-1, -1, *x.shape[2:])))
-
+    """No placement of the (N, H, W) mask is right there without knowing the order of the rows: the audit says
+    the padding is counted, and how to state the order."""
     report = _audit(Folded().eval())
     assert report.sites["conv>relu"].masked and not report.sites["dec>relu"].masked
     (warning,) = [w for w in report.meta["warnings"] if "dec>relu" in w]
     assert "padding is counted at 'dec>relu' (input (12, 8, 6, 5))" in warning
-    assert "3 rows per sample (12 for the mask's 4" in warning
+    assert "3 rows per sample (12 for the mask's 4" in warning and "--mask-dims 'dec>relu=0,2,3'" in warning
+
+
+def test_stated_dims_on_folded_rows_repeat_the_mask_per_sample() -> None:
+    torch.manual_seed(0)
+    model = Folded().eval()
+    report = _audit(model, mask_dims={"dec>relu": (0, 2, 3)})
+    _, masks = _batches()
+    site = report.sites["dec>relu"]
+    assert site.masked and not [w for w in report.meta["warnings"] if "dec>relu" in w]
+    # oracle: each sample's mask at each of its 3 rows (numpy repeat), boolean indexing of the stored maps
+    z = np.concatenate([np.moveaxis(s.numpy(), 1, -1)[np.repeat(m.numpy(), 3, axis=0)] for s, m in
+                        zip(model.stored[-3:], masks, strict=True)])  # fmt: skip
+    assert site.n == z.shape[0] == 3 * sum(int(m.sum()) for m in masks)
+    assert site.excluded == 3 * sum(int((~m).sum()) for m in masks)
+    np.testing.assert_array_equal(np.rint(np.array(site.channel_flat) * site.n), (z <= 0).sum(0))
+    np.testing.assert_allclose(site.channel_mean, np.maximum(z, 0).astype(np.float64).mean(0), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(("shape", "dims"), [

@@ -48,7 +48,7 @@ from deadneuron.probe.lengths import (
 )
 from deadneuron.probe.placement import Placement, placements
 from deadneuron.probe.seq2seq import decoder_warning
-from deadneuron.probe.spread import spread_rows
+from deadneuron.probe.spread import folded_mask, spread_rows
 from deadneuron.probe.tuples import BY_INDEX, is_named_tuple, keyed, mask_like, tuple_mask_warning
 from deadneuron.stats import channel_view
 
@@ -130,6 +130,8 @@ def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None,
     """
     if mask is None or place is None:
         return channel_view(x, axis), None
+    if place.fold > 1:  # rows folded per sample (stated): the mask repeated so
+        mask = folded_mask(mask, place.fold)
     if mask.index is None:
         return channel_view(x, axis), 0
     x, axis, k = _aligned(x, axis, place)
@@ -150,6 +152,7 @@ def masked_rows(x: torch.Tensor, axis: int, mask: BatchMask,
     after every position dim (tokens (N, L, C)): ``x`` as (positions, C, inner) with the indices of its
     valid rows and the elements per channel excluded, which `masked_channel_view` would gather (the
     statistics read those rows in place); else None."""
+    mask = folded_mask(mask, place.fold) if place is not None and place.fold > 1 else mask
     if place is None or mask.index is None:
         return None
     spread = spread_rows(x, axis, mask, place)  # the mask on dims other than the leading ones: rows in place

@@ -44,6 +44,7 @@ class Placement:
     dims: tuple[int, ...]
     leading: bool
     flattened: bool = False  # one dim holding N x positions, batch first
+    fold: int = 1  # rows per sample in the batch dim (stated only: sample n's at rows n*fold ... n*fold + fold - 1)
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,18 @@ def folded_positions(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape:
 
 def stated_placement(dims: tuple[int, ...], shape: tuple[int, ...] | torch.Size, axis: int,
                      mask_shape: tuple[int, ...]) -> Placement | None:  # fmt: skip
-    """The user's ``dims`` as a placement on ``shape``, or None where the sizes there are not the mask's."""
+    """The user's ``dims`` as a placement on ``shape``, or None where the sizes there are not the mask's. A batch
+    dim of a multiple of the mask's N holds that many rows per sample, each sample's in turn (slots folded into
+    the batch as ``reshape`` lays out an (N, K, ...)): the mask is repeated so (``fold``)."""
     axis %= len(shape)
-    if any(d >= len(shape) for d in dims) or tuple(shape[d] for d in dims) != tuple(mask_shape):
+    if any(d >= len(shape) for d in dims):
         return None
-    return Placement(dims, tuple(_rest(len(shape), axis)[: len(dims)]) == dims)
+    sizes, leading = tuple(shape[d] for d in dims), tuple(_rest(len(shape), axis)[: len(dims)]) == dims
+    if sizes == tuple(mask_shape):
+        return Placement(dims, leading)
+    if sizes[1:] == tuple(mask_shape[1:]) and mask_shape[0] and sizes[0] > mask_shape[0] and not sizes[0] % mask_shape[0]:
+        return Placement(dims, leading, fold=sizes[0] // mask_shape[0])
+    return None
 
 
 def check_stated(dims: tuple[int, ...], *, site: str, glob: str, shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
@@ -288,17 +296,19 @@ def _folded_warnings(named: Sequence[tuple[str, Any]]) -> list[str]:
         if seen is not None and seen[0] is None and not site.masked and site.placement.stated is None:
             dims = folded_positions(tuple(site.shape), site.axis, seen[1])
             if dims is not None:
-                batch = next(size for d, size in enumerate(site.shape) if d != site.axis % len(site.shape))
-                found.append((name, tuple(site.shape), dims, seen[1], batch))
+                first = next(d for d in range(len(site.shape)) if d != site.axis % len(site.shape))  # the batch dim
+                found.append((name, tuple(site.shape), dims, seen[1], first))
     if not found:
         return []
-    name, shape, dims, mask_shape, batch = found[0]
+    name, shape, dims, mask_shape, first = found[0]
+    batch, place = shape[first], (first, *dims)
     others = f" and {len(found) - 1} more site{'s' if len(found) > 2 else ''}" if len(found) > 1 else ""
     return [f"padding is counted at {name!r} (input {shape}){others}: dims {_dims(dims)} have the sizes of the padding "
             f"mask's positions ({', '.join(map(str, mask_shape[1:]))}), but the batch dim holds {batch // mask_shape[0]} "
             f"rows per sample ({batch} for the mask's {mask_shape[0]}: slots or views folded into the batch), in an "
-            "order the shapes do not tell, so no mask placement leaves the padding out there; its figures count "
-            "every padded position"]
+            f"order the shapes do not tell; if sample n's are rows n*{batch // mask_shape[0]} on (as reshape lays out "
+            f"an (N, K, ...)), state it: mask_dims={{{name!r}: {_dims(place)}}} (deadneuron.audit, Monitor) or "
+            f"--mask-dims '{name}={','.join(map(str, place))}' (deadneuron audit), per site or glob"]
 
 
 def _dims(dims: tuple[int, ...]) -> str:
