@@ -48,7 +48,7 @@ from deadneuron.probe.lengths import (
 )
 from deadneuron.probe.placement import Placement, placements
 from deadneuron.probe.seq2seq import decoder_warning
-from deadneuron.probe.spread import folded_mask, spread_rows
+from deadneuron.probe.spread import spread_rows
 from deadneuron.probe.tuples import BY_INDEX, is_named_tuple, keyed, mask_like, tuple_mask_warning
 from deadneuron.stats import channel_view
 
@@ -83,6 +83,18 @@ class BatchMask:
     @property
     def positions(self) -> int:
         return math.prod(self.shape)
+
+    def folded(self, fold: int) -> BatchMask:
+        """This mask for a batch dim of N * ``fold`` rows, sample n's at rows n*fold ... n*fold + fold - 1
+        (`deadneuron.probe.placement.Placement.fold`): each valid position at each of its sample's rows, row j
+        of every sample before row j + 1 (near memory order); no host synchronisation."""
+        shape = (self.shape[0] * fold, *self.shape[1:])
+        if self.index is None:
+            return BatchMask(shape, None, self.valid * fold)
+        per = math.prod(self.shape[1:])  # positions per sample
+        n, q = self.index // per, self.index % per
+        rows = (n * fold)[None, :] + torch.arange(fold, device=n.device)[:, None]
+        return BatchMask(shape, (rows * per + q[None, :]).reshape(-1), self.valid * fold)
 
 
 def moved_mask(mask: BatchMask, steps: Sequence[tuple[int, int]]) -> BatchMask:
@@ -131,7 +143,7 @@ def masked_channel_view(x: torch.Tensor, axis: int, mask: BatchMask | None,
     if mask is None or place is None:
         return channel_view(x, axis), None
     if place.fold > 1:  # rows folded per sample (stated): the mask repeated so
-        mask = folded_mask(mask, place.fold)
+        mask = mask.folded(place.fold)
     if mask.index is None:
         return channel_view(x, axis), 0
     x, axis, k = _aligned(x, axis, place)
@@ -152,7 +164,7 @@ def masked_rows(x: torch.Tensor, axis: int, mask: BatchMask,
     after every position dim (tokens (N, L, C)): ``x`` as (positions, C, inner) with the indices of its
     valid rows and the elements per channel excluded, which `masked_channel_view` would gather (the
     statistics read those rows in place); else None."""
-    mask = folded_mask(mask, place.fold) if place is not None and place.fold > 1 else mask
+    mask = mask.folded(place.fold) if place is not None and place.fold > 1 else mask
     if place is None or mask.index is None:
         return None
     spread = spread_rows(x, axis, mask, place)  # the mask on dims other than the leading ones: rows in place

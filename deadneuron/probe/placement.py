@@ -120,7 +120,8 @@ def repeated_placement(shape: tuple[int, ...] | torch.Size, axis: int, mask_shap
 def folded_positions(shape: tuple[int, ...] | torch.Size, axis: int, mask_shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The dims of ``shape`` holding a mask's positions, where its batch dim holds a multiple of the mask's N
     (slots or views folded into the batch: a decoder's (N*K, C, H, W) under an (N, H, W) mask), the positions
-    once; None otherwise. No placement leaves the padding out there: the order of the folded rows is unknown."""
+    once; None otherwise. The shapes place no mask there (the order of the folded rows is unknown); a stated one
+    can (`stated_placement`, ``fold``)."""
     if len(mask_shape) < 2 or not shape:
         return None
     index, rest, starts = _runs(shape, axis, mask_shape)

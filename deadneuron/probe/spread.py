@@ -44,17 +44,3 @@ def spread_rows(x: torch.Tensor, axis: int, mask: BatchMask, place: Placement) -
     excluded = (mask.positions - mask.valid) * math.prod(dims[d] for d in others)
     return x.view(-1, x.shape[-1], 1), rows, excluded
 
-
-def folded_mask(mask: BatchMask, fold: int) -> BatchMask:
-    """``mask`` (N, positions...) for a batch dim of N * ``fold`` rows, sample n's at rows n*fold ... n*fold +
-    fold - 1 (`deadneuron.probe.placement.Placement.fold`): each valid position at each of its sample's rows, in
-    the order row j of every sample, then row j + 1 (near memory order); no host synchronisation."""
-    from deadneuron.probe.masks import BatchMask
-
-    shape = (mask.shape[0] * fold, *mask.shape[1:])
-    if mask.index is None:
-        return BatchMask(shape, None, mask.valid * fold)
-    per = math.prod(mask.shape[1:])  # positions per sample
-    n, q = mask.index // per, mask.index % per
-    rows = (n * fold)[None, :] + torch.arange(fold, device=n.device)[:, None]
-    return BatchMask(shape, (rows * per + q[None, :]).reshape(-1), mask.valid * fold)
