@@ -14,6 +14,7 @@ from torch import nn
 import deadneuron
 from deadneuron.cli._subject import parse_mask_dims
 from deadneuron.probe.placement import folded_positions, repeated_placement
+from deadneuron.render.markdown import mask_text
 
 
 @pytest.mark.parametrize(("shape", "axis", "mask", "want"), [
@@ -168,6 +169,8 @@ def test_stated_dims_on_folded_rows_repeat_the_mask_per_sample() -> None:
     _, masks = _batches()
     site = report.sites["dec>relu"]
     assert site.masked and not [w for w in report.meta["warnings"] if "dec>relu" in w]
+    assert report.meta["mask_dims"]["dec>relu"] == {"dims": [0, 2, 3], "how": "stated", "options": [], "fold": 3}
+    assert "dec>relu on dims (0, 2, 3), 3 rows per sample (as set)" in (mask_text(report) or "")
     # oracle: each sample's mask at each of its 3 rows (numpy repeat), boolean indexing of the stored maps
     z = np.concatenate([np.moveaxis(s.numpy(), 1, -1)[np.repeat(m.numpy(), 3, axis=0)] for s, m in
                         zip(model.stored[-3:], masks, strict=True)])  # fmt: skip

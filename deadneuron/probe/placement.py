@@ -57,9 +57,11 @@ class MaskPlacement:
     dims: tuple[int, ...]
     how: How
     options: tuple[tuple[int, ...], ...] = ()
+    fold: int = 1  # rows per sample in the batch dim (`Placement.fold`)
 
     def to_dict(self) -> dict[str, object]:
-        return {"dims": list(self.dims), "how": self.how, "options": [list(o) for o in self.options]}
+        out: dict[str, object] = {"dims": list(self.dims), "how": self.how, "options": [list(o) for o in self.options]}
+        return {**out, "fold": self.fold} if self.fold > 1 else out
 
 
 def _rest(ndim: int, axis: int) -> list[int]:
@@ -166,6 +168,7 @@ class SitePlacement:
 
     stated: tuple[int, ...] | None = None  # the user's dims for this site (or its adapter's: ``implied``)
     implied: bool = False
+    fold: int = 1  # rows per sample a stated placement took (`Placement.fold`)
     site: str = ""  # its name, for messages
     known: Placement | None = None  # the placement a call's shapes told
     guess: Placement | None = None  # the placement used on calls whose shapes could not tell
@@ -183,7 +186,9 @@ class SitePlacement:
                 raise UsageError(f"mask dims {','.join(map(str, self.stated))} set for site {self.site!r} name "
                                  f"{len(self.stated)} dims, but the mask has shape {tuple(mask_shape)}: give one "
                                  "dim of the site's input per mask dim, N first")  # fmt: skip
-            return stated_placement(self.stated, shape, axis, mask_shape), ()
+            place = stated_placement(self.stated, shape, axis, mask_shape)
+            self.fold = place.fold if place is not None and place.fold > 1 else self.fold
+            return place, ()
         key = (tuple(shape), tuple(mask_shape))
         found = self._cache.get(key)
         if found is None:
@@ -209,7 +214,7 @@ class SitePlacement:
     def result(self) -> MaskPlacement | None:
         """What the report says of this site's placement: None where the shapes placed it batch first."""
         if self.stated is not None:
-            return MaskPlacement(self.stated, "adapter" if self.implied else "stated")
+            return MaskPlacement(self.stated, "adapter" if self.implied else "stated", fold=self.fold)
         if self.guess is not None and self.known != self.guess:
             if self.known is not None:
                 return MaskPlacement(self.guess.dims, "misplaced", (self.known.dims,))

@@ -104,7 +104,9 @@ def placement_text(placed: Any) -> str:
     said: dict[str, list[str]] = {}  # sites placed alike, named together
     for site, p in placed.items():
         if isinstance(p, Mapping):
-            said.setdefault(f"on dims ({', '.join(map(str, p.get('dims', ())))}){_HOW.get(str(p.get('how')), '')}", []).append(site)
+            fold = f", {p['fold']} rows per sample" if isinstance(p.get("fold"), int) and p["fold"] > 1 else ""
+            said.setdefault(f"on dims ({', '.join(map(str, p.get('dims', ())))}){fold}{_HOW.get(str(p.get('how')), '')}",
+                            []).append(site)  # fmt: skip
     items = [f"{', '.join(sites[:3])}{f' and {len(sites) - 3} more' if len(sites) > 3 else ''} {how}" for how, sites in said.items()]
     more = f" and {len(items) - 3} more placements" if len(items) > 3 else ""
     return "; " + ", ".join(items[:3]) + more
