@@ -137,6 +137,7 @@ def _functional_table() -> dict[Any, Maker]:
     add((F.prelu, torch.prelu), lambda a, kw: ActivationSpec(K.PRELU, prelu_weight=_arg(a, kw, 1, "weight", None)))
     add((F.glu,), lambda a, kw: Unmeasured(GLU_REASON))
     add((torch.erf, T.erf, torch.special.erf), lambda a, kw: PART)
+    add((torch.where, T.where, torch.maximum, T.maximum), lambda a, kw: PART)  # a ReLU written by hand, perhaps
     return table
 
 

@@ -29,7 +29,7 @@ from deadneuron.probe.order import REORDERING
 from deadneuron.probe.products import product_rules
 from deadneuron.probe.reductions import reduction_rules
 from deadneuron.probe.scans import scan_rules
-from deadneuron.probe.written import SEED_SITES, Held, Written, WrittenActivation, input_of
+from deadneuron.probe.written import SEED_SITES, WHOLE_NAMES, Held, Written, WrittenActivation, input_of
 
 if TYPE_CHECKING:
     from deadneuron.probe.recorder import Recorder
@@ -188,6 +188,8 @@ class FunctionalProbe(TorchFunctionMode):
         except TypeError:  # arguments no activation takes: not one
             return func(*args, **kwargs)
         z = first_tensor(args, kwargs) if spec is not None else None
+        if z is not None and z.dtype == torch.bool and entry.name in WHOLE_NAMES:  # where(x > 0, x, ...): x
+            z = next((t for t in args[1:] if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
         site = None
         if z is not None:
             refuse_nested(z, f"{self._stack[-1][0] if self._stack else ''}.{entry.name}".lstrip("."))
@@ -238,7 +240,9 @@ class FunctionalProbe(TorchFunctionMode):
             return None
         out = func(*args, **kwargs)
         self._carry(entry, args, kwargs, out)
-        if x is not None:
+        if x is not None and written.whole:  # the call is the activation: measured with its output now
+            self._measure_written(Held(written, frame, x), out)
+        elif x is not None:
             self.pending = Held(written, frame, x)
         return (out,)
 

@@ -15,6 +15,11 @@ region derived from it like any kind's. It is named as the built-in kind it equa
 of the same expression (Mish's tanh) are no sites. What is not such an expression (a call of two variables,
 one whose source cannot be read, ``self.scale * torch.tanh(x)``) is measured as before: the call alone.
 Read once per call place; the frame is held only while its expression runs.
+
+A ``torch.where`` or ``torch.maximum`` of one variable can be the activation whole: a ReLU written by hand
+(``torch.where(x > 0, x, 0.1 * x)``, ``torch.maximum(x, torch.zeros_like(x))``). Such a call (`WHOLE_NAMES`) is
+taken where it equals ReLU or a leaky ReLU on the grid, measured with its own output at once; any other is left
+as it was (a gate reads two variables; an ELU written so stays an unknown function).
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ import torch.nn.functional as F
 from deadneuron.activations import ActivationKind, ActivationSpec, CustomActivation, flat_region
 
 T = torch.Tensor
-# calls an activation can be written around (an erf alone is no activation: `Part`)
-SEED_NAMES = frozenset({"tanh", "erf", "softplus"})
+# calls an activation can be written around (an erf alone is no activation: `Part`), and calls that can be one
+# whole (`torch.where(x > 0, x, 0.1 * x)`, `torch.maximum(x, torch.zeros_like(x))`: ReLUs written by hand)
+WHOLE_NAMES = frozenset({"where", "maximum"})
+SEED_NAMES = frozenset({"tanh", "erf", "softplus"}) | WHOLE_NAMES
 SEED_SITES = SEED_NAMES | {"special_erf"}  # as the probe names torch's functions (torch.special.erf)
 # elementwise functions and methods the expression may call, by name, on torch, math or numpy
 _ELEMENTWISE = frozenset({
     "tanh", "erf", "softplus", "sigmoid", "exp", "pow", "sqrt", "mul", "add", "sub", "div", "abs", "square",
     "neg", "log", "log1p", "expm1", "sin", "cos", "relu", "gelu", "silu", "mish", "rsqrt", "reciprocal", "special",
     "clamp", "clip", "maximum", "minimum", "true_divide", "multiply", "expit", "erfc", "nn", "functional",
+    "where", "zeros_like",
 })  # fmt: skip
 _MODULES = (torch, math, numpy, F, torch.nn, torch.special)
 _SKIPPED = (os.path.join(torch.__path__[0], ""), os.path.join(os.path.dirname(os.path.dirname(__file__)), ""))  # torch, deadneuron
@@ -67,6 +75,7 @@ class WrittenActivation:
     fn: Callable[[T], T]
     span: tuple[int, int, int, int]
     first: bool
+    whole: bool = False  # the call is the whole expression: measured with its own output, nothing held
 
     def holds(self, place: tuple[int | None, ...]) -> bool:
         """Whether source place ``place`` lies inside the expression."""
@@ -161,16 +170,19 @@ def _read(frame: types.FrameType) -> WrittenActivation | None:
         if names.variable(parent) != var:
             break
         top = parent
-    if top is call or not _outside(top, call, var):
+    whole = top is call and _called_name(call) in WHOLE_NAMES and _reads(call, var) >= 2
+    if not whole and (top is call or not _outside(top, call, var)):
         return None
     fn = names.function(top, var)
     if fn is None:
         return None
     seeds = [n for n in _postorder(top) if isinstance(n, ast.Call) and _called_name(n) in SEED_NAMES]
     spec, name = _named(fn, top, code, parents)
+    if whole and spec.kind not in (ActivationKind.RELU, ActivationKind.LEAKY_RELU):
+        return None  # a where or maximum alone is taken as a ReLU written by hand only
     flat_region(spec, 0.05)  # derivable (differentiable), or raises: not taken
     span = (top.lineno, top.end_lineno or top.lineno, top.col_offset, top.end_col_offset or 0)
-    return WrittenActivation(spec, name, var, fn, span, first=seeds[0] is call)
+    return WrittenActivation(spec, name, var, fn, span, first=seeds[0] is call, whole=whole)
 
 
 _FILES: dict[str, tuple[int, ast.Module | None, dict[ast.AST, ast.AST]]] = {}
@@ -199,6 +211,10 @@ def _postorder(node: ast.AST) -> list[ast.AST]:
     for child in ast.iter_child_nodes(node):
         out += _postorder(child)
     return [*out, node]
+
+
+def _reads(node: ast.AST, var: str) -> int:
+    return sum(isinstance(n, ast.Name) and n.id == var for n in ast.walk(node))
 
 
 def _outside(top: ast.AST, call: ast.AST, var: str) -> bool:
@@ -243,7 +259,9 @@ class _Names:
             return isinstance(n.value, (int, float, str)) and not isinstance(n.value, bool)
         if isinstance(n, ast.BinOp):
             return isinstance(n.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow))
-        return isinstance(n, (ast.Name, ast.UnaryOp, ast.Load, ast.operator, ast.unaryop, ast.keyword))
+        if isinstance(n, ast.Compare):  # where's condition: x > 0
+            return all(isinstance(op, (ast.Gt, ast.GtE, ast.Lt, ast.LtE)) for op in n.ops)
+        return isinstance(n, (ast.Name, ast.UnaryOp, ast.Load, ast.operator, ast.unaryop, ast.keyword, ast.cmpop))
 
     def function(self, node: ast.expr, var: str) -> Callable[[T], T] | None:
         """``node`` as a function of ``var``, checked elementwise and differentiable on a float64 grid."""
@@ -269,6 +287,10 @@ def _named(fn: Callable[[T], T], top: ast.expr, code: types.CodeType, parents: d
     grid = torch.linspace(-12, 12, 2401, dtype=torch.float64)
     with torch.no_grad():
         values = fn(grid)
+        slope = float(f"{float(values[0] / grid[0]):.12g}")  # a ReLU's 0, a leaky one's negative slope
+        if 0 <= slope < 1 and torch.allclose(values, F.leaky_relu(grid, slope), rtol=1e-12, atol=0):
+            kind, params = (ActivationKind.RELU, ()) if slope == 0 else (ActivationKind.LEAKY_RELU, (("negative_slope", slope),))
+            return ActivationSpec(kind, (*params, ("written", _text(top)))), kind.value
         for spec, known in _KNOWN:
             if torch.allclose(values, known(grid), rtol=1e-6, atol=1e-9):
                 return ActivationSpec(spec.kind, (*spec.params, ("written", _text(top))), spec.prelu_weight), spec.kind_name
